@@ -1,0 +1,1 @@
+"""Backends that execute compiled graphs (NumPy on the CPU, CUDA through CuPy)."""

@@ -1,0 +1,441 @@
+"""Build the graph from a parsed program: expand blocks, loops and repeats, resolve names.
+
+Every layer in the source becomes one node per time it runs; every block call becomes an
+instance (`bottleneck3`) whose layers are named under it (`bottleneck3.conv2`). Errors are
+collected per statement so that independent mistakes are reported together; a statement
+that failed poisons the tensor it defines, and later uses of it are skipped silently.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+from pydantic import ValidationError
+
+from cnnc.dsl import ast
+from cnnc.dsl.errors import CnncError, Diagnostics, Span, did_you_mean
+
+from .graph import callstack_notes
+from .ops import OPS, OpDef, lookup, user_op_names
+
+MAX_EXPANSION = 100_000  # nodes; a runaway loop or repeat stops here
+
+
+class Symbol(str):
+    """A bare word that is not a defined value: `same`, `floor`, `true`, or a tensor name."""
+
+
+class DimsValue(tuple):
+    """`3x3` written in the source."""
+
+
+@dataclass
+class Frame:
+    """The scope of one block instance (or of `layers:`)."""
+
+    values: dict[str, Any]
+    tensors: dict[str, int | None]
+    defaults: dict[str, list[tuple[str, Any, Span]]]
+    path: tuple[str, ...] = ()
+    callstack: tuple[tuple[str, Span], ...] = ()
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def next_name(self, base: str) -> str:
+        self.counters[base] = self.counters.get(base, 0) + 1
+        return f"{base}{self.counters[base]}"
+
+
+class _Poisoned(Exception):
+    """A statement uses a tensor whose definition already failed: nothing more to report."""
+
+
+class GraphBuilder:
+    def __init__(self, program: ast.Program, diags: Diagnostics):
+        self.program = program
+        self.diags = diags
+        self.g = nx.MultiDiGraph()
+        self.names: dict[str, Span] = {}
+        self.defaults_by_file: dict[int, dict] = {}
+
+    # ---- entry
+    def build(self) -> nx.MultiDiGraph:
+        p, g = self.program, self.g
+        whole_file = Span(p.source, 1, 1, 1, 2)
+        g.graph["network"] = p.network[0] if p.network else _stem(p.source.name)
+        g.graph["source"] = p.source
+        g.graph["blocks"] = {}
+        consts: dict[str, Any] = {}
+        if p.classes:
+            classes = self.eval(p.classes[0], Frame({}, {}, {}))
+            if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+                raise CnncError(f"`classes` must be a positive integer, got {classes!r}", p.classes[1])
+            consts["classes"] = classes
+        g.graph["classes"] = consts.get("classes")
+        if p.input_dims is None:
+            raise CnncError("no `input` declaration", whole_file, "declare the input size, e.g. `input 3x224x224`")
+        dims, dims_span = p.input_dims
+        if len(dims) not in (1, 3) or min(dims) < 1:
+            raise CnncError(f"input must be C×H×W (or a number of features), got {'x'.join(map(str, dims))}",
+                            dims_span)
+        if p.layers is None:
+            raise CnncError("no `layers:` section", whole_file, "the network's layers go under `layers:`")
+        self.consts = consts
+        defaults = self.eval_defaults(p.defaults, consts)
+        self.defaults_by_file[id(p.defaults)] = defaults
+        x = self.add_node("input", OPS["input"].attrs(dims=dims), [], dims_span, Frame(consts, {}, {}),
+                          name=p.input_name)
+        g.graph["input"] = x
+        frame = Frame(dict(consts), {"in": x, p.input_name: x}, defaults)
+        out = self.run_body(p.layers, frame, x)
+        g.graph["output"] = out
+        return g
+
+    def eval_defaults(self, decls: list[ast.Default], consts) -> dict:
+        out: dict[str, list] = {}
+        for d in decls:
+            op = lookup(d.op)
+            if op is None:
+                self.diags.add(CnncError(f"unknown layer `{d.op}` in default", d.op_span,
+                                         did_you_mean(d.op, user_op_names())))
+                continue
+            frame = Frame(consts, {}, {})
+            out.setdefault(op.name, []).extend((a.name, self.eval(a.value, frame), a.span) for a in d.args)
+        return out
+
+    # ---- statements
+    def run_body(self, stmts: list[ast.Stmt], frame: Frame, current: int | None) -> int | None:
+        for stmt in stmts:
+            try:
+                current = self.run_stmt(stmt, frame, current)
+            except _Poisoned:
+                current = None
+                if isinstance(stmt, ast.Assign):
+                    frame.tensors[stmt.name] = None
+            except CnncError as err:
+                err.notes.extend(callstack_notes(frame.callstack))
+                self.diags.add(err)
+                current = None
+                if isinstance(stmt, ast.Assign):
+                    frame.tensors[stmt.name] = None
+        return current
+
+    def run_stmt(self, stmt: ast.Stmt, frame: Frame, current: int | None) -> int | None:
+        if isinstance(stmt, ast.Assign):
+            if lookup(stmt.name) or stmt.name in self.program.blocks:
+                raise CnncError(f"`{stmt.name}` names a layer or block; choose another tensor name", stmt.name_span)
+            if stmt.name in frame.values:
+                raise CnncError(f"`{stmt.name}` is already a parameter here; choose another tensor name",
+                                stmt.name_span)
+            out = self.run_chain(stmt.chain, frame, current)
+            frame.tensors[stmt.name] = out
+            return out
+        if isinstance(stmt, ast.ChainStmt):
+            return self.run_chain(stmt.chain, frame, current)
+        # for loop
+        start = self.eval_int(stmt.start, frame, "range start") if stmt.start is not None else 0
+        stop = self.eval_int(stmt.stop, frame, "range stop")
+        if stop - start > MAX_EXPANSION:
+            raise CnncError(f"loop of {stop - start} iterations", stmt.span)
+        saved = frame.values.get(stmt.var, _MISSING)
+        try:
+            for i in range(start, stop):
+                frame.values[stmt.var] = i
+                current = self.run_body(stmt.body, frame, current)
+        finally:
+            if saved is _MISSING:
+                frame.values.pop(stmt.var, None)
+            else:
+                frame.values[stmt.var] = saved
+        return current
+
+    def run_chain(self, chain: ast.Chain, frame: Frame, current: int | None, first: bool = True) -> int | None:
+        x = current
+        for i, el in enumerate(chain.elements):
+            x = self.run_element(el, frame, x, first and i == 0)
+        return x
+
+    # ---- elements
+    def run_element(self, el: ast.Element, frame: Frame, x: int | None, first: bool) -> int | None:
+        if isinstance(el, ast.Group):
+            times = self.repeat_count(el.repeat, frame)
+            for r in range(times):
+                x = self.run_chain(el.chain, frame, x, first and r == 0)
+            return x
+        name = el.name
+        if isinstance(el, ast.Command) and not el.args and name in frame.tensors and not lookup(name):
+            if not first:
+                raise CnncError(f"tensor `{name}` in the middle of a chain", el.span,
+                                f"a chain can start from `{name}` (`{name} -> ...`); to merge it use "
+                                f"`add({name})` or `concat(..., {name})`")
+            return self.tensor(name, frame, el.span)
+        if name in self.program.blocks:
+            times = self.repeat_count(el.repeat if isinstance(el, ast.Call) else None, frame)
+            for _ in range(times):
+                x = self.call_block(self.program.blocks[name], el, frame, x)
+            return x
+        op = lookup(name)
+        if op is None:
+            known = list(user_op_names()) + list(self.program.blocks) + [t for t in frame.tensors]
+            kind = "layer, block or tensor" if isinstance(el, ast.Command) else "layer or block"
+            raise CnncError(f"unknown {kind} `{name}`", el.name_span, did_you_mean(name, known))
+        if isinstance(el, ast.Call) and el.repeat is not None:
+            raise CnncError("repetition `* N` applies to a block call or a parenthesised chain", el.repeat.span,
+                            f"write `({name}(...) -> ...) * N` to repeat layers")
+        if op.tensor_args:
+            return self.merge(op, el, frame, x, first)
+        if x is None:
+            raise _Poisoned()
+        attrs = self.make_attrs(op, el, frame)
+        return self.add_node(op.name, attrs, [x], el.span, frame, base=name)
+
+    def tensor(self, name: str, frame: Frame, span: Span) -> int:
+        if name not in frame.tensors:
+            raise CnncError(f"unknown tensor `{name}`", span, did_you_mean(name, frame.tensors))
+        t = frame.tensors[name]
+        if t is None:
+            raise _Poisoned()
+        return t
+
+    def merge(self, op: OpDef, el, frame: Frame, x: int | None, first: bool) -> int:
+        operands: list[int | None] = [] if first else [x]
+        for a in el.args:
+            if a.name is not None:
+                raise CnncError(f"`{op.name}` takes tensor names only, not `{a.name}=`", a.span)
+            if not isinstance(a.value, ast.Var):
+                raise CnncError(f"`{op.name}` takes tensor names, not expressions", a.span)
+            operands.append(self.tensor(a.value.name, frame, a.value.span))
+        lo, _ = op.inputs
+        if len(operands) < lo:
+            raise CnncError(f"`{op.name}` needs at least {lo} tensors, got {len(operands)}", el.span,
+                            f"inside a chain the flowing tensor comes first: `... -> {op.name}(shortcut)`")
+        if any(o is None for o in operands):
+            raise _Poisoned()
+        return self.add_node(op.name, op.attrs(), operands, el.span, frame, base=el.name)
+
+    def make_attrs(self, op: OpDef, el, frame: Frame):
+        given: dict[str, tuple[Any, Span]] = {}
+        for name, value, span in frame.defaults.get(op.name, []):
+            given[name] = (value, span)
+        fields = op.attrs.model_fields
+        explicit: set[str] = set()
+        positional = [a for a in el.args if a.name is None]
+        if len(positional) > len(op.positional):
+            extra = positional[len(op.positional)]
+            takes = ", ".join(op.positional) if op.positional else "none"
+            raise CnncError(f"`{op.name}` takes {len(op.positional)} positional argument(s) ({takes}), "
+                            f"got {len(positional)}", extra.span, self.usage(op))
+        for field_name, a in zip(op.positional, positional):
+            given[field_name] = (self.eval(a.value, frame), a.span)
+            explicit.add(field_name)
+        for a in el.args:
+            if a.name is None:
+                continue
+            if a.name not in fields or a.name == "dims":
+                raise CnncError(f"unknown attribute `{a.name}` for `{op.name}`", a.span,
+                                did_you_mean(a.name, [f for f in fields if f != "dims"]) or self.usage(op))
+            if a.name in explicit:
+                raise CnncError(f"`{a.name}` given twice", a.span)
+            explicit.add(a.name)
+            given[a.name] = (self.eval(a.value, frame), a.span)
+        missing = [f for f, info in fields.items() if info.is_required() and f not in given]
+        if missing:
+            raise CnncError(f"`{op.name}` needs `{missing[0]}`", el.span, self.usage(op))
+        try:
+            return op.attrs(**{k: v for k, (v, _) in given.items()})
+        except ValidationError as exc:
+            first_err = exc.errors()[0]
+            fname = str(first_err["loc"][0]) if first_err["loc"] else ""
+            value, span = given.get(fname, (None, el.span))
+            raise self.type_error(op, fname, value, span, first_err, frame) from None
+
+    def type_error(self, op: OpDef, fname: str, value, span: Span, err: dict, frame: Frame) -> CnncError:
+        if isinstance(value, Symbol) and value not in ("same", "valid", "floor", "ceil", "exact", "true", "false"):
+            known = [k for k, v in frame.values.items() if isinstance(v, (int, float))]
+            return CnncError(f"`{value}` is not defined", span, did_you_mean(value, known) or self.usage(op))
+        msg = err["msg"]
+        msg = msg[0].lower() + msg[1:]
+        for prefix in ("input should be ", "value error, "):
+            if msg.startswith(prefix):
+                msg = "should be " + msg[len(prefix):]
+        shown = "x".join(map(str, value)) if isinstance(value, DimsValue) else (
+            str(value) if isinstance(value, Symbol) else repr(value))
+        return CnncError(f"wrong argument type: `{fname}` of `{op.name}` {msg}, got {shown}", span,
+                         self.usage(op))
+
+    @staticmethod
+    def usage(op: OpDef) -> str:
+        fields = op.attrs.model_fields
+        parts = [f"<{p}>" for p in op.positional]
+        for f, info in fields.items():
+            if f in op.positional or f in ("name", "trainable", "dims"):
+                continue
+            default = info.default
+            if isinstance(default, tuple) and len(set(default)) == 1:
+                default = default[0]
+            parts.append(f"{f}={_show(default)}")
+        return f"usage: {op.name} " + " ".join(parts)
+
+    # ---- blocks
+    def call_block(self, block: ast.BlockDef, el, frame: Frame, x: int | None) -> int | None:
+        stack = [name for name, _ in frame.callstack]
+        if block.name in stack:
+            chain = " → ".join(stack[stack.index(block.name):] + [block.name])
+            raise CnncError(f"recursive block: {chain}", el.name_span,
+                            "blocks cannot call themselves; repeat with `* N` or `for i in range(N):`")
+        if x is None:
+            raise _Poisoned()
+        values = self.bind(block, el.args, frame, el)
+        inst = frame.next_name(block.name)
+        path = frame.path + (inst,)
+        self.g.graph["blocks"][path] = {"block": block.name, "args": values, "span": el.span,
+                                        "def": block.name_span, "callstack": frame.callstack}
+        child = Frame({**self.consts, **values}, {"in": x}, self.block_defaults(block),
+                      path, frame.callstack + ((block.name, el.span),))
+        out = self.run_body(block.body, child, x)
+        if out is None:
+            raise _Poisoned()
+        return out
+
+    def block_defaults(self, block: ast.BlockDef) -> dict:
+        """The `default` statements of the file the block is written in, evaluated once per file."""
+        key = id(block.defaults)
+        if key not in self.defaults_by_file:
+            self.defaults_by_file[key] = self.eval_defaults(block.defaults, self.consts)
+        return self.defaults_by_file[key]
+
+    def bind(self, block: ast.BlockDef, args: list[ast.Arg], frame: Frame, el) -> dict[str, Any]:
+        params = [p.name for p in block.params]
+        values: dict[str, Any] = {}
+        positional = [a for a in args if a.name is None]
+        if len(positional) > len(params):
+            raise CnncError(f"block `{block.name}` takes {len(params)} argument(s), got {len(positional)}",
+                            positional[len(params)].span).with_note(block.span, "defined here")
+        for p, a in zip(params, positional):
+            values[p] = self.eval(a.value, frame)
+        for a in args:
+            if a.name is None:
+                continue
+            if a.name not in params:
+                raise CnncError(f"block `{block.name}` has no parameter `{a.name}`", a.span,
+                                did_you_mean(a.name, params)).with_note(block.span, "defined here")
+            if a.name in values:
+                raise CnncError(f"argument `{a.name}` given twice", a.span)
+            values[a.name] = self.eval(a.value, frame)
+        for p in block.params:
+            if p.name in values:
+                continue
+            if p.default is None:
+                raise CnncError(f"block `{block.name}` called without argument `{p.name}`", el.span).with_note(
+                    p.span, "parameter declared here")
+            values[p.name] = self.eval(p.default, Frame({**self.consts, **values}, {}, {}))
+        return values
+
+    # ---- expressions
+    def repeat_count(self, expr: ast.Expr | None, frame: Frame) -> int:
+        if expr is None:
+            return 1
+        n = self.eval_int(expr, frame, "repeat count")
+        if n < 1 or n > MAX_EXPANSION:
+            raise CnncError(f"repeat count must be between 1 and {MAX_EXPANSION}, got {n}", expr.span)
+        return n
+
+    def eval_int(self, expr: ast.Expr, frame: Frame, what: str) -> int:
+        v = self.eval(expr, frame)
+        if isinstance(v, Symbol):
+            raise CnncError(f"`{v}` is not defined", expr.span, did_you_mean(v, frame.values))
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise CnncError(f"{what} must be an integer, got {_show(v)}", expr.span)
+        return v
+
+    def eval(self, e: ast.Expr, frame: Frame) -> Any:
+        if isinstance(e, ast.Num):
+            return e.value
+        if isinstance(e, ast.Str):
+            return e.value
+        if isinstance(e, ast.Var):
+            if e.name in frame.values:
+                return frame.values[e.name]
+            return Symbol(e.name)
+        if isinstance(e, ast.Dims):
+            return DimsValue(e.values)
+        if isinstance(e, ast.TupleExpr):
+            return tuple(self.eval(i, frame) for i in e.items)
+        if isinstance(e, ast.Neg):
+            v = self.number(e.operand, frame)
+            return -v
+        a, b = self.number(e.left, frame), self.number(e.right, frame)
+        if e.op in ("//", "%", "/") and b == 0:
+            raise CnncError("division by zero", e.span)
+        if e.op == "+":
+            return a + b
+        if e.op == "-":
+            return a - b
+        if e.op == "*":
+            return a * b
+        if e.op == "//":
+            return a // b
+        if e.op == "%":
+            return a % b
+        q = a / b  # "/": exact quotients of integers stay integers
+        return int(q) if isinstance(a, int) and isinstance(b, int) and a % b == 0 else q
+
+    def number(self, e: ast.Expr, frame: Frame) -> int | float:
+        v = self.eval(e, frame)
+        if isinstance(v, Symbol):
+            raise CnncError(f"`{v}` is not defined", e.span, did_you_mean(v, frame.values))
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise CnncError(f"arithmetic needs numbers, got {_show(v)}", e.span)
+        return v
+
+    # ---- nodes
+    def add_node(self, op: str, attrs, inputs: list[int], span: Span, frame: Frame, name: str | None = None,
+                 base: str | None = None) -> int:
+        """Add one node; unnamed layers are numbered per the word written (`bn` → bn1, bn2, ...)."""
+        g = self.g
+        if g.number_of_nodes() >= MAX_EXPANSION:
+            raise CnncError(f"the network expands to more than {MAX_EXPANSION} layers", span)
+        local = name or getattr(attrs, "name", None) or frame.next_name(base or op)
+        full = ".".join(frame.path + (local,))
+        if full in self.names:
+            raise CnncError(f"layer name `{full}` is used twice", span).with_note(self.names[full], "first used here")
+        self.names[full] = span
+        n = g.number_of_nodes()
+        g.add_node(n, op=op, attrs=attrs, name=full, local_name=local, span=span, callstack=frame.callstack,
+                   path=frame.path)
+        for port, u in enumerate(inputs):
+            g.add_edge(u, n, port=port)
+        return n
+
+
+_MISSING = object()
+
+
+def _show(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, DimsValue):
+        return "x".join(map(str, v))
+    if v is None:
+        return "none"
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_show(x) for x in v) + ")"
+    if isinstance(v, float) and math.isfinite(v) and v == int(v) and abs(v) < 1e15:
+        return f"{v:g}"
+    return str(v)
+
+
+def _stem(name: str) -> str:
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    return base[:-4] if base.endswith(".cnn") else base
+
+
+def build_graph(program: ast.Program, diags: Diagnostics) -> nx.MultiDiGraph:
+    """Pass 1: syntax tree → graph. Errors go to `diags`; the graph may hold poisoned gaps then."""
+    try:
+        return GraphBuilder(program, diags).build()
+    except CnncError as err:
+        diags.add(err)
+        return None

@@ -1,0 +1,420 @@
+"""The op table: every layer cnnc knows, declared once.
+
+Each `OpDef` gives an op's attribute schema (a pydantic model), which attributes may be
+given positionally, how many inputs it takes, its shape rule, its parameter tensors
+(trainable parameters and non-trainable buffers), its MAC count, its receptive-field window
+and its fusion pattern (TVM's classification, read by the fusion passes). Passes look ops up
+here; they do not test op names.
+
+Shapes exclude the batch dimension: (C, H, W) for images, (F,) for flat features.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Annotated, Any, Callable, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt
+
+from cnnc.dsl.errors import CnncError
+
+Shape = tuple[int, ...]
+
+
+class Pattern(str, Enum):
+    """Fusion patterns, as TVM classifies ops (lower values fuse more freely)."""
+
+    ELEMWISE = "elemwise"
+    BROADCAST = "broadcast"
+    INJECTIVE = "injective"
+    REDUCE = "reduce"
+    OUT_ELEMWISE_FUSABLE = "out_elemwise_fusable"
+    OPAQUE = "opaque"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter tensor of a layer. `buffer` tensors (BatchNorm running statistics) are state, not parameters."""
+
+    name: str
+    shape: Shape
+    buffer: bool = False
+
+
+@dataclass(frozen=True)
+class Window:
+    """A sliding window's effective extent and stride per axis, for receptive-field arithmetic."""
+
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+
+
+GLOBAL = "global"  # the window covers the whole input (global pooling, dense)
+
+
+# ---- attribute types -----------------------------------------------------------------------
+
+def _pair(v: Any) -> Any:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, tuple) and len(v) == 1:
+        return (v[0], v[0])
+    return v
+
+
+def _pad(v: Any) -> Any:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int):
+        return (v, v, v, v)
+    if isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, int) for x in v):
+        return (v[0], v[0], v[1], v[1])
+    return v
+
+
+Pair = Annotated[tuple[PositiveInt, PositiveInt], BeforeValidator(_pair)]
+Pads = Annotated[Union[Literal["same", "valid"], tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)],
+                                                       Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]],
+                 BeforeValidator(_pad)]
+Rounding = Literal["exact", "floor", "ceil"]
+Prob = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class Attrs(BaseModel):
+    """Attributes every layer accepts: an explicit `name`, and `trainable=false` to freeze its parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str | None = None
+    trainable: bool = True
+
+
+class NoAttrs(Attrs):
+    pass
+
+
+class InputAttrs(Attrs):
+    dims: tuple[PositiveInt, ...]
+
+
+class ConvAttrs(Attrs):
+    filters: PositiveInt
+    kernel: Pair
+    stride: Pair = (1, 1)
+    pad: Pads = (0, 0, 0, 0)
+    dilation: Pair = (1, 1)
+    groups: PositiveInt = 1
+    bias: bool = True
+    round: Rounding = "exact"
+
+
+class PoolAttrs(Attrs):
+    kernel: Pair
+    stride: Pair | None = None  # None: equal to the kernel, as in PyTorch and Keras
+    pad: Pads = (0, 0, 0, 0)
+    round: Rounding = "exact"
+    count_pad: bool = True  # avgpool: padded zeros count in the divisor (PyTorch's count_include_pad)
+
+
+class AdaptivePoolAttrs(Attrs):
+    size: Pair
+
+
+class DenseAttrs(Attrs):
+    units: PositiveInt
+    bias: bool = True
+
+
+class BatchNormAttrs(Attrs):
+    eps: Annotated[float, Field(gt=0)] = 1e-5
+    momentum: Annotated[float, Field(ge=0, le=1)] = 0.1
+    affine: bool = True
+
+
+class LrnAttrs(Attrs):
+    size: PositiveInt = 5
+    alpha: float = 1e-4
+    beta: float = 0.75
+    k: float = 1.0
+
+
+class DropoutAttrs(Attrs):
+    rate: Prob = 0.5
+
+
+class LeakyReluAttrs(Attrs):
+    slope: float = 0.01
+
+
+# ---- the op definition ---------------------------------------------------------------------
+
+def _no_params(attrs, ins) -> list[ParamSpec]:
+    return []
+
+
+def _no_macs(attrs, ins, out) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    doc: str
+    attrs: type[Attrs]
+    shape: Callable[[Any, list[Shape]], Shape]
+    pattern: Pattern
+    positional: tuple[str, ...] = ()
+    inputs: tuple[int, int | None] = (1, 1)  # (min, max); max None: any number
+    params: Callable[[Any, list[Shape]], list[ParamSpec]] = _no_params
+    macs: Callable[[Any, list[Shape], Shape], int] = _no_macs
+    window: Callable[[Any, list[Shape]], Window | str | None] = lambda a, ins: None
+    aliases: tuple[str, ...] = ()
+    tensor_args: bool = False  # positional arguments name tensors (merges)
+    user: bool = True  # may be written in a .cnn file
+    extra: dict = field(default_factory=dict)
+
+
+def _need_rank(ins: list[Shape], op: str, ranks=(3,)) -> Shape:
+    (x,) = ins
+    if len(x) not in ranks:
+        want = " or ".join({3: "C×H×W", 1: "flat features"}[r] for r in ranks)
+        raise CnncError(f"{op} needs {want} input, got {fmt_shape(x)}")
+    return x
+
+
+def fmt_shape(s: Shape) -> str:
+    return "×".join(str(d) for d in s)
+
+
+# ---- spatial arithmetic --------------------------------------------------------------------
+
+def resolve_pads(pad, n_h: int, n_w: int, k: tuple[int, int], s: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right). `same` pads so that out = ceil(n / stride), the extra pixel at the end (TF)."""
+    if pad == "valid":
+        return (0, 0, 0, 0)
+    if pad == "same":
+        out = []
+        for n, kk, ss in ((n_h, k[0], s[0]), (n_w, k[1], s[1])):
+            total = max((math.ceil(n / ss) - 1) * ss + kk - n, 0)
+            out += [total // 2, total - total // 2]
+        return tuple(out)
+    return tuple(pad)
+
+
+def window_out(n: int, k: int, s: int, p0: int, p1: int, rounding: str, axis: str, op: str,
+               dilation: int = 1, kernel: int | None = None, pool: bool = False) -> int:
+    """Output size of a sliding window: (N − F + P0 + P1)/S + 1, checked to be a whole, positive number."""
+    span = n + p0 + p1 - k
+    pad_txt = f"2·{p0}" if p0 == p1 else f"{p0} + {p1}"
+    eff = f" (F = {dilation}·({kernel}−1)+1 = {k})" if dilation > 1 else ""
+    arith = f"({n} − {k} + {pad_txt})/{s} + 1"
+    if span < 0:
+        raise CnncError(f"{op} output {axis} would be zero or less: {arith} = {span / s + 1:g}{eff}",
+                        hint=f"the {axis} {n} is smaller than the kernel {k}; remove a downsampling layer, "
+                             "use a smaller kernel or pad more")
+    if span % s == 0:
+        out = span // s + 1
+    elif rounding == "floor":
+        out = span // s + 1
+    elif rounding == "ceil":
+        out = -(-span // s) + 1
+        if pool and (out - 1) * s >= n + p0:  # the last window would start inside the padding (Caffe, PyTorch)
+            out -= 1
+    else:
+        value = span / s + 1
+        other = [d for d in range(1, 6) if d != s and span % d == 0][:2]
+        strides = " or ".join(str(d) for d in other)
+        hint = (f"{'stride ' + strides + ', ' if strides else ''}`pad=same`, "
+                "or explicit rounding `round=floor` / `round=ceil`")
+        raise CnncError(f"{op} output {axis} is not an integer: {arith} = {value:g}{eff}", hint=hint)
+    if out <= 0:
+        raise CnncError(f"{op} output {axis} would be zero or less: {arith} = {out}{eff}")
+    return out
+
+
+def _conv_shape(a: ConvAttrs, ins: list[Shape]) -> Shape:
+    c, h, w = _need_rank(ins, "conv")
+    if c % a.groups:
+        raise CnncError(f"conv groups={a.groups} does not divide the {c} input channels",
+                        hint=f"input channels must be a multiple of groups; divisors of {c}: "
+                             + ", ".join(str(d) for d in range(1, c + 1) if c % d == 0 and d <= 64))
+    if a.filters % a.groups:
+        raise CnncError(f"conv groups={a.groups} does not divide the {a.filters} filters")
+    kh, kw = _eff_kernel(a)
+    t, b, l, r = resolve_pads(a.pad, h, w, (kh, kw), a.stride)
+    oh = window_out(h, kh, a.stride[0], t, b, a.round, "height", "conv", a.dilation[0], a.kernel[0])
+    ow = window_out(w, kw, a.stride[1], l, r, a.round, "width", "conv", a.dilation[1], a.kernel[1])
+    return (a.filters, oh, ow)
+
+
+def _eff_kernel(a: ConvAttrs) -> tuple[int, int]:
+    return (a.dilation[0] * (a.kernel[0] - 1) + 1, a.dilation[1] * (a.kernel[1] - 1) + 1)
+
+
+def _conv_params(a: ConvAttrs, ins) -> list[ParamSpec]:
+    c = ins[0][0]
+    ps = [ParamSpec("weight", (a.filters, c // a.groups, a.kernel[0], a.kernel[1]))]
+    if a.bias:
+        ps.append(ParamSpec("bias", (a.filters,)))
+    return ps
+
+
+def _conv_macs(a: ConvAttrs, ins, out) -> int:
+    return math.prod(out) * a.kernel[0] * a.kernel[1] * (ins[0][0] // a.groups)
+
+
+def _pool_shape(op: str):
+    def rule(a: PoolAttrs, ins: list[Shape]) -> Shape:
+        c, h, w = _need_rank(ins, op)
+        stride = a.stride or a.kernel
+        t, b, l, r = resolve_pads(a.pad, h, w, a.kernel, stride)
+        for p, k, axis in ((max(t, b), a.kernel[0], "height"), (max(l, r), a.kernel[1], "width")):
+            if p > k // 2:
+                raise CnncError(f"{op} pad {p} is more than half the kernel {k} ({axis})",
+                                hint="a window lying wholly in the padding has no input; use a smaller pad")
+        oh = window_out(h, a.kernel[0], stride[0], t, b, a.round, "height", op, pool=True)
+        ow = window_out(w, a.kernel[1], stride[1], l, r, a.round, "width", op, pool=True)
+        return (c, oh, ow)
+    return rule
+
+
+def _dense_shape(a: DenseAttrs, ins: list[Shape]) -> Shape:
+    (x,) = ins
+    if len(x) == 3 and (x[1], x[2]) != (1, 1):
+        raise CnncError(f"dense after a spatial tensor {fmt_shape(x)}: flattening is not implied",
+                        hint=f"insert `flatten` before `dense` (giving {math.prod(x)} features), or pool to 1×1 "
+                             "first (`globalavgpool`); dense flattens C×1×1 by itself")
+    return (a.units,)
+
+
+def _dense_in(ins) -> int:
+    return math.prod(ins[0])
+
+
+def _same(ins: list[Shape]) -> Shape:
+    return ins[0]
+
+
+def _elementwise(a, ins: list[Shape]) -> Shape:
+    return ins[0]
+
+
+def _add_shape(a, ins: list[Shape]) -> Shape:
+    first = ins[0]
+    for i, s in enumerate(ins[1:], 2):
+        if s != first:
+            raise CnncError(f"add of tensors with different shapes: {fmt_shape(first)} and {fmt_shape(s)}",
+                            hint="a residual shortcut needs a projection (`conv` 1×1 with the same stride) "
+                                 "when channels or size change")
+    return first
+
+
+def _concat_shape(a, ins: list[Shape]) -> Shape:
+    ranks = {len(s) for s in ins}
+    if ranks == {1}:
+        return (sum(s[0] for s in ins),)
+    if ranks != {3}:
+        raise CnncError("concat of flat and spatial tensors: " + ", ".join(fmt_shape(s) for s in ins))
+    h, w = ins[0][1:]
+    for s in ins[1:]:
+        if s[1:] != (h, w):
+            raise CnncError(f"concat of tensors with different heights/widths: {fmt_shape(ins[0])} and "
+                            f"{fmt_shape(s)}", hint="concat joins channels; every input needs the same H×W")
+    return (sum(s[0] for s in ins), h, w)
+
+
+def _bn_shape(a, ins):
+    return _need_rank(ins, "batchnorm", (3, 1))
+
+
+def _bn_params(a: BatchNormAttrs, ins) -> list[ParamSpec]:
+    c = ins[0][0]
+    ps = [ParamSpec("weight", (c,)), ParamSpec("bias", (c,))] if a.affine else []
+    return ps + [ParamSpec("running_mean", (c,), buffer=True), ParamSpec("running_var", (c,), buffer=True)]
+
+
+def _dense_params(a: DenseAttrs, ins) -> list[ParamSpec]:
+    ps = [ParamSpec("weight", (a.units, _dense_in(ins)))]
+    if a.bias:
+        ps.append(ParamSpec("bias", (a.units,)))
+    return ps
+
+
+def _adaptive_shape(a: AdaptivePoolAttrs, ins):
+    c, h, w = _need_rank(ins, "adaptive_avgpool")
+    return (c, a.size[0], a.size[1])
+
+
+def _adaptive_window(a: AdaptivePoolAttrs, ins):
+    _, h, w = ins[0]
+    return Window(math.ceil(h / a.size[0]), math.ceil(w / a.size[1]), h // a.size[0], w // a.size[1])
+
+
+def _pool_window(a: PoolAttrs, ins):
+    s = a.stride or a.kernel
+    return Window(a.kernel[0], a.kernel[1], s[0], s[1])
+
+
+def _input_shape(a: InputAttrs, ins):
+    return tuple(a.dims)
+
+
+def _act(name: str, doc: str, attrs=NoAttrs, positional=(), aliases=()) -> OpDef:
+    return OpDef(name, doc, attrs, _elementwise, Pattern.ELEMWISE, positional=positional, aliases=aliases)
+
+
+OPS: dict[str, OpDef] = {op.name: op for op in [
+    OpDef("input", "The network input.", InputAttrs, _input_shape, Pattern.OPAQUE, inputs=(0, 0), user=False),
+    OpDef("conv", "2-D convolution (cross-correlation), NCHW, weights K×(C/groups)×kh×kw.", ConvAttrs, _conv_shape,
+          Pattern.OUT_ELEMWISE_FUSABLE, positional=("filters", "kernel"), params=_conv_params, macs=_conv_macs,
+          window=lambda a, ins: Window(*_eff_kernel(a), *a.stride), aliases=("conv2d", "convolution")),
+    OpDef("maxpool", "Max pooling.", PoolAttrs, _pool_shape("maxpool"), Pattern.OUT_ELEMWISE_FUSABLE,
+          positional=("kernel",), window=_pool_window, aliases=("max_pool", "maxpool2d")),
+    OpDef("avgpool", "Average pooling.", PoolAttrs, _pool_shape("avgpool"), Pattern.OUT_ELEMWISE_FUSABLE,
+          positional=("kernel",), window=_pool_window, aliases=("avg_pool", "avgpool2d")),
+    OpDef("globalavgpool", "Average over all positions: C×H×W → C×1×1.", NoAttrs,
+          lambda a, ins: (_need_rank(ins, "globalavgpool")[0], 1, 1), Pattern.REDUCE,
+          window=lambda a, ins: GLOBAL, aliases=("gap", "global_avgpool", "globalpool")),
+    OpDef("adaptive_avgpool", "Average pooling to a fixed output size (PyTorch's AdaptiveAvgPool2d).",
+          AdaptivePoolAttrs, _adaptive_shape, Pattern.OUT_ELEMWISE_FUSABLE, positional=("size",),
+          window=_adaptive_window),
+    OpDef("dense", "Fully connected layer; flattens a C×1×1 input by itself.", DenseAttrs, _dense_shape,
+          Pattern.OUT_ELEMWISE_FUSABLE, positional=("units",), params=_dense_params,
+          macs=lambda a, ins, out: a.units * _dense_in(ins), window=lambda a, ins: GLOBAL,
+          aliases=("fc", "linear", "innerproduct")),
+    OpDef("flatten", "C×H×W → C·H·W features.", NoAttrs, lambda a, ins: (math.prod(ins[0]),), Pattern.INJECTIVE),
+    _act("relu", "max(x, 0)."),
+    _act("leaky_relu", "x if x > 0 else slope·x.", LeakyReluAttrs, ("slope",), ("leakyrelu",)),
+    _act("relu6", "min(max(x, 0), 6)."),
+    _act("sigmoid", "1 / (1 + e^−x)."),
+    _act("tanh", "Hyperbolic tangent."),
+    OpDef("softmax", "Softmax over channels.", NoAttrs, _elementwise, Pattern.OPAQUE),
+    _act("dropout", "Zeroes a fraction `rate` of activations in training, scales the rest by 1/(1−rate).",
+         DropoutAttrs, ("rate",)),
+    _act("identity", "Passes its input through."),
+    OpDef("batchnorm", "Batch normalisation per channel; running mean and variance are buffers.", BatchNormAttrs,
+          _bn_shape, Pattern.BROADCAST, params=_bn_params, aliases=("bn", "batch_norm")),
+    OpDef("lrn", "Local response normalisation across channels (AlexNet): x / (k + α/n·Σx²)^β.", LrnAttrs,
+          _elementwise, Pattern.OPAQUE, positional=("size",)),
+    OpDef("add", "Element-wise sum of tensors of one shape (residual connections).", NoAttrs, _add_shape,
+          Pattern.BROADCAST, inputs=(2, None), tensor_args=True),
+    OpDef("concat", "Channel concatenation, inputs in the order written.", NoAttrs, _concat_shape,
+          Pattern.INJECTIVE, inputs=(1, None), tensor_args=True, aliases=("cat",)),
+]}
+
+_ALIASES = {alias: op.name for op in OPS.values() for alias in op.aliases}
+
+
+def lookup(name: str) -> OpDef | None:
+    """The op a `.cnn` name refers to (canonical name or alias), or None."""
+    op = OPS.get(_ALIASES.get(name, name))
+    return op if op is not None and op.user else None
+
+
+def user_op_names() -> list[str]:
+    return [n for n, op in OPS.items() if op.user] + list(_ALIASES)

@@ -1,0 +1,163 @@
+"""The `train:` section: its schema and validation.
+
+Each line is `setting [value] [field=value ...]`: `optimizer sgd momentum=0.9`, `lr 0.01
+policy=step step_size=5`, `batch 64`. The line's first word names a field and its value; the
+keyword arguments set further fields. Every field, choice and range is checked here, at compile
+time, with the location of the offending word; the runtime reads the validated `TrainConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cnnc.dsl import ast
+from cnnc.dsl.errors import CnncError, Diagnostics, Span, did_you_mean
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "ftrl")
+POLICIES = ("fixed", "step", "multistep", "exp", "inv", "poly", "sigmoid", "cosine", "plateau")
+INITS = ("xavier", "glorot", "he", "msra", "gaussian", "uniform", "constant")
+LOSSES = ("cross_entropy", "mse")
+
+NonNeg = Annotated[float, Field(ge=0)]
+Pos = Annotated[float, Field(gt=0)]
+
+
+class TrainConfig(BaseModel):
+    """Training hyper-parameters. Defaults follow common practice (the seed's AlexNet/ResNet recipes)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    optimizer: Literal[OPTIMIZERS] = "sgd"  # type: ignore[valid-type]
+    lr: Pos = 0.01
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    nesterov: bool = False
+    weight_decay: NonNeg = 0.0
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    eps: Pos = 1e-8
+    rho: Annotated[float, Field(ge=0, lt=1)] = 0.9  # AdaDelta and RMSProp decay
+    lr_power: float = -0.5  # FTRL
+    l1: NonNeg = 0.0  # FTRL
+    l2: NonNeg = 0.0  # FTRL
+
+    policy: Literal[POLICIES] = "fixed"  # type: ignore[valid-type]
+    gamma: Pos = 0.1
+    step_size: Annotated[int, Field(gt=0)] | None = None  # epochs, for policy step
+    milestones: tuple[Annotated[int, Field(gt=0)], ...] | None = None  # epochs, for policy multistep
+    power: Pos = 1.0  # inv, poly
+    warmup: Annotated[int, Field(ge=0)] = 0  # epochs of linear warm-up
+    patience: Annotated[int, Field(ge=1)] = 2  # plateau
+    min_lr: NonNeg = 0.0
+
+    batch: Annotated[int, Field(gt=0)] = 64
+    epochs: Annotated[int, Field(gt=0)] = 10
+    init: Literal[INITS] = "he"  # type: ignore[valid-type]
+    init_std: Pos = 0.01
+    init_range: Pos = 0.05
+    init_value: float = 0.0
+    loss: Literal[LOSSES] = "cross_entropy"  # type: ignore[valid-type]
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    clip_norm: Pos | None = None
+    accumulate: Annotated[int, Field(gt=0)] = 1
+    seed: int = 0
+    data: str = "mnist5k"
+
+    @model_validator(mode="after")
+    def _policy_needs(self):
+        if self.policy == "step" and self.step_size is None:
+            raise ValueError("policy step needs `step_size` (epochs between ×gamma decays)")
+        if self.policy == "multistep" and not self.milestones:
+            raise ValueError("policy multistep needs `milestones`, e.g. milestones=(30, 60, 90)")
+        return self
+
+
+_CHOICES = {"optimizer": OPTIMIZERS, "policy": POLICIES, "init": INITS, "loss": LOSSES}
+_MEANINGS = {"lr": "the learning rate", "batch": "the batch size", "epochs": "the number of epochs"}
+
+
+def _value(e: ast.Expr) -> Any:
+    """Train settings are literals: numbers, words, strings, tuples of numbers."""
+    if isinstance(e, ast.Num):
+        return e.value
+    if isinstance(e, ast.Str):
+        return e.value
+    if isinstance(e, ast.Var):
+        return e.name
+    if isinstance(e, ast.Neg):
+        v = _value(e.operand)
+        if isinstance(v, (int, float)):
+            return -v
+    if isinstance(e, ast.TupleExpr):
+        return tuple(_value(i) for i in e.items)
+    if isinstance(e, ast.Dims):
+        return tuple(e.values)
+    if isinstance(e, ast.BinOp):
+        a, b = _value(e.left), _value(e.right)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            return {"+": a + b, "-": a - b, "*": a * b}.get(e.op, a / b if b else float("nan"))
+    raise CnncError("train settings take numbers, words or strings", e.span)
+
+
+def validate_train(settings: list[ast.Setting] | None, diags: Diagnostics) -> TrainConfig | None:
+    if settings is None:
+        return None
+    fields = TrainConfig.model_fields
+    given: dict[str, tuple[Any, Span]] = {}
+
+    def put(name: str, value: Any, span: Span) -> None:
+        if name not in fields:
+            diags.add(CnncError(f"unknown train setting `{name}`", span,
+                                did_you_mean(name, fields) or "settings: " + ", ".join(fields)))
+        elif name in given:
+            diags.add(CnncError(f"train setting `{name}` given twice", span).with_note(given[name][1],
+                                                                                        "first given here"))
+        else:
+            given[name] = (value, span)
+
+    for s in settings:
+        try:
+            positional = [a for a in s.args if a.name is None]
+            if len(positional) > 1:
+                raise CnncError(f"`{s.name}` takes one value, got {len(positional)}", positional[1].span)
+            if positional:
+                put(s.name, _value(positional[0].value), positional[0].span)
+            elif s.name in fields:
+                raise CnncError(f"`{s.name}` needs a value", s.span)
+            else:
+                put(s.name, None, s.name_span)
+            for a in s.args:
+                if a.name is not None:
+                    put(a.name, _value(a.value), a.span)
+        except CnncError as err:
+            diags.add(err)
+    if diags:
+        return None
+    try:
+        return TrainConfig(**{k: v for k, (v, _) in given.items()})
+    except ValidationError as exc:
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else ""
+            value, span = given.get(name, (None, settings[0].span if settings else None))
+            diags.add(_train_error(name, value, span, err))
+        return None
+
+
+def _train_error(name: str, value: Any, span: Span, err: dict) -> CnncError:
+    if name in _CHOICES:
+        kind = name if name != "init" else "initialiser"
+        return CnncError(f"unknown {kind} `{value}`", span,
+                         (did_you_mean(str(value), _CHOICES[name]) or "") + " choices: " + ", ".join(_CHOICES[name]))
+    if not name:  # a model-level rule (policy needs ...)
+        return CnncError(err["msg"].removeprefix("Value error, "), span)
+    what = _MEANINGS.get(name, f"`{name}`")
+    msg = err["msg"]
+    msg = msg[0].lower() + msg[1:]
+    if msg.startswith("input should be "):
+        msg = "must be " + msg[len("input should be "):]
+    text = f"{what} {msg}, got {value}"
+    hint = None
+    if name == "lr":
+        hint = "learning rates are small positive numbers: 0.1 for ResNet with BatchNorm, 0.01 for AlexNet"
+    return CnncError(text[0].upper() + text[1:] if text[0] == "`" else text, span, hint)

@@ -1,0 +1,1 @@
+"""Training and execution on top of the backends."""
