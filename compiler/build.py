@@ -186,9 +186,9 @@ class GraphBuilder:
                             f"write `({name}(...) -> ...) * N` to repeat layers")
         if op.tensor_args:
             return self.merge(op, el, frame, x, first)
+        attrs = self.make_attrs(op, el, frame)  # before the poison check: its mistakes are this line's own
         if x is None:
             raise _Poisoned()
-        attrs = self.make_attrs(op, el, frame)
         return self.add_node(op.name, attrs, [x], el.span, frame, base=name)
 
     def tensor(self, name: str, frame: Frame, span: Span) -> int:
@@ -206,7 +206,10 @@ class GraphBuilder:
                 raise CnncError(f"`{op.name}` takes tensor names only, not `{a.name}=`", a.span)
             if not isinstance(a.value, ast.Var):
                 raise CnncError(f"`{op.name}` takes tensor names, not expressions", a.span)
-            operands.append(self.tensor(a.value.name, frame, a.value.span))
+            if a.value.name not in frame.tensors:
+                raise CnncError(f"unknown tensor `{a.value.name}`", a.value.span,
+                                did_you_mean(a.value.name, frame.tensors))
+            operands.append(frame.tensors[a.value.name])
         lo, _ = op.inputs
         if len(operands) < lo:
             raise CnncError(f"`{op.name}` needs at least {lo} tensors, got {len(operands)}", el.span,
@@ -255,7 +258,7 @@ class GraphBuilder:
         if isinstance(value, Symbol) and value not in ("same", "valid", "floor", "ceil", "exact", "true", "false"):
             known = [k for k, v in frame.values.items() if isinstance(v, (int, float))]
             return CnncError(f"`{value}` is not defined", span, did_you_mean(value, known) or self.usage(op))
-        msg = err["msg"]
+        msg = err["msg"].split(", got ")[0]
         msg = msg[0].lower() + msg[1:]
         for prefix in ("input should be ", "value error, "):
             if msg.startswith(prefix):
@@ -285,8 +288,6 @@ class GraphBuilder:
             chain = " → ".join(stack[stack.index(block.name):] + [block.name])
             raise CnncError(f"recursive block: {chain}", el.name_span,
                             "blocks cannot call themselves; repeat with `* N` or `for i in range(N):`")
-        if x is None:
-            raise _Poisoned()
         values = self.bind(block, el.args, frame, el)
         inst = frame.next_name(block.name)
         path = frame.path + (inst,)
@@ -294,8 +295,8 @@ class GraphBuilder:
                                         "def": block.name_span, "callstack": frame.callstack}
         child = Frame({**self.consts, **values}, {"in": x}, self.block_defaults(block),
                       path, frame.callstack + ((block.name, el.span),))
-        out = self.run_body(block.body, child, x)
-        if out is None:
+        out = self.run_body(block.body, child, x)  # with x None too: reports the body's own mistakes
+        if x is None or out is None:
             raise _Poisoned()
         return out
 

@@ -38,10 +38,12 @@ def _stage_build(program: ast.Program, ctx: PassContext, diags: Diagnostics) -> 
     return g
 
 
+# (name, function, needs_sound_graph). Shape inference also runs over a graph with gaps left by
+# statements that failed to build, so that shape errors elsewhere in the file are reported too.
 PIPELINE = [
-    ("build_graph", _stage_build),
-    ("infer_shapes", lambda g, ctx, diags: infer_shapes(g, diags)),
-    ("count", lambda g, ctx, diags: count(g, ctx.batch)),
+    ("build_graph", _stage_build, False),
+    ("infer_shapes", lambda g, ctx, diags: infer_shapes(g, diags), False),
+    ("count", lambda g, ctx, diags: count(g, ctx.batch), True),
 ]
 
 
@@ -49,13 +51,15 @@ def run_pipeline(program: ast.Program, ctx: PassContext | None = None) -> nx.Mul
     ctx = ctx or PassContext()
     diags = Diagnostics()
     value = program
-    for name, fn in PIPELINE:
+    for name, fn, needs_sound_graph in PIPELINE:
+        if needs_sound_graph or value is None:
+            diags.check()
         start = time.perf_counter()
         value = fn(value, ctx, diags)
         ctx.timings[name] = time.perf_counter() - start
-        diags.check()  # errors of one stage are reported together; later stages need a sound graph
-        if ctx.verify:
+        if ctx.verify and not diags:
             verify_graph(value)
+    diags.check()
     return value
 
 

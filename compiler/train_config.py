@@ -100,9 +100,17 @@ def _value(e: ast.Expr) -> Any:
     raise CnncError("train settings take numbers, words or strings", e.span)
 
 
-def validate_train(settings: list[ast.Setting] | None, diags: Diagnostics) -> TrainConfig | None:
+def validate_train(settings: list[ast.Setting] | None, outer: Diagnostics) -> TrainConfig | None:
     if settings is None:
         return None
+    diags = Diagnostics()  # this section's own errors, whatever else the file has
+    config = _validate(settings, diags)
+    for err in diags.errors:
+        outer.add(err)
+    return config
+
+
+def _validate(settings: list[ast.Setting], diags: Diagnostics) -> TrainConfig | None:
     fields = TrainConfig.model_fields
     given: dict[str, tuple[Any, Span]] = {}
 
@@ -121,19 +129,17 @@ def validate_train(settings: list[ast.Setting] | None, diags: Diagnostics) -> Tr
             positional = [a for a in s.args if a.name is None]
             if len(positional) > 1:
                 raise CnncError(f"`{s.name}` takes one value, got {len(positional)}", positional[1].span)
-            if positional:
-                put(s.name, _value(positional[0].value), positional[0].span)
-            elif s.name in fields:
-                raise CnncError(f"`{s.name}` needs a value", s.span)
-            else:
+            if s.name not in fields:
                 put(s.name, None, s.name_span)
+            elif positional:
+                put(s.name, _value(positional[0].value), positional[0].span)
+            else:
+                raise CnncError(f"`{s.name}` needs a value", s.span)
             for a in s.args:
                 if a.name is not None:
                     put(a.name, _value(a.value), a.span)
         except CnncError as err:
             diags.add(err)
-    if diags:
-        return None
     try:
         return TrainConfig(**{k: v for k, (v, _) in given.items()})
     except ValidationError as exc:
@@ -152,7 +158,7 @@ def _train_error(name: str, value: Any, span: Span, err: dict) -> CnncError:
     if not name:  # a model-level rule (policy needs ...)
         return CnncError(err["msg"].removeprefix("Value error, "), span)
     what = _MEANINGS.get(name, f"`{name}`")
-    msg = err["msg"]
+    msg = err["msg"].split(", got ")[0]
     msg = msg[0].lower() + msg[1:]
     if msg.startswith("input should be "):
         msg = "must be " + msg[len("input should be "):]

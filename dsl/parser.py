@@ -288,13 +288,15 @@ def _syntax_error(exc: UnexpectedInput, source: Source) -> CnncError:
         elif tok.type == "_NL":
             what = "end of line"
         elif tok.type == "_INDENT":
-            what = "an indented line"
+            what = "indentation"
         elif tok.type == "_DEDENT":
             what = "end of the indented section"
         else:
             what = f"`{tok}`"
             span = Span(source, tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1)
-        if tok is not None and tok.type in ("_NL", "_INDENT", "_DEDENT", "$END"):
+        if tok is not None and tok.type == "_INDENT":
+            span = _start_of_next_line(source, tok.line)
+        elif tok is not None and tok.type in ("_NL", "_DEDENT", "$END"):
             span = _end_of_previous_line(source, tok, line)
         msg = f"unexpected {what}"
         if expected:
@@ -307,6 +309,17 @@ def _syntax_error(exc: UnexpectedInput, source: Source) -> CnncError:
     else:  # pragma: no cover - lark has no other UnexpectedInput subclasses
         msg = str(exc)
     return CnncError(f"syntax error: {msg}", span, hint)
+
+
+def _start_of_next_line(source: Source, line: int) -> Span:
+    """An unexpected indent belongs to the next line with text: point at its first character."""
+    lines = source.text.splitlines()
+    for ln in range(line + 1, len(lines) + 1):
+        text = lines[ln - 1]
+        if text.strip() and not text.strip().startswith("#"):
+            col = len(text) - len(text.lstrip()) + 1
+            return Span(source, ln, col, ln, len(text) + 1)
+    return Span(source, line, 1, line, 2)
 
 
 def _end_of_previous_line(source: Source, tok: Token, line: int) -> Span:

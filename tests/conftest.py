@@ -1,0 +1,60 @@
+"""Shared helpers: run the real `cnnc` command line on a .cnn text written to a temporary file."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cnnc.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def first_error(self) -> tuple[str, int, int, str]:
+        """(file, line, col, message) of the first `file:line:col: error: message` line."""
+        m = re.search(r"^(.*?):(\d+):(\d+): error: (.*)$", self.err, re.M)
+        assert m, f"no located error in stderr:\n{self.err}"
+        return m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+
+    def errors(self) -> list[tuple[int, int, str]]:
+        return [(int(a), int(b), c) for a, b, c in re.findall(r"^.*?:(\d+):(\d+): error: (.*)$", self.err, re.M)]
+
+
+def run_cli(*args: str) -> Result:
+    """Run the command line in this process (fast; used by most tests and by the property test)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def run_process(*args: str, cwd: Path = REPO) -> Result:
+    """Run `python -m cnnc` as a separate process: the exit code and streams a shell sees."""
+    p = subprocess.run([sys.executable, "-m", "cnnc", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+@pytest.fixture
+def cnn(tmp_path):
+    """Write a .cnn text (dedented) to tmp_path and return its path."""
+    def write(text: str, name: str = "net.cnn") -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+        return path
+    return write
