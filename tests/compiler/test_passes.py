@@ -1,0 +1,135 @@
+"""Graph building, shape inference and counting on small networks, checked by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from cnnc.compiler.graph import inputs_of, verify
+from cnnc.compiler.pipeline import PassContext, run_pipeline
+from cnnc.compiler.summary import rows, table, to_json
+from cnnc.dsl import load_text
+
+HEADER = "network t\ninput 3x32x32\nclasses 10\n"
+
+
+def compile_text(body: str, batch: int = 1, header: str = HEADER):
+    return run_pipeline(load_text(header + body, "t.cnn"), PassContext(batch=batch, verify=True))
+
+
+def by_name(g):
+    return {d["name"]: d for _, d in g.nodes(data=True)}
+
+
+def test_lenet_shapes_params_and_receptive_field():
+    g = compile_text("layers:\n    conv 6 5x5 -> tanh -> avgpool 2x2 -> conv 16 5x5 -> tanh -> avgpool 2x2\n"
+                     "    conv 120 5x5 -> tanh -> dense 84 -> tanh -> dense classes\n",
+                     header="network lenet\ninput 1x32x32\nclasses 10\n")
+    n = by_name(g)
+    assert n["conv1"]["shape"] == (6, 28, 28) and n["avgpool2"]["shape"] == (16, 5, 5)
+    assert n["conv3"]["shape"] == (120, 1, 1)
+    assert g.graph["totals"]["params"] == 61_706  # LeNet-5 with full C3 connectivity
+    # receptive field: 5 → pool 6 (/2) → 5x5 conv: 6 + 4·2 = 14 → pool 16 (/4) → 5x5: 16 + 4·4 = 32
+    assert n["conv1"]["rf"] == (5, 5, 1, 1)
+    assert n["avgpool1"]["rf"] == (6, 6, 2, 2)
+    assert n["conv2"]["rf"] == (14, 14, 2, 2)
+    assert n["conv3"]["rf"] == (32, 32, 4, 4)
+    assert n["dense1"]["rf"] == "global"
+
+
+def test_block_instances_are_named_and_nested():
+    g = compile_text("block unit(c):\n    conv c 3x3 pad=1 -> relu\n"
+                     "block stage(c, n):\n    unit(c) * n\n"
+                     "layers:\n    stage(8, 2) -> stage(16, 1)\n")
+    names = [d["name"] for _, d in sorted(g.nodes(data=True))]
+    assert names == ["input", "stage1.unit1.conv1", "stage1.unit1.relu1", "stage1.unit2.conv1",
+                     "stage1.unit2.relu1", "stage2.unit1.conv1", "stage2.unit1.relu1"]
+    assert set(g.graph["blocks"]) == {("stage1",), ("stage1", "unit1"), ("stage1", "unit2"), ("stage2",),
+                                      ("stage2", "unit1")}
+    r = rows(g)
+    assert [(x.depth, x.name) for x in r[:4]] == [(0, "input"), (0, "stage1"), (1, "unit1"), (2, "conv1")]
+    assert r[1].params == (8 * 3 * 9 + 8) + (8 * 8 * 9 + 8)  # stage1 = unit1 (3→8) + unit2 (8→8)
+    assert r[1].op == "stage(c=8, n=2)" and r[1].shape == (8, 32, 32)
+
+
+def test_loop_and_arithmetic_grow_a_dense_block():
+    g = compile_text("block layer(g):\n    new = bn -> relu -> conv g 3x3 pad=1\n    concat(in, new)\n"
+                     "block dense_block(n, g):\n    for i in range(n):\n        layer(g)\n"
+                     "layers:\n    conv 16 3x3 pad=1 -> dense_block(4, 12) -> conv 16*2 1x1\n")
+    n = by_name(g)
+    # each layer adds g channels: 16 → 28 → 40 → 52 → 64
+    assert [n[f"dense_block1.layer{i}.concat1"]["shape"][0] for i in range(1, 5)] == [28, 40, 52, 64]
+    assert n["dense_block1.layer3.conv1"]["params"] == 12 * 40 * 9 + 12
+    assert n["conv2"]["shape"] == (32, 32, 32)
+
+
+def test_concat_keeps_order_and_inputs_are_ported():
+    g = compile_text("layers:\n    a = conv 4 1x1\n    b = in -> conv 8 1x1\n    concat(b, a, b)\n")
+    n = by_name(g)
+    cat = next(k for k, d in g.nodes(data=True) if d["name"] == "concat1")
+    assert [g.nodes[u]["name"] for u in inputs_of(g, cat)] == ["conv2", "conv1", "conv2"]
+    assert n["concat1"]["shape"] == (20, 32, 32)
+
+
+def test_chain_merge_puts_the_flowing_tensor_first():
+    g = compile_text("layers:\n    a = conv 4 1x1\n    in -> conv 8 1x1 -> concat(a)\n")
+    cat = next(k for k, d in g.nodes(data=True) if d["name"] == "concat1")
+    assert [g.nodes[u]["name"] for u in inputs_of(g, cat)] == ["conv2", "conv1"]
+
+
+def test_defaults_and_explicit_override():
+    g = compile_text("default conv bias=false\nlayers:\n    conv 4 3x3 pad=1 -> conv 4 3x3 pad=1 bias=true\n")
+    n = by_name(g)
+    assert n["conv1"]["params"] == 4 * 3 * 9 and n["conv2"]["params"] == 4 * 4 * 9 + 4
+
+
+def test_trainable_false_counts_as_non_trainable():
+    g = compile_text("layers:\n    conv 4 3x3 pad=1 trainable=false -> gap -> dense classes\n")
+    t = g.graph["totals"]
+    assert t["non_trainable"] == 4 * 3 * 9 + 4 and t["trainable"] == 4 * 10 + 10
+
+
+def test_explicit_layer_name():
+    g = compile_text('layers:\n    conv 4 3x3 pad=1 name="stem" -> relu\n')
+    assert "stem" in by_name(g)
+
+
+def test_memory_inference_peak_and_training_sum():
+    # input 3·32·32 = 3072 floats; conv → 8·32·32 = 8192; relu 8192; gap 8; dense 10
+    g = compile_text("layers:\n    conv 8 3x3 pad=1 -> relu -> gap -> dense classes\n", batch=2)
+    t = g.graph["totals"]
+    assert t["training_bytes"] == 2 * 4 * (3072 + 8192 + 8192 + 8 + 10)
+    # peak: conv output and relu output alive together (relu reads conv)
+    assert t["inference_bytes"] == 2 * 4 * (8192 + 8192)
+    assert t["macs"] == 2 * (8 * 32 * 32 * 27 + 80)
+
+
+def test_residual_keeps_the_shortcut_alive():
+    g = compile_text("layers:\n    conv 8 3x3 pad=1\n    x = relu\n    conv 8 3x3 pad=1 -> conv 8 3x3 pad=1 -> add(x)\n")
+    # at the second conv, x (8192), first conv of the branch (8192) and its output (8192) are alive
+    assert g.graph["totals"]["inference_bytes"] == 4 * 3 * 8192
+
+
+def test_verify_catches_broken_invariants():
+    g = compile_text("layers:\n    conv 8 3x3 pad=1 -> relu\n")
+    verify(g)
+    g.remove_edge(1, 2)
+    with pytest.raises(AssertionError, match="inputs"):
+        verify(g)
+
+
+def test_json_schema():
+    g = compile_text("layers:\n    conv 8 3x3 pad=1 -> bn -> relu -> gap -> dense classes\ntrain:\n    lr 0.1\n")
+    j = to_json(g)
+    assert j["network"] == "t" and j["input"] == [3, 32, 32] and j["output"] == [10]
+    assert j["params"] == {"total": 224 + 16 + 90, "trainable": 330, "non_trainable": 0, "bytes": 330 * 4}
+    assert j["buffers"] == 16
+    assert j["layers"][1] == {"name": "conv1", "op": "conv", "shape": [8, 32, 32], "params": 224, "buffers": 0,
+                              "macs": 8 * 32 * 32 * 27, "bytes": 8 * 32 * 32 * 4, "rf": [3, 3, 1, 1], "line": 5,
+                              "file": "t.cnn", "block": None}
+    assert j["train"]["lr"] == 0.1 and j["train"]["optimizer"] == "sgd"
+
+
+def test_table_lists_totals():
+    g = compile_text("layers:\n    conv 8 3x3 pad=1 -> gap -> dense classes\n")
+    text = table(g)
+    assert "params:      314 total" in text and "conv 3x3 8" in text
