@@ -255,14 +255,20 @@ class GraphBuilder:
             raise self.type_error(op, fname, value, span, first_err, frame) from None
 
     def type_error(self, op: OpDef, fname: str, value, span: Span, err: dict, frame: Frame) -> CnncError:
-        if isinstance(value, Symbol) and value not in ("same", "valid", "floor", "ceil", "exact", "true", "false"):
+        numeric = err["type"].startswith(("int_", "float_", "greater", "less", "tuple_", "bool_"))
+        if isinstance(value, Symbol) and numeric:
             known = [k for k, v in frame.values.items() if isinstance(v, (int, float))]
             return CnncError(f"`{value}` is not defined", span, did_you_mean(value, known) or self.usage(op))
         msg = err["msg"].split(", got ")[0]
-        msg = msg[0].lower() + msg[1:]
-        for prefix in ("input should be ", "value error, "):
-            if msg.startswith(prefix):
-                msg = "should be " + msg[len(prefix):]
+        if msg.startswith("Value error, "):  # the words of our own validators in ops.py
+            msg = msg[len("Value error, "):]
+        elif msg.startswith("Input should be "):
+            msg = "should be " + msg[len("Input should be "):]
+        else:
+            msg = msg[0].lower() + msg[1:]
+        if err["type"] == "literal_error" and isinstance(value, str):
+            hint = did_you_mean(value, err["ctx"]["expected"].replace("'", "").replace(" or ", ", ").split(", "))
+            return CnncError(f"`{fname}` of `{op.name}` {msg}, got {value}", span, hint or self.usage(op))
         shown = "x".join(map(str, value)) if isinstance(value, DimsValue) else (
             str(value) if isinstance(value, Symbol) else repr(value))
         return CnncError(f"wrong argument type: `{fname}` of `{op.name}` {msg}, got {shown}", span,
@@ -332,7 +338,7 @@ class GraphBuilder:
                 raise CnncError(f"block `{block.name}` called without argument `{p.name}`", el.span).with_note(
                     p.span, "parameter declared here")
             values[p.name] = self.eval(p.default, Frame({**self.consts, **values}, {}, {}))
-        return values
+        return {p: values[p] for p in params}  # in declaration order
 
     # ---- expressions
     def repeat_count(self, expr: ast.Expr | None, frame: Frame) -> int:

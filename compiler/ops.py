@@ -58,30 +58,36 @@ GLOBAL = "global"  # the window covers the whole input (global pooling, dense)
 
 # ---- attribute types -----------------------------------------------------------------------
 
+def _int_like(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _pair(v: Any) -> Any:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int):
+    """`3`, `3x3`, `1x7` or `(1, 7)` → (h, w)."""
+    if _int_like(v):
         return (v, v)
-    if isinstance(v, tuple) and len(v) == 1:
-        return (v[0], v[0])
-    return v
+    if isinstance(v, tuple) and len(v) in (1, 2) and all(_int_like(x) for x in v):
+        return (v[0], v[-1])
+    raise ValueError("takes a number or HxW, like 3 or 1x7")
 
 
 def _pad(v: Any) -> Any:
-    if isinstance(v, bool):
+    """`same`, `valid`, `p`, `(h, w)` or `(top, bottom, left, right)` → a 4-tuple or the word."""
+    if v in ("same", "valid"):
         return v
-    if isinstance(v, int):
-        return (v, v, v, v)
-    if isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, int) for x in v):
-        return (v[0], v[0], v[1], v[1])
-    return v
+    if _int_like(v):
+        v = (v,)
+    if isinstance(v, tuple) and len(v) in (1, 2, 4) and all(_int_like(x) for x in v):
+        if min(v) < 0:
+            raise ValueError("cannot be negative")
+        if len(v) == 1:
+            return v * 4
+        return (v[0], v[0], v[1], v[1]) if len(v) == 2 else v
+    raise ValueError("takes same, valid, a number, (h, w) or (top, bottom, left, right)")
 
 
 Pair = Annotated[tuple[PositiveInt, PositiveInt], BeforeValidator(_pair)]
-Pads = Annotated[Union[Literal["same", "valid"], tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)],
-                                                       Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]],
-                 BeforeValidator(_pad)]
+Pads = Annotated[Union[Literal["same", "valid"], tuple[int, int, int, int]], BeforeValidator(_pad)]
 Rounding = Literal["exact", "floor", "ceil"]
 Prob = Annotated[float, Field(ge=0.0, lt=1.0)]
 

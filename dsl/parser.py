@@ -245,6 +245,8 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def input_decl(self, meta, children):
         name, dims = children
+        if dims.type == "NUMBER" and not str(dims).isdigit():
+            raise CnncError("the input size must be whole numbers, like 3x224x224 or 784", self._tok(dims))
         return ("input", self._span(meta), (str(name) if name is not None else None, self.dims([dims])))
 
     @v_args(meta=True)
