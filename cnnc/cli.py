@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also allow imports from DIR (imports otherwise stay in the importing file's directory)")
     c.add_argument("--verify", action="store_true", help="check the graph invariants after every pass")
     c.set_defaults(run=_cmd_check)
+
     return p
 
 
@@ -42,6 +43,8 @@ def _cmd_check(args) -> int:
     from cnnc.compiler.pipeline import check
 
     g = check(args.file, batch=args.batch, import_roots=args.import_root, verify=args.verify)
+    for w in g.graph.get("warnings", []):
+        print(w.render() + "\n", file=sys.stderr)
     if args.json:
         print(json.dumps(summary.to_json(g)))
     else:

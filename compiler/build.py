@@ -45,7 +45,8 @@ class Frame:
 
     def next_name(self, base: str) -> str:
         self.counters[base] = self.counters.get(base, 0) + 1
-        return f"{base}{self.counters[base]}"
+        sep = "_" if base[-1:].isdigit() else ""  # relu6 → relu6_1, not relu61
+        return f"{base}{sep}{self.counters[base]}"
 
 
 class _Poisoned(Exception):
@@ -83,6 +84,10 @@ class GraphBuilder:
         if p.layers is None:
             raise CnncError("no `layers:` section", whole_file, "the network's layers go under `layers:`")
         self.consts = consts
+        for block in p.blocks.values():
+            if lookup(block.name):
+                self.diags.add(CnncError(f"block `{block.name}` has the name of a layer", block.name_span,
+                                         "choose another name; the layer would be hidden"))
         defaults = self.eval_defaults(p.defaults, consts)
         self.defaults_by_file[id(p.defaults)] = defaults
         x = self.add_node("input", OPS["input"].attrs(dims=dims), [], dims_span, Frame(consts, {}, {}),
@@ -102,7 +107,14 @@ class GraphBuilder:
                                          did_you_mean(d.op, user_op_names())))
                 continue
             frame = Frame(consts, {}, {})
-            out.setdefault(op.name, []).extend((a.name, self.eval(a.value, frame), a.span) for a in d.args)
+            for a in d.args:
+                if a.name not in op.attrs.model_fields or a.name in ("dims", "name"):
+                    self.diags.add(CnncError(f"unknown attribute `{a.name}` for `{op.name}`", a.span,
+                                             did_you_mean(a.name, [f for f in op.attrs.model_fields
+                                                                   if f not in ("dims", "name")])
+                                             or self.usage(op)))
+                    continue
+                out.setdefault(op.name, []).append((a.name, self.eval(a.value, frame), a.span))
         return out
 
     # ---- statements
@@ -256,7 +268,7 @@ class GraphBuilder:
 
     def type_error(self, op: OpDef, fname: str, value, span: Span, err: dict, frame: Frame) -> CnncError:
         numeric = err["type"].startswith(("int_", "float_", "greater", "less", "tuple_", "bool_"))
-        if isinstance(value, Symbol) and numeric:
+        if isinstance(value, Symbol) and numeric and value not in _WORDS:
             known = [k for k, v in frame.values.items() if isinstance(v, (int, float))]
             return CnncError(f"`{value}` is not defined", span, did_you_mean(value, known) or self.usage(op))
         msg = err["msg"].split(", got ")[0]
@@ -279,7 +291,7 @@ class GraphBuilder:
         fields = op.attrs.model_fields
         parts = [f"<{p}>" for p in op.positional]
         for f, info in fields.items():
-            if f in op.positional or f in ("name", "trainable", "dims"):
+            if f in op.positional or f in ("name", "trainable", "lr_mult", "decay_mult", "dims"):
                 continue
             default = info.default
             if isinstance(default, tuple) and len(set(default)) == 1:
@@ -304,6 +316,7 @@ class GraphBuilder:
         out = self.run_body(block.body, child, x)  # with x None too: reports the body's own mistakes
         if x is None or out is None:
             raise _Poisoned()
+        self.g.graph["blocks"][path]["output"] = out
         return out
 
     def block_defaults(self, block: ast.BlockDef) -> dict:
@@ -394,7 +407,9 @@ class GraphBuilder:
         if isinstance(v, Symbol):
             raise CnncError(f"`{v}` is not defined", e.span, did_you_mean(v, frame.values))
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise CnncError(f"arithmetic needs numbers, got {_show(v)}", e.span)
+            hint = ("repetition `* N` applies to a block call or a parenthesised chain: "
+                    "`(conv 64 3x3 -> relu) * 2`") if isinstance(v, DimsValue) else None
+            raise CnncError(f"arithmetic needs numbers, got {_show(v)}", e.span, hint)
         return v
 
     # ---- nodes
@@ -418,6 +433,7 @@ class GraphBuilder:
 
 
 _MISSING = object()
+_WORDS = {"true", "false", "same", "valid", "exact", "floor", "ceil"}  # words attributes take
 
 
 def _show(v) -> str:

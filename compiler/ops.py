@@ -88,16 +88,29 @@ def _pad(v: Any) -> Any:
 
 Pair = Annotated[tuple[PositiveInt, PositiveInt], BeforeValidator(_pair)]
 Pads = Annotated[Union[Literal["same", "valid"], tuple[int, int, int, int]], BeforeValidator(_pad)]
+def _flag(v: Any) -> Any:
+    """Only true/false: `bias=1` or `bias=yes` are more likely slips than choices."""
+    if isinstance(v, bool):
+        return v
+    if v in ("true", "false"):
+        return v == "true"
+    raise ValueError("takes true or false")
+
+
+Flag = Annotated[bool, BeforeValidator(_flag)]
 Rounding = Literal["exact", "floor", "ceil"]
 Prob = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class Attrs(BaseModel):
-    """Attributes every layer accepts: an explicit `name`, and `trainable=false` to freeze its parameters."""
+    """Attributes every layer accepts: an explicit `name`; `trainable=false` freezes its parameters;
+    `lr_mult` and `decay_mult` scale its learning rate and weight decay (Caffe's multipliers)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str | None = None
-    trainable: bool = True
+    trainable: Flag = True
+    lr_mult: Annotated[float, Field(ge=0)] = 1.0
+    decay_mult: Annotated[float, Field(ge=0)] = 1.0
 
 
 class NoAttrs(Attrs):
@@ -115,7 +128,7 @@ class ConvAttrs(Attrs):
     pad: Pads = (0, 0, 0, 0)
     dilation: Pair = (1, 1)
     groups: PositiveInt = 1
-    bias: bool = True
+    bias: Flag = True
     round: Rounding = "exact"
 
 
@@ -124,7 +137,7 @@ class PoolAttrs(Attrs):
     stride: Pair | None = None  # None: equal to the kernel, as in PyTorch and Keras
     pad: Pads = (0, 0, 0, 0)
     round: Rounding = "exact"
-    count_pad: bool = True  # avgpool: padded zeros count in the divisor (PyTorch's count_include_pad)
+    count_pad: Flag = True  # avgpool: padded zeros count in the divisor (PyTorch's count_include_pad)
 
 
 class AdaptivePoolAttrs(Attrs):
@@ -133,13 +146,13 @@ class AdaptivePoolAttrs(Attrs):
 
 class DenseAttrs(Attrs):
     units: PositiveInt
-    bias: bool = True
+    bias: Flag = True
 
 
 class BatchNormAttrs(Attrs):
     eps: Annotated[float, Field(gt=0)] = 1e-5
     momentum: Annotated[float, Field(ge=0, le=1)] = 0.1
-    affine: bool = True
+    affine: Flag = True
 
 
 class LrnAttrs(Attrs):
@@ -253,8 +266,9 @@ def _conv_shape(a: ConvAttrs, ins: list[Shape]) -> Shape:
         raise CnncError(f"conv groups={a.groups} does not divide the {a.filters} filters")
     kh, kw = _eff_kernel(a)
     t, b, l, r = resolve_pads(a.pad, h, w, (kh, kw), a.stride)
-    oh = window_out(h, kh, a.stride[0], t, b, a.round, "height", "conv", a.dilation[0], a.kernel[0])
-    ow = window_out(w, kw, a.stride[1], l, r, a.round, "width", "conv", a.dilation[1], a.kernel[1])
+    rounding = "floor" if a.pad == "same" else a.round  # `same` pads for ceil(N/S) outputs; floor gets there
+    oh = window_out(h, kh, a.stride[0], t, b, rounding, "height", "conv", a.dilation[0], a.kernel[0])
+    ow = window_out(w, kw, a.stride[1], l, r, rounding, "width", "conv", a.dilation[1], a.kernel[1])
     return (a.filters, oh, ow)
 
 
@@ -283,8 +297,9 @@ def _pool_shape(op: str):
             if p > k // 2:
                 raise CnncError(f"{op} pad {p} is more than half the kernel {k} ({axis})",
                                 hint="a window lying wholly in the padding has no input; use a smaller pad")
-        oh = window_out(h, a.kernel[0], stride[0], t, b, a.round, "height", op, pool=True)
-        ow = window_out(w, a.kernel[1], stride[1], l, r, a.round, "width", op, pool=True)
+        rounding = "floor" if a.pad == "same" else a.round
+        oh = window_out(h, a.kernel[0], stride[0], t, b, rounding, "height", op, pool=True)
+        ow = window_out(w, a.kernel[1], stride[1], l, r, rounding, "width", op, pool=True)
         return (c, oh, ow)
     return rule
 
@@ -358,7 +373,7 @@ def _adaptive_shape(a: AdaptivePoolAttrs, ins):
 
 def _adaptive_window(a: AdaptivePoolAttrs, ins):
     _, h, w = ins[0]
-    return Window(math.ceil(h / a.size[0]), math.ceil(w / a.size[1]), h // a.size[0], w // a.size[1])
+    return Window(math.ceil(h / a.size[0]), math.ceil(w / a.size[1]), max(1, h // a.size[0]), max(1, w // a.size[1]))
 
 
 def _pool_window(a: PoolAttrs, ins):

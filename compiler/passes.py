@@ -10,7 +10,7 @@ import math
 
 import networkx as nx
 
-from cnnc.dsl.errors import CnncError, Diagnostics, Note
+from cnnc.dsl.errors import CnncError, CnncWarning, Diagnostics, Note
 
 from .graph import inputs_of, located
 from .ops import GLOBAL, OPS, Window, fmt_shape, resolve_pads
@@ -48,6 +48,22 @@ def infer_shapes(g: nx.MultiDiGraph, diags: Diagnostics) -> nx.MultiDiGraph:
             kernel = _effective_kernel(a)
             meta["pads"] = resolve_pads(pad, in_shapes[0][1], in_shapes[0][2], kernel,
                                         getattr(a, "stride", None) or a.kernel)
+    return g
+
+
+def find_unused(g: nx.MultiDiGraph) -> nx.MultiDiGraph:
+    """Warn about layers whose result never reaches the output (g.graph["warnings"])."""
+    out = g.graph["output"]
+    live = nx.ancestors(g, out) | {out}
+    warnings = []
+    for n in sorted(g.nodes):
+        if n not in live and g.out_degree(n) == 0:
+            d = g.nodes[n]
+            w = CnncWarning(f"the result of `{d['name']}` is never used", d["span"],
+                            "name it and use it, or remove it; it still counts in the totals")
+            w.notes.extend(located(CnncError(""), g, n).notes)
+            warnings.append(w)
+    g.graph["warnings"] = warnings
     return g
 
 

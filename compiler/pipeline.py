@@ -17,7 +17,7 @@ from cnnc.dsl.errors import CnncError, CnncErrors, Diagnostics
 
 from .build import build_graph
 from .graph import verify as verify_graph
-from .passes import count, infer_shapes
+from .passes import count, find_unused, infer_shapes
 from .train_config import validate_train
 
 
@@ -43,6 +43,7 @@ def _stage_build(program: ast.Program, ctx: PassContext, diags: Diagnostics) -> 
 PIPELINE = [
     ("build_graph", _stage_build, False),
     ("infer_shapes", lambda g, ctx, diags: infer_shapes(g, diags), False),
+    ("find_unused", lambda g, ctx, diags: find_unused(g), True),
     ("count", lambda g, ctx, diags: count(g, ctx.batch), True),
 ]
 

@@ -95,7 +95,7 @@ def rows(g: nx.MultiDiGraph) -> list[Row]:
                 continue
             opened.add(prefix)
             info, a = blocks[prefix], agg[prefix]
-            last = g.nodes[a["last"]]
+            last = g.nodes[info.get("output", a["last"])]
             out.append(Row(i - 1, prefix[-1], f"{info['block']}({_fmt_args(info['args'])})", last["shape"],
                            a["params"], a["macs"], a["bytes"], fmt_rf(last["rf"]), info["span"].line, True))
         out.append(Row(len(path), d["local_name"], describe(d["op"], d["attrs"]), d["shape"], d["params"],
@@ -154,7 +154,7 @@ def to_json(g: nx.MultiDiGraph) -> dict:
     for n in sorted(g.nodes):
         d = g.nodes[n]
         layers.append({"name": d["name"], "op": d["op"], "shape": list(d["shape"]), "params": d["params"],
-                       "buffers": d["buffers"], "macs": d["macs"], "bytes": d["bytes"],
+                       "buffers": d["buffers"], "macs": d["macs"] * t["batch"], "bytes": d["bytes"],
                        "rf": d["rf"] if d["rf"] == GLOBAL else list(d["rf"]),
                        "line": d["span"].line, "file": d["span"].file,
                        "block": ".".join(d["path"]) or None})

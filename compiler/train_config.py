@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cnnc.dsl import ast
 from cnnc.dsl.errors import CnncError, Diagnostics, Span, did_you_mean
 
+from .ops import Flag
+
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "ftrl")
 POLICIES = ("fixed", "step", "multistep", "exp", "inv", "poly", "sigmoid", "cosine", "plateau")
 INITS = ("xavier", "glorot", "he", "msra", "gaussian", "uniform", "constant")
@@ -32,13 +34,13 @@ class TrainConfig(BaseModel):
     optimizer: Literal[OPTIMIZERS] = "sgd"  # type: ignore[valid-type]
     lr: Pos = 0.01
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    nesterov: bool = False
+    nesterov: Flag = False
     weight_decay: NonNeg = 0.0
     beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
     beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999
     eps: Pos = 1e-8
     rho: Annotated[float, Field(ge=0, lt=1)] = 0.9  # AdaDelta and RMSProp decay
-    lr_power: float = -0.5  # FTRL
+    lr_power: Annotated[float, Field(le=0)] = -0.5  # FTRL
     l1: NonNeg = 0.0  # FTRL
     l2: NonNeg = 0.0  # FTRL
 
@@ -63,6 +65,9 @@ class TrainConfig(BaseModel):
     accumulate: Annotated[int, Field(gt=0)] = 1
     seed: int = 0
     data: str = "mnist5k"
+    normalize: Flag = True  # standardise pixels with the training split's per-channel mean and std
+    crop: Annotated[int, Field(ge=0)] = 0  # augmentation: random crop after zero-padding by this much
+    flip: Flag = False  # augmentation: random horizontal flips
 
     @model_validator(mode="after")
     def _policy_needs(self):
@@ -96,7 +101,10 @@ def _value(e: ast.Expr) -> Any:
     if isinstance(e, ast.BinOp):
         a, b = _value(e.left), _value(e.right)
         if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-            return {"+": a + b, "-": a - b, "*": a * b}.get(e.op, a / b if b else float("nan"))
+            if e.op in ("/", "//", "%") and b == 0:
+                raise CnncError("division by zero", e.span)
+            return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b,
+                    "//": lambda: a // b, "%": lambda: a % b}[e.op]()
     raise CnncError("train settings take numbers, words or strings", e.span)
 
 

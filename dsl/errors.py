@@ -79,9 +79,11 @@ class CnncError(Exception):
         self.notes.append(Note(span, message))
         return self
 
+    kind = "error"
+
     def render(self) -> str:
         where = f"{self.span}: " if self.span else ""
-        out = [f"{where}error: {self.message}"]
+        out = [f"{where}{self.kind}: {self.message}"]
         if self.span:
             out.append(self.span.excerpt())
         for note in self.notes:
@@ -102,6 +104,12 @@ class CnncError(Exception):
         return {"message": self.message, "location": loc, "hint": self.hint,
                 "notes": [{"message": n.message, "location": str(n.span) if n.span else None}
                           for n in self.notes]}
+
+
+class CnncWarning(CnncError):
+    """Not a mistake for certain, but worth a look (a layer whose result is never used)."""
+
+    kind = "warning"
 
 
 class CnncErrors(Exception):

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from . import ast
-from .errors import CnncError, Span
+from .errors import CnncError
 from .parser import parse
 
 
@@ -32,7 +32,7 @@ def load(path: str | os.PathLike, import_roots: list[str | os.PathLike] = (),
         raise CnncError(f"cannot read {path}: {exc.strerror}") from None
     roots = [Path(r).resolve() for r in import_roots]
     program = parse(text, display_name or str(path))
-    _resolve_imports(program, path.resolve(), roots, stack=[path.resolve()])
+    _resolve_imports(program, path.resolve(), roots, stack=[path.resolve()], loaded={})
     return program
 
 
@@ -42,17 +42,22 @@ def load_text(text: str, name: str = "<string>", base_dir: str | os.PathLike | N
     program = parse(text, name)
     if program.imports:
         base = Path(base_dir or ".").resolve() / "<text>"
-        _resolve_imports(program, base, [Path(r).resolve() for r in import_roots], stack=[base])
+        _resolve_imports(program, base, [Path(r).resolve() for r in import_roots], stack=[base], loaded={})
     return program
 
 
-def _resolve_imports(program: ast.Program, file: Path, roots: list[Path], stack: list[Path]) -> None:
+def _resolve_imports(program: ast.Program, file: Path, roots: list[Path], stack: list[Path],
+                     loaded: dict[Path, ast.Program]) -> None:
+    """Merge the blocks of every imported file into `program`; a file imported twice is read once."""
     origin: dict[str, ast.BlockDef] = dict(program.blocks)
     for imp in program.imports:
         target = _confined_path(imp, file, roots)
         if target in stack:
             cycle = " → ".join(p.name for p in stack[stack.index(target):] + [target])
             raise CnncError(f"import cycle: {cycle}", imp.span)
+        if target in loaded:
+            _merge(origin, loaded[target], imp)
+            continue
         try:
             text = target.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -61,17 +66,24 @@ def _resolve_imports(program: ast.Program, file: Path, roots: list[Path], stack:
         except (OSError, UnicodeDecodeError) as exc:
             raise CnncError(f"cannot read imported file {imp.path}: {exc}", imp.span) from None
         sub = parse(text, _display(target))
-        for what, span in (("layers", sub.layers_span), ("train", sub.train_span)):
-            if span is not None:
-                raise CnncError(f"an imported file may only hold blocks; this one has a `{what}:` section",
-                                span).with_note(imp.span, "imported here")
-        _resolve_imports(sub, target, roots, stack + [target])
-        for name, block in sub.blocks.items():
-            if name in origin and origin[name] is not block:
-                raise CnncError(f"block `{name}` is defined twice", block.name_span).with_note(
-                    origin[name].name_span, "also defined here").with_note(imp.span, "imported here")
-            origin[name] = block
+        for what, span in (("layers:", sub.layers_span), ("train:", sub.train_span),
+                           ("network", sub.network and sub.network[1]), ("input", sub.input_dims and sub.input_dims[1]),
+                           ("classes", sub.classes and sub.classes[1])):
+            if span:
+                raise CnncError(f"an imported file may only hold blocks, defaults and imports; this one has "
+                                f"`{what}`", span).with_note(imp.span, "imported here")
+        _resolve_imports(sub, target, roots, stack + [target], loaded)
+        loaded[target] = sub
+        _merge(origin, sub, imp)
     program.blocks = origin
+
+
+def _merge(origin: dict[str, ast.BlockDef], sub: ast.Program, imp: ast.Import) -> None:
+    for name, block in sub.blocks.items():
+        if name in origin and origin[name] is not block:
+            raise CnncError(f"block `{name}` is defined twice", block.name_span).with_note(
+                origin[name].name_span, "also defined here").with_note(imp.span, "imported here")
+        origin[name] = block
 
 
 def _confined_path(imp: ast.Import, file: Path, roots: list[Path]) -> Path:
@@ -92,6 +104,3 @@ def _display(path: Path) -> str:
     except ValueError:
         return str(path)
 
-
-def span_of_file(program: ast.Program) -> Span:
-    return Span(program.source, 1, 1, 1, 2)

@@ -334,6 +334,7 @@ def _end_of_previous_line(source: Source, tok: Token, line: int) -> Span:
 
 def parse(text: str, name: str = "<string>") -> ast.Program:
     """Parse one file's text. Imports are not followed here: see `dsl.loader.load`."""
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     source = Source(name, text)
     if not text.endswith("\n"):
         text += "\n"

@@ -233,3 +233,35 @@ def test_bad_input_declaration(cnn, bad_input):
     path = cnn("network t\n" + bad_input + "layers:\n    relu\n")
     r = run_cli("check", str(path))
     assert r.code == 1 and r.first_error()[1] == 2
+
+
+def test_block_named_like_a_layer(cnn):
+    check_bad(cnn, "block conv(c):\n    relu\nlayers:\n    conv 8 3x3\n", 4, 7, "block `conv` has the name of a layer")
+
+
+def test_unknown_attribute_in_default(cnn):
+    check_bad(cnn, "default conv padd=1\nlayers:\n    relu\n", 4, 14, "unknown attribute `padd` for `conv`",
+              "did you mean `pad`")
+
+
+@pytest.mark.parametrize("value", ["yes", "1"])
+def test_flags_take_only_true_or_false(cnn, value):
+    check_bad(cnn, f"layers:\n    conv 8 3x3 bias={value}\n", 5, 16, "takes true or false")
+
+
+def test_integer_division_in_train_section(cnn):
+    path = cnn(HEADER + "layers:\n    gap -> dense classes\ntrain:\n    batch 100 // 3\n")
+    r = run_cli("check", str(path), "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["train"]["batch"] == 33
+
+
+def test_byte_order_mark_is_accepted(cnn):
+    path = cnn("\ufeff" + HEADER + "layers:\n    gap -> dense classes\n")
+    assert run_cli("check", str(path)).code == 0
+
+
+def test_unused_layer_warning_goes_to_stderr(cnn):
+    path = cnn(HEADER + "layers:\n    conv 8 3x3 pad=1\n    concat(in)\n")
+    r = run_cli("check", str(path))
+    assert r.code == 0 and f"{path}:5:5: warning: the result of `conv1` is never used" in r.err

@@ -133,3 +133,40 @@ def test_table_lists_totals():
     g = compile_text("layers:\n    conv 8 3x3 pad=1 -> gap -> dense classes\n")
     text = table(g)
     assert "params:      314 total" in text and "conv 3x3 8" in text
+
+
+def test_pad_same_with_kernel_smaller_than_stride():
+    # TF SAME: ceil(8/2) = 4 even for a 1x1 kernel with stride 2 (no padding needed)
+    g = compile_text("layers:\n    conv 4 1x1 stride=2 pad=same -> maxpool 1x1 stride=2 pad=same\n",
+                     header="network t\ninput 3x8x8\n")
+    assert [d["shape"] for _, d in sorted(g.nodes(data=True))][1:] == [(4, 4, 4), (4, 2, 2)]
+
+
+def test_automatic_names_do_not_collide():
+    g = compile_text("layers:\n    relu6\n    for i in range(12):\n        relu\n")
+    names = [d["name"] for _, d in g.nodes(data=True)]
+    assert "relu6_1" in names and "relu12" in names and len(set(names)) == len(names)
+
+
+def test_block_row_shows_the_block_output():
+    g = compile_text("block blk(c):\n    x = relu\n    conv c 1x1\n    x\n"
+                     "layers:\n    blk(2) -> relu\n", header="network t\ninput 3x4x4\n")
+    block_row = next(r for r in rows(g) if r.is_block)
+    assert block_row.shape == (3, 4, 4)
+
+
+def test_json_layer_macs_are_at_the_batch_size():
+    g = compile_text("layers:\n    conv 8 3x3 pad=1 -> gap -> dense classes\n", batch=4)
+    j = to_json(g)
+    assert sum(layer["macs"] for layer in j["layers"]) == j["macs"] == 4 * (8 * 32 * 32 * 27 + 80)
+
+
+def test_adaptive_pool_upsampling_keeps_a_positive_jump():
+    g = compile_text("layers:\n    adaptive_avgpool 64x64 -> conv 4 3x3 pad=1\n")
+    assert all(d["rf"][2] >= 1 for _, d in g.nodes(data=True))
+
+
+def test_unused_result_is_a_warning():
+    g = compile_text("layers:\n    conv 8 3x3 pad=1\n    concat(in)\n")
+    (w,) = g.graph["warnings"]
+    assert w.kind == "warning" and "`conv1` is never used" in w.message and w.span.line == 5

@@ -97,3 +97,19 @@ def test_defaults_apply_to_the_file_they_are_written_in(tmp_path):
     layers = {x["name"]: x["params"] for x in json.loads(r.out)["layers"]}
     assert layers["unit1.conv1"] == 4 * 3 * 9  # no bias: the block's file says so
     assert layers["conv1"] == 4 * 4 + 4  # bias: the main file has no default
+
+
+def test_diamond_imports_are_read_once(tmp_path):
+    (tmp_path / "c.cnn").write_text("block leaf():\n    relu\n")
+    (tmp_path / "a.cnn").write_text('import "c.cnn"\nblock unit(c):\n    leaf() -> conv c 3x3 pad=1\n')
+    (tmp_path / "b.cnn").write_text('import "c.cnn"\nblock other():\n    leaf()\n')
+    (tmp_path / "net.cnn").write_text('network t\ninput 3x8x8\nimport "a.cnn"\nimport "b.cnn"\nimport "c.cnn"\n'
+                                      'layers:\n    unit(4) -> other()\n')
+    assert set(load(tmp_path / "net.cnn").blocks) == {"leaf", "unit", "other"}
+
+
+def test_imported_file_with_network_header_is_refused(tmp_path):
+    (tmp_path / "blocks.cnn").write_text("network other\n" + BLOCKS)
+    (tmp_path / "net.cnn").write_text(MAIN.format(path="blocks.cnn"))
+    with pytest.raises(CnncError, match="may only hold blocks"):
+        load(tmp_path / "net.cnn")
