@@ -1,0 +1,146 @@
+"""The backend interface, and the registry that finds backends through entry points.
+
+A backend turns a checked graph into an executable `Plan` and supplies, per op of the op
+table, one forward and one backward kernel; the runtime drives them (autodiff, training).
+
+    Backend.name                  what `--backend NAME` selects
+    Backend.fused_ops             fused kernels the fusion passes may ask for
+    Backend.to_device(host)       host → device array (float32 unless integer)
+    Backend.to_host(a)            device → host numpy array
+    Backend.zeros(shape, dtype)
+    Backend.kernel(op) -> Kernel  forward/backward pair for an op-table op
+    Backend.loss(name) -> fn      "cross_entropy" or "mse": fn(out, target) -> (loss, d out)
+    Backend.compile(graph)        -> Plan: ordered steps over the graph
+
+A kernel's forward takes `(node, xs, params, ctx)` and returns `(y, saved)`; its backward
+takes `(node, saved, dy, params, ctx)` and returns `(dxs, dparams)`: one input gradient per
+input (None where an input needs none) and a dict of parameter gradients by parameter name.
+Kernels never modify their inputs or `dy` in place: the runtime may hand the same array to
+several consumers. `node` is a `NodeInfo`; `params` maps the op's parameter names (op table
+`ParamSpec`: weight, bias, running_mean, running_var) to device arrays, buffers included
+(BatchNorm updates its running statistics in place when `ctx.training`). Third-party backends
+register a zero-argument factory under the entry-point group `cnnc.backends`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable
+
+import numpy as np
+
+from cnnc.compiler.graph import inputs_of
+from cnnc.dsl.errors import CnncError
+
+ENTRY_POINT_GROUP = "cnnc.backends"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a kernel may know about its node: static, so kernels can be specialised on it."""
+
+    id: int
+    name: str
+    op: str
+    attrs: Any
+    in_shapes: tuple[tuple[int, ...], ...]
+    out_shape: tuple[int, ...]
+    pads: tuple[int, int, int, int] | None = None
+
+
+@dataclass
+class Ctx:
+    """Per-call state: training or inference, and the seeded generator dropout draws from."""
+
+    training: bool = False
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+
+
+@dataclass(frozen=True)
+class Kernel:
+    forward: Callable
+    backward: Callable
+
+
+@dataclass(frozen=True)
+class Step:
+    """One node of the plan: run `kernel` on the outputs of `inputs` with the node's parameters."""
+
+    node: NodeInfo
+    kernel: Kernel
+    inputs: tuple[int, ...]
+    params: tuple[str, ...]  # qualified names: f"{node.name}.{param}"
+
+
+@dataclass
+class Plan:
+    """Steps in execution order, the input and output node ids, and every parameter's spec."""
+
+    steps: list[Step]
+    input: int
+    output: int
+    param_specs: dict[str, Any]  # qualified name → ParamSpec (shape, buffer flag)
+    graph: Any = None
+
+
+class Backend(abc.ABC):
+    """Base class with the shared compile step; subclasses supply arrays, losses and kernels."""
+
+    name = "base"
+    fused_ops: frozenset[str] = frozenset()
+    kernels: dict[str, Kernel] = {}
+
+    @abc.abstractmethod
+    def to_device(self, host: np.ndarray):
+        """Copy a host array to the device (float32 unless it holds integers)."""
+
+    @abc.abstractmethod
+    def to_host(self, a) -> np.ndarray:
+        """Copy a device array to the host."""
+
+    @abc.abstractmethod
+    def zeros(self, shape, dtype="float32"):
+        """A zero-filled device array."""
+
+    @abc.abstractmethod
+    def loss(self, name: str):
+        """`fn(out, target, **options) -> (mean loss as float, d loss / d out)`."""
+
+    def kernel(self, op: str) -> Kernel:
+        try:
+            return self.kernels[op]
+        except KeyError:
+            raise CnncError(f"backend `{self.name}` has no kernel for `{op}`") from None
+
+    def compile(self, g) -> Plan:
+        """Order the graph's nodes (ids are topological) and bind each to its kernel."""
+        steps, specs = [], {}
+        for n in sorted(g.nodes):
+            d = g.nodes[n]
+            srcs = inputs_of(g, n)
+            node = NodeInfo(n, d["name"], d["op"], d["attrs"], tuple(g.nodes[u]["shape"] for u in srcs),
+                            d["shape"], d.get("pads"))
+            names = []
+            for spec in d.get("param_specs", []):
+                qualified = f"{d['name']}.{spec.name}"
+                specs[qualified] = spec
+                names.append(qualified)
+            if d["op"] == "input":
+                continue
+            steps.append(Step(node, self.kernel(d["op"]), tuple(srcs), tuple(names)))
+        return Plan(steps, g.graph["input"], g.graph["output"], specs, g)
+
+
+def available() -> dict[str, metadata.EntryPoint]:
+    """Installed backends by name (entry-point group `cnnc.backends`)."""
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def get_backend(name: str) -> Backend:
+    eps = available()
+    if name not in eps:
+        raise CnncError(f"unknown backend `{name}`; installed: {', '.join(sorted(eps)) or 'none'}",
+                        hint="backends register under the entry-point group `cnnc.backends`")
+    return eps[name].load()()

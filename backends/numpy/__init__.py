@@ -1,0 +1,66 @@
+"""The NumPy backend: host arrays as the "device", kernels on the CPU through NumPy and BLAS.
+
+Threads: the convolutions split their batch over `CNNC_NUM_THREADS` worker threads (default:
+the CPUs this process may use), and constructing the backend makes NumPy's OpenBLAS
+single-threaded, process-wide: OpenBLAS's own threads, woken for each of the convolutions'
+many mid-sized gemms, ran them up to 10× slower on a two-core machine. An explicit
+`OPENBLAS_NUM_THREADS` in the environment leaves OpenBLAS as it is. It also tunes glibc's
+malloc to keep freed memory for reuse (`memory.py`; `CNNC_KEEP_MEMORY=0` turns that off).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from cnnc.backends.base import Backend
+from cnnc.dsl.errors import CnncError
+
+from . import blas, memory, parallel
+from .kernels import KERNELS
+from .losses import LOSSES
+
+
+def _threads() -> int:
+    """Worker threads for the kernels: CNNC_NUM_THREADS, else every CPU this process may use."""
+    value = os.environ.get("CNNC_NUM_THREADS", "").strip()
+    if not value:
+        return parallel.available_cpus()
+    if not value.isdigit() or int(value) < 1:
+        raise CnncError(f"CNNC_NUM_THREADS must be a positive number, got `{value}`")
+    return int(value)
+
+
+class NumpyBackend(Backend):
+    """Runs compiled plans with NumPy; arrays are float32 (integers stay integers)."""
+
+    name = "numpy"
+    kernels = KERNELS
+
+    def __init__(self) -> None:
+        parallel.set_threads(_threads())
+        if "OPENBLAS_NUM_THREADS" not in os.environ:
+            blas.set_threads(1)  # the parallelism comes from splitting the batch
+        if os.environ.get("CNNC_KEEP_MEMORY", "1").strip() != "0":
+            memory.keep_freed_memory()
+
+    def to_device(self, host) -> np.ndarray:
+        a = np.asarray(host)
+        if a.dtype.kind in "iub":  # labels and masks keep their type
+            return np.ascontiguousarray(a)
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    def to_host(self, a) -> np.ndarray:
+        # a copy, as from a real device: callers may keep it while training goes on
+        return np.array(a, copy=True)
+
+    def zeros(self, shape, dtype="float32") -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)
+
+    def loss(self, name: str):
+        try:
+            return LOSSES[name]
+        except KeyError:
+            raise CnncError(f"backend `{self.name}` has no loss `{name}`",
+                            hint="known losses: " + ", ".join(sorted(LOSSES))) from None

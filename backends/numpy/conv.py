@@ -1,0 +1,304 @@
+"""Convolution and pooling kernels for the NumPy backend (NCHW, PyTorch semantics).
+
+Convolution is im2col over a strided view of the padded input and one batched matmul per
+call (BLAS); its input gradient is col2im, a loop over the kh·kw kernel offsets adding
+strided slices, or, for stride 1, a convolution of the padded output gradient with the
+flipped kernel (half the memory traffic when filters ≥ channels). Large convolutions split
+the batch over worker threads (`parallel.py`). Pools loop over kernel offsets too, never
+over pixels or batch items.
+
+Output sizes always come from `node.out_shape` (it reflects `round`); the padded buffer is
+sized to hold exactly the windows used, so floor rounding crops the input's tail and
+ceil rounding adds an overhang (zeros for conv and avgpool, −inf for maxpool).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from . import parallel
+
+
+# ---- shared helpers ------------------------------------------------------------------------
+
+def _pad(x: np.ndarray, top: int, left: int, hp: int, wp: int, fill: float = 0.0) -> np.ndarray:
+    """x (N, C, H, W) placed at (top, left) of an (N, C, hp, wp) buffer filled with `fill`.
+
+    Negative `top`/`left` crop the input's head; rows or columns past hp/wp are dropped.
+    Returns x itself when nothing changes.
+    """
+    n, c, h, w = x.shape
+    if top == 0 and left == 0 and hp == h and wp == w:
+        return x
+    out = np.full((n, c, hp, wp), fill, dtype=x.dtype)
+    r0, c0 = max(top, 0), max(left, 0)  # destination start
+    s0, t0 = max(-top, 0), max(-left, 0)  # source start
+    hh, ww = min(h - s0, hp - r0), min(w - t0, wp - c0)
+    if hh > 0 and ww > 0:
+        out[:, :, r0:r0 + hh, c0:c0 + ww] = x[:, :, s0:s0 + hh, t0:t0 + ww]
+    return out
+
+
+def _unpad(dxp: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
+    """The gradient of `_pad`: the (N, C, h, w) region of dxp at (top, left), zero where cropped."""
+    n, c, hp, wp = dxp.shape
+    if top == 0 and left == 0 and hp == h and wp == w:
+        return dxp
+    hh, ww = min(h, hp - top), min(w, wp - left)
+    if hh == h and ww == w:
+        return np.ascontiguousarray(dxp[:, :, top:top + h, left:left + w])
+    dx = np.zeros((n, c, h, w), dtype=dxp.dtype)
+    dx[:, :, :hh, :ww] = dxp[:, :, top:top + hh, left:left + ww]
+    return dx
+
+
+def _window(xp: np.ndarray, i: int, j: int, oh: int, ow: int, sh: int, sw: int) -> np.ndarray:
+    """The (N, C, oh, ow) strided slice of xp that kernel offset (i, j) reads."""
+    return xp[:, :, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw]
+
+
+def _pads(node) -> tuple[int, int, int, int]:
+    return tuple(node.pads) if node.pads is not None else (0, 0, 0, 0)
+
+
+# ---- conv ----------------------------------------------------------------------------------
+
+def _im2col(xp: np.ndarray, groups: int, kh: int, kw: int, dh: int, dw: int, oh: int, ow: int,
+            sh: int, sw: int) -> np.ndarray:
+    """(N, G, Cg·kh·kw, oh·ow) columns of the padded input (one copy, through a strided view)."""
+    n, c = xp.shape[:2]
+    cg = c // groups
+    s_n, s_c, s_h, s_w = xp.strides
+    view = as_strided(xp, (n, groups, cg, kh, kw, oh, ow),
+                      (s_n, cg * s_c, s_c, dh * s_h, dw * s_w, sh * s_h, sw * s_w), writeable=False)
+    return view.reshape(n, groups, cg * kh * kw, oh * ow)
+
+
+def _conv_geometry(node):
+    a = node.attrs
+    kh, kw = a.kernel
+    sh, sw = a.stride
+    dh, dw = a.dilation
+    k, oh, ow = node.out_shape
+    hp = (oh - 1) * sh + dh * (kh - 1) + 1  # rows the windows span (crops floor's tail, adds ceil's overhang)
+    wp = (ow - 1) * sw + dw * (kw - 1) + 1
+    return kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp
+
+
+def _is_pointwise(kh, kw, sh, sw, top, left, hp, wp, h, w) -> bool:
+    """A 1×1 stride-1 unpadded conv: the input is its own column matrix."""
+    return kh == kw == 1 and sh == sw == 1 and top == left == 0 and hp == h and wp == w
+
+
+def _conv(x: np.ndarray, weight: np.ndarray, groups: int, top: int, left: int, hp: int, wp: int,
+          sh: int, sw: int, dh: int, dw: int, out: np.ndarray):
+    """Correlate x with weight into `out` (N, K, oh, ow), C-contiguous; returns the columns
+    (None for a pointwise conv, which reads the input as is)."""
+    n, c, h, w = x.shape
+    k, cg, kh, kw = weight.shape
+    _, _, oh, ow = out.shape
+    wm = weight.reshape(groups, k // groups, cg * kh * kw)
+    if _is_pointwise(kh, kw, sh, sw, top, left, hp, wp, h, w):
+        cols = None
+        src = np.ascontiguousarray(x).reshape(n, groups, cg, h * w)
+    else:
+        cols = src = _im2col(_pad(x, top, left, hp, wp), groups, kh, kw, dh, dw, oh, ow, sh, sw)
+    # (N, G, K/G, P): one BLAS gemm per batch item and group, straight into the output
+    np.matmul(wm, src, out=out.reshape(n, groups, k // groups, oh * ow))
+    return cols
+
+
+def conv_forward(node, xs, params, ctx):
+    (x,) = xs
+    n, c = x.shape[:2]
+    dtype = x.dtype
+    w = params["weight"].astype(dtype, copy=False)
+    kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
+    top, _, left, _ = _pads(node)
+    y = np.empty((n, k, oh, ow), dtype=dtype)
+    slices = parallel.chunks(n, n * k * oh * ow * (c // node.attrs.groups) * kh * kw)
+
+    def part(lo, hi):
+        return _conv(x[lo:hi], w, node.attrs.groups, top, left, hp, wp, sh, sw, dh, dw, y[lo:hi])
+
+    cols = parallel.run(part, slices)
+    if "bias" in params:
+        y += params["bias"].astype(dtype, copy=False).reshape(1, k, 1, 1)
+    return y, (x if cols[0] is None else None, cols, slices, x.shape)
+
+
+def conv_backward(node, saved, dy, params, ctx):
+    x, cols, slices, (n, c, h, w) = saved
+    dtype = dy.dtype
+    weight = params["weight"].astype(dtype, copy=False)
+    g = node.attrs.groups
+    kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
+    top, _, left, _ = _pads(node)
+    kg, cg = k // g, c // g
+    dy = np.ascontiguousarray(dy)
+    wm = weight.reshape(g, kg, cg * kh * kw)
+    dx = np.empty((n, c, h, w), dtype=dtype)
+    pointwise = _is_pointwise(kh, kw, sh, sw, top, left, hp, wp, h, w)
+    # the transposed conv reads K·kh·kw·H·W elements; col2im's columns and adds cost ~4·C·kh·kw·P
+    transposed = not pointwise and sh == sw == 1 and kg <= cg * 2
+    if transposed:
+        # dx of a stride-1 conv = dy correlated with the spatially flipped kernel, in/out channels
+        # swapped; dy is padded by the effective kernel less one, less the forward's padding
+        ekh, ekw = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+        wf = weight.reshape(g, kg, cg, kh, kw)[:, :, :, ::-1, ::-1].transpose(0, 2, 1, 3, 4)
+        wf = np.ascontiguousarray(wf).reshape(g * cg, kg, kh, kw)
+
+    cols_of = dict(zip(slices, cols))
+
+    def part(lo, hi):
+        dyg = dy[lo:hi].reshape(hi - lo, g, kg, oh * ow)
+        colsi = cols_of[lo, hi]
+        if colsi is None:  # pointwise: the input is its own column matrix
+            colsi = np.ascontiguousarray(x[lo:hi]).reshape(hi - lo, g, cg, h * w)
+        dw_part = np.matmul(dyg, colsi.transpose(0, 1, 3, 2)).sum(axis=0)  # Σ_n dy[n]·cols[n]ᵀ per group
+        if pointwise:
+            np.matmul(wm.transpose(0, 2, 1), dyg, out=dx[lo:hi].reshape(hi - lo, g, cg, h * w))
+        elif transposed:
+            _conv(dy[lo:hi], wf, g, ekh - 1 - top, ekw - 1 - left, h + ekh - 1, w + ekw - 1, 1, 1, dh, dw,
+                  dx[lo:hi])
+        else:
+            dcols = np.matmul(wm.transpose(0, 2, 1), dyg).reshape(hi - lo, c, kh, kw, oh, ow)
+            dxp = np.zeros((hi - lo, c, hp, wp), dtype=dtype)
+            for a in range(kh):  # col2im: each kernel offset adds one strided slice
+                for b in range(kw):
+                    _window(dxp, a * dh, b * dw, oh, ow, sh, sw)[...] += dcols[:, :, a, b]
+            dx[lo:hi] = _unpad(dxp, top, left, h, w)
+        return dw_part
+
+    dw_parts = parallel.run(part, slices)
+    dparams = {"weight": sum(dw_parts[1:], dw_parts[0]).reshape(weight.shape)}
+    if "bias" in params:
+        dparams["bias"] = dy.sum(axis=(0, 2, 3))
+    return [dx], dparams
+
+
+# ---- pools ---------------------------------------------------------------------------------
+
+def _pool_geometry(node):
+    a = node.attrs
+    kh, kw = a.kernel
+    sh, sw = a.stride or a.kernel
+    c, oh, ow = node.out_shape
+    return kh, kw, sh, sw, oh, ow, (oh - 1) * sh + kh, (ow - 1) * sw + kw
+
+
+def maxpool_forward(node, xs, params, ctx):
+    (x,) = xs
+    kh, kw, sh, sw, oh, ow, hp, wp = _pool_geometry(node)
+    top, _, left, _ = _pads(node)
+    xp = _pad(x, top, left, hp, wp, -np.inf)  # −inf: padding and ceil overhang never win
+    y = _window(xp, 0, 0, oh, ow, sh, sw).copy()
+    for i in range(kh):
+        for j in range(kw):
+            if i or j:
+                np.maximum(y, _window(xp, i, j, oh, ow, sh, sw), out=y)
+    # no argmax here: masked writes are slow in NumPy, and evaluation never needs it
+    return y, (xp, y, x.shape)
+
+
+def maxpool_backward(node, saved, dy, params, ctx):
+    xp, y, (n, c, h, w) = saved
+    kh, kw, sh, sw, oh, ow, hp, wp = _pool_geometry(node)
+    top, _, left, _ = _pads(node)
+    dxp = np.zeros((n, c, hp, wp), dtype=dy.dtype)
+    open_ = np.ones(y.shape, dtype=bool)  # windows whose maximum has not been found yet
+    for i in range(kh):
+        for j in range(kw):  # row-major offsets: ties go to the first maximum, as in PyTorch
+            hit = np.equal(_window(xp, i, j, oh, ow, sh, sw), y)
+            hit &= open_
+            open_ ^= hit
+            _window(dxp, i, j, oh, ow, sh, sw)[...] += dy * hit
+    return [_unpad(dxp, top, left, h, w)], {}
+
+
+def _avg_divisor(node, h: int, w: int, dtype) -> np.ndarray:
+    """(oh, ow) divisors, PyTorch's rules: with count_pad the window clipped to input + padding
+    (never the ceil overhang), without it the window clipped to the input."""
+    kh, kw, sh, sw, oh, ow, _, _ = _pool_geometry(node)
+    top, bottom, left, right = _pads(node)
+
+    def sizes(out, k, s, p0, p1, n):
+        start = np.arange(out) * s - p0
+        end = np.minimum(start + k, n + p1)
+        if not node.attrs.count_pad:
+            start, end = np.maximum(start, 0), np.minimum(end, n)
+        return end - start
+
+    return np.outer(sizes(oh, kh, sh, top, bottom, h), sizes(ow, kw, sw, left, right, w)).astype(dtype)
+
+
+def avgpool_forward(node, xs, params, ctx):
+    (x,) = xs
+    n, c, h, w = x.shape
+    kh, kw, sh, sw, oh, ow, hp, wp = _pool_geometry(node)
+    top, _, left, _ = _pads(node)
+    xp = _pad(x, top, left, hp, wp)
+    y = _window(xp, 0, 0, oh, ow, sh, sw).copy()
+    for i in range(kh):
+        for j in range(kw):
+            if i or j:
+                y += _window(xp, i, j, oh, ow, sh, sw)
+    y /= _avg_divisor(node, h, w, x.dtype)
+    return y, x.shape
+
+
+def avgpool_backward(node, saved, dy, params, ctx):
+    n, c, h, w = saved
+    kh, kw, sh, sw, oh, ow, hp, wp = _pool_geometry(node)
+    top, _, left, _ = _pads(node)
+    g = dy / _avg_divisor(node, h, w, dy.dtype)
+    dxp = np.zeros((n, c, hp, wp), dtype=dy.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            _window(dxp, i, j, oh, ow, sh, sw)[...] += g
+    return [_unpad(dxp, top, left, h, w)], {}
+
+
+def globalavgpool_forward(node, xs, params, ctx):
+    (x,) = xs
+    return x.mean(axis=(2, 3), keepdims=True), x.shape
+
+
+def globalavgpool_backward(node, saved, dy, params, ctx):
+    n, c, h, w = saved
+    dx = np.empty(saved, dtype=dy.dtype)
+    dx[...] = dy * (1.0 / (h * w))
+    return [dx], {}
+
+
+def _adaptive_matrix(n: int, out: int, dtype) -> np.ndarray:
+    """(out, n) averaging matrix of PyTorch's windows [floor(i·n/out), ceil((i+1)·n/out))."""
+    m = np.zeros((out, n), dtype=dtype)
+    for i in range(out):  # out is tiny
+        start, end = (i * n) // out, -(-((i + 1) * n) // out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def adaptive_avgpool_forward(node, xs, params, ctx):
+    (x,) = xs
+    n, c, h, w = x.shape
+    _, oh, ow = node.out_shape
+    if h % oh == 0 and w % ow == 0:  # equal windows: a reshape and a mean
+        y = x.reshape(n, c, oh, h // oh, ow, w // ow).mean(axis=(3, 5))
+        return y, (x.shape, None, None)
+    # the windows' average is separable: rows then columns, Ah · x · Awᵀ
+    ah, aw = _adaptive_matrix(h, oh, x.dtype), _adaptive_matrix(w, ow, x.dtype)
+    return np.matmul(np.matmul(ah, x), aw.T), (x.shape, ah, aw)
+
+
+def adaptive_avgpool_backward(node, saved, dy, params, ctx):
+    (n, c, h, w), ah, aw = saved
+    _, oh, ow = node.out_shape
+    if ah is None:
+        fh, fw = h // oh, w // ow
+        dx = np.empty((n, c, oh, fh, ow, fw), dtype=dy.dtype)
+        dx[...] = (dy * (1.0 / (fh * fw)))[:, :, :, None, :, None]
+        return [dx.reshape(n, c, h, w)], {}
+    return [np.matmul(np.matmul(ah.T.astype(dy.dtype, copy=False), dy), aw.astype(dy.dtype, copy=False))], {}

@@ -1,0 +1,295 @@
+"""The NumPy backend's kernels: one forward and one backward per op of the op table.
+
+`forward(node, xs, params, ctx) -> (y, saved)` and
+`backward(node, saved, dy, params, ctx) -> (dxs, dparams)`, NCHW arrays with the batch first,
+PyTorch's semantics. Kernels keep their input's dtype (float32 in training, float64 in the
+gradient tests); a backward may return `dy` itself or a view of it, never an array it keeps.
+Convolution and pooling live in `conv.py`; this module holds the rest and the `KERNELS` table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cnnc.backends.base import Kernel
+
+from . import conv as _conv
+from . import parallel
+
+# dropout when the context brings no generator (evaluation code that forgot one)
+_fallback_rng = np.random.default_rng()
+
+
+def _cast(a: np.ndarray, dtype) -> np.ndarray:
+    return a.astype(dtype, copy=False)
+
+
+# ---- dense, flatten ------------------------------------------------------------------------
+
+def dense_forward(node, xs, params, ctx):
+    (x,) = xs
+    x2 = x.reshape(x.shape[0], -1)  # (N, C, 1, 1) → (N, C)
+    y = x2 @ _cast(params["weight"], x.dtype).T
+    if "bias" in params:
+        y += _cast(params["bias"], x.dtype)
+    return y, (x2, x.shape)
+
+
+def dense_backward(node, saved, dy, params, ctx):
+    x2, shape = saved
+    w = _cast(params["weight"], dy.dtype)
+    dparams = {"weight": dy.T @ x2}
+    if "bias" in params:
+        dparams["bias"] = dy.sum(axis=0)
+    return [(dy @ w).reshape(shape)], dparams
+
+
+def flatten_forward(node, xs, params, ctx):
+    (x,) = xs
+    return x.reshape(x.shape[0], -1), x.shape
+
+
+def flatten_backward(node, saved, dy, params, ctx):
+    return [dy.reshape(saved)], {}
+
+
+# ---- element-wise activations --------------------------------------------------------------
+
+def relu_forward(node, xs, params, ctx):
+    y = np.maximum(xs[0], 0)
+    return y, y
+
+
+def relu_backward(node, saved, dy, params, ctx):
+    return [dy * (saved > 0)], {}  # a product with the mask: much faster than np.where
+
+
+def leaky_relu_forward(node, xs, params, ctx):
+    (x,) = xs
+    pos = x > 0
+    return np.where(pos, x, x * float(node.attrs.slope)), pos
+
+
+def leaky_relu_backward(node, saved, dy, params, ctx):
+    return [np.where(saved, dy, dy * float(node.attrs.slope))], {}
+
+
+def relu6_forward(node, xs, params, ctx):
+    (x,) = xs
+    return np.clip(x, 0, 6), x
+
+
+def relu6_backward(node, saved, dy, params, ctx):
+    # hardtanh's gradient: zero at the kinks 0 and 6 too, as PyTorch
+    return [dy * ((saved > 0) & (saved < 6))], {}
+
+
+def sigmoid_forward(node, xs, params, ctx):
+    (x,) = xs
+    y = np.tanh(x * 0.5)  # ½(1 + tanh(x/2)): no overflow for large |x|
+    y += 1
+    y *= 0.5
+    return y, y
+
+
+def sigmoid_backward(node, saved, dy, params, ctx):
+    return [dy * saved * (1 - saved)], {}
+
+
+def tanh_forward(node, xs, params, ctx):
+    y = np.tanh(xs[0])
+    return y, y
+
+
+def tanh_backward(node, saved, dy, params, ctx):
+    return [dy * (1 - saved * saved)], {}
+
+
+def softmax_forward(node, xs, params, ctx):
+    (x,) = xs
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    e /= e.sum(axis=1, keepdims=True)
+    return e, e
+
+
+def softmax_backward(node, saved, dy, params, ctx):
+    y = saved
+    return [y * (dy - (dy * y).sum(axis=1, keepdims=True))], {}
+
+
+def identity_forward(node, xs, params, ctx):
+    return xs[0], None
+
+
+def identity_backward(node, saved, dy, params, ctx):
+    return [dy], {}
+
+
+def dropout_forward(node, xs, params, ctx):
+    (x,) = xs
+    rate = float(node.attrs.rate)
+    if not ctx.training or rate == 0.0:
+        return x, None
+    rng = getattr(ctx, "rng", None) or _fallback_rng
+    # inverted dropout: kept activations scaled by 1/(1−rate), so evaluation is the identity
+    mask = (rng.random(x.shape, dtype=np.float32) >= rate).astype(x.dtype)
+    mask *= 1.0 / (1.0 - rate)
+    return x * mask, mask
+
+
+def dropout_backward(node, saved, dy, params, ctx):
+    return [dy if saved is None else dy * saved], {}
+
+
+# ---- normalisation -------------------------------------------------------------------------
+
+def _bn_axes(x: np.ndarray) -> tuple[int, ...]:
+    """Reduction axes for (N, C, H, W) or (N, C)."""
+    return (0, 2, 3) if x.ndim == 4 else (0,)
+
+
+def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
+    """A (c,) vector shaped to broadcast along axis 1 of an ndim-array."""
+    return v.reshape((1, v.shape[0]) + (1,) * (ndim - 2))
+
+
+def batchnorm_forward(node, xs, params, ctx):
+    (x,) = xs
+    a = node.attrs
+    axes, nd, c = _bn_axes(x), x.ndim, x.shape[1]
+    dtype = x.dtype
+    training = bool(ctx.training)
+    count = x.size // c
+    m, eps = float(a.momentum), float(a.eps)
+    rm, rv = params["running_mean"], params["running_var"]
+    xhat = np.empty_like(x)
+    y = np.empty_like(x) if a.affine else xhat
+    invstd = np.empty(c, dtype=dtype)
+
+    def part(c0, c1):  # channels are independent: threads take a slice each
+        xs_, xh = x[:, c0:c1], xhat[:, c0:c1]
+        if training:
+            mean = xs_.mean(axis=axes)
+            np.subtract(xs_, _per_channel(mean, nd), out=xh)
+            var = np.mean(xh * xh, axis=axes)  # biased: normalises the batch
+            rm[c0:c1] *= 1.0 - m  # in place: the buffers are the executor's arrays
+            rm[c0:c1] += m * mean
+            rv[c0:c1] *= 1.0 - m
+            rv[c0:c1] += (m * count / max(count - 1, 1)) * var  # unbiased, as PyTorch stores it
+        else:
+            np.subtract(xs_, _per_channel(_cast(rm[c0:c1], dtype), nd), out=xh)
+            var = _cast(rv[c0:c1], dtype)
+        inv = 1.0 / np.sqrt(var + eps)
+        invstd[c0:c1] = inv
+        xh *= _per_channel(inv, nd)
+        if a.affine:
+            np.multiply(xh, _per_channel(_cast(params["weight"][c0:c1], dtype), nd), out=y[:, c0:c1])
+            y[:, c0:c1] += _per_channel(_cast(params["bias"][c0:c1], dtype), nd)
+
+    parallel.run(part, parallel.chunks(c, 4 * x.size))
+    return y, (xhat, invstd, training)
+
+
+def batchnorm_backward(node, saved, dy, params, ctx):
+    xhat, invstd, training = saved
+    axes, nd, c = _bn_axes(dy), dy.ndim, dy.shape[1]
+    dtype = dy.dtype
+    scale = invstd * _cast(params["weight"], dtype) if node.attrs.affine else invstd
+    inv_n = 1.0 / (dy.size // c)
+    dx = np.empty_like(dy)
+    db, dw = np.empty(c, dtype=dtype), np.empty(c, dtype=dtype)
+
+    def part(c0, c1):
+        dys, xh, out = dy[:, c0:c1], xhat[:, c0:c1], dx[:, c0:c1]
+        db[c0:c1] = dys.sum(axis=axes)
+        dw[c0:c1] = (dys * xh).sum(axis=axes)
+        if training:
+            # through the batch statistics: dx = γ·σ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂))
+            np.subtract(dys, _per_channel(db[c0:c1] * inv_n, nd), out=out)
+            out -= xh * _per_channel(dw[c0:c1] * inv_n, nd)
+            out *= _per_channel(scale[c0:c1], nd)
+        else:
+            np.multiply(dys, _per_channel(scale[c0:c1], nd), out=out)
+
+    parallel.run(part, parallel.chunks(c, 4 * dy.size))
+    return [dx], ({"weight": dw, "bias": db} if node.attrs.affine else {})
+
+
+def _channel_window_sum(a: np.ndarray, before: int, after: int) -> np.ndarray:
+    """Σ a[:, c−before … c+after] along axis 1, zeros outside the channels."""
+    c = a.shape[1]
+    padded = np.zeros((a.shape[0], c + before + after) + a.shape[2:], dtype=a.dtype)
+    padded[:, before:before + c] = a
+    out = padded[:, 0:c].copy()
+    for o in range(1, before + after + 1):
+        out += padded[:, o:o + c]
+    return out
+
+
+def lrn_forward(node, xs, params, ctx):
+    (x,) = xs
+    a = node.attrs
+    n = int(a.size)
+    # PyTorch's LocalResponseNorm: window n//2 channels before, (n−1)//2 after, divisor n
+    d = _channel_window_sum(x * x, n // 2, (n - 1) // 2)
+    d *= float(a.alpha) / n
+    d += float(a.k)
+    scale = d ** -float(a.beta)
+    return x * scale, (x, d, scale)
+
+
+def lrn_backward(node, saved, dy, params, ctx):
+    x, d, scale = saved
+    a = node.attrs
+    n = int(a.size)
+    # y_i = x_i d_i^−β, d_i = k + α/n Σ_{j∈win(i)} x_j²; j ∈ win(i) ⇔ i ∈ [j − (n−1)//2, j + n//2]
+    t = dy * x * scale / d
+    s = _channel_window_sum(t, (n - 1) // 2, n // 2)
+    dx = dy * scale
+    dx -= (2.0 * float(a.beta) * float(a.alpha) / n) * x * s
+    return [dx], {}
+
+
+# ---- merges --------------------------------------------------------------------------------
+
+def add_forward(node, xs, params, ctx):
+    y = xs[0] + xs[1]
+    for v in xs[2:]:
+        y += v
+    return y, len(xs)
+
+
+def add_backward(node, saved, dy, params, ctx):
+    return [dy] * saved, {}  # the executor sums into new arrays, so sharing dy is safe
+
+
+def concat_forward(node, xs, params, ctx):
+    return np.concatenate(xs, axis=1), [v.shape[1] for v in xs]
+
+
+def concat_backward(node, saved, dy, params, ctx):
+    bounds = np.cumsum(saved)[:-1]
+    return [np.ascontiguousarray(part) for part in np.split(dy, bounds, axis=1)], {}
+
+
+KERNELS: dict[str, Kernel] = {
+    "conv": Kernel(_conv.conv_forward, _conv.conv_backward),
+    "maxpool": Kernel(_conv.maxpool_forward, _conv.maxpool_backward),
+    "avgpool": Kernel(_conv.avgpool_forward, _conv.avgpool_backward),
+    "globalavgpool": Kernel(_conv.globalavgpool_forward, _conv.globalavgpool_backward),
+    "adaptive_avgpool": Kernel(_conv.adaptive_avgpool_forward, _conv.adaptive_avgpool_backward),
+    "dense": Kernel(dense_forward, dense_backward),
+    "flatten": Kernel(flatten_forward, flatten_backward),
+    "relu": Kernel(relu_forward, relu_backward),
+    "leaky_relu": Kernel(leaky_relu_forward, leaky_relu_backward),
+    "relu6": Kernel(relu6_forward, relu6_backward),
+    "sigmoid": Kernel(sigmoid_forward, sigmoid_backward),
+    "tanh": Kernel(tanh_forward, tanh_backward),
+    "softmax": Kernel(softmax_forward, softmax_backward),
+    "dropout": Kernel(dropout_forward, dropout_backward),
+    "identity": Kernel(identity_forward, identity_backward),
+    "batchnorm": Kernel(batchnorm_forward, batchnorm_backward),
+    "lrn": Kernel(lrn_forward, lrn_backward),
+    "add": Kernel(add_forward, add_backward),
+    "concat": Kernel(concat_forward, concat_backward),
+}

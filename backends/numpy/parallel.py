@@ -1,0 +1,57 @@
+"""Batch-split parallelism for the heavy kernels: a few worker threads, each on a slice of the batch.
+
+NumPy drops the GIL inside matmul, copies and large ufunc loops, so threads that each run a
+kernel on their own rows of the batch use all cores. That beats OpenBLAS's own threading for
+the convolutions' many mid-sized gemms (one join per kernel instead of one per gemm), which is
+why the backend sets OpenBLAS to one thread. Small work runs inline: threads cost ~50 µs.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+MIN_WORK = 4_000_000  # multiply-adds below which a kernel runs unsplit
+
+_threads = 1
+_pool: ThreadPoolExecutor | None = None
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(n: int) -> None:
+    """Use up to `n` worker threads (1: everything inline)."""
+    global _threads, _pool
+    n = max(int(n), 1)
+    if n != _threads and _pool is not None:
+        _pool.shutdown(wait=True)
+        _pool = None
+    _threads = n
+
+
+def get_threads() -> int:
+    return _threads
+
+
+def chunks(n: int, work: float) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) slices of a batch of n, one per thread, or one slice for small work."""
+    parts = min(_threads, n) if work >= MIN_WORK else 1
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def run(fn, slices: list[tuple[int, int]]) -> list:
+    """fn(lo, hi) for every slice, in parallel when there are several; results in order."""
+    global _pool
+    if len(slices) == 1:
+        return [fn(*slices[0])]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=max(_threads - 1, 1), thread_name_prefix="cnnc-numpy")
+    futures = [_pool.submit(fn, lo, hi) for lo, hi in slices[1:]]
+    first = fn(*slices[0])  # the calling thread takes a share too
+    return [first] + [f.result() for f in futures]
