@@ -15,3 +15,14 @@ _here = _os.path.dirname(_os.path.abspath(__file__))
 _top = _os.path.dirname(_here)
 if not _os.path.isdir(_os.path.join(_here, "dsl")) and _os.path.isfile(_os.path.join(_top, "dsl", "__init__.py")):
     __path__.append(_top)
+
+_API = ("load", "train", "evaluate", "prepare")
+
+
+def __getattr__(name):
+    """`cnnc.load`, `cnnc.train`, `cnnc.evaluate`: the Python API, imported on first use."""
+    if name in _API:
+        from cnnc.runtime import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'cnnc' has no attribute {name!r}")

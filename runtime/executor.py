@@ -1,0 +1,74 @@
+"""Reverse-mode autodiff over a compiled plan.
+
+`forward` runs the plan's steps in order, keeping what each kernel saved for its backward
+(in training) and dropping an activation once its last consumer has run. `backward` walks the
+steps in reverse, hands each kernel the gradient of its output, and sums the gradients that
+flow back into a tensor from several consumers (residual shortcuts, dense connections).
+"""
+
+from __future__ import annotations
+
+from cnnc.backends.base import Backend, Ctx, Plan
+
+
+class Executor:
+    def __init__(self, plan: Plan, backend: Backend, params: dict):
+        self.plan = plan
+        self.backend = backend
+        self.params = params  # qualified name → device array (buffers included)
+        self._saved: dict[int, object] | None = None
+        self._ctx: Ctx | None = None
+        last_use = {plan.input: -1}
+        for i, step in enumerate(plan.steps):
+            last_use[step.node.id] = i
+            for u in step.inputs:
+                last_use[u] = i
+        self._free_after: list[list[int]] = [[] for _ in plan.steps]
+        for node, i in last_use.items():
+            if node != plan.output and i >= 0:
+                self._free_after[i].append(node)
+        self._local = [{q.rsplit(".", 1)[1]: q for q in step.params} for step in plan.steps]
+
+    def _step_params(self, i: int) -> dict:
+        return {local: self.params[q] for local, q in self._local[i].items()}
+
+    def forward(self, x, ctx: Ctx, keep: bool | None = None):
+        """Run the network on a batch. With `keep` (default: ctx.training) save for backward."""
+        keep = ctx.training if keep is None else keep
+        values = {self.plan.input: x}
+        saved: dict[int, object] = {}
+        for i, step in enumerate(self.plan.steps):
+            xs = [values[u] for u in step.inputs]
+            y, s = step.kernel.forward(step.node, xs, self._step_params(i), ctx)
+            values[step.node.id] = y
+            if keep:
+                saved[step.node.id] = s
+            for dead in self._free_after[i]:
+                values.pop(dead, None)
+        self._saved = saved if keep else None
+        self._ctx = ctx
+        return values[self.plan.output]
+
+    def backward(self, dy) -> dict:
+        """Gradients of every parameter (qualified name → array) given d(loss)/d(output)."""
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward() that kept its saved tensors")
+        grads = {self.plan.output: dy}
+        pgrads: dict = {}
+        for i in range(len(self.plan.steps) - 1, -1, -1):
+            step = self.plan.steps[i]
+            g = grads.pop(step.node.id, None)
+            if g is None:  # this node does not reach the output
+                continue
+            dxs, dps = step.kernel.backward(step.node, self._saved.pop(step.node.id), g, self._step_params(i),
+                                           self._ctx)
+            for local, dp in dps.items():
+                pgrads[self._local[i][local]] = dp
+            for u, dx in zip(step.inputs, dxs):
+                if dx is None or u == self.plan.input:
+                    continue
+                # fan-out: a tensor read by several nodes receives the sum of their gradients. A new
+                # array, since a kernel may hand the same gradient array to several inputs (add).
+                grads[u] = grads[u] + dx if u in grads else dx
+        self._saved = None
+        return pgrads

@@ -1,0 +1,353 @@
+"""The training loop: mini-batch SGD-family training with checkpoints, resume and sanity checks.
+
+Determinism: epoch e shuffles and augments with a generator seeded by (seed, e); dropout draws
+from one generator whose state travels in the checkpoint. So k epochs, then `--resume` to N,
+gives the same weights as N epochs in one run, bit for bit. Ctrl-C finishes the optimizer step
+in flight, writes a checkpoint with the data cursor, and stops.
+
+Sanity checks from practice: the first loss should be near ln(classes) (0.69 for two classes,
+2.30 for ten); a NaN/inf or exploding loss stops training naming the iteration; an SGD learning
+rate of 1 or more draws a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cnnc.backends.base import Ctx, Plan
+from cnnc.dsl.errors import CnncError
+
+from .checkpoint import read_npz, write_npz
+from .data import Augment, Dataset, batches
+from .executor import Executor
+from .model import Model
+from .optim import make_optimizer
+from .schedules import make_schedule
+
+CHECKPOINT = "checkpoint.npz"
+METRICS = "metrics.jsonl"
+PLOT = "curves.png"
+
+
+@dataclass
+class TrainResult:
+    epochs: int
+    initial_loss: float
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    seconds: float
+    run_dir: str
+    interrupted: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def _logits_plan(plan: Plan, loss: str) -> Plan:
+    """Cross-entropy takes logits: a network that ends in softmax trains on the softmax's input."""
+    last = plan.steps[-1] if plan.steps else None
+    if loss == "cross_entropy" and last is not None and last.node.op == "softmax" and last.node.id == plan.output:
+        return Plan(plan.steps[:-1], plan.input, last.inputs[0], plan.param_specs, plan.graph)
+    return plan
+
+
+class Progress:
+    """One line per epoch on stderr, redrawn in place on a terminal; the final state otherwise."""
+
+    def __init__(self, stream, enabled: bool = True):
+        self.stream = stream
+        self.enabled = enabled
+        self.tty = enabled and hasattr(stream, "isatty") and stream.isatty()
+        self.last = 0.0
+
+    def update(self, text: str, done: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.tty and (done or now - self.last > 0.1):
+            self.stream.write("\r\033[K" + text + ("\n" if done else ""))
+            self.stream.flush()
+            self.last = now
+        elif not self.tty and done:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+def _bar(frac: float, width: int = 24) -> str:
+    filled = int(round(frac * width))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s:.0f}s" if s < 90 else f"{s / 60:.1f}m"
+
+
+def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch: int = 500,
+             loss_name: str = "cross_entropy") -> tuple[float, float, np.ndarray]:
+    """Mean loss, accuracy and confusion matrix (rows: true class, columns: predicted)."""
+    plan = _logits_plan(model.plan, loss_name)
+    ex = Executor(plan, model.backend, model.params)
+    loss_fn = model.backend.loss(loss_name)
+    classes = int(model.classes)
+    confusion = np.zeros((classes, classes), dtype=np.int64)
+    total = 0.0
+    for i in range(0, len(x), batch):
+        xb, yb = x[i:i + batch], y[i:i + batch]
+        out = ex.forward(model.backend.to_device(xb), Ctx(training=False), keep=False)
+        target = _target(yb, classes, loss_name)
+        loss, _ = loss_fn(out, model.backend.to_device(target))
+        total += float(loss) * len(xb)
+        pred = np.argmax(model.backend.to_host(out).reshape(len(xb), -1), axis=1)
+        np.add.at(confusion, (yb, pred), 1)
+    n = max(len(x), 1)
+    return total / n, float(np.trace(confusion)) / n, confusion
+
+
+def _target(yb: np.ndarray, classes: int, loss_name: str) -> np.ndarray:
+    if loss_name == "mse":  # regression onto one-hot targets
+        t = np.zeros((len(yb), classes), dtype=np.float32)
+        t[np.arange(len(yb)), yb] = 1.0
+        return t
+    return yb
+
+
+class Trainer:
+    def __init__(self, model: Model, data: Dataset, config, run_dir: Path, *, progress=True, stream=sys.stderr):
+        self.model, self.data, self.config, self.run_dir = model, data, config, Path(run_dir)
+        self.stream = stream
+        self.progress = Progress(stream, progress)
+        self.plan = _logits_plan(model.plan, config.loss)
+        self.executor = Executor(self.plan, model.backend, model.params)
+        self.loss_fn = model.backend.loss(config.loss)
+        self.trainable = {k for k, t in model.trainable().items() if t}
+        lr_mult, decay_mult = model.multipliers()
+        self.optimizer = make_optimizer(config, {k: model.params[k] for k in sorted(self.trainable)},
+                                        lr_mult, decay_mult)
+        n = len(data.train_x)
+        self.batches_per_epoch = math.ceil(n / config.batch)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.accumulate)
+        self.schedule = make_schedule(config, self.steps_per_epoch, config.epochs)
+        self.dropout_rng = np.random.default_rng([config.seed, 7919])
+        self.epoch = 0  # completed epochs
+        self.cursor = 0  # batches of the current epoch already consumed
+        self.step = 0  # optimizer steps taken
+        self.partial: tuple[float, int, int] = (0.0, 0, 0)  # loss sum, images, correct so far this epoch
+        self.initial_loss: float | None = None
+        self.history: list[dict] = []
+        self.interrupted = False
+        self.pending_info: dict | None = None  # run.json for a fresh run, written when training starts
+        self.augment = Augment(crop_pad=config.crop, hflip=config.flip) if (config.crop or config.flip) else None
+
+    # ---- checkpoints
+    def save(self) -> None:
+        m = self.model
+        arrays = {f"param/{k}": v for k, v in m.host_params().items()}
+        arrays.update({f"optim/{k}": np.asarray(v) for k, v in self.optimizer.state_dict().items()})
+        meta = {"kind": "checkpoint", "network": m.name, "signature": m.signature(), "epoch": self.epoch,
+                "cursor": self.cursor, "partial": list(self.partial), "step": self.step, "initial_loss": self.initial_loss,
+                "dropout_rng": self.dropout_rng.bit_generator.state, "schedule": _jsonable(self.schedule.state_dict()),
+                "history": self.history, "config": self.config.model_dump(mode="json")}
+        write_npz(self.run_dir / CHECKPOINT, arrays, meta)
+
+    def restore(self, path: Path) -> None:
+        arrays, meta = read_npz(path)
+        m = self.model
+        if meta.get("kind") != "checkpoint":
+            raise CnncError(f"{path} is not a training checkpoint")
+        if meta.get("network") != m.name or meta.get("signature") != m.signature():
+            raise CnncError(f"{path} was written for network `{meta.get('network')}` with other parameters; "
+                            f"this is `{m.name}`", hint="resume with the .cnn file the run was started with")
+        m.set_params({k[6:]: v for k, v in arrays.items() if k.startswith("param/")}, str(path))
+        self.optimizer.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("optim/")})
+        self.schedule.load_state_dict(meta["schedule"])
+        self.dropout_rng.bit_generator.state = meta["dropout_rng"]
+        self.epoch, self.cursor, self.step = meta["epoch"], meta["cursor"], meta["step"]
+        self.partial = tuple(meta["partial"])
+        self.initial_loss, self.history = meta["initial_loss"], meta["history"]
+
+    # ---- the loop
+    def run(self) -> TrainResult:
+        cfg, data, m = self.config, self.data, self.model
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.optimizer in ("sgd", "momentum", "nesterov") and cfg.lr >= 1:
+            self.progress.line(f"warning: learning rate {cfg.lr:g} is 1 or more; SGD usually diverges there "
+                               "(0.1 with BatchNorm, 0.01 without are common)")
+        start = time.perf_counter()
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_interrupt(signum, frame):
+            self.interrupted = True
+        try:
+            signal.signal(signal.SIGINT, on_interrupt)
+        except ValueError:  # not the main thread
+            previous = None
+        try:
+            while self.epoch < cfg.epochs and not self.interrupted:
+                self._epoch()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        last = self.history[-1] if self.history else {}
+        return TrainResult(self.epoch, float(self.initial_loss or float("nan")), last.get("train_loss", float("nan")),
+                           last.get("train_accuracy", float("nan")), last.get("test_loss", float("nan")),
+                           last.get("test_accuracy", float("nan")), time.perf_counter() - start, str(self.run_dir),
+                           self.interrupted, self.history)
+
+    def _epoch(self) -> None:
+        cfg, data, m, be = self.config, self.data, self.model, self.model.backend
+        e = self.epoch
+        rng = np.random.default_rng([cfg.seed, e])
+        with np.errstate(all="ignore"):  # overflow shows up as a non-finite loss, reported below
+            stopped = self._batches(e, rng)
+        if not stopped:
+            self._end_epoch(e)
+
+    def _batches(self, e: int, rng: np.random.Generator) -> bool:
+        """Train on one epoch's batches; True when Ctrl-C stopped it (a checkpoint is written)."""
+        cfg, data, m, be = self.config, self.data, self.model, self.model.backend
+        loss_sum, seen, correct = self.partial if self.cursor else (0.0, 0, 0)
+        t0 = time.perf_counter()
+        accum: dict = {}
+        pending = 0
+        classes = int(m.classes)
+        for b, (xb, yb) in enumerate(batches(data.train_x, data.train_y, cfg.batch, shuffle=True, rng=rng,
+                                             augment=self.augment)):
+            if b < self.cursor:  # resuming inside an epoch: these batches were trained on already
+                continue
+            ctx = Ctx(training=True, rng=self.dropout_rng)
+            out = self.executor.forward(be.to_device(xb), ctx)
+            loss, dout = self.loss_fn(out, be.to_device(_target(yb, classes, cfg.loss)))
+            loss = float(loss)
+            if self.initial_loss is None:
+                self._check_initial(loss)
+            if not math.isfinite(loss) or loss > 100 * max(self.initial_loss, 1.0):
+                what = "became " + str(loss) if not math.isfinite(loss) else f"exploded to {loss:.3g}"
+                raise CnncError(f"training stopped: the loss {what} at iteration {self.step + 1} "
+                                f"(epoch {e + 1}, batch {b + 1})",
+                                hint=f"try a smaller learning rate than {self.schedule.lr(self.step):g}, "
+                                     f"e.g. --lr {cfg.lr / 10:g}")
+            grads = self.executor.backward(dout)
+            for k in self.trainable:
+                g = grads.get(k)
+                if g is not None:
+                    accum[k] = accum[k] + g if k in accum else g
+            pending += 1
+            last_batch = b == self.batches_per_epoch - 1
+            if pending == cfg.accumulate or last_batch:
+                self._apply(accum, pending)
+                accum, pending = {}, 0
+                self.cursor = b + 1
+            n = len(yb)
+            seen += n
+            loss_sum += loss * n
+            correct += int((np.argmax(be.to_host(out).reshape(n, -1), axis=1) == yb).sum())
+            self.partial = (loss_sum, seen, correct)
+            elapsed = time.perf_counter() - t0
+            frac = (b + 1) / self.batches_per_epoch
+            rate = seen / max(elapsed, 1e-9)
+            eta = (self.batches_per_epoch - b - 1) * cfg.batch / max(rate, 1e-9)
+            self.progress.update(
+                f"epoch {e + 1}/{cfg.epochs} {_bar(frac)} {b + 1}/{self.batches_per_epoch} "
+                f"loss {loss_sum / seen:.4f} acc {100 * correct / seen:.1f}% lr {self.schedule.lr(max(self.step - 1, 0)):.3g} "
+                f"{rate:.0f} img/s ETA {_fmt_time(eta)}", done=last_batch)
+            if self.interrupted and pending == 0 and not last_batch:
+                self.save()
+                self.progress.line(f"\ninterrupted: checkpoint written to {self.run_dir / CHECKPOINT} "
+                                   f"(epoch {e + 1}, batch {b + 1}); continue with --resume {self.run_dir}")
+                return True
+        self.epoch_stats = (loss_sum / max(seen, 1), correct / max(seen, 1), time.perf_counter() - t0)
+        return False
+
+    def _end_epoch(self, e: int) -> None:
+        cfg, data, m = self.config, self.data, self.model
+        train_loss, train_acc, seconds = self.epoch_stats
+        test_loss, test_acc, _ = evaluate(m, data.test_x, data.test_y, loss_name=cfg.loss)
+        self.schedule.end_epoch(test_loss)
+        record = {"epoch": e + 1, "train_loss": train_loss, "train_accuracy": train_acc,
+                  "test_loss": test_loss, "test_accuracy": test_acc, "lr": self.schedule.lr(max(self.step - 1, 0)),
+                  "seconds": seconds}
+        self.history.append(record)
+        self.progress.line(f"  validation: loss {test_loss:.4f}, accuracy {100 * test_acc:.2f}% "
+                           f"({len(data.test_y)} images)")
+        self.epoch += 1
+        self.cursor = 0
+        with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.save()
+
+    def _apply(self, accum: dict, pending: int) -> None:
+        cfg = self.config
+        if pending > 1:
+            accum = {k: v / pending for k, v in accum.items()}
+        if cfg.clip_norm is not None:
+            norm = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in accum.values()))
+            if norm > cfg.clip_norm:
+                scale = np.float32(cfg.clip_norm / (norm + 1e-6))
+                accum = {k: v * scale for k, v in accum.items()}
+        self.optimizer.step(accum, self.schedule.lr(self.step))
+        self.step += 1
+
+    def _check_initial(self, loss: float) -> None:
+        self.initial_loss = loss
+        classes = int(self.model.classes)
+        if self.config.loss != "cross_entropy" or classes < 2:
+            self.progress.line(f"initial loss {loss:.4f}")
+            return
+        expected = math.log(classes)
+        self.progress.line(f"initial loss {loss:.4f} (ln {classes} = {expected:.2f}: a network that knows "
+                           f"nothing yet)")
+        if abs(loss - expected) > 0.5 * expected:
+            self.progress.line(f"warning: the first loss {loss:.3f} is far from ln {classes} = {expected:.2f}; "
+                               "check the initialisation scale and that the last layer gives logits")
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, np.ndarray):
+            v = v.tolist()
+        elif isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def write_plot(run_dir: Path, history: list[dict]) -> str:
+    """A PNG of loss and accuracy per epoch, or a sentence saying how to get one."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"metrics in {run_dir / METRICS}; for a PNG of the curves: pip install 'cnnc[plot]' (matplotlib)"
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [h["train_loss"] for h in history], label="train")
+    a.plot(epochs, [h["test_loss"] for h in history], label="test")
+    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend(), a.grid(alpha=0.3)
+    b.plot(epochs, [100 * h["train_accuracy"] for h in history], label="train")
+    b.plot(epochs, [100 * h["test_accuracy"] for h in history], label="test")
+    b.set_xlabel("epoch"), b.set_ylabel("accuracy (%)"), b.legend(), b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / PLOT, dpi=100)
+    plt.close(fig)
+    return f"curves: {run_dir / PLOT}"
+
+
+def result_json(r: TrainResult) -> dict:
+    d = asdict(r)
+    d.pop("history")
+    return d

@@ -1,0 +1,257 @@
+"""Training end to end on small data: resume is bit-for-bit, Ctrl-C checkpoints, bad input is a
+clear error that overwrites nothing, and the loss of a residual BatchNorm network goes down."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import numpy as np
+import pytest
+
+from cnnc.dsl.errors import CnncError
+from cnnc.runtime import api
+from cnnc.runtime.checkpoint import read_npz
+
+from conftest import EXAMPLES, run_cli
+
+NET = """\
+network tiny
+input 1x8x8
+classes 4
+layers:
+    conv 6 3x3 pad=1 -> bn -> relu -> maxpool 2x2
+    x = relu
+    conv 6 3x3 pad=1 -> add(x) -> dropout 0.25 -> gap -> dense classes
+train:
+    optimizer momentum momentum=0.9 weight_decay=1e-4
+    lr 0.05 policy=step step_size=2 gamma=0.5
+    batch 16
+    epochs 4
+    seed 5
+"""
+
+
+def make_data(path, n=96, classes=4, size=8, channels=None, seed=0, label_shift=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = rng.normal(0, 0.3, (n, size, size)).astype(np.float32)
+    for c in range(classes):  # class c lights up one quadrant: learnable
+        r, q = divmod(c, 2)
+        x[y == c, r * size // 2:(r + 1) * size // 2, q * size // 2:(q + 1) * size // 2] += 1.0
+    x = np.clip((x + 1) * 100, 0, 255).astype(np.uint8)
+    if channels:
+        x = np.repeat(x[:, None], channels, axis=1)
+    np.savez(path, x=x, y=(y + label_shift).astype(np.int64))
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path):
+    net = tmp_path / "tiny.cnn"
+    net.write_text(NET)
+    data = make_data(tmp_path / "data.npz")
+    return net, data, tmp_path
+
+
+def weights(run_dir):
+    arrays, meta = read_npz(run_dir / "checkpoint.npz")
+    return arrays, meta
+
+
+def test_resume_equals_one_run_bit_for_bit(setup):
+    net, data, tmp = setup
+    straight = api.train(net, data=str(data), run_dir=tmp / "a", progress=False)
+    assert straight.epochs == 4
+    api.train(net, data=str(data), run_dir=tmp / "b", epochs=2, progress=False)
+    resumed = api.train(resume=tmp / "b", epochs=4, progress=False)
+    assert resumed.epochs == 4
+    a, meta_a = weights(tmp / "a")
+    b, meta_b = weights(tmp / "b")
+    assert set(a) == set(b)
+    for k in a:  # parameters, BatchNorm buffers and optimizer state alike
+        assert np.array_equal(a[k], b[k]), k
+    assert [h["test_loss"] for h in meta_a["history"]] == [h["test_loss"] for h in meta_b["history"]]
+    assert len((tmp / "b" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_interrupt_writes_a_checkpoint_and_resume_finishes_identically(setup):
+    net, data, tmp = setup
+    api.train(net, data=str(data), run_dir=tmp / "a", progress=False)
+    trainer, _ = api.prepare(net, data=str(data), run_dir=tmp / "b", progress=False)
+    step = trainer.optimizer.step
+
+    def step_then_ctrl_c(grads, lr):  # a real SIGINT arrives during the first optimizer step
+        step(grads, lr)
+        if trainer.step == 0:
+            signal.raise_signal(signal.SIGINT)
+    trainer.optimizer.step = step_then_ctrl_c
+    result = api.run(trainer)
+    assert result.interrupted
+    _, meta = weights(tmp / "b")
+    assert meta["epoch"] == 0 and meta["cursor"] == 1 and meta["step"] == 1
+    api.train(resume=tmp / "b", progress=False)
+    a, meta_a = weights(tmp / "a")
+    b, meta_b = weights(tmp / "b")
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    assert meta_a["history"] == [{**h, "seconds": h0["seconds"]} for h, h0 in zip(meta_b["history"], meta_a["history"])]
+
+
+def test_loss_goes_down_and_json_summary(setup):
+    net, data, tmp = setup
+    r = run_cli("train", str(net), "--data", str(data), "-o", str(tmp / "run"), "--epochs", "3", "--json", "-q")
+    assert r.code == 0, r.err
+    summary = json.loads(r.out)
+    for key in ("epochs", "initial_loss", "train_loss", "test_loss", "test_accuracy", "seconds", "run_dir"):
+        assert key in summary
+    assert summary["epochs"] == 3
+    assert abs(summary["initial_loss"] - math.log(4)) < 0.5 * math.log(4)
+    assert summary["train_loss"] < summary["initial_loss"]
+    assert (tmp / "run" / "metrics.jsonl").exists() and (tmp / "run" / "checkpoint.npz").exists()
+
+
+def test_overrides_are_validated(setup):
+    net, data, tmp = setup
+    r = run_cli("train", str(net), "--data", str(data), "--lr", "-1", "-o", str(tmp / "run"))
+    assert r.code == 1 and "--lr" in r.err and "greater than 0" in r.err
+    assert not (tmp / "run").exists()
+    r = run_cli("train", str(net), "--data", str(data), "--optimizer", "adamm", "-o", str(tmp / "run"))
+    assert r.code == 1 and "--optimizer" in r.err
+
+
+def test_nan_stops_training_naming_the_iteration(setup):
+    net, data, tmp = setup
+    r = run_cli("train", str(net), "--data", str(data), "-o", str(tmp / "run"), "--lr", "1e30", "--optimizer", "sgd",
+                "-q")
+    assert r.code == 1
+    assert "training stopped: the loss" in r.err and "at iteration" in r.err and "smaller learning rate" in r.err
+    assert "Traceback" not in r.err
+
+
+@pytest.mark.parametrize("problem, fragment", [
+    ("missing", "not found"),
+    ("corrupt", "data.npz"),
+    ("label", "label"),
+    ("size", "16"),
+])
+def test_bad_data_is_a_clear_error_and_nothing_is_written(setup, problem, fragment):
+    net, data, tmp = setup
+    bad = tmp / "bad.npz"
+    if problem == "corrupt":
+        bad = tmp / "data.npz"
+        bad.write_bytes(b"PK\x03\x04 this is not a zip file")
+    elif problem == "label":
+        make_data(bad, label_shift=3)  # labels up to 6 for a 4-class network
+    elif problem == "size":
+        make_data(bad, size=16)
+    r = run_cli("train", str(net), "--data", str(bad), "-o", str(tmp / "run"))
+    assert r.code == 1, r.out
+    assert fragment in r.err and "Traceback" not in r.err
+    assert not (tmp / "run").exists()
+
+
+def test_existing_run_directory_is_not_overwritten(setup):
+    net, data, tmp = setup
+    run = tmp / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("mine")
+    r = run_cli("train", str(net), "--data", str(data), "-o", str(run))
+    assert r.code == 1 and "exists" in r.err and "--resume" in r.err
+    assert (run / "keep.txt").read_text() == "mine" and sorted(p.name for p in run.iterdir()) == ["keep.txt"]
+
+
+def test_checkpoint_of_another_network_is_refused(setup):
+    net, data, tmp = setup
+    api.train(net, data=str(data), run_dir=tmp / "a", epochs=1, progress=False)
+    other = tmp / "other.cnn"
+    other.write_text(NET.replace("conv 6 3x3 pad=1 -> add(x)", "conv 6 3x3 pad=1 -> conv 6 1x1 -> add(x)"))
+    with pytest.raises(CnncError, match="holds weights of network|does not fit"):
+        api.evaluate(other, tmp / "a" / "checkpoint.npz", data=str(data))
+    r = run_cli("eval", str(EXAMPLES / "lenet5.cnn"), "--checkpoint", str(tmp / "a" / "checkpoint.npz"))
+    assert r.code == 1 and "not `lenet5`" in r.err
+
+
+def test_eval_prints_accuracy_and_confusion(setup):
+    net, data, tmp = setup
+    api.train(net, data=str(data), run_dir=tmp / "a", epochs=2, progress=False)
+    r = run_cli("eval", str(net), "--checkpoint", str(tmp / "a" / "checkpoint.npz"), "--data", str(data), "--json")
+    assert r.code == 0, r.err
+    out = json.loads(r.out)
+    confusion = np.array(out["confusion"])
+    assert confusion.shape == (4, 4) and confusion.sum() == 20  # the 20% test split of 96
+    assert out["accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum())
+
+
+def test_resnet20_trains_on_a_small_cifar_like_npz(tmp_path):
+    data = make_data(tmp_path / "c.npz", n=120, classes=10, size=32, channels=3)
+    r = run_cli("train", str(EXAMPLES / "resnet20_cifar.cnn"), "--data", str(data), "-o", str(tmp_path / "run"),
+                "--epochs", "3", "--batch", "32", "--lr", "0.05", "--json", "-q")
+    assert r.code == 0, r.err
+    s = json.loads(r.out)
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] < s["initial_loss"]
+
+
+PLAIN = """\
+network plain
+input 1x8x8
+classes 4
+layers:
+    conv 4 3x3 pad=1 lr_mult=0 -> relu -> gap -> dense classes
+train:
+    optimizer sgd
+    lr 0.1
+    batch 16
+    epochs 1
+    seed 2
+"""
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    net = tmp_path / "plain.cnn"
+    net.write_text(PLAIN.replace(" lr_mult=0", ""))
+    data = make_data(tmp_path / "d.npz", n=40)  # 32 train images
+    api.train(net, data=str(data), run_dir=tmp_path / "big", batch=32, progress=False)
+    api.train(net, data=str(data), run_dir=tmp_path / "acc", batch=8, accumulate=4, progress=False)
+    big, _ = weights(tmp_path / "big")
+    acc, _ = weights(tmp_path / "acc")
+    for k in big:
+        if k.startswith("param/"):
+            np.testing.assert_allclose(acc[k], big[k], rtol=1e-5, atol=1e-6)
+
+
+def test_lr_mult_zero_freezes_a_layer(tmp_path):
+    net = tmp_path / "plain.cnn"
+    net.write_text(PLAIN)
+    data = make_data(tmp_path / "d.npz")
+    trainer, _ = api.prepare(net, data=str(data), run_dir=tmp_path / "r", progress=False)
+    before = {k: v.copy() for k, v in trainer.model.params.items()}
+    api.run(trainer)
+    after = trainer.model.params
+    assert np.array_equal(after["conv1.weight"], before["conv1.weight"])
+    assert not np.array_equal(after["dense1.weight"], before["dense1.weight"])
+
+
+def test_clip_norm_bounds_the_step(tmp_path):
+    net = tmp_path / "plain.cnn"
+    net.write_text(PLAIN.replace(" lr_mult=0", "").replace("lr 0.1", "lr 1.0\n    clip_norm 0.01"))
+    data = make_data(tmp_path / "d.npz", n=20)  # 16 train images: exactly one step
+    trainer, _ = api.prepare(net, data=str(data), run_dir=tmp_path / "r", progress=False)
+    before = {k: v.copy() for k, v in trainer.model.params.items()}
+    api.run(trainer)
+    moved = np.sqrt(sum(float(((trainer.model.params[k] - before[k]) ** 2).sum()) for k in before))
+    assert 0 < moved <= 0.01 * 1.0 + 1e-6  # plain SGD: the step is lr · the clipped gradient
+
+
+def test_unknown_backend_lists_the_installed_ones(setup):
+    net, data, tmp = setup
+    r = run_cli("train", str(net), "--data", str(data), "--backend", "tpu")
+    assert r.code == 1 and "unknown backend `tpu`; installed: numpy" in r.err
+
+
+def test_large_sgd_learning_rate_draws_a_warning(setup):
+    net, data, tmp = setup
+    r = run_cli("train", str(net), "--data", str(data), "-o", str(tmp / "r"), "--lr", "1.5", "--epochs", "1")
+    assert "warning: learning rate 1.5 is 1 or more" in r.err
