@@ -54,6 +54,30 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     t.set_defaults(run=_cmd_train)
 
+    k = sub.add_parser("compile", help="optimise a network and write an executable artifact",
+                       description="Run the pass pipeline (fusion, BatchNorm folding, memory planning) for a "
+                                   "backend and write the plan, the weights and any generated kernels to OUT.")
+    k.add_argument("file", help="the .cnn file")
+    k.add_argument("--backend", default="numpy", help="backend to compile for (default numpy)")
+    k.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2,
+                   help="optimisation level: 0 no rewrites, 1 clean-ups, 2 folding and fusion (default)")
+    k.add_argument("--checkpoint", help="weights from a checkpoint.npz (default: freshly initialised)")
+    k.add_argument("-o", "--output", metavar="OUT", help="artifact directory to write")
+    k.add_argument("--report", action="store_true", help="list every rewrite with its .cnn lines, and refusals")
+    k.add_argument("--disable-pass", action="append", default=[], metavar="NAME", help="skip a pass")
+    k.add_argument("--dump-after", action="append", default=[], metavar="NAME",
+                   help="print the graph after a pass, one line per node")
+    k.add_argument("--time-passes", action="store_true", help="print the time each pass took")
+    k.add_argument("--verify", action="store_true", help="check the graph invariants after every pass")
+    k.add_argument("--batch", type=int, default=1, help="batch size for the memory figures (default 1)")
+    k.set_defaults(run=_cmd_compile)
+
+    r = sub.add_parser("run", help="execute a compiled artifact on an input array")
+    r.add_argument("artifact", help="directory written by cnnc compile")
+    r.add_argument("--input", required=True, help="a .npy array, N×C×H×W (or one C×H×W item)")
+    r.add_argument("-o", "--output", help="write the output array to this .npy file")
+    r.set_defaults(run=_cmd_run)
+
     e = sub.add_parser("eval", help="loss, accuracy and confusion matrix of a checkpoint")
     e.add_argument("file", help="the .cnn file")
     e.add_argument("--checkpoint", required=True, help="checkpoint.npz written by cnnc train")
@@ -88,6 +112,69 @@ def _cmd_train(args) -> int:
               f"train loss {result.train_loss:.4f}, test loss {result.test_loss:.4f}, "
               f"test accuracy {100 * result.test_accuracy:.2f}%; run directory {result.run_dir}")
     return 130 if result.interrupted else 0
+
+
+def _cmd_compile(args) -> int:
+    from cnnc.compiler.pipeline import PassContext, optimize
+    from cnnc.compiler.summary import human_bytes
+    from cnnc.runtime.artifact import compile_model, write_artifact
+    from cnnc.runtime.model import Model
+
+    model = Model.load(args.file)
+    if args.checkpoint:
+        model.load_weights(args.checkpoint)
+    ctx = PassContext(batch=args.batch, verify=args.verify, disabled=frozenset(args.disable_pass),
+                      dump_after=frozenset(args.dump_after))
+    cm = compile_model(model, args.opt_level, args.backend, ctx)
+    for name, text in ctx.dumps:
+        print(f"# after {name}\n{text}\n")
+    g = cm.graph
+    if args.report:
+        for record in g.graph["report"]:
+            print(("refused: " if record.refused else "") + record.render())
+        train_ctx = PassContext(batch=args.batch, opt_level=args.opt_level, mode="training",
+                                backend_name=cm.backend.name, fused_ops=cm.backend.fused_ops,
+                                disabled=frozenset(args.disable_pass))
+        trained = optimize(model.graph, train_ctx, model.host_params())
+        done = sum(not r.refused for r in g.graph["report"])
+        print(f"\n{done} rewrites, {len(g.graph['report']) - done} refused; nodes {g.graph['nodes_before']} → "
+              f"{g.number_of_nodes()}")
+        for label, mem in (("inference", g.graph["memory"]), ("training step", trained.graph["memory"])):
+            ratio = mem["planned_bytes"] / max(mem["unplanned_bytes"], 1)
+            print(f"activation memory, {label} at batch {mem['batch']}: {human_bytes(mem['unplanned_bytes'])} "
+                  f"without planning → {human_bytes(mem['planned_bytes'])} planned ({100 * ratio:.0f}%)")
+    if args.time_passes:
+        for name, seconds in ctx.timings.items():
+            print(f"{name:<28} {1000 * seconds:8.2f} ms")
+    if args.output:
+        write_artifact(cm, args.output)
+        print(f"wrote {args.output}: plan.json ({g.number_of_nodes()} nodes), weights.npz", file=sys.stderr)
+    return 0
+
+
+def _cmd_run(args) -> int:
+    import numpy as np
+
+    from cnnc.dsl.errors import CnncError
+    from cnnc.runtime.artifact import read_artifact
+
+    cm = read_artifact(args.artifact)
+    try:
+        x = np.load(args.input, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CnncError(f"cannot read {args.input} as a .npy array: {exc}") from None
+    if x.ndim == len(cm.input_shape):
+        x = x[None]
+    y = cm(x)
+    if args.output:
+        np.save(args.output, y)
+        print(f"wrote {args.output}: {y.shape[0]} × {' × '.join(map(str, y.shape[1:]))}")
+    else:
+        flat = y.reshape(len(y), -1)
+        for i, row in enumerate(flat):
+            print(f"{i}: class {int(np.argmax(row))} ({', '.join(f'{v:.4g}' for v in row[:10])}"
+                  f"{', ...' if row.size > 10 else ''})")
+    return 0
 
 
 def _cmd_eval(args) -> int:

@@ -64,6 +64,8 @@ def _int_like(v: Any) -> bool:
 
 def _pair(v: Any) -> Any:
     """`3`, `3x3`, `1x7` or `(1, 7)` → (h, w)."""
+    if isinstance(v, list):  # from a JSON plan
+        v = tuple(v)
     if _int_like(v):
         return (v, v)
     if isinstance(v, tuple) and len(v) in (1, 2) and all(_int_like(x) for x in v):
@@ -75,6 +77,8 @@ def _pad(v: Any) -> Any:
     """`same`, `valid`, `p`, `(h, w)` or `(top, bottom, left, right)` → a 4-tuple or the word."""
     if v in ("same", "valid"):
         return v
+    if isinstance(v, list):  # from a JSON plan
+        v = tuple(v)
     if _int_like(v):
         v = (v,)
     if isinstance(v, tuple) and len(v) in (1, 2, 4) and all(_int_like(x) for x in v):
@@ -147,6 +151,7 @@ class AdaptivePoolAttrs(Attrs):
 class DenseAttrs(Attrs):
     units: PositiveInt
     bias: Flag = True
+    flatten: Flag = False  # accept a C×H×W input and flatten it (the compiler sets it when it drops a flatten)
 
 
 class BatchNormAttrs(Attrs):
@@ -168,6 +173,37 @@ class DropoutAttrs(Attrs):
 
 class LeakyReluAttrs(Attrs):
     slope: float = 0.01
+
+
+# ---- attributes of the ops that passes create (not written in .cnn files) -------------------
+
+Activation = Literal["none", "relu", "relu6", "leaky_relu", "sigmoid", "tanh"]
+
+
+class FusedConvAttrs(ConvAttrs):
+    """conv (+ folded BatchNorm in its weights and bias) (+ residual input) (+ activation)."""
+
+    activation: Activation = "none"
+    slope: float = 0.01  # leaky_relu
+    residual: Flag = False  # a second input added before the activation
+
+
+class FusedDenseAttrs(DenseAttrs):
+    activation: Activation = "none"
+    slope: float = 0.01
+
+
+class ChainAttrs(Attrs):
+    """Unary element-wise ops applied in order, in one pass over the data."""
+
+    ops: tuple[Literal["relu", "relu6", "leaky_relu", "sigmoid", "tanh"], ...]
+    slopes: tuple[float, ...]  # one per op; used by leaky_relu
+
+
+class LayoutAttrs(Attrs):
+    """Reorder a C×H×W tensor's memory between NCHW and NHWC; the logical shape stays C×H×W."""
+
+    to: Literal["NCHW", "NHWC"]
 
 
 # ---- the op definition ---------------------------------------------------------------------
@@ -195,7 +231,9 @@ class OpDef:
     aliases: tuple[str, ...] = ()
     tensor_args: bool = False  # positional arguments name tensors (merges)
     user: bool = True  # may be written in a .cnn file
-    extra: dict = field(default_factory=dict)
+    # gradient: what backward needs kept from forward ("input", "output"), for memory planning
+    grad_needs: frozenset[str] = frozenset()
+    fused_as: str | None = None  # the fused op an epilogue fusion turns this op into
 
 
 def _need_rank(ins: list[Shape], op: str, ranks=(3,)) -> Shape:
@@ -306,10 +344,11 @@ def _pool_shape(op: str):
 
 def _dense_shape(a: DenseAttrs, ins: list[Shape]) -> Shape:
     (x,) = ins
-    if len(x) == 3 and (x[1], x[2]) != (1, 1):
+    if len(x) == 3 and (x[1], x[2]) != (1, 1) and not a.flatten:
         raise CnncError(f"dense after a spatial tensor {fmt_shape(x)}: flattening is not implied",
-                        hint=f"insert `flatten` before `dense` (giving {math.prod(x)} features), or pool to 1×1 "
-                             "first (`globalavgpool`); dense flattens C×1×1 by itself")
+                        hint=f"insert `flatten` before `dense` (giving {math.prod(x)} features), write "
+                             "`dense ... flatten=true`, or pool to 1×1 first (`globalavgpool`); dense flattens "
+                             "C×1×1 by itself")
     return (a.units,)
 
 
@@ -385,17 +424,30 @@ def _input_shape(a: InputAttrs, ins):
     return tuple(a.dims)
 
 
-def _act(name: str, doc: str, attrs=NoAttrs, positional=(), aliases=()) -> OpDef:
-    return OpDef(name, doc, attrs, _elementwise, Pattern.ELEMWISE, positional=positional, aliases=aliases)
+def _act(name: str, doc: str, attrs=NoAttrs, positional=(), aliases=(), grad_needs=("output",)) -> OpDef:
+    return OpDef(name, doc, attrs, _elementwise, Pattern.ELEMWISE, positional=positional, aliases=aliases,
+                 grad_needs=frozenset(grad_needs))
+
+
+def _fused_conv_shape(a: FusedConvAttrs, ins: list[Shape]) -> Shape:
+    out = _conv_shape(a, ins[:1])
+    if a.residual and tuple(ins[1]) != out:
+        raise CnncError(f"fused residual of shape {fmt_shape(ins[1])} does not match {fmt_shape(out)}")
+    return out
+
+
+IN = frozenset({"input"})
+OUT = frozenset({"output"})
 
 
 OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("input", "The network input.", InputAttrs, _input_shape, Pattern.OPAQUE, inputs=(0, 0), user=False),
     OpDef("conv", "2-D convolution (cross-correlation), NCHW, weights K×(C/groups)×kh×kw.", ConvAttrs, _conv_shape,
           Pattern.OUT_ELEMWISE_FUSABLE, positional=("filters", "kernel"), params=_conv_params, macs=_conv_macs,
-          window=lambda a, ins: Window(*_eff_kernel(a), *a.stride), aliases=("conv2d", "convolution")),
+          window=lambda a, ins: Window(*_eff_kernel(a), *a.stride), aliases=("conv2d", "convolution"),
+          grad_needs=IN, fused_as="fused_conv"),
     OpDef("maxpool", "Max pooling.", PoolAttrs, _pool_shape("maxpool"), Pattern.OUT_ELEMWISE_FUSABLE,
-          positional=("kernel",), window=_pool_window, aliases=("max_pool", "maxpool2d")),
+          positional=("kernel",), window=_pool_window, aliases=("max_pool", "maxpool2d"), grad_needs=IN | OUT),
     OpDef("avgpool", "Average pooling.", PoolAttrs, _pool_shape("avgpool"), Pattern.OUT_ELEMWISE_FUSABLE,
           positional=("kernel",), window=_pool_window, aliases=("avg_pool", "avgpool2d")),
     OpDef("globalavgpool", "Average over all positions: C×H×W → C×1×1.", NoAttrs,
@@ -404,24 +456,34 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("adaptive_avgpool", "Average pooling to a fixed output size (PyTorch's AdaptiveAvgPool2d).",
           AdaptivePoolAttrs, _adaptive_shape, Pattern.OUT_ELEMWISE_FUSABLE, positional=("size",),
           window=_adaptive_window),
+    OpDef("fused_conv", "conv with folded BatchNorm, residual add and activation in its epilogue.", FusedConvAttrs,
+          _fused_conv_shape, Pattern.OPAQUE, inputs=(1, 2), params=_conv_params, macs=_conv_macs,
+          window=lambda a, ins: Window(*_eff_kernel(a), *a.stride), user=False, grad_needs=IN | OUT),
+    OpDef("fused_dense", "dense with folded BatchNorm and activation in its epilogue.", FusedDenseAttrs,
+          _dense_shape, Pattern.OPAQUE, params=_dense_params, macs=lambda a, ins, out: a.units * _dense_in(ins),
+          window=lambda a, ins: GLOBAL, user=False, grad_needs=IN | OUT),
+    OpDef("elemwise_chain", "Several unary element-wise ops in one pass.", ChainAttrs, _elementwise,
+          Pattern.ELEMWISE, user=False, grad_needs=IN),
+    OpDef("layout_transform", "Reorders memory between NCHW and NHWC.", LayoutAttrs, _elementwise,
+          Pattern.INJECTIVE, user=False),
     OpDef("dense", "Fully connected layer; flattens a C×1×1 input by itself.", DenseAttrs, _dense_shape,
           Pattern.OUT_ELEMWISE_FUSABLE, positional=("units",), params=_dense_params,
           macs=lambda a, ins, out: a.units * _dense_in(ins), window=lambda a, ins: GLOBAL,
-          aliases=("fc", "linear", "innerproduct")),
+          aliases=("fc", "linear", "innerproduct"), grad_needs=IN, fused_as="fused_dense"),
     OpDef("flatten", "C×H×W → C·H·W features.", NoAttrs, lambda a, ins: (math.prod(ins[0]),), Pattern.INJECTIVE),
     _act("relu", "max(x, 0)."),
     _act("leaky_relu", "x if x > 0 else slope·x.", LeakyReluAttrs, ("slope",), ("leakyrelu",)),
     _act("relu6", "min(max(x, 0), 6)."),
     _act("sigmoid", "1 / (1 + e^−x)."),
     _act("tanh", "Hyperbolic tangent."),
-    OpDef("softmax", "Softmax over channels.", NoAttrs, _elementwise, Pattern.OPAQUE),
+    OpDef("softmax", "Softmax over channels.", NoAttrs, _elementwise, Pattern.OPAQUE, grad_needs=OUT),
     _act("dropout", "Zeroes a fraction `rate` of activations in training, scales the rest by 1/(1−rate).",
-         DropoutAttrs, ("rate",)),
-    _act("identity", "Passes its input through."),
+         DropoutAttrs, ("rate",), grad_needs=()),  # keeps its own mask
+    _act("identity", "Passes its input through.", grad_needs=()),
     OpDef("batchnorm", "Batch normalisation per channel; running mean and variance are buffers.", BatchNormAttrs,
-          _bn_shape, Pattern.BROADCAST, params=_bn_params, aliases=("bn", "batch_norm")),
+          _bn_shape, Pattern.BROADCAST, params=_bn_params, aliases=("bn", "batch_norm"), grad_needs=IN),
     OpDef("lrn", "Local response normalisation across channels (AlexNet): x / (k + α/n·Σx²)^β.", LrnAttrs,
-          _elementwise, Pattern.OPAQUE, positional=("size",)),
+          _elementwise, Pattern.OPAQUE, positional=("size",), grad_needs=IN | OUT),
     OpDef("add", "Element-wise sum of tensors of one shape (residual connections).", NoAttrs, _add_shape,
           Pattern.BROADCAST, inputs=(2, None), tensor_args=True),
     OpDef("concat", "Channel concatenation, inputs in the order written.", NoAttrs, _concat_shape,

@@ -37,6 +37,7 @@ class NumpyBackend(Backend):
 
     name = "numpy"
     kernels = KERNELS
+    fused_ops = frozenset({"fused_conv", "fused_dense", "elemwise_chain", "layout_transform"})
 
     def __init__(self) -> None:
         parallel.set_threads(_threads())

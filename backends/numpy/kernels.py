@@ -14,6 +14,7 @@ import numpy as np
 from cnnc.backends.base import Kernel
 
 from . import conv as _conv
+from . import fused as _fused
 from . import parallel
 
 # dropout when the context brings no generator (evaluation code that forgot one)
@@ -292,4 +293,8 @@ KERNELS: dict[str, Kernel] = {
     "lrn": Kernel(lrn_forward, lrn_backward),
     "add": Kernel(add_forward, add_backward),
     "concat": Kernel(concat_forward, concat_backward),
+    "fused_conv": Kernel(_fused.fused_conv_forward, _fused.fused_conv_backward),
+    "fused_dense": Kernel(_fused.fused_dense_forward, _fused.fused_dense_backward),
+    "elemwise_chain": Kernel(_fused.chain_forward, _fused.chain_backward),
+    "layout_transform": Kernel(_fused.layout_forward, _fused.layout_backward),
 }

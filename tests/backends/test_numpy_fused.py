@@ -1,0 +1,382 @@
+"""The NumPy backend's fused kernels against the composition of the unfused ones.
+
+fused_conv = conv → (add residual) → activation, fused_dense = dense → activation,
+elemwise_chain = its unary ops in order, each checked forward and backward (input, residual
+and parameter gradients) against the unfused kernels of `KERNELS` with the corresponding
+plain attributes, in float32 (1e-6 relative) and float64 (1e-12); finite differences in
+float64 for the fused conv with a residual and for chains; layout_transform's round trip and
+gradient. Also: inputs and dy are never written, float32 stays float32, and blocked and
+threaded epilogues give the single-block results.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+from test_numpy_grad import _numeric, make_node, make_params, rel
+
+from cnnc.backends.base import Ctx
+from cnnc.backends.numpy import NumpyBackend, fused, parallel
+from cnnc.backends.numpy.kernels import KERNELS
+from cnnc.compiler.ops import OPS
+
+BATCH = 2
+TOL = {np.float32: 1e-6, np.float64: 1e-12}
+ACTS = ["none", "relu", "relu6", "leaky_relu", "sigmoid", "tanh"]
+# leaky_relu slopes: the usual, zero, negative (output hides the input's sign), above one
+SLOPES = {"leaky_relu": [0.2, 0.0, -0.3, 1.5]}
+
+
+def seed(*parts) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(repr(parts).encode()))
+
+
+def close(got, want, dtype, what=""):
+    tol = TOL[dtype]
+    assert got.shape == want.shape and got.dtype == want.dtype == dtype, what
+    err = rel(got, want)
+    assert err <= tol, f"{what}: relative error {err:.2e}"
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(scale, 1e-30), err_msg=what)
+
+
+def act_nodes(act: str, slope: float, shape):
+    """The unfused activation's node, or None for `none`."""
+    if act == "none":
+        return None
+    return make_node(act, dict(slope=slope) if act == "leaky_relu" else {}, [shape])[0]
+
+
+def act_cases():
+    return [(a, s) for a in ACTS for s in SLOPES.get(a, [0.01])]
+
+
+def act_id(c) -> str:
+    return c[0] if c[0] != "leaky_relu" else f"leaky{c[1]:g}"
+
+
+# ---- fused_conv ------------------------------------------------------------------------------
+
+CONVS = {  # each takes a different path through conv.py (dx: transposed conv, col2im, pointwise)
+    "3x3-pad1": (dict(filters=4, kernel=3, pad=1), (3, 6, 6)),
+    "3x3-s2-asym-floor": (dict(filters=4, kernel=3, stride=2, pad=(1, 0, 2, 1), round="floor"), (3, 8, 8)),
+    "dilation2": (dict(filters=3, kernel=3, dilation=2, pad=2), (2, 7, 7)),
+    "groups2": (dict(filters=6, kernel=3, groups=2, pad=1), (4, 5, 5)),
+    "depthwise-s2": (dict(filters=4, kernel=3, groups=4, pad=1, stride=2), (4, 7, 7)),
+    "1x1": (dict(filters=5, kernel=1), (3, 5, 5)),
+    "1x1-s2": (dict(filters=4, kernel=1, stride=2, round="floor"), (3, 6, 6)),
+    "1x3-same": (dict(filters=4, kernel=(1, 3), pad="same"), (3, 5, 6)),
+}
+
+
+def conv_reference(kw, xshape, act, slope, residual, x, r, params, dy):
+    """conv → add → activation with the unfused kernels: y and (dx, dr, dparams)."""
+    ctx = Ctx()
+    conv, _ = make_node("conv", kw, [xshape])
+    y, s_conv = KERNELS["conv"].forward(conv, [x], params, ctx)
+    if residual:
+        add, _ = make_node("add", {}, [conv.out_shape, conv.out_shape])
+        y, s_add = KERNELS["add"].forward(add, [y, r], {}, ctx)
+    anode = act_nodes(act, slope, conv.out_shape)
+    if anode is not None:
+        y, s_act = KERNELS[act].forward(anode, [y], {}, ctx)
+        (dy,), _ = KERNELS[act].backward(anode, s_act, dy, {}, ctx)
+    dr = None
+    if residual:
+        (dy, dr), _ = KERNELS["add"].backward(add, s_add, dy, {}, ctx)
+    (dx,), dps = KERNELS["conv"].backward(conv, s_conv, dy, params, ctx)
+    return y, dx, dr, dps
+
+
+def conv_inputs(node, specs, dtype, rng, scale=2.0):
+    x = (rng.normal(0, scale, (BATCH, *node.in_shapes[0]))).astype(dtype)
+    r = (rng.normal(0, scale, (BATCH, *node.out_shape))).astype(dtype) if node.attrs.residual else None
+    params = make_params(specs, rng, dtype)
+    dy = rng.normal(size=(BATCH, *node.out_shape)).astype(dtype)
+    return x, r, params, dy
+
+
+def run_fused(node, xs, params, dy):
+    k = KERNELS[node.op]
+    originals = [a.copy() for a in [*xs, dy, *params.values()]]
+    y, saved = k.forward(node, xs, params, Ctx())
+    dxs, dps = k.backward(node, saved, dy, params, Ctx())
+    for a, o in zip([*xs, dy, *params.values()], originals):
+        np.testing.assert_array_equal(a, o)  # inputs, dy and parameters are never written
+    return y, dxs, dps
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("act", act_cases(), ids=act_id)
+@pytest.mark.parametrize("conv", list(CONVS))
+def test_fused_conv_matches_unfused(conv, act, bias, residual):
+    kw, xshape = CONVS[conv]
+    kw = {**kw, "bias": bias}
+    act, slope = act
+    out = OPS["conv"].shape(OPS["conv"].attrs(**kw), [xshape])
+    node, specs = make_node("fused_conv", dict(kw, activation=act, slope=slope, residual=residual),
+                            [xshape, out] if residual else [xshape])
+    assert [s.name for s in specs] == (["weight", "bias"] if bias else ["weight"])
+    for dtype in (np.float32, np.float64):
+        rng = seed(conv, act, slope, bias, residual, dtype.__name__)
+        x, r, params, dy = conv_inputs(node, specs, dtype, rng)
+        y, dxs, dps = run_fused(node, [x, r] if residual else [x], params, dy)
+        y0, dx0, dr0, dps0 = conv_reference(kw, xshape, act, slope, residual, x, r, params, dy)
+        close(y, y0, dtype, "y")
+        assert len(dxs) == (2 if residual else 1)
+        close(dxs[0], dx0, dtype, "dx")
+        if residual:
+            close(dxs[1], dr0, dtype, "d residual")
+        assert sorted(dps) == sorted(dps0)
+        for name in dps0:
+            close(dps[name], dps0[name], dtype, f"d {name}")
+
+
+def fd_check(node, leaves_in, params, rng):
+    """Analytic gradients of sum(y·R) against central differences, float64."""
+    k = KERNELS[node.op]
+    y, saved = k.forward(node, leaves_in, params, Ctx())
+    rr = rng.normal(size=y.shape)
+    dxs, dps = k.backward(node, saved, rr.copy(), params, Ctx())
+
+    def loss():
+        return float(np.sum(k.forward(node, leaves_in, params, Ctx())[0] * rr))
+
+    for i, (leaf, dx) in enumerate(zip(leaves_in, dxs)):
+        err = rel(dx, _numeric(loss, leaf, 1e-6))
+        assert err <= 1e-6, f"input {i}: relative error {err:.2e}"
+    for name in params:
+        err = rel(dps[name], _numeric(loss, params[name], 1e-6))
+        assert err <= 1e-6, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("act,slope", [("relu6", 0.0), ("leaky_relu", 0.1), ("leaky_relu", -0.4)])
+def test_fused_conv_residual_finite_differences(act, slope):
+    kw = dict(filters=4, kernel=3, pad=1, stride=2, round="floor", activation=act, slope=slope, residual=True)
+    node, specs = make_node("fused_conv", kw, [(3, 7, 7), (4, 4, 4)])
+    rng = seed("fd", act, slope)
+    x, r, params, _ = conv_inputs(node, specs, np.float64, rng, scale=3.0)
+    if act == "relu6":
+        y, _ = KERNELS["fused_conv"].forward(node, [x, r], params, Ctx())
+        assert (y == 6).any() and (y == 0).any() and ((y > 0) & (y < 6)).any()  # both kinks are crossed
+    fd_check(node, [x, r], params, rng)
+
+
+# ---- fused_dense -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("xshape", [(6,), (5, 1, 1)], ids=["flat", "c11"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("act", act_cases(), ids=act_id)
+def test_fused_dense_matches_unfused(act, bias, xshape):
+    act, slope = act
+    node, specs = make_node("fused_dense", dict(units=4, bias=bias, activation=act, slope=slope), [xshape])
+    dense, _ = make_node("dense", dict(units=4, bias=bias), [xshape])
+    anode = act_nodes(act, slope, dense.out_shape)
+    for dtype in (np.float32, np.float64):
+        rng = seed("dense", act, slope, bias, xshape, dtype.__name__)
+        x = rng.normal(0, 3, (BATCH + 3, *xshape)).astype(dtype)
+        params = make_params(specs, rng, dtype)
+        dy = rng.normal(size=(BATCH + 3, 4)).astype(dtype)
+        y, (dx,), dps = run_fused(node, [x], params, dy)
+        y0, s0 = KERNELS["dense"].forward(dense, [x], params, Ctx())
+        d0 = dy
+        if anode is not None:
+            y0, sa = KERNELS[act].forward(anode, [y0], {}, Ctx())
+            (d0,), _ = KERNELS[act].backward(anode, sa, dy, {}, Ctx())
+        (dx0,), dps0 = KERNELS["dense"].backward(dense, s0, d0, params, Ctx())
+        close(y, y0, dtype, "y")
+        close(dx, dx0, dtype, "dx")
+        assert sorted(dps) == sorted(dps0)
+        for name in dps0:
+            close(dps[name], dps0[name], dtype, f"d {name}")
+
+
+def test_fused_dense_finite_differences():
+    node, specs = make_node("fused_dense", dict(units=3, activation="tanh"), [(5,)])
+    rng = seed("dense-fd")
+    params = make_params(specs, rng, np.float64)
+    fd_check(node, [rng.normal(size=(BATCH, 5))], params, rng)
+
+
+# ---- elemwise_chain --------------------------------------------------------------------------
+
+CHAINS = [
+    (("relu",), (0.0,)),
+    (("relu6",), (0.0,)),
+    (("leaky_relu",), (0.2,)),
+    (("sigmoid",), (0.0,)),
+    (("tanh",), (0.0,)),
+    (("leaky_relu", "relu6"), (-0.5, 0.0)),
+    (("tanh", "relu"), (0.0, 0.0)),
+    (("sigmoid", "tanh", "leaky_relu"), (0.0, 0.0, 1.5)),
+    (("leaky_relu", "sigmoid", "relu6", "tanh", "relu", "leaky_relu"), (0.1, 0.0, 0.0, 0.0, 0.0, -0.3)),
+    (("relu6", "leaky_relu", "leaky_relu", "sigmoid"), (0.0, 0.3, 0.0, 0.0)),
+]
+
+
+def chain_id(c) -> str:
+    return "-".join(c[0])
+
+
+def chain_reference(ops, slopes, shape, x, dy):
+    saved, nodes = [], []
+    y = x
+    for op, s in zip(ops, slopes):
+        n = act_nodes(op, s, shape)
+        y, sv = KERNELS[op].forward(n, [y], {}, Ctx())
+        nodes.append(n)
+        saved.append(sv)
+    g = dy
+    for op, n, sv in reversed(list(zip(ops, nodes, saved))):
+        (g,), _ = KERNELS[op].backward(n, sv, g, {}, Ctx())
+    return y, g
+
+
+@pytest.mark.parametrize("chain", CHAINS, ids=chain_id)
+def test_chain_matches_unfused(chain):
+    ops, slopes = chain
+    shape = (3, 5, 4)
+    node, specs = make_node("elemwise_chain", dict(ops=ops, slopes=slopes), [shape])
+    assert node.out_shape == shape and specs == []
+    for dtype in (np.float32, np.float64):
+        rng = seed("chain", ops, dtype.__name__)
+        x = rng.normal(0, 4, (BATCH, *shape)).astype(dtype)
+        dy = rng.normal(size=x.shape).astype(dtype)
+        y, (dx,), dps = run_fused(node, [x], {}, dy)
+        y0, dx0 = chain_reference(ops, slopes, shape, x, dy)
+        assert dps == {}
+        close(y, y0, dtype, "y")
+        close(dx, dx0, dtype, "dx")
+
+
+@pytest.mark.parametrize("chain", [CHAINS[8], CHAINS[9], CHAINS[5]], ids=chain_id)
+def test_chain_finite_differences(chain):
+    ops, slopes = chain
+    node, _ = make_node("elemwise_chain", dict(ops=ops, slopes=slopes), [(3, 4, 4)])
+    rng = seed("chain-fd", ops)
+    x = rng.normal(0, 4, (BATCH, 3, 4, 4))
+    x[np.abs(x) < 1e-3] += 0.01  # no input on relu's kink
+    x[np.abs(x - 6) < 1e-3] += 0.01
+    fd_check(node, [x], {}, rng)
+
+
+def test_chain_on_a_strided_input_and_flat_features():
+    node, _ = make_node("elemwise_chain", dict(ops=("tanh", "relu"), slopes=(0.0, 0.0)), [(4, 3, 5)])
+    rng = seed("strided")
+    base = rng.normal(size=(BATCH, 5, 3, 4))
+    x = base.transpose(0, 3, 2, 1)  # a non-contiguous view
+    y, saved = KERNELS["elemwise_chain"].forward(node, [x], {}, Ctx())
+    np.testing.assert_array_equal(y, np.maximum(np.tanh(x), 0))
+    (dx,), _ = KERNELS["elemwise_chain"].backward(node, saved, np.ones_like(y), {}, Ctx())
+    np.testing.assert_allclose(dx, (1 - np.tanh(x) ** 2) * (x > 0), rtol=1e-12)
+    flat, _ = make_node("elemwise_chain", dict(ops=("sigmoid",), slopes=(0.0,)), [(7,)])
+    y, _ = KERNELS["elemwise_chain"].forward(flat, [rng.normal(size=(3, 7)).astype(np.float32)], {}, Ctx())
+    assert y.shape == (3, 7) and y.dtype == np.float32
+
+
+# ---- layout_transform ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 300, 4, 5), (2, 20, 17, 16), (1, 3, 20, 20)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layout_transform_round_trip_and_gradient(shape, dtype):
+    rng = seed("layout", shape)
+    n, c, h, w = shape
+    to_nhwc, _ = make_node("layout_transform", dict(to="NHWC"), [(c, h, w)])
+    to_nchw, _ = make_node("layout_transform", dict(to="NCHW"), [(c, h, w)])
+    assert to_nhwc.out_shape == (c, h, w)  # the logical shape stays C×H×W
+    k = KERNELS["layout_transform"]
+    x = rng.normal(size=shape).astype(dtype)
+    y, saved = k.forward(to_nhwc, [x], {}, Ctx())
+    assert y.shape == (n, h, w, c) and y.flags.c_contiguous and y.dtype == dtype
+    np.testing.assert_array_equal(y, x.transpose(0, 2, 3, 1))
+    back, saved2 = k.forward(to_nchw, [y], {}, Ctx())
+    assert back.shape == shape and back.flags.c_contiguous
+    np.testing.assert_array_equal(back, x)
+    # gradients: the transposes back, so <layout(x), dy> = <x, dx> (the adjoint)
+    dy = rng.normal(size=y.shape).astype(dtype)
+    (dx,), dps = k.backward(to_nhwc, saved, dy, {}, Ctx())
+    assert dps == {} and dx.shape == shape and dx.flags.c_contiguous
+    np.testing.assert_array_equal(dx, dy.transpose(0, 3, 1, 2))
+    assert np.isclose(np.sum(y * dy), np.sum(x * dx), rtol=1e-5)
+    (dy2,), _ = k.backward(to_nchw, saved2, dx, {}, Ctx())
+    np.testing.assert_array_equal(dy2, dy)
+    # a non-contiguous input (here already in NHWC order in memory) gives the same result
+    view = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(k.forward(to_nhwc, [view], {}, Ctx())[0], y)
+
+
+# ---- blocking, threads, dtypes, registration --------------------------------------------------
+
+def _all_results(cases):
+    out = []
+    for node, xs, params, dy in cases:
+        y, dxs, dps = run_fused(node, xs, params, dy)
+        out.append([y, *dxs, *(dps[k] for k in sorted(dps))])
+    return out
+
+
+def _block_cases():
+    rng = seed("blocks")
+    cases = []
+    for act, slope in [("relu", 0.0), ("leaky_relu", -0.2), ("leaky_relu", 0.2), ("sigmoid", 0.0),
+                       ("relu6", 0.0)]:
+        node, specs = make_node("fused_conv", dict(filters=5, kernel=3, pad=1, activation=act, slope=slope,
+                                                   residual=True), [(3, 6, 7), (5, 6, 7)])
+        x, r, params, dy = conv_inputs(node, specs, np.float64, rng, scale=3.0)
+        cases.append((node, [x, r], params, dy))
+    node, specs = make_node("fused_dense", dict(units=6, activation="relu6"), [(5,)])
+    params = make_params(specs, rng, np.float64)
+    cases.append((node, [rng.normal(0, 4, (7, 5))], params, rng.normal(size=(7, 6))))
+    ops, slopes = CHAINS[8]
+    node, _ = make_node("elemwise_chain", dict(ops=ops, slopes=slopes), [(3, 7, 5)])
+    cases.append((node, [rng.normal(0, 4, (BATCH, 3, 7, 5))], {}, rng.normal(size=(BATCH, 3, 7, 5))))
+    node, _ = make_node("layout_transform", dict(to="NCHW"), [(20, 3, 4)])
+    cases.append((node, [rng.normal(size=(3, 3, 4, 20))], {}, rng.normal(size=(3, 20, 3, 4))))
+    return cases
+
+
+@pytest.mark.parametrize("block,threads", [(37, 1), (1, 2), (64, 3)])
+def test_blocked_and_threaded_epilogues_agree(block, threads, monkeypatch):
+    """Small blocks (rows split across blocks, partial blocks) and worker threads give the
+    one-block, one-thread results."""
+    cases = _block_cases()
+    expect = _all_results(cases)
+    before = parallel.get_threads()
+    monkeypatch.setattr(fused, "_BLOCK", block)
+    monkeypatch.setattr(fused, "_TILE_ROWS", 2)
+    monkeypatch.setattr(parallel, "MIN_WORK", 0)
+    try:
+        parallel.set_threads(threads)
+        got = _all_results(cases)
+    finally:
+        parallel.set_threads(before)
+    for case_got, case_expect in zip(got, expect):
+        for a, b in zip(case_got, case_expect):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_stays_float32_and_outputs_are_fresh():
+    rng = seed("f32")
+    node, specs = make_node("fused_conv", dict(filters=4, kernel=1, activation="relu", residual=True),
+                            [(3, 4, 4), (4, 4, 4)])
+    x, r, params, dy = conv_inputs(node, specs, np.float32, rng)
+    y, saved = KERNELS["fused_conv"].forward(node, [x, r], params, Ctx())
+    assert y.dtype == np.float32 and y is not r and not np.shares_memory(y, r) and not np.shares_memory(y, x)
+    dxs, dps = KERNELS["fused_conv"].backward(node, saved, dy, params, Ctx())
+    assert all(a.dtype == np.float32 for a in [*dxs, *dps.values()])
+    # no activation: the residual's gradient may be dy itself, never an array the kernel keeps
+    node, specs = make_node("fused_conv", dict(filters=4, kernel=1, residual=True), [(3, 4, 4), (4, 4, 4)])
+    y, saved = KERNELS["fused_conv"].forward(node, [x, r], params, Ctx())
+    (dx, dr), _ = KERNELS["fused_conv"].backward(node, saved, dy, params, Ctx())
+    np.testing.assert_array_equal(dr, dy)
+
+
+def test_backend_offers_the_fused_ops():
+    fused_ops = {"fused_conv", "fused_dense", "elemwise_chain", "layout_transform"}
+    assert NumpyBackend.fused_ops == fused_ops
+    assert fused_ops <= set(NumpyBackend.kernels)
+    assert all(not OPS[op].user for op in fused_ops)

@@ -1,0 +1,185 @@
+"""Each rewrite pass on a small graph: the graph before, the graph expected after."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnnc.compiler import optimize as opt
+from cnnc.compiler.graph import inputs_of, verify
+from cnnc.compiler.pipeline import PassContext, optimize, run_pipeline
+from cnnc.dsl import load_text
+
+FUSED = frozenset({"fused_conv", "fused_dense", "elemwise_chain", "layout_transform"})
+
+
+def graph(body: str, header: str = "network t\ninput 3x8x8\n"):
+    return run_pipeline(load_text(header + "layers:\n" + body, "t.cnn"), PassContext(verify=True))
+
+
+def params_for(g, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for _, d in g.nodes(data=True):
+        for spec in d.get("param_specs", []):
+            v = rng.normal(0, 1, spec.shape).astype(np.float32)
+            if spec.name == "running_var":
+                v = np.abs(v) + 0.5
+            out[f"{d['name']}.{spec.name}"] = v
+    return out
+
+
+def ops(g) -> list[str]:
+    """The ops in execution order, input excluded: the shape of the graph in one list."""
+    return [g.nodes[n]["op"] for n in sorted(g.nodes) if g.nodes[n]["op"] != "input"]
+
+
+def run_pass(g, fn, **ctx):
+    g = g.copy()
+    g.graph = dict(g.graph)
+    g.graph.setdefault("params", params_for(g))
+    g.graph["report"] = []
+    out = fn(g, PassContext(fused_ops=ctx.pop("fused_ops", FUSED), **ctx))
+    verify(out)
+    return out
+
+
+def test_eliminate_dead():
+    before = graph("    a = conv 4 3x3 pad=1\n    in -> conv 2 1x1 -> relu\n")
+    assert ops(before) == ["conv", "conv", "relu"]
+    after = run_pass(before, opt.eliminate_dead)
+    assert ops(after) == ["conv", "relu"]
+    assert "conv1.weight" not in after.graph["params"]
+    assert "removed `conv1`" in after.graph["report"][0].text
+
+
+def test_remove_identity_and_dropout():
+    before = graph("    conv 4 3x3 pad=1 -> identity -> dropout 0.5 -> relu\n")
+    after = run_pass(run_pass(before, opt.remove_identity), opt.remove_dropout)
+    assert ops(after) == ["conv", "relu"]
+    relu = next(n for n in after.nodes if after.nodes[n]["op"] == "relu")
+    assert after.nodes[inputs_of(after, relu)[0]]["op"] == "conv"
+
+
+def test_dropout_stays_in_training_plans():
+    g = graph("    conv 4 3x3 pad=1 -> dropout 0.5 -> relu\n")
+    trained = optimize(g, PassContext(mode="training", fused_ops=FUSED), params_for(g))
+    assert "dropout" in ops(trained)
+    inferred = optimize(g, PassContext(mode="inference", fused_ops=FUSED), params_for(g))
+    assert "dropout" not in ops(inferred)
+
+
+def test_remove_flatten_before_dense():
+    before = graph("    conv 4 3x3 pad=1 -> flatten -> dense 5\n")
+    after = run_pass(before, opt.remove_flatten_before_dense)
+    assert ops(after) == ["conv", "dense"]
+    dense = next(n for n in after.nodes if after.nodes[n]["op"] == "dense")
+    assert after.nodes[dense]["attrs"].flatten and after.nodes[dense]["shape"] == (5,)
+
+
+def test_fold_batchnorm_weights():
+    before = graph("    conv 4 3x3 pad=1 bias=false -> bn -> relu\n")
+    p = params_for(before)
+    after = run_pass(before, opt.fold_batchnorm)
+    assert ops(after) == ["conv", "relu"]
+    conv = next(n for n in after.nodes if after.nodes[n]["op"] == "conv")
+    assert after.nodes[conv]["attrs"].bias
+    s = p["bn1.weight"] / np.sqrt(p["bn1.running_var"] + 1e-5)
+    q = after.graph["params"]
+    np.testing.assert_allclose(q["conv1.weight"], p["conv1.weight"] * s[:, None, None, None], rtol=1e-6)
+    np.testing.assert_allclose(q["conv1.bias"], p["bn1.bias"] - p["bn1.running_mean"] * s, rtol=1e-5, atol=1e-6)
+    assert not any(k.startswith("bn1.") for k in q)
+
+
+def test_fold_batchnorm_refusals():
+    two_users = graph("    x = conv 4 3x3 pad=1\n    a = bn\n    concat(a, x)\n")
+    after = run_pass(two_users, opt.fold_batchnorm)
+    assert "batchnorm" in ops(after)
+    assert "2 consumers" in after.graph["report"][0].text and after.graph["report"][0].refused
+    after_concat = graph("    a = conv 4 1x1\n    b = in -> conv 4 1x1\n    concat(a, b) -> bn\n")
+    after = run_pass(after_concat, opt.fold_batchnorm)
+    assert "its input comes from concat" in after.graph["report"][0].text
+
+
+def test_fuse_epilogue_conv_relu():
+    before = graph("    conv 4 3x3 pad=1 -> relu -> maxpool 2x2\n")
+    after = run_pass(before, opt.fuse_epilogue)
+    assert ops(after) == ["fused_conv", "maxpool"]
+    n = next(n for n in after.nodes if after.nodes[n]["op"] == "fused_conv")
+    a = after.nodes[n]["attrs"]
+    assert a.activation == "relu" and not a.residual and after.nodes[n]["name"] == "conv1"
+    assert "conv + relu → fused conv_relu" in after.graph["report"][0].render()
+
+
+def test_fuse_residual_after_folding():
+    before = graph("    conv 3 3x3 pad=1 bias=false -> bn -> add(in) -> relu -> gap\n")
+    after = run_pass(run_pass(before, opt.fold_batchnorm), opt.fuse_epilogue)
+    assert ops(after) == ["fused_conv", "globalavgpool"]
+    n = next(n for n in after.nodes if after.nodes[n]["op"] == "fused_conv")
+    assert after.nodes[n]["attrs"].residual and after.nodes[n]["attrs"].activation == "relu"
+    assert [after.nodes[u]["op"] for u in inputs_of(after, n)] == ["input", "input"]
+    assert "conv + bn + add + relu → fused conv_bn_add_relu" in after.graph["report"][-1].render()
+
+
+def test_fuse_epilogue_refusals():
+    two = graph("    conv 4 3x3 pad=1\n    x = relu\n    y = sigmoid\n")
+    g = graph("    c = conv 4 3x3 pad=1\n    a = relu\n    b = c -> sigmoid\n    concat(a, b)\n")
+    after = run_pass(g, opt.fuse_epilogue)
+    assert ops(after) == ["conv", "relu", "sigmoid", "concat"]
+    assert "conv `conv1` output has 2 consumers" in after.graph["report"][0].text
+    no_kernel = run_pass(graph("    conv 4 3x3 pad=1 -> relu\n"), opt.fuse_epilogue, fused_ops=frozenset())
+    assert ops(no_kernel) == ["conv", "relu"]
+    assert "has no fused_conv kernel" in no_kernel.graph["report"][0].text
+    assert two is not None
+
+
+def test_fuse_elementwise_chain():
+    before = graph("    conv 4 3x3 pad=1 -> relu -> leaky_relu 0.2 -> tanh -> maxpool 2x2\n")
+    after = run_pass(before, opt.fuse_elementwise)
+    assert ops(after) == ["conv", "elemwise_chain", "maxpool"]
+    n = next(n for n in after.nodes if after.nodes[n]["op"] == "elemwise_chain")
+    assert after.nodes[n]["attrs"].ops == ("relu", "leaky_relu", "tanh")
+    assert after.nodes[n]["attrs"].slopes[1] == pytest.approx(0.2)
+
+
+def test_choose_layout_inserts_and_shares_transforms():
+    before = graph("    conv 4 3x3 pad=1 -> relu -> conv 4 3x3 pad=1 -> flatten\n")
+    after = run_pass(before, opt.choose_layout, layouts={"conv": "NHWC"})
+    # NCHW input → NHWC for the first conv; relu follows its input's layout; flatten wants NCHW
+    assert ops(after) == ["layout_transform", "conv", "relu", "conv", "layout_transform", "flatten"]
+    transforms = [after.nodes[n]["attrs"].to for n in sorted(after.nodes) if after.nodes[n]["op"] == "layout_transform"]
+    assert transforms == ["NHWC", "NCHW"]
+    same = run_pass(before, opt.choose_layout)
+    assert ops(same) == ops(before)
+
+
+def test_inverse_layout_transforms_cancel():
+    g = run_pass(graph("    conv 4 3x3 pad=1 -> relu\n"), opt.choose_layout, layouts={"conv": "NHWC", "relu": "NCHW"})
+    assert ops(g) == ["layout_transform", "conv", "layout_transform", "relu"]
+    # feed the NCHW transform straight from the NHWC one: a pair that cancels
+    t1, conv, t2, relu = [n for n in sorted(g.nodes) if g.nodes[n]["op"] != "input"]
+    g.remove_edge(conv, t2)
+    g.add_edge(t1, t2, port=0)
+    g.remove_node(conv)
+    opt._cancel_transforms(g)
+    assert [g.nodes[n]["op"] for n in sorted(g.nodes)] == ["input", "relu"]
+
+
+def test_plan_memory_reuses_buffers_and_works_in_place():
+    g = graph("    conv 8 3x3 pad=1 -> relu -> conv 8 3x3 pad=1 -> relu -> conv 8 3x3 pad=1\n")
+    after = run_pass(g, opt.plan_memory, opt_level=1)
+    mem = after.graph["memory"]
+    one = 8 * 8 * 8 * 4
+    assert mem["unplanned_bytes"] == 3 * 8 * 8 * 4 + 5 * one
+    assert mem["in_place"] == 2  # each relu writes over the conv output it consumes
+    assert mem["planned_bytes"] <= 2 * one + 3 * 8 * 8 * 4
+    offsets = {after.nodes[n]["name"]: after.nodes[n].get("buffer_offset") for n in after.nodes}
+    assert offsets["relu1"] == offsets["conv1"]
+
+
+def test_plan_memory_for_training_keeps_what_backward_needs():
+    g = graph("    conv 8 3x3 pad=1 -> relu -> conv 8 3x3 pad=1 -> gap\n")
+    inference = run_pass(g, opt.plan_memory)
+    training = run_pass(g, opt.plan_memory, mode="training")
+    assert training.graph["memory"]["planned_bytes"] > inference.graph["memory"]["planned_bytes"]
+    assert training.graph["memory"]["planned_bytes"] < training.graph["memory"]["unplanned_bytes"]
