@@ -90,7 +90,15 @@ class Backend(abc.ABC):
 
     name = "base"
     fused_ops: frozenset[str] = frozenset()
+    layouts: dict[str, str] = {}  # op → the layout its kernel reads (default NCHW)
     kernels: dict[str, Kernel] = {}
+
+    @classmethod
+    def build_artifact(cls, graph, out_dir, training: bool = False) -> list[dict]:
+        """Generate and compile whatever kernels the plan needs into out_dir (ahead of time, no
+        device needed); returns per-kernel resource rows for reports. Backends without generated
+        kernels have nothing to do."""
+        return []
 
     @abc.abstractmethod
     def to_device(self, host: np.ndarray):
@@ -138,9 +146,14 @@ def available() -> dict[str, metadata.EntryPoint]:
     return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def get_backend(name: str) -> Backend:
+def backend_class(name: str) -> type[Backend]:
+    """The backend's class, without starting it: what compiling for a device that is absent needs."""
     eps = available()
     if name not in eps:
         raise CnncError(f"unknown backend `{name}`; installed: {', '.join(sorted(eps)) or 'none'}",
                         hint="backends register under the entry-point group `cnnc.backends`")
-    return eps[name].load()()
+    return eps[name].load()
+
+
+def get_backend(name: str) -> Backend:
+    return backend_class(name)()

@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", help="write the output array to this .npy file")
     r.set_defaults(run=_cmd_run)
 
+    q = sub.add_parser("parity", help="compare two backends layer by layer on the same weights and inputs")
+    q.add_argument("file", help="the .cnn file")
+    q.add_argument("--backends", default="numpy,cuda", help="reference,other (default numpy,cuda)")
+    q.add_argument("--batch", type=int, default=2)
+    q.add_argument("--size", help="run at a smaller input, HxW (e.g. 64x64)")
+    q.add_argument("--tolerance", type=float, default=1e-4, help="relative difference that flags a layer")
+    q.set_defaults(run=_cmd_parity)
+
     e = sub.add_parser("eval", help="loss, accuracy and confusion matrix of a checkpoint")
     e.add_argument("file", help="the .cnn file")
     e.add_argument("--checkpoint", required=True, help="checkpoint.npz written by cnnc train")
@@ -117,23 +125,32 @@ def _cmd_train(args) -> int:
 def _cmd_compile(args) -> int:
     from cnnc.compiler.pipeline import PassContext, optimize
     from cnnc.compiler.summary import human_bytes
-    from cnnc.runtime.artifact import compile_model, write_artifact
+    from cnnc.backends.base import Backend, backend_class
+    from cnnc.runtime.artifact import compile_graph, write_artifact
     from cnnc.runtime.model import Model
 
+    cls = backend_class(args.backend)
     model = Model.load(args.file)
     if args.checkpoint:
         model.load_weights(args.checkpoint)
     ctx = PassContext(batch=args.batch, verify=args.verify, disabled=frozenset(args.disable_pass),
                       dump_after=frozenset(args.dump_after))
-    cm = compile_model(model, args.opt_level, args.backend, ctx)
+    g, params, meta = compile_graph(model, args.opt_level, args.backend, ctx)
     for name, text in ctx.dumps:
         print(f"# after {name}\n{text}\n")
-    g = cm.graph
+    resources = write_artifact(g, params, meta, args.output) if args.output else None
+    if args.output:
+        print(f"wrote {args.output}: plan.json ({g.number_of_nodes()} nodes), weights.npz"
+              + (f", {len(resources)} compiled kernels" if resources else ""), file=sys.stderr)
+    if args.report and resources is None and cls.build_artifact is not Backend.build_artifact:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            resources = cls.build_artifact(g, tmp, False)
     if args.report:
         for record in g.graph["report"]:
             print(("refused: " if record.refused else "") + record.render())
         train_ctx = PassContext(batch=args.batch, opt_level=args.opt_level, mode="training",
-                                backend_name=cm.backend.name, fused_ops=cm.backend.fused_ops,
+                                backend_name=cls.name, fused_ops=cls.fused_ops,
                                 disabled=frozenset(args.disable_pass))
         trained = optimize(model.graph, train_ctx, model.host_params())
         done = sum(not r.refused for r in g.graph["report"])
@@ -143,12 +160,14 @@ def _cmd_compile(args) -> int:
             ratio = mem["planned_bytes"] / max(mem["unplanned_bytes"], 1)
             print(f"activation memory, {label} at batch {mem['batch']}: {human_bytes(mem['unplanned_bytes'])} "
                   f"without planning → {human_bytes(mem['planned_bytes'])} planned ({100 * ratio:.0f}%)")
+        if resources:
+            print(f"\n{'kernel':<44}{'registers':>10}{'smem':>10}{'stack':>8}{'spills':>8}")
+            for row in resources:
+                print(f"{row['kernel']:<44}{row['registers']:>10}{row['shared_bytes']:>10}{row['stack_bytes']:>8}"
+                      f"{row['spill_stores'] + row['spill_loads']:>8}")
     if args.time_passes:
         for name, seconds in ctx.timings.items():
             print(f"{name:<28} {1000 * seconds:8.2f} ms")
-    if args.output:
-        write_artifact(cm, args.output)
-        print(f"wrote {args.output}: plan.json ({g.number_of_nodes()} nodes), weights.npz", file=sys.stderr)
     return 0
 
 
@@ -175,6 +194,25 @@ def _cmd_run(args) -> int:
             print(f"{i}: class {int(np.argmax(row))} ({', '.join(f'{v:.4g}' for v in row[:10])}"
                   f"{', ...' if row.size > 10 else ''})")
     return 0
+
+
+def _cmd_parity(args) -> int:
+    from cnnc.dsl.errors import CnncError
+    from cnnc.runtime.parity import format_rows, parity
+
+    names = tuple(b.strip() for b in args.backends.split(","))
+    if len(names) != 2:
+        raise CnncError(f"--backends takes two names separated by a comma, got `{args.backends}`")
+    size = None
+    if args.size:
+        try:
+            size = tuple(int(v) for v in args.size.lower().split("x"))
+            assert len(size) == 2
+        except (ValueError, AssertionError):
+            raise CnncError(f"--size takes HxW, like 64x64, got `{args.size}`") from None
+    rows, first_bad = parity(args.file, names, args.batch, input_size=size, tolerance=args.tolerance)
+    print(format_rows(rows, first_bad, names, args.tolerance))
+    return 0 if first_bad is None else 1
 
 
 def _cmd_eval(args) -> int:

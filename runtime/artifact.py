@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from cnnc import __version__
-from cnnc.backends.base import Ctx, get_backend
+from cnnc.backends.base import Ctx, backend_class, get_backend
 from cnnc.compiler.graph import inputs_of
 from cnnc.compiler.ops import OPS
 from cnnc.compiler.pipeline import PassContext, optimize
@@ -64,25 +64,33 @@ class CompiledModel:
         return self.backend.to_host(out)
 
 
-def compile_model(model: Model, opt_level: int = 2, backend: str | None = None, ctx: PassContext | None = None,
-                  ) -> CompiledModel:
-    """Optimise a checked model for inference on a backend."""
-    be = get_backend(backend or model.backend.name)
+def compile_graph(model: Model, opt_level: int = 2, backend: str | None = None,
+                  ctx: PassContext | None = None):
+    """Optimise a checked model for a backend; nothing runs, so no device is needed.
+    Returns (graph, host parameters, metadata)."""
+    cls = backend_class(backend or model.backend.name)
     ctx = ctx or PassContext()
     ctx.opt_level = opt_level
-    ctx.backend_name = be.name
-    ctx.fused_ops = be.fused_ops
-    ctx.layouts = dict(getattr(be, "layouts", {}))
+    ctx.backend_name = cls.name
+    ctx.fused_ops = cls.fused_ops
+    ctx.layouts = dict(cls.layouts)
     g = optimize(model.graph, ctx, model.host_params())
-    meta = {"network": model.name, "backend": be.name, "opt_level": opt_level, "mode": ctx.mode}
-    return CompiledModel(g, g.graph["params"], be.name, meta)
+    meta = {"network": model.name, "backend": cls.name, "opt_level": opt_level, "mode": ctx.mode}
+    return g, g.graph["params"], meta
 
 
-def write_artifact(cm: CompiledModel, out: Path) -> None:
+def compile_model(model: Model, opt_level: int = 2, backend: str | None = None, ctx: PassContext | None = None,
+                  ) -> CompiledModel:
+    """Optimise a checked model for inference and make it runnable on its backend."""
+    g, params, meta = compile_graph(model, opt_level, backend, ctx)
+    return CompiledModel(g, params, meta["backend"], meta)
+
+
+def write_artifact(g: nx.MultiDiGraph, params: dict[str, np.ndarray], meta: dict, out: Path) -> list[dict]:
+    """Write plan.json, weights.npz and the backend's compiled kernels; returns kernel resource rows."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CnncError(f"{out} exists and is not a directory")
-    g = cm.graph
     nodes = []
     for n in sorted(g.nodes):
         d = g.nodes[n]
@@ -92,15 +100,18 @@ def write_artifact(cm: CompiledModel, out: Path) -> None:
                       "buffer_offset": d.get("buffer_offset"),
                       "source": f"{d['span'].file}:{d['span'].line}" if d.get("span") else None,
                       "fused_from": [f"{op} {name}" for op, name, _ in d.get("fused_from", [])]})
-    plan = {"format": FORMAT, "version": VERSION, "cnnc_version": __version__, **cm.meta,
-            "input": g.graph["input"], "output": g.graph["output"], "nodes": nodes,
-            "memory": g.graph.get("memory"), "rewrites": [r.render() for r in g.graph.get("report", [])]}
     out.mkdir(parents=True, exist_ok=True)
-    write_npz(out / "weights.npz", {f"param/{k}": cm.backend.to_host(v) for k, v in cm.params.items()},
-              {"kind": "compiled-weights", "network": cm.meta["network"]})
+    resources = backend_class(meta["backend"]).build_artifact(g, out / "kernels", meta["mode"] == "training")
+    plan = {"format": FORMAT, "version": VERSION, "cnnc_version": __version__, **meta,
+            "input": g.graph["input"], "output": g.graph["output"], "nodes": nodes,
+            "memory": g.graph.get("memory"), "rewrites": [r.render() for r in g.graph.get("report", [])],
+            "kernels": resources}
+    write_npz(out / "weights.npz", {f"param/{k}": np.asarray(v) for k, v in params.items()},
+              {"kind": "compiled-weights", "network": meta["network"]})
     tmp = out / ".plan.json.tmp"
     tmp.write_text(json.dumps(plan, indent=1), encoding="utf-8")
     tmp.replace(out / "plan.json")
+    return resources
 
 
 def read_artifact(path: Path, backend: str | None = None) -> CompiledModel:
@@ -130,6 +141,9 @@ def read_artifact(path: Path, backend: str | None = None) -> CompiledModel:
         if k in params and tuple(params[k].shape) != tuple(spec.shape):
             raise CnncError(f"{path / 'weights.npz'}: `{k}` has shape {params[k].shape}, the plan needs {spec.shape}")
     meta = {k: plan[k] for k in ("network", "backend", "opt_level", "mode")}
+    cls = backend_class(backend or plan["backend"])
+    if hasattr(cls, "load_artifact_kernels"):
+        cls.load_artifact_kernels(path / "kernels")
     return CompiledModel(g, params, backend or plan["backend"], meta)
 
 

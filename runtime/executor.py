@@ -32,8 +32,9 @@ class Executor:
     def _step_params(self, i: int) -> dict:
         return {local: self.params[q] for local, q in self._local[i].items()}
 
-    def forward(self, x, ctx: Ctx, keep: bool | None = None):
-        """Run the network on a batch. With `keep` (default: ctx.training) save for backward."""
+    def forward(self, x, ctx: Ctx, keep: bool | None = None, trace: dict | None = None):
+        """Run the network on a batch. With `keep` (default: ctx.training) save for backward;
+        with a `trace` dict, also copy every node's output there (host arrays, by node name)."""
         keep = ctx.training if keep is None else keep
         values = {self.plan.input: x}
         saved: dict[int, object] = {}
@@ -41,6 +42,8 @@ class Executor:
             xs = [values[u] for u in step.inputs]
             y, s = step.kernel.forward(step.node, xs, self._step_params(i), ctx)
             values[step.node.id] = y
+            if trace is not None:
+                trace[step.node.name] = self.backend.to_host(y)
             if keep:
                 saved[step.node.id] = s
             for dead in self._free_after[i]:

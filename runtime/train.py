@@ -134,8 +134,8 @@ class Trainer:
         self.loss_fn = model.backend.loss(config.loss)
         self.trainable = {k for k, t in model.trainable().items() if t}
         lr_mult, decay_mult = model.multipliers()
-        self.optimizer = make_optimizer(config, {k: model.params[k] for k in sorted(self.trainable)},
-                                        lr_mult, decay_mult)
+        make = getattr(model.backend, "make_optimizer", None) or make_optimizer  # device-side updates
+        self.optimizer = make(config, {k: model.params[k] for k in sorted(self.trainable)}, lr_mult, decay_mult)
         n = len(data.train_x)
         self.batches_per_epoch = math.ceil(n / config.batch)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.accumulate)

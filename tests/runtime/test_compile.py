@@ -12,7 +12,7 @@ import pytest
 from cnnc.backends.base import Ctx
 from cnnc.compiler.pipeline import PassContext, optimize
 from cnnc.dsl.errors import CnncError
-from cnnc.runtime.artifact import CompiledModel, compile_model, read_artifact, write_artifact
+from cnnc.runtime.artifact import CompiledModel, compile_graph, compile_model, read_artifact, write_artifact
 from cnnc.runtime.executor import Executor
 from cnnc.runtime.model import Model
 
@@ -108,7 +108,7 @@ def test_compiled_lenet_reproduces_eval_accuracy(tmp_path):
 def test_artifact_round_trip_and_errors(tmp_path):
     model = Model.load(EXAMPLES / "resnet20_cifar.cnn")
     cm = compile_model(model)
-    write_artifact(cm, tmp_path / "a")
+    write_artifact(*compile_graph(model), tmp_path / "a")
     back = read_artifact(tmp_path / "a")
     assert isinstance(back, CompiledModel)
     x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
@@ -121,9 +121,8 @@ def test_artifact_round_trip_and_errors(tmp_path):
     (tmp_path / "a" / "plan.json").write_text("{ not json")
     r = run_cli("run", str(tmp_path / "a"), "--input", "x.npy")
     assert r.code == 1 and "corrupt" in r.err and "Traceback" not in r.err
-    write_artifact(cm, tmp_path / "b")
-    other = compile_model(Model.load(EXAMPLES / "lenet5.cnn"))
-    write_artifact(other, tmp_path / "c")
+    write_artifact(*compile_graph(model), tmp_path / "b")
+    write_artifact(*compile_graph(Model.load(EXAMPLES / "lenet5.cnn")), tmp_path / "c")
     (tmp_path / "b" / "weights.npz").write_bytes((tmp_path / "c" / "weights.npz").read_bytes())
     with pytest.raises(CnncError, match="holds weights of `lenet5`"):
         read_artifact(tmp_path / "b")
