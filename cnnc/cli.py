@@ -78,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", help="write the output array to this .npy file")
     r.set_defaults(run=_cmd_run)
 
+    b = sub.add_parser("bench", help="images/s and ms per step, per layer, against PyTorch",
+                       description="Time inference (the -O2 plan) or a training step; medians after warm-up.")
+    b.add_argument("file", help="the .cnn file")
+    b.add_argument("--backend", default="numpy")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--train", action="store_true", help="time a whole training step")
+    b.add_argument("--layers", action="store_true", help="per-layer times, sorted, with GFLOP/s")
+    b.add_argument("--vs", choices=("torch", "onnxruntime"), help="time the same network in a peer too")
+    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(run=_cmd_bench)
+
     q = sub.add_parser("parity", help="compare two backends layer by layer on the same weights and inputs")
     q.add_argument("file", help="the .cnn file")
     q.add_argument("--backends", default="numpy,cuda", help="reference,other (default numpy,cuda)")
@@ -193,6 +205,29 @@ def _cmd_run(args) -> int:
         for i, row in enumerate(flat):
             print(f"{i}: class {int(np.argmax(row))} ({', '.join(f'{v:.4g}' for v in row[:10])}"
                   f"{', ...' if row.size > 10 else ''})")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from cnnc.dsl.errors import CnncError
+    from cnnc.runtime.bench import bench
+
+    if args.batch < 1 or args.repeats < 1:
+        raise CnncError("--batch and --repeats must be positive")
+    r = bench(args.file, args.backend, args.batch, args.train, args.layers, args.vs, args.repeats)
+    if args.json:
+        print(json.dumps(r.to_json()))
+        return 0
+    what = "training step" if r.train else "inference (-O2)"
+    print(f"{r.network} on {r.backend}, batch {r.batch}, {what}: {r.ms_per_step:.2f} ms per step, "
+          f"{r.images_per_s:.1f} images/s, peak memory {r.peak_rss_mb:.0f} MB")
+    if r.peer:
+        print(f"{r.peer}: {r.peer_ms_per_step:.2f} ms per step; ratio (ours / {r.peer}) {r.ratio:.2f}")
+    if r.layers:
+        print(f"\n{'layer':<36}{'op':<16}{'forward ms':>11}{'backward ms':>12}{'GFLOP/s':>9}{'share':>7}")
+        for row in r.layers:
+            print(f"{row['layer']:<36}{row['op']:<16}{row['forward_ms']:>11.3f}{row['backward_ms']:>12.3f}"
+                  f"{row['gflops']:>9.1f}{100 * row['share']:>6.1f}%")
     return 0
 
 

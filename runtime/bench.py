@@ -1,0 +1,163 @@
+"""`cnnc bench`: images/s and ms per step of a network on a backend, optionally against a peer.
+
+Inference runs the -O2 plan; `--train` times a whole training step (forward, loss, backward,
+optimizer update) on the plain training plan. Medians of timed repeats after warm-up. `--layers`
+times each layer's forward (and backward with `--train`) like `caffe time`, sorted, with
+GFLOP/s and share of the total. `--vs torch` builds the same network in PyTorch from our graph
+with our weights and times it in the same process on the same batch and thread count.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cnnc.backends.base import Ctx
+from cnnc.compiler.train_config import TrainConfig
+from cnnc.dsl.errors import CnncError
+
+from .artifact import compile_model
+from .model import Model
+from .optim import make_optimizer
+
+
+@dataclass
+class BenchResult:
+    network: str
+    backend: str
+    batch: int
+    train: bool
+    ms_per_step: float
+    images_per_s: float
+    peak_rss_mb: float
+    peer: str | None = None
+    peer_ms_per_step: float | None = None
+    ratio: float | None = None
+    layers: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _median_ms(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def _train_step(model: Model, x, y, config: TrainConfig):
+    trainable = {k for k, t in model.trainable().items() if t}
+    make = getattr(model.backend, "make_optimizer", None) or make_optimizer
+    opt = make(config, {k: model.params[k] for k in sorted(trainable)})
+    loss_fn = model.backend.loss("cross_entropy")
+    ctx = Ctx(training=True, rng=np.random.default_rng(0))
+
+    def step():
+        out = model.executor.forward(x, ctx)
+        _, dout = loss_fn(out, y)
+        opt.step(model.executor.backward(dout), config.lr)
+    return step
+
+
+def bench(path, backend: str = "numpy", batch: int = 1, train: bool = False, layers: bool = False,
+          vs: str | None = None, repeats: int = 10, warmup: int = 3) -> BenchResult:
+    model = Model.load(path, backend)
+    rng = np.random.default_rng(0)
+    xh = rng.normal(size=(batch, *model.input_shape)).astype(np.float32)
+    yh = rng.integers(0, int(model.classes), batch)
+    config = TrainConfig(optimizer="momentum", momentum=0.9, lr=0.001, batch=batch)
+    be = model.backend
+    x, y = be.to_device(xh), be.to_device(yh)
+    if train:
+        step = _train_step(model, x, y, config)
+    else:
+        compiled = compile_model(model, 2)
+        step = lambda: compiled.executor.forward(x, Ctx(), keep=False)  # noqa: E731
+    ms = _median_ms(step, repeats, warmup)
+    result = BenchResult(model.name, backend, batch, train, ms, 1000 * batch / ms,
+                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if layers:
+        result.layers = layer_times(model if train else compiled, x, train, repeats=max(3, repeats // 3))
+    if vs is not None:
+        if vs != "torch":
+            raise CnncError(f"--vs {vs}: only `torch` is available as a peer",
+                            hint="onnxruntime needs ONNX export, which cnnc does not have yet")
+        result.peer = "torch"
+        result.peer_ms_per_step = torch_ms(model, xh, yh, train, config, repeats, warmup)
+        result.ratio = ms / result.peer_ms_per_step
+    return result
+
+
+def torch_ms(model: Model, xh, yh, train: bool, config: TrainConfig, repeats: int, warmup: int) -> float:
+    from .peers import TorchNetwork
+    net = TorchNetwork(model.graph, model.host_params())
+    torch = net.torch
+    torch.set_num_threads(int(os.environ.get("CNNC_NUM_THREADS", os.cpu_count() or 1)))
+    x, y = torch.tensor(xh), torch.tensor(yh)
+    if not train:
+        def step():
+            with torch.no_grad():
+                net(x, training=False)
+        return _median_ms(step, repeats, warmup)
+    opt = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x, training=True), y).backward()
+        opt.step()
+    return _median_ms(train_step, repeats, warmup)
+
+
+def layer_times(m, x, train: bool, repeats: int = 3) -> list[dict]:
+    """Per-layer forward (and backward) milliseconds, sorted by total time, with GFLOP/s."""
+    plan, be, ex = m.plan, m.backend, m.executor
+    ctx = Ctx(training=train, rng=np.random.default_rng(0))
+    fwd = {s.node.name: [] for s in plan.steps}
+    bwd = {s.node.name: [] for s in plan.steps}
+    for _ in range(repeats):
+        values = {plan.input: x}
+        saved = {}
+        for i, step in enumerate(plan.steps):
+            xs = [values[u] for u in step.inputs]
+            t = time.perf_counter()
+            y, s = step.kernel.forward(step.node, xs, ex._step_params(i), ctx)
+            fwd[step.node.name].append(time.perf_counter() - t)
+            values[step.node.id], saved[step.node.id] = y, s
+        if not train:
+            continue
+        grads = {plan.output: be.to_device(np.ones(values[plan.output].shape, np.float32))}
+        for i in range(len(plan.steps) - 1, -1, -1):
+            step = plan.steps[i]
+            g = grads.pop(step.node.id, None)
+            if g is None:
+                continue
+            t = time.perf_counter()
+            dxs, _ = step.kernel.backward(step.node, saved.pop(step.node.id), g, ex._step_params(i), ctx)
+            bwd[step.node.name].append(time.perf_counter() - t)
+            for u, dx in zip(step.inputs, dxs):
+                if dx is not None and u != plan.input:
+                    grads[u] = grads[u] + dx if u in grads else dx
+    rows = []
+    batch = x.shape[0]
+    macs = {n: d.get("macs", 0) for _, d in m.graph.nodes(data=True) for n in [d["name"]]}
+    for step in plan.steps:
+        name = step.node.name
+        f = 1000 * statistics.median(fwd[name])
+        b = 1000 * statistics.median(bwd[name]) if bwd[name] else 0.0
+        flops = 2 * macs.get(name, 0) * batch * (3 if train else 1)
+        rows.append({"layer": name, "op": step.node.op, "forward_ms": f, "backward_ms": b,
+                     "gflops": flops / ((f + b) / 1000) / 1e9 if flops and f + b > 0 else 0.0})
+    total = sum(r["forward_ms"] + r["backward_ms"] for r in rows) or 1.0
+    for r in rows:
+        r["share"] = (r["forward_ms"] + r["backward_ms"]) / total
+    return sorted(rows, key=lambda r: -(r["forward_ms"] + r["backward_ms"]))
