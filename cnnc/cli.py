@@ -98,6 +98,28 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--tolerance", type=float, default=1e-4, help="relative difference that flags a layer")
     q.set_defaults(run=_cmd_parity)
 
+    v = sub.add_parser("viz", help="draw a network's graph: SVG, PNG, PDF, DOT or an interactive HTML page",
+                       description="Draw the graph with Graphviz: each block call a labelled cluster, edges with "
+                                   "tensor shapes, residual shortcuts and concatenations in their own colours. The "
+                                   "output's extension picks the format; .html writes one self-contained page "
+                                   "with collapsible blocks, node details and search.")
+    v.add_argument("file", help="the .cnn file")
+    v.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="OUT.svg, OUT.png, OUT.pdf, OUT.dot or OUT.html")
+    v.add_argument("--format", choices=("svg", "png", "pdf", "dot", "html"), help="format (default: from OUT)")
+    v.add_argument("--collapse", action="store_true", help="draw every block instance as a single node")
+    v.add_argument("--depth", type=int, metavar="N",
+                   help="draw N levels of block calls as clusters and deeper instances as single nodes")
+    v.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=0,
+                   help="draw the graph after this level's rewrites (2: fused nodes; default 0, as written)")
+    v.add_argument("--rankdir", type=str.upper, choices=("TB", "LR"), default="TB",
+                   help="layout direction: TB top to bottom (default), LR left to right")
+    v.add_argument("--no-shapes", action="store_true", help="leave tensor shapes off edges and nodes")
+    v.add_argument("--no-params", action="store_true", help="leave parameter counts off")
+    v.add_argument("--import-root", action="append", default=[], metavar="DIR",
+                   help="also allow imports from DIR")
+    v.set_defaults(run=_cmd_viz)
+
     e = sub.add_parser("eval", help="loss, accuracy and confusion matrix of a checkpoint")
     e.add_argument("file", help="the .cnn file")
     e.add_argument("--checkpoint", required=True, help="checkpoint.npz written by cnnc train")
@@ -248,6 +270,25 @@ def _cmd_parity(args) -> int:
     rows, first_bad = parity(args.file, names, args.batch, input_size=size, tolerance=args.tolerance)
     print(format_rows(rows, first_bad, names, args.tolerance))
     return 0 if first_bad is None else 1
+
+
+def _cmd_viz(args) -> int:
+    from cnnc.compiler import viz
+    from cnnc.dsl.errors import CnncError
+
+    if args.depth is not None and args.depth < 0:
+        raise CnncError(f"--depth takes a number of block levels, 0 or more, got {args.depth}")
+    fmt = viz.format_of(args.output, args.format)
+    opts = viz.VizOptions(rankdir=args.rankdir, shapes=not args.no_shapes, params=not args.no_params,
+                          depth=0 if args.collapse else args.depth)
+    g = viz.load_graph(args.file, args.opt_level, args.import_root)
+    notes: list[str] = []
+    viz.write(g, args.output, opts, fmt, notes)
+    print(f"wrote {args.output}: {g.number_of_nodes()} layers, {len(g.graph['blocks'])} block instances",
+          file=sys.stderr)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
 
 
 def _cmd_eval(args) -> int:
