@@ -96,7 +96,7 @@ def _fmt_time(s: float) -> str:
 
 
 def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch: int = 500,
-             loss_name: str = "cross_entropy") -> tuple[float, float, np.ndarray]:
+             loss_name: str = "cross_entropy", label_smoothing: float = 0.0) -> tuple[float, float, np.ndarray]:
     """Mean loss, accuracy and confusion matrix (rows: true class, columns: predicted)."""
     plan = _logits_plan(model.plan, loss_name)
     ex = Executor(plan, model.backend, model.params)
@@ -108,12 +108,16 @@ def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch: int = 500,
         xb, yb = x[i:i + batch], y[i:i + batch]
         out = ex.forward(model.backend.to_device(xb), Ctx(training=False), keep=False)
         target = _target(yb, classes, loss_name)
-        loss, _ = loss_fn(out, model.backend.to_device(target))
+        loss, _ = loss_fn(out, model.backend.to_device(target), **_loss_options(loss_name, label_smoothing))
         total += float(loss) * len(xb)
         pred = np.argmax(model.backend.to_host(out).reshape(len(xb), -1), axis=1)
         np.add.at(confusion, (yb, pred), 1)
     n = max(len(x), 1)
     return total / n, float(np.trace(confusion)) / n, confusion
+
+
+def _loss_options(loss_name: str, label_smoothing: float) -> dict:
+    return {"label_smoothing": label_smoothing} if loss_name == "cross_entropy" and label_smoothing else {}
 
 
 def _target(yb: np.ndarray, classes: int, loss_name: str) -> np.ndarray:
@@ -229,7 +233,8 @@ class Trainer:
                 continue
             ctx = Ctx(training=True, rng=self.dropout_rng)
             out = self.executor.forward(be.to_device(xb), ctx)
-            loss, dout = self.loss_fn(out, be.to_device(_target(yb, classes, cfg.loss)))
+            loss, dout = self.loss_fn(out, be.to_device(_target(yb, classes, cfg.loss)),
+                                      **_loss_options(cfg.loss, cfg.label_smoothing))
             loss = float(loss)
             if self.initial_loss is None:
                 self._check_initial(loss)
@@ -274,7 +279,8 @@ class Trainer:
     def _end_epoch(self, e: int) -> None:
         cfg, data, m = self.config, self.data, self.model
         train_loss, train_acc, seconds = self.epoch_stats
-        test_loss, test_acc, _ = evaluate(m, data.test_x, data.test_y, loss_name=cfg.loss)
+        test_loss, test_acc, _ = evaluate(m, data.test_x, data.test_y, loss_name=cfg.loss,
+                                          label_smoothing=cfg.label_smoothing)
         self.schedule.end_epoch(test_loss)
         record = {"epoch": e + 1, "train_loss": train_loss, "train_accuracy": train_acc,
                   "test_loss": test_loss, "test_accuracy": test_acc, "lr": self.schedule.lr(max(self.step - 1, 0)),
