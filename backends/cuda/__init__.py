@@ -1,0 +1,105 @@
+"""The CUDA backend: CuPy arrays on an NVIDIA GPU, convolutions in our own CUDA C kernels.
+
+Every kernel is a template in `kernels/` specialised per problem (shapes, attributes and tile
+configuration as #defines, so loops unroll). `cnnc compile --backend cuda` generates and
+compiles them for sm_90 with nvcc ahead of time, on a machine with or without a GPU, into the
+artifact (`kernels/kernels.cu`, `kernels/kernels.cubin`, `kernels/resources.json`); at run time
+kernels come from that cubin or, for plans built in the process, from NVRTC through CuPy.
+Convolutions never call cuDNN or cuBLAS; dense layers use cuBLAS through `cupy.matmul`.
+CuPy is imported only when the backend is instantiated (`pip install 'cnnc[cuda]'`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cnnc.backends.base import Backend, NodeInfo
+from cnnc.compiler.graph import inputs_of
+
+from . import conv, device, nvcc, ops
+from .source import translation_unit
+
+KERNELS = {**ops.KERNELS, **conv.KERNELS}
+
+
+def node_infos(g):
+    for n in sorted(g.nodes):
+        d = g.nodes[n]
+        if d["op"] == "input":
+            continue
+        srcs = inputs_of(g, n)
+        yield NodeInfo(n, d["name"], d["op"], d["attrs"], tuple(g.nodes[u]["shape"] for u in srcs), d["shape"],
+                       d.get("pads"))
+
+
+def specs_for_graph(g, training: bool = False) -> list:
+    """Every kernel specialisation a plan of this graph runs (its losses and optimizer updates
+    too when training), deduplicated."""
+    specs = []
+    for node in node_infos(g):
+        family = conv if node.op in conv.KERNELS else ops
+        specs += family.specs(node, training)
+    if training:
+        from . import optim
+        specs += ops.loss_specs() + optim.specs()
+    seen, out = set(), []
+    for s in specs:
+        if s.key not in seen:
+            seen.add(s.key)
+            out.append(s)
+    return out
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    fused_ops = frozenset({"fused_conv", "fused_dense", "elemwise_chain", "layout_transform"})
+    kernels = KERNELS
+
+    def __init__(self) -> None:
+        self.cp = device.cupy()  # a clear error without CuPy or a GPU
+
+    def to_device(self, host):
+        a = np.asarray(host)
+        if a.dtype.kind not in "iub":
+            a = a.astype(np.float32, copy=False)
+        return self.cp.asarray(np.ascontiguousarray(a))
+
+    def to_host(self, a) -> np.ndarray:
+        return self.cp.asnumpy(a)
+
+    def zeros(self, shape, dtype="float32"):
+        return self.cp.zeros(shape, dtype=dtype)
+
+    def loss(self, name: str):
+        from cnnc.dsl.errors import CnncError
+        try:
+            return ops.LOSSES[name]
+        except KeyError:
+            raise CnncError(f"backend `cuda` has no loss `{name}`", hint="known: " + ", ".join(ops.LOSSES)) from None
+
+    @staticmethod
+    def make_optimizer(config, params, lr_mult=None, decay_mult=None):
+        from . import optim
+        return optim.make_optimizer(config, params, lr_mult, decay_mult)
+
+    @classmethod
+    def build_artifact(cls, graph, out_dir, training: bool = False) -> list[dict]:
+        """Generate the plan's specialised kernels and compile them for sm_90 with nvcc."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        specs = specs_for_graph(graph, training)
+        source = translation_unit(specs)
+        (out / "kernels.cu").write_text(source, encoding="utf-8")
+        resources = [r.to_dict() for r in nvcc.compile_cubin(source, out / "kernels.cubin")]
+        (out / "resources.json").write_text(json.dumps({"arch": nvcc.ARCH, "keys": [s.key for s in specs],
+                                                        "kernels": resources}, indent=1), encoding="utf-8")
+        return resources
+
+    @classmethod
+    def load_artifact_kernels(cls, kernel_dir) -> None:
+        kernel_dir = Path(kernel_dir)
+        info = json.loads((kernel_dir / "resources.json").read_text(encoding="utf-8"))
+        device.use_cubin(info["keys"], kernel_dir / "kernels.cubin")

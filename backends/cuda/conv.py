@@ -1,0 +1,625 @@
+"""Convolution kernels of the CUDA backend: implicit-GEMM forward, data and weight gradients.
+
+Each conv node is specialised on its constants (channels, sizes, kernel, stride, padding,
+dilation, groups, and the fused epilogue) and on a tile configuration; the batch is a runtime
+argument, so one compiled kernel serves every batch size. The kernels (`kernels/`):
+
+    conv_fwd.cu         forward, implicit GEMM (M = filters, N = batch*P*Q pixels, reduction
+                        C/groups*R*S), with the bias / residual / activation epilogue that makes
+                        it `fused_conv` too; a plain-GEMM path for 1x1 stride-1 unpadded convs
+    conv_bwd_data.cu    dX, implicit GEMM over the stride phases (only the taps that land on the
+                        stride grid), plus `conv_wt`, the weight transpose it reads
+    conv_bwd_filter.cu  dW, implicit GEMM with split-K over batch*P*Q (partials, then
+                        conv_reduce.cu: deterministic, no atomics)
+    conv_bias.cu        the activation's gradient (fused) and dbias, one pass over dy
+    conv_dw.cu          depthwise (groups == C == K): direct forward, data and weight gradients
+    conv_reduce.cu      sums split partials in order
+
+`specs(node, training, config=None)` lists every KernelSpec a node needs (what `cnnc compile`
+builds ahead of time); `KERNELS` holds the forward/backward pairs of the kernel contract
+(backends/base.py). Tile configurations (`CONFIGS`) are ordered per problem by a small cost
+model (`configs_for`); with the tuner on (`tuner.MODE` != "off"), `tuner.choose` times the
+leading candidates on first use per problem and batch size and remembers the winner. The cost
+model assumes a batch of DEFAULT_BATCH when it cannot know the batch (ahead of time, and with
+the tuner off, so that the kernels run are the kernels compiled).
+
+Fused activations take their gradient from the saved output; a leaky_relu with a negative
+slope hides the input's sign in its output, so that case runs the kernel without activation,
+applies it with array operations and keeps a mask (as the NumPy backend does).
+
+Nothing here imports CuPy at module level: `device.cupy()` is called inside the kernels.
+Every output is allocated with `device.empty` (NaN-filled under `device.POISON`), and every
+element of every output is written by a kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from cnnc.backends.base import Kernel
+from cnnc.dsl.errors import CnncError
+
+from . import device, tuner
+from .source import KernelSpec
+
+SMS = 132  # streaming multiprocessors, H100 SXM and H200
+DEFAULT_BATCH = 32  # the batch the cost model assumes when it does not know the real one
+ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "sigmoid": 4, "tanh": 5}
+PASSES = ("fwd", "bwd_data", "bwd_filter")
+SMALL_THREADS = 256  # block size of the element-wise, bias, reduction and depthwise kernels
+MAX_SPLITS = 64
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---- tile configurations ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    """A GEMM tile: BLOCK_M x BLOCK_N outputs per block, BLOCK_K reduction steps per shared tile,
+    THREAD_M x THREAD_N outputs per thread; `splits` is the weight gradient's split-K (None: the
+    cost model's choice). The repr is stable: it keys the tuning cache."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    thread_m: int
+    thread_n: int
+    splits: int | None = None
+
+    @property
+    def threads(self) -> int:
+        return (self.block_m // self.thread_m) * (self.block_n // self.thread_n)
+
+    @property
+    def shared_bytes(self) -> int:
+        return 2 * self.block_k * (self.block_m + 4 + self.block_n + 4) * 4
+
+    def tile_defines(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                    THREAD_M=self.thread_m, THREAD_N=self.thread_n)
+
+
+def check_config(cfg: Config) -> None:
+    """The templates' static_asserts, checked early with a readable message."""
+    bm, bn, bk, tm, tn = cfg.block_m, cfg.block_n, cfg.block_k, cfg.thread_m, cfg.thread_n
+    t = (bm // tm) * (bn // tn) if tm and tn else 0
+    b_nt = min(bn, t) if t else 1
+    problems = [
+        (tm % 4 == 0 and tn % 4 == 0, "thread_m and thread_n must be multiples of 4"),
+        (tm > 0 and tn > 0 and bm % tm == 0 and bn % tn == 0, "block_m/block_n must be multiples of thread_m/thread_n"),
+        (bk > 0 and bk % 4 == 0, "block_k must be a multiple of 4"),
+        (t % 32 == 0 and 32 <= t <= 1024, f"{t} threads: need whole warps, at most 1024"),
+        (bn % b_nt == 0 and t % b_nt == 0 and bk % max(1, t // b_nt) == 0, "B tile mapping (block_n vs threads)"),
+        (t % bk == 0 if t else False, "threads must be a multiple of block_k (weight-gradient tile)"),
+        (cfg.shared_bytes <= 48 * 1024, f"{cfg.shared_bytes} bytes of static shared memory (48 KiB at most)"),
+        (cfg.splits is None or 1 <= cfg.splits <= 65535, "splits"),
+    ]
+    bad = [msg for ok, msg in problems if not ok]
+    if bad:
+        raise ValueError(f"{cfg!r}: " + "; ".join(bad))
+
+
+CONFIGS: tuple[Config, ...] = (
+    Config(128, 128, 8, 8, 8),   # 256 threads, 64 accumulators each: the big-GEMM workhorse
+    Config(128, 64, 8, 8, 8),    # 128 threads: many filters, fewer pixels (late layers)
+    Config(64, 128, 8, 8, 8),    # 128 threads: 64 filters (early layers)
+    Config(64, 64, 16, 8, 4),    # 128 threads: small GEMMs, more blocks
+    Config(32, 128, 8, 4, 8),    # 128 threads: 17-32 filters per group
+    Config(32, 64, 16, 4, 4),    # 128 threads: small and narrow
+    Config(16, 64, 16, 4, 4),    # 64 threads: <= 16 filters per group (GoogLeNet's 5x5 reduce)
+)
+for _c in CONFIGS:
+    check_config(_c)
+
+
+# ---- problems -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Problem:
+    """A conv node's constants (shapes without the batch)."""
+
+    c: int
+    h: int
+    w: int
+    k: int
+    r: int
+    s: int
+    p: int
+    q: int
+    stride_h: int = 1
+    stride_w: int = 1
+    pad_t: int = 0
+    pad_l: int = 0
+    dil_h: int = 1
+    dil_w: int = 1
+    groups: int = 1
+
+    @staticmethod
+    def from_node(node) -> "Problem":
+        a = node.attrs
+        c, h, w = node.in_shapes[0]
+        k, p, q = node.out_shape
+        top, _, left, _ = tuple(node.pads) if node.pads is not None else (0, 0, 0, 0)
+        return Problem(c, h, w, k, a.kernel[0], a.kernel[1], p, q, a.stride[0], a.stride[1], top, left,
+                       a.dilation[0], a.dilation[1], a.groups)
+
+    @property
+    def cg(self) -> int:
+        return self.c // self.groups
+
+    @property
+    def kg(self) -> int:
+        return self.k // self.groups
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.c == self.k
+
+    @property
+    def pointwise(self) -> bool:
+        return (self.r == self.s == 1 and self.stride_h == self.stride_w == 1 and self.pad_t == self.pad_l == 0
+                and self.p == self.h and self.q == self.w)
+
+    @property
+    def key(self) -> str:
+        return (f"c{self.c}h{self.h}w{self.w}k{self.k}r{self.r}s{self.s}p{self.p}q{self.q}"
+                f"st{self.stride_h}x{self.stride_w}pad{self.pad_t}x{self.pad_l}"
+                f"dil{self.dil_h}x{self.dil_w}g{self.groups}")
+
+    def defines(self) -> dict:
+        return dict(C=self.c, H=self.h, W=self.w, K=self.k, R=self.r, S=self.s, P=self.p, Q=self.q,
+                    STRIDE_H=self.stride_h, STRIDE_W=self.stride_w, PAD_T=self.pad_t, PAD_L=self.pad_l,
+                    DIL_H=self.dil_h, DIL_W=self.dil_w, GROUPS=self.groups)
+
+    def flops(self, batch: int) -> int:
+        """Multiply-adds x 2 of one pass (forward, data or weight gradient: the same count)."""
+        return 2 * batch * self.k * self.p * self.q * self.cg * self.r * self.s
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What the forward kernel adds after the GEMM. `act` is the activation the kernel applies."""
+
+    bias: bool = False
+    residual: bool = False
+    act: str = "none"
+    slope: float = 0.0
+
+    @property
+    def code(self) -> int:
+        return ACTIVATIONS[self.act]
+
+    def defines(self) -> dict:
+        return dict(HAS_BIAS=bool(self.bias), HAS_RESIDUAL=bool(self.residual), ACT=self.code,
+                    SLOPE=float(self.slope) if self.act == "leaky_relu" else 0.0)
+
+
+def _epilogue(node) -> tuple[Epilogue, float | None]:
+    """The kernel's epilogue, and the slope of a leaky_relu applied on the host (negative slopes)."""
+    a = node.attrs
+    if node.op == "conv":
+        return Epilogue(bias=a.bias), None
+    if node.op != "fused_conv":
+        raise CnncError(f"the CUDA conv kernels do not run `{node.op}`")
+    act, slope = a.activation, float(a.slope)
+    if act not in ACTIVATIONS:
+        raise CnncError(f"unknown activation `{act}`")
+    if act == "leaky_relu" and slope < 0:
+        return Epilogue(bias=a.bias, residual=a.residual), slope
+    return Epilogue(bias=a.bias, residual=a.residual, act=act, slope=slope), None
+
+
+# ---- the cost model -------------------------------------------------------------------------
+
+_FMA_PER_SM = 128 * 1.755e9  # fp32 FMA/s per SM at boost clock (66.9 TFLOP/s over 132 SMs ~ 128 FMA/clk)
+_BYTES_PER_S = 3.0e12
+_LAUNCH_S = 4e-6
+
+
+def _regs(cfg: Config) -> int:
+    return {64: 128, 32: 96, 16: 64}.get(cfg.thread_m * cfg.thread_n, 128)
+
+
+def _efficiency(cfg: Config) -> float:
+    """Share of FMA issue a register tile sustains (shared loads and index arithmetic per FMA)."""
+    return {64: 0.85, 32: 0.7, 16: 0.5}.get(cfg.thread_m * cfg.thread_n, 0.5)
+
+
+def _gemm_seconds(cfg: Config, m: int, n: int, red: int, blocks_z: int) -> float:
+    """Estimated time of an (m x n, reduction red) GEMM repeated blocks_z times, tiled by cfg."""
+    tiles = _cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n) * blocks_z
+    t = cfg.threads
+    per_sm = max(1, min(2048 // t, 65536 // (t * _regs(cfg)), (227 * 1024) // (cfg.shared_bytes + 1024), 32))
+    waves = _cdiv(tiles, SMS * per_sm)
+    resident = min(per_sm, _cdiv(tiles, SMS))  # blocks per SM in a full wave
+    occupancy = min(1.0, resident * t / 512)  # 16 warps per SM hide the latencies
+    block_fma = cfg.block_m * cfg.block_n * _cdiv(max(red, 1), cfg.block_k) * cfg.block_k
+    return waves * resident * block_fma / (_FMA_PER_SM * _efficiency(cfg) * occupancy)
+
+
+def _gemm_shape(prob: Problem, pass_: str, batch: int) -> tuple[int, int, int, int]:
+    """(M, N, reduction, independent GEMMs) of a pass."""
+    if pass_ == "fwd":
+        return prob.kg, batch * prob.p * prob.q, prob.cg * prob.r * prob.s, prob.groups
+    if pass_ == "bwd_data":
+        phases = prob.stride_h * prob.stride_w
+        cols = batch * _cdiv(prob.h, prob.stride_h) * _cdiv(prob.w, prob.stride_w)
+        taps = max(1, _cdiv(prob.r, prob.stride_h) * _cdiv(prob.s, prob.stride_w))
+        return prob.cg, cols, taps * _cdiv(prob.kg, 8) * 8, prob.groups * phases
+    if pass_ == "bwd_filter":
+        return prob.kg, prob.cg * prob.r * prob.s, batch * prob.p * prob.q, prob.groups
+    raise ValueError(f"unknown pass {pass_!r}; one of {PASSES}")
+
+
+def _filter_seconds(cfg: Config, prob: Problem, batch: int, splits: int) -> float:
+    m, n, red, z = _gemm_shape(prob, "bwd_filter", batch)
+    t = _gemm_seconds(cfg, m, n, _cdiv(red, splits), z * splits)
+    if splits > 1:  # partials written and read back, and the reduction's launch
+        t += (splits + 1) * prob.k * n * 4 / _BYTES_PER_S + _LAUNCH_S
+    return t
+
+
+def _best_splits(cfg: Config, prob: Problem, batch: int) -> int:
+    """Split-K of the weight gradient: the cheapest power of two up to MAX_SPLITS that leaves
+    each split at least 16 tiles of the reduction."""
+    m, n, red, z = _gemm_shape(prob, "bwd_filter", batch)
+    limit = max(1, min(MAX_SPLITS, _cdiv(red, cfg.block_k) // 16))
+    options = [s for s in (1, 2, 4, 8, 16, 32, 64) if s <= limit]
+    return min(options, key=lambda s: (_filter_seconds(cfg, prob, batch, s), s))
+
+
+def configs_for(prob: Problem, pass_: str = "fwd", batch: int | None = None) -> list[Config]:
+    """CONFIGS ordered by the cost model for one pass of `prob` (best first); weight-gradient
+    configurations carry their split-K. `batch` None assumes DEFAULT_BATCH."""
+    batch = batch or DEFAULT_BATCH
+    if pass_ == "bwd_filter":
+        cands = [replace(c, splits=_best_splits(c, prob, batch)) for c in CONFIGS]
+        cost = {c: _filter_seconds(c, prob, batch, c.splits) for c in cands}
+    else:
+        m, n, red, z = _gemm_shape(prob, pass_, batch)
+        cands = list(CONFIGS)
+        cost = {c: _gemm_seconds(c, m, n, red, z) for c in cands}
+    order = {c: i for i, c in enumerate(cands)}  # ties: the list's order
+    return sorted(cands, key=lambda c: (cost[c], order[c]))
+
+
+def _dw_splits(prob: Problem, batch: int = DEFAULT_BATCH) -> int:
+    """Split of the depthwise weight gradient's reduction (a macro: fixed ahead of time)."""
+    want = _cdiv(2 * SMS, prob.c)
+    enough = max(1, batch * prob.p * prob.q // (SMALL_THREADS * 8))
+    return max(1, min(MAX_SPLITS, want, enough))
+
+
+def _bias_splits(k: int, batch: int, pq: int) -> tuple[int, int]:
+    """(splits, images per split) of the bias gradient: about two blocks per SM, each with at
+    least ~4096 elements."""
+    splits = max(1, min(batch, _cdiv(2 * SMS, k), batch * pq // 4096))
+    per = _cdiv(batch, splits)
+    return _cdiv(batch, per), per
+
+
+# ---- specs ----------------------------------------------------------------------------------
+
+REDUCE_SPEC = KernelSpec.make("conv_reduce.cu", ("reduce_splits",))
+
+
+def _fwd_spec(prob: Problem, epi: Epilogue, cfg: Config) -> KernelSpec:
+    return KernelSpec.make("conv_fwd.cu", ("conv_fwd",), **prob.defines(), **cfg.tile_defines(), **epi.defines())
+
+
+def _bwd_data_spec(prob: Problem, cfg: Config) -> KernelSpec:
+    return KernelSpec.make("conv_bwd_data.cu", ("conv_wt", "conv_bwd_data"), **prob.defines(), **cfg.tile_defines())
+
+
+def _bwd_filter_spec(prob: Problem, cfg: Config) -> KernelSpec:
+    return KernelSpec.make("conv_bwd_filter.cu", ("conv_bwd_filter",), **prob.defines(), **cfg.tile_defines(),
+                           SPLITS=int(cfg.splits or 1))
+
+
+def _bias_spec(prob: Problem, act: str, slope: float, bias: bool) -> KernelSpec:
+    return KernelSpec.make("conv_bias.cu", ("conv_bias_grad",), K=prob.k, PQ=prob.p * prob.q,
+                           ACT=ACTIVATIONS[act], SLOPE=float(slope) if act == "leaky_relu" else 0.0,
+                           HAS_BIAS=bool(bias))
+
+
+def _dw_fwd_spec(prob: Problem, epi: Epilogue) -> KernelSpec:
+    return KernelSpec.make("conv_dw.cu", ("conv_dw_fwd",), DW_PASS=0, **prob.defines(), **epi.defines())
+
+
+def _dw_bwd_spec(prob: Problem, splits: int) -> KernelSpec:
+    return KernelSpec.make("conv_dw.cu", ("conv_dw_bwd_data", "conv_dw_bwd_filter"), DW_PASS=1,
+                           SPLITS=int(splits), **prob.defines())
+
+
+def _given(config, pass_: str, prob: Problem) -> Config | None:
+    """The configuration a caller fixed for a pass (a Config for every pass, or a dict by pass);
+    a weight-gradient split left None is the cost model's for DEFAULT_BATCH, as in `specs`."""
+    if config is None:
+        return None
+    cfg = config.get(pass_) if isinstance(config, dict) else config
+    if cfg is None:
+        return None
+    if not isinstance(cfg, Config):
+        cfg = Config(**cfg)
+    check_config(cfg)
+    if pass_ == "bwd_filter" and cfg.splits is None:
+        cfg = replace(cfg, splits=_best_splits(cfg, prob, DEFAULT_BATCH))
+    return cfg
+
+
+def _static_config(pass_: str, prob: Problem, config=None) -> Config:
+    return _given(config, pass_, prob) or configs_for(prob, pass_)[0]
+
+
+def _bias_act(epi: Epilogue, host_slope: float | None) -> str:
+    return "none" if host_slope is not None else epi.act
+
+
+def specs(node, training: bool, config=None) -> list[KernelSpec]:
+    """Every kernel spec `node` (conv or fused_conv) runs: forward, and when training the data
+    and weight gradients, the bias/activation gradient and the split reduction. With config
+    None, the cost model's first choice (what runs when the tuner is off)."""
+    prob = Problem.from_node(node)
+    epi, host_slope = _epilogue(node)
+    out: list[KernelSpec] = []
+    if prob.depthwise:
+        out.append(_dw_fwd_spec(prob, epi))
+        if training:
+            out.append(_dw_bwd_spec(prob, _dw_splits(prob)))
+    else:
+        out.append(_fwd_spec(prob, epi, _static_config("fwd", prob, config)))
+        if training:
+            out.append(_bwd_data_spec(prob, _static_config("bwd_data", prob, config)))
+            out.append(_bwd_filter_spec(prob, _static_config("bwd_filter", prob, config)))
+    if training:
+        act = _bias_act(epi, host_slope)
+        if act != "none" or epi.bias:
+            out.append(_bias_spec(prob, act, epi.slope, epi.bias))
+        out.append(REDUCE_SPEC)
+    return out
+
+
+# ---- launching ------------------------------------------------------------------------------
+
+def _ptr(a) -> int:
+    data = getattr(a, "data", None)
+    ptr = getattr(data, "ptr", None)
+    return int(ptr) if ptr is not None else int(a.ctypes.data)
+
+
+def _dev(a):
+    """A C-contiguous float32 device array with a 16-byte aligned start (the float4 paths)."""
+    cp = device.cupy()
+    a = cp.ascontiguousarray(a, dtype=cp.float32)
+    if _ptr(a) % 16:
+        a = a.copy()
+    return a
+
+
+def _block(threads: int) -> tuple[int, int, int]:
+    return (threads, 1, 1)
+
+
+def _i32(v: int):
+    if not 0 <= v < 2**31:
+        raise CnncError(f"conv kernel argument {v} does not fit a 32-bit int (batch too large)")
+    return np.int32(v)
+
+
+_chosen: dict[str, Config] = {}
+
+
+def _pick(pass_: str, prob: Problem, batch: int, config, time_fn) -> Config:
+    """The configuration of a pass: the caller's, else the tuner's (once per problem and batch),
+    else the cost model's first (tuner off: the one `specs` compiled ahead of time)."""
+    cfg = _given(config, pass_, prob)
+    if cfg is not None:
+        return cfg
+    mode = tuner.MODE
+    if mode == "off":
+        return configs_for(prob, pass_)[0]
+    key = f"conv_{pass_}|{prob.key}|n{batch}"
+    if f"{mode}|{key}" not in _chosen:
+        _chosen[f"{mode}|{key}"] = tuner.choose(key, configs_for(prob, pass_, batch), time_fn, mode)
+    return _chosen[f"{mode}|{key}"]
+
+
+def _reduce(partial, out, length: int, splits: int) -> None:
+    fn = device.function(REDUCE_SPEC, "reduce_splits")
+    fn((_cdiv(length, SMALL_THREADS), 1, 1), _block(SMALL_THREADS), (partial, out, _i32(length), _i32(splits)))
+
+
+def _launch_fwd(prob: Problem, epi: Epilogue, cfg: Config, x, w, bias, res, y, n: int) -> None:
+    fn = device.function(_fwd_spec(prob, epi, cfg), "conv_fwd")
+    grid = (_cdiv(n * prob.p * prob.q, cfg.block_n), _cdiv(prob.kg, cfg.block_m), prob.groups)
+    fn(grid, _block(cfg.threads), (x, w, bias, res, y, _i32(n)))
+
+
+def _launch_bwd_data(prob: Problem, cfg: Config, dz, w, dx, n: int) -> None:
+    spec = _bwd_data_spec(prob, cfg)
+    total = prob.k * prob.cg * prob.r * prob.s
+    wt = device.empty((total,))
+    device.function(spec, "conv_wt")((_cdiv(total, SMALL_THREADS), 1, 1), _block(SMALL_THREADS), (w, wt))
+    cols = n * _cdiv(prob.h, prob.stride_h) * _cdiv(prob.w, prob.stride_w)
+    grid = (_cdiv(cols, cfg.block_n), _cdiv(prob.cg, cfg.block_m), prob.groups * prob.stride_h * prob.stride_w)
+    device.function(spec, "conv_bwd_data")(grid, _block(cfg.threads), (dz, wt, dx, _i32(n)))
+
+
+def _launch_bwd_filter(prob: Problem, cfg: Config, x, dz, dw, n: int) -> None:
+    splits = int(cfg.splits or 1)
+    crs = prob.cg * prob.r * prob.s
+    per_split = _cdiv(_cdiv(n * prob.p * prob.q, cfg.block_k), splits) * cfg.block_k
+    out = dw if splits == 1 else device.empty((splits, prob.k * crs))
+    grid = (_cdiv(crs, cfg.block_n), _cdiv(prob.kg, cfg.block_m), prob.groups * splits)
+    fn = device.function(_bwd_filter_spec(prob, cfg), "conv_bwd_filter")
+    fn(grid, _block(cfg.threads), (x, dz, out, _i32(n), _i32(per_split)))
+    if splits > 1:
+        _reduce(out, dw, prob.k * crs, splits)
+
+
+def _forward(node, x, params, residual, config):
+    """y = act(conv(x) + bias + residual) with the kernel's epilogue; returns (y, x, host slope)."""
+    prob = Problem.from_node(node)
+    epi, host_slope = _epilogue(node)
+    x = _dev(x)
+    if tuple(x.shape[1:]) != (prob.c, prob.h, prob.w):
+        raise CnncError(f"conv `{node.name}`: input of shape {tuple(x.shape)}, expected N x {prob.c}x{prob.h}x{prob.w}")
+    w = _dev(params["weight"])
+    n = int(x.shape[0])
+    bias = _dev(params["bias"]) if epi.bias else w  # unused arguments: any array
+    res = _dev(residual) if epi.residual else w
+    y = device.empty((n, prob.k, prob.p, prob.q))
+    if n == 0:
+        return y, x, host_slope
+    if prob.depthwise:
+        fn = device.function(_dw_fwd_spec(prob, epi), "conv_dw_fwd")
+        fn((_cdiv(prob.p * prob.q, SMALL_THREADS), prob.c, n), _block(SMALL_THREADS), (x, w, bias, res, y, _i32(n)))
+        return y, x, host_slope
+
+    def timed(cfg):
+        scratch = device.empty(y.shape)
+        return tuner.time_launches(lambda: _launch_fwd(prob, epi, cfg, x, w, bias, res, scratch, n))
+
+    cfg = _pick("fwd", prob, n, config, timed)
+    _launch_fwd(prob, epi, cfg, x, w, bias, res, y, n)
+    return y, x, host_slope
+
+
+def _backward(node, x, dy, params, y, act: str, slope: float, config):
+    """(dx, dparams, dz): dz = act'(y)·dy (dy itself without activation), dbias = Σ dz,
+    dx and dW from dz."""
+    prob = Problem.from_node(node)
+    has_bias = bool(node.attrs.bias)
+    dy = _dev(dy)
+    x = _dev(x)
+    w = _dev(params["weight"])
+    n = int(dy.shape[0])
+    pq = prob.p * prob.q
+    dparams = {}
+
+    dz = dy
+    if act != "none" or has_bias:
+        dz = device.empty(dy.shape) if act != "none" else dy
+        db = device.empty((prob.k,)) if has_bias else None
+        splits, per = _bias_splits(prob.k, n, pq) if n else (1, 1)
+        partial = (db if splits == 1 else device.empty((splits, prob.k))) if has_bias else dy  # dy: unused
+        if n:
+            fn = device.function(_bias_spec(prob, act, slope, has_bias), "conv_bias_grad")
+            fn((prob.k, splits, 1), _block(SMALL_THREADS),
+               (dy, y if y is not None else dy, dz, partial, _i32(n), _i32(per)))
+            if has_bias and splits > 1:
+                _reduce(partial, db, prob.k, splits)
+        elif has_bias:
+            db.fill(0)
+        if has_bias:
+            dparams["bias"] = db
+
+    dx = device.empty((n, prob.c, prob.h, prob.w))
+    dw = device.empty(tuple(params["weight"].shape))
+    if n == 0:
+        dw.fill(0)
+        return dx, {"weight": dw, **dparams}, dz
+
+    if prob.depthwise:
+        splits = _dw_splits(prob)
+        spec = _dw_bwd_spec(prob, splits)
+        device.function(spec, "conv_dw_bwd_data")(
+            (_cdiv(prob.h * prob.w, SMALL_THREADS), prob.c, n), _block(SMALL_THREADS), (dz, w, dx, _i32(n)))
+        per_split = _cdiv(n * pq, splits)
+        out = dw if splits == 1 else device.empty((splits, prob.c * prob.r * prob.s))
+        device.function(spec, "conv_dw_bwd_filter")(
+            (prob.c, splits, 1), _block(SMALL_THREADS), (x, dz, out, _i32(n), _i32(per_split)))
+        if splits > 1:
+            _reduce(out, dw, prob.c * prob.r * prob.s, splits)
+        return dx, {"weight": dw, **dparams}, dz
+
+    def timed_data(cfg):
+        scratch = device.empty(dx.shape)
+        return tuner.time_launches(lambda: _launch_bwd_data(prob, cfg, dz, w, scratch, n))
+
+    def timed_filter(cfg):
+        scratch = device.empty(dw.shape)
+        return tuner.time_launches(lambda: _launch_bwd_filter(prob, cfg, x, dz, scratch, n))
+
+    _launch_bwd_data(prob, _pick("bwd_data", prob, n, config, timed_data), dz, w, dx, n)
+    _launch_bwd_filter(prob, _pick("bwd_filter", prob, n, config, timed_filter), x, dz, dw, n)
+    return dx, {"weight": dw, **dparams}, dz
+
+
+def launcher(node, pass_: str, arrays, config=None):
+    """(run, config): `run()` launches one pass of `node` (no bias, no epilogue) on preallocated
+    device arrays, for benchmarks and tests. Arrays by pass: fwd (x, w, y), bwd_data (dy, w, dx),
+    bwd_filter (x, dy, dw); the configuration is the caller's, the tuner's or the cost model's.
+    Depthwise problems have no tile configuration (config None)."""
+    prob = Problem.from_node(node)
+    a, b, out = arrays
+    n = int(a.shape[0])
+    epi = Epilogue()
+    if prob.depthwise:
+        raise CnncError("launcher: depthwise convolutions run conv_dw.cu's direct kernels, not a tiled GEMM")
+    if pass_ == "fwd":
+        def run_with(cfg):
+            return lambda: _launch_fwd(prob, epi, cfg, a, b, b, b, out, n)
+    elif pass_ == "bwd_data":
+        def run_with(cfg):
+            return lambda: _launch_bwd_data(prob, cfg, a, b, out, n)
+    elif pass_ == "bwd_filter":
+        def run_with(cfg):
+            return lambda: _launch_bwd_filter(prob, cfg, a, b, out, n)
+    else:
+        raise ValueError(f"unknown pass {pass_!r}; one of {PASSES}")
+
+    def timed(cfg):
+        return tuner.time_launches(run_with(cfg))
+
+    cfg = _pick(pass_, prob, n, config, timed)
+    return run_with(cfg), cfg
+
+
+# ---- the kernel contract --------------------------------------------------------------------
+
+def conv_forward(node, xs, params, ctx, config=None):
+    y, x, _ = _forward(node, xs[0], params, None, config)
+    return y, (x,)
+
+
+def conv_backward(node, saved, dy, params, ctx, config=None):
+    (x,) = saved
+    dx, dparams, _ = _backward(node, x, dy, params, None, "none", 0.0, config)
+    return [dx], dparams
+
+
+def fused_conv_forward(node, xs, params, ctx, config=None):
+    a = node.attrs
+    residual = xs[1] if a.residual else None
+    y, x, host_slope = _forward(node, xs[0], params, residual, config)
+    if host_slope is not None:  # leaky_relu with a negative slope: keep the input's sign
+        cp = device.cupy()
+        mask = y > 0
+        y = cp.where(mask, y, y * cp.float32(host_slope))
+        return y, (x, None, mask)
+    return y, (x, y if a.activation != "none" else None, None)
+
+
+def fused_conv_backward(node, saved, dy, params, ctx, config=None):
+    a = node.attrs
+    x, y, mask = saved
+    if mask is not None:
+        cp = device.cupy()
+        dy = _dev(dy) * cp.where(mask, cp.float32(1), cp.float32(a.slope))
+        act, slope = "none", 0.0
+    else:
+        act, slope = a.activation, float(a.slope)
+    dx, dparams, dz = _backward(node, x, dy, params, y, act, slope, config)
+    return ([dx, dz] if a.residual else [dx]), dparams
+
+
+KERNELS = {
+    "conv": Kernel(conv_forward, conv_backward),
+    "fused_conv": Kernel(fused_conv_forward, fused_conv_backward),
+}

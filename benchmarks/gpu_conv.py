@@ -1,0 +1,248 @@
+"""Our CUDA convolution kernels against cuDNN (through PyTorch) on 13 ResNet-50 and VGG-16 layers.
+
+For each layer and pass (forward, data gradient, weight gradient): the median time over timed
+launches after warm-up (CUDA events around each launch), TFLOP/s, the share of the H100's
+66.9 TFLOP/s float32 peak, cuDNN's time in float32 (TF32 off, cudnn.benchmark on), the ratio
+ours / cuDNN, and cuDNN with TF32 on for reference (tensor cores: not a like-for-like
+comparison). Geometric means of the ratio per pass. Our passes include what they launch: the
+data gradient its weight transpose, the weight gradient its split-K reduction; no bias.
+Each result is also checked against cuDNN's float32 output (relative error norm).
+
+    python benchmarks/gpu_conv.py                   # all 13 layers, tuner "fast"
+    python benchmarks/gpu_conv.py --autotune off    # the cost model's first configuration
+    python benchmarks/gpu_conv.py --layers r50_l1_3x3,vgg16_conv5 --json results/gpu_conv.json
+
+Needs an NVIDIA GPU, CuPy and PyTorch with CUDA; says so and exits with status 2 otherwise.
+Not a test: timings vary. Prints the table last; `--json PATH` (or `-` for stdout) writes the
+records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+PEAK_TFLOPS = 66.9  # H100 SXM float32 (non-tensor) peak
+
+# from the project's shared reference/conv_layers.json: ResNet-50 and VGG-16 layers
+LAYERS = [
+    dict(name="r50_conv1", N=64, C=3, H=224, W=224, K=64, R=7, S=7, stride=2, pad=3, gflop=15.11),
+    dict(name="r50_l1_3x3", N=64, C=64, H=56, W=56, K=64, R=3, S=3, stride=1, pad=1, gflop=14.8),
+    dict(name="r50_l1_1x1_up", N=64, C=64, H=56, W=56, K=256, R=1, S=1, stride=1, pad=0, gflop=6.58),
+    dict(name="r50_l1_1x1_down", N=64, C=256, H=56, W=56, K=64, R=1, S=1, stride=1, pad=0, gflop=6.58),
+    dict(name="r50_l2_3x3_s2", N=64, C=128, H=56, W=56, K=128, R=3, S=3, stride=2, pad=1, gflop=14.8),
+    dict(name="r50_l2_3x3", N=64, C=128, H=28, W=28, K=128, R=3, S=3, stride=1, pad=1, gflop=14.8),
+    dict(name="r50_l3_3x3", N=64, C=256, H=14, W=14, K=256, R=3, S=3, stride=1, pad=1, gflop=14.8),
+    dict(name="r50_l4_3x3", N=64, C=512, H=7, W=7, K=512, R=3, S=3, stride=1, pad=1, gflop=14.8),
+    dict(name="r50_down_1x1_s2", N=64, C=1024, H=14, W=14, K=2048, R=1, S=1, stride=2, pad=0, gflop=13.15),
+    dict(name="r50_l4_1x1", N=64, C=2048, H=7, W=7, K=512, R=1, S=1, stride=1, pad=0, gflop=6.58),
+    dict(name="vgg16_conv1_2", N=32, C=64, H=224, W=224, K=64, R=3, S=3, stride=1, pad=1, gflop=118.38),
+    dict(name="vgg16_conv3", N=32, C=256, H=56, W=56, K=256, R=3, S=3, stride=1, pad=1, gflop=118.38),
+    dict(name="vgg16_conv5", N=32, C=512, H=14, W=14, K=512, R=3, S=3, stride=1, pad=1, gflop=29.6),
+]
+PASSES = ("fwd", "bwd_data", "bwd_filter")
+
+
+def no_gpu(reason: str) -> None:
+    print(f"gpu_conv: needs an NVIDIA GPU with CuPy and PyTorch (CUDA): {reason}", file=sys.stderr)
+    sys.exit(2)
+
+
+def out_size(n: int, k: int, stride: int, pad: int) -> int:
+    return (n + 2 * pad - k) // stride + 1  # PyTorch's floor
+
+
+def node_for(layer: dict):
+    """The layer as a conv NodeInfo, as the compiler builds it (floor rounding, as PyTorch)."""
+    from cnnc.backends.base import NodeInfo
+    from cnnc.compiler.ops import OPS, resolve_pads
+
+    attrs = OPS["conv"].attrs(filters=layer["K"], kernel=(layer["R"], layer["S"]), stride=layer["stride"],
+                              pad=layer["pad"], bias=False, round="floor")
+    shape = (layer["C"], layer["H"], layer["W"])
+    out = tuple(OPS["conv"].shape(attrs, [shape]))
+    pads = resolve_pads(attrs.pad, layer["H"], layer["W"], attrs.kernel, attrs.stride)
+    return NodeInfo(0, layer["name"], "conv", attrs, (shape,), out, pads)
+
+
+def median_ms(fn, timer, warmup: int, repeats: int) -> float:
+    """Median milliseconds of fn() over `repeats` launches, each between two CUDA events;
+    timer = (make_event, elapsed_ms(start, end))."""
+    make, elapsed = timer
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = make(), make()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(elapsed(start, end))
+    return statistics.median(times)
+
+
+def rel_err(a, b) -> float:
+    import torch
+    a, b = a.double(), b.double()
+    return float(torch.linalg.vector_norm(a - b) / max(float(torch.linalg.vector_norm(b)), 1e-30))
+
+
+def bench_layer(layer: dict, args, cp, torch) -> list[dict]:
+    from cnnc.backends.cuda import conv
+
+    node = node_for(layer)
+    n, c, h, w, k, r, s = (layer[x] for x in ("N", "C", "H", "W", "K", "R", "S"))
+    stride, pad = layer["stride"], layer["pad"]
+    p, q = out_size(h, r, stride, pad), out_size(w, s, stride, pad)
+    assert node.out_shape == (k, p, q), (node.out_shape, (k, p, q))
+    flop = 2.0 * n * k * p * q * c * r * s
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x_t = torch.randn(n, c, h, w, device="cuda", generator=g)
+    w_t = torch.randn(k, c, r, s, device="cuda", generator=g) / math.sqrt(c * r * s)
+    dy_t = torch.randn(n, k, p, q, device="cuda", generator=g)
+    y_t = torch.empty(n, k, p, q, device="cuda")
+    dx_t = torch.empty(n, c, h, w, device="cuda")
+    dw_t = torch.empty(k, c, r, s, device="cuda")
+    # CuPy views of the same memory (both libraries on the legacy default stream)
+    x, wgt, dy, y, dx, dw = (cp.asarray(t) for t in (x_t, w_t, dy_t, y_t, dx_t, dw_t))
+
+    def cudnn(pass_):
+        if pass_ == "fwd":
+            return lambda: torch.nn.functional.conv2d(x_t, w_t, stride=stride, padding=pad)
+        mask = (True, False, False) if pass_ == "bwd_data" else (False, True, False)
+        idx = 0 if pass_ == "bwd_data" else 1
+        return lambda: torch.ops.aten.convolution_backward(
+            dy_t, x_t, w_t, None, (stride, stride), (pad, pad), (1, 1), False, (0, 0), 1, mask)[idx]
+
+    cupy_timer = (cp.cuda.Event, cp.cuda.get_elapsed_time)
+    torch_timer = (lambda: torch.cuda.Event(enable_timing=True), lambda a, b: a.elapsed_time(b))
+    ours_arrays = {"fwd": (x, wgt, y), "bwd_data": (dy, wgt, dx), "bwd_filter": (x, dy, dw)}
+    ours_out = {"fwd": y_t, "bwd_data": dx_t, "bwd_filter": dw_t}
+    records = []
+    for pass_ in PASSES:
+        t0 = time.perf_counter()
+        run, cfg = conv.launcher(node, pass_, ours_arrays[pass_])
+        tune_s = time.perf_counter() - t0
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        ref = cudnn(pass_)()
+        run()
+        torch.cuda.synchronize()
+        err = rel_err(ours_out[pass_], ref)
+        ours_ms = median_ms(run, cupy_timer, args.warmup, args.repeats)
+        cudnn_ms = median_ms(cudnn(pass_), torch_timer, args.warmup, args.repeats)
+        tf32_ms = None
+        if not args.no_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            tf32_ms = median_ms(cudnn(pass_), torch_timer, args.warmup, args.repeats)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        rec = dict(layer=layer["name"], **{'pass': pass_}, gflop=flop / 1e9, ours_ms=ours_ms,
+                   ours_tflops=flop / ours_ms / 1e9, ours_peak_pct=100 * flop / ours_ms / 1e9 / PEAK_TFLOPS,
+                   cudnn_ms=cudnn_ms, cudnn_tflops=flop / cudnn_ms / 1e9, ratio=ours_ms / cudnn_ms,
+                   cudnn_tf32_ms=tf32_ms, rel_err=err, config=repr(cfg), tune_s=tune_s)
+        records.append(rec)
+        print(f"  {layer['name']:16s} {pass_:10s} ours {ours_ms:8.3f} ms  cuDNN {cudnn_ms:8.3f} ms  "
+              f"ratio {rec['ratio']:5.2f}  err {err:.1e}  {cfg}", file=sys.stderr, flush=True)
+    return records
+
+
+def geomean(values) -> float:
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def table(records: list[dict], tf32: bool) -> str:
+    head = (f"{'layer':16s} {'pass':10s} {'GFLOP':>7s} {'ours ms':>9s} {'TFLOP/s':>8s} {'%peak':>6s} "
+            f"{'cuDNN ms':>9s} {'TFLOP/s':>8s} {'ours/cuDNN':>10s}" + (f" {'TF32 ms':>8s}" if tf32 else "")
+            + f" {'rel err':>8s}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        lines.append(f"{r['layer']:16s} {r['pass']:10s} {r['gflop']:7.2f} {r['ours_ms']:9.3f} "
+                     f"{r['ours_tflops']:8.2f} {r['ours_peak_pct']:6.1f} {r['cudnn_ms']:9.3f} "
+                     f"{r['cudnn_tflops']:8.2f} {r['ratio']:10.2f}"
+                     + (f" {r['cudnn_tf32_ms']:8.3f}" if tf32 else "") + f" {r['rel_err']:8.1e}")
+    lines.append("-" * len(head))
+    for pass_ in PASSES:
+        rs = [r for r in records if r["pass"] == pass_]
+        if rs:
+            lines.append(f"geometric mean ours/cuDNN {pass_:10s} {geomean(r['ratio'] for r in rs):6.2f}   "
+                         f"(ours {geomean(r['ours_tflops'] for r in rs):6.2f} TFLOP/s, "
+                         f"cuDNN {geomean(r['cudnn_tflops'] for r in rs):6.2f} TFLOP/s)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", help="comma-separated layer names (default: all 13)")
+    ap.add_argument("--autotune", choices=("off", "fast", "full"), default="fast",
+                    help="how our configuration is chosen (default fast: the cost model's first three, timed)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--no-tf32", action="store_true", help="skip the cuDNN TF32 column")
+    ap.add_argument("--json", metavar="PATH", help="write the records as JSON (`-`: stdout)")
+    args = ap.parse_args(argv)
+
+    try:
+        import torch
+    except ImportError:
+        no_gpu("PyTorch is not installed")
+    if not torch.cuda.is_available():
+        no_gpu("torch.cuda.is_available() is false")
+    from cnnc.backends.cuda import device, tuner
+    if not device.gpu_available():
+        no_gpu("CuPy is missing or sees no GPU")
+    cp = device.cupy()
+    tuner.MODE = args.autotune
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    layers = LAYERS
+    if args.layers:
+        wanted = args.layers.split(",")
+        unknown = set(wanted) - {lay["name"] for lay in LAYERS}
+        if unknown:
+            ap.error(f"unknown layers: {', '.join(sorted(unknown))}")
+        layers = [lay for lay in LAYERS if lay["name"] in wanted]
+
+    name = torch.cuda.get_device_name()
+    print(f"gpu_conv: {name}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
+          f"CuPy {cp.__version__}, autotune {args.autotune}", file=sys.stderr)
+    records = []
+    for layer in layers:
+        records += bench_layer(layer, args, cp, torch)
+        torch.cuda.empty_cache()
+        cp.get_default_memory_pool().free_all_blocks()
+
+    result = dict(device=name, torch=torch.__version__, cudnn=torch.backends.cudnn.version(),
+                  autotune=args.autotune, peak_tflops=PEAK_TFLOPS, records=records,
+                  geomean_ratio={p: geomean(r["ratio"] for r in records if r["pass"] == p) for p in PASSES})
+    if args.json:
+        text = json.dumps(result, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(text)
+    print(f"\n{name}: float32, cuDNN with TF32 off (cudnn.benchmark on); TF32 ms for reference\n"
+          + table(records, not args.no_tf32))
+    bad = [r for r in records if not r["rel_err"] <= 1e-4]
+    if bad:
+        print("\nWRONG RESULTS (relative error > 1e-4): "
+              + ", ".join(f"{r['layer']}/{r['pass']} {r['rel_err']:.1e}" for r in bad), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
