@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
         description="A compiler for convolutional neural networks written in the .cnn language.",
         epilog="Run `cnnc COMMAND --help` for a command's options. Language reference: docs/language.md.")
     p.add_argument("--version", action="version", version=f"cnnc {__version__}")
+    p.add_argument("--autotune", choices=("off", "fast", "full"),
+                   help="CUDA kernel tile tuning on first use: off (heuristic), fast (3 candidates, default), "
+                        "full (all); choices are cached on disk")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     c = sub.add_parser("check", help="check a .cnn file: shapes, parameters, MACs, memory, receptive fields",
@@ -324,6 +327,9 @@ def _cmd_check(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.autotune:
+        import os
+        os.environ["CNNC_AUTOTUNE"] = args.autotune  # read by backends/cuda/tuner.py when it loads
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
