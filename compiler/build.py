@@ -70,7 +70,7 @@ class GraphBuilder:
         g.graph["blocks"] = {}
         consts: dict[str, Any] = {}
         if p.classes:
-            classes = self.eval(p.classes[0], Frame({}, {}, {}))
+            classes = self.value_of(p.classes[0], Frame({}, {}, {}))
             if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
                 raise CnncError(f"`classes` must be a positive integer, got {classes!r}", p.classes[1])
             consts["classes"] = classes
@@ -114,7 +114,7 @@ class GraphBuilder:
                                                                    if f not in ("dims", "name")])
                                              or self.usage(op)))
                     continue
-                out.setdefault(op.name, []).append((a.name, self.eval(a.value, frame), a.span))
+                out.setdefault(op.name, []).append((a.name, self.value_of(a.value, frame), a.span))
         return out
 
     # ---- statements
@@ -243,7 +243,7 @@ class GraphBuilder:
             raise CnncError(f"`{op.name}` takes {len(op.positional)} positional argument(s) ({takes}), "
                             f"got {len(positional)}", extra.span, self.usage(op))
         for field_name, a in zip(op.positional, positional):
-            given[field_name] = (self.eval(a.value, frame), a.span)
+            given[field_name] = (self.value_of(a.value, frame), a.span)
             explicit.add(field_name)
         for a in el.args:
             if a.name is None:
@@ -254,7 +254,7 @@ class GraphBuilder:
             if a.name in explicit:
                 raise CnncError(f"`{a.name}` given twice", a.span)
             explicit.add(a.name)
-            given[a.name] = (self.eval(a.value, frame), a.span)
+            given[a.name] = (self.value_of(a.value, frame), a.span)
         missing = [f for f, info in fields.items() if info.is_required() and f not in given]
         if missing:
             raise CnncError(f"`{op.name}` needs `{missing[0]}`", el.span, self.usage(op))
@@ -334,7 +334,7 @@ class GraphBuilder:
             raise CnncError(f"block `{block.name}` takes {len(params)} argument(s), got {len(positional)}",
                             positional[len(params)].span).with_note(block.span, "defined here")
         for p, a in zip(params, positional):
-            values[p] = self.eval(a.value, frame)
+            values[p] = self.value_of(a.value, frame)
         for a in args:
             if a.name is None:
                 continue
@@ -343,14 +343,14 @@ class GraphBuilder:
                                 did_you_mean(a.name, params)).with_note(block.span, "defined here")
             if a.name in values:
                 raise CnncError(f"argument `{a.name}` given twice", a.span)
-            values[a.name] = self.eval(a.value, frame)
+            values[a.name] = self.value_of(a.value, frame)
         for p in block.params:
             if p.name in values:
                 continue
             if p.default is None:
                 raise CnncError(f"block `{block.name}` called without argument `{p.name}`", el.span).with_note(
                     p.span, "parameter declared here")
-            values[p.name] = self.eval(p.default, Frame({**self.consts, **values}, {}, {}))
+            values[p.name] = self.value_of(p.default, Frame({**self.consts, **values}, {}, {}))
         return {p: values[p] for p in params}  # in declaration order
 
     # ---- expressions
@@ -363,14 +363,14 @@ class GraphBuilder:
         return n
 
     def eval_int(self, expr: ast.Expr, frame: Frame, what: str) -> int:
-        v = self.eval(expr, frame)
+        v = self.value_of(expr, frame)
         if isinstance(v, Symbol):
             raise CnncError(f"`{v}` is not defined", expr.span, did_you_mean(v, frame.values))
         if not isinstance(v, int) or isinstance(v, bool):
             raise CnncError(f"{what} must be an integer, got {_show(v)}", expr.span)
         return v
 
-    def eval(self, e: ast.Expr, frame: Frame) -> Any:
+    def value_of(self, e: ast.Expr, frame: Frame) -> Any:
         if isinstance(e, ast.Num):
             return e.value
         if isinstance(e, ast.Str):
@@ -382,7 +382,7 @@ class GraphBuilder:
         if isinstance(e, ast.Dims):
             return DimsValue(e.values)
         if isinstance(e, ast.TupleExpr):
-            return tuple(self.eval(i, frame) for i in e.items)
+            return tuple(self.value_of(i, frame) for i in e.items)
         if isinstance(e, ast.Neg):
             v = self.number(e.operand, frame)
             return -v
@@ -403,7 +403,7 @@ class GraphBuilder:
         return int(q) if isinstance(a, int) and isinstance(b, int) and a % b == 0 else q
 
     def number(self, e: ast.Expr, frame: Frame) -> int | float:
-        v = self.eval(e, frame)
+        v = self.value_of(e, frame)
         if isinstance(v, Symbol):
             raise CnncError(f"`{v}` is not defined", e.span, did_you_mean(v, frame.values))
         if isinstance(v, bool) or not isinstance(v, (int, float)):

@@ -89,7 +89,8 @@ class Optimizer:
             self._update(name, p, g, eta, wd)
 
     def _update(self, name: str, p: np.ndarray, g: np.ndarray, lr: float, wd: float) -> None:
-        raise NotImplementedError
+        """One optimizer's rule: each subclass defines it."""
+        raise TypeError(f"{type(self).__name__} defines no update rule")
 
     def _buf(self, kind: str, name: str, fill: float = 0.0) -> np.ndarray:
         """The state array `kind` of parameter `name`, created (filled with `fill`) on first use, as torch does."""

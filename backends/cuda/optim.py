@@ -130,7 +130,7 @@ class CudaOptimizer:
             self._launch("ftrl_step", p.size, p, g, acc, lin, n, l2, _f(eta), _f(-r.lr_power), _f(r.l1),
                          _f(2 * r.l2))
         else:
-            raise NotImplementedError(f"no CUDA kernel for the optimizer `{r.name}`")
+            raise ValueError(f"no CUDA kernel for the optimizer `{r.name}`")
 
     # ---- state -------------------------------------------------------------------------------
 
