@@ -85,6 +85,13 @@ class CudaBackend(Backend):
         from . import optim
         return optim.make_optimizer(config, params, lr_mult, decay_mult)
 
+    def compile(self, g):
+        """Bind the plan, then compile every kernel it may launch (training ones too) ahead of
+        the first step: nvcc in parallel when it is installed, else NVRTC on first launch."""
+        plan = super().compile(g)
+        device.prebuild(specs_for_graph(g, training=True))
+        return plan
+
     @classmethod
     def build_artifact(cls, graph, out_dir, training: bool = False) -> list[dict]:
         """Generate the plan's specialised kernels and compile them for sm_90 with nvcc."""

@@ -52,6 +52,18 @@ def use_cubin(keys, path: Path) -> None:
         _cubins[key] = Path(path)
 
 
+def prebuild(specs) -> bool:
+    """Compile these specs ahead of use with nvcc, in parallel and cached on disk, when nvcc is
+    installed; otherwise each is compiled by NVRTC on first launch. Returns whether nvcc ran."""
+    from . import nvcc
+    missing = [s for s in specs if s.key not in _cubins and s.key not in _modules]
+    if not missing or nvcc.find_nvcc() is None:
+        return False
+    for keys, path in nvcc.build_cubins(missing):
+        use_cubin(keys, path)
+    return True
+
+
 def function(spec: KernelSpec, entry: str):
     cp = cupy()
     module = _modules.get(spec.key)

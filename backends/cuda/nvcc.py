@@ -82,3 +82,42 @@ def parse_ptxas(text: str) -> list[Resources]:
             out[-1].registers = int(m.group(1))
             out[-1].shared_bytes = int(m.group(2) or 0)
     return out
+
+
+def cache_dir() -> Path:
+    """Where compiled cubins are kept between runs ($CNNC_CACHE_DIR, else ~/.cache/cnnc)."""
+    root = os.environ.get("CNNC_CACHE_DIR") or Path.home() / ".cache" / "cnnc"
+    return Path(root) / "cubin"
+
+
+def build_cubins(specs, chunks: int | None = None) -> list[tuple[list[str], Path]]:
+    """Compile many kernel specs for sm_90 in parallel nvcc processes, one cubin per chunk of
+    specs, each cached on disk under the hash of its source and flags; returns (spec keys, cubin
+    path) per chunk. A plan's few hundred specialisations take minutes one at a time through
+    NVRTC; split over the cores they take seconds, and a second run finds them cached."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .source import translation_unit
+
+    unique = sorted({s.key: s for s in specs}.values(), key=lambda s: s.key)
+    if not unique:
+        return []
+    n = max(1, min(chunks or os.cpu_count() or 1, len(unique)))
+    groups = [unique[i::n] for i in range(n)]
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def build(group) -> Path:
+        source = translation_unit(group)
+        digest = hashlib.sha256("\n".join([*FLAGS, source]).encode()).hexdigest()[:32]
+        path = folder / f"{digest}.cubin"
+        if not path.exists():
+            tmp = folder / f"{digest}.{os.getpid()}.tmp.cubin"
+            compile_cubin(source, tmp)
+            os.replace(tmp, path)  # atomic: a concurrent run never loads half a file
+        return path
+
+    with ThreadPoolExecutor(len(groups)) as pool:
+        paths = list(pool.map(build, groups))
+    return [([s.key for s in g], p) for g, p in zip(groups, paths)]

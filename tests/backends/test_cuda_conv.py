@@ -560,12 +560,9 @@ BIG_SPLITS = (1, 5)
 
 
 @pytest.fixture(scope="session")
-def gpu_kernels(tmp_path_factory):
-    """Every kernel the GPU tests run, compiled ahead of time with nvcc in parallel chunks and
-    registered with device.use_cubin (NVRTC, one spec at a time, would take minutes); without
-    nvcc, NVRTC compiles on demand."""
-    if nvcc.find_nvcc() is None:
-        return
+def gpu_kernels():
+    """Every kernel the GPU tests run, compiled ahead of time with nvcc in parallel chunks
+    (NVRTC, one spec at a time, would take minutes); without nvcc, NVRTC compiles on demand."""
     specs = []
     for _, op, kw, shape, _, config in EMU_CASES:
         specs += conv.specs(make_node(op, kw, shape), True, config=config)
@@ -575,19 +572,7 @@ def gpu_kernels(tmp_path_factory):
         for cfg in conv.CONFIGS:
             for splits in BIG_SPLITS:
                 specs += conv.specs(make_node(op, kw, shape), True, config=replace(cfg, splits=splits))
-    unique = list({s.key: s for s in specs}.values())
-    jobs = max(1, min(os.cpu_count() or 1, 16))
-    chunks = [unique[i::jobs] for i in range(jobs) if unique[i::jobs]]
-    out = tmp_path_factory.mktemp("cubins")
-
-    def build(i):
-        path = out / f"conv_{i}.cubin"
-        nvcc.compile_cubin(source.translation_unit(chunks[i]), path)
-        return path
-
-    with ThreadPoolExecutor(len(chunks)) as pool:
-        for chunk, path in zip(chunks, pool.map(build, range(len(chunks)))):
-            device.use_cubin([s.key for s in chunk], path)
+    device.prebuild(specs)
 
 
 @pytest.fixture
