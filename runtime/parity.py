@@ -1,18 +1,32 @@
 """`cnnc parity`: run one network on two backends with the same weights and inputs, layer by layer.
 
 For every layer: the largest relative difference of its output (forward, training mode so that
-BatchNorm uses batch statistics and both backends see the same dropout-free path), and for every
+BatchNorm uses batch statistics; dropout layers are taken out first, since each backend draws its
+own random masks), and for every
 parameter the relative difference of its gradient. The layer flagged is where to look: the first
 with a wrong output, or when every output agrees, the last with a wrong gradient.
+
+Float32 results depend on summation order, and some networks amplify that: BatchNorm over a few
+values per channel (ResNet-50's last stage at a small input and batch) turns a last-bit change of
+each conv output into gradients tens of percent apart. So the NumPy reference also runs with every
+kernel's outputs and gradients moved by one float32 ulp at random (what another summation order
+does), four times; the largest change is each layer's floor. A layer is flagged only when the backends
+differ by more than the tolerance and by more than `FLOOR_FACTOR` times its floor: a wrong kernel
+lands far above it where the network is well conditioned, reordered sums do not.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from cnnc.backends.base import Ctx
-from cnnc.compiler.pipeline import check
+from dataclasses import replace
 
+from cnnc.backends.base import Ctx, Kernel
+from cnnc.compiler.optimize import remove_dropout
+from cnnc.compiler.pipeline import PassContext, check, run_pipeline
+from cnnc.dsl import load
+
+from .executor import Executor
 from .model import Model
 
 
@@ -20,52 +34,98 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)) if a.size else 0.0
 
 
+FLOOR_FACTOR = 10.0
+FLOOR_RUNS = 4
+
+
+def _ulp_jitter(a, rng):
+    if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
+        return a
+    return (a + np.where(rng.random(a.shape) < 0.5, -1, 1).astype(a.dtype) * np.spacing(a)).astype(a.dtype)
+
+
+def _jittered(kernel: Kernel, rng) -> Kernel:
+    def forward(node, xs, params, ctx):
+        y, saved = kernel.forward(node, xs, params, ctx)
+        return _ulp_jitter(y, rng), saved
+
+    def backward(node, saved, dy, params, ctx):
+        dxs, dps = kernel.backward(node, saved, dy, params, ctx)
+        return [_ulp_jitter(d, rng) for d in dxs], {k: _ulp_jitter(v, rng) for k, v in dps.items()}
+
+    return Kernel(forward, backward)
+
+
+def _with_rounding_noise(model: Model, seed: int) -> Model:
+    """The same NumPy model with each kernel's results moved by ±1 ulp at random."""
+    rng = np.random.default_rng(seed)
+    model.plan.steps = [replace(s, kernel=_jittered(s.kernel, rng)) for s in model.plan.steps]
+    model.executor = Executor(model.plan, model.backend, model.params)
+    return model
+
+
+def _run(m, x, seed):
+    """Training-mode forward with a trace of every layer, then backward from a fixed random
+    output gradient; host copies of the trace and of every parameter gradient."""
+    trace: dict = {}
+    out = m.executor.forward(m.backend.to_device(x), Ctx(training=True, rng=np.random.default_rng(seed)), trace=trace)
+    r = np.random.default_rng(seed + 1).normal(size=m.backend.to_host(out).shape).astype(np.float32)
+    grads = {k: m.backend.to_host(v) for k, v in m.executor.backward(m.backend.to_device(r)).items()}
+    return {k: m.backend.to_host(v) for k, v in trace.items()}, grads
+
+
 def parity(path, backends: tuple[str, str] = ("numpy", "cuda"), batch: int = 2, seed: int = 0,
            input_size: tuple[int, int] | None = None, tolerance: float = 1e-4):
     g = check(path)
     if input_size is not None:  # a smaller image for speed: rebuild with the input resized
-        from cnnc.compiler.pipeline import PassContext, run_pipeline
-        from cnnc.dsl import load
         program = load(path)
         dims, span = program.input_dims
         program.input_dims = ((dims[0], *input_size), span)
         g = run_pipeline(program, PassContext())
+    g = remove_dropout(g, PassContext())
     ref = Model(g, backends[0], seed)
     other = Model(g, backends[1], seed)
     other.set_params(ref.host_params(), "reference weights")
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, *ref.input_shape)).astype(np.float32)
+    ref_trace, ref_grads = _run(ref, x, seed)
+    other_trace, other_grads = _run(other, x, seed)
+    floors = []
+    for k in range(FLOOR_RUNS):
+        noisy = _with_rounding_noise(Model(g, "numpy", seed), seed + 10 + k)
+        noisy.set_params(ref.host_params(), "reference weights")
+        floors.append(_run(noisy, x, seed))
     rows = []
-    traces = []
-    grads = []
-    for m in (ref, other):
-        trace: dict = {}
-        out = m.executor.forward(m.backend.to_device(x), Ctx(training=True, rng=np.random.default_rng(seed)),
-                                 trace=trace)
-        r = np.random.default_rng(seed + 1).normal(size=m.backend.to_host(out).shape).astype(np.float32)
-        grads.append({k: m.backend.to_host(v) for k, v in m.executor.backward(m.backend.to_device(r)).items()})
-        traces.append(trace)
     for step in ref.plan.steps:
         name = step.node.name
-        fwd = rel(traces[1][name], traces[0][name])
-        pg = [rel(grads[1][q], grads[0][q]) for q in step.params if q in grads[0]]
-        bad = max([fwd, *pg]) > tolerance
-        rows.append({"layer": name, "op": step.node.op, "forward": fwd, "grad": max(pg) if pg else None, "bad": bad})
+        fwd = rel(other_trace[name], ref_trace[name])
+        fwd_floor = max(rel(t[name], ref_trace[name]) for t, _ in floors)
+        qs = [q for q in step.params if q in ref_grads]
+        pg = [rel(other_grads[q], ref_grads[q]) for q in qs]
+        pg_floor = [max(rel(gr[q], ref_grads[q]) for _, gr in floors) for q in qs]
+        fwd_bad = fwd > max(tolerance, FLOOR_FACTOR * fwd_floor)
+        grad_bad = any(d > max(tolerance, FLOOR_FACTOR * f) for d, f in zip(pg, pg_floor))
+        rows.append({"layer": name, "op": step.node.op, "forward": fwd, "forward_floor": fwd_floor,
+                     "grad": max(pg) if pg else None, "grad_floor": max(pg_floor) if pg else None,
+                     "forward_bad": fwd_bad, "bad": fwd_bad or grad_bad})
     # An error spreads forward from the first wrong output, and backward from the last wrong
     # gradient: the culprit is the first layer with a wrong output, else the last with a wrong gradient.
-    first_bad = next((r["layer"] for r in rows if r["forward"] > tolerance), None)
+    first_bad = next((r["layer"] for r in rows if r["forward_bad"]), None)
     if first_bad is None:
         first_bad = next((r["layer"] for r in reversed(rows) if r["bad"]), None)
     return rows, first_bad
 
 
 def format_rows(rows, first_bad, backends, tolerance) -> str:
-    out = [f"{'layer':<40}{'op':<16}{'output':>12}{'param grad':>12}", "-" * 80]
+    def num(v):
+        return f"{v:.2e}" if v is not None else "-"
+    out = [f"{'layer':<40}{'op':<16}{'output':>10}{'(floor)':>10}{'param grad':>12}{'(floor)':>10}", "-" * 98]
     for r in rows:
-        grad = f"{r['grad']:.2e}" if r["grad"] is not None else "-"
-        mark = "  <-- first over tolerance" if r["layer"] == first_bad else ("  over" if r["bad"] else "")
-        out.append(f"{r['layer']:<40}{r['op']:<16}{r['forward']:>12.2e}{grad:>12}{mark}")
-    verdict = (f"all {len(rows)} layers within {tolerance:g}" if first_bad is None else
-               f"first layer over {tolerance:g}: {first_bad}")
-    out.append(f"\n{backends[1]} against {backends[0]}: {verdict} (relative to the largest value)")
+        mark = "  <-- first over" if r["layer"] == first_bad else ("  over" if r["bad"] else "")
+        out.append(f"{r['layer']:<40}{r['op']:<16}{num(r['forward']):>10}{num(r['forward_floor']):>10}"
+                   f"{num(r['grad']):>12}{num(r['grad_floor']):>10}{mark}")
+    verdict = (f"all {len(rows)} layers agree" if first_bad is None else f"first layer over: {first_bad}")
+    out.append(f"\n{backends[1]} against {backends[0]}: {verdict} (relative to the largest value; a layer is over "
+               f"when it differs by more than {tolerance:g} and more than {FLOOR_FACTOR:g}× its floor, the NumPy "
+               f"reference's own change when every result moves by one float32 ulp)")
     return "\n".join(out)
