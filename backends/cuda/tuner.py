@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 from .source import KERNEL_VERSION
@@ -32,9 +33,11 @@ def _load() -> dict:
 def _store(data: dict) -> None:
     path = cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # one temporary file per process and thread: several processes tuning at once (parallel test workers,
+    # two training runs) each replace the cache whole and never rename another's half-written file
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+    os.replace(tmp, path)
 
 
 def device_key() -> str:
