@@ -10,7 +10,8 @@ Float32 results depend on summation order, and some networks amplify that: Batch
 values per channel (ResNet-50's last stage at a small input and batch) turns a last-bit change of
 each conv output into gradients tens of percent apart. So the NumPy reference also runs with every
 kernel's outputs and gradients moved by one float32 ulp at random (what another summation order
-does), four times; the largest change is each layer's floor. A layer is flagged only when the backends
+does), four times, and once in float64; the largest distance from the float32 reference is each
+layer's floor. A layer is flagged only when the backends
 differ by more than the tolerance and by more than `FLOOR_FACTOR` times its floor: a wrong kernel
 lands far above it where the network is well conditioned, reordered sums do not.
 """
@@ -31,7 +32,16 @@ from .model import Model
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)) if a.size else 0.0
+    """Largest difference relative to the largest magnitude of `b`; inf where `a` holds a NaN
+    or an infinity that `b` does not (an unwritten or overflowed output)."""
+    if not a.size:
+        return 0.0
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if not np.array_equal(np.isfinite(a), np.isfinite(b)):
+        return float("inf")
+    finite = np.isfinite(b)
+    return float(np.abs(a - b)[finite].max(initial=0.0) / max(np.abs(b[finite]).max(initial=0.0), 1e-30))
 
 
 FLOOR_FACTOR = 10.0
@@ -64,14 +74,25 @@ def _with_rounding_noise(model: Model, seed: int) -> Model:
     return model
 
 
-def _run(m, x, seed):
+def _run(m, x, seed, executor=None):
     """Training-mode forward with a trace of every layer, then backward from a fixed random
     output gradient; host copies of the trace and of every parameter gradient."""
+    ex = executor or m.executor
     trace: dict = {}
-    out = m.executor.forward(m.backend.to_device(x), Ctx(training=True, rng=np.random.default_rng(seed)), trace=trace)
-    r = np.random.default_rng(seed + 1).normal(size=m.backend.to_host(out).shape).astype(np.float32)
-    grads = {k: m.backend.to_host(v) for k, v in m.executor.backward(m.backend.to_device(r)).items()}
+    out = ex.forward(m.backend.to_device(x) if executor is None else x,
+                     Ctx(training=True, rng=np.random.default_rng(seed)), trace=trace)
+    r = np.random.default_rng(seed + 1).normal(size=m.backend.to_host(out).shape).astype(x.dtype)
+    grads = {k: m.backend.to_host(v) for k, v in ex.backward(r if executor else m.backend.to_device(r)).items()}
     return {k: m.backend.to_host(v) for k, v in trace.items()}, grads
+
+
+def _float64_run(g, params: dict, x, seed):
+    """The NumPy backend in float64 (its kernels follow their inputs' dtype): the float32
+    reference's own distance from it is part of the floor, since two correct float32
+    implementations can each be that far from the exact result."""
+    m = Model(g, "numpy", seed)
+    return _run(m, x.astype(np.float64), seed, Executor(m.plan, m.backend, {k: np.asarray(v, np.float64)
+                                                                             for k, v in params.items()}))
 
 
 def parity(path, backends: tuple[str, str] = ("numpy", "cuda"), batch: int = 2, seed: int = 0,
@@ -95,6 +116,7 @@ def parity(path, backends: tuple[str, str] = ("numpy", "cuda"), batch: int = 2, 
         noisy = _with_rounding_noise(Model(g, "numpy", seed), seed + 10 + k)
         noisy.set_params(ref.host_params(), "reference weights")
         floors.append(_run(noisy, x, seed))
+    floors.append(_float64_run(g, ref.host_params(), x, seed))
     rows = []
     for step in ref.plan.steps:
         name = step.node.name
@@ -126,6 +148,6 @@ def format_rows(rows, first_bad, backends, tolerance) -> str:
                    f"{num(r['grad']):>12}{num(r['grad_floor']):>10}{mark}")
     verdict = (f"all {len(rows)} layers agree" if first_bad is None else f"first layer over: {first_bad}")
     out.append(f"\n{backends[1]} against {backends[0]}: {verdict} (relative to the largest value; a layer is over "
-               f"when it differs by more than {tolerance:g} and more than {FLOOR_FACTOR:g}× its floor, the NumPy "
-               f"reference's own change when every result moves by one float32 ulp)")
+               f"when it differs by more than {tolerance:g} and more than {FLOOR_FACTOR:g}× its floor: how far the NumPy "
+               f"reference moves when every result moves by one float32 ulp, or in float64)")
     return "\n".join(out)
