@@ -56,6 +56,9 @@ class Ctx:
 
     training: bool = False
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    # False while a backward kernel runs on the network's input: nothing needs that gradient, so
+    # a kernel may return None for it (the first conv then skips its col2im entirely)
+    need_input_grad: bool = True
 
 
 @dataclass(frozen=True)

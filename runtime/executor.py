@@ -8,6 +8,8 @@ flow back into a tensor from several consumers (residual shortcuts, dense connec
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from cnnc.backends.base import Backend, Ctx, Plan
 
 
@@ -50,6 +52,7 @@ class Executor:
                 values.pop(dead, None)
         self._saved = saved if keep else None
         self._ctx = ctx
+        self._input_ctx = replace(ctx, need_input_grad=False)
         return values[self.plan.output]
 
     def backward(self, dy) -> dict:
@@ -63,8 +66,10 @@ class Executor:
             g = grads.pop(step.node.id, None)
             if g is None:  # this node does not reach the output
                 continue
-            dxs, dps = step.kernel.backward(step.node, self._saved.pop(step.node.id), g, self._step_params(i),
-                                           self._ctx)
+            ctx = self._ctx
+            if all(u == self.plan.input for u in step.inputs):
+                ctx = self._input_ctx
+            dxs, dps = step.kernel.backward(step.node, self._saved.pop(step.node.id), g, self._step_params(i), ctx)
             for local, dp in dps.items():
                 pgrads[self._local[i][local]] = dp
             for u, dx in zip(step.inputs, dxs):

@@ -1,7 +1,13 @@
 """Convolution and pooling kernels for the NumPy backend (NCHW, PyTorch semantics).
 
-Convolution is im2col over a strided view of the padded input and one batched matmul per
-call (BLAS); its input gradient is col2im, a loop over the kh·kw kernel offsets adding
+Stride-1 convolutions with enough channels use shifted windows: the input, zero padded and
+channel-major (C × N·hp·wp, one copy), is a matrix whose column ranges are the im2col rows of
+each kernel offset, so the output over the padded grid is the sum of kh·kw gemms read in
+place (no im2col matrix kh·kw times the input), computed in cache-sized column blocks split
+over threads; outputs at the grid's padding positions are computed and dropped. The weight
+gradient and the input gradient are the same kind of sums. Other convolutions use im2col
+over a strided view of the padded input and one batched matmul per call (BLAS); their input
+gradient is col2im, a loop over the kh·kw kernel offsets adding
 strided slices, or, for stride 1, a convolution of the padded output gradient with the
 flipped kernel (half the memory traffic when filters ≥ channels). Large convolutions split
 the batch over worker threads (`parallel.py`). Pools loop over kernel offsets too, never
@@ -18,6 +24,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import parallel
+from .blas import gemm
 
 
 # ---- shared helpers ------------------------------------------------------------------------
@@ -109,11 +116,182 @@ def _conv(x: np.ndarray, weight: np.ndarray, groups: int, top: int, left: int, h
     return cols
 
 
+# ---- shifted windows (stride 1, groups 1) -----------------------------------------------------
+
+SHIFTED_MIN_CHANNELS = 16  # below, each gemm's inner dimension is too short for BLAS
+SHIFTED_MAX_GRID = 1.2  # padded grid / output positions above which im2col is faster (measured: 16×16 maps)
+BLOCK_BYTES = 1 << 20  # a column block of the output (and its input rows) stays in cache over kh·kw gemms
+STACK_BELOW = 64  # channels under which the taps are stacked into one gemm (see _stacked)
+MIN_BLOCK = 512  # columns: narrower gemms cost more in calls than they save in cache misses
+
+
+def _use_shifted(node, c: int) -> bool:
+    a = node.attrs
+    kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
+    if a.groups != 1 or sh != 1 or sw != 1 or c < SHIFTED_MIN_CHANNELS:
+        return False
+    return kh * kw > 1 and hp * wp <= SHIFTED_MAX_GRID * oh * ow
+
+
+def _offsets(kh, kw, dh, dw, wp) -> list[int]:
+    return [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
+
+
+def _blocks(lo: int, hi: int, rows: int, itemsize: int):
+    step = max(MIN_BLOCK, BLOCK_BYTES // (rows * itemsize))
+    for b0 in range(lo, hi, step):
+        yield b0, min(b0 + step, hi)
+
+
+def _split(total: int, work: float) -> list[tuple[int, int]]:
+    return parallel.chunks(total, work)
+
+
+def _placement(h, w, top, left, hp, wp):
+    """Where x lands in the padded grid: (grid rows, grid cols, x rows, x cols) as slices."""
+    r0, c0 = max(top, 0), max(left, 0)
+    s0, t0 = max(-top, 0), max(-left, 0)
+    hh, ww = min(h - s0, hp - r0), min(w - t0, wp - c0)
+    return slice(r0, r0 + hh), slice(c0, c0 + ww), slice(s0, s0 + hh), slice(t0, t0 + ww)
+
+
+def _channel_major_padded(x, top, left, hp, wp, before: int, after: int) -> np.ndarray:
+    """(C, before + N·hp·wp + after) zero buffer holding x channel-major on the padded grid."""
+    n, c, h, w = x.shape
+    buf = np.zeros((c, before + n * hp * wp + after), dtype=x.dtype)
+    gr, gc, xr, xc = _placement(h, w, top, left, hp, wp)
+    grid = buf[:, before:before + n * hp * wp].reshape(c, n, hp, wp)
+
+    def copy(lo, hi):
+        grid[lo:hi, :, gr, gc] = x[:, lo:hi, xr, xc].transpose(1, 0, 2, 3)
+    parallel.run(copy, _split(c, x.size))
+    return buf
+
+
+def _stack(src, offs, shift: int, b0: int, b1: int, out) -> np.ndarray:
+    """Rows t·R…(t+1)·R of `out` = src[:, shift + offs[t] + b0 : … + b1] (R = src rows): the im2col
+    block of these columns, built in a reused workspace from contiguous row pieces."""
+    rows, width = src.shape[0], b1 - b0
+    ws = out[:, :width]
+    for t, off in enumerate(offs):
+        ws[t * rows:(t + 1) * rows] = src[:, shift + off + b0:shift + off + b1]
+    return ws
+
+
+def _stacked(c: int) -> bool:
+    """Few channels: one gemm over all taps (inner dimension kh·kw·C) on a per-block im2col
+    workspace beats kh·kw gemms of inner dimension C; many channels: the per-tap gemms, no copies."""
+    return c < STACK_BELOW
+
+
+def _shifted_forward(node, x, weight, bias):
+    n, c, h, w = x.shape
+    kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
+    top, _, left, _ = _pads(node)
+    offs = _offsets(kh, kw, dh, dw, wp)
+    grid = n * hp * wp
+    buf = _channel_major_padded(x, top, left, hp, wp, 0, offs[-1])
+    taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(kh * kw, k, c)
+    flat = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(k, kh * kw * c)  # [k, t·C + c]
+    full = np.empty((k, grid), dtype=x.dtype)
+    stacked = _stacked(c)
+
+    def columns(lo, hi):
+        rows = k + (len(offs) * c if stacked else c)
+        ws = None
+        for b0, b1 in _blocks(lo, hi, rows, x.itemsize):
+            if stacked:
+                if ws is None:
+                    ws = np.empty((len(offs) * c, b1 - b0), dtype=x.dtype)
+                gemm(flat, _stack(buf, offs, 0, b0, b1, ws), full[:, b0:b1])
+                continue
+            for t, off in enumerate(offs):
+                gemm(taps[t], buf[:, off + b0:off + b1], full[:, b0:b1], 0.0 if t == 0 else 1.0)
+    parallel.run(columns, _split(grid, k * c * kh * kw * grid))
+    y = np.empty((n, k, oh, ow), dtype=x.dtype)
+    view = full.reshape(k, n, hp, wp)[:, :, :oh, :ow]
+
+    def unpack(lo, hi):  # back to N×K×oh×ow, adding the bias on the way
+        out = y[:, lo:hi].transpose(1, 0, 2, 3)
+        if bias is None:
+            out[...] = view[lo:hi]
+        else:
+            np.add(view[lo:hi], bias[lo:hi].reshape(-1, 1, 1, 1), out=out)
+    parallel.run(unpack, _split(k, y.size))
+    return y, ("shifted", buf, taps, flat, x.shape)
+
+
+def _shifted_backward(node, saved, dy, has_bias: bool, need_dx: bool = True):
+    _, buf, taps, flat, (n, c, h, w) = saved
+    kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
+    top, _, left, _ = _pads(node)
+    offs = _offsets(kh, kw, dh, dw, wp)
+    span, grid, dtype = offs[-1], n * hp * wp, dy.dtype
+    # dy on the padded grid, zero at the dropped positions and over `span` columns in front
+    dpad = np.zeros((k, span + grid), dtype=dtype)
+    dgrid = dpad[:, span:].reshape(k, n, hp, wp)
+
+    def pack(lo, hi):
+        dgrid[lo:hi, :, :oh, :ow] = dy[:, lo:hi].transpose(1, 0, 2, 3)
+    parallel.run(pack, _split(k, dy.size))
+    dfull = dpad[:, span:]
+    dx_grid = np.empty((c, grid), dtype=dtype) if need_dx else None
+    slices = _split(grid, 2 * k * c * kh * kw * grid)
+    stacked = _stacked(min(c, k))
+    back = [-off for off in offs]  # dX[:, q] = Σ_t W_tᵀ dY[:, q − off_t]
+    flat_t = np.ascontiguousarray(taps.transpose(2, 0, 1)).reshape(c, len(offs) * k)  # [c, t·K + k]
+
+    def columns(lo, hi):
+        ntaps = len(offs)
+        dflat = np.empty((k, ntaps * c), dtype=dtype)
+        dtaps = dflat.reshape(k, ntaps, c)
+        ws = wd = None
+        first = True
+        rows = k + c + (ntaps * (c + k) if stacked else 0)
+        for b0, b1 in _blocks(lo, hi, rows, dy.itemsize):
+            if stacked:
+                if ws is None:
+                    ws = np.empty((ntaps * c, b1 - b0), dtype=dtype)
+                    wd = np.empty((ntaps * k, b1 - b0), dtype=dtype)
+                gemm(dfull[:, b0:b1], _stack(buf, offs, 0, b0, b1, ws).T, dflat, 0.0 if first else 1.0)
+                if need_dx:
+                    gemm(flat_t, _stack(dpad, back, span, b0, b1, wd), dx_grid[:, b0:b1])
+            else:
+                for t, off in enumerate(offs):
+                    # dW_t += dY[:, block] · X[:, block + off]ᵀ ;  dX[:, block] += W_tᵀ · dY[:, block − off]
+                    gemm(dfull[:, b0:b1], buf[:, off + b0:off + b1].T, dtaps[:, t], 0.0 if first else 1.0)
+                    if need_dx:
+                            gemm(taps[t].T, dpad[:, span - off + b0:span - off + b1], dx_grid[:, b0:b1],
+                             0.0 if t == 0 else 1.0)
+            first = False
+        return dflat
+    parts = parallel.run(columns, slices)
+    dflat = sum(parts[1:], parts[0])
+    dweight = np.ascontiguousarray(dflat.reshape(k, kh, kw, c).transpose(0, 3, 1, 2))
+    dparams = {"weight": dweight}
+    if has_bias:
+        dparams["bias"] = dy.sum(axis=(0, 2, 3))
+    if not need_dx:
+        return [None], dparams
+    gr, gc, xr, xc = _placement(h, w, top, left, hp, wp)
+    whole = (xr.stop - xr.start, xc.stop - xc.start) == (h, w)
+    dx = np.empty((n, c, h, w), dtype=dtype) if whole else np.zeros((n, c, h, w), dtype=dtype)
+    view = dx_grid.reshape(c, n, hp, wp)
+
+    def unpack(lo, hi):
+        dx[:, lo:hi, xr, xc] = view[lo:hi, :, gr, gc].transpose(1, 0, 2, 3)
+    parallel.run(unpack, _split(c, dx.size))
+    return [dx], dparams
+
+
 def conv_forward(node, xs, params, ctx):
     (x,) = xs
     n, c = x.shape[:2]
     dtype = x.dtype
     w = params["weight"].astype(dtype, copy=False)
+    if n and _use_shifted(node, c):
+        bias = params["bias"].astype(dtype, copy=False) if "bias" in params else None
+        return _shifted_forward(node, x, w, bias)
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     top, _, left, _ = _pads(node)
     y = np.empty((n, k, oh, ow), dtype=dtype)
@@ -129,6 +307,8 @@ def conv_forward(node, xs, params, ctx):
 
 
 def conv_backward(node, saved, dy, params, ctx):
+    if isinstance(saved[0], str):  # ("shifted", ...)
+        return _shifted_backward(node, saved, np.ascontiguousarray(dy), "bias" in params, ctx.need_input_grad)
     x, cols, slices, (n, c, h, w) = saved
     dtype = dy.dtype
     weight = params["weight"].astype(dtype, copy=False)
@@ -150,24 +330,35 @@ def conv_backward(node, saved, dy, params, ctx):
         wf = np.ascontiguousarray(wf).reshape(g * cg, kg, kh, kw)
 
     cols_of = dict(zip(slices, cols))
+    wm_taps = np.ascontiguousarray(weight.reshape(g, kg, cg, kh, kw).transpose(0, 1, 3, 4, 2)).reshape(g, kg, -1)
 
     def part(lo, hi):
         dyg = dy[lo:hi].reshape(hi - lo, g, kg, oh * ow)
         colsi = cols_of[lo, hi]
         if colsi is None:  # pointwise: the input is its own column matrix
             colsi = np.ascontiguousarray(x[lo:hi]).reshape(hi - lo, g, cg, h * w)
-        dw_part = np.matmul(dyg, colsi.transpose(0, 1, 3, 2)).sum(axis=0)  # Σ_n dy[n]·cols[n]ᵀ per group
-        if pointwise:
+        m, p, crs = hi - lo, oh * ow, cg * kh * kw
+        if kg * crs > p * (kg + crs):  # few output positions (LeNet's C5): one gemm over the batch
+            dw_part = np.matmul(dyg.transpose(1, 2, 0, 3).reshape(g, kg, m * p),
+                                colsi.transpose(1, 0, 3, 2).reshape(g, m * p, crs))
+        else:  # Σ_n dy[n]·cols[n]ᵀ per group, one gemm per image
+            dw_part = np.matmul(dyg, colsi.transpose(0, 1, 3, 2)).sum(axis=0)
+        if not ctx.need_input_grad:
+            pass
+        elif pointwise:
             np.matmul(wm.transpose(0, 2, 1), dyg, out=dx[lo:hi].reshape(hi - lo, g, cg, h * w))
         elif transposed:
             _conv(dy[lo:hi], wf, g, ekh - 1 - top, ekw - 1 - left, h + ekh - 1, w + ekw - 1, 1, 1, dh, dw,
                   dx[lo:hi])
         else:
-            dcols = np.matmul(wm.transpose(0, 2, 1), dyg).reshape(hi - lo, c, kh, kw, oh, ow)
+            # rows in tap-major order, so that each kernel offset's slab is contiguous per image
+            dcols = np.matmul(wm_taps.transpose(0, 2, 1), dyg).reshape(hi - lo, g, kh, kw, cg, oh, ow)
             dxp = np.zeros((hi - lo, c, hp, wp), dtype=dtype)
+            dxp5 = dxp.reshape(hi - lo, g, cg, hp, wp)
             for a in range(kh):  # col2im: each kernel offset adds one strided slice
                 for b in range(kw):
-                    _window(dxp, a * dh, b * dw, oh, ow, sh, sw)[...] += dcols[:, :, a, b]
+                    r, q = a * dh, b * dw
+                    dxp5[:, :, :, r:r + (oh - 1) * sh + 1:sh, q:q + (ow - 1) * sw + 1:sw] += dcols[:, :, a, b]
             dx[lo:hi] = _unpad(dxp, top, left, h, w)
         return dw_part
 
@@ -175,7 +366,7 @@ def conv_backward(node, saved, dy, params, ctx):
     dparams = {"weight": sum(dw_parts[1:], dw_parts[0]).reshape(weight.shape)}
     if "bias" in params:
         dparams["bias"] = dy.sum(axis=(0, 2, 3))
-    return [dx], dparams
+    return [dx if ctx.need_input_grad else None], dparams
 
 
 # ---- pools ---------------------------------------------------------------------------------

@@ -25,6 +25,14 @@ BATCH = 2
 BACKEND = NumpyBackend()
 
 
+@pytest.fixture(autouse=True)
+def shifted_convs_at_small_sizes(monkeypatch):
+    """The shifted-window conv is chosen for large maps only; these small cases take it whenever
+    they have its 16+ channels, so that finite differences check it too."""
+    from cnnc.backends.numpy import conv
+    monkeypatch.setattr(conv, "SHIFTED_MAX_GRID", 4.0)
+
+
 @dataclass
 class Case:
     id: str
@@ -58,6 +66,12 @@ CASES = [
     C("conv-1x1", "conv", dict(filters=5, kernel=1), [(3, 5, 5)]),
     C("conv-1x1-groups", "conv", dict(filters=4, kernel=1, groups=2), [(4, 5, 5)]),
     C("conv-1x1-stride2", "conv", dict(filters=4, kernel=1, stride=2, round="floor"), [(3, 6, 6)]),
+    # 16+ channels, stride 1: the shifted-window path (checked to be taken in test_shifted_path_*)
+    C("conv-shifted-same", "conv", dict(filters=5, kernel=3, pad=1), [(16, 6, 6)]),
+    C("conv-shifted-asym-dilated", "conv", dict(filters=4, kernel=3, dilation=2, pad=(2, 1, 0, 2)), [(16, 12, 12)]),
+    C("conv-shifted-bigpad", "conv", dict(filters=3, kernel=3, pad=(3, 1, 0, 2)), [(16, 6, 6)]),
+    C("conv-shifted-5x5-nobias", "conv", dict(filters=6, kernel=5, pad=2, bias=False), [(16, 10, 10)]),
+    C("conv-shifted-1x3", "conv", dict(filters=4, kernel=(1, 3), pad=(0, 0, 1, 1)), [(17, 4, 6)]),
     C("conv-wide-col2im", "conv", dict(filters=8, kernel=5, pad=2), [(1, 6, 6)]),
     C("conv-wide-col2im-s1-asym", "conv", dict(filters=8, kernel=3, pad=(0, 2, 1, 0)), [(2, 6, 6)]),
     C("maxpool-2x2", "maxpool", dict(kernel=2), [(3, 6, 6)]),
@@ -346,6 +360,7 @@ THREADED = [  # kernels that split their work over threads: conv by batch, batch
     Case("conv-transposed-dx", "conv", dict(filters=6, kernel=3, pad=1), [(4, 6, 6)]),
     Case("conv-col2im-dx", "conv", dict(filters=8, kernel=3, stride=2, pad=1, round="floor"), [(2, 7, 7)]),
     Case("conv-pointwise", "conv", dict(filters=6, kernel=1, groups=2), [(4, 4, 4)]),
+    Case("conv-shifted", "conv", dict(filters=6, kernel=3, pad=(1, 2, 0, 1)), [(16, 6, 6)]),
     Case("bn-train", "batchnorm", {}, [(5, 3, 3)]),
     Case("bn-train-2d", "batchnorm", {}, [(7,)]),
     Case("bn-eval", "batchnorm", {}, [(5, 3, 3)], training=False),
@@ -356,9 +371,11 @@ THREADED = [  # kernels that split their work over threads: conv by batch, batch
 @pytest.mark.parametrize("case", THREADED, ids=[c.id for c in THREADED])
 def test_threaded_kernels_agree(case, threads, monkeypatch):
     """A kernel split over worker threads gives the unsplit result (forward, backward, buffers)."""
-    from cnnc.backends.numpy import parallel
+    from cnnc.backends.numpy import conv, parallel
 
     monkeypatch.setattr(parallel, "MIN_WORK", 0)
+    monkeypatch.setattr(conv, "MIN_BLOCK", 7)  # many column blocks per thread, ragged last one
+    monkeypatch.setattr(conv, "BLOCK_BYTES", 1)
     before = parallel.get_threads()
     rng = np.random.default_rng(9)
     node, specs = make_node(case.op, case.kw, case.shapes)
@@ -377,3 +394,50 @@ def test_threaded_kernels_agree(case, threads, monkeypatch):
         parallel.set_threads(before)
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+SHIFTED = [c for c in CASES if c.id.startswith("conv-shifted")]
+
+
+@pytest.mark.parametrize("case", SHIFTED, ids=[c.id for c in SHIFTED])
+def test_shifted_path_is_taken_and_equals_im2col(case, monkeypatch):
+    """The shifted-window convolution (taken for these cases), with per-tap gemms or stacked taps,
+    gives im2col's results in float64, also when its columns come in many small blocks."""
+    from cnnc.backends.numpy import conv
+
+    rng = np.random.default_rng(3)
+    node, specs = make_node(case.op, case.kw, case.shapes)
+    assert conv._use_shifted(node, case.shapes[0][0])
+    params = make_params(specs, rng, np.float64)
+    x = rng.normal(size=(3, *case.shapes[0]))
+    results = []
+    # shifted in small blocks, per-tap gemms and stacked taps; then im2col
+    for min_channels, block, stack_below in ((16, 9, 0), (16, 9, 10**9), (10**9, 512, 0)):
+        monkeypatch.setattr(conv, "SHIFTED_MIN_CHANNELS", min_channels)
+        monkeypatch.setattr(conv, "STACK_BELOW", stack_below)
+        monkeypatch.setattr(conv, "MIN_BLOCK", block)
+        monkeypatch.setattr(conv, "BLOCK_BYTES", 1)
+        y, saved = conv.conv_forward(node, [x], params, Ctx(training=True))
+        assert (saved[0] == "shifted") == (min_channels == 16)
+        (dx,), dps = conv.conv_backward(node, saved, np.sin(y), params, Ctx(training=True))
+        results.append([y, dx, *(dps[k] for k in sorted(dps))])
+    for other in results[:2]:
+        for a, b in zip(other, results[2]):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.op == "conv"], ids=[c.id for c in CASES if c.op == "conv"])
+def test_conv_skips_the_input_gradient_of_the_network_input(case):
+    """Backward on the network's input (need_input_grad False) returns None for it and the same
+    parameter gradients."""
+    rng = np.random.default_rng(5)
+    node, specs = make_node(case.op, case.kw, case.shapes)
+    kernel = BACKEND.kernels["conv"]
+    params = make_params(specs, rng, np.float64)
+    x = rng.normal(size=(2, *case.shapes[0]))
+    y, saved = kernel.forward(node, [x], params, Ctx(training=True))
+    (dx,), full = kernel.backward(node, saved, np.cos(y), params, Ctx(training=True))
+    (none,), only = kernel.backward(node, saved, np.cos(y), params, Ctx(training=True, need_input_grad=False))
+    assert dx is not None and none is None
+    for k in full:
+        np.testing.assert_array_equal(full[k], only[k])
