@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import parallel
+from . import parallel, winograd
 from .blas import gemm
 
 
@@ -121,6 +121,12 @@ def _conv(x: np.ndarray, weight: np.ndarray, groups: int, top: int, left: int, h
 SHIFTED_MIN_CHANNELS = 16  # below, each gemm's inner dimension is too short for BLAS
 SHIFTED_MAX_GRID = 1.2  # padded grid / output positions above which im2col is faster (measured: 16×16 maps)
 BLOCK_BYTES = 1 << 20  # a column block of the output (and its input rows) stays in cache over kh·kw gemms
+# Measured per layer on 2 cores (benchmarks/NOTES-cpu.md): NumPy's Winograd transforms only pay
+# off when the gemms are large, the shifted windows when channels are few and maps large, and
+# im2col's single gemm with a 9·C inner dimension is best for the rest.
+WINOGRAD_MIN_CHANNELS = 128  # 3×3 stride 1 with this many input and output channels…
+WINOGRAD_MIN_POSITIONS = 28 * 28  # …and output positions: Winograd F(2×2, 3×3)
+SHIFTED_MAX_CHANNELS = 255  # above, im2col's one gemm beats kh·kw gemms
 STACK_BELOW = 64  # channels under which the taps are stacked into one gemm (see _stacked)
 MIN_BLOCK = 512  # columns: narrower gemms cost more in calls than they save in cache misses
 
@@ -128,7 +134,7 @@ MIN_BLOCK = 512  # columns: narrower gemms cost more in calls than they save in 
 def _use_shifted(node, c: int) -> bool:
     a = node.attrs
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
-    if a.groups != 1 or sh != 1 or sw != 1 or c < SHIFTED_MIN_CHANNELS:
+    if a.groups != 1 or sh != 1 or sw != 1 or not SHIFTED_MIN_CHANNELS <= c <= SHIFTED_MAX_CHANNELS:
         return False
     return kh * kw > 1 and hp * wp <= SHIFTED_MAX_GRID * oh * ow
 
@@ -184,15 +190,30 @@ def _stacked(c: int) -> bool:
     return c < STACK_BELOW
 
 
+def _use_winograd(node, c: int) -> bool:
+    a = node.attrs
+    k, oh, ow = node.out_shape
+    return (tuple(a.kernel) == (3, 3) and tuple(a.stride) == (1, 1) and tuple(a.dilation) == (1, 1)
+            and a.groups == 1 and min(c, k) >= WINOGRAD_MIN_CHANNELS and min(oh, ow) >= 2
+            and oh * ow >= WINOGRAD_MIN_POSITIONS)
+
+
 def _shifted_forward(node, x, weight, bias):
     n, c, h, w = x.shape
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     top, _, left, _ = _pads(node)
+    wino = _use_winograd(node, c)
+    if wino:  # whole 4×4 tiles; the extra rows and columns are zeros and dropped outputs
+        hp, wp = winograd.grid(oh, ow, hp, wp)
     offs = _offsets(kh, kw, dh, dw, wp)
     grid = n * hp * wp
     buf = _channel_major_padded(x, top, left, hp, wp, 0, offs[-1])
     taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(kh * kw, k, c)
     flat = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(k, kh * kw * c)  # [k, t·C + c]
+    saved = ("shifted", buf, taps, flat, x.shape, hp, wp, weight if wino else None)
+    if wino:
+        xg = buf[:, :grid].reshape(c, n, hp, wp)
+        return winograd.conv3x3(xg, winograd.filter_transform(weight), oh, ow, bias), saved
     full = np.empty((k, grid), dtype=x.dtype)
     stacked = _stacked(c)
 
@@ -218,13 +239,26 @@ def _shifted_forward(node, x, weight, bias):
         else:
             np.add(view[lo:hi], bias[lo:hi].reshape(-1, 1, 1, 1), out=out)
     parallel.run(unpack, _split(k, y.size))
-    return y, ("shifted", buf, taps, flat, x.shape)
+    return y, saved
+
+
+def _winograd_input_grad(dy, weight, top: int, left: int, h: int, w: int) -> np.ndarray:
+    """dx of a 3×3 stride-1 conv: dy, padded by 2 less the forward's padding, correlated with
+    the spatially flipped filters, input and output channels swapped (Winograd again)."""
+    hg, wg = winograd.grid(h, w, h + 2, w + 2)
+    k = dy.shape[1]
+    dyg = _channel_major_padded(dy, 2 - top, 2 - left, hg, wg, 0, 0).reshape(k, dy.shape[0], hg, wg)
+    flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    return winograd.conv3x3(dyg, winograd.filter_transform(flipped), h, w)
 
 
 def _shifted_backward(node, saved, dy, has_bias: bool, need_dx: bool = True):
-    _, buf, taps, flat, (n, c, h, w) = saved
-    kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
+    _, buf, taps, flat, (n, c, h, w), hp, wp, wino_weight = saved
+    kh, kw, sh, sw, dh, dw, k, oh, ow, _, _ = _conv_geometry(node)
     top, _, left, _ = _pads(node)
+    wino_dx = need_dx and wino_weight is not None
+    if wino_dx:
+        need_dx = False  # the shifted gemms below compute the weight gradient only
     offs = _offsets(kh, kw, dh, dw, wp)
     span, grid, dtype = offs[-1], n * hp * wp, dy.dtype
     # dy on the padded grid, zero at the dropped positions and over `span` columns in front
@@ -271,6 +305,8 @@ def _shifted_backward(node, saved, dy, has_bias: bool, need_dx: bool = True):
     dparams = {"weight": dweight}
     if has_bias:
         dparams["bias"] = dy.sum(axis=(0, 2, 3))
+    if wino_dx:
+        return [_winograd_input_grad(dy, wino_weight, top, left, h, w)], dparams
     if not need_dx:
         return [None], dparams
     gr, gc, xr, xc = _placement(h, w, top, left, hp, wp)
@@ -289,7 +325,7 @@ def conv_forward(node, xs, params, ctx):
     n, c = x.shape[:2]
     dtype = x.dtype
     w = params["weight"].astype(dtype, copy=False)
-    if n and _use_shifted(node, c):
+    if n and (_use_shifted(node, c) or _use_winograd(node, c)):
         bias = params["bias"].astype(dtype, copy=False) if "bias" in params else None
         return _shifted_forward(node, x, w, bias)
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)

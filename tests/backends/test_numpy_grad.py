@@ -27,10 +27,13 @@ BACKEND = NumpyBackend()
 
 @pytest.fixture(autouse=True)
 def shifted_convs_at_small_sizes(monkeypatch):
-    """The shifted-window conv is chosen for large maps only; these small cases take it whenever
-    they have its 16+ channels, so that finite differences check it too."""
+    """The shifted-window conv and Winograd are chosen for large maps (and Winograd for many
+    channels) only; these small cases take them whenever they have 16+ channels, so that finite
+    differences check them too."""
     from cnnc.backends.numpy import conv
     monkeypatch.setattr(conv, "SHIFTED_MAX_GRID", 4.0)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 16)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_POSITIONS", 1)
 
 
 @dataclass
@@ -72,6 +75,10 @@ CASES = [
     C("conv-shifted-bigpad", "conv", dict(filters=3, kernel=3, pad=(3, 1, 0, 2)), [(16, 6, 6)]),
     C("conv-shifted-5x5-nobias", "conv", dict(filters=6, kernel=5, pad=2, bias=False), [(16, 10, 10)]),
     C("conv-shifted-1x3", "conv", dict(filters=4, kernel=(1, 3), pad=(0, 0, 1, 1)), [(17, 4, 6)]),
+    # 3×3 stride 1 with 16+ channels in and out: Winograd F(2×2, 3×3) forward and input gradient
+    C("conv-winograd-odd", "conv", dict(filters=16, kernel=3, pad=1), [(16, 5, 7)]),
+    C("conv-winograd-valid-nobias", "conv", dict(filters=17, kernel=3, bias=False), [(16, 6, 5)]),
+    C("conv-winograd-bigpad", "conv", dict(filters=16, kernel=3, pad=(3, 0, 1, 2)), [(16, 4, 4)]),
     C("conv-wide-col2im", "conv", dict(filters=8, kernel=5, pad=2), [(1, 6, 6)]),
     C("conv-wide-col2im-s1-asym", "conv", dict(filters=8, kernel=3, pad=(0, 2, 1, 0)), [(2, 6, 6)]),
     C("maxpool-2x2", "maxpool", dict(kernel=2), [(3, 6, 6)]),
@@ -361,6 +368,7 @@ THREADED = [  # kernels that split their work over threads: conv by batch, batch
     Case("conv-col2im-dx", "conv", dict(filters=8, kernel=3, stride=2, pad=1, round="floor"), [(2, 7, 7)]),
     Case("conv-pointwise", "conv", dict(filters=6, kernel=1, groups=2), [(4, 4, 4)]),
     Case("conv-shifted", "conv", dict(filters=6, kernel=3, pad=(1, 2, 0, 1)), [(16, 6, 6)]),
+    Case("conv-winograd", "conv", dict(filters=16, kernel=3, pad=1), [(16, 7, 6)]),
     Case("bn-train", "batchnorm", {}, [(5, 3, 3)]),
     Case("bn-train-2d", "batchnorm", {}, [(7,)]),
     Case("bn-eval", "batchnorm", {}, [(5, 3, 3)], training=False),
@@ -396,7 +404,7 @@ def test_threaded_kernels_agree(case, threads, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-SHIFTED = [c for c in CASES if c.id.startswith("conv-shifted")]
+SHIFTED = [c for c in CASES if c.id.startswith(("conv-shifted", "conv-winograd"))]
 
 
 @pytest.mark.parametrize("case", SHIFTED, ids=[c.id for c in SHIFTED])
@@ -411,14 +419,18 @@ def test_shifted_path_is_taken_and_equals_im2col(case, monkeypatch):
     params = make_params(specs, rng, np.float64)
     x = rng.normal(size=(3, *case.shapes[0]))
     results = []
-    # shifted in small blocks, per-tap gemms and stacked taps; then im2col
+    # shifted in small blocks, per-tap gemms and stacked taps (Winograd where it applies); then im2col
+    wino = conv._use_winograd(node, case.shapes[0][0])
+    assert wino == case.id.startswith("conv-winograd")
     for min_channels, block, stack_below in ((16, 9, 0), (16, 9, 10**9), (10**9, 512, 0)):
         monkeypatch.setattr(conv, "SHIFTED_MIN_CHANNELS", min_channels)
+        monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 16 if min_channels == 16 else 10**9)
         monkeypatch.setattr(conv, "STACK_BELOW", stack_below)
         monkeypatch.setattr(conv, "MIN_BLOCK", block)
         monkeypatch.setattr(conv, "BLOCK_BYTES", 1)
         y, saved = conv.conv_forward(node, [x], params, Ctx(training=True))
         assert (saved[0] == "shifted") == (min_channels == 16)
+        assert (saved[0] == "shifted" and saved[-1] is not None) == (wino and min_channels == 16)
         (dx,), dps = conv.conv_backward(node, saved, np.sin(y), params, Ctx(training=True))
         results.append([y, dx, *(dps[k] for k in sorted(dps))])
     for other in results[:2]:
