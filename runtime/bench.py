@@ -98,7 +98,9 @@ def bench(path, backend: str = "numpy", batch: int = 1, train: bool = False, lay
     return result
 
 
-def torch_ms(model: Model, xh, yh, train: bool, config: TrainConfig, repeats: int, warmup: int) -> float:
+def torch_step(model: Model, xh, yh, train: bool, config: TrainConfig):
+    """The same network in PyTorch (our graph, our weights, this process's thread count): a
+    callable running one inference or one training step on the batch."""
     from .peers import TorchNetwork
     net = TorchNetwork(model.graph, model.host_params())
     torch = net.torch
@@ -108,14 +110,18 @@ def torch_ms(model: Model, xh, yh, train: bool, config: TrainConfig, repeats: in
         def step():
             with torch.no_grad():
                 net(x, training=False)
-        return _median_ms(step, repeats, warmup)
+        return step
     opt = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
 
     def train_step():
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(net(x, training=True), y).backward()
         opt.step()
-    return _median_ms(train_step, repeats, warmup)
+    return train_step
+
+
+def torch_ms(model: Model, xh, yh, train: bool, config: TrainConfig, repeats: int, warmup: int) -> float:
+    return _median_ms(torch_step(model, xh, yh, train, config), repeats, warmup)
 
 
 def layer_times(m, x, train: bool, repeats: int = 3) -> list[dict]:

@@ -1,0 +1,184 @@
+"""The NumPy backend against PyTorch on this CPU, both run in this process, same threads.
+
+Rows (goals as ratios to PyTorch measured in the same run):
+  LeNet-5 training step, batch 64              our time / torch's time   goal ≤ 0.5
+  ResNet-20 (CIFAR) training step, batch 128   our time / torch's time   goal ≤ 1.0
+  conv 256→256 3×3, 56×56, batch 8, forward    our GFLOP/s / torch's     goal ≥ 0.8
+  ResNet-50 inference (-O2), batch 1 and 16    our time / torch's time   reported
+A training step is forward, cross-entropy, backward and an SGD-momentum update. This machine's
+load changes from second to second, so the two sides alternate: each round times ours, then
+PyTorch's, a few repeats each (median); the row's figure is the median over rounds of the
+per-round ratio. onnxruntime is not a peer: cnnc has no ONNX export.
+
+    python benchmarks/cpu.py                 # all rows, about 3 minutes on 2 cores
+    python benchmarks/cpu.py --rounds 3 --only lenet5,conv256
+    python benchmarks/cpu.py --json results/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def network_steps(name: str, batch: int, train: bool):
+    """(ours, torch's) step callables for a zoo network at this batch, same weights and data."""
+    from cnnc.backends.base import Ctx
+    from cnnc.compiler.train_config import TrainConfig
+    from cnnc.runtime.artifact import compile_model
+    from cnnc.runtime.bench import _train_step, torch_step
+    from cnnc.runtime.model import Model
+
+    model = Model.load(EXAMPLES / f"{name}.cnn")
+    rng = np.random.default_rng(0)
+    xh = rng.normal(size=(batch, *model.input_shape)).astype(np.float32)
+    yh = rng.integers(0, int(model.classes), batch)
+    config = TrainConfig(optimizer="momentum", momentum=0.9, lr=0.001, batch=batch)
+    if train:
+        ours = _train_step(model, xh, yh, config)
+    else:
+        compiled = compile_model(model, 2)
+        ours = lambda: compiled.executor.forward(xh, Ctx(), keep=False)  # noqa: E731
+    return ours, torch_step(model, xh, yh, train, config)
+
+
+def conv256_steps():
+    """The 256→256 3×3 conv at 56×56, batch 8, forward only (no bias), ours and torch's."""
+    import torch
+
+    from cnnc.backends.base import Ctx, NodeInfo
+    from cnnc.backends.numpy.conv import conv_forward
+    from cnnc.compiler.ops import OPS, resolve_pads
+
+    attrs = OPS["conv"].attrs(filters=256, kernel=3, pad=1, bias=False)
+    node = NodeInfo(1, "conv", "conv", attrs, ((256, 56, 56),), (256, 56, 56),
+                    resolve_pads(attrs.pad, 56, 56, attrs.kernel, attrs.stride))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 256, 56, 56)).astype(np.float32)
+    w = (rng.normal(size=(256, 256, 3, 3)) * 0.02).astype(np.float32)
+    xt, wt = torch.tensor(x), torch.tensor(w)
+    ctx = Ctx()
+
+    def theirs():
+        with torch.no_grad():
+            return torch.nn.functional.conv2d(xt, wt, padding=1)
+    ours = lambda: conv_forward(node, [x], {"weight": w}, ctx)[0]  # noqa: E731
+    err = float(np.abs(ours() - theirs().numpy()).max())
+    return ours, theirs, err
+
+
+ROWS = [  # key, label, kind, goal (ratio of times; for conv256 of GFLOP/s), how to compare
+    ("lenet5", "LeNet-5 training step, batch 64", ("lenet5", 64, True), 0.5, "time ≤"),
+    ("resnet20", "ResNet-20 training step, batch 128", ("resnet20_cifar", 128, True), 1.0, "time ≤"),
+    ("conv256", "conv 256→256 3×3 56×56 b8 forward", None, 0.8, "GFLOP/s ≥"),
+    ("resnet50_b1", "ResNet-50 inference, batch 1", ("resnet50", 1, False), None, "time"),
+    ("resnet50_b16", "ResNet-50 inference, batch 16", ("resnet50", 16, False), None, "time"),
+]
+CONV256_FLOP = 2 * 8 * 56 * 56 * 256 * 256 * 9
+
+
+def measure(key: str, spec, rounds: int, repeats: int) -> dict:
+    note = ""
+    if spec is None:
+        ours, theirs, err = conv256_steps()
+        note = f"max |ours − torch| {err:.1e}"
+    else:
+        ours, theirs = network_steps(*spec)
+    for fn in (ours, theirs, ours, theirs):  # warm-up: allocations, thread pools, caches
+        fn()
+    ours_ms, theirs_ms, ratios = [], [], []
+    for _ in range(rounds):
+        a, b = _median_ms(ours, repeats), _median_ms(theirs, repeats)
+        ours_ms.append(a)
+        theirs_ms.append(b)
+        ratios.append(a / b)
+    row = {"key": key, "ours_ms": statistics.median(ours_ms), "torch_ms": statistics.median(theirs_ms),
+           "ratio": statistics.median(ratios), "spread": [min(ratios), max(ratios)], "note": note}
+    if spec is None:  # a throughput row: GFLOP/s, and the ratio ours/torch of GFLOP/s
+        row["ours_gflops"] = CONV256_FLOP / row["ours_ms"] / 1e6
+        row["torch_gflops"] = CONV256_FLOP / row["torch_ms"] / 1e6
+        row["ratio"] = statistics.median(1 / r for r in ratios)
+        row["spread"] = [1 / max(ratios), 1 / min(ratios)]
+    return row
+
+
+def machine() -> str:
+    import torch
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    from cnnc.backends.numpy import parallel
+    return (f"{cpu}, {os.cpu_count()} CPUs, cnnc threads {parallel.get_threads()}, torch {torch.__version__} "
+            f"threads {torch.get_num_threads()}, numpy {np.__version__}, Python {platform.python_version()}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per row (default 5)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per side per round (default 5)")
+    ap.add_argument("--only", help="comma-separated row keys: " + ",".join(r[0] for r in ROWS))
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = ap.parse_args()
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("cpu.py: the peer needs PyTorch (pip install torch)", file=sys.stderr)
+        return 2
+    from cnnc.backends.numpy import NumpyBackend
+    NumpyBackend()  # thread and BLAS settings as `cnnc train` has them
+    keys = set(args.only.split(",")) if args.only else {r[0] for r in ROWS}
+    rows = []
+    for key, label, spec, goal, how in ROWS:
+        if key not in keys:
+            continue
+        row = measure(key, spec, args.rounds, args.repeats)
+        row.update(label=label, goal=goal, how=how)
+        if goal is not None:
+            row["met"] = row["ratio"] <= goal if how.startswith("time") else row["ratio"] >= goal
+        rows.append(row)
+        print(f"  measured {label}: ratio {row['ratio']:.2f}", file=sys.stderr, flush=True)
+    print(f"machine: {machine()}")
+    print(f"{'':38}{'cnnc':>12}{'PyTorch':>12}{'ratio':>8}  {'(spread)':<13}{'goal':<14}")
+    for r in rows:
+        if "ours_gflops" in r:
+            a, b = f"{r['ours_gflops']:.0f} GFLOP/s", f"{r['torch_gflops']:.0f} GFLOP/s"
+        else:
+            a, b = f"{r['ours_ms']:.1f} ms", f"{r['torch_ms']:.1f} ms"
+        goal = f"{r['how']} {r['goal']}" if r["goal"] is not None else "report"
+        verdict = "" if r["goal"] is None else ("  met" if r["met"] else "  NOT met")
+        spread = f"({r['spread'][0]:.2f}–{r['spread'][1]:.2f})"
+        print(f"{r['label']:<38}{a:>12}{b:>12}{r['ratio']:>8.2f}  {spread:<13}{goal:<14}{verdict}")
+        if r["note"]:
+            print(f"{'':38}{r['note']}")
+    print("ratio: cnnc time / PyTorch time (conv row: cnnc GFLOP/s / PyTorch GFLOP/s); median over "
+          f"{args.rounds} alternating rounds of {args.repeats} steps each")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
