@@ -23,22 +23,12 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-
-
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
 
 
 def network_steps(name: str, batch: int, train: bool):
@@ -98,6 +88,7 @@ CONV256_FLOP = 2 * 8 * 56 * 56 * 256 * 256 * 9
 
 
 def measure(key: str, spec, rounds: int, repeats: int) -> dict:
+    from cnnc.runtime.bench import _median_ms
     note = ""
     if spec is None:
         ours, theirs, err = conv256_steps()
@@ -108,7 +99,7 @@ def measure(key: str, spec, rounds: int, repeats: int) -> dict:
         fn()
     ours_ms, theirs_ms, ratios = [], [], []
     for _ in range(rounds):
-        a, b = _median_ms(ours, repeats), _median_ms(theirs, repeats)
+        a, b = _median_ms(ours, repeats, 0), _median_ms(theirs, repeats, 0)
         ours_ms.append(a)
         theirs_ms.append(b)
         ratios.append(a / b)

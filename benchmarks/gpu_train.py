@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # torch_ref: our graph run in PyTorch with the same weights
 
 CASES = [("resnet50", 64), ("resnet20_cifar", 128)]
 
@@ -62,9 +61,9 @@ def ours(name: str, batch: int, steps: int) -> float:
 def torch_peer(name: str, batch: int, steps: int) -> float:
     import torch
     import torch.nn.functional as F
-    from torch_ref import run_torch
 
     from cnnc.runtime.model import Model
+    from cnnc.runtime.peers import TorchNetwork
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -72,32 +71,14 @@ def torch_peer(name: str, batch: int, steps: int) -> float:
     model = Model.load(ROOT / "examples" / f"{name}.cnn")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, *model.input_shape)).astype(np.float32)
-    params = model.host_params()
-    _, leaves = run_torch(model.graph, params, x[:1])
-    dev = torch.device("cuda")
-    leaves = {k: v.detach().to(dev).requires_grad_(v.requires_grad) for k, v in leaves.items()}
-    opt = torch.optim.SGD([v for v in leaves.values() if v.requires_grad], lr=0.01, momentum=0.9)
-    xt = torch.tensor(x, device=dev)
-    yt = torch.tensor(rng.integers(0, model.classes, batch), device=dev)
-
-    from torch_ref import _op
-    from cnnc.compiler.graph import inputs_of
-    g = model.graph
-
-    def forward(inp):
-        values = {}
-        for n in sorted(g.nodes):
-            d = g.nodes[n]
-            if d["op"] == "input":
-                values[n] = inp
-                continue
-            p = {s.name: leaves[f"{d['name']}.{s.name}"] for s in d.get("param_specs", [])}
-            values[n] = _op(d["op"], d["attrs"], d, [values[u] for u in inputs_of(g, n)], p, True)
-        return values[g.graph["output"]]
+    net = TorchNetwork(model.graph, model.host_params(), device="cuda")
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    xt = torch.tensor(x, device="cuda")
+    yt = torch.tensor(rng.integers(0, model.classes, batch), device="cuda")
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(forward(xt), yt).backward()
+        F.cross_entropy(net(xt, training=True), yt).backward()
         opt.step()
 
     for _ in range(3):

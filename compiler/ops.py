@@ -12,7 +12,7 @@ Shapes exclude the batch dimension: (C, H, W) for images, (F,) for flat features
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, Callable, Literal, Union
 
@@ -198,6 +198,18 @@ class ChainAttrs(Attrs):
 
     ops: tuple[Literal["relu", "relu6", "leaky_relu", "sigmoid", "tanh"], ...]
     slopes: tuple[float, ...]  # one per op; used by leaky_relu
+
+    def steps(self, node_name: str) -> list[tuple[str, float]]:
+        """(op, slope) in order; a missing slope is 0 except for a leaky_relu, which needs one."""
+        out = []
+        for i, op in enumerate(self.ops):
+            if i < len(self.slopes):
+                out.append((op, float(self.slopes[i])))
+            elif op == "leaky_relu":
+                raise CnncError(f"elemwise_chain `{node_name}`: no slope for its leaky_relu (op {i + 1})")
+            else:
+                out.append((op, 0.0))
+        return out
 
 
 class LayoutAttrs(Attrs):

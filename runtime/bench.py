@@ -128,7 +128,6 @@ def layer_times(m, x, train: bool, repeats: int = 3) -> list[dict]:
     """Per-layer forward (and backward) milliseconds, sorted by total time, with GFLOP/s."""
     plan, be, ex = m.plan, m.backend, m.executor
     ctx = Ctx(training=train, rng=np.random.default_rng(0))
-    input_ctx = Ctx(training=train, rng=ctx.rng, need_input_grad=False)
     fwd = {s.node.name: [] for s in plan.steps}
     bwd = {s.node.name: [] for s in plan.steps}
     for _ in range(repeats):
@@ -148,10 +147,9 @@ def layer_times(m, x, train: bool, repeats: int = 3) -> list[dict]:
             g = grads.pop(step.node.id, None)
             if g is None:
                 continue
-            first = all(u == plan.input for u in step.inputs)  # as the executor runs it: no input gradient
             t = time.perf_counter()
             dxs, _ = step.kernel.backward(step.node, saved.pop(step.node.id), g, ex._step_params(i),
-                                          input_ctx if first else ctx)
+                                          ex.backward_ctx(i, ctx))
             bwd[step.node.name].append(time.perf_counter() - t)
             for u, dx in zip(step.inputs, dxs):
                 if dx is not None and u != plan.input:

@@ -30,6 +30,8 @@ class Executor:
             if node != plan.output and i >= 0:
                 self._free_after[i].append(node)
         self._local = [{q.rsplit(".", 1)[1]: q for q in step.params} for step in plan.steps]
+        # steps that read only the network's input: nothing needs their input gradient
+        self._on_input = [all(u == plan.input for u in step.inputs) for step in plan.steps]
 
     def _step_params(self, i: int) -> dict:
         return {local: self.params[q] for local, q in self._local[i].items()}
@@ -52,8 +54,11 @@ class Executor:
                 values.pop(dead, None)
         self._saved = saved if keep else None
         self._ctx = ctx
-        self._input_ctx = replace(ctx, need_input_grad=False)
         return values[self.plan.output]
+
+    def backward_ctx(self, i: int, ctx: Ctx) -> Ctx:
+        """The context step i's backward kernel runs in: told when its input is the network's."""
+        return replace(ctx, need_input_grad=False) if self._on_input[i] else ctx
 
     def backward(self, dy) -> dict:
         """Gradients of every parameter (qualified name → array) given d(loss)/d(output)."""
@@ -66,10 +71,8 @@ class Executor:
             g = grads.pop(step.node.id, None)
             if g is None:  # this node does not reach the output
                 continue
-            ctx = self._ctx
-            if all(u == self.plan.input for u in step.inputs):
-                ctx = self._input_ctx
-            dxs, dps = step.kernel.backward(step.node, self._saved.pop(step.node.id), g, self._step_params(i), ctx)
+            dxs, dps = step.kernel.backward(step.node, self._saved.pop(step.node.id), g, self._step_params(i),
+                                           self.backward_ctx(i, self._ctx))
             for local, dp in dps.items():
                 pgrads[self._local[i][local]] = dp
             for u, dx in zip(step.inputs, dxs):

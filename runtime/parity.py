@@ -18,11 +18,11 @@ lands far above it where the network is well conditioned, reordered sums do not.
 
 from __future__ import annotations
 
-import numpy as np
-
 from dataclasses import replace
 
-from cnnc.backends.base import Ctx, Kernel
+import numpy as np
+
+from cnnc.backends.base import Ctx, Kernel, get_backend
 from cnnc.compiler.optimize import remove_dropout
 from cnnc.compiler.pipeline import PassContext, check, run_pipeline
 from cnnc.dsl import load
@@ -74,25 +74,26 @@ def _with_rounding_noise(model: Model, seed: int) -> Model:
     return model
 
 
-def _run(m, x, seed, executor=None):
-    """Training-mode forward with a trace of every layer, then backward from a fixed random
-    output gradient; host copies of the trace and of every parameter gradient."""
-    ex = executor or m.executor
+def _run(ex: Executor, x, seed, to_device=np.asarray, to_host=np.asarray):
+    """Training-mode forward with a trace of every layer (host arrays), then backward from a
+    fixed random output gradient; the trace and host copies of every parameter gradient."""
     trace: dict = {}
-    out = ex.forward(m.backend.to_device(x) if executor is None else x,
-                     Ctx(training=True, rng=np.random.default_rng(seed)), trace=trace)
-    r = np.random.default_rng(seed + 1).normal(size=m.backend.to_host(out).shape).astype(x.dtype)
-    grads = {k: m.backend.to_host(v) for k, v in ex.backward(r if executor else m.backend.to_device(r)).items()}
-    return {k: m.backend.to_host(v) for k, v in trace.items()}, grads
+    out = ex.forward(to_device(x), Ctx(training=True, rng=np.random.default_rng(seed)), trace=trace)
+    r = np.random.default_rng(seed + 1).normal(size=out.shape).astype(x.dtype)
+    return trace, {k: to_host(v) for k, v in ex.backward(to_device(r)).items()}
+
+
+def _run_model(m: Model, x, seed):
+    return _run(m.executor, x, seed, m.backend.to_device, m.backend.to_host)
 
 
 def _float64_run(g, params: dict, x, seed):
     """The NumPy backend in float64 (its kernels follow their inputs' dtype): the float32
     reference's own distance from it is part of the floor, since two correct float32
     implementations can each be that far from the exact result."""
-    m = Model(g, "numpy", seed)
-    return _run(m, x.astype(np.float64), seed, Executor(m.plan, m.backend, {k: np.asarray(v, np.float64)
-                                                                             for k, v in params.items()}))
+    numpy = get_backend("numpy")
+    ex = Executor(numpy.compile(g), numpy, {k: np.asarray(v, np.float64) for k, v in params.items()})
+    return _run(ex, x.astype(np.float64), seed)
 
 
 def parity(path, backends: tuple[str, str] = ("numpy", "cuda"), batch: int = 2, seed: int = 0,
@@ -109,13 +110,13 @@ def parity(path, backends: tuple[str, str] = ("numpy", "cuda"), batch: int = 2, 
     other.set_params(ref.host_params(), "reference weights")
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, *ref.input_shape)).astype(np.float32)
-    ref_trace, ref_grads = _run(ref, x, seed)
-    other_trace, other_grads = _run(other, x, seed)
+    ref_trace, ref_grads = _run_model(ref, x, seed)
+    other_trace, other_grads = _run_model(other, x, seed)
     floors = []
     for k in range(FLOOR_RUNS):
         noisy = _with_rounding_noise(Model(g, "numpy", seed), seed + 10 + k)
         noisy.set_params(ref.host_params(), "reference weights")
-        floors.append(_run(noisy, x, seed))
+        floors.append(_run_model(noisy, x, seed))
     floors.append(_float64_run(g, ref.host_params(), x, seed))
     rows = []
     for step in ref.plan.steps:

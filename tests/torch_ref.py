@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cnnc.runtime.peers import TorchNetwork, torch_op as _op  # noqa: F401  (_op: used by gpu_train.py)
+from cnnc.runtime.peers import TorchNetwork
 
 
 def run_torch(graph, params: dict[str, np.ndarray], x: np.ndarray, training: bool = False):

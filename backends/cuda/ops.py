@@ -103,14 +103,7 @@ def _chain(node) -> list[tuple[str, float]]:
     if node.op in ACT_CODES:
         return [(node.op, float(a.slope) if node.op == "leaky_relu" else 0.0)]
     if node.op == "elemwise_chain":
-        out = []
-        for i, op in enumerate(a.ops):
-            if i < len(a.slopes):
-                out.append((op, float(a.slopes[i])))
-            elif op == "leaky_relu":
-                raise CnncError(f"elemwise_chain `{node.name}`: no slope for its leaky_relu (op {i + 1})")
-            else:
-                out.append((op, 0.0))
+        out = a.steps(node.name)
         if len(out) > MAX_CHAIN:
             raise CnncError(f"elemwise_chain `{node.name}` has {len(out)} ops; the CUDA kernel takes at most "
                             f"{MAX_CHAIN}")

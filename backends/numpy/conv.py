@@ -29,6 +29,14 @@ from .blas import gemm
 
 # ---- shared helpers ------------------------------------------------------------------------
 
+def _placement(h, w, top, left, hp, wp):
+    """Where x lands in the padded grid: (grid rows, grid cols, x rows, x cols) as slices."""
+    r0, c0 = max(top, 0), max(left, 0)
+    s0, t0 = max(-top, 0), max(-left, 0)
+    hh, ww = min(h - s0, hp - r0), min(w - t0, wp - c0)
+    return slice(r0, r0 + hh), slice(c0, c0 + ww), slice(s0, s0 + hh), slice(t0, t0 + ww)
+
+
 def _pad(x: np.ndarray, top: int, left: int, hp: int, wp: int, fill: float = 0.0) -> np.ndarray:
     """x (N, C, H, W) placed at (top, left) of an (N, C, hp, wp) buffer filled with `fill`.
 
@@ -39,11 +47,9 @@ def _pad(x: np.ndarray, top: int, left: int, hp: int, wp: int, fill: float = 0.0
     if top == 0 and left == 0 and hp == h and wp == w:
         return x
     out = np.full((n, c, hp, wp), fill, dtype=x.dtype)
-    r0, c0 = max(top, 0), max(left, 0)  # destination start
-    s0, t0 = max(-top, 0), max(-left, 0)  # source start
-    hh, ww = min(h - s0, hp - r0), min(w - t0, wp - c0)
-    if hh > 0 and ww > 0:
-        out[:, :, r0:r0 + hh, c0:c0 + ww] = x[:, :, s0:s0 + hh, t0:t0 + ww]
+    gr, gc, xr, xc = _placement(h, w, top, left, hp, wp)
+    if gr.stop > gr.start and gc.stop > gc.start:
+        out[:, :, gr, gc] = x[:, :, xr, xc]
     return out
 
 
@@ -149,18 +155,6 @@ def _blocks(lo: int, hi: int, rows: int, itemsize: int):
         yield b0, min(b0 + step, hi)
 
 
-def _split(total: int, work: float) -> list[tuple[int, int]]:
-    return parallel.chunks(total, work)
-
-
-def _placement(h, w, top, left, hp, wp):
-    """Where x lands in the padded grid: (grid rows, grid cols, x rows, x cols) as slices."""
-    r0, c0 = max(top, 0), max(left, 0)
-    s0, t0 = max(-top, 0), max(-left, 0)
-    hh, ww = min(h - s0, hp - r0), min(w - t0, wp - c0)
-    return slice(r0, r0 + hh), slice(c0, c0 + ww), slice(s0, s0 + hh), slice(t0, t0 + ww)
-
-
 def _channel_major_padded(x, top, left, hp, wp, before: int, after: int) -> np.ndarray:
     """(C, before + N·hp·wp + after) zero buffer holding x channel-major on the padded grid."""
     n, c, h, w = x.shape
@@ -170,7 +164,7 @@ def _channel_major_padded(x, top, left, hp, wp, before: int, after: int) -> np.n
 
     def copy(lo, hi):
         grid[lo:hi, :, gr, gc] = x[:, lo:hi, xr, xc].transpose(1, 0, 2, 3)
-    parallel.run(copy, _split(c, x.size))
+    parallel.run(copy, parallel.chunks(c, x.size))
     return buf
 
 
@@ -208,14 +202,17 @@ def _shifted_forward(node, x, weight, bias):
     offs = _offsets(kh, kw, dh, dw, wp)
     grid = n * hp * wp
     buf = _channel_major_padded(x, top, left, hp, wp, 0, offs[-1])
-    taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(kh * kw, k, c)
-    flat = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(k, kh * kw * c)  # [k, t·C + c]
-    saved = ("shifted", buf, taps, flat, x.shape, hp, wp, weight if wino else None)
+    # the backward pass reads the padded input again and the weight from its params
+    saved = ("shifted", buf, x.shape, hp, wp, "winograd" if wino else None)
     if wino:
         xg = buf[:, :grid].reshape(c, n, hp, wp)
         return winograd.conv3x3(xg, winograd.filter_transform(weight), oh, ow, bias), saved
     full = np.empty((k, grid), dtype=x.dtype)
     stacked = _stacked(c)
+    if stacked:
+        flat = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(k, kh * kw * c)  # [k, t·C + c]
+    else:
+        taps = _taps(weight)
 
     def columns(lo, hi):
         rows = k + (len(offs) * c if stacked else c)
@@ -228,7 +225,7 @@ def _shifted_forward(node, x, weight, bias):
                 continue
             for t, off in enumerate(offs):
                 gemm(taps[t], buf[:, off + b0:off + b1], full[:, b0:b1], 0.0 if t == 0 else 1.0)
-    parallel.run(columns, _split(grid, k * c * kh * kw * grid))
+    parallel.run(columns, parallel.chunks(grid, k * c * kh * kw * grid))
     y = np.empty((n, k, oh, ow), dtype=x.dtype)
     view = full.reshape(k, n, hp, wp)[:, :, :oh, :ow]
 
@@ -238,8 +235,14 @@ def _shifted_forward(node, x, weight, bias):
             out[...] = view[lo:hi]
         else:
             np.add(view[lo:hi], bias[lo:hi].reshape(-1, 1, 1, 1), out=out)
-    parallel.run(unpack, _split(k, y.size))
+    parallel.run(unpack, parallel.chunks(k, y.size))
     return y, saved
+
+
+def _taps(weight: np.ndarray) -> np.ndarray:
+    """(K, C, kh, kw) → (kh·kw, K, C): one K×C matrix per kernel offset."""
+    k, c, kh, kw = weight.shape
+    return np.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(kh * kw, k, c)
 
 
 def _winograd_input_grad(dy, weight, top: int, left: int, h: int, w: int) -> np.ndarray:
@@ -252,63 +255,58 @@ def _winograd_input_grad(dy, weight, top: int, left: int, h: int, w: int) -> np.
     return winograd.conv3x3(dyg, winograd.filter_transform(flipped), h, w)
 
 
-def _shifted_backward(node, saved, dy, has_bias: bool, need_dx: bool = True):
-    _, buf, taps, flat, (n, c, h, w), hp, wp, wino_weight = saved
+def _shifted_backward(node, saved, dy, weight, has_bias: bool, need_dx: bool = True):
+    _, buf, (n, c, h, w), hp, wp, method = saved
     kh, kw, sh, sw, dh, dw, k, oh, ow, _, _ = _conv_geometry(node)
     top, _, left, _ = _pads(node)
-    wino_dx = need_dx and wino_weight is not None
-    if wino_dx:
-        need_dx = False  # the shifted gemms below compute the weight gradient only
+    gemm_dx = need_dx and method != "winograd"  # Winograd layers get dx from Winograd below
     offs = _offsets(kh, kw, dh, dw, wp)
-    span, grid, dtype = offs[-1], n * hp * wp, dy.dtype
+    ntaps, span, grid, dtype = len(offs), offs[-1], n * hp * wp, dy.dtype
     # dy on the padded grid, zero at the dropped positions and over `span` columns in front
     dpad = np.zeros((k, span + grid), dtype=dtype)
     dgrid = dpad[:, span:].reshape(k, n, hp, wp)
 
     def pack(lo, hi):
         dgrid[lo:hi, :, :oh, :ow] = dy[:, lo:hi].transpose(1, 0, 2, 3)
-    parallel.run(pack, _split(k, dy.size))
+    parallel.run(pack, parallel.chunks(k, dy.size))
     dfull = dpad[:, span:]
-    dx_grid = np.empty((c, grid), dtype=dtype) if need_dx else None
-    slices = _split(grid, 2 * k * c * kh * kw * grid)
+    dx_grid = np.empty((c, grid), dtype=dtype) if gemm_dx else None
     stacked = _stacked(min(c, k))
+    taps = _taps(weight)
     back = [-off for off in offs]  # dX[:, q] = Σ_t W_tᵀ dY[:, q − off_t]
-    flat_t = np.ascontiguousarray(taps.transpose(2, 0, 1)).reshape(c, len(offs) * k)  # [c, t·K + k]
+    flat_t = np.ascontiguousarray(taps.transpose(2, 0, 1)).reshape(c, ntaps * k) if stacked else None
 
     def columns(lo, hi):
-        ntaps = len(offs)
-        dflat = np.empty((k, ntaps * c), dtype=dtype)
+        dflat = np.empty((k, ntaps * c), dtype=dtype)  # [k, t·C + c]
         dtaps = dflat.reshape(k, ntaps, c)
         ws = wd = None
-        first = True
         rows = k + c + (ntaps * (c + k) if stacked else 0)
-        for b0, b1 in _blocks(lo, hi, rows, dy.itemsize):
+        for i, (b0, b1) in enumerate(_blocks(lo, hi, rows, dy.itemsize)):
+            beta = 0.0 if i == 0 else 1.0
             if stacked:
-                if ws is None:
+                if ws is None:  # workspaces as wide as the first (widest) block
                     ws = np.empty((ntaps * c, b1 - b0), dtype=dtype)
                     wd = np.empty((ntaps * k, b1 - b0), dtype=dtype)
-                gemm(dfull[:, b0:b1], _stack(buf, offs, 0, b0, b1, ws).T, dflat, 0.0 if first else 1.0)
-                if need_dx:
+                gemm(dfull[:, b0:b1], _stack(buf, offs, 0, b0, b1, ws).T, dflat, beta)
+                if gemm_dx:
                     gemm(flat_t, _stack(dpad, back, span, b0, b1, wd), dx_grid[:, b0:b1])
-            else:
-                for t, off in enumerate(offs):
-                    # dW_t += dY[:, block] · X[:, block + off]ᵀ ;  dX[:, block] += W_tᵀ · dY[:, block − off]
-                    gemm(dfull[:, b0:b1], buf[:, off + b0:off + b1].T, dtaps[:, t], 0.0 if first else 1.0)
-                    if need_dx:
-                            gemm(taps[t].T, dpad[:, span - off + b0:span - off + b1], dx_grid[:, b0:b1],
-                             0.0 if t == 0 else 1.0)
-            first = False
+                continue
+            for t, off in enumerate(offs):
+                # dW_t += dY[:, block] · X[:, block + off]ᵀ ;  dX[:, block] += W_tᵀ · dY[:, block − off]
+                gemm(dfull[:, b0:b1], buf[:, off + b0:off + b1].T, dtaps[:, t], beta)
+                if gemm_dx:
+                    gemm(taps[t].T, dpad[:, span - off + b0:span - off + b1], dx_grid[:, b0:b1],
+                         0.0 if t == 0 else 1.0)
         return dflat
-    parts = parallel.run(columns, slices)
+    parts = parallel.run(columns, parallel.chunks(grid, 2 * k * c * ntaps * grid))
     dflat = sum(parts[1:], parts[0])
-    dweight = np.ascontiguousarray(dflat.reshape(k, kh, kw, c).transpose(0, 3, 1, 2))
-    dparams = {"weight": dweight}
+    dparams = {"weight": np.ascontiguousarray(dflat.reshape(k, kh, kw, c).transpose(0, 3, 1, 2))}
     if has_bias:
         dparams["bias"] = dy.sum(axis=(0, 2, 3))
-    if wino_dx:
-        return [_winograd_input_grad(dy, wino_weight, top, left, h, w)], dparams
     if not need_dx:
         return [None], dparams
+    if not gemm_dx:
+        return [_winograd_input_grad(dy, weight, top, left, h, w)], dparams
     gr, gc, xr, xc = _placement(h, w, top, left, hp, wp)
     whole = (xr.stop - xr.start, xc.stop - xc.start) == (h, w)
     dx = np.empty((n, c, h, w), dtype=dtype) if whole else np.zeros((n, c, h, w), dtype=dtype)
@@ -316,7 +314,7 @@ def _shifted_backward(node, saved, dy, has_bias: bool, need_dx: bool = True):
 
     def unpack(lo, hi):
         dx[:, lo:hi, xr, xc] = view[lo:hi, :, gr, gc].transpose(1, 0, 2, 3)
-    parallel.run(unpack, _split(c, dx.size))
+    parallel.run(unpack, parallel.chunks(c, dx.size))
     return [dx], dparams
 
 
@@ -344,7 +342,9 @@ def conv_forward(node, xs, params, ctx):
 
 def conv_backward(node, saved, dy, params, ctx):
     if isinstance(saved[0], str):  # ("shifted", ...)
-        return _shifted_backward(node, saved, np.ascontiguousarray(dy), "bias" in params, ctx.need_input_grad)
+        weight = params["weight"].astype(dy.dtype, copy=False)
+        return _shifted_backward(node, saved, np.ascontiguousarray(dy), weight, "bias" in params,
+                                 ctx.need_input_grad)
     x, cols, slices, (n, c, h, w) = saved
     dtype = dy.dtype
     weight = params["weight"].astype(dtype, copy=False)

@@ -216,22 +216,9 @@ def fused_dense_backward(node, saved, dy, params, ctx):
 
 # ---- elemwise_chain ------------------------------------------------------------------------
 
-def _chain(node) -> list[tuple[str, float]]:
-    a = node.attrs
-    out = []
-    for i, op in enumerate(a.ops):
-        if i < len(a.slopes):
-            out.append((op, float(a.slopes[i])))
-        elif op == "leaky_relu":
-            raise CnncError(f"elemwise_chain `{node.name}`: no slope for its leaky_relu (op {i + 1})")
-        else:
-            out.append((op, 0.0))
-    return out
-
-
 def chain_forward(node, xs, params, ctx):
     (x,) = xs
-    ops = _chain(node)
+    ops = node.attrs.steps(node.name)
     if not ops:
         return x, None
     x = np.ascontiguousarray(x)
@@ -249,7 +236,7 @@ def chain_forward(node, xs, params, ctx):
 
 
 def chain_backward(node, saved, dy, params, ctx):
-    ops = _chain(node)
+    ops = node.attrs.steps(node.name)
     if not ops:
         return [dy], {}
     x = saved
