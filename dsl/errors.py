@@ -1,14 +1,17 @@
-"""Source files, spans and the one error type that every stage of cnnc raises.
+"""Source files, spans, the one user-error type that every stage of cnnc raises, and the internal one.
 
 A `Span` points into a `Source` (file name + text). `CnncError` carries a span, a hint and
 notes (other spans, e.g. a block call site or the other operand of an `add`). It renders
 chibicc-style: `file:line:col: error: message`, the source line, a caret underline.
 `Diagnostics` collects several independent errors so that one run reports them all.
+`InternalError` is the other kind: a bug in cnnc, not a mistake of the user's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from .limits import MAX_ERRORS
 
 
 @dataclass(frozen=True, eq=False)
@@ -19,8 +22,17 @@ class Source:
     text: str = field(repr=False)
 
     def line_text(self, line: int) -> str:
-        lines = self.text.splitlines()
-        return lines[line - 1] if 1 <= line <= len(lines) else ""
+        if line < 1:
+            return ""
+        # walk the line starts instead of splitting: errors are rendered from big files too
+        start = 0
+        for _ in range(line - 1):
+            start = self.text.find("\n", start) + 1
+            if start == 0:
+                return ""
+        end = self.text.find("\n", start)
+        text = self.text[start:] if end < 0 else self.text[start:end]
+        return text.removesuffix("\r")
 
 
 @dataclass(frozen=True)
@@ -48,13 +60,25 @@ class Span:
         return Span(self.source, self.line, self.col, other.end_line, other.end_col)
 
     def excerpt(self) -> str:
-        """The source line and a caret underline under the spanned columns."""
+        """The source line and a caret underline under the spanned columns.
+
+        A line longer than EXCERPT_WIDTH is shown as the window around the caret."""
         text = self.source.line_text(self.line)
         end = self.end_col if self.end_line == self.line else len(text) + 1
-        width = max(1, min(end, len(text) + 1) - self.col)
+        col = self.col
+        if len(text) > EXCERPT_WIDTH:
+            start = max(0, min(col - 1 - EXCERPT_WIDTH // 4, len(text) - EXCERPT_WIDTH))
+            text = ("…" if start else "") + text[start:start + EXCERPT_WIDTH] + \
+                ("…" if start + EXCERPT_WIDTH < len(text) else "")
+            shift = start - (1 if start else 0)
+            col, end = col - shift, min(end - shift, EXCERPT_WIDTH + 2)
+        width = max(1, min(end, len(text) + 1) - col)
         gutter = f"{self.line:>5} | "
-        pad = "".join("\t" if ch == "\t" else " " for ch in text[: self.col - 1])
+        pad = "".join("\t" if ch == "\t" else " " for ch in text[: col - 1])
         return f"{gutter}{text}\n{' ' * (len(gutter) - 2)}| {pad}^{'~' * (width - 1)}"
+
+
+EXCERPT_WIDTH = 240  # characters of a source line shown under an error
 
 
 @dataclass
@@ -125,16 +149,31 @@ class CnncErrors(Exception):
         return f"{body}\n\n{n} error{'s' if n != 1 else ''} generated."
 
 
+class InternalError(Exception):
+    """A bug in cnnc (a broken invariant), never a user mistake: reported with "please report"."""
+
+
 class Diagnostics:
-    """Collects errors from a stage that can go on after a mistake; `check()` raises them all."""
+    """Collects errors from a stage that can go on after a mistake; `check()` raises them all.
+
+    At MAX_ERRORS distinct errors it stops the stage (as compilers' -fmax-errors does): one
+    mistake repeated in a long loop is not worth minutes of messages.
+    """
 
     def __init__(self) -> None:
         self.errors: list[CnncError] = []
+        self._keys: set[tuple[str, str]] = set()
+        self.truncated = False
 
     def add(self, err: CnncError) -> None:
         key = (str(err.span), err.message)
-        if all((str(e.span), e.message) != key for e in self.errors):
-            self.errors.append(err)
+        if key in self._keys:
+            return
+        self._keys.add(key)
+        self.errors.append(err)
+        if len(self.errors) >= MAX_ERRORS:
+            self.truncated = True
+            self.check()
 
     def __bool__(self) -> bool:
         return bool(self.errors)
@@ -142,7 +181,11 @@ class Diagnostics:
     def check(self) -> None:
         if self.errors:
             self.errors.sort(key=lambda e: (e.span.file, e.span.line, e.span.col) if e.span else ("", 0, 0))
-            raise CnncErrors(self.errors)
+            errors = list(self.errors)
+            if self.truncated:
+                errors.append(CnncError(f"too many errors ({MAX_ERRORS}); stopping here",
+                                        hint="fix these first and check again"))
+            raise CnncErrors(errors)
 
 
 def did_you_mean(word: str, choices) -> str | None:

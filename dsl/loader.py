@@ -4,32 +4,79 @@
 the importing file and must stay inside that file's directory (no escape through `..`,
 symlinks or absolute paths) unless the directory it lands in was allowed by the caller
 (`cnnc check --import-root DIR`). Import cycles and a block defined in two files are errors.
+
+Files are read by `read_source`: regular files only (a FIFO or a device such as /dev/zero would
+block or never end), at most MAX_SOURCE_BYTES, UTF-8 with the line and column of a bad byte.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from . import ast
-from .errors import CnncError
+from .errors import CnncError, Source, Span
+from .limits import MAX_IMPORTS, MAX_SOURCE_BYTES
 from .parser import parse
+
+
+def read_source(path: Path, display: str, where: Span | None = None, what: str = "file") -> str:
+    """The text of a .cnn file, or a CnncError (at `where`, an import line, when given)."""
+    if "\0" in str(path):
+        raise CnncError(f"the {what} name {str(path)!r} contains a NUL byte", where)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait
+    except FileNotFoundError:
+        raise CnncError(f"no such {what}: {display}", where) from None
+    except OSError as exc:
+        raise CnncError(f"cannot read {display}: {exc.strerror}", where) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise CnncError(f"{display} is a directory, not a .cnn file", where)
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+            raise CnncError(f"{display} is {kind}, not a .cnn file", where,
+                            "cnnc reads .cnn sources from regular files only")
+        chunks, size = [], 0
+        while size <= MAX_SOURCE_BYTES:
+            chunk = os.read(fd, MAX_SOURCE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise CnncError(f"cannot read {display}: {exc.strerror}", where) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > MAX_SOURCE_BYTES:
+        raise CnncError(f"{display} is larger than {MAX_SOURCE_BYTES // 1024} KiB, the limit for one .cnn file",
+                        where, "a network description is a few KiB; split it with `import`")
+    return decode_source(data, display)
+
+
+def decode_source(data: bytes, display: str) -> str:
+    """UTF-8 text; a bad byte is reported at its line and column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[:exc.start].decode("utf-8", errors="replace")
+        line = before.count("\n") + 1
+        col = len(before) - (before.rfind("\n") + 1) + 1
+        source = Source(display, data.decode("utf-8", errors="replace"))
+        raise CnncError(f"the file is not UTF-8 text: byte 0x{data[exc.start]:02x} cannot start or continue "
+                        "a character here", Span(source, line, col, line, col + 1),
+                        "save the file as UTF-8") from None
 
 
 def load(path: str | os.PathLike, import_roots: list[str | os.PathLike] = (),
          display_name: str | None = None) -> ast.Program:
     """Parse `path` and every file it imports; the result's `blocks` holds all their blocks."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CnncError(f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise CnncError(f"{path} is a directory, not a .cnn file") from None
-    except UnicodeDecodeError as exc:
-        raise CnncError(f"{path} is not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise CnncError(f"cannot read {path}: {exc.strerror}") from None
+    text = read_source(path, display_name or str(path))
     roots = [Path(r).resolve() for r in import_roots]
     program = parse(text, display_name or str(path))
     _resolve_imports(program, path.resolve(), roots, stack=[path.resolve()], loaded={})
@@ -58,13 +105,12 @@ def _resolve_imports(program: ast.Program, file: Path, roots: list[Path], stack:
         if target in loaded:
             _merge(origin, loaded[target], imp)
             continue
-        try:
-            text = target.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise CnncError(f"imported file not found: {imp.path}", imp.span,
-                            f"paths are relative to {file.parent}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CnncError(f"cannot read imported file {imp.path}: {exc}", imp.span) from None
+        if len(loaded) + len(stack) >= MAX_IMPORTS:
+            raise CnncError(f"more than {MAX_IMPORTS} imported files", imp.span,
+                            "imports bring in blocks; a network needs a handful of files")
+        if not target.exists():
+            raise CnncError(f"imported file not found: {imp.path}", imp.span, f"paths are relative to {file.parent}")
+        text = read_source(target, _display(target), imp.span, "imported file")
         sub = parse(text, _display(target))
         for what, span in (("layers:", sub.layers_span), ("train:", sub.train_span),
                            ("network", sub.network and sub.network[1]), ("input", sub.input_dims and sub.input_dims[1]),
@@ -88,8 +134,13 @@ def _merge(origin: dict[str, ast.BlockDef], sub: ast.Program, imp: ast.Import) -
 
 def _confined_path(imp: ast.Import, file: Path, roots: list[Path]) -> Path:
     base = file.parent
+    if "\0" in imp.path:
+        raise CnncError("an import path cannot contain a NUL byte", imp.span)
     raw = Path(imp.path)
-    target = (raw if raw.is_absolute() else base / raw).resolve()
+    try:
+        target = (raw if raw.is_absolute() else base / raw).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
+        raise CnncError(f"cannot resolve import `{imp.path}`: {exc}", imp.span) from None
     allowed = [base, *roots]
     if not any(target == r or r in target.parents for r in allowed):
         raise CnncError(f"import `{imp.path}` leaves the directory of the importing file", imp.span,

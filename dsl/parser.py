@@ -4,6 +4,11 @@ Lark (LALR + contextual lexer + an Indenter for block structure) builds the tree
 Transformer turns it into AST dataclasses with spans. Lark's exceptions become `CnncError`
 with the file, line, column and what was expected; a `CnncError` raised inside the
 Transformer arrives wrapped in `VisitError` and is unwrapped here.
+
+The LALR tables are built in memory once per process, never cached on disk: Lark's cache is a
+pickle under a predictable name in the shared temp directory, which anyone could plant.
+Before the tree is turned into an AST its nesting is measured without recursion
+(`limits.MAX_NESTING`), so no input reaches Python's recursion limit.
 """
 
 from __future__ import annotations
@@ -11,13 +16,14 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import (UnexpectedCharacters, UnexpectedEOF, UnexpectedInput,
                              UnexpectedToken, VisitError)
 from lark.indenter import DedentError, Indenter
 
 from . import ast
-from .errors import CnncError, Source, Span
+from .errors import CnncError, InternalError, Source, Span
+from .limits import MAX_INT, MAX_NESTING, MAX_NUMBER_DIGITS, MAX_SOURCE_BYTES
 
 GRAMMAR = Path(__file__).with_name("cnn.lark")
 
@@ -33,9 +39,9 @@ class _CnnIndenter(Indenter):
 
 @functools.lru_cache(maxsize=1)
 def _lark() -> Lark:
-    # cache=True stores the compiled LALR tables in the temp dir: startup drops from ~150 ms to ~20 ms.
+    # no cache=True: see the module docstring (building the tables takes about 0.1 s)
     return Lark(GRAMMAR.read_text(encoding="utf-8"), parser="lalr", postlex=_CnnIndenter(),
-                propagate_positions=True, maybe_placeholders=True, cache=True)
+                propagate_positions=True, maybe_placeholders=True, cache=False)
 
 
 # Friendly names for terminals in "expected ..." messages.
@@ -77,9 +83,7 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def number(self, meta, children):
         (tok,) = children
-        text = str(tok)
-        value: int | float = int(text) if text.isdigit() else float(text)
-        return ast.Num(value, self._tok(tok))
+        return ast.Num(_number(str(tok), self._tok(tok)), self._tok(tok))
 
     def var(self, children):
         (tok,) = children
@@ -92,7 +96,7 @@ class _ToAst(Transformer):
     def dims(self, children):
         (tok,) = children
         parts = str(tok).replace("×", "x").split("x")
-        return ast.Dims(tuple(int(p) for p in parts), self._tok(tok))
+        return ast.Dims(tuple(_number(p, self._tok(tok)) for p in parts), self._tok(tok))
 
     @v_args(meta=True)
     def tuple(self, meta, children):
@@ -269,6 +273,41 @@ class _ToAst(Transformer):
         return ("train", header, list(children))
 
 
+def _number(text: str, span: Span) -> int | float:
+    """A number literal's value, refused before conversion when it is out of bounds."""
+    digits = sum(ch.isdigit() for ch in text.split("e")[0].split("E")[0])
+    if digits > MAX_NUMBER_DIGITS:
+        raise CnncError(f"number with {digits} digits; numbers have at most {MAX_NUMBER_DIGITS} digits", span)
+    if text.isdigit():
+        value = int(text)
+        if value > MAX_INT:
+            raise CnncError(f"number {text} is too large: integers go up to {MAX_INT:.0e}".replace("e+", "e"), span)
+        return value
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise CnncError(f"number {text} is too large for a float", span)
+    return value
+
+
+# Rules whose nesting is nesting the user wrote: each level costs stack in the tree walks.
+_NESTING_RULES = frozenset({"for_stmt", "group", "add", "sub", "mul", "div", "floordiv", "mod", "neg", "tuple"})
+
+
+def _check_nesting(tree, source: Source) -> None:
+    """Refuse a tree nested deeper than MAX_NESTING, found with an explicit stack."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if node.data in _NESTING_RULES:
+            depth += 1
+            if depth > MAX_NESTING:
+                m = node.meta
+                raise CnncError(f"nested more than {MAX_NESTING} levels deep (loops, parenthesised chains and "
+                                "operators inside one another)", Span(source, m.line, m.column, m.line, m.column + 1),
+                                "split the expression or the loops; compute a value in a block parameter")
+        stack.extend((c, depth) for c in node.children if isinstance(c, Tree))
+
+
 def _syntax_error(exc: UnexpectedInput, source: Source) -> CnncError:
     line = getattr(exc, "line", None) or 1
     col = getattr(exc, "column", None) or 1
@@ -336,6 +375,9 @@ def parse(text: str, name: str = "<string>") -> ast.Program:
     """Parse one file's text. Imports are not followed here: see `dsl.loader.load`."""
     text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     source = Source(name, text)
+    if len(text) > MAX_SOURCE_BYTES // 4 and len(text.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES:
+        raise CnncError(f"{name} is larger than {MAX_SOURCE_BYTES // 1024} KiB, the limit for one .cnn file",
+                        hint="a network description is a few KiB; split it with `import`")
     if not text.endswith("\n"):
         text += "\n"
     try:
@@ -347,12 +389,13 @@ def parse(text: str, name: str = "<string>") -> ast.Program:
         span = Span(source, line, 1, line, 2)
         raise CnncError("syntax error: this line's indentation matches no enclosing line", span,
                         "indent with the same number of spaces as the lines around it") from None
+    _check_nesting(tree, source)
     try:
         return _ToAst(source).transform(tree)
     except VisitError as exc:
         if isinstance(exc.orig_exc, CnncError):
             raise exc.orig_exc from None
-        raise
+        raise InternalError(f"building the syntax tree of {name} failed in rule `{exc.rule}`") from exc.orig_exc
 
 
 def _dedent_line(text: str, message: str) -> int:
