@@ -3,7 +3,9 @@
 Every layer in the source becomes one node per time it runs; every block call becomes an
 instance (`bottleneck3`) whose layers are named under it (`bottleneck3.conv2`). Errors are
 collected per statement so that independent mistakes are reported together; a statement
-that failed poisons the tensor it defines, and later uses of it are skipped silently.
+that failed poisons the tensor it defines, and later uses of it are skipped silently. A loop
+stops at its first iteration with errors: the others would repeat them. Block calls, loops
+and groups inside one another are counted against MAX_CALL_DEPTH before each level is entered.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from pydantic import ValidationError
 
 from cnnc.dsl import ast
 from cnnc.dsl.errors import CnncError, Diagnostics, Span, did_you_mean
+from cnnc.dsl.limits import MAX_CALL_DEPTH, MAX_INT, MAX_LAYERS
 
 from .graph import callstack_notes
 from .ops import OPS, OpDef, lookup, user_op_names
 
-MAX_EXPANSION = 100_000  # nodes; a runaway loop or repeat stops here
 
 
 class Symbol(str):
@@ -60,6 +62,14 @@ class GraphBuilder:
         self.g = nx.MultiDiGraph()
         self.names: dict[str, Span] = {}
         self.defaults_by_file: dict[int, dict] = {}
+        self.depth = 0  # block calls, loop bodies and groups being expanded, one inside another
+
+    def enter(self, span: Span) -> None:
+        self.depth += 1
+        if self.depth > MAX_CALL_DEPTH:
+            raise CnncError(f"block calls, loops and groups nest more than {MAX_CALL_DEPTH} levels deep", span,
+                            "a chain of blocks calling blocks this long is likely a mistake; flatten it "
+                            "with `* N` or a loop")
 
     # ---- entry
     def build(self) -> nx.MultiDiGraph:
@@ -149,14 +159,19 @@ class GraphBuilder:
         # for loop
         start = self.eval_int(stmt.start, frame, "range start") if stmt.start is not None else 0
         stop = self.eval_int(stmt.stop, frame, "range stop")
-        if stop - start > MAX_EXPANSION:
+        if stop - start > MAX_LAYERS:
             raise CnncError(f"loop of {stop - start} iterations", stmt.span)
         saved = frame.values.get(stmt.var, _MISSING)
+        self.enter(stmt.span)
         try:
             for i in range(start, stop):
                 frame.values[stmt.var] = i
+                before = len(self.diags.errors)
                 current = self.run_body(stmt.body, frame, current)
+                if len(self.diags.errors) > before:
+                    break  # later iterations would report the same mistakes again
         finally:
+            self.depth -= 1
             if saved is _MISSING:
                 frame.values.pop(stmt.var, None)
             else:
@@ -173,8 +188,12 @@ class GraphBuilder:
     def run_element(self, el: ast.Element, frame: Frame, x: int | None, first: bool) -> int | None:
         if isinstance(el, ast.Group):
             times = self.repeat_count(el.repeat, frame)
-            for r in range(times):
-                x = self.run_chain(el.chain, frame, x, first and r == 0)
+            self.enter(el.span)
+            try:
+                for r in range(times):
+                    x = self.run_chain(el.chain, frame, x, first and r == 0)
+            finally:
+                self.depth -= 1
             return x
         name = el.name
         if isinstance(el, ast.Command) and not el.args and name in frame.tensors and not lookup(name):
@@ -313,7 +332,11 @@ class GraphBuilder:
                                         "def": block.name_span, "callstack": frame.callstack}
         child = Frame({**self.consts, **values}, {"in": x}, self.block_defaults(block),
                       path, frame.callstack + ((block.name, el.span),))
-        out = self.run_body(block.body, child, x)  # with x None too: reports the body's own mistakes
+        self.enter(el.span)
+        try:
+            out = self.run_body(block.body, child, x)  # with x None too: reports the body's own mistakes
+        finally:
+            self.depth -= 1
         if x is None or out is None:
             raise _Poisoned()
         self.g.graph["blocks"][path]["output"] = out
@@ -358,8 +381,8 @@ class GraphBuilder:
         if expr is None:
             return 1
         n = self.eval_int(expr, frame, "repeat count")
-        if n < 1 or n > MAX_EXPANSION:
-            raise CnncError(f"repeat count must be between 1 and {MAX_EXPANSION}, got {n}", expr.span)
+        if n < 1 or n > MAX_LAYERS:
+            raise CnncError(f"repeat count must be between 1 and {MAX_LAYERS}, got {n}", expr.span)
         return n
 
     def eval_int(self, expr: ast.Expr, frame: Frame, what: str) -> int:
@@ -390,17 +413,20 @@ class GraphBuilder:
         if e.op in ("//", "%", "/") and b == 0:
             raise CnncError("division by zero", e.span)
         if e.op == "+":
-            return a + b
-        if e.op == "-":
-            return a - b
-        if e.op == "*":
-            return a * b
-        if e.op == "//":
-            return a // b
-        if e.op == "%":
-            return a % b
-        q = a / b  # "/": exact quotients of integers stay integers
-        return int(q) if isinstance(a, int) and isinstance(b, int) and a % b == 0 else q
+            v = a + b
+        elif e.op == "-":
+            v = a - b
+        elif e.op == "*":
+            v = a * b
+        elif e.op == "//":
+            v = a // b
+        elif e.op == "%":
+            v = a % b
+        elif isinstance(a, int) and isinstance(b, int) and a % b == 0:
+            v = a // b  # "/": exact quotients of integers stay integers
+        else:
+            v = a / b
+        return bounded(v, e.span)
 
     def number(self, e: ast.Expr, frame: Frame) -> int | float:
         v = self.value_of(e, frame)
@@ -417,9 +443,9 @@ class GraphBuilder:
                  base: str | None = None) -> int:
         """Add one node; unnamed layers are numbered per the word written (`bn` → bn1, bn2, ...)."""
         g = self.g
-        if g.number_of_nodes() >= MAX_EXPANSION:
-            raise CnncError(f"the network expands to more than {MAX_EXPANSION} layers", span)
-        local = name or getattr(attrs, "name", None) or frame.next_name(base or op)
+        if g.number_of_nodes() >= MAX_LAYERS:
+            raise CnncError(f"the network expands to more than {MAX_LAYERS} layers", span)
+        local = name or attrs.get("name", None) or frame.next_name(base or op)
         full = ".".join(frame.path + (local,))
         if full in self.names:
             raise CnncError(f"layer name `{full}` is used twice", span).with_note(self.names[full], "first used here")
@@ -430,6 +456,15 @@ class GraphBuilder:
         for port, u in enumerate(inputs):
             g.add_edge(u, n, port=port)
         return n
+
+
+def bounded(v: int | float, span: Span) -> int | float:
+    """An arithmetic result within the language's number range (limits.MAX_INT, finite floats)."""
+    if isinstance(v, int) and abs(v) > MAX_INT:
+        raise CnncError(f"the result is too large: integers go up to {MAX_INT:.0e}".replace("e+", "e"), span)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise CnncError("the result is too large for a float", span)
+    return v
 
 
 _MISSING = object()

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import networkx as nx
 
-from cnnc.dsl.errors import CnncError, Note
+from cnnc.dsl.errors import CnncError, InternalError, Note
 
 from .ops import OPS
 
 
 def inputs_of(g: nx.MultiDiGraph, n: int) -> list[int]:
     """A node's input nodes in port order."""
-    edges = sorted(g.in_edges(n, data="port"), key=lambda e: e[2])
-    return [u for u, _, _ in edges]
+    pred = g.pred[n]
+    if len(pred) == 1:  # the common case: one producer, usually through one port
+        ((u, keys),) = pred.items()
+        return [u] * len(keys)
+    edges = sorted((d["port"], u) for u, keys in pred.items() for d in keys.values())
+    return [u for _, u in edges]
 
 
 def topo_order(g: nx.MultiDiGraph) -> list[int]:
@@ -40,12 +44,17 @@ def located(err: CnncError, g: nx.MultiDiGraph, n: int) -> CnncError:
     return err
 
 
-def callstack_notes(callstack) -> list[Note]:
-    return [Note(span, f"in block `{block}`, called here") for block, span in reversed(callstack)]
+def callstack_notes(callstack, shown: int = 6) -> list[Note]:
+    """'in block `b`, called here' for each call site, innermost first; a deep stack shows its ends."""
+    notes = [Note(span, f"in block `{block}`, called here") for block, span in reversed(callstack)]
+    if len(notes) > 2 * shown:
+        skipped = len(notes) - 2 * shown
+        notes = notes[:shown] + [Note(None, f"... {skipped} more block calls ...")] + notes[-shown:]
+    return notes
 
 
 def verify(g: nx.MultiDiGraph) -> None:
-    """Check the graph invariants above; a failure is a compiler bug, reported as an AssertionError."""
+    """Check the graph invariants above; a failure is a compiler bug, reported as an InternalError."""
     problems = []
     if not nx.is_directed_acyclic_graph(g):
         problems.append("graph has a cycle")
@@ -76,4 +85,4 @@ def verify(g: nx.MultiDiGraph) -> None:
     if len(names) != len(set(names)):
         problems.append("node names are not unique")
     if problems:
-        raise AssertionError("graph invariants violated:\n  " + "\n  ".join(problems))
+        raise InternalError("graph invariants violated:\n  " + "\n  ".join(problems))

@@ -110,11 +110,15 @@ class Attrs(BaseModel):
     """Attributes every layer accepts: an explicit `name`; `trainable=false` freezes its parameters;
     `lr_mult` and `decay_mult` scale its learning rate and weight decay (Caffe's multipliers)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str | None = None
     trainable: Flag = True
     lr_mult: Annotated[float, Field(ge=0)] = 1.0
     decay_mult: Annotated[float, Field(ge=0)] = 1.0
+
+    def get(self, field: str, default: Any = None) -> Any:
+        """The attribute if this op has it, else `default` (getattr's fallback is slow on pydantic models)."""
+        return self.__dict__.get(field, default)
 
 
 class NoAttrs(Attrs):

@@ -42,12 +42,12 @@ def infer_shapes(g: nx.MultiDiGraph, diags: Diagnostics) -> nx.MultiDiGraph:
                                                        f"{fmt_shape(src['shape'])}"))
             diags.add(located(err, g, n))
             continue
-        pad = getattr(meta["attrs"], "pad", None)
+        pad = meta["attrs"].get("pad", None)
         if pad is not None and len(in_shapes[0]) == 3:
             a = meta["attrs"]
             kernel = _effective_kernel(a)
             meta["pads"] = resolve_pads(pad, in_shapes[0][1], in_shapes[0][2], kernel,
-                                        getattr(a, "stride", None) or a.kernel)
+                                        a.get("stride", None) or a.kernel)
     return g
 
 
@@ -68,7 +68,7 @@ def find_unused(g: nx.MultiDiGraph) -> nx.MultiDiGraph:
 
 
 def _effective_kernel(a) -> tuple[int, int]:
-    d = getattr(a, "dilation", (1, 1))
+    d = a.get("dilation", (1, 1))
     return (d[0] * (a.kernel[0] - 1) + 1, d[1] * (a.kernel[1] - 1) + 1)
 
 
@@ -83,14 +83,15 @@ def count(g: nx.MultiDiGraph, batch: int = 1) -> nx.MultiDiGraph:
     for n in sorted(g.nodes):
         meta = g.nodes[n]
         op = OPS[meta["op"]]
-        ins = [g.nodes[u]["shape"] for u in inputs_of(g, n)]
+        srcs = inputs_of(g, n)
+        ins = [g.nodes[u]["shape"] for u in srcs]
         specs = op.params(meta["attrs"], ins)
         p = sum(math.prod(s.shape) for s in specs if not s.buffer)
         b = sum(math.prod(s.shape) for s in specs if s.buffer)
         m = op.macs(meta["attrs"], ins, meta["shape"])
         meta.update(params=p, buffers=b, macs=m, param_specs=specs,
                     bytes=math.prod(meta["shape"]) * batch * FLOAT_BYTES,
-                    rf=_receptive_field(g, n, op, ins))
+                    rf=_receptive_field(g, n, op, ins, srcs))
         params += p
         trainable += p if meta["attrs"].trainable else 0
         buffers += b
@@ -104,9 +105,9 @@ def count(g: nx.MultiDiGraph, batch: int = 1) -> nx.MultiDiGraph:
     return g
 
 
-def _receptive_field(g, n, op, ins):
+def _receptive_field(g, n, op, ins, inputs):
     """(size_h, size_w, jump_h, jump_w) in input pixels, or GLOBAL once a layer sees the whole image."""
-    srcs = [g.nodes[u]["rf"] for u in inputs_of(g, n)]
+    srcs = [g.nodes[u]["rf"] for u in inputs]
     if not srcs:
         return (1, 1, 1, 1)
     if any(s == GLOBAL for s in srcs):

@@ -31,22 +31,22 @@ def describe(op: str, a) -> str:
     parts = [op]
     if op == "input":
         return "input"
-    k = getattr(a, "kernel", None)
+    k = a.get("kernel", None)
     if k is not None:
-        s = getattr(a, "stride", None) or k
+        s = a.get("stride", None) or k
         parts.append(f"{k[0]}x{k[1]}" + (f"/{s[0]}" if s[0] == s[1] and s[0] != 1 else
                                           f"/{s[0]}x{s[1]}" if s != (1, 1) else ""))
     for attr in ("filters", "units", "size"):
-        v = getattr(a, attr, None)
+        v = a.get(attr, None)
         if v is not None:
             parts.append(f"{v[0]}x{v[1]}" if isinstance(v, tuple) else str(v))
-    g = getattr(a, "groups", 1)
+    g = a.get("groups", 1)
     if g != 1:
         parts.append(f"g{g}")
-    d = getattr(a, "dilation", (1, 1))
+    d = a.get("dilation", (1, 1))
     if d != (1, 1):
         parts.append(f"d{d[0]}")
-    r = getattr(a, "rate", None)
+    r = a.get("rate", None)
     if r is not None:
         parts.append(f"{r:g}")
     return " ".join(parts)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cnnc.dsl import ast
 from cnnc.dsl.errors import CnncError, Diagnostics, Span, did_you_mean
 
+from .build import bounded
 from .ops import Flag
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "ftrl")
@@ -29,7 +30,7 @@ Pos = Annotated[float, Field(gt=0)]
 class TrainConfig(BaseModel):
     """Training hyper-parameters. Defaults follow common practice (the seed's AlexNet/ResNet recipes)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     optimizer: Literal[OPTIMIZERS] = "sgd"  # type: ignore[valid-type]
     lr: Pos = 0.01
@@ -53,8 +54,8 @@ class TrainConfig(BaseModel):
     patience: Annotated[int, Field(ge=1)] = 2  # plateau
     min_lr: NonNeg = 0.0
 
-    batch: Annotated[int, Field(gt=0)] = 64
-    epochs: Annotated[int, Field(gt=0)] = 10
+    batch: Annotated[int, Field(gt=0, le=1 << 24)] = 64
+    epochs: Annotated[int, Field(gt=0, le=1_000_000)] = 10
     init: Literal[INITS] = "he"  # type: ignore[valid-type]
     init_std: Pos = 0.01
     init_range: Pos = 0.05
@@ -62,8 +63,8 @@ class TrainConfig(BaseModel):
     loss: Literal[LOSSES] = "cross_entropy"  # type: ignore[valid-type]
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     clip_norm: Pos | None = None
-    accumulate: Annotated[int, Field(gt=0)] = 1
-    seed: int = 0
+    accumulate: Annotated[int, Field(gt=0, le=1_000_000)] = 1
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0  # numpy's generators take non-negative seeds
     data: str = "mnist5k"
     normalize: Flag = True  # standardise pixels with the training split's per-channel mean and std
     crop: Annotated[int, Field(ge=0)] = 0  # augmentation: random crop after zero-padding by this much
@@ -103,8 +104,8 @@ def _value(e: ast.Expr) -> Any:
         if isinstance(a, (int, float)) and isinstance(b, (int, float)):
             if e.op in ("/", "//", "%") and b == 0:
                 raise CnncError("division by zero", e.span)
-            return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b,
-                    "//": lambda: a // b, "%": lambda: a % b}[e.op]()
+            return bounded({"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b,
+                            "//": lambda: a // b, "%": lambda: a % b}[e.op](), e.span)
     raise CnncError("train settings take numbers, words or strings", e.span)
 
 

@@ -8,6 +8,7 @@ from cnnc.compiler.graph import inputs_of, verify
 from cnnc.compiler.pipeline import PassContext, run_pipeline
 from cnnc.compiler.summary import rows, table, to_json
 from cnnc.dsl import load_text
+from cnnc.dsl.errors import InternalError
 
 HEADER = "network t\ninput 3x32x32\nclasses 10\n"
 
@@ -113,7 +114,7 @@ def test_verify_catches_broken_invariants():
     g = compile_text("layers:\n    conv 8 3x3 pad=1 -> relu\n")
     verify(g)
     g.remove_edge(1, 2)
-    with pytest.raises(AssertionError, match="inputs"):
+    with pytest.raises(InternalError, match="inputs"):
         verify(g)
 
 
