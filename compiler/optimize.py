@@ -387,8 +387,32 @@ def plan_memory(g, ctx):
     over its input when that input dies there (in place). For training, forward tensors stay
     alive until the backward step that needs them (op table `grad_needs`) and each gradient
     lives from the backward step that makes it to the one that consumes it."""
-    training = ctx.mode == "training"
-    batch = ctx.batch
+    intervals, shares = _lifetimes(g, ctx.batch, ctx.mode == "training")
+    merged = _merge_shared(intervals, shares)
+    offsets = _first_fit(merged)
+    planned = max((offsets[k] + v[2] for k, v in merged.items()), default=0)
+    naive = sum(nb for _, _, nb, _ in intervals)
+    live_peak = _peak(merged)
+    for k, off in offsets.items():
+        if k[0] == "act":
+            g.nodes[k[1]]["buffer_offset"] = off
+    for k, root in shares.items():
+        g.nodes[k[1]]["buffer_offset"] = offsets[_root(root, shares)]
+        g.nodes[k[1]]["in_place"] = True
+    g.graph["memory"] = {"mode": ctx.mode, "batch": ctx.batch, "unplanned_bytes": naive, "planned_bytes": planned,
+                         "peak_live_bytes": live_peak, "in_place": len(shares), "tensors": len(intervals)}
+    return g
+
+
+def activation_peak(g, batch: int, training: bool) -> int:
+    """Bytes of activations (and, for training, their gradients) alive at once at `batch`, under
+    the lifetimes plan_memory plans with: what running the graph needs, without the arena."""
+    intervals, shares = _lifetimes(g, batch, training)
+    return _peak(_merge_shared(intervals, shares))
+
+
+def _lifetimes(g, batch: int, training: bool):
+    """(start, end, bytes, key) per activation (and gradient), and the in-place sharing map."""
     n_nodes = max(g.nodes) + 1
     size = {n: math.prod(g.nodes[n]["shape"]) * batch * 4 for n in g.nodes}
     intervals: list[tuple[int, int, int, object]] = []  # (start, end, bytes, key)
@@ -412,6 +436,10 @@ def plan_memory(g, ctx):
             src = inputs_of(g, n)[0]
             if max(v for v, _ in consumers(g, src)) == n and size[src] == size[n] and src != g.graph["input"]:
                 shares[("act", n)] = ("act", src)  # in place over its input
+    return intervals, shares
+
+
+def _merge_shared(intervals, shares) -> dict[object, list]:
     merged: dict[object, list] = {}
     for start, end, nbytes, key in intervals:
         root = key
@@ -421,19 +449,7 @@ def plan_memory(g, ctx):
             merged[root][1] = max(merged[root][1], end)
         else:
             merged[root] = [start, end, nbytes]
-    offsets = _first_fit(merged)
-    planned = max((offsets[k] + v[2] for k, v in merged.items()), default=0)
-    naive = sum(nb for _, _, nb, _ in intervals)
-    live_peak = _peak(merged)
-    for k, off in offsets.items():
-        if k[0] == "act":
-            g.nodes[k[1]]["buffer_offset"] = off
-    for k, root in shares.items():
-        g.nodes[k[1]]["buffer_offset"] = offsets[_root(root, shares)]
-        g.nodes[k[1]]["in_place"] = True
-    g.graph["memory"] = {"mode": ctx.mode, "batch": batch, "unplanned_bytes": naive, "planned_bytes": planned,
-                         "peak_live_bytes": live_peak, "in_place": len(shares), "tensors": len(intervals)}
-    return g
+    return merged
 
 
 def _root(k, shares):

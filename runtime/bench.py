@@ -22,6 +22,7 @@ from cnnc.compiler.train_config import TrainConfig
 from cnnc.dsl.errors import CnncError
 
 from .artifact import compile_model
+from .budget import run_estimate
 from .model import Model
 from .optim import make_optimizer
 
@@ -72,6 +73,9 @@ def _train_step(model: Model, x, y, config: TrainConfig):
 def bench(path, backend: str = "numpy", batch: int = 1, train: bool = False, layers: bool = False,
           vs: str | None = None, repeats: int = 10, warmup: int = 3) -> BenchResult:
     model = Model.load(path, backend)
+    run_estimate(model.graph, f"{'a training step' if train else 'inference'} of `{model.name}` at batch {batch}",
+                 batch, training=train, optimizer_arrays=1 if train else 0, optimizer="momentum").check(
+        "a smaller --batch")
     rng = np.random.default_rng(0)
     xh = rng.normal(size=(batch, *model.input_shape)).astype(np.float32)
     yh = rng.integers(0, int(model.classes), batch)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import struct
 import zipfile
@@ -50,6 +51,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from cnnc.dsl.errors import CnncError, did_you_mean
+
+from .budget import Estimate, limit
 
 MNIST5K_SPLIT_SEED = 0
 TEST_FRACTION = 0.2
@@ -252,14 +255,26 @@ def _resolve(text: str, base: Path, spec: str, *, want_dir: bool) -> Path:
 
 
 def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped when its name ends in .gz; CnncError when unreadable."""
+    """The file's bytes, gunzipped when its name ends in .gz; CnncError when unreadable. Neither
+    the file nor what it unpacks to may exceed the memory limit (runtime/budget.py)."""
     try:
+        size = path.stat().st_size
+        Estimate(f"reading {path}", [("file", size)]).check("a smaller file")
         data = path.read_bytes()
     except OSError as e:
         raise CnncError(f"cannot read {path}: {e.strerror or e}") from None
     if path.suffix == ".gz":
+        cap = limit()[0]
         try:
-            data = gzip.decompress(data)
+            with gzip.GzipFile(fileobj=__import__("io").BytesIO(data)) as f:
+                chunks, total = [], 0
+                while chunk := f.read(1 << 24):
+                    total += len(chunk)
+                    if cap is not None and total > cap:
+                        raise CnncError(f"{path} unpacks to more than the {cap >> 20} MiB of memory available",
+                                        hint="--max-memory SIZE sets the limit yourself")
+                    chunks.append(chunk)
+            data = b"".join(chunks)
         except (OSError, EOFError, zlib.error) as e:
             raise CnncError(f"{path} is not a valid gzip file (corrupt or truncated: {e})") from None
     return data
@@ -386,6 +401,10 @@ def _finish(name: str, raw: _Raw, *, pad_to, normalize: bool, seed: int, classes
                 or not all(_is_int(v) and v > 0 for v in pad_to)):
             raise CnncError(f"pad_to must be two positive integers (height, width), got {pad_to!r}")
         pad_to = (int(pad_to[0]), int(pad_to[1]))
+    per_image = 4 * train_x.shape[1] * (pad_to or train_x.shape[2:])[0] * (pad_to or train_x.shape[2:])[1]
+    Estimate(f"preparing the images of `{name}` as float32",
+             [("train images", len(train_x) * per_image), ("test images", len(test_x) * per_image)]).check(
+        "fewer or smaller images")
     train_f = _to_float(train_x, pad_to, raw.train_src)
     test_f = _to_float(test_x, pad_to, raw.test_src)
     mean = std = None
@@ -431,6 +450,9 @@ def _load_npz(path: Path) -> _Raw:
                                 hint="save images as `x` and integer labels as `y`, e.g. np.savez(path, x=x, y=y)")
             if ("x_test" in names) != ("y_test" in names):
                 raise CnncError(f"{path} has only one of `x_test` and `y_test`; give both or neither")
+            wanted = [xk, yk] + (["x_test", "y_test"] if "x_test" in names else [])
+            Estimate(f"loading {path}", [(k, _member_bytes(z, k, path)) for k in wanted]).check(
+                "a smaller data file")
             x, y = z[xk], z[yk]
             xt, yt = (z["x_test"], z["y_test"]) if "x_test" in names else (None, None)
     except CnncError:
@@ -445,6 +467,21 @@ def _load_npz(path: Path) -> _Raw:
         raise CnncError(f"{path} is not a valid .npz file (corrupt or truncated: {e})") from None
     src = str(path)
     return _Raw(x, y, xt, yt, src, f"{src} (x_test/y_test)")
+
+
+def _member_bytes(z, key: str, path: Path) -> int:
+    """The size an .npz member declares in its header, read without loading it."""
+    try:
+        with z.zip.open(key + ".npy") as f:
+            version = np.lib.format.read_magic(f)
+            header = {(1, 0): np.lib.format.read_array_header_1_0,
+                      (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if header is None:
+                return 0  # another format version: np.load will judge it
+            shape, _, dtype = header(f)
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise CnncError(f"{path}: the array `{key}` is damaged ({e})") from None
+    return math.prod(shape) * dtype.itemsize
 
 
 def _find(directory: Path, names: tuple[str, ...]) -> Path:
@@ -581,6 +618,10 @@ def _load_folder(directory: Path) -> _Raw:
                             "all images must have one size", hint="resize the images beforehand")
         modes.add(mode)
     mode = "L" if modes <= GREY_MODES else "RGB"
+    w, h = first[1]
+    Estimate(f"loading the images of {directory}",
+             [("images", sum(len(e) for e in files) * (1 if mode == "L" else 3) * h * w)]).check(
+        "fewer or smaller images")
 
     arrays = []
     for root, entries in zip(roots, files):

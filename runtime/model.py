@@ -18,6 +18,7 @@ from cnnc.backends.base import Ctx, get_backend
 from cnnc.compiler.pipeline import check
 from cnnc.dsl.errors import CnncError
 
+from .budget import weights_estimate
 from .executor import Executor
 from .init import init_params
 
@@ -33,6 +34,8 @@ class Model:
             from cnnc.compiler.train_config import TrainConfig
             self.config = TrainConfig()
         seed = self.config.seed if seed is None else seed
+        weights_estimate(graph, f"initialising the weights of `{self.name}`").check(
+            "fewer filters or units, or a smaller input")
         host = init_params(self.plan.param_specs, self.config, np.random.default_rng(seed))
         self.params = {k: self.backend.to_device(v) for k, v in host.items()}
         self.executor = Executor(self.plan, self.backend, self.params)

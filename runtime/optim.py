@@ -311,3 +311,13 @@ def make_optimizer(config: TrainConfig, params: dict[str, np.ndarray], lr_mult: 
     if kind == "ftrl":
         return Ftrl(**common, lr_power=config.lr_power, l1=config.l1, l2=config.l2)
     raise ValueError(f"unknown optimizer `{kind}`")
+
+
+def state_arrays(config: TrainConfig) -> int:
+    """How many parameter-sized arrays of state `config`'s optimizer keeps (for memory estimates)."""
+    kind = config.optimizer
+    if kind in ("sgd", "momentum", "nesterov"):
+        return 0 if kind == "sgd" and config.momentum == 0 and not config.nesterov else 1
+    if kind == "rmsprop":
+        return 2 if config.momentum > 0 else 1
+    return {"adagrad": 1, "adadelta": 2, "adam": 2, "adamw": 2, "ftrl": 2}[kind]

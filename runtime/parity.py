@@ -28,6 +28,7 @@ from cnnc.compiler.pipeline import PassContext, check, run_pipeline
 from cnnc.dsl import load
 
 from .executor import Executor
+from .budget import run_estimate
 from .model import Model
 
 
@@ -105,6 +106,10 @@ def parity(path, backends: tuple[str, str] = ("numpy", "cuda"), batch: int = 2, 
         program.input_dims = ((dims[0], *input_size), span)
         g = run_pipeline(program, PassContext())
     g = remove_dropout(g, PassContext())
+    est = run_estimate(g, f"comparing `{g.graph['network']}` at batch {batch}", batch, training=True)
+    outputs = sum(d["bytes"] for _, d in g.nodes(data=True)) * batch // max(g.graph["totals"]["batch"], 1)
+    est.parts.append(("layer outputs kept for comparison", (FLOOR_RUNS + 4) * outputs))
+    est.check("a smaller --batch or --size")
     ref = Model(g, backends[0], seed)
     other = Model(g, backends[1], seed)
     other.set_params(ref.host_params(), "reference weights")
