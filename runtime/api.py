@@ -6,23 +6,33 @@
     loss, acc, confusion = cnnc.evaluate("examples/lenet5.cnn", result.run_dir + "/checkpoint.npz")
 
 Training settings come from the `.cnn` file's `train:` section; keyword overrides (the
-command line's flags) are validated like the file's own settings.
+command line's flags) are validated like the file's own settings. Before anything large is
+allocated the memory it will take is estimated and checked (runtime/budget.py).
+
+A run directory holds run.json (which .cnn file, its settings, where its data was found),
+checkpoint.npz, metrics.jsonl and curves.png. `--resume` continues from the checkpoint, or
+starts from the beginning with run.json's settings when the run stopped before its first one.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from cnnc.compiler.pipeline import check
 from cnnc.compiler.train_config import TrainConfig
 from cnnc.dsl.errors import CnncError
 
-from .checkpoint import read_npz
+from .budget import run_estimate
+from .checkpoint import parameters, read_npz
 from .data import Dataset, check_compatible, load_dataset
+from .files import RunLock, dumps, read_json, write_text_atomic
 from .model import Model
+from .optim import state_arrays
+from .schedules import depends_on_length
 from .train import CHECKPOINT, Trainer, TrainResult, evaluate as _evaluate, write_plot
 
 RUN_INFO = "run.json"
@@ -47,8 +57,11 @@ def with_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:
 
 def load_data(spec: str, model: Model, config: TrainConfig, base_dir: Path | None) -> tuple[Dataset, list[str]]:
     """The dataset `spec` names, fitted to the network's input (28×28 digits are padded to 32×32)."""
+    return _load_data(spec, tuple(model.input_shape), model.classes, config, base_dir)
+
+
+def _load_data(spec: str, want: tuple, classes, config: TrainConfig, base_dir: Path | None):
     notes = []
-    want = tuple(model.input_shape)
     raw = load_dataset(spec, base_dir, normalize=False, seed=config.seed)
     have = tuple(raw.image_shape)
     pad_to = None
@@ -56,19 +69,63 @@ def load_data(spec: str, model: Model, config: TrainConfig, base_dir: Path | Non
             w >= h and (w - h) % 2 == 0 for h, w in zip(have[1:], want[1:])):
         pad_to = want[1:]
         notes.append(f"padding {have[1]}×{have[2]} images to {want[1]}×{want[2]} (the network's input)")
-    ds = load_dataset(spec, base_dir, pad_to=pad_to, normalize=config.normalize, seed=config.seed)
-    check_compatible(ds, want, model.classes)
+    if pad_to is None and config.normalize is False:
+        ds = raw  # the same data: no second load
+    else:
+        del raw
+        ds = load_dataset(spec, base_dir, pad_to=pad_to, normalize=config.normalize, seed=config.seed)
+    check_compatible(ds, want, classes)
     return ds, notes
 
 
-def _fresh_run_dir(name: str) -> Path:
-    base = Path("runs") / name
+class RunInfo(BaseModel):
+    """run.json: what a run trains and with which settings, checked when a run is resumed."""
+
+    model_config = ConfigDict(extra="forbid")
+    cnn: str
+    config: dict
+    base_dir: str | None = None
+
+
+def read_run_info(run: Path) -> tuple[RunInfo, TrainConfig]:
+    path = run / RUN_INFO
+    raw = read_json(path, "run description (run.json)")
+    if not isinstance(raw, dict):
+        raise CnncError(f"{path} holds a JSON {type(raw).__name__}, not the object cnnc train writes")
+    try:
+        info = RunInfo(**raw)
+    except ValidationError as exc:
+        raise _run_info_error(path, exc, "") from None
+    try:
+        config = TrainConfig(**info.config)
+    except ValidationError as exc:
+        raise _run_info_error(path, exc, "config.") from None
+    return info, config
+
+
+def _run_info_error(path: Path, exc: ValidationError, prefix: str) -> CnncError:
+    err = exc.errors()[0]
+    where = prefix + ".".join(str(x) for x in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return CnncError(f"{path}: field `{where}`: {msg[0].lower() + msg[1:]}",
+                     hint="run.json is written by cnnc train; restore it, or start a new run")
+
+
+def safe_name(name: str) -> str:
+    """A network name made fit to be one directory name under runs/: no separators, no `..`."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.+-]", "_", name).lstrip(".")
+    return cleaned[:100] or "network"
+
+
+def _fresh_run_dir(name: str, root: Path = Path("runs")) -> Path:
+    name = safe_name(name)
+    base = root / name
     if not base.exists():
         return base
     i = 2
-    while (base.parent / f"{name}-{i}").exists():
+    while (root / f"{name}-{i}").exists():
         i += 1
-    return base.parent / f"{name}-{i}"
+    return root / f"{name}-{i}"
 
 
 def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike | None = None,
@@ -77,48 +134,73 @@ def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike
     """Everything `cnnc train` does before the first batch; nothing is written yet."""
     import sys
     stream = stream or sys.stderr
-    info = None
+    info = saved = None
+    resume_from = None  # the checkpoint to continue from; None for a start from the beginning
+    notes: list[str] = []
     if resume is not None:
         run = Path(resume)
-        if not (run / CHECKPOINT).exists():
-            raise CnncError(f"nothing to resume in {run}: no {CHECKPOINT}")
-        try:
-            info = json.loads((run / RUN_INFO).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            raise CnncError(f"{run / RUN_INFO} is missing or corrupt; cannot tell which network this run trains") \
-                from None
-        path = path or info["cnn"]
+        if not run.is_dir():
+            raise CnncError(f"nothing to resume: {run} is not a run directory")
+        if not (run / RUN_INFO).exists():
+            if (run / CHECKPOINT).exists():
+                raise CnncError(f"{run / RUN_INFO} is missing; cannot tell which network this run trains")
+            raise CnncError(f"nothing to resume in {run}: no {RUN_INFO} and no {CHECKPOINT}",
+                            hint="start a run with `cnnc train FILE -o DIR`")
+        info, saved = read_run_info(run)
+        if (run / CHECKPOINT).exists():
+            resume_from = run / CHECKPOINT
+        else:
+            notes.append(f"{run} has no checkpoint yet: starting from the beginning with its settings")
+        path = path or info.cnn
         run_dir = run
     if path is None:
         raise CnncError("which .cnn file? give FILE, or --resume RUN_DIR")
-    model = Model.load(path, backend)
-    base_config = model.config if info is None else TrainConfig(**info["config"])
+    graph = check(path)
+    name = graph.graph["network"]
+    base_config = saved if saved is not None else (graph.graph.get("train") or TrainConfig())
     if info is not None:
         changed = {k for k, v in overrides.items() if v is not None and k != "epochs"}
         if changed or data is not None:
             raise CnncError("a resumed run keeps its settings; only --epochs may change",
                             hint=f"start a new run to change {', '.join(sorted(changed)) or '--data'}")
     config = with_overrides(base_config, {**overrides, "data": data})
+    if resume_from is not None and config.epochs != base_config.epochs and depends_on_length(base_config):
+        raise CnncError(f"policy {base_config.policy} shapes the learning rate over the whole run's "
+                        f"{base_config.epochs} epochs; resuming with --epochs {config.epochs} would change the rates "
+                        "of epochs already trained, so the result would match no single run",
+                        hint=f"resume without --epochs, or start a new run with --epochs {config.epochs}")
+    if info is None:
+        base_dir = Path(path).resolve().parent if data is None else None
+    else:
+        base_dir = Path(info.base_dir) if info.base_dir else None
+    input_shape = tuple(graph.nodes[graph.graph["input"]]["shape"])
+    classes = graph.graph.get("classes") or graph.nodes[graph.graph["output"]]["shape"][0]
+    run_estimate(graph, f"training `{name}` at batch {config.batch}", config.batch, training=True,
+                 optimizer_arrays=state_arrays(config), optimizer=config.optimizer).check(
+        "a smaller batch (--batch), fewer filters or units, or an optimizer that keeps less state")
+    dataset, data_notes = _load_data(config.data, input_shape, classes, config, base_dir)
+    notes += data_notes
+    model = Model(graph, backend, config.seed, str(path))
     model.config = config
-    if info is None:  # a fresh start draws its weights from the (possibly overridden) seed
-        model = Model(model.graph, backend, config.seed, str(path))
-        model.config = config
-    base_dir = Path(path).resolve().parent if data is None and info is None else None
-    if info is not None:
-        base_dir = Path(info["base_dir"]) if info.get("base_dir") else None
-    dataset, notes = load_data(config.data, model, config, base_dir)
     if run_dir is None:
         run_dir = _fresh_run_dir(model.name)
     run_dir = Path(run_dir)
+    if info is None and run_dir.exists() and not run_dir.is_dir():
+        raise CnncError(f"{run_dir} exists and is not a directory", hint="choose another -o")
     if info is None and run_dir.exists() and any(run_dir.iterdir()):
         raise CnncError(f"run directory {run_dir} exists and is not empty",
                         hint=f"continue it with --resume {run_dir}, or choose another -o")
     trainer = Trainer(model, dataset, config, run_dir, progress=progress, stream=stream)
-    if info is not None:
-        trainer.restore(run_dir / CHECKPOINT)
-    else:
+    if resume_from is not None:
+        trainer.restore(resume_from)
+        if trainer.epoch > config.epochs:
+            raise CnncError(f"{run_dir} has trained {trainer.epoch} epochs already; --epochs {config.epochs} "
+                            "would not continue it", hint=f"give --epochs {trainer.epoch + 1} or more")
+    if info is None:
         trainer.pending_info = {"cnn": str(Path(path).resolve()), "config": config.model_dump(mode="json"),
                                 "base_dir": str(base_dir) if base_dir else None}
+    elif config.epochs != saved.epochs:  # run.json follows the run's length
+        trainer.pending_info = {**info.model_dump(), "config": config.model_dump(mode="json")}
     return trainer, notes
 
 
@@ -130,11 +212,13 @@ def train(path: str | os.PathLike | None = None, **kwargs) -> TrainResult:
 
 
 def run(trainer: Trainer) -> TrainResult:
-    info = trainer.pending_info
-    if info is not None:
-        trainer.run_dir.mkdir(parents=True, exist_ok=True)
-        (trainer.run_dir / RUN_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
-    result = trainer.run()
+    with RunLock(trainer.run_dir):
+        info = trainer.pending_info
+        if info is not None:
+            write_text_atomic(trainer.run_dir / RUN_INFO, dumps(info, indent=1))
+        if trainer.history or trainer.cursor:  # a resumed run: its metrics are its checkpoint's history
+            trainer.write_metrics()
+        result = trainer.run()
     if result.history:
         trainer.progress.line(write_plot(trainer.run_dir, trainer.history))
     return result
@@ -144,13 +228,23 @@ def evaluate(path: str | os.PathLike, checkpoint: str | os.PathLike, data: str |
              backend: str = "numpy"):
     """Loss, accuracy and confusion matrix of a checkpoint on the test split of the data."""
     model = Model.load(path, backend)
-    arrays, meta = read_npz(Path(checkpoint))
+    checkpoint = Path(checkpoint)
+    arrays, meta = read_npz(checkpoint)
     if meta.get("network") != model.name or meta.get("signature") not in (None, model.signature()):
         raise CnncError(f"{checkpoint} holds weights of network `{meta.get('network')}`, not `{model.name}`")
-    model.set_params({k[6:]: v for k, v in arrays.items() if k.startswith("param/")}, str(checkpoint))
+    model.set_params(parameters(arrays, checkpoint), str(checkpoint))
     config = model.config
-    if meta.get("config"):
-        config = TrainConfig(**meta["config"])
+    if meta.get("config") is not None:
+        try:
+            config = TrainConfig(**meta["config"]) if isinstance(meta["config"], dict) else None
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise CnncError(f"{checkpoint}: field `config.{'.'.join(map(str, err['loc']))}` of its metadata: "
+                            f"{err['msg'].removeprefix('Value error, ')}") from None
+        if config is None:
+            raise CnncError(f"{checkpoint}: field `config` of its metadata is not an object")
     base_dir = Path(path).resolve().parent if data is None else None
     dataset, _ = load_data(data or config.data, model, config, base_dir)
-    return _evaluate(model, dataset.test_x, dataset.test_y, loss_name=config.loss)
+    batch = min(500, max(config.batch, 1))
+    run_estimate(model.graph, f"evaluating `{model.name}` at batch {batch}", batch).check("a smaller batch")
+    return _evaluate(model, dataset.test_x, dataset.test_y, batch=batch, loss_name=config.loss)

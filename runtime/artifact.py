@@ -16,7 +16,6 @@ execution order, "memory" (the plan_memory figures), "rewrites" (the report line
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import networkx as nx
@@ -30,8 +29,10 @@ from cnnc.compiler.ops import OPS
 from cnnc.compiler.pipeline import PassContext, optimize
 from cnnc.dsl.errors import CnncError
 
-from .checkpoint import read_npz, write_npz
+from .budget import run_estimate, weights_estimate
+from .checkpoint import parameters, read_npz, write_npz
 from .executor import Executor
+from .files import dumps, read_json, write_text_atomic
 from .model import Model
 
 FORMAT = "cnnc-plan"
@@ -60,6 +61,10 @@ class CompiledModel:
         x = np.asarray(x, dtype=np.float32)
         if x.shape[1:] != self.input_shape:
             raise CnncError(f"input has shape {x.shape[1:]} per item, the network takes {self.input_shape}")
+        if len(x) == 0:
+            raise CnncError("the input holds no items")
+        run_estimate(self.graph, f"running `{self.meta['network']}` on {len(x)} inputs", len(x)).check(
+            "fewer inputs at once")
         out = self.executor.forward(self.backend.to_device(x), Ctx(training=False), keep=False)
         return self.backend.to_host(out)
 
@@ -74,6 +79,8 @@ def compile_graph(model: Model, opt_level: int = 2, backend: str | None = None,
     ctx.backend_name = cls.name
     ctx.fused_ops = cls.fused_ops
     ctx.layouts = dict(cls.layouts)
+    weights_estimate(model.graph, f"optimising `{model.name}` (a copy of its weights)").check(
+        "fewer filters or units")
     g = optimize(model.graph, ctx, model.host_params())
     meta = {"network": model.name, "backend": cls.name, "opt_level": opt_level, "mode": ctx.mode}
     return g, g.graph["params"], meta
@@ -91,6 +98,11 @@ def write_artifact(g: nx.MultiDiGraph, params: dict[str, np.ndarray], meta: dict
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CnncError(f"{out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from .files import os_error
+        raise os_error(exc, "create", out) from None
     nodes = []
     for n in sorted(g.nodes):
         d = g.nodes[n]
@@ -100,7 +112,6 @@ def write_artifact(g: nx.MultiDiGraph, params: dict[str, np.ndarray], meta: dict
                       "buffer_offset": d.get("buffer_offset"),
                       "source": f"{d['span'].file}:{d['span'].line}" if d.get("span") else None,
                       "fused_from": [f"{op} {name}" for op, name, _ in d.get("fused_from", [])]})
-    out.mkdir(parents=True, exist_ok=True)
     resources = backend_class(meta["backend"]).build_artifact(g, out / "kernels", meta["mode"] == "training")
     plan = {"format": FORMAT, "version": VERSION, "cnnc_version": __version__, **meta,
             "input": g.graph["input"], "output": g.graph["output"], "nodes": nodes,
@@ -108,21 +119,18 @@ def write_artifact(g: nx.MultiDiGraph, params: dict[str, np.ndarray], meta: dict
             "kernels": resources}
     write_npz(out / "weights.npz", {f"param/{k}": np.asarray(v) for k, v in params.items()},
               {"kind": "compiled-weights", "network": meta["network"]})
-    tmp = out / ".plan.json.tmp"
-    tmp.write_text(json.dumps(plan, indent=1), encoding="utf-8")
-    tmp.replace(out / "plan.json")
+    write_text_atomic(out / "plan.json", dumps(plan, indent=1))
     return resources
 
 
 def read_artifact(path: Path, backend: str | None = None) -> CompiledModel:
     path = Path(path)
     plan_file = path / "plan.json"
+    if not path.is_dir():
+        raise CnncError(f"{path} is not a compiled artifact: not a directory", hint="make one with `cnnc compile`")
     if not plan_file.exists():
         raise CnncError(f"{path} is not a compiled artifact: no plan.json", hint="make one with `cnnc compile`")
-    try:
-        plan = json.loads(plan_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CnncError(f"{plan_file} is corrupt: {exc}") from None
+    plan = read_json(plan_file, "cnnc plan")
     if not isinstance(plan, dict) or plan.get("format") != FORMAT:
         raise CnncError(f"{plan_file} is not a cnnc plan")
     if plan.get("version") != VERSION:
@@ -130,21 +138,28 @@ def read_artifact(path: Path, backend: str | None = None) -> CompiledModel:
                         f"({__version__}) reads version {VERSION}", hint="compile the .cnn file again")
     try:
         g = _graph(plan)
+    except CnncError as err:
+        raise CnncError(f"{plan_file} is corrupt: {err.message}", hint="compile the .cnn file again") from None
     except (KeyError, TypeError, ValueError, ValidationError) as exc:
-        raise CnncError(f"{plan_file} is corrupt: {exc.__class__.__name__}: {exc}".splitlines()[0]) from None
-    arrays, meta = read_npz(path / "weights.npz")
+        text = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+        raise CnncError(f"{plan_file} is corrupt: {text}", hint="compile the .cnn file again") from None
+    weights_file = path / "weights.npz"
+    arrays, meta = read_npz(weights_file)
     if meta.get("network") != plan.get("network"):
-        raise CnncError(f"{path / 'weights.npz'} holds weights of `{meta.get('network')}`, the plan is "
+        raise CnncError(f"{weights_file} holds weights of `{meta.get('network')}`, the plan is "
                         f"`{plan.get('network')}`")
-    params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
+    params = parameters(arrays, weights_file)
     for k, spec in ((k, s) for n in g.nodes for k, s in _specs(g, n)):
         if k in params and tuple(params[k].shape) != tuple(spec.shape):
-            raise CnncError(f"{path / 'weights.npz'}: `{k}` has shape {params[k].shape}, the plan needs {spec.shape}")
-    meta = {k: plan[k] for k in ("network", "backend", "opt_level", "mode")}
-    cls = backend_class(backend or plan["backend"])
+            raise CnncError(f"{weights_file}: `{k}` has shape {params[k].shape}, the plan needs {spec.shape}")
+    meta = {k: plan.get(k) for k in ("network", "backend", "opt_level", "mode")}
+    name = backend or plan.get("backend")
+    if not isinstance(name, str):
+        raise CnncError(f"{plan_file} is corrupt: no backend named")
+    cls = backend_class(name)
     if hasattr(cls, "load_artifact_kernels"):
         cls.load_artifact_kernels(path / "kernels")
-    return CompiledModel(g, params, backend or plan["backend"], meta)
+    return CompiledModel(g, params, name, meta)
 
 
 def _specs(g, n):
@@ -153,22 +168,56 @@ def _specs(g, n):
 
 
 def _graph(plan: dict) -> nx.MultiDiGraph:
+    """The plan's nodes as a graph, every field checked: ops known, inputs earlier nodes, shapes
+    following from the inputs by the op table's rules."""
+    from cnnc.compiler.passes import count
+
     g = nx.MultiDiGraph()
-    for item in plan["nodes"]:
-        op = OPS[item["op"]]
+    nodes = plan["nodes"]
+    if not isinstance(nodes, list) or not nodes:
+        raise ValueError("`nodes` is not a list of nodes")
+    for i, item in enumerate(nodes):
+        if not isinstance(item, dict):
+            raise ValueError(f"node {i} is not an object")
+        n = item["id"]
+        if not isinstance(n, int) or isinstance(n, bool) or n in g:
+            raise ValueError(f"node {i}: id {n!r} is not a new integer")
+        op = OPS.get(item["op"]) if isinstance(item["op"], str) else None
+        if op is None:
+            raise ValueError(f"node {n}: unknown op {item['op']!r}")
+        if not isinstance(item["attrs"], dict):
+            raise ValueError(f"node {n}: attrs are not an object")
         attrs = op.attrs(**item["attrs"])
-        g.add_node(item["id"], op=item["op"], attrs=attrs, name=item["name"], shape=tuple(item["shape"]),
-                   pads=tuple(item["pads"]) if item["pads"] else None, layout=item.get("layout"))
-        for port, u in enumerate(item["inputs"]):
-            g.add_edge(u, item["id"], port=port)
+        inputs, shape = item["inputs"], item["shape"]
+        if not isinstance(inputs, list) or not all(isinstance(u, int) and u in g for u in inputs):
+            raise ValueError(f"node {n}: inputs {inputs!r} are not earlier nodes")
+        lo, hi = op.inputs
+        if len(inputs) < lo or (hi is not None and len(inputs) > hi):
+            raise ValueError(f"node {n}: {len(inputs)} inputs, {op.name} takes {lo} to {hi if hi is not None else 'any'}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                  for d in shape):
+            raise ValueError(f"node {n}: shape {shape!r} is not a list of positive integers")
+        pads = item.get("pads")
+        if pads is not None and (not isinstance(pads, list) or len(pads) != 4
+                                 or not all(isinstance(v, int) and v >= 0 for v in pads)):
+            raise ValueError(f"node {n}: pads {pads!r} are not four non-negative integers")
+        g.add_node(n, op=item["op"], attrs=attrs, name=str(item["name"]), shape=tuple(shape),
+                   pads=tuple(pads) if pads else None, layout=item.get("layout"))
+        for port, u in enumerate(inputs):
+            g.add_edge(u, n, port=port)
     for n in g.nodes:
         d = g.nodes[n]
         ins = [g.nodes[u]["shape"] for u in inputs_of(g, n)]
-        if d["op"] != "input" and tuple(OPS[d["op"]].shape(d["attrs"], ins)) != d["shape"]:
+        if d["op"] == "input":
+            if tuple(d["attrs"].dims) != d["shape"]:
+                raise ValueError(f"node {d['name']}: shape {d['shape']} is not its declared input size")
+        elif tuple(OPS[d["op"]].shape(d["attrs"], ins)) != d["shape"]:
             raise ValueError(f"node {d['name']}: shape {d['shape']} does not follow from its inputs")
-        d["param_specs"] = OPS[d["op"]].params(d["attrs"], ins)
     g.graph["input"], g.graph["output"] = plan["input"], plan["output"]
-    g.graph["network"] = plan["network"]
-    if g.graph["input"] not in g or g.graph["output"] not in g:
+    g.graph["network"] = str(plan["network"])
+    if g.graph["input"] not in g or g.graph["output"] not in g or g.nodes[g.graph["input"]]["op"] != "input":
         raise ValueError("input or output node missing")
+    if sum(d["op"] == "input" for _, d in g.nodes(data=True)) != 1:
+        raise ValueError("a plan has exactly one input node")
+    count(g, 1)  # parameters and sizes, for the weights check and the memory estimate
     return g

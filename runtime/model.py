@@ -116,8 +116,8 @@ class Model:
                   {"network": self.name, "signature": self.signature(), "kind": "weights"})
 
     def load_weights(self, path: str | os.PathLike) -> None:
-        from .checkpoint import read_npz
+        from .checkpoint import parameters, read_npz
         arrays, meta = read_npz(Path(path))
         if meta.get("network") != self.name:
             raise CnncError(f"{path} holds weights of network `{meta.get('network')}`, not `{self.name}`")
-        self.set_params({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}, str(path))
+        self.set_params(parameters(arrays, Path(path)), str(path))

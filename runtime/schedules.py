@@ -15,6 +15,10 @@ max_iter = total_epochs·steps_per_epoch and stepsize = step_size·steps_per_epo
     cosine     min_lr + (base_lr − min_lr) · (1 + cos(π·iter/max_iter)) / 2
     plateau    base_lr · gamma^k, floored at min_lr, where k counts the reductions made by `end_epoch`
 
+Because poly, cosine and sigmoid without a step_size are shaped by max_iter, a run using one
+cannot be resumed with another number of epochs (`depends_on_length`): the epochs already
+trained would have had other rates. `cnnc train --resume` refuses that, with the reason.
+
 poly and cosine hold their end value past max_iter (iter is clamped), since (1 − iter/max_iter)
 would turn negative. sigmoid without a step_size centres on max_iter/2.
 
@@ -123,6 +127,12 @@ class Schedule:
 
     def _plateau(self, it: int) -> float:
         return self.plateau_lr
+
+
+def depends_on_length(config: TrainConfig) -> bool:
+    """Whether the rate at an iteration depends on the run's length (max_iter): poly, cosine, and
+    sigmoid without a step_size. Such a run cannot be extended and stay equal to one run."""
+    return config.policy in ("poly", "cosine") or (config.policy == "sigmoid" and config.step_size is None)
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int, total_epochs: int) -> Schedule:

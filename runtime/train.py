@@ -5,6 +5,12 @@ from one generator whose state travels in the checkpoint. So k epochs, then `--r
 gives the same weights as N epochs in one run, bit for bit. Ctrl-C finishes the optimizer step
 in flight, writes a checkpoint with the data cursor, and stops.
 
+Files: at the end of every epoch the checkpoint is written first and `metrics.jsonl` is then
+rewritten from the checkpoint's history, both atomically, so the metrics never run ahead of
+the checkpoint and a resume never repeats an epoch in them. A checkpoint read back is checked
+field by field (`CheckpointMeta`) and against the run: a damaged one is refused with the file
+and the field named, never half-restored.
+
 Sanity checks from practice: the first loss should be near ln(classes) (0.69 for two classes,
 2.30 for ten); a NaN/inf or exploding loss stops training naming the iteration; an SGD learning
 rate of 1 or more draws a warning.
@@ -12,24 +18,26 @@ rate of 1 or more draws a warning.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
 
 from cnnc.backends.base import Ctx, Plan
 from cnnc.dsl.errors import CnncError
 
-from .checkpoint import read_npz, write_npz
+from .checkpoint import parameters, read_npz, write_npz
+from .files import dumps, write_atomic, write_text_atomic
 from .data import Augment, Dataset, batches
 from .executor import Executor
 from .model import Model
-from .optim import make_optimizer
+from .optim import make_optimizer, state_arrays
 from .schedules import make_schedule
 
 CHECKPOINT = "checkpoint.npz"
@@ -49,6 +57,54 @@ class TrainResult:
     run_dir: str
     interrupted: bool = False
     history: list[dict] = field(default_factory=list)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class EpochRecord(_Strict):
+    epoch: Annotated[int, Field(ge=1)]
+    train_loss: float | None
+    train_accuracy: Annotated[float, Field(ge=0, le=1)] | None
+    test_loss: float | None
+    test_accuracy: Annotated[float, Field(ge=0, le=1)] | None
+    lr: float | None
+    seconds: Annotated[float, Field(ge=0)]
+
+
+class ScheduleState(_Strict):
+    epochs: NonNegativeInt
+    plateau_lr: Annotated[float, Field(ge=0)]
+    best: float | None  # None: no validation loss seen yet
+    bad_epochs: NonNegativeInt
+
+
+class CheckpointMeta(BaseModel):
+    """The metadata of a training checkpoint: every field checked when it is read back."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    kind: Literal["checkpoint"]
+    network: str
+    signature: str
+    epoch: NonNegativeInt  # completed epochs
+    cursor: NonNegativeInt  # batches of the current epoch already trained on
+    partial: tuple[float, NonNegativeInt, NonNegativeInt]  # loss sum, images, correct so far
+    step: NonNegativeInt  # optimizer steps taken
+    initial_loss: float | None
+    dropout_rng: dict
+    schedule: ScheduleState
+    history: list[EpochRecord]
+    config: dict
+    optim_keys: list[str] | None = None  # the optimizer state arrays the file holds (absent before 0.1.1)
+
+
+def _field_error(path: Path, exc: ValidationError) -> CnncError:
+    err = exc.errors()[0]
+    where = ".".join(str(x) for x in err["loc"]) or "metadata"
+    msg = err["msg"].removeprefix("Value error, ")
+    return CnncError(f"{path}: field `{where}` of its metadata: {msg[0].lower() + msg[1:]}",
+                     hint="the checkpoint is damaged or was edited; resume from another one or start again")
 
 
 def _logits_plan(plan: Plan, loss: str) -> Plan:
@@ -157,30 +213,91 @@ class Trainer:
 
     # ---- checkpoints
     def save(self) -> None:
+        """The checkpoint, then metrics.jsonl rewritten from its history (both atomic)."""
         m = self.model
         arrays = {f"param/{k}": v for k, v in m.host_params().items()}
-        arrays.update({f"optim/{k}": np.asarray(v) for k, v in self.optimizer.state_dict().items()})
+        optim = {f"optim/{k}": np.asarray(v) for k, v in self.optimizer.state_dict().items()}
+        arrays.update(optim)
         meta = {"kind": "checkpoint", "network": m.name, "signature": m.signature(), "epoch": self.epoch,
                 "cursor": self.cursor, "partial": list(self.partial), "step": self.step, "initial_loss": self.initial_loss,
                 "dropout_rng": self.dropout_rng.bit_generator.state, "schedule": _jsonable(self.schedule.state_dict()),
-                "history": self.history, "config": self.config.model_dump(mode="json")}
+                "history": self.history, "config": self.config.model_dump(mode="json"), "optim_keys": sorted(optim)}
         write_npz(self.run_dir / CHECKPOINT, arrays, meta)
+        self.write_metrics()
+
+    def write_metrics(self) -> None:
+        write_text_atomic(self.run_dir / METRICS, "".join(dumps(h) + "\n" for h in self.history))
 
     def restore(self, path: Path) -> None:
-        arrays, meta = read_npz(path)
+        """Load a checkpoint of this run, or refuse it with the file and the field named."""
+        arrays, raw = read_npz(path)
         m = self.model
-        if meta.get("kind") != "checkpoint":
+        if raw.get("kind") != "checkpoint":
             raise CnncError(f"{path} is not a training checkpoint")
-        if meta.get("network") != m.name or meta.get("signature") != m.signature():
-            raise CnncError(f"{path} was written for network `{meta.get('network')}` with other parameters; "
+        if raw.get("network") != m.name or raw.get("signature") != m.signature():
+            raise CnncError(f"{path} was written for network `{raw.get('network')}` with other parameters; "
                             f"this is `{m.name}`", hint="resume with the .cnn file the run was started with")
-        m.set_params({k[6:]: v for k, v in arrays.items() if k.startswith("param/")}, str(path))
-        self.optimizer.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("optim/")})
-        self.schedule.load_state_dict(meta["schedule"])
-        self.dropout_rng.bit_generator.state = meta["dropout_rng"]
-        self.epoch, self.cursor, self.step = meta["epoch"], meta["cursor"], meta["step"]
-        self.partial = tuple(meta["partial"])
-        self.initial_loss, self.history = meta["initial_loss"], meta["history"]
+        try:
+            meta = CheckpointMeta(**raw)
+        except ValidationError as exc:
+            raise _field_error(path, exc) from None
+        self._check_position(path, meta)
+        optim = {k: v for k, v in arrays.items() if k.startswith("optim/")}
+        listed = set(optim) if meta.optim_keys is None else set(meta.optim_keys)
+        missing, extra = sorted(listed - set(optim)), sorted(set(optim) - listed)
+        if not optim and meta.step > 0 and state_arrays(self.config) > 0:
+            missing = [f"everything {self.config.optimizer} keeps"]
+        if missing or extra:
+            which = f"lacks {', '.join(missing[:3])}" if missing else f"has unlisted {', '.join(extra[:3])}"
+            raise CnncError(f"{path}: the optimizer state {which}",
+                            hint="without it momentum and other running averages would restart silently; "
+                                 "resume from another checkpoint or start again")
+        for k, v in optim.items():
+            if v.dtype.kind not in "fiu":
+                raise CnncError(f"{path}: `{k}` holds {v.dtype} values, not real numbers")
+            if v.dtype.kind == "f" and not np.isfinite(v).all():
+                raise CnncError(f"{path}: `{k}` holds values that are not finite")
+        params = parameters(arrays, path)
+        rng = np.random.default_rng(0)
+        try:
+            rng.bit_generator.state = meta.dropout_rng
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CnncError(f"{path}: field `dropout_rng` of its metadata is not a generator state ({exc})") from None
+        m.set_params(params, str(path))
+        try:
+            self.optimizer.load_state_dict({k[6:]: v for k, v in optim.items()})
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CnncError(f"{path}: its optimizer state does not fit this run: {exc}".replace("\"", "")) from None
+        state = meta.schedule.model_dump()
+        state["best"] = math.inf if state["best"] is None else state["best"]
+        self.schedule.load_state_dict(state)
+        self.dropout_rng.bit_generator.state = meta.dropout_rng
+        self.epoch, self.cursor, self.step = meta.epoch, meta.cursor, meta.step
+        self.partial = (float(meta.partial[0]), int(meta.partial[1]), int(meta.partial[2]))
+        self.initial_loss = meta.initial_loss
+        self.history = [h.model_dump() for h in meta.history]
+
+    def _check_position(self, path: Path, meta: CheckpointMeta) -> None:
+        """The counters of a checkpoint must agree with each other and with this run's data."""
+        cfg = self.config
+        problems = []
+        if meta.cursor >= self.batches_per_epoch:
+            problems.append(f"cursor {meta.cursor} is past the {self.batches_per_epoch} batches of an epoch")
+        elif meta.cursor % cfg.accumulate:
+            problems.append(f"cursor {meta.cursor} is not a multiple of accumulate={cfg.accumulate}")
+        elif meta.step != meta.epoch * self.steps_per_epoch + meta.cursor // cfg.accumulate:
+            problems.append(f"step {meta.step} does not follow from epoch {meta.epoch} and cursor {meta.cursor} "
+                            f"({self.steps_per_epoch} steps per epoch)")
+        if len(meta.history) != meta.epoch:
+            problems.append(f"history has {len(meta.history)} epochs, the checkpoint says {meta.epoch} were trained")
+        seen = meta.partial[1]
+        if meta.cursor and (seen != meta.cursor * cfg.batch or meta.partial[2] > seen):
+            problems.append(f"partial counts {list(meta.partial)} do not fit cursor {meta.cursor}")
+        if meta.schedule.epochs != meta.epoch:
+            problems.append(f"schedule.epochs {meta.schedule.epochs} differs from epoch {meta.epoch}")
+        if problems:
+            raise CnncError(f"{path}: its metadata does not fit this run: {problems[0]}",
+                            hint="the checkpoint is damaged, edited, or belongs to a run on other data")
 
     # ---- the loop
     def run(self) -> TrainResult:
@@ -290,8 +407,6 @@ class Trainer:
                            f"({len(data.test_y)} images)")
         self.epoch += 1
         self.cursor = 0
-        with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
         self.save()
 
     def _apply(self, accum: dict, pending: int) -> None:
@@ -339,17 +454,24 @@ def write_plot(run_dir: Path, history: list[dict]) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return f"metrics in {run_dir / METRICS}; for a PNG of the curves: pip install 'cnnc[plot]' (matplotlib)"
+    def series(key: str, scale: float = 1.0) -> list[float]:
+        return [scale * h[key] if h.get(key) is not None else math.nan for h in history]
+
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(epochs, [h["train_loss"] for h in history], label="train")
-    a.plot(epochs, [h["test_loss"] for h in history], label="test")
+    a.plot(epochs, series("train_loss"), label="train")
+    a.plot(epochs, series("test_loss"), label="test")
     a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend(), a.grid(alpha=0.3)
-    b.plot(epochs, [100 * h["train_accuracy"] for h in history], label="train")
-    b.plot(epochs, [100 * h["test_accuracy"] for h in history], label="test")
+    b.plot(epochs, series("train_accuracy", 100), label="train")
+    b.plot(epochs, series("test_accuracy", 100), label="test")
     b.set_xlabel("epoch"), b.set_ylabel("accuracy (%)"), b.legend(), b.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / PLOT, dpi=100)
-    plt.close(fig)
+    try:
+        write_atomic(run_dir / PLOT, lambda f: fig.savefig(f, format="png", dpi=100))
+    except CnncError as err:  # the checkpoint and the metrics are written: the picture is not worth failing for
+        return f"warning: {err.message}"
+    finally:
+        plt.close(fig)
     return f"curves: {run_dir / PLOT}"
 
 

@@ -11,6 +11,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cnnc.cli import main
@@ -58,3 +59,18 @@ def cnn(tmp_path):
         path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
         return path
     return write
+
+
+def make_data(path, n=96, classes=4, size=8, channels=None, seed=0, label_shift=0):
+    """A small learnable image set as .npz: class c lights up one quadrant of noisy images."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = rng.normal(0, 0.3, (n, size, size)).astype(np.float32)
+    for c in range(classes):
+        r, q = divmod(c, 2)
+        x[y == c, r * size // 2:(r + 1) * size // 2, q * size // 2:(q + 1) * size // 2] += 1.0
+    x = np.clip((x + 1) * 100, 0, 255).astype(np.uint8)
+    if channels:
+        x = np.repeat(x[:, None], channels, axis=1)
+    np.savez(path, x=x, y=(y + label_shift).astype(np.int64))
+    return path

@@ -120,7 +120,7 @@ def test_artifact_round_trip_and_errors(tmp_path):
         read_artifact(tmp_path / "a")
     (tmp_path / "a" / "plan.json").write_text("{ not json")
     r = run_cli("run", str(tmp_path / "a"), "--input", "x.npy")
-    assert r.code == 1 and "corrupt" in r.err and "Traceback" not in r.err
+    assert r.code == 1 and "not valid JSON" in r.err and "Traceback" not in r.err
     write_artifact(*compile_graph(model), tmp_path / "b")
     write_artifact(*compile_graph(Model.load(EXAMPLES / "lenet5.cnn")), tmp_path / "c")
     (tmp_path / "b" / "weights.npz").write_bytes((tmp_path / "c" / "weights.npz").read_bytes())

@@ -14,7 +14,7 @@ from cnnc.dsl.errors import CnncError
 from cnnc.runtime import api
 from cnnc.runtime.checkpoint import read_npz
 
-from conftest import EXAMPLES, run_cli
+from conftest import EXAMPLES, make_data, run_cli
 
 NET = """\
 network tiny
@@ -31,20 +31,6 @@ train:
     epochs 4
     seed 5
 """
-
-
-def make_data(path, n=96, classes=4, size=8, channels=None, seed=0, label_shift=0):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % classes
-    x = rng.normal(0, 0.3, (n, size, size)).astype(np.float32)
-    for c in range(classes):  # class c lights up one quadrant: learnable
-        r, q = divmod(c, 2)
-        x[y == c, r * size // 2:(r + 1) * size // 2, q * size // 2:(q + 1) * size // 2] += 1.0
-    x = np.clip((x + 1) * 100, 0, 255).astype(np.uint8)
-    if channels:
-        x = np.repeat(x[:, None], channels, axis=1)
-    np.savez(path, x=x, y=(y + label_shift).astype(np.int64))
-    return path
 
 
 @pytest.fixture
