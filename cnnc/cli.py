@@ -2,7 +2,8 @@
 
 Imports of the compiler are deferred into the command functions: `cnnc --help` must answer
 fast. A user mistake prints `file:line:col: error: ...` with the source line and a caret, and
-exits 1; never a traceback.
+exits 1; never a traceback. Anything else is a bug in cnnc: it prints "internal error", the
+traceback to report, and exits 70 (EX_SOFTWARE).
 """
 
 from __future__ import annotations
@@ -14,6 +15,26 @@ import sys
 from cnnc import __version__
 
 EXIT_USER_ERROR = 1
+EXIT_INTERNAL_ERROR = 70  # sysexits.h EX_SOFTWARE
+ISSUES = "https://github.com/cnnc/cnnc/issues"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _memory_parent() -> argparse.ArgumentParser:
+    m = argparse.ArgumentParser(add_help=False)
+    m.add_argument("--max-memory", metavar="SIZE",
+                   help="memory limit for the estimate checked before allocating (e.g. 8G, 512M, none); "
+                        "default: the memory available now")
+    return m
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,19 +47,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="CUDA kernel tile tuning on first use: off (heuristic), fast (3 candidates, default), "
                         "full (all); choices are cached on disk")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    mem = _memory_parent()
 
     c = sub.add_parser("check", help="check a .cnn file: shapes, parameters, MACs, memory, receptive fields",
                        description="Parse a .cnn file, infer every shape and count parameters, MACs, "
                                    "activation memory and receptive fields, layer by layer.")
     c.add_argument("file", help="the .cnn file")
-    c.add_argument("--batch", type=int, default=1, help="batch size for MACs and activation memory (default 1)")
+    c.add_argument("--batch", type=_positive, default=1,
+                   help="batch size for MACs and activation memory (default 1)")
     c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     c.add_argument("--import-root", action="append", default=[], metavar="DIR",
                    help="also allow imports from DIR (imports otherwise stay in the importing file's directory)")
     c.add_argument("--verify", action="store_true", help="check the graph invariants after every pass")
     c.set_defaults(run=_cmd_check)
 
-    t = sub.add_parser("train", help="train a network (default data: the embedded MNIST-5k digits)",
+    t = sub.add_parser("train", parents=[mem], help="train a network (default data: the embedded MNIST-5k digits)",
                        description="Train the network with the settings of its `train:` section; flags override "
                                    "them. Writes checkpoint.npz, metrics.jsonl and curves.png to the run directory.")
     t.add_argument("file", nargs="?", help="the .cnn file (optional with --resume)")
@@ -57,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     t.set_defaults(run=_cmd_train)
 
-    k = sub.add_parser("compile", help="optimise a network and write an executable artifact",
+    k = sub.add_parser("compile", parents=[mem], help="optimise a network and write an executable artifact",
                        description="Run the pass pipeline (fusion, BatchNorm folding, memory planning) for a "
                                    "backend and write the plan, the weights and any generated kernels to OUT.")
     k.add_argument("file", help="the .cnn file")
@@ -72,36 +95,36 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the graph after a pass, one line per node")
     k.add_argument("--time-passes", action="store_true", help="print the time each pass took")
     k.add_argument("--verify", action="store_true", help="check the graph invariants after every pass")
-    k.add_argument("--batch", type=int, default=1, help="batch size for the memory figures (default 1)")
+    k.add_argument("--batch", type=_positive, default=1, help="batch size for the memory figures (default 1)")
     k.set_defaults(run=_cmd_compile)
 
-    r = sub.add_parser("run", help="execute a compiled artifact on an input array")
+    r = sub.add_parser("run", parents=[mem], help="execute a compiled artifact on an input array")
     r.add_argument("artifact", help="directory written by cnnc compile")
     r.add_argument("--input", required=True, help="a .npy array, N×C×H×W (or one C×H×W item)")
     r.add_argument("-o", "--output", help="write the output array to this .npy file")
     r.set_defaults(run=_cmd_run)
 
-    b = sub.add_parser("bench", help="images/s and ms per step, per layer, against PyTorch",
+    b = sub.add_parser("bench", parents=[mem], help="images/s and ms per step, per layer, against PyTorch",
                        description="Time inference (the -O2 plan) or a training step; medians after warm-up.")
     b.add_argument("file", help="the .cnn file")
     b.add_argument("--backend", default="numpy")
-    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--batch", type=_positive, default=1)
     b.add_argument("--train", action="store_true", help="time a whole training step")
     b.add_argument("--layers", action="store_true", help="per-layer times, sorted, with GFLOP/s")
-    b.add_argument("--vs", choices=("torch", "onnxruntime"), help="time the same network in a peer too")
-    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--vs", choices=("torch",), help="time the same network in PyTorch too")
+    b.add_argument("--repeats", type=_positive, default=10)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(run=_cmd_bench)
 
-    q = sub.add_parser("parity", help="compare two backends layer by layer on the same weights and inputs")
+    q = sub.add_parser("parity", parents=[mem], help="compare two backends layer by layer on the same weights and inputs")
     q.add_argument("file", help="the .cnn file")
     q.add_argument("--backends", default="numpy,cuda", help="reference,other (default numpy,cuda)")
-    q.add_argument("--batch", type=int, default=2)
+    q.add_argument("--batch", type=_positive, default=2)
     q.add_argument("--size", help="run at a smaller input, HxW (e.g. 64x64)")
     q.add_argument("--tolerance", type=float, default=1e-4, help="relative difference that flags a layer")
     q.set_defaults(run=_cmd_parity)
 
-    v = sub.add_parser("viz", help="draw a network's graph: SVG, PNG, PDF, DOT or an interactive HTML page",
+    v = sub.add_parser("viz", parents=[mem], help="draw a network's graph: SVG, PNG, PDF, DOT or an interactive HTML page",
                        description="Draw the graph with Graphviz: each block call a labelled cluster, edges with "
                                    "tensor shapes, residual shortcuts and concatenations in their own colours. The "
                                    "output's extension picks the format; .html writes one self-contained page "
@@ -123,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also allow imports from DIR")
     v.set_defaults(run=_cmd_viz)
 
-    e = sub.add_parser("eval", help="loss, accuracy and confusion matrix of a checkpoint")
+    e = sub.add_parser("eval", parents=[mem], help="loss, accuracy and confusion matrix of a checkpoint")
     e.add_argument("file", help="the .cnn file")
     e.add_argument("--checkpoint", required=True, help="checkpoint.npz written by cnnc train")
     e.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
@@ -149,8 +172,9 @@ def _cmd_train(args) -> int:
         trainer.progress.line(note)
     result = api.run(trainer)
     if args.json:
+        from cnnc.runtime.files import dumps
         from cnnc.runtime.train import result_json
-        print(json.dumps(result_json(result)))
+        print(dumps(result_json(result)))
     else:
         status = "interrupted" if result.interrupted else "done"
         print(f"{status}: {result.epochs} epochs in {result.seconds:.1f} s; initial loss {result.initial_loss:.4f}, "
@@ -215,15 +239,10 @@ def _cmd_run(args) -> int:
     from cnnc.runtime.artifact import read_artifact
 
     cm = read_artifact(args.artifact)
-    try:
-        x = np.load(args.input, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise CnncError(f"cannot read {args.input} as a .npy array: {exc}") from None
-    if x.ndim == len(cm.input_shape):
-        x = x[None]
+    x = _read_input(args.input, cm.input_shape)
     y = cm(x)
     if args.output:
-        np.save(args.output, y)
+        _save_output(args.output, y)
         print(f"wrote {args.output}: {y.shape[0]} × {' × '.join(map(str, y.shape[1:]))}")
     else:
         flat = y.reshape(len(y), -1)
@@ -233,12 +252,56 @@ def _cmd_run(args) -> int:
     return 0
 
 
-def _cmd_bench(args) -> int:
+def _save_output(path: str, y) -> None:
+    """`cnnc run -o`: written in place (it may be a pipe or a device), a partial file removed."""
+    import os
+
+    import numpy as np
+
+    from cnnc.runtime.files import os_error
+
+    try:
+        with open(path, "wb") as f:
+            np.save(f, y)
+    except OSError as exc:
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.unlink(path)
+        from pathlib import Path
+        raise os_error(exc, "write", Path(path)) from None
+
+
+def _read_input(path: str, item_shape: tuple[int, ...]):
+    """The --input array of `cnnc run`, its shape and size checked before it is read into memory."""
+    import numpy as np
+
     from cnnc.dsl.errors import CnncError
+    from cnnc.runtime.budget import Estimate
+
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise CnncError(f"no such input file: {path}") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise CnncError(f"cannot read {path} as a .npy array: {exc}") from None
+    if not isinstance(x, np.ndarray):
+        raise CnncError(f"{path} is an .npz archive; --input takes one .npy array")
+    if x.dtype.kind not in "fiub":
+        raise CnncError(f"{path} holds {x.dtype} values; the network takes real numbers")
+    if x.ndim == len(item_shape):
+        x = x[None]
+    if x.shape[1:] != tuple(item_shape):
+        raise CnncError(f"{path} has items of shape {tuple(x.shape[1:])}; the network takes {tuple(item_shape)}")
+    Estimate(f"reading {path}", [("input", int(x.size) * 4)]).check("a smaller input file")
+    with np.errstate(all="ignore"):
+        x = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise CnncError(f"{path} holds values that are not finite float32 numbers (NaN, inf, or beyond ±3.4e38)")
+    return x
+
+
+def _cmd_bench(args) -> int:
     from cnnc.runtime.bench import bench
 
-    if args.batch < 1 or args.repeats < 1:
-        raise CnncError("--batch and --repeats must be positive")
     r = bench(args.file, args.backend, args.batch, args.train, args.layers, args.vs, args.repeats)
     if args.json:
         print(json.dumps(r.to_json()))
@@ -334,7 +397,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.run(args)
+        if getattr(args, "max_memory", None) is None:
+            return args.run(args)
+        from cnnc.runtime import budget
+
+        with budget.override(args.max_memory):
+            return args.run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -346,7 +414,21 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, (CnncError, CnncErrors)):
             print(exc.render(), file=sys.stderr)
             return EXIT_USER_ERROR
-        raise
+        return _internal_error(exc, args)
+
+
+def _internal_error(exc: BaseException, args) -> int:
+    import traceback
+
+    if isinstance(exc, MemoryError):  # the estimates passed, yet an allocation failed: say so plainly
+        print("error: out of memory: an allocation failed although the estimate checked before it fit "
+              "(other programs may be using memory too)\nhint: a smaller batch, or free memory and try again",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"internal error in cnnc {__version__} while running `cnnc {args.command}`: this is a bug in cnnc, "
+          f"not a mistake in your input; please report it with the text below at {ISSUES}\n", file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -94,8 +94,7 @@ def bench(path, backend: str = "numpy", batch: int = 1, train: bool = False, lay
         result.layers = layer_times(model if train else compiled, x, train, repeats=max(3, repeats // 3))
     if vs is not None:
         if vs != "torch":
-            raise CnncError(f"--vs {vs}: only `torch` is available as a peer",
-                            hint="onnxruntime needs ONNX export, which cnnc does not have yet")
+            raise CnncError(f"--vs {vs}: only `torch` is available as a peer")
         result.peer = "torch"
         result.peer_ms_per_step = torch_ms(model, xh, yh, train, config, repeats, warmup)
         result.ratio = ms / result.peer_ms_per_step
