@@ -317,8 +317,15 @@ def _check_pixels(x: np.ndarray, src: str) -> None:
             raise CnncError(f"integer pixels in {src} must lie in 0..255, found {x.min()}..{x.max()}",
                             hint="store uint8 pixels, or floats already scaled as you want them")
     elif x.dtype.kind == "f":
-        if not np.all(np.isfinite(x)):
-            raise CnncError(f"pixels in {src} include NaN or infinity")
+        top = float(np.finfo(np.float32).max)
+        with np.errstate(all="ignore"):
+            bad = ~np.isfinite(x) | (np.abs(x) > top)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            value = x.reshape(-1)[i]
+            what = "NaN or infinity" if not np.isfinite(value) else f"{float(value):g}, beyond float32's ±{top:.3g}"
+            raise CnncError(f"pixels in {src} include {what} (image {i // max(math.prod(x.shape[1:]), 1)})",
+                            hint="pixels are cast to float32 for training; scale or clean the data first")
     else:
         raise CnncError(f"pixels in {src} have unsupported dtype {x.dtype}; use uint8 or float32")
 
@@ -505,7 +512,7 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
         hint = "the file looks gzip-compressed: name it with a .gz suffix" if data[:2] == b"\x1f\x8b" else None
         raise CnncError(f"{path} is not an MNIST {kind} file: magic number {found}, expected {magic}", hint=hint)
     dims = struct.unpack(f">{ndim}I", data[4:header])
-    want = header + int(np.prod(dims, dtype=np.int64))
+    want = header + math.prod(dims)
     if len(data) != want:
         raise CnncError(f"{path} has the wrong length: {len(data)} bytes, but its header "
                         f"{'x'.join(map(str, dims))} needs {want} (truncated or corrupt)")
@@ -609,7 +616,11 @@ def _load_folder(directory: Path) -> _Raw:
         try:
             with Image.open(path) as im:
                 size, mode = im.size, im.mode
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except Image.DecompressionBombError as e:
+            raise CnncError(f"image {path} declares more pixels than Pillow's limit of "
+                            f"{Image.MAX_IMAGE_PIXELS:,} ({e})".replace(" could be decompression bomb DOS attack.", ""),
+                            hint="a damaged or hostile file; remove it, or downscale the image") from None
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
             raise CnncError(f"cannot read image {path}: {e}") from None
         if first is None:
             first = (path, size)
@@ -631,8 +642,10 @@ def _load_folder(directory: Path) -> _Raw:
             try:
                 with Image.open(path) as im:
                     a = np.asarray(im.convert(mode))
-            except (OSError, UnidentifiedImageError, ValueError) as e:
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 raise CnncError(f"cannot read image {path}: {e}") from None
+            if a.shape[:2] != (h, w):  # a file changed between the passes, or lies in its header
+                raise CnncError(f"image {path} decoded to {a.shape[1]}x{a.shape[0]}, not the {w}x{h} its header said")
             x[i] = a[None] if mode == "L" else a.transpose(2, 0, 1)
         arrays.append((x, np.array([c for _, c in entries], np.int64), str(root)))
     (x, y, src), *rest = arrays

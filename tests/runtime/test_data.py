@@ -545,3 +545,67 @@ def test_flip_mirrors():
     assert Augment().crop_pad == 0 and not Augment().hflip
     with pytest.raises(ValueError):
         Augment(crop_pad=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile data
+
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A real PNG signature and IHDR chunk declaring width×height, with one tiny IDAT: what a
+    decompression bomb or a damaged file presents to a reader that trusts its header."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_png_declaring_30000_by_30000_pixels_is_refused(tmp_path):
+    pytest.importorskip("PIL")
+    for cls in ("a", "b"):
+        for i in range(3):
+            _png(tmp_path / "f" / cls / f"{i}.png", np.zeros((6, 6), np.uint8))
+    _png_header_only(tmp_path / "f" / "b" / "bomb.png", 30000, 30000)
+    err = _error(f"folder:{tmp_path / 'f'}")
+    assert "bomb.png" in err.message and "more pixels than" in err.message
+
+
+def test_a_float_pixel_beyond_float32_is_refused_naming_it(tmp_path):
+    x = np.zeros((20, 8, 8))
+    x[3, 2, 2] = 1e39
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(20) % 2)
+    err = _error(str(tmp_path / "d.npz"))
+    assert "1e+39" in err.message and "float32" in err.message and "image 3" in err.message
+
+
+def test_an_npz_declaring_a_huge_array_is_refused_before_loading(tmp_path):
+    """The header says 10^12 floats; nothing that size is allocated."""
+    import zipfile
+    header = {"descr": "<f4", "fortran_order": False, "shape": (1_000_000, 1000, 1000)}
+    with zipfile.ZipFile(tmp_path / "d.npz", "w") as z:
+        with z.open("x.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            f.write(b"\0" * 64)
+        with z.open("y.npy", "w") as f:
+            np.lib.format.write_array(f, np.zeros(3, np.int64))
+    err = _error(str(tmp_path / "d.npz"))
+    assert "needs an estimated" in err.message and "TiB" in err.message
+
+
+def test_a_gzip_bomb_is_refused(tmp_path, monkeypatch):
+    """A small .gz that unpacks beyond the memory limit stops unpacking at the limit."""
+    monkeypatch.setenv("CNNC_MAX_MEMORY", "4M")
+    d = tmp_path / "m"
+    d.mkdir()
+    with gzip.open(d / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">IIII", 2051, 100000, 28, 28))
+        for _ in range(10):
+            f.write(b"\0" * (1 << 20))
+    for name in ("train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (d / name).write_bytes(b"")
+    err = _error(f"mnist:{d}")
+    assert "unpacks to more than" in err.message
