@@ -32,7 +32,7 @@ from cnnc.dsl.errors import CnncError
 from .budget import run_estimate, weights_estimate
 from .checkpoint import parameters, read_npz, write_npz
 from .executor import Executor
-from .files import dumps, read_json, write_text_atomic
+from .files import dumps, os_error, read_json, remove_stale_temporaries, write_text_atomic
 from .model import Model
 
 FORMAT = "cnnc-plan"
@@ -101,8 +101,8 @@ def write_artifact(g: nx.MultiDiGraph, params: dict[str, np.ndarray], meta: dict
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        from .files import os_error
         raise os_error(exc, "create", out) from None
+    remove_stale_temporaries(out)  # of a compile killed while writing into this directory
     nodes = []
     for n in sorted(g.nodes):
         d = g.nodes[n]

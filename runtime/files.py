@@ -152,7 +152,8 @@ class RunLock:
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Delete `.NAME.*.tmp` files left by a process killed while writing (call with the lock held)."""
+    """Delete `.NAME.*.tmp` files left by a process killed while writing (call where no other
+    process writes: holding the run's lock, or before compiling into a directory)."""
     removed = []
     for p in Path(directory).glob(".*.tmp"):
         try:

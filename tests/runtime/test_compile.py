@@ -128,3 +128,14 @@ def test_artifact_round_trip_and_errors(tmp_path):
         read_artifact(tmp_path / "b")
     r = run_cli("run", str(tmp_path / "nowhere"), "--input", "x.npy")
     assert r.code == 1 and "not a compiled artifact" in r.err
+
+
+def test_compile_removes_leftovers_of_a_killed_compile(tmp_path):
+    out = tmp_path / "art"
+    out.mkdir()
+    stale = [out / ".plan.json.k1ll3d.tmp", out / ".weights.npz.x.tmp"]
+    for p in stale:
+        p.write_bytes(b"\0" * 100)
+    r = run_cli("compile", str(EXAMPLES / "lenet5.cnn"), "-o", str(out))
+    assert r.code == 0, r.err
+    assert not list(out.glob(".*.tmp")) and (out / "plan.json").exists()
