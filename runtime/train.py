@@ -261,12 +261,12 @@ class Trainer:
         rng = np.random.default_rng(0)
         try:
             rng.bit_generator.state = meta.dropout_rng
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
             raise CnncError(f"{path}: field `dropout_rng` of its metadata is not a generator state ({exc})") from None
         m.set_params(params, str(path))
         try:
             self.optimizer.load_state_dict({k[6:]: v for k, v in optim.items()})
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, OverflowError) as exc:
             raise CnncError(f"{path}: its optimizer state does not fit this run: {exc}".replace("\"", "")) from None
         state = meta.schedule.model_dump()
         state["best"] = math.inf if state["best"] is None else state["best"]

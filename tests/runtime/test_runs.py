@@ -156,6 +156,16 @@ def test_non_finite_parameters(trained):
     resume_fails(run, "not a finite float32")
 
 
+def test_a_generator_state_out_of_range(trained):
+    _, _, run = trained  # found by the fuzz suite: numpy raised OverflowError on a negative state
+
+    def negative(m):
+        m["dropout_rng"]["state"]["state"] = -5
+        return m
+    damage(run, edit_meta=negative)
+    resume_fails(run, "field `dropout_rng`", "not a generator state")
+
+
 def test_metadata_values_of_the_wrong_type(trained):
     _, _, run = trained
     damage(run, edit_meta=lambda m: {**m, "epoch": "two"})
