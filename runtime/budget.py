@@ -6,7 +6,9 @@ optimizer's state; and the activations of a batch, alive at once under the lifet
 memory planner uses (`compiler.optimize.activation_peak`). The sum is compared with the memory
 this machine has available now (MemAvailable in /proc/meminfo, or what the process's cgroup
 still allows when that is less). More than that is a CnncError pointing at the layer that
-needs the most, with every figure and a hint, before the first byte is allocated.
+needs the most, with every figure and a hint, before the first byte is allocated. Kernel
+workspace (im2col columns, padded copies) is not counted: the estimate is a floor, and its job
+is to refuse what cannot possibly fit, not to promise that what passes will.
 
 `--max-memory SIZE` on the command line (`override`) or the environment variable
 CNNC_MAX_MEMORY sets the limit instead: `64G`, `512M`, `1.5GiB`, or `none` to turn the check
