@@ -12,5 +12,5 @@ MAX_NESTING = 64  # in one file: parentheses, indented bodies, operators within 
 MAX_CALL_DEPTH = 64  # while building: block calls, loops and groups inside one another
 MAX_NUMBER_DIGITS = 30  # digits of one number literal
 MAX_INT = 10**15  # integer values in expressions and sizes, in magnitude
-MAX_LAYERS = 100_000  # layers a network expands to; also the longest loop or repeat
+MAX_LAYERS = 20_000  # layers a network expands to; also the longest loop or repeat (time grows with it)
 MAX_ERRORS = 50  # distinct errors reported before a stage stops

@@ -33,7 +33,7 @@ def test_block_calls_at_the_depth_limit_work(cnn):
 
 
 def test_one_mistake_in_a_long_loop_is_reported_once(cnn):
-    path = cnn(HEADER + "layers:\n    for i in range(100000):\n        conv 8 3x3 foo=1\n")
+    path = cnn(HEADER + "layers:\n    for i in range(20000):\n        conv 8 3x3 foo=1\n")
     r = run_cli("check", str(path))
     assert r.code == 1
     assert r.err.count("error: unknown attribute `foo`") == 1
@@ -42,7 +42,7 @@ def test_one_mistake_in_a_long_loop_is_reported_once(cnn):
 
 def test_a_mistake_that_appears_late_in_a_loop_is_reported(cnn):
     # the first iterations are fine; the error shows at i = 3 and the loop stops there
-    path = cnn(HEADER + "layers:\n    for i in range(100000):\n        conv 8 3x3 pad=3-i\n")
+    path = cnn(HEADER + "layers:\n    for i in range(20000):\n        conv 8 3x3 pad=3-i\n")
     r = run_cli("check", str(path))
     assert r.code == 1 and "cannot be negative" in r.err
     assert r.err.count("error:") == 1
@@ -58,12 +58,21 @@ def test_errors_stop_at_the_cap(cnn):
 
 
 def test_a_large_legal_repeat_checks(cnn):
-    path = cnn(HEADER + "layers:\n    conv 8 3x3 -> (relu) * 50000 -> gap -> dense 10\n")
+    path = cnn(HEADER + f"layers:\n    conv 8 3x3 -> (relu) * {limits.MAX_LAYERS - 4} -> gap -> dense 10\n")
     r = run_cli("check", str(path), "--json")
     assert r.code == 0, r.err
     summary = json.loads(r.out)
     assert summary["params"]["total"] == 8 * 3 * 9 + 8 + 8 * 10 + 10
-    assert len(summary["layers"]) == 50004
+    assert len(summary["layers"]) == limits.MAX_LAYERS
+
+
+def test_a_network_past_the_layer_limit_is_refused_at_once(cnn):
+    path = cnn(HEADER + "layers:\n    conv 8 3x3 -> (relu) * 50000 -> gap -> dense 10\n")
+    r = run_cli("check", str(path))
+    assert r.code == 1 and "repeat count must be between 1 and 20000" in r.err
+    path = cnn(HEADER + "layers:\n    conv 8 3x3 -> (relu) * 15000 -> (relu) * 15000\n")
+    r = run_cli("check", str(path))
+    assert r.code == 1 and "expands to more than 20000 layers" in r.err
 
 
 @pytest.mark.parametrize("setting, fragment", [
