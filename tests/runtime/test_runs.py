@@ -207,6 +207,27 @@ def test_metadata_and_metrics_are_strict_json(trained):
     strict_json((run / "run.json").read_text())
 
 
+def test_a_checkpoint_before_the_first_validation_is_strict_json(tmp_path):
+    """Interrupted in its first epoch, a plateau schedule has no best loss yet (infinity inside):
+    the metadata says null, and resuming reads it back as no best yet."""
+    import signal
+    net = tmp_path / "tiny.cnn"
+    net.write_text(NET)
+    data = make_data(tmp_path / "d.npz", n=64)
+    trainer, _ = api.prepare(net, data=str(data), run_dir=tmp_path / "r", progress=False)
+    step = trainer.optimizer.step
+
+    def step_then_ctrl_c(grads, lr):
+        step(grads, lr)
+        if trainer.step == 0:
+            signal.raise_signal(signal.SIGINT)
+    trainer.optimizer.step = step_then_ctrl_c
+    assert api.run(trainer).interrupted
+    meta = strict_json(np.load(tmp_path / "r" / "checkpoint.npz")["meta"].tobytes().decode())
+    assert meta["schedule"]["best"] is None and meta["cursor"] == 1
+    assert run_cli("train", "--resume", str(tmp_path / "r"), "-q").code == 0
+
+
 def test_json_summary_is_strict_even_when_nothing_was_trained(tmp_path):
     net = tmp_path / "tiny.cnn"
     net.write_text(NET)
