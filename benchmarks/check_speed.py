@@ -6,7 +6,7 @@ Times two commands, each run as a fresh subprocess exactly as a user types them:
   (parse, expand blocks, infer shapes, count) plus interpreter start-up and imports;
 - `cnnc --help` (goal: under 0.3 s): start-up alone, which must stay light.
 
-A few warm-up runs come first (they fill the OS file cache and Lark's parser-table cache), then
+A few warm-up runs come first (they fill the OS file cache), then
 N timed runs (default 10); the table shows the median and the minimum wall time per command, the
 goal, and the ratio median/goal (below 1.0 meets the goal).
 
