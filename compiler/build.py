@@ -55,6 +55,13 @@ class _Poisoned(Exception):
     """A statement uses a tensor whose definition already failed: nothing more to report."""
 
 
+class _TooLarge(Exception):
+    """The network passed MAX_LAYERS: the build stops, since every later layer would be past it too."""
+
+    def __init__(self, err: CnncError):
+        self.err = err
+
+
 class GraphBuilder:
     def __init__(self, program: ast.Program, diags: Diagnostics):
         self.program = program
@@ -444,7 +451,8 @@ class GraphBuilder:
         """Add one node; unnamed layers are numbered per the word written (`bn` → bn1, bn2, ...)."""
         g = self.g
         if g.number_of_nodes() >= MAX_LAYERS:
-            raise CnncError(f"the network expands to more than {MAX_LAYERS} layers", span)
+            raise _TooLarge(CnncError(f"the network expands to more than {MAX_LAYERS} layers", span,
+                                      "a network this deep is likely a runaway loop or repeat"))
         local = name or attrs.get("name", None) or frame.next_name(base or op)
         full = ".".join(frame.path + (local,))
         if full in self.names:
@@ -496,4 +504,7 @@ def build_graph(program: ast.Program, diags: Diagnostics) -> nx.MultiDiGraph:
         return GraphBuilder(program, diags).build()
     except CnncError as err:
         diags.add(err)
+        return None
+    except _TooLarge as stop:
+        diags.add(stop.err)
         return None
