@@ -617,9 +617,10 @@ def _load_folder(directory: Path) -> _Raw:
             with Image.open(path) as im:
                 size, mode = im.size, im.mode
         except Image.DecompressionBombError as e:
-            raise CnncError(f"image {path} declares more pixels than Pillow's limit of "
-                            f"{Image.MAX_IMAGE_PIXELS:,} ({e})".replace(" could be decompression bomb DOS attack.", ""),
-                            hint="a damaged or hostile file; remove it, or downscale the image") from None
+            size = str(e).split(", could be")[0]  # "Image size (N pixels) exceeds limit of M pixels"
+            raise CnncError(f"image {path} is too large to decode: {size[0].lower() + size[1:]}",
+                            hint="a damaged or hostile file (a decompression bomb); remove it, or downscale "
+                                 "the image") from None
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
             raise CnncError(f"cannot read image {path}: {e}") from None
         if first is None:

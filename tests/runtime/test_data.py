@@ -571,7 +571,7 @@ def test_a_png_declaring_30000_by_30000_pixels_is_refused(tmp_path):
             _png(tmp_path / "f" / cls / f"{i}.png", np.zeros((6, 6), np.uint8))
     _png_header_only(tmp_path / "f" / "b" / "bomb.png", 30000, 30000)
     err = _error(f"folder:{tmp_path / 'f'}")
-    assert "bomb.png" in err.message and "more pixels than" in err.message
+    assert "bomb.png" in err.message and "too large to decode" in err.message and "900000000 pixels" in err.message
 
 
 def test_a_float_pixel_beyond_float32_is_refused_naming_it(tmp_path):
