@@ -235,14 +235,12 @@ def _cmd_compile(args) -> int:
 def _cmd_run(args) -> int:
     import numpy as np
 
-    from cnnc.dsl.errors import CnncError
-    from cnnc.runtime.artifact import read_artifact
+    from cnnc.runtime.artifact import read_artifact, read_input, save_output
 
     cm = read_artifact(args.artifact)
-    x = _read_input(args.input, cm.input_shape)
-    y = cm(x)
+    y = cm(read_input(args.input, cm.input_shape))
     if args.output:
-        _save_output(args.output, y)
+        save_output(args.output, y)
         print(f"wrote {args.output}: {y.shape[0]} × {' × '.join(map(str, y.shape[1:]))}")
     else:
         flat = y.reshape(len(y), -1)
@@ -250,53 +248,6 @@ def _cmd_run(args) -> int:
             print(f"{i}: class {int(np.argmax(row))} ({', '.join(f'{v:.4g}' for v in row[:10])}"
                   f"{', ...' if row.size > 10 else ''})")
     return 0
-
-
-def _save_output(path: str, y) -> None:
-    """`cnnc run -o`: written in place (it may be a pipe or a device), a partial file removed."""
-    import os
-
-    import numpy as np
-
-    from cnnc.runtime.files import os_error
-
-    try:
-        with open(path, "wb") as f:
-            np.save(f, y)
-    except OSError as exc:
-        if os.path.isfile(path) and not os.path.islink(path):
-            os.unlink(path)
-        from pathlib import Path
-        raise os_error(exc, "write", Path(path)) from None
-
-
-def _read_input(path: str, item_shape: tuple[int, ...]):
-    """The --input array of `cnnc run`, its shape and size checked before it is read into memory."""
-    import numpy as np
-
-    from cnnc.dsl.errors import CnncError
-    from cnnc.runtime.budget import Estimate
-
-    try:
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise CnncError(f"no such input file: {path}") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise CnncError(f"cannot read {path} as a .npy array: {exc}") from None
-    if not isinstance(x, np.ndarray):
-        raise CnncError(f"{path} is an .npz archive; --input takes one .npy array")
-    if x.dtype.kind not in "fiub":
-        raise CnncError(f"{path} holds {x.dtype} values; the network takes real numbers")
-    if x.ndim == len(item_shape):
-        x = x[None]
-    if x.shape[1:] != tuple(item_shape):
-        raise CnncError(f"{path} has items of shape {tuple(x.shape[1:])}; the network takes {tuple(item_shape)}")
-    Estimate(f"reading {path}", [("input", int(x.size) * 4)]).check("a smaller input file")
-    with np.errstate(all="ignore"):
-        x = np.asarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise CnncError(f"{path} holds values that are not finite float32 numbers (NaN, inf, or beyond ±3.4e38)")
-    return x
 
 
 def _cmd_bench(args) -> int:

@@ -18,7 +18,38 @@ from pathlib import Path
 from . import ast
 from .errors import CnncError, Source, Span
 from .limits import MAX_IMPORTS, MAX_SOURCE_BYTES
-from .parser import parse
+from .parser import parse, too_large
+
+
+class NotARegularFile(ValueError):
+    """A path that names a directory, a FIFO, a device or a socket; `kind` says which."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """At most max_bytes + 1 bytes of a regular file (one more than allowed tells the caller it is
+    too large). Opened non-blocking, so a FIFO is refused instead of waited on; raises OSError,
+    or NotARegularFile."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                                  else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                                  else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        chunks, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, max_bytes + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def read_source(path: Path, display: str, where: Span | None = None, what: str = "file") -> str:
@@ -26,35 +57,17 @@ def read_source(path: Path, display: str, where: Span | None = None, what: str =
     if "\0" in str(path):
         raise CnncError(f"the {what} name {str(path)!r} contains a NUL byte", where)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait
+        data = read_regular_file(path, MAX_SOURCE_BYTES)
     except FileNotFoundError:
         raise CnncError(f"no such {what}: {display}", where) from None
+    except NotARegularFile as exc:
+        raise CnncError(f"{display} is {exc.kind}, not a .cnn file", where,
+                        None if exc.kind == "a directory" else "cnnc reads .cnn sources from regular files only") \
+            from None
     except OSError as exc:
         raise CnncError(f"cannot read {display}: {exc.strerror}", where) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise CnncError(f"{display} is a directory, not a .cnn file", where)
-        if not stat.S_ISREG(mode):
-            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
-                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
-            raise CnncError(f"{display} is {kind}, not a .cnn file", where,
-                            "cnnc reads .cnn sources from regular files only")
-        chunks, size = [], 0
-        while size <= MAX_SOURCE_BYTES:
-            chunk = os.read(fd, MAX_SOURCE_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise CnncError(f"cannot read {display}: {exc.strerror}", where) from None
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
     if len(data) > MAX_SOURCE_BYTES:
-        raise CnncError(f"{display} is larger than {MAX_SOURCE_BYTES // 1024} KiB, the limit for one .cnn file",
-                        where, "a network description is a few KiB; split it with `import`")
+        raise too_large(display, where)
     return decode_source(data, display)
 
 

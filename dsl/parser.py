@@ -14,6 +14,7 @@ Before the tree is turned into an AST its nesting is measured without recursion
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, Tree, v_args
@@ -273,6 +274,12 @@ class _ToAst(Transformer):
         return ("train", header, list(children))
 
 
+def too_large(name: str, where: Span | None = None) -> CnncError:
+    """The error for a source over MAX_SOURCE_BYTES (read from a file or given as text)."""
+    return CnncError(f"{name} is larger than {MAX_SOURCE_BYTES // 1024} KiB, the limit for one .cnn file", where,
+                     "a network description is a few KiB; split it with `import`")
+
+
 def _number(text: str, span: Span) -> int | float:
     """A number literal's value, refused before conversion when it is out of bounds."""
     digits = sum(ch.isdigit() for ch in text.split("e")[0].split("E")[0])
@@ -284,7 +291,7 @@ def _number(text: str, span: Span) -> int | float:
             raise CnncError(f"number {text} is too large: integers go up to {MAX_INT:.0e}".replace("e+", "e"), span)
         return value
     value = float(text)
-    if value in (float("inf"), float("-inf")):
+    if math.isinf(value):
         raise CnncError(f"number {text} is too large for a float", span)
     return value
 
@@ -376,8 +383,7 @@ def parse(text: str, name: str = "<string>") -> ast.Program:
     text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     source = Source(name, text)
     if len(text) > MAX_SOURCE_BYTES // 4 and len(text.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES:
-        raise CnncError(f"{name} is larger than {MAX_SOURCE_BYTES // 1024} KiB, the limit for one .cnn file",
-                        hint="a network description is a few KiB; split it with `import`")
+        raise too_large(name)
     if not text.endswith("\n"):
         text += "\n"
     try:

@@ -29,7 +29,7 @@ from cnnc.dsl.errors import CnncError
 from .budget import run_estimate
 from .checkpoint import parameters, read_npz
 from .data import Dataset, check_compatible, load_dataset
-from .files import RunLock, dumps, read_json, write_text_atomic
+from .files import RunLock, dumps, field_error, read_json, write_text_atomic
 from .model import Model
 from .optim import state_arrays
 from .schedules import depends_on_length
@@ -95,20 +95,12 @@ def read_run_info(run: Path) -> tuple[RunInfo, TrainConfig]:
     try:
         info = RunInfo(**raw)
     except ValidationError as exc:
-        raise _run_info_error(path, exc, "") from None
+        raise field_error(path, exc) from None
     try:
         config = TrainConfig(**info.config)
     except ValidationError as exc:
-        raise _run_info_error(path, exc, "config.") from None
+        raise field_error(path, exc, "config.") from None
     return info, config
-
-
-def _run_info_error(path: Path, exc: ValidationError, prefix: str) -> CnncError:
-    err = exc.errors()[0]
-    where = prefix + ".".join(str(x) for x in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    return CnncError(f"{path}: field `{where}`: {msg[0].lower() + msg[1:]}",
-                     hint="run.json is written by cnnc train; restore it, or start a new run")
 
 
 def safe_name(name: str) -> str:
@@ -235,14 +227,12 @@ def evaluate(path: str | os.PathLike, checkpoint: str | os.PathLike, data: str |
     model.set_params(parameters(arrays, checkpoint), str(checkpoint))
     config = model.config
     if meta.get("config") is not None:
-        try:
-            config = TrainConfig(**meta["config"]) if isinstance(meta["config"], dict) else None
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise CnncError(f"{checkpoint}: field `config.{'.'.join(map(str, err['loc']))}` of its metadata: "
-                            f"{err['msg'].removeprefix('Value error, ')}") from None
-        if config is None:
+        if not isinstance(meta["config"], dict):
             raise CnncError(f"{checkpoint}: field `config` of its metadata is not an object")
+        try:
+            config = TrainConfig(**meta["config"])
+        except ValidationError as exc:
+            raise field_error(checkpoint, exc, "config.", " of its metadata") from None
     base_dir = Path(path).resolve().parent if data is None else None
     dataset, _ = load_data(data or config.data, model, config, base_dir)
     batch = min(500, max(config.batch, 1))

@@ -29,7 +29,7 @@ from cnnc.compiler.ops import OPS
 from cnnc.compiler.pipeline import PassContext, optimize
 from cnnc.dsl.errors import CnncError
 
-from .budget import run_estimate, weights_estimate
+from .budget import Estimate, run_estimate, weights_estimate
 from .checkpoint import parameters, read_npz, write_npz
 from .executor import Executor
 from .files import dumps, os_error, read_json, remove_stale_temporaries, write_text_atomic
@@ -221,3 +221,41 @@ def _graph(plan: dict) -> nx.MultiDiGraph:
         raise ValueError("a plan has exactly one input node")
     count(g, 1)  # parameters and sizes, for the weights check and the memory estimate
     return g
+
+
+def read_input(path: str | Path, item_shape: tuple[int, ...]) -> np.ndarray:
+    """A .npy array of inputs (or one item), its dtype, shape and size checked before it is read
+    into memory, as float32; a CnncError naming the file otherwise."""
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise CnncError(f"no such input file: {path}") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise CnncError(f"cannot read {path} as a .npy array: {exc}") from None
+    if not isinstance(x, np.ndarray):
+        raise CnncError(f"{path} is an .npz archive; --input takes one .npy array")
+    if x.dtype.kind not in "fiub":
+        raise CnncError(f"{path} holds {x.dtype} values; the network takes real numbers")
+    if x.ndim == len(item_shape):
+        x = x[None]
+    if x.shape[1:] != tuple(item_shape):
+        raise CnncError(f"{path} has items of shape {tuple(x.shape[1:])}; the network takes {tuple(item_shape)}")
+    Estimate(f"reading {path}", [("input", int(x.size) * 4)]).check("a smaller input file")
+    with np.errstate(all="ignore"):
+        x = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise CnncError(f"{path} holds values that are not finite float32 numbers (NaN, inf, or beyond ±3.4e38)")
+    return x
+
+
+def save_output(path: str | Path, y: np.ndarray) -> None:
+    """Outputs as .npy, written in place (the path may be a pipe or a device); on failure a
+    partial regular file is removed and the error says why."""
+    path = Path(path)
+    try:
+        with open(path, "wb") as f:
+            np.save(f, y)
+    except OSError as exc:
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+        raise os_error(exc, "write", path) from None

@@ -18,7 +18,6 @@ off.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -156,10 +155,6 @@ def run_estimate(g, what: str, batch: int, training: bool = False, optimizer_arr
     return est
 
 
-def dataset_estimate(what: str, nbytes: int) -> Estimate:
-    return Estimate(what, [("images", nbytes)])
-
-
 def _point_at_biggest(est: Estimate, g, key: str, describe) -> None:
     best = max(g.nodes, key=lambda n: g.nodes[n].get(key) or 0, default=None)
     if best is None or not g.nodes[best].get(key):
@@ -167,7 +162,3 @@ def _point_at_biggest(est: Estimate, g, key: str, describe) -> None:
     d = g.nodes[best]
     est.span = d.get("span")
     est.biggest = f"the largest layer is `{d['name']}`: {describe(d[key])}"
-
-
-def array_bytes(shape, itemsize: int = FLOAT_BYTES) -> int:
-    return math.prod(int(s) for s in shape) * itemsize

@@ -258,26 +258,24 @@ def _read_bytes(path: Path) -> bytes:
     """The file's bytes, gunzipped when its name ends in .gz; CnncError when unreadable. Neither
     the file nor what it unpacks to may exceed the memory limit (runtime/budget.py)."""
     try:
-        size = path.stat().st_size
-        Estimate(f"reading {path}", [("file", size)]).check("a smaller file")
-        data = path.read_bytes()
+        Estimate(f"reading {path}", [("file", path.stat().st_size)]).check("a smaller file")
+        if path.suffix != ".gz":
+            return path.read_bytes()
     except OSError as e:
         raise CnncError(f"cannot read {path}: {e.strerror or e}") from None
-    if path.suffix == ".gz":
-        cap = limit()[0]
-        try:
-            with gzip.GzipFile(fileobj=__import__("io").BytesIO(data)) as f:
-                chunks, total = [], 0
-                while chunk := f.read(1 << 24):
-                    total += len(chunk)
-                    if cap is not None and total > cap:
-                        raise CnncError(f"{path} unpacks to more than the {cap >> 20} MiB of memory available",
-                                        hint="--max-memory SIZE sets the limit yourself")
-                    chunks.append(chunk)
-            data = b"".join(chunks)
-        except (OSError, EOFError, zlib.error) as e:
-            raise CnncError(f"{path} is not a valid gzip file (corrupt or truncated: {e})") from None
-    return data
+    cap = limit()[0]
+    chunks, total = [], 0
+    try:
+        with gzip.open(path) as f:
+            while chunk := f.read(1 << 24):
+                total += len(chunk)
+                if cap is not None and total > cap:
+                    raise CnncError(f"{path} unpacks to more than the {cap >> 20} MiB of memory available",
+                                    hint="--max-memory SIZE sets the limit yourself")
+                chunks.append(chunk)
+    except (OSError, EOFError, zlib.error) as e:
+        raise CnncError(f"{path} is not a valid gzip file (corrupt or truncated: {e})") from None
+    return b"".join(chunks)
 
 
 def _check_labels(y: np.ndarray, src: str) -> np.ndarray:
@@ -408,7 +406,8 @@ def _finish(name: str, raw: _Raw, *, pad_to, normalize: bool, seed: int, classes
                 or not all(_is_int(v) and v > 0 for v in pad_to)):
             raise CnncError(f"pad_to must be two positive integers (height, width), got {pad_to!r}")
         pad_to = (int(pad_to[0]), int(pad_to[1]))
-    per_image = 4 * train_x.shape[1] * (pad_to or train_x.shape[2:])[0] * (pad_to or train_x.shape[2:])[1]
+    h, w = pad_to or train_x.shape[2:]
+    per_image = 4 * train_x.shape[1] * h * w
     Estimate(f"preparing the images of `{name}` as float32",
              [("train images", len(train_x) * per_image), ("test images", len(test_x) * per_image)]).check(
         "fewer or smaller images")

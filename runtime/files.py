@@ -17,12 +17,12 @@ import fcntl
 import json
 import math
 import os
-import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from cnnc.dsl.errors import CnncError
+from cnnc.dsl.loader import NotARegularFile, read_regular_file
 
 MAX_JSON_BYTES = 64 << 20  # run.json, plan.json, checkpoint metadata
 LOCK = ".lock"
@@ -102,23 +102,26 @@ def read_json(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES):
     """A JSON file that cnnc wrote, read back with every failure as a CnncError naming it."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        data = read_regular_file(path, max_bytes)
     except FileNotFoundError:
         raise CnncError(f"{path} is missing: no {what}") from None
+    except NotARegularFile as exc:
+        raise CnncError(f"{path} is {exc.kind}: not a {what}") from None
     except OSError as exc:
         raise os_error(exc, "read", path) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CnncError(f"{path} is not a regular file: not a {what}")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise os_error(exc, "read", path) from None
-    finally:
-        os.close(fd)
     if len(data) > max_bytes:
         raise CnncError(f"{path} is larger than {max_bytes >> 20} MiB: not a {what}")
     return loads(data, str(path))
+
+
+def field_error(path: Path, exc, prefix: str = "", of: str = "") -> CnncError:
+    """A pydantic ValidationError on a file cnnc wrote, as a CnncError naming the file and the
+    field (`prefix` is prepended to the field's path; `of` says where the field is)."""
+    err = exc.errors()[0]
+    where = prefix + ".".join(str(x) for x in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return CnncError(f"{path}: field `{where}`{of}: {msg[0].lower() + msg[1:]}",
+                     hint="the file was damaged or edited; restore it, or start again")
 
 
 class RunLock:

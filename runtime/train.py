@@ -33,7 +33,7 @@ from cnnc.backends.base import Ctx, Plan
 from cnnc.dsl.errors import CnncError
 
 from .checkpoint import parameters, read_npz, write_npz
-from .files import dumps, write_atomic, write_text_atomic
+from .files import dumps, field_error, write_atomic, write_text_atomic
 from .data import Augment, Dataset, batches
 from .executor import Executor
 from .model import Model
@@ -80,10 +80,9 @@ class ScheduleState(_Strict):
     bad_epochs: NonNegativeInt
 
 
-class CheckpointMeta(BaseModel):
+class CheckpointMeta(_Strict):
     """The metadata of a training checkpoint: every field checked when it is read back."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["checkpoint"]
     network: str
     signature: str
@@ -97,14 +96,6 @@ class CheckpointMeta(BaseModel):
     history: list[EpochRecord]
     config: dict
     optim_keys: list[str] | None = None  # the optimizer state arrays the file holds (absent before 0.1.1)
-
-
-def _field_error(path: Path, exc: ValidationError) -> CnncError:
-    err = exc.errors()[0]
-    where = ".".join(str(x) for x in err["loc"]) or "metadata"
-    msg = err["msg"].removeprefix("Value error, ")
-    return CnncError(f"{path}: field `{where}` of its metadata: {msg[0].lower() + msg[1:]}",
-                     hint="the checkpoint is damaged or was edited; resume from another one or start again")
 
 
 def _logits_plan(plan: Plan, loss: str) -> Plan:
@@ -240,7 +231,7 @@ class Trainer:
         try:
             meta = CheckpointMeta(**raw)
         except ValidationError as exc:
-            raise _field_error(path, exc) from None
+            raise field_error(path, exc, of=" of its metadata") from None
         self._check_position(path, meta)
         optim = {k: v for k, v in arrays.items() if k.startswith("optim/")}
         listed = set(optim) if meta.optim_keys is None else set(meta.optim_keys)
@@ -258,9 +249,9 @@ class Trainer:
             if v.dtype.kind == "f" and not np.isfinite(v).all():
                 raise CnncError(f"{path}: `{k}` holds values that are not finite")
         params = parameters(arrays, path)
-        rng = np.random.default_rng(0)
+        dropout_rng = np.random.default_rng(0)  # set aside: nothing of this run changes before all is checked
         try:
-            rng.bit_generator.state = meta.dropout_rng
+            dropout_rng.bit_generator.state = meta.dropout_rng
         except (TypeError, ValueError, KeyError, OverflowError) as exc:
             raise CnncError(f"{path}: field `dropout_rng` of its metadata is not a generator state ({exc})") from None
         m.set_params(params, str(path))
@@ -271,7 +262,7 @@ class Trainer:
         state = meta.schedule.model_dump()
         state["best"] = math.inf if state["best"] is None else state["best"]
         self.schedule.load_state_dict(state)
-        self.dropout_rng.bit_generator.state = meta.dropout_rng
+        self.dropout_rng = dropout_rng
         self.epoch, self.cursor, self.step = meta.epoch, meta.cursor, meta.step
         self.partial = (float(meta.partial[0]), int(meta.partial[1]), int(meta.partial[2]))
         self.initial_loss = meta.initial_loss

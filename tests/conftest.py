@@ -74,3 +74,11 @@ def make_data(path, n=96, classes=4, size=8, channels=None, seed=0, label_shift=
         x = np.repeat(x[:, None], channels, axis=1)
     np.savez(path, x=x, y=(y + label_shift).astype(np.int64))
     return path
+
+
+def tiny_net(optimizer: str = "momentum momentum=0.9", lr: str = "0.05 policy=plateau patience=1",
+             epochs: int = 2, seed: int = 3) -> str:
+    """A small trainable network for 1×8×8 images of 4 classes (see make_data), with a train section."""
+    return (f"network tiny\ninput 1x8x8\nclasses 4\nlayers:\n"
+            f"    conv 4 3x3 pad=1 -> bn -> relu -> maxpool 2x2 -> gap -> dense classes\n"
+            f"train:\n    optimizer {optimizer}\n    lr {lr}\n    batch 16\n    epochs {epochs}\n    seed {seed}\n")

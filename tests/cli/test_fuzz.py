@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 from cnnc.compiler.ops import OPS, user_op_names
 from cnnc.compiler.train_config import TrainConfig
 
-from conftest import EXAMPLES, run_cli
+from conftest import EXAMPLES, run_cli, tiny_net
 
 EXAMPLES_PER_SOURCE = int(os.environ.get("CNNC_FUZZ_EXAMPLES", "60"))
 HANG_SECONDS = 10
@@ -468,18 +468,7 @@ def test_garbage(tmp_path_factory, data):
 
 # ---- damaged run files ------------------------------------------------------------------------------
 
-RUN_NET = """\
-network tiny
-input 1x8x8
-classes 4
-layers:
-    conv 4 3x3 pad=1 -> bn -> relu -> maxpool 2x2 -> gap -> dense classes
-train:
-    optimizer adam
-    lr 0.01 policy=plateau
-    batch 16
-    epochs 1
-"""
+RUN_NET = tiny_net(optimizer="adam", lr="0.01 policy=plateau", epochs=1, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,9 @@ import pytest
 from cnnc.runtime import api
 from cnnc.runtime.checkpoint import read_npz, write_npz
 
-from conftest import EXAMPLES, REPO, make_data, run_cli
+from conftest import EXAMPLES, REPO, make_data, run_cli, tiny_net
 
-NET = """\
-network tiny
-input 1x8x8
-classes 4
-layers:
-    conv 4 3x3 pad=1 -> bn -> relu -> maxpool 2x2 -> gap -> dense classes
-train:
-    optimizer momentum momentum=0.9
-    lr 0.05 policy=plateau patience=1
-    batch 16
-    epochs 2
-    seed 3
-"""
+NET = tiny_net()
 
 
 @pytest.fixture
