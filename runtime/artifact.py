@@ -208,17 +208,14 @@ def _graph(plan: dict) -> nx.MultiDiGraph:
     for n in g.nodes:
         d = g.nodes[n]
         ins = [g.nodes[u]["shape"] for u in inputs_of(g, n)]
-        if d["op"] == "input":
-            if tuple(d["attrs"].dims) != d["shape"]:
-                raise ValueError(f"node {d['name']}: shape {d['shape']} is not its declared input size")
-        elif tuple(OPS[d["op"]].shape(d["attrs"], ins)) != d["shape"]:
+        if tuple(OPS[d["op"]].shape(d["attrs"], ins)) != d["shape"]:  # the input's rule gives its dims
             raise ValueError(f"node {d['name']}: shape {d['shape']} does not follow from its inputs")
     g.graph["input"], g.graph["output"] = plan["input"], plan["output"]
     g.graph["network"] = str(plan["network"])
-    if g.graph["input"] not in g or g.graph["output"] not in g or g.nodes[g.graph["input"]]["op"] != "input":
+    if g.graph["input"] not in g or g.graph["output"] not in g:
         raise ValueError("input or output node missing")
-    if sum(d["op"] == "input" for _, d in g.nodes(data=True)) != 1:
-        raise ValueError("a plan has exactly one input node")
+    if [n for n in g if OPS[g.nodes[n]["op"]].inputs == (0, 0)] != [g.graph["input"]]:
+        raise ValueError("a plan has exactly one input node, and it is the plan's input")
     count(g, 1)  # parameters and sizes, for the weights check and the memory estimate
     return g
 
