@@ -5,10 +5,16 @@ table, one forward and one backward kernel; the runtime drives them (autodiff, t
 
     Backend.name                  what `--backend NAME` selects
     Backend.fused_ops             fused kernels the fusion passes may ask for
+    Backend.fusion_refusal(target, ops)
+                                  the capability query: None when the backend runs `target`
+                                  (fused_conv, fused_dense, elemwise_chain) made of the op-table
+                                  ops `ops`, else the reason it does not (a refusal in --report)
+    Backend.elementwise           the Kernel that runs every op with an element-wise formula
     Backend.to_device(host)       host → device array (float32 unless integer)
     Backend.to_host(a)            device → host numpy array
     Backend.zeros(shape, dtype)
-    Backend.kernel(op) -> Kernel  forward/backward pair for an op-table op
+    Backend.kernel(op) -> Kernel  forward/backward pair for an op-table op (`kernels[op]`, or
+                                  `elementwise` for an op the table gives a formula)
     Backend.loss(name) -> fn      "cross_entropy" or "mse": fn(out, target) -> (loss, d out)
     Backend.compile(graph)        -> Plan: ordered steps over the graph
 
@@ -32,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cnnc.compiler.graph import inputs_of
+from cnnc.compiler.ops import OPS
 from cnnc.dsl.errors import CnncError
 
 ENTRY_POINT_GROUP = "cnnc.backends"
@@ -95,6 +102,16 @@ class Backend(abc.ABC):
     fused_ops: frozenset[str] = frozenset()
     layouts: dict[str, str] = {}  # op → the layout its kernel reads (default NCHW)
     kernels: dict[str, Kernel] = {}
+    elementwise: Kernel | None = None
+
+    @classmethod
+    def fusion_refusal(cls, target: str, ops: tuple[str, ...]) -> str | None:
+        """Why this backend cannot run `target` fused from `ops`, or None when it can. The base
+        answer: it can when it has the fused kernel (the passes only offer ops whose formulas the
+        epilogues render)."""
+        if target not in cls.fused_ops:
+            return f"backend `{cls.name}` has no {target} kernel"
+        return None
 
     @classmethod
     def build_artifact(cls, graph, out_dir, training: bool = False) -> list[dict]:
@@ -119,11 +136,23 @@ class Backend(abc.ABC):
     def loss(self, name: str):
         """`fn(out, target, **options) -> (mean loss as float, d loss / d out)`."""
 
+    @classmethod
+    def configure(cls, ctx):
+        """Point a compiler PassContext at this backend: its name, fused ops, capability query
+        and preferred layouts. Returns ctx."""
+        ctx.backend_name = cls.name
+        ctx.fused_ops = cls.fused_ops
+        ctx.fusion_check = cls.fusion_refusal
+        ctx.layouts = dict(cls.layouts)
+        return ctx
+
     def kernel(self, op: str) -> Kernel:
-        try:
-            return self.kernels[op]
-        except KeyError:
-            raise CnncError(f"backend `{self.name}` has no kernel for `{op}`") from None
+        found = self.kernels.get(op)
+        if found is None and self.elementwise is not None and op in OPS and OPS[op].formula is not None:
+            found = self.elementwise
+        if found is None:
+            raise CnncError(f"backend `{self.name}` has no kernel for `{op}`")
+        return found
 
     def compile(self, g) -> Plan:
         """Order the graph's nodes (ids are topological) and bind each to its kernel."""
@@ -138,7 +167,7 @@ class Backend(abc.ABC):
                 qualified = f"{d['name']}.{spec.name}"
                 specs[qualified] = spec
                 names.append(qualified)
-            if d["op"] == "input":
+            if n == g.graph["input"]:
                 continue
             steps.append(Step(node, self.kernel(d["op"]), tuple(srcs), tuple(names)))
         return Plan(steps, g.graph["input"], g.graph["output"], specs, g)

@@ -71,7 +71,7 @@ def main() -> None:
                                  "goal": 1.3, "O0_time_share": where_time_goes(plain, x),
                                  "O2_time_share": where_time_goes(fast, x)})
     for mode, batch in (("inference", 1), ("inference", 16), ("training", 16)):
-        ctx = PassContext(mode=mode, batch=batch, fused_ops=model.backend.fused_ops)
+        ctx = type(model.backend).configure(PassContext(mode=mode, batch=batch))
         mem = optimize(model.graph, ctx, model.host_params()).graph["memory"]
         results["memory"].append({"mode": mode, "batch": batch, "unplanned": mem["unplanned_bytes"],
                                   "planned": mem["planned_bytes"],

@@ -210,9 +210,8 @@ def _cmd_compile(args) -> int:
     if args.report:
         for record in g.graph["report"]:
             print(("refused: " if record.refused else "") + record.render())
-        train_ctx = PassContext(batch=args.batch, opt_level=args.opt_level, mode="training",
-                                backend_name=cls.name, fused_ops=cls.fused_ops,
-                                disabled=frozenset(args.disable_pass))
+        train_ctx = cls.configure(PassContext(batch=args.batch, opt_level=args.opt_level, mode="training",
+                                              disabled=frozenset(args.disable_pass)))
         trained = optimize(model.graph, train_ctx, model.host_params())
         done = sum(not r.refused for r in g.graph["report"])
         print(f"\n{done} rewrites, {len(g.graph['report']) - done} refused; nodes {g.graph['nodes_before']} → "

@@ -20,6 +20,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt
 
 from cnnc.dsl.errors import CnncError
 
+from .formula import Formula
+
 Shape = tuple[int, ...]
 
 
@@ -36,11 +38,15 @@ class Pattern(str, Enum):
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One parameter tensor of a layer. `buffer` tensors (BatchNorm running statistics) are state, not parameters."""
+    """One parameter tensor of a layer. `buffer` tensors (BatchNorm running statistics) are state, not parameters.
+
+    `init` says how training starts it: "weight" follows the train section's `init` (Xavier, He, ...,
+    with PyTorch's fan convention), a number fills the tensor with that value."""
 
     name: str
     shape: Shape
     buffer: bool = False
+    init: str | float = 0.0
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,10 @@ class LrnAttrs(Attrs):
     k: float = 1.0
 
 
+class EluAttrs(Attrs):
+    alpha: float = 1.0
+
+
 class DropoutAttrs(Attrs):
     rate: Prob = 0.5
 
@@ -181,39 +191,65 @@ class LeakyReluAttrs(Attrs):
 
 # ---- attributes of the ops that passes create (not written in .cnn files) -------------------
 
-Activation = Literal["none", "relu", "relu6", "leaky_relu", "sigmoid", "tanh"]
+def _elementwise_name(v: Any) -> Any:
+    """An op of the table that has an element-wise formula (checked when the table is complete)."""
+    if v == "none" or (isinstance(v, str) and v in OPS and OPS[v].formula is not None):
+        return v
+    raise ValueError(f"`{v}` is not an element-wise op of the op table")
 
 
-class FusedConvAttrs(ConvAttrs):
+ElementwiseName = Annotated[str, BeforeValidator(_elementwise_name)]
+
+
+def _args(v: Any) -> Any:
+    return tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+Args = Annotated[tuple[float, ...], BeforeValidator(_args)]
+
+
+class Epilogue(Attrs):
+    """The element-wise activation a fused op applies last, with its formula's arguments."""
+
+    activation: ElementwiseName = "none"
+    act_args: Args = ()  # the activation's formula parameters, in OpDef.formula.params order
+
+    def act(self) -> tuple[str, tuple[float, ...]] | None:
+        return None if self.activation == "none" else (self.activation, tuple(self.act_args))
+
+
+class FusedConvAttrs(ConvAttrs, Epilogue):
     """conv (+ folded BatchNorm in its weights and bias) (+ residual input) (+ activation)."""
 
-    activation: Activation = "none"
-    slope: float = 0.01  # leaky_relu
     residual: Flag = False  # a second input added before the activation
 
 
-class FusedDenseAttrs(DenseAttrs):
-    activation: Activation = "none"
-    slope: float = 0.01
+class FusedDenseAttrs(DenseAttrs, Epilogue):
+    pass
 
 
 class ChainAttrs(Attrs):
     """Unary element-wise ops applied in order, in one pass over the data."""
 
-    ops: tuple[Literal["relu", "relu6", "leaky_relu", "sigmoid", "tanh"], ...]
-    slopes: tuple[float, ...]  # one per op; used by leaky_relu
+    ops: tuple[ElementwiseName, ...]
+    args: tuple[Args, ...] = ()  # one tuple per op: its formula parameters
 
-    def steps(self, node_name: str) -> list[tuple[str, float]]:
-        """(op, slope) in order; a missing slope is 0 except for a leaky_relu, which needs one."""
+    def steps(self, node_name: str) -> list[tuple[str, tuple[float, ...]]]:
+        """(op, formula arguments) in order; an op whose formula takes parameters needs them."""
         out = []
         for i, op in enumerate(self.ops):
-            if i < len(self.slopes):
-                out.append((op, float(self.slopes[i])))
-            elif op == "leaky_relu":
-                raise CnncError(f"elemwise_chain `{node_name}`: no slope for its leaky_relu (op {i + 1})")
-            else:
-                out.append((op, 0.0))
+            args = tuple(self.args[i]) if i < len(self.args) else ()
+            want = len(OPS[op].formula.params)
+            if len(args) != want:
+                raise CnncError(f"elemwise_chain `{node_name}`: its {op} (op {i + 1}) takes {want} "
+                                f"argument{'s' if want != 1 else ''}, got {len(args)}")
+            out.append((op, args))
         return out
+
+
+def formula_args(op: str, attrs: Attrs) -> tuple[float, ...]:
+    """The values of an element-wise op's formula parameters, read from its attributes."""
+    return tuple(float(attrs.get(p)) for p in OPS[op].formula.params)
 
 
 class LayoutAttrs(Attrs):
@@ -250,6 +286,22 @@ class OpDef:
     # gradient: what backward needs kept from forward ("input", "output"), for memory planning
     grad_needs: frozenset[str] = frozenset()
     fused_as: str | None = None  # the fused op an epilogue fusion turns this op into
+    formula: Formula | None = None  # element-wise ops: y = f(x) and f', which every backend renders
+    kind: str = "misc"  # what pictures draw it as: io conv dense pool norm act merge misc
+    torch: str | None = None  # the PyTorch equivalent, an expression in F, torch, x and the attributes
+    onnx: str | None = None  # the ONNX operator it maps to
+    residual_fusable: bool = False  # a merge an epilogue fusion may absorb as the residual input
+    identity_in: frozenset[str] = frozenset()  # modes ("inference", "training") in which the op is the identity
+    absorbed_as: str | None = None  # a flag attribute of its consumers that does this op's work (flatten)
+    # a per-channel affine op that folds into the producer's weights at inference:
+    # (attrs, params) → (scale, center, shift), y = (x − center)·scale + shift
+    fold: Callable[[Any, dict], tuple[Any, Any, Any]] | None = None
+    label: str | None = None  # its short name in fused labels ("bn" in conv_bn_relu)
+    # the language reference's summary columns (compiler/opdocs.py)
+    out_doc: str = "same"
+    params_doc: str = "0"
+    macs_doc: str = "0"
+    torch_doc: str | None = None  # the PyTorch module, where `torch` is a function
 
 
 def _need_rank(ins: list[Shape], op: str, ranks=(3,)) -> Shape:
@@ -332,7 +384,7 @@ def _eff_kernel(a: ConvAttrs) -> tuple[int, int]:
 
 def _conv_params(a: ConvAttrs, ins) -> list[ParamSpec]:
     c = ins[0][0]
-    ps = [ParamSpec("weight", (a.filters, c // a.groups, a.kernel[0], a.kernel[1]))]
+    ps = [ParamSpec("weight", (a.filters, c // a.groups, a.kernel[0], a.kernel[1]), init="weight")]
     if a.bias:
         ps.append(ParamSpec("bias", (a.filters,)))
     return ps
@@ -410,12 +462,21 @@ def _bn_shape(a, ins):
 
 def _bn_params(a: BatchNormAttrs, ins) -> list[ParamSpec]:
     c = ins[0][0]
-    ps = [ParamSpec("weight", (c,)), ParamSpec("bias", (c,))] if a.affine else []
-    return ps + [ParamSpec("running_mean", (c,), buffer=True), ParamSpec("running_var", (c,), buffer=True)]
+    ps = [ParamSpec("weight", (c,), init=1.0), ParamSpec("bias", (c,))] if a.affine else []
+    return ps + [ParamSpec("running_mean", (c,), buffer=True), ParamSpec("running_var", (c,), buffer=True, init=1.0)]
+
+
+def _bn_fold(a: BatchNormAttrs, p: dict):
+    """Inference BatchNorm as y = (x − μ)·scale + β per channel, in float64: scale = γ / sqrt(σ² + ε)."""
+    import numpy as np  # the op table itself stays free of array code but for this rule
+    mean, var = p["running_mean"].astype(np.float64), p["running_var"].astype(np.float64)
+    gamma = p["weight"].astype(np.float64) if a.affine else np.ones_like(mean)
+    beta = p["bias"].astype(np.float64) if a.affine else np.zeros_like(mean)
+    return gamma / np.sqrt(var + a.eps), mean, beta
 
 
 def _dense_params(a: DenseAttrs, ins) -> list[ParamSpec]:
-    ps = [ParamSpec("weight", (a.units, _dense_in(ins)))]
+    ps = [ParamSpec("weight", (a.units, _dense_in(ins)), init="weight")]
     if a.bias:
         ps.append(ParamSpec("bias", (a.units,)))
     return ps
@@ -440,9 +501,13 @@ def _input_shape(a: InputAttrs, ins):
     return tuple(a.dims)
 
 
-def _act(name: str, doc: str, attrs=NoAttrs, positional=(), aliases=(), grad_needs=("output",)) -> OpDef:
+def _act(name: str, doc: str, forward: str, derivative: str, attrs=NoAttrs, positional=(), aliases=(),
+         torch: str | None = None, onnx: str | None = None) -> OpDef:
+    """An element-wise activation: its formula is all a backend needs to run and fuse it."""
+    params = tuple(f for f in attrs.model_fields if f not in Attrs.model_fields)
+    formula = Formula(forward, derivative, params).bind(name)
     return OpDef(name, doc, attrs, _elementwise, Pattern.ELEMWISE, positional=positional, aliases=aliases,
-                 grad_needs=frozenset(grad_needs))
+                 grad_needs=formula.grad_reads, formula=formula, kind="act", torch=torch, onnx=onnx)
 
 
 def _fused_conv_shape(a: FusedConvAttrs, ins: list[Shape]) -> Shape:
@@ -456,54 +521,156 @@ IN = frozenset({"input"})
 OUT = frozenset({"output"})
 
 
+# ---- PyTorch equivalents of the ops that need more than one expression -----------------------
+# Each takes (T, a, node, xs, p, training): T has `torch` and `F` (torch.nn.functional), `a` the
+# attributes, `node` the graph node's meta (resolved `pads`), xs the inputs, p the parameters.
+
+def _torch_pad(T, x, pads, value=0.0):
+    t, b, l, r = pads
+    return T.F.pad(x, (l, r, t, b), value=value) if any(pads) else x
+
+
+def _torch_conv(T, a, node, xs, p, training):
+    y = T.F.conv2d(_torch_pad(T, xs[0], node["pads"]), p["weight"], p.get("bias"), a.stride, 0, a.dilation,
+                   a.groups)
+    if a.get("residual"):
+        y = y + xs[1]
+    return _torch_epilogue(T, a, y)
+
+
+def _torch_epilogue(T, a, y):
+    act = a.act() if isinstance(a, Epilogue) else None
+    return y if act is None else torch_elementwise(T, act[0], act[1], y)
+
+
+def torch_elementwise(T, op: str, args: tuple[float, ...], x):
+    """An element-wise op of the table applied in PyTorch, with its formula's arguments."""
+    d = OPS[op]
+    names = {"torch": T.torch, "F": T.F, "x": x, **dict(zip(d.formula.params, args))}
+    return eval(d.torch, {"__builtins__": {}}, names)  # noqa: S307 — the table's own expressions
+
+
+def _torch_pool(kind: str):
+    def run(T, a, node, xs, p, training):
+        t, b, l, r = node["pads"]
+        stride = a.stride or a.kernel
+        ceil = a.round == "ceil"
+        fn = T.F.max_pool2d if kind == "max" else T.F.avg_pool2d
+        extra = {} if kind == "max" else {"count_include_pad": a.count_pad}
+        if t == b and l == r:
+            return fn(xs[0], a.kernel, stride, (t, l), ceil_mode=ceil, **extra)
+        x = _torch_pad(T, xs[0], node["pads"], float("-inf") if kind == "max" else 0.0)
+        return fn(x, a.kernel, stride, 0, ceil_mode=ceil)
+    return run
+
+
+def _torch_dense(T, a, node, xs, p, training):
+    y = T.F.linear(xs[0].reshape(xs[0].shape[0], -1), p["weight"], p.get("bias"))
+    return _torch_epilogue(T, a, y)
+
+
+def _torch_chain(T, a, node, xs, p, training):
+    x = xs[0]
+    for op, args in a.steps(node["name"]):
+        x = torch_elementwise(T, op, args, x)
+    return x
+
+
+def _torch_sum(T, a, node, xs, p, training):
+    out = xs[0]
+    for v in xs[1:]:
+        out = out + v
+    return out
+
+
 OPS: dict[str, OpDef] = {op.name: op for op in [
-    OpDef("input", "The network input.", InputAttrs, _input_shape, Pattern.OPAQUE, inputs=(0, 0), user=False),
+    OpDef("input", "The network input.", InputAttrs, _input_shape, Pattern.OPAQUE, inputs=(0, 0), user=False,
+          kind="io"),
     OpDef("conv", "2-D convolution (cross-correlation), NCHW, weights K×(C/groups)×kh×kw.", ConvAttrs, _conv_shape,
           Pattern.OUT_ELEMWISE_FUSABLE, positional=("filters", "kernel"), params=_conv_params, macs=_conv_macs,
           window=lambda a, ins: Window(*_eff_kernel(a), *a.stride), aliases=("conv2d", "convolution"),
-          grad_needs=IN, fused_as="fused_conv"),
+          grad_needs=IN, fused_as="fused_conv", kind="conv", torch=_torch_conv, onnx="Conv",
+          out_doc="K×H'×W'", params_doc="K·(C/g)·kh·kw (+K)", macs_doc="H'·W'·K·kh·kw·C/g", torch_doc="nn.Conv2d"),
     OpDef("maxpool", "Max pooling.", PoolAttrs, _pool_shape("maxpool"), Pattern.OUT_ELEMWISE_FUSABLE,
-          positional=("kernel",), window=_pool_window, aliases=("max_pool", "maxpool2d"), grad_needs=IN | OUT),
+          positional=("kernel",), window=_pool_window, aliases=("max_pool", "maxpool2d"), grad_needs=IN | OUT,
+          kind="pool", torch=_torch_pool("max"), onnx="MaxPool", out_doc="C×H'×W'", torch_doc="nn.MaxPool2d"),
     OpDef("avgpool", "Average pooling.", PoolAttrs, _pool_shape("avgpool"), Pattern.OUT_ELEMWISE_FUSABLE,
-          positional=("kernel",), window=_pool_window, aliases=("avg_pool", "avgpool2d")),
+          positional=("kernel",), window=_pool_window, aliases=("avg_pool", "avgpool2d"), kind="pool",
+          torch=_torch_pool("avg"), onnx="AveragePool", out_doc="C×H'×W'", torch_doc="nn.AvgPool2d"),
     OpDef("globalavgpool", "Average over all positions: C×H×W → C×1×1.", NoAttrs,
           lambda a, ins: (_need_rank(ins, "globalavgpool")[0], 1, 1), Pattern.REDUCE,
-          window=lambda a, ins: GLOBAL, aliases=("gap", "global_avgpool", "globalpool")),
+          window=lambda a, ins: GLOBAL, aliases=("gap", "global_avgpool", "globalpool"), kind="pool",
+          torch="x.mean(dim=(2, 3), keepdim=True)", onnx="GlobalAveragePool", out_doc="C×1×1",
+          torch_doc="nn.AdaptiveAvgPool2d(1)"),
     OpDef("adaptive_avgpool", "Average pooling to a fixed output size (PyTorch's AdaptiveAvgPool2d).",
           AdaptivePoolAttrs, _adaptive_shape, Pattern.OUT_ELEMWISE_FUSABLE, positional=("size",),
-          window=_adaptive_window),
+          window=_adaptive_window, kind="pool", torch="F.adaptive_avg_pool2d(x, a.size)", onnx="AveragePool",
+          out_doc="C×h×w", torch_doc="nn.AdaptiveAvgPool2d"),
     OpDef("fused_conv", "conv with folded BatchNorm, residual add and activation in its epilogue.", FusedConvAttrs,
           _fused_conv_shape, Pattern.OPAQUE, inputs=(1, 2), params=_conv_params, macs=_conv_macs,
-          window=lambda a, ins: Window(*_eff_kernel(a), *a.stride), user=False, grad_needs=IN | OUT),
+          window=lambda a, ins: Window(*_eff_kernel(a), *a.stride), user=False, grad_needs=IN | OUT, kind="conv",
+          torch=_torch_conv, onnx="Conv", label="conv"),
     OpDef("fused_dense", "dense with folded BatchNorm and activation in its epilogue.", FusedDenseAttrs,
           _dense_shape, Pattern.OPAQUE, params=_dense_params, macs=lambda a, ins, out: a.units * _dense_in(ins),
-          window=lambda a, ins: GLOBAL, user=False, grad_needs=IN | OUT),
+          window=lambda a, ins: GLOBAL, user=False, grad_needs=IN | OUT, kind="dense", torch=_torch_dense,
+          onnx="Gemm", label="dense"),
     OpDef("elemwise_chain", "Several unary element-wise ops in one pass.", ChainAttrs, _elementwise,
-          Pattern.ELEMWISE, user=False, grad_needs=IN),
+          Pattern.ELEMWISE, user=False, grad_needs=IN, kind="act", torch=_torch_chain),
     OpDef("layout_transform", "Reorders memory between NCHW and NHWC.", LayoutAttrs, _elementwise,
-          Pattern.INJECTIVE, user=False),
+          Pattern.INJECTIVE, user=False, torch="x", onnx="Transpose"),
     OpDef("dense", "Fully connected layer; flattens a C×1×1 input by itself.", DenseAttrs, _dense_shape,
           Pattern.OUT_ELEMWISE_FUSABLE, positional=("units",), params=_dense_params,
           macs=lambda a, ins, out: a.units * _dense_in(ins), window=lambda a, ins: GLOBAL,
-          aliases=("fc", "linear", "innerproduct"), grad_needs=IN, fused_as="fused_dense"),
-    OpDef("flatten", "C×H×W → C·H·W features.", NoAttrs, lambda a, ins: (math.prod(ins[0]),), Pattern.INJECTIVE),
-    _act("relu", "max(x, 0)."),
-    _act("leaky_relu", "x if x > 0 else slope·x.", LeakyReluAttrs, ("slope",), ("leakyrelu",)),
-    _act("relu6", "min(max(x, 0), 6)."),
-    _act("sigmoid", "1 / (1 + e^−x)."),
-    _act("tanh", "Hyperbolic tangent."),
-    OpDef("softmax", "Softmax over channels.", NoAttrs, _elementwise, Pattern.OPAQUE, grad_needs=OUT),
-    _act("dropout", "Zeroes a fraction `rate` of activations in training, scales the rest by 1/(1−rate).",
-         DropoutAttrs, ("rate",), grad_needs=()),  # keeps its own mask
-    _act("identity", "Passes its input through.", grad_needs=()),
+          aliases=("fc", "linear", "innerproduct"), grad_needs=IN, fused_as="fused_dense", kind="dense",
+          torch=_torch_dense, onnx="Gemm", out_doc="U", params_doc="U·F (+U)", macs_doc="U·F", torch_doc="nn.Linear"),
+    OpDef("flatten", "C×H×W → C·H·W features.", NoAttrs, lambda a, ins: (math.prod(ins[0]),), Pattern.INJECTIVE,
+          torch="x.reshape(x.shape[0], -1)", onnx="Flatten", absorbed_as="flatten", out_doc="C·H·W",
+          torch_doc="nn.Flatten"),
+    _act("relu", "max(x, 0).", "max(x, 0)", "y > 0", torch="F.relu(x)", onnx="Relu"),
+    _act("leaky_relu", "x if x > 0 else slope·x.", "where(x > 0, x, x * slope)", "where(x > 0, 1, slope)",
+         LeakyReluAttrs, ("slope",), ("leakyrelu",), torch="F.leaky_relu(x, slope)", onnx="LeakyRelu"),
+    _act("relu6", "min(max(x, 0), 6).", "clip(x, 0, 6)", "(y > 0) * (y < 6)", torch="F.relu6(x)", onnx="Clip"),
+    _act("sigmoid", "1 / (1 + e^−x).", "sigmoid(x)", "y * (1 - y)", torch="torch.sigmoid(x)", onnx="Sigmoid"),
+    _act("tanh", "Hyperbolic tangent.", "tanh(x)", "1 - y * y", torch="torch.tanh(x)", onnx="Tanh"),
+    _act("hardsigmoid", "relu6(x + 3) / 6 (MobileNetV3's gate).", "clip(x + 3, 0, 6) / 6",
+         "(y > 0) * (y < 1) / 6", torch="F.hardsigmoid(x)", onnx="HardSigmoid"),
+    _act("hardswish", "x · relu6(x + 3) / 6 (MobileNetV3).", "x * clip(x + 3, 0, 6) / 6",
+         "where(x < -3, 0, where(x <= 3, x / 3 + 0.5, 1))", torch="F.hardswish(x)", onnx="HardSwish"),
+    _act("silu", "x · sigmoid(x) (swish; EfficientNet).", "x * sigmoid(x)",
+         "sigmoid(x) * (1 + x * (1 - sigmoid(x)))", aliases=("swish",), torch="F.silu(x)", onnx="Mul(x, Sigmoid(x))"),
+    _act("gelu", "x · Φ(x), Φ the standard normal CDF (ConvNeXt).", "0.5 * x * (1 + erf(x * 0.7071067811865476))",
+         "0.5 * (1 + erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * exp(-0.5 * x * x)",
+         torch="F.gelu(x)", onnx="Gelu"),
+    _act("gelu_tanh", "GELU's tanh approximation: ½x(1 + tanh(√(2/π)(x + 0.044715x³))).",
+         "0.5 * x * (1 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))",
+         "0.5 * (1 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))) + 0.5 * x * "
+         "(1 - tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)) * "
+         "tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))) * 0.7978845608028654 * (1 + 0.134145 * x * x)",
+         torch="F.gelu(x, approximate='tanh')", onnx="Gelu"),
+    _act("elu", "x if x > 0 else alpha·(e^x − 1).", "where(x > 0, x, alpha * expm1(x))",
+         "where(x > 0, 1, alpha * exp(x))", EluAttrs, ("alpha",), torch="F.elu(x, alpha)", onnx="Elu"),
+    OpDef("softmax", "Softmax over channels.", NoAttrs, _elementwise, Pattern.OPAQUE, grad_needs=OUT, kind="act",
+          torch="F.softmax(x, dim=1)", onnx="Softmax"),
+    OpDef("dropout", "Zeroes a fraction `rate` of activations in training, scales the rest by 1/(1−rate).",
+          DropoutAttrs, _elementwise, Pattern.ELEMWISE, positional=("rate",),  # keeps its own mask
+          torch="F.dropout(x, a.rate, training)", onnx="Dropout", identity_in=frozenset({"inference"})),
+    OpDef("identity", "Passes its input through.", NoAttrs, _elementwise, Pattern.ELEMWISE, torch="x",
+          onnx="Identity", identity_in=frozenset({"inference", "training"})),
     OpDef("batchnorm", "Batch normalisation per channel; running mean and variance are buffers.", BatchNormAttrs,
-          _bn_shape, Pattern.BROADCAST, params=_bn_params, aliases=("bn", "batch_norm"), grad_needs=IN),
+          _bn_shape, Pattern.BROADCAST, params=_bn_params, aliases=("bn", "batch_norm"), grad_needs=IN, kind="norm",
+          fold=_bn_fold, label="bn", params_doc="2C (0 if `affine=false`); buffers 2C", torch_doc="nn.BatchNorm2d",
+          torch="F.batch_norm(x, p['running_mean'], p['running_var'], p.get('weight'), p.get('bias'), training, "
+                "a.momentum, a.eps)", onnx="BatchNormalization"),
     OpDef("lrn", "Local response normalisation across channels (AlexNet): x / (k + α/n·Σx²)^β.", LrnAttrs,
-          _elementwise, Pattern.OPAQUE, positional=("size",), grad_needs=IN | OUT),
+          _elementwise, Pattern.OPAQUE, positional=("size",), grad_needs=IN | OUT, kind="norm",
+          torch="F.local_response_norm(x, a.size, a.alpha, a.beta, a.k)", onnx="LRN", torch_doc="nn.LocalResponseNorm"),
     OpDef("add", "Element-wise sum of tensors of one shape (residual connections).", NoAttrs, _add_shape,
-          Pattern.BROADCAST, inputs=(2, None), tensor_args=True),
+          Pattern.BROADCAST, inputs=(2, None), tensor_args=True, kind="merge", torch=_torch_sum, onnx="Sum",
+          torch_doc="a + b",
+          residual_fusable=True),
     OpDef("concat", "Channel concatenation, inputs in the order written.", NoAttrs, _concat_shape,
-          Pattern.INJECTIVE, inputs=(1, None), tensor_args=True, aliases=("cat",)),
+          Pattern.INJECTIVE, inputs=(1, None), tensor_args=True, aliases=("cat",), kind="merge",
+          torch="torch.cat(xs, dim=1)", onnx="Concat", out_doc="ΣC×H×W or ΣF"),
 ]}
 
 _ALIASES = {alias: op.name for op in OPS.values() for alias in op.aliases}

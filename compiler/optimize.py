@@ -3,9 +3,10 @@
 Every rewrite appends a record to g.graph["report"] naming the `.cnn` lines it came from, and
 every fusion that was possible in shape but refused says why (two consumers, no fused kernel
 in the backend, ...). Fusion is decided from the op table: an op whose pattern is
-out-element-wise-fusable and that declares `fused_as` absorbs a following residual `add` and
-an element-wise activation; runs of element-wise ops fuse into one. No op names are tested
-beyond the op table's own data.
+out-element-wise-fusable and that declares `fused_as` absorbs a following residual merge
+(`residual_fusable`) and an op with an element-wise formula; runs of such ops fuse into one;
+the backend's capability query (`ctx.fusion_refusal`) may refuse any fusion, with its reason.
+The passes test no op names but those of the ops they create themselves (`CHAIN`, `LAYOUT`).
 
 Rewrites that change weights (BatchNorm folding) read and write g.graph["params"], the host
 parameter arrays. Passes that would change gradients run for inference only.
@@ -20,9 +21,12 @@ import networkx as nx
 import numpy as np
 
 from .graph import inputs_of
-from .ops import OPS, Pattern, resolve_pads
+from .ops import OPS, Pattern, formula_args, resolve_pads
 
-ACTIVATIONS = ("relu", "relu6", "leaky_relu", "sigmoid", "tanh")
+
+def _elementwise(g, n) -> bool:
+    """An op the table gives an element-wise formula: what epilogues and chains fuse."""
+    return OPS[g.nodes[n]["op"]].formula is not None
 
 
 @dataclass
@@ -122,10 +126,10 @@ def _drop_params(g, n) -> None:
             params.pop(f"{g.nodes[n]['name']}.{spec.name}", None)
 
 
-def _remove_passthrough(g, ctx, pass_name: str, ops: tuple[str, ...], why: str):
+def _remove_passthrough(g, ctx, pass_name: str, modes: frozenset[str], why: str):
     for n in sorted(g.nodes):
         d = g.nodes[n]
-        if d["op"] in ops:
+        if modes <= OPS[d["op"]].identity_in:
             (src,) = inputs_of(g, n)
             _report(g, pass_name, f"removed {d['op']} `{d['name']}` ({why})", [n])
             bypass(g, n, src)
@@ -133,76 +137,77 @@ def _remove_passthrough(g, ctx, pass_name: str, ops: tuple[str, ...], why: str):
 
 
 def remove_identity(g, ctx):
-    return _remove_passthrough(g, ctx, "remove_identity", ("identity",), "it passes its input through")
+    """Ops that are the identity in every mode."""
+    return _remove_passthrough(g, ctx, "remove_identity", frozenset({"inference", "training"}),
+                               "it passes its input through")
 
 
 def remove_dropout(g, ctx):
-    return _remove_passthrough(g, ctx, "remove_dropout", ("dropout",), "an identity at inference")
+    """Ops that are the identity at inference (dropout)."""
+    return _remove_passthrough(g, ctx, "remove_dropout", frozenset({"inference"}), "an identity at inference")
 
 
 def remove_flatten_before_dense(g, ctx):
-    """A flatten whose every consumer is a dense layer: dense flattens by itself."""
+    """A flatten whose every consumer flattens by itself (dense's `flatten` flag)."""
     for n in sorted(g.nodes):
         d = g.nodes[n]
-        if d["op"] != "flatten" or n == g.graph["output"]:
+        flag = OPS[d["op"]].absorbed_as
+        if flag is None or n == g.graph["output"]:
             continue
         users = [v for v, _ in consumers(g, n)]
-        if not users or any(OPS[g.nodes[v]["op"]].fused_as != "fused_dense" for v in users):
+        if not users or any(flag not in OPS[g.nodes[v]["op"]].attrs.model_fields for v in users):
             continue
         (src,) = inputs_of(g, n)
         for v in users:
-            g.nodes[v]["attrs"] = g.nodes[v]["attrs"].model_copy(update={"flatten": True})
-        _report(g, "remove_flatten_before_dense", f"flatten `{d['name']}` + dense → dense flattening its input",
-                [n] + users)
+            g.nodes[v]["attrs"] = g.nodes[v]["attrs"].model_copy(update={flag: True})
+        names = " + ".join(sorted({g.nodes[v]["op"] for v in users}))
+        _report(g, "remove_flatten_before_dense", f"{d['op']} `{d['name']}` + {names} → {names} "
+                                                  f"flattening its input", [n] + users)
         bypass(g, n, src)
     return renumber(g)
 
 
 def fold_batchnorm(g, ctx):
-    """Inference: BatchNorm after a conv or dense becomes new weights and a bias of that layer.
-
-    With s = γ / sqrt(σ² + ε):  W' = W · s (per output channel),  b' = (b − μ) · s + β.
+    """Inference: a per-channel affine op (BatchNorm) after a conv or dense becomes new weights
+    and a bias of that layer. The op table's `fold` gives y = (x − c)·s + t per channel; then
+    W' = W · s (per output channel),  b' = (b − c) · s + t.
     """
     params = g.graph["params"]
     for n in sorted(g.nodes):
-        if n not in g or g.nodes[n]["op"] != "batchnorm":
+        if n not in g or OPS[g.nodes[n]["op"]].fold is None:
             continue
         bn = g.nodes[n]
         (src,) = inputs_of(g, n)
         prod = g.nodes[src]
-        if OPS[prod["op"]].fused_as is None or prod["op"].startswith("fused"):
-            _report(g, "fold_batchnorm", f"kept batchnorm `{bn['name']}`: its input comes from {prod['op']}, "
+        if OPS[prod["op"]].fused_as is None:
+            _report(g, "fold_batchnorm", f"kept {bn['op']} `{bn['name']}`: its input comes from {prod['op']}, "
                                          "not a conv or dense to fold into", [n], refused=True)
             continue
         if len(consumers(g, src)) > 1:
-            _report(g, "fold_batchnorm", f"kept batchnorm `{bn['name']}`: {prod['op']} `{prod['name']}` output has "
-                                         f"{len(consumers(g, src))} consumers", [src, n], refused=True)
+            _report(g, "fold_batchnorm", f"kept {bn['op']} `{bn['name']}`: {prod['op']} `{prod['name']}` output "
+                                         f"has {len(consumers(g, src))} consumers", [src, n], refused=True)
             continue
-        a = bn["attrs"]
-        pre = lambda k: f"{bn['name']}.{k}"  # noqa: E731
-        mean, var = params[pre("running_mean")], params[pre("running_var")]
-        gamma = params[pre("weight")] if a.affine else np.ones_like(mean)
-        beta = params[pre("bias")] if a.affine else np.zeros_like(mean)
-        scale = (gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + a.eps))
+        own = {s.name: params[f"{bn['name']}.{s.name}"] for s in bn["param_specs"]}
+        scale, center, shift = OPS[bn["op"]].fold(bn["attrs"], own)
         wname, bname = f"{prod['name']}.weight", f"{prod['name']}.bias"
         w = params[wname].astype(np.float64)
         b = params[bname].astype(np.float64) if prod["attrs"].bias else np.zeros(w.shape[0])
         params[wname] = (w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
-        params[bname] = ((b - mean) * scale + beta).astype(np.float32)
-        for k in ("weight", "bias", "running_mean", "running_var"):
-            params.pop(pre(k), None)
+        params[bname] = ((b - center) * scale + shift).astype(np.float32)
+        for s in bn["param_specs"]:
+            params.pop(f"{bn['name']}.{s.name}", None)
         prod["attrs"] = prod["attrs"].model_copy(update={"bias": True})
         prod["fused_from"] = _from(prod) + _from(bn)
         refresh(g, src)
-        _report(g, "fold_batchnorm", f"{prod['op']} + bn → {prod['op']} with folded BatchNorm "
-                                     f"(`{prod['name']}`, `{bn['name']}`)", [src, n])
+        _report(g, "fold_batchnorm", f"{prod['op']} + {_label(bn['op'])} → {prod['op']} with folded "
+                                     f"{bn['op']} (`{prod['name']}`, `{bn['name']}`)", [src, n])
         bypass(g, n, src)
     return renumber(g)
 
 
 def fuse_epilogue(g, ctx):
-    """conv/dense [+ residual add] [+ activation] → one fused op, where the backend has it."""
-    fused_ops = ctx.fused_ops
+    """conv/dense [+ residual add] [+ element-wise activation] → one fused op, where the backend
+    runs it (its capability query, `ctx.fusion_refusal`)."""
     for n in sorted(g.nodes):
         if n not in g:
             continue
@@ -210,14 +215,15 @@ def fuse_epilogue(g, ctx):
         target = OPS[d["op"]].fused_as
         if target is None or OPS[d["op"]].pattern is not Pattern.OUT_ELEMWISE_FUSABLE:
             continue
+        takes_residual = "residual" in OPS[target].attrs.model_fields
         group, cur, residual = [n], n, None
         nxt = _single_consumer(g, cur)
         if nxt is None:
-            if any(_epilogue_op(g, v, target) for v, _ in consumers(g, cur)):
+            if any(_epilogue_op(g, v, takes_residual) for v, _ in consumers(g, cur)):
                 _report(g, "fuse_epilogue", f"not fused: {d['op']} `{d['name']}` output has "
                                             f"{len(consumers(g, cur))} consumers", [n], refused=True)
             continue
-        if _is_residual_add(g, nxt, cur) and target == "fused_conv":
+        if takes_residual and _is_residual_add(g, nxt, cur):
             residual = next(u for u in inputs_of(g, nxt) if u != cur)
             other = g.nodes[residual]
             if residual > n and OPS[other["op"]].fused_as == target and _single_consumer(g, residual) == nxt:
@@ -226,39 +232,37 @@ def fuse_epilogue(g, ctx):
             group.append(nxt)
             cur = nxt
             nxt = _single_consumer(g, cur)
-        if nxt is not None and g.nodes[nxt]["op"] in ACTIVATIONS:
+        if nxt is not None and _elementwise(g, nxt):
             group.append(nxt)
-        elif nxt is None and residual is not None and any(
-                g.nodes[v]["op"] in ACTIVATIONS for v, _ in consumers(g, cur)):
+        elif nxt is None and residual is not None and any(_elementwise(g, v) for v, _ in consumers(g, cur)):
             _report(g, "fuse_epilogue", f"activation not fused: `{g.nodes[cur]['name']}` output has "
                                         f"{len(consumers(g, cur))} consumers", [cur], refused=True)
         if len(group) == 1:
             continue
-        if target not in fused_ops:
-            _report(g, "fuse_epilogue", f"not fused: backend `{ctx.backend_name}` has no {target} kernel",
-                    group, refused=True)
+        why = ctx.fusion_refusal(target, tuple(g.nodes[x]["op"] for x in group))
+        if why is not None:
+            _report(g, "fuse_epilogue", f"not fused: {why}", group, refused=True)
             continue
         _fuse_group(g, group, target, residual)
     return renumber(g)
 
 
-def _epilogue_op(g, v, target) -> bool:
-    op = g.nodes[v]["op"]
-    return op in ACTIVATIONS or (op == "add" and target == "fused_conv")
+def _epilogue_op(g, v, takes_residual: bool) -> bool:
+    return _elementwise(g, v) or (takes_residual and OPS[g.nodes[v]["op"]].residual_fusable)
 
 
 def _is_residual_add(g, v, cur) -> bool:
     ins = inputs_of(g, v)
-    return g.nodes[v]["op"] == "add" and len(ins) == 2 and ins.count(cur) == 1
+    return OPS[g.nodes[v]["op"]].residual_fusable and len(ins) == 2 and ins.count(cur) == 1
 
 
 def _fuse_group(g, group: list[int], target: str, residual: int | None) -> None:
     head = g.nodes[group[0]]
-    act = next((g.nodes[x] for x in group[1:] if g.nodes[x]["op"] in ACTIVATIONS), None)
-    update = {"activation": act["op"] if act else "none"}
-    if act is not None and act["op"] == "leaky_relu":
-        update["slope"] = act["attrs"].slope
-    if target == "fused_conv":
+    act = next((g.nodes[x] for x in group[1:] if _elementwise(g, x)), None)
+    update = {"activation": "none", "act_args": ()}
+    if act is not None:
+        update = {"activation": act["op"], "act_args": formula_args(act["op"], act["attrs"])}
+    if residual is not None or "residual" in OPS[target].attrs.model_fields:
         update["residual"] = residual is not None
     attrs = OPS[target].attrs(**{**head["attrs"].model_dump(), **update})
     fused_from = [item for x in group for item in _from(g.nodes[x])]
@@ -274,39 +278,44 @@ def _fuse_group(g, group: list[int], target: str, residual: int | None) -> None:
         g.add_edge(new, v, port=port)
     if g.graph["output"] == last:
         g.graph["output"] = new
-    _report(g, "fuse_epilogue", " + ".join(op if op != "batchnorm" else "bn" for op, _, _ in fused_from)
-            + f" → fused {label}", [x for x in group])
+    _report(g, "fuse_epilogue", " + ".join(_label(op) for op, _, _ in fused_from) + f" → fused {label}",
+            [x for x in group])
     for x in group:
         g.remove_node(x)
     refresh(g, new)
 
 
 def _label(op: str) -> str:
-    return {"batchnorm": "bn", "fused_conv": "conv", "fused_dense": "dense"}.get(op, op)
+    return OPS[op].label or op
+
+
+CHAIN = "elemwise_chain"  # the op fuse_elementwise makes
 
 
 def fuse_elementwise(g, ctx):
     """Runs of unary element-wise ops with a single consumer between them → one elemwise_chain."""
-    if "elemwise_chain" not in ctx.fused_ops:
-        return g
     for n in sorted(g.nodes):
-        if n not in g or g.nodes[n]["op"] not in ACTIVATIONS:
+        if n not in g or not _elementwise(g, n):
             continue
         prev = inputs_of(g, n)[0]
-        if g.nodes[prev]["op"] in ACTIVATIONS and _single_consumer(g, prev) == n:
+        if _elementwise(g, prev) and _single_consumer(g, prev) == n:
             continue  # not the head of a run
         run, cur = [n], n
-        while (nxt := _single_consumer(g, cur)) is not None and g.nodes[nxt]["op"] in ACTIVATIONS:
+        while (nxt := _single_consumer(g, cur)) is not None and _elementwise(g, nxt):
             run.append(nxt)
             cur = nxt
         if len(run) < 2:
             continue
         ops = tuple(g.nodes[x]["op"] for x in run)
-        slopes = tuple(getattr(g.nodes[x]["attrs"], "slope", 0.0) for x in run)
+        why = ctx.fusion_refusal(CHAIN, ops)
+        if why is not None:
+            _report(g, "fuse_elementwise", f"not fused: {why}", run, refused=True)
+            continue
+        args = tuple(formula_args(g.nodes[x]["op"], g.nodes[x]["attrs"]) for x in run)
         head = g.nodes[run[0]]
         new = max(g.nodes) + 1
         meta = {k: head[k] for k in ("name", "local_name", "span", "callstack", "path")}
-        g.add_node(new, op="elemwise_chain", attrs=OPS["elemwise_chain"].attrs(ops=ops, slopes=slopes),
+        g.add_node(new, op=CHAIN, attrs=OPS[CHAIN].attrs(ops=ops, args=args),
                    fused_from=[item for x in run for item in _from(g.nodes[x])], **meta)
         g.add_edge(inputs_of(g, run[0])[0], new, port=0)
         for v, port in consumers(g, run[-1]):
@@ -318,6 +327,9 @@ def fuse_elementwise(g, ctx):
             g.remove_node(x)
         refresh(g, new)
     return renumber(g)
+
+
+LAYOUT = "layout_transform"  # the op choose_layout inserts
 
 
 def choose_layout(g, ctx):
@@ -351,7 +363,7 @@ def choose_layout(g, ctx):
         for lv, uses in by_layout.items():  # one transform per producer and layout, shared by its users
             t = max(g.nodes) + 1
             src = g.nodes[u]
-            g.add_node(t, op="layout_transform", attrs=OPS["layout_transform"].attrs(to=lv), layout=lv, in_layout=lu,
+            g.add_node(t, op=LAYOUT, attrs=OPS[LAYOUT].attrs(to=lv), layout=lv, in_layout=lu,
                        name=f"{src['name']}.to_{lv.lower()}", local_name=f"to_{lv.lower()}", span=src["span"],
                        callstack=src["callstack"], path=src["path"], shape=src["shape"])
             g.add_edge(u, t, port=0)
@@ -367,11 +379,11 @@ def choose_layout(g, ctx):
 def _cancel_transforms(g) -> None:
     inserted = removed = 0
     for n in sorted(g.nodes):
-        if n not in g or g.nodes[n]["op"] != "layout_transform":
+        if n not in g or g.nodes[n]["op"] != LAYOUT:  # the transforms this pass inserted
             continue
         inserted += 1
         (src,) = inputs_of(g, n)
-        if g.nodes[src]["op"] == "layout_transform" and _single_consumer(g, src) == n:
+        if g.nodes[src]["op"] == LAYOUT and _single_consumer(g, src) == n:
             (origin,) = inputs_of(g, src)
             bypass(g, n, origin)
             g.remove_node(src)

@@ -41,9 +41,19 @@ class PassContext:
     dump_after: frozenset[str] = frozenset()
     backend_name: str = "numpy"
     fused_ops: frozenset[str] = frozenset()
+    # the backend's capability query (Backend.fusion_refusal): None, or why a fusion is refused
+    fusion_check: Callable[[str, tuple[str, ...]], str | None] | None = None
     layouts: dict[str, str] = field(default_factory=dict)  # op → preferred layout of its input
     timings: dict[str, float] = field(default_factory=dict)
     dumps: list[tuple[str, str]] = field(default_factory=list)
+
+    def fusion_refusal(self, target: str, ops: tuple[str, ...]) -> str | None:
+        """Why `target` fused from `ops` is refused, or None: the backend's answer when it gave one."""
+        if self.fusion_check is not None:
+            return self.fusion_check(target, ops)
+        if target not in self.fused_ops:
+            return f"backend `{self.backend_name}` has no {target} kernel"
+        return None
 
 
 @dataclass(frozen=True)

@@ -76,9 +76,7 @@ def compile_graph(model: Model, opt_level: int = 2, backend: str | None = None,
     cls = backend_class(backend or model.backend.name)
     ctx = ctx or PassContext()
     ctx.opt_level = opt_level
-    ctx.backend_name = cls.name
-    ctx.fused_ops = cls.fused_ops
-    ctx.layouts = dict(cls.layouts)
+    cls.configure(ctx)
     weights_estimate(model.graph, f"optimising `{model.name}` (a copy of its weights)").check(
         "fewer filters or units")
     g = optimize(model.graph, ctx, model.host_params())

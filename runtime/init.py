@@ -10,9 +10,9 @@ weight already has C/groups in shape[1]; a dense weight is (units, inputs)):
     uniform          U(−init_range, init_range)
     constant         init_value
 
-Everything else is fixed: biases 0; a 1-d "weight" (BatchNorm's scale) 1; running_mean 0,
-running_var 1. Arrays are drawn from `rng` in the order of `param_specs`, so the same generator
-state gives the same arrays.
+Every other tensor starts at the value its op-table `ParamSpec.init` gives (biases 0,
+BatchNorm's scale and running variance 1, ...). Arrays are drawn from `rng` in the order of
+`param_specs`, so the same generator state gives the same arrays.
 """
 
 from __future__ import annotations
@@ -23,10 +23,7 @@ import numpy as np
 
 from cnnc.compiler.ops import ParamSpec
 from cnnc.compiler.train_config import TrainConfig
-
-# fixed initial values by parameter name (a 1-d weight is BatchNorm's scale)
-_FIXED = {"bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
-
+from cnnc.dsl.errors import InternalError
 
 def fans(shape: tuple[int, ...]) -> tuple[int, int]:
     """(fan_in, fan_out) of a weight of `shape` (out, in, *kernel), as torch.nn.init computes them."""
@@ -58,18 +55,15 @@ def init_weight(shape: tuple[int, ...], config: TrainConfig, rng: np.random.Gene
 
 def init_params(param_specs: dict[str, ParamSpec], config: TrainConfig,
                 rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Fresh float32 arrays for every spec (parameters and buffers), keyed as `param_specs` is."""
+    """Fresh float32 arrays for every spec (parameters and buffers), keyed as `param_specs` is:
+    the op table's `ParamSpec.init` says which follow config.init and which start at a value."""
     out: dict[str, np.ndarray] = {}
     for key, spec in param_specs.items():
         shape = tuple(spec.shape)
-        if spec.name == "weight" and len(shape) >= 2:
+        if spec.init == "weight":
             out[key] = init_weight(shape, config, rng)
-        elif spec.name == "weight" and len(shape) == 1:
-            out[key] = np.ones(shape, dtype=np.float32)
-        elif spec.name in _FIXED:
-            out[key] = np.full(shape, _FIXED[spec.name], dtype=np.float32)
+        elif isinstance(spec.init, (int, float)):
+            out[key] = np.full(shape, spec.init, dtype=np.float32)
         else:
-            # a new op's tensor: say so rather than guess its initial value
-            raise ValueError(f"`{key}`: no initialisation rule for a parameter named `{spec.name}` "
-                             f"of shape {shape} (known: weight, {', '.join(_FIXED)})")
+            raise InternalError(f"`{key}`: the op table gives the unknown initialiser {spec.init!r}")
     return out

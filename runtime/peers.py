@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from cnnc.compiler.graph import inputs_of
+from cnnc.compiler.ops import OPS
 from cnnc.dsl.errors import CnncError
 
 
@@ -21,77 +22,27 @@ def _torch():
     return torch
 
 
-def _pad_input(F, x, pads, value=0.0):
-    t, b, l, r = pads
-    return F.pad(x, (l, r, t, b), value=value) if any(pads) else x
+class _T:
+    """The modules the op table's PyTorch equivalents are written in."""
+
+    def __init__(self, torch):
+        import torch.nn.functional as F
+        self.torch, self.F = torch, F
 
 
 def torch_op(op, a, node, xs, p, training):
-    """One op of the table in PyTorch (functional form)."""
-    torch = _torch()
-    import torch.nn.functional as F
-    x = xs[0] if xs else None
-    if op in ("conv", "fused_conv"):
-        y = F.conv2d(_pad_input(F, x, node["pads"]), p["weight"], p.get("bias"), a.stride, 0, a.dilation, a.groups)
-        if op == "fused_conv":
-            if a.residual:
-                y = y + xs[1]
-            y = _activation(F, torch, y, a.activation, a.slope)
-        return y
-    if op in ("maxpool", "avgpool"):
-        t, b, l, r = node["pads"]
-        stride = a.stride or a.kernel
-        ceil = a.round == "ceil"
-        if t == b and l == r:
-            if op == "maxpool":
-                return F.max_pool2d(x, a.kernel, stride, (t, l), ceil_mode=ceil)
-            return F.avg_pool2d(x, a.kernel, stride, (t, l), ceil_mode=ceil, count_include_pad=a.count_pad)
-        value = float("-inf") if op == "maxpool" else 0.0
-        return (F.max_pool2d if op == "maxpool" else F.avg_pool2d)(_pad_input(F, x, node["pads"], value), a.kernel,
-                                                                     stride, 0, ceil_mode=ceil)
-    if op == "globalavgpool":
-        return x.mean(dim=(2, 3), keepdim=True)
-    if op == "adaptive_avgpool":
-        return F.adaptive_avg_pool2d(x, a.size)
-    if op in ("dense", "fused_dense"):
-        y = F.linear(x.reshape(x.shape[0], -1), p["weight"], p.get("bias"))
-        return _activation(F, torch, y, a.activation, a.slope) if op == "fused_dense" else y
-    if op == "flatten":
-        return x.reshape(x.shape[0], -1)
-    if op == "batchnorm":
-        return F.batch_norm(x, p["running_mean"], p["running_var"], p.get("weight"), p.get("bias"), training,
-                            a.momentum, a.eps)
-    if op in ("relu", "relu6", "sigmoid", "tanh", "leaky_relu"):
-        return _activation(F, torch, x, op, getattr(a, "slope", 0.01))
-    if op == "elemwise_chain":
-        for name, slope in zip(a.ops, a.slopes):
-            x = _activation(F, torch, x, name, slope)
-        return x
-    if op == "identity":
-        return x
-    if op == "softmax":
-        return F.softmax(x, dim=1)
-    if op == "lrn":
-        return F.local_response_norm(x, a.size, a.alpha, a.beta, a.k)
-    if op == "dropout":
-        return F.dropout(x, a.rate, training)
-    if op == "add":
-        out = xs[0]
-        for v in xs[1:]:
-            out = out + v
-        return out
-    if op == "concat":
-        return torch.cat(xs, dim=1)
-    if op == "layout_transform":
-        return x
-    raise CnncError(f"no PyTorch equivalent for op `{op}`")
-
-
-def _activation(F, torch, y, name, slope):
-    if name in ("none", None):
-        return y
-    return {"relu": F.relu, "relu6": F.relu6, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-            "leaky_relu": lambda v: F.leaky_relu(v, slope)}[name](y)
+    """One op of the table in PyTorch, as the table's `torch` entry gives it: an expression in
+    F, torch, x (the first input), xs, p (parameters), a (attributes), training and the
+    attributes by name, or a function of (T, a, node, xs, p, training)."""
+    rule = OPS[op].torch
+    if rule is None:
+        raise CnncError(f"no PyTorch equivalent for op `{op}`")
+    T = _T(_torch())
+    if callable(rule):
+        return rule(T, a, node, xs, p, training)
+    names = {"torch": T.torch, "F": T.F, "x": xs[0] if xs else None, "xs": xs, "p": p, "a": a, "training": training,
+             **a.model_dump()}
+    return eval(rule, {"__builtins__": {}}, names)  # noqa: S307 — the op table's own expressions
 
 
 class TorchNetwork:
@@ -113,7 +64,7 @@ class TorchNetwork:
         values = {}
         for n in sorted(g.nodes):
             d = g.nodes[n]
-            if d["op"] == "input":
+            if n == g.graph["input"]:
                 values[n] = x
                 continue
             p = {spec.name: self.leaves[f"{d['name']}.{spec.name}"] for spec in d.get("param_specs", [])}

@@ -18,7 +18,7 @@ from cnnc.backends.base import Backend
 from cnnc.dsl.errors import CnncError
 
 from . import blas, memory, parallel
-from .kernels import KERNELS
+from .kernels import ELEMENTWISE, KERNELS
 from .losses import LOSSES
 
 
@@ -37,6 +37,7 @@ class NumpyBackend(Backend):
 
     name = "numpy"
     kernels = KERNELS
+    elementwise = ELEMENTWISE
     fused_ops = frozenset({"fused_conv", "fused_dense", "elemwise_chain", "layout_transform"})
 
     def __init__(self) -> None:

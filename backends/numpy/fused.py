@@ -5,7 +5,7 @@
     elemwise_chain    unary element-wise ops applied in order, in one pass
     layout_transform  NCHW ↔ NHWC memory order (the logical shape stays C×H×W)
 
-The convolution and the matrix product are the unfused kernels' own (`conv.py`, `kernels.py`);
+The convolution and the matrix product are the unfused kernels' own (`conv.py`, `dense.py`);
 what fusion buys here is the epilogue. The bias, the residual and the activation run in place
 on the freshly computed output, block by block (`_BLOCK` elements: a block stays in the cache
 from its first op to its last, and block-sized temporaries are all an activation needs),
@@ -13,29 +13,27 @@ split over the worker threads: 1.3–2.5× faster than the unfused kernels' bias
 relu at ResNet-50 sizes (2 cores, float32). The forward's values are the unfused composition's
 exactly (each op computes the same expression in the same order).
 
-What backward keeps is what the op table's `grad_needs` promises: the fused conv and dense
-keep their input (the conv's own saved columns) and output, since every activation's
-gradient follows from its output (relu: y > 0, relu6: 0 < y < 6, leaky_relu: y > 0 for a
-slope ≥ 0, sigmoid: y(1 − y), tanh: 1 − y²); only a leaky_relu of negative slope, whose
-output hides the input's sign, keeps a boolean mask besides. The element-wise chain keeps
-only its input and recomputes the intermediate values in backward: each op's Jacobian is
-diagonal, so the chain rule's product of derivatives can be taken in forward order, next to
-the recomputation, with two block-sized buffers and no full-size array but the gradient.
-
-Speed notes (NumPy 2, float32): `np.clip(y, 0, inf)` is ~4× faster than `np.maximum(y, 0)`
-(the scalar form of maximum is not vectorised), and masked selections (`np.where`,
-`copyto(where=)`) are ~10× slower than arithmetic with a 0/1 mask, so leaky_relu's forward is
-max(x, s·x) and its gradient dy·(m·(1 − s) + s), both exactly the unfused values.
+What backward keeps is what the activation's formula reads (compiler/formula.py): the
+output when its derivative is written in y (relu, relu6, sigmoid, tanh, hardsigmoid), or the
+pre-activation z when it needs the input (leaky_relu of any slope, hardswish, silu, gelu, elu:
+their output does not tell the slope), which the epilogue then keeps in the conv's own output
+buffer and writes the activation to a new one. The element-wise chain keeps only its input and
+recomputes the intermediate values in backward: each op's Jacobian is diagonal, so the chain
+rule's product of derivatives can be taken in forward order, next to the recomputation, with
+block-sized temporaries and no full-size array but the gradient. Activations are the op
+table's formulas as `elementwise.py` renders them, so fused and unfused values agree exactly.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from cnnc.compiler.ops import OPS
 from cnnc.dsl.errors import CnncError
 
 from . import conv as _conv
-from . import kernels as _kernels  # circular (kernels registers these): read at call time only
+from . import dense as _dense
+from . import elementwise as _ew
 from . import parallel
 
 # elements per block of the epilogue loops (float32: 1 MiB an array): blocks stay in the cache
@@ -63,91 +61,26 @@ def _flat(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1)
 
 
-# ---- unary element-wise ops on blocks --------------------------------------------------------
-
-def _apply(op: str, slope: float, src: np.ndarray, out: np.ndarray) -> None:
-    """out = op(src); `out` may be `src` (in place)."""
-    if op == "relu":
-        np.clip(src, 0, np.inf, out=out)
-    elif op == "relu6":
-        np.clip(src, 0, 6, out=out)
-    elif op == "leaky_relu":
-        # max(x, s·x) for s ≤ 1 (negative slopes too), min(x, s·x) for s > 1: exactly the
-        # unfused where(x > 0, x, s·x), without its slow masked selection
-        pick = np.maximum if slope <= 1 else np.minimum
-        if src is out:
-            pick(src, src * slope, out=out)
-        else:
-            np.multiply(src, slope, out=out)
-            pick(src, out, out=out)
-    elif op == "sigmoid":  # ½(1 + tanh(x/2)), as the unfused kernel
-        np.multiply(src, 0.5, out=out)
-        np.tanh(out, out=out)
-        out += 1
-        out *= 0.5
-    elif op == "tanh":
-        np.tanh(src, out=out)
-    elif op != "none":
-        raise CnncError(f"unknown activation `{op}`")
-
-
-def _grad(op: str, slope: float, v: np.ndarray, g: np.ndarray, out: np.ndarray,
-          positive: np.ndarray | None = None) -> None:
-    """out = op'·g, `out` may be `g`. `v` is the op's input or its output for relu, relu6 and
-    leaky_relu (slope ≥ 0; otherwise `positive` gives input > 0), its output for sigmoid and tanh."""
-    if op == "relu":
-        np.multiply(g, v > 0, out=out)
-    elif op == "relu6":  # zero at the kinks 0 and 6 too, as PyTorch's hardtanh
-        m = v > 0
-        np.logical_and(m, v < 6, out=m)
-        np.multiply(g, m, out=out)
-    elif op == "leaky_relu":
-        m = v > 0 if positive is None else positive
-        s = out.dtype.type(slope)
-        # m·(1 − s) + s is exactly 1 or s (for 0 ≤ s ≤ 1; within an ulp otherwise), then · g
-        if out is g:
-            g *= m * (out.dtype.type(1) - s) + s
-        else:
-            np.multiply(m, out.dtype.type(1) - s, out=out)
-            out += s
-            out *= g
-    elif op == "sigmoid":  # g·y·(1 − y), the unfused kernel's order
-        t = 1 - v
-        np.multiply(g, v, out=out)
-        out *= t
-    elif op == "tanh":  # g·(1 − y²)
-        t = v * v
-        np.subtract(1, t, out=t)
-        np.multiply(g, t, out=out)
-    elif op == "none":
-        if out is not g:
-            out[...] = g
-    else:
-        raise CnncError(f"unknown activation `{op}`")
-
-
-def _needs_output(act: str) -> bool:
-    return act != "none"
-
-
-def _needs_mask(act: str, slope: float) -> bool:
-    return act == "leaky_relu" and slope < 0  # y > 0 for either sign of the input
-
-
 # ---- the shared epilogue ---------------------------------------------------------------------
 
-def _epilogue(y: np.ndarray, bias, residual, act: str, slope: float):
-    """In place on y (N, K, …), C-contiguous: y += bias (along axis 1), y += residual,
-    y = act(y), block by block. Returns the input-positive mask where backward needs one."""
-    if (bias is None and residual is None and act == "none") or y.size == 0:
-        return None
+def _reads(act) -> frozenset[str]:
+    return frozenset() if act is None else OPS[act[0]].formula.grad_reads
+
+
+def _epilogue(y: np.ndarray, bias, residual, act):
+    """y (N, K, …), C-contiguous: z = y + bias (along axis 1) + residual, in place on y, then the
+    activation `act` ((op, args) or None), block by block. Returns (output, pre-activation z where
+    the activation's derivative reads its input, else None); the output is y itself unless z is kept."""
+    if y.size == 0 or (bias is None and residual is None and act is None):
+        return y, None
+    keep_pre = "input" in _reads(act)
     n, k = y.shape[:2]
     inner = y.size // max(n * k, 1)  # elements per (batch item, channel) row
     yf = _flat(y)
+    out = np.empty_like(y) if keep_pre else y
+    of = _flat(out)
     rf = None if residual is None else _flat(np.ascontiguousarray(residual, dtype=y.dtype))
     brows = None if bias is None else np.tile(bias.astype(y.dtype, copy=False), n)[:, None]
-    mask = np.empty(y.shape, dtype=bool) if _needs_mask(act, slope) else None
-    mf = None if mask is None else _flat(mask)
 
     def block(a, b):
         yb = yf[a:b]
@@ -155,25 +88,27 @@ def _epilogue(y: np.ndarray, bias, residual, act: str, slope: float):
             yb.reshape(-1, inner)[...] += brows[a // inner:b // inner]
         if rf is not None:
             yb += rf[a:b]
-        if mf is not None:
-            np.greater(yb, 0, out=mf[a:b])
-        _apply(act, slope, yb, yb)
+        if act is not None:
+            of[a:b] = _ew.apply(act[0], act[1], yb)
 
     _ranges(y.size, block, unit=inner)
-    return mask
+    return out, (y if keep_pre else None)
 
 
-def _epilogue_grad(act: str, slope: float, y, mask, dy: np.ndarray) -> np.ndarray:
-    """act'·dy as a new array (dy itself when there is no activation)."""
-    if act == "none":
+def _epilogue_grad(act, pre, y, dy: np.ndarray) -> np.ndarray:
+    """act'·dy as a new array (dy itself when there is no activation), from the kept
+    pre-activation and/or output."""
+    if act is None:
         return dy
     dy = np.ascontiguousarray(dy)
     dz = np.empty(dy.shape, dtype=dy.dtype)
-    yf, gf, zf = _flat(y), _flat(dy), _flat(dz)
-    mf = None if mask is None else _flat(mask)
+    pf = None if pre is None else _flat(pre)
+    yf = None if y is None else _flat(y)
+    gf, zf = _flat(dy), _flat(dz)
 
     def block(a, b):
-        _grad(act, slope, yf[a:b], gf[a:b], zf[a:b], None if mf is None else mf[a:b])
+        zf[a:b] = _ew.grad(act[0], act[1], None if pf is None else pf[a:b], None if yf is None else yf[a:b],
+                           gf[a:b])
 
     _ranges(dz.size, block)
     return dz
@@ -183,17 +118,17 @@ def _epilogue_grad(act: str, slope: float, y, mask, dy: np.ndarray) -> np.ndarra
 
 def fused_conv_forward(node, xs, params, ctx):
     a = node.attrs
-    x = xs[0]
+    act = a.act()
     # the conv without its bias: the epilogue adds it in the same pass as the rest
-    y, conv_saved = _conv.conv_forward(node, [x], {"weight": params["weight"]}, ctx)
-    mask = _epilogue(y, params.get("bias"), xs[1] if a.residual else None, a.activation, a.slope)
-    return y, (conv_saved, y if _needs_output(a.activation) else None, mask)
+    y, conv_saved = _conv.conv_forward(node, [xs[0]], {"weight": params["weight"]}, ctx)
+    y, pre = _epilogue(y, params.get("bias"), xs[1] if a.residual else None, act)
+    return y, (conv_saved, pre, y if "output" in _reads(act) else None)
 
 
 def fused_conv_backward(node, saved, dy, params, ctx):
     a = node.attrs
-    conv_saved, y, mask = saved
-    dz = _epilogue_grad(a.activation, a.slope, y, mask, dy)
+    conv_saved, pre, y = saved
+    dz = _epilogue_grad(a.act(), pre, y, dy)
     (dx,), dparams = _conv.conv_backward(node, conv_saved, dz, params, ctx)  # bias: Σ dz
     return ([dx, dz] if a.residual else [dx]), dparams
 
@@ -201,17 +136,16 @@ def fused_conv_backward(node, saved, dy, params, ctx):
 # ---- fused_dense ---------------------------------------------------------------------------
 
 def fused_dense_forward(node, xs, params, ctx):
-    a = node.attrs
-    y, dense_saved = _kernels.dense_forward(node, xs, params, ctx)  # (N, units), bias added
-    mask = _epilogue(y, None, None, a.activation, a.slope)
-    return y, (dense_saved, y if _needs_output(a.activation) else None, mask)
+    act = node.attrs.act()
+    y, dense_saved = _dense.dense_forward(node, xs, params, ctx)  # (N, units), bias added
+    y, pre = _epilogue(y, None, None, act)
+    return y, (dense_saved, pre, y if "output" in _reads(act) else None)
 
 
 def fused_dense_backward(node, saved, dy, params, ctx):
-    a = node.attrs
-    dense_saved, y, mask = saved
-    dz = _epilogue_grad(a.activation, a.slope, y, mask, dy)
-    return _kernels.dense_backward(node, dense_saved, dz, params, ctx)
+    dense_saved, pre, y = saved
+    dz = _epilogue_grad(node.attrs.act(), pre, y, dy)
+    return _dense.dense_backward(node, dense_saved, dz, params, ctx)
 
 
 # ---- elemwise_chain ------------------------------------------------------------------------
@@ -226,10 +160,10 @@ def chain_forward(node, xs, params, ctx):
     xf, yf = _flat(x), _flat(y)
 
     def block(a, b):
-        src, out = xf[a:b], yf[a:b]
-        for op, slope in ops:
-            _apply(op, slope, src, out)
-            src = out
+        v = xf[a:b]
+        for op, args in ops:
+            v = _ew.apply(op, args, v)
+        yf[a:b] = v
 
     _ranges(y.size, block)
     return y, x
@@ -243,26 +177,16 @@ def chain_backward(node, saved, dy, params, ctx):
     dy = np.ascontiguousarray(dy)
     dx = np.empty(dy.shape, dtype=dy.dtype)
     xf, gf, df = _flat(x), _flat(dy), _flat(dx)
-    last = len(ops) - 1
 
     def block(a, b):
-        z, g, out = xf[a:b], gf[a:b], df[a:b]
-        work = None  # the recomputed value: a block-sized buffer, in place op after op
-        for i, (op, slope) in enumerate(ops):
-            if op in ("sigmoid", "tanh"):  # the derivative from the op's output
-                if work is None:
-                    work = np.empty_like(z)
-                _apply(op, slope, z, work)
-                z = work
-                _grad(op, slope, z, g, out)
-            else:  # relu, relu6, leaky_relu: from the op's input
-                _grad(op, slope, z, g, out)
-                if i < last:
-                    if work is None:
-                        work = np.empty_like(z)
-                    _apply(op, slope, z, work)
-                    z = work
-            g = out
+        # each op's Jacobian is diagonal: the chain rule's product can be taken in forward order,
+        # next to the recomputation of each op's input and output
+        z, g = xf[a:b], gf[a:b]
+        for op, args in ops:
+            out = _ew.apply(op, args, z)
+            g = _ew.grad(op, args, z, out, g)
+            z = out
+        df[a:b] = g
 
     _ranges(dx.size, block)
     return [dx], {}

@@ -4,7 +4,9 @@
 `backward(node, saved, dy, params, ctx) -> (dxs, dparams)`, NCHW arrays with the batch first,
 PyTorch's semantics. Kernels keep their input's dtype (float32 in training, float64 in the
 gradient tests); a backward may return `dy` itself or a view of it, never an array it keeps.
-Convolution and pooling live in `conv.py`; this module holds the rest and the `KERNELS` table.
+Convolution and pooling live in `conv.py`, dense and flatten in `dense.py`, the fused ops in
+`fused.py`, and every op with an element-wise formula runs `elementwise.py`'s `ELEMENTWISE`
+pair; this module holds the rest and the `KERNELS` table.
 """
 
 from __future__ import annotations
@@ -14,97 +16,19 @@ import numpy as np
 from cnnc.backends.base import Kernel
 
 from . import conv as _conv
+from . import dense as _dense
+from . import elementwise as _elementwise
 from . import fused as _fused
 from . import parallel
+from .dense import _cast
+
+ELEMENTWISE = Kernel(_elementwise.eltwise_forward, _elementwise.eltwise_backward)  # every op with a formula
 
 # dropout when the context brings no generator (evaluation code that forgot one)
 _fallback_rng = np.random.default_rng()
 
 
-def _cast(a: np.ndarray, dtype) -> np.ndarray:
-    return a.astype(dtype, copy=False)
-
-
-# ---- dense, flatten ------------------------------------------------------------------------
-
-def dense_forward(node, xs, params, ctx):
-    (x,) = xs
-    x2 = x.reshape(x.shape[0], -1)  # (N, C, 1, 1) → (N, C)
-    y = x2 @ _cast(params["weight"], x.dtype).T
-    if "bias" in params:
-        y += _cast(params["bias"], x.dtype)
-    return y, (x2, x.shape)
-
-
-def dense_backward(node, saved, dy, params, ctx):
-    x2, shape = saved
-    w = _cast(params["weight"], dy.dtype)
-    dparams = {"weight": dy.T @ x2}
-    if "bias" in params:
-        dparams["bias"] = dy.sum(axis=0)
-    return [(dy @ w).reshape(shape)], dparams
-
-
-def flatten_forward(node, xs, params, ctx):
-    (x,) = xs
-    return x.reshape(x.shape[0], -1), x.shape
-
-
-def flatten_backward(node, saved, dy, params, ctx):
-    return [dy.reshape(saved)], {}
-
-
-# ---- element-wise activations --------------------------------------------------------------
-
-def relu_forward(node, xs, params, ctx):
-    y = np.maximum(xs[0], 0)
-    return y, y
-
-
-def relu_backward(node, saved, dy, params, ctx):
-    return [dy * (saved > 0)], {}  # a product with the mask: much faster than np.where
-
-
-def leaky_relu_forward(node, xs, params, ctx):
-    (x,) = xs
-    pos = x > 0
-    return np.where(pos, x, x * float(node.attrs.slope)), pos
-
-
-def leaky_relu_backward(node, saved, dy, params, ctx):
-    return [np.where(saved, dy, dy * float(node.attrs.slope))], {}
-
-
-def relu6_forward(node, xs, params, ctx):
-    (x,) = xs
-    return np.clip(x, 0, 6), x
-
-
-def relu6_backward(node, saved, dy, params, ctx):
-    # hardtanh's gradient: zero at the kinks 0 and 6 too, as PyTorch
-    return [dy * ((saved > 0) & (saved < 6))], {}
-
-
-def sigmoid_forward(node, xs, params, ctx):
-    (x,) = xs
-    y = np.tanh(x * 0.5)  # ½(1 + tanh(x/2)): no overflow for large |x|
-    y += 1
-    y *= 0.5
-    return y, y
-
-
-def sigmoid_backward(node, saved, dy, params, ctx):
-    return [dy * saved * (1 - saved)], {}
-
-
-def tanh_forward(node, xs, params, ctx):
-    y = np.tanh(xs[0])
-    return y, y
-
-
-def tanh_backward(node, saved, dy, params, ctx):
-    return [dy * (1 - saved * saved)], {}
-
+# ---- softmax, dropout, identity ---------------------------------------------------------
 
 def softmax_forward(node, xs, params, ctx):
     (x,) = xs
@@ -279,13 +203,8 @@ KERNELS: dict[str, Kernel] = {
     "avgpool": Kernel(_conv.avgpool_forward, _conv.avgpool_backward),
     "globalavgpool": Kernel(_conv.globalavgpool_forward, _conv.globalavgpool_backward),
     "adaptive_avgpool": Kernel(_conv.adaptive_avgpool_forward, _conv.adaptive_avgpool_backward),
-    "dense": Kernel(dense_forward, dense_backward),
-    "flatten": Kernel(flatten_forward, flatten_backward),
-    "relu": Kernel(relu_forward, relu_backward),
-    "leaky_relu": Kernel(leaky_relu_forward, leaky_relu_backward),
-    "relu6": Kernel(relu6_forward, relu6_backward),
-    "sigmoid": Kernel(sigmoid_forward, sigmoid_backward),
-    "tanh": Kernel(tanh_forward, tanh_backward),
+    "dense": Kernel(_dense.dense_forward, _dense.dense_backward),
+    "flatten": Kernel(_dense.flatten_forward, _dense.flatten_backward),
     "softmax": Kernel(softmax_forward, softmax_backward),
     "dropout": Kernel(dropout_forward, dropout_backward),
     "identity": Kernel(identity_forward, identity_backward),

@@ -25,9 +25,34 @@ from cnnc.compiler.ops import OPS
 
 BATCH = 2
 TOL = {np.float32: 1e-6, np.float64: 1e-12}
-ACTS = ["none", "relu", "relu6", "leaky_relu", "sigmoid", "tanh"]
-# leaky_relu slopes: the usual, zero, negative (output hides the input's sign), above one
-SLOPES = {"leaky_relu": [0.2, 0.0, -0.3, 1.5]}
+ELEMENTWISE = [op for op in OPS if OPS[op].formula is not None]  # every activation the table has
+ACTS = ["none"] + ELEMENTWISE
+# values tried for formula parameters by name; leaky_relu's slope: the usual, zero, negative
+# (the output hides the input's sign), above one. Others try their default.
+PARAM_VALUES = {"slope": [0.2, 0.0, -0.3, 1.5], "alpha": [1.0, 0.4]}
+BACKEND = NumpyBackend()
+
+
+def kernel(op):
+    """The backend's kernel for an op (element-wise ops: its formula kernel)."""
+    return BACKEND.kernel(op)
+
+
+def param_cases(op) -> list[tuple[float, ...]]:
+    params = OPS[op].formula.params if op != "none" else ()
+    if not params:
+        return [()]
+    (name,) = params
+    return [(v,) for v in PARAM_VALUES.get(name, [OPS[op].attrs.model_fields[name].default])]
+
+
+def act_attrs(act: str, args) -> dict:
+    """The unfused op's attributes for formula arguments `args`."""
+    return dict(zip(OPS[act].formula.params, args))
+
+
+def epilogue_attrs(act: str, args) -> dict:
+    return dict(activation=act, act_args=tuple(args))
 
 
 def seed(*parts) -> np.random.Generator:
@@ -43,19 +68,19 @@ def close(got, want, dtype, what=""):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(scale, 1e-30), err_msg=what)
 
 
-def act_nodes(act: str, slope: float, shape):
+def act_nodes(act: str, args, shape):
     """The unfused activation's node, or None for `none`."""
     if act == "none":
         return None
-    return make_node(act, dict(slope=slope) if act == "leaky_relu" else {}, [shape])[0]
+    return make_node(act, act_attrs(act, args), [shape])[0]
 
 
 def act_cases():
-    return [(a, s) for a in ACTS for s in SLOPES.get(a, [0.01])]
+    return [(a, args) for a in ACTS for args in param_cases(a)]
 
 
 def act_id(c) -> str:
-    return c[0] if c[0] != "leaky_relu" else f"leaky{c[1]:g}"
+    return c[0] + "".join(f"{v:g}" for v in c[1])
 
 
 # ---- fused_conv ------------------------------------------------------------------------------
@@ -82,8 +107,8 @@ def conv_reference(kw, xshape, act, slope, residual, x, r, params, dy):
         y, s_add = KERNELS["add"].forward(add, [y, r], {}, ctx)
     anode = act_nodes(act, slope, conv.out_shape)
     if anode is not None:
-        y, s_act = KERNELS[act].forward(anode, [y], {}, ctx)
-        (dy,), _ = KERNELS[act].backward(anode, s_act, dy, {}, ctx)
+        y, s_act = kernel(act).forward(anode, [y], {}, ctx)
+        (dy,), _ = kernel(act).backward(anode, s_act, dy, {}, ctx)
     dr = None
     if residual:
         (dy, dr), _ = KERNELS["add"].backward(add, s_add, dy, {}, ctx)
@@ -118,7 +143,7 @@ def test_fused_conv_matches_unfused(conv, act, bias, residual):
     kw = {**kw, "bias": bias}
     act, slope = act
     out = OPS["conv"].shape(OPS["conv"].attrs(**kw), [xshape])
-    node, specs = make_node("fused_conv", dict(kw, activation=act, slope=slope, residual=residual),
+    node, specs = make_node("fused_conv", dict(kw, **epilogue_attrs(act, slope), residual=residual),
                             [xshape, out] if residual else [xshape])
     assert [s.name for s in specs] == (["weight", "bias"] if bias else ["weight"])
     for dtype in (np.float32, np.float64):
@@ -154,9 +179,10 @@ def fd_check(node, leaves_in, params, rng):
         assert err <= 1e-6, f"{name}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("act,slope", [("relu6", 0.0), ("leaky_relu", 0.1), ("leaky_relu", -0.4)])
+@pytest.mark.parametrize("act,slope", [("relu6", ()), ("leaky_relu", (0.1,)), ("leaky_relu", (-0.4,))]
+                         + [(op, param_cases(op)[0]) for op in ELEMENTWISE if op not in ("relu6", "leaky_relu")])
 def test_fused_conv_residual_finite_differences(act, slope):
-    kw = dict(filters=4, kernel=3, pad=1, stride=2, round="floor", activation=act, slope=slope, residual=True)
+    kw = dict(filters=4, kernel=3, pad=1, stride=2, round="floor", **epilogue_attrs(act, slope), residual=True)
     node, specs = make_node("fused_conv", kw, [(3, 7, 7), (4, 4, 4)])
     rng = seed("fd", act, slope)
     x, r, params, _ = conv_inputs(node, specs, np.float64, rng, scale=3.0)
@@ -173,7 +199,7 @@ def test_fused_conv_residual_finite_differences(act, slope):
 @pytest.mark.parametrize("act", act_cases(), ids=act_id)
 def test_fused_dense_matches_unfused(act, bias, xshape):
     act, slope = act
-    node, specs = make_node("fused_dense", dict(units=4, bias=bias, activation=act, slope=slope), [xshape])
+    node, specs = make_node("fused_dense", dict(units=4, bias=bias, **epilogue_attrs(act, slope)), [xshape])
     dense, _ = make_node("dense", dict(units=4, bias=bias), [xshape])
     anode = act_nodes(act, slope, dense.out_shape)
     for dtype in (np.float32, np.float64):
@@ -185,8 +211,8 @@ def test_fused_dense_matches_unfused(act, bias, xshape):
         y0, s0 = KERNELS["dense"].forward(dense, [x], params, Ctx())
         d0 = dy
         if anode is not None:
-            y0, sa = KERNELS[act].forward(anode, [y0], {}, Ctx())
-            (d0,), _ = KERNELS[act].backward(anode, sa, dy, {}, Ctx())
+            y0, sa = kernel(act).forward(anode, [y0], {}, Ctx())
+            (d0,), _ = kernel(act).backward(anode, sa, dy, {}, Ctx())
         (dx0,), dps0 = KERNELS["dense"].backward(dense, s0, d0, params, Ctx())
         close(y, y0, dtype, "y")
         close(dx, dx0, dtype, "dx")
@@ -205,17 +231,17 @@ def test_fused_dense_finite_differences():
 # ---- elemwise_chain --------------------------------------------------------------------------
 
 CHAINS = [
-    (("relu",), (0.0,)),
-    (("relu6",), (0.0,)),
-    (("leaky_relu",), (0.2,)),
-    (("sigmoid",), (0.0,)),
-    (("tanh",), (0.0,)),
-    (("leaky_relu", "relu6"), (-0.5, 0.0)),
-    (("tanh", "relu"), (0.0, 0.0)),
-    (("sigmoid", "tanh", "leaky_relu"), (0.0, 0.0, 1.5)),
-    (("leaky_relu", "sigmoid", "relu6", "tanh", "relu", "leaky_relu"), (0.1, 0.0, 0.0, 0.0, 0.0, -0.3)),
-    (("relu6", "leaky_relu", "leaky_relu", "sigmoid"), (0.0, 0.3, 0.0, 0.0)),
-]
+    (("relu",), ((),)),
+    (("relu6",), ((),)),
+    (("leaky_relu",), ((0.2,),)),
+    (("sigmoid",), ((),)),
+    (("tanh",), ((),)),
+    (("leaky_relu", "relu6"), ((-0.5,), ())),
+    (("tanh", "relu"), ((), ())),
+    (("sigmoid", "tanh", "leaky_relu"), ((), (), (1.5,))),
+    (("leaky_relu", "sigmoid", "relu6", "tanh", "relu", "leaky_relu"), ((0.1,), (), (), (), (), (-0.3,))),
+    (("relu6", "leaky_relu", "leaky_relu", "sigmoid"), ((), (0.3,), (0.0,), ())),
+] + [((op, "tanh", op), (param_cases(op)[0], (), param_cases(op)[-1])) for op in ELEMENTWISE]
 
 
 def chain_id(c) -> str:
@@ -227,12 +253,12 @@ def chain_reference(ops, slopes, shape, x, dy):
     y = x
     for op, s in zip(ops, slopes):
         n = act_nodes(op, s, shape)
-        y, sv = KERNELS[op].forward(n, [y], {}, Ctx())
+        y, sv = kernel(op).forward(n, [y], {}, Ctx())
         nodes.append(n)
         saved.append(sv)
     g = dy
     for op, n, sv in reversed(list(zip(ops, nodes, saved))):
-        (g,), _ = KERNELS[op].backward(n, sv, g, {}, Ctx())
+        (g,), _ = kernel(op).backward(n, sv, g, {}, Ctx())
     return y, g
 
 
@@ -240,7 +266,7 @@ def chain_reference(ops, slopes, shape, x, dy):
 def test_chain_matches_unfused(chain):
     ops, slopes = chain
     shape = (3, 5, 4)
-    node, specs = make_node("elemwise_chain", dict(ops=ops, slopes=slopes), [shape])
+    node, specs = make_node("elemwise_chain", dict(ops=ops, args=slopes), [shape])
     assert node.out_shape == shape and specs == []
     for dtype in (np.float32, np.float64):
         rng = seed("chain", ops, dtype.__name__)
@@ -253,10 +279,10 @@ def test_chain_matches_unfused(chain):
         close(dx, dx0, dtype, "dx")
 
 
-@pytest.mark.parametrize("chain", [CHAINS[8], CHAINS[9], CHAINS[5]], ids=chain_id)
+@pytest.mark.parametrize("chain", [CHAINS[8], CHAINS[9], CHAINS[5]] + CHAINS[10:], ids=chain_id)
 def test_chain_finite_differences(chain):
     ops, slopes = chain
-    node, _ = make_node("elemwise_chain", dict(ops=ops, slopes=slopes), [(3, 4, 4)])
+    node, _ = make_node("elemwise_chain", dict(ops=ops, args=slopes), [(3, 4, 4)])
     rng = seed("chain-fd", ops)
     x = rng.normal(0, 4, (BATCH, 3, 4, 4))
     x[np.abs(x) < 1e-3] += 0.01  # no input on relu's kink
@@ -265,7 +291,7 @@ def test_chain_finite_differences(chain):
 
 
 def test_chain_on_a_strided_input_and_flat_features():
-    node, _ = make_node("elemwise_chain", dict(ops=("tanh", "relu"), slopes=(0.0, 0.0)), [(4, 3, 5)])
+    node, _ = make_node("elemwise_chain", dict(ops=("tanh", "relu")), [(4, 3, 5)])
     rng = seed("strided")
     base = rng.normal(size=(BATCH, 5, 3, 4))
     x = base.transpose(0, 3, 2, 1)  # a non-contiguous view
@@ -273,7 +299,7 @@ def test_chain_on_a_strided_input_and_flat_features():
     np.testing.assert_array_equal(y, np.maximum(np.tanh(x), 0))
     (dx,), _ = KERNELS["elemwise_chain"].backward(node, saved, np.ones_like(y), {}, Ctx())
     np.testing.assert_allclose(dx, (1 - np.tanh(x) ** 2) * (x > 0), rtol=1e-12)
-    flat, _ = make_node("elemwise_chain", dict(ops=("sigmoid",), slopes=(0.0,)), [(7,)])
+    flat, _ = make_node("elemwise_chain", dict(ops=("sigmoid",)), [(7,)])
     y, _ = KERNELS["elemwise_chain"].forward(flat, [rng.normal(size=(3, 7)).astype(np.float32)], {}, Ctx())
     assert y.shape == (3, 7) and y.dtype == np.float32
 
@@ -322,9 +348,9 @@ def _all_results(cases):
 def _block_cases():
     rng = seed("blocks")
     cases = []
-    for act, slope in [("relu", 0.0), ("leaky_relu", -0.2), ("leaky_relu", 0.2), ("sigmoid", 0.0),
-                       ("relu6", 0.0)]:
-        node, specs = make_node("fused_conv", dict(filters=5, kernel=3, pad=1, activation=act, slope=slope,
+    for act, slope in [("relu", ()), ("leaky_relu", (-0.2,)), ("leaky_relu", (0.2,)), ("sigmoid", ()),
+                       ("relu6", ()), ("hardswish", ()), ("gelu", ())]:
+        node, specs = make_node("fused_conv", dict(filters=5, kernel=3, pad=1, **epilogue_attrs(act, slope),
                                                    residual=True), [(3, 6, 7), (5, 6, 7)])
         x, r, params, dy = conv_inputs(node, specs, np.float64, rng, scale=3.0)
         cases.append((node, [x, r], params, dy))
@@ -332,7 +358,7 @@ def _block_cases():
     params = make_params(specs, rng, np.float64)
     cases.append((node, [rng.normal(0, 4, (7, 5))], params, rng.normal(size=(7, 6))))
     ops, slopes = CHAINS[8]
-    node, _ = make_node("elemwise_chain", dict(ops=ops, slopes=slopes), [(3, 7, 5)])
+    node, _ = make_node("elemwise_chain", dict(ops=ops, args=slopes), [(3, 7, 5)])
     cases.append((node, [rng.normal(0, 4, (BATCH, 3, 7, 5))], {}, rng.normal(size=(BATCH, 3, 7, 5))))
     node, _ = make_node("layout_transform", dict(to="NCHW"), [(20, 3, 4)])
     cases.append((node, [rng.normal(size=(3, 3, 4, 20))], {}, rng.normal(size=(3, 20, 3, 4))))

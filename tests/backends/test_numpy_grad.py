@@ -129,6 +129,10 @@ CASES = [
     C("concat-3-fanout", "concat", {}, [(3, 4, 4), (2, 4, 4)], use=[0, 1, 0]),
     C("concat-2d", "concat", {}, [(3,), (4,), (2,)]),
 ]
+# every other op the table gives an element-wise formula, over inputs spread past the kinks at ±3 and 6
+CASES += [C(op, op, {}, [(3, 4, 4)], scale=4.0) for op in OPS if OPS[op].formula is not None
+          and op not in {c.op for c in CASES}]
+CASES += [C("elu-alpha", "elu", dict(alpha=0.4), [(3, 4, 4)], scale=2.0)]
 
 
 def make_node(op: str, kw: dict, in_shapes: list) -> tuple[NodeInfo, list]:
@@ -188,7 +192,7 @@ def rel(a, b) -> float:
 def test_backward_matches_finite_differences(case: Case):
     rng = np.random.default_rng(zlib.crc32(case.id.encode()))
     node, specs = make_node(case.op, case.kw, [case.shapes[i] for i in case.inputs])
-    kernel = BACKEND.kernels[case.op]
+    kernel = BACKEND.kernel(case.op)
     leaves = make_leaves(case, rng, np.float64)
     params = make_params(specs, rng, np.float64)
     originals = [v.copy() for v in leaves]
@@ -256,7 +260,10 @@ def test_losses_by_name_and_unknown_loss():
 
 
 def test_every_op_has_a_kernel():
-    assert set(BACKEND.kernels) == set(OPS) - {"input"}
+    """Ops with a formula run the one element-wise kernel; every other op (but the input) has its own."""
+    formula = {op for op in OPS if OPS[op].formula is not None}
+    assert set(BACKEND.kernels) == set(OPS) - {"input"} - formula
+    assert all(BACKEND.kernel(op) is BACKEND.elementwise for op in formula)
     assert BACKEND.name == "numpy"
 
 
@@ -279,7 +286,7 @@ def test_float32_stays_float32():
     rng = np.random.default_rng(3)
     for case in CASES:
         node, specs = make_node(case.op, case.kw, [case.shapes[i] for i in case.inputs])
-        kernel = BACKEND.kernels[case.op]
+        kernel = BACKEND.kernel(case.op)
         leaves = make_leaves(case, rng, np.float32)
         params = make_params(specs, rng, np.float32)
         y, saved = kernel.forward(node, [leaves[i] for i in case.inputs], params, ctx_for(case))
@@ -387,7 +394,7 @@ def test_threaded_kernels_agree(case, threads, monkeypatch):
     before = parallel.get_threads()
     rng = np.random.default_rng(9)
     node, specs = make_node(case.op, case.kw, case.shapes)
-    kernel = BACKEND.kernels[case.op]
+    kernel = BACKEND.kernel(case.op)
     params = make_params(specs, rng, np.float64)
     x = rng.normal(size=(5, *case.shapes[0]))
     results = []

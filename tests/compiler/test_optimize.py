@@ -139,7 +139,7 @@ def test_fuse_elementwise_chain():
     assert ops(after) == ["conv", "elemwise_chain", "maxpool"]
     n = next(n for n in after.nodes if after.nodes[n]["op"] == "elemwise_chain")
     assert after.nodes[n]["attrs"].ops == ("relu", "leaky_relu", "tanh")
-    assert after.nodes[n]["attrs"].slopes[1] == pytest.approx(0.2)
+    assert after.nodes[n]["attrs"].args[1] == pytest.approx((0.2,))
 
 
 def test_choose_layout_inserts_and_shares_transforms():

@@ -52,7 +52,7 @@ def test_training_plan_gradients_are_exact(name):
     model = Model.load(EXAMPLES / f"{name}.cnn", seed=2)
     size = model.input_shape
     x = rng.normal(size=(2, *size)).astype(np.float32)
-    ctx = PassContext(mode="training", fused_ops=model.backend.fused_ops, verify=True)
+    ctx = type(model.backend).configure(PassContext(mode="training", verify=True))
     g2 = optimize(model.graph, ctx, model.host_params())
     assert g2.number_of_nodes() <= model.graph.number_of_nodes()
     fast = Executor(model.backend.compile(g2), model.backend, model.params)
@@ -72,7 +72,7 @@ def test_resnet50_report_folds_every_batchnorm_and_fuses_residuals():
     r = run_cli("compile", str(EXAMPLES / "resnet50.cnn"), "--report")
     assert r.code == 0, r.err
     lines = r.out.splitlines()
-    folds = [x for x in lines if "conv + bn → conv with folded BatchNorm" in x]
+    folds = [x for x in lines if "conv + bn → conv with folded batchnorm" in x]
     residual = [x for x in lines if "conv + bn + add + relu → fused conv_bn_add_relu" in x]
     assert len(folds) == 53  # every conv of ResNet-50 is followed by a BatchNorm
     assert len(residual) == 16  # one per bottleneck

@@ -7,22 +7,24 @@ import math
 import numpy as np
 import pytest
 
-from cnnc.compiler.ops import ParamSpec
+from cnnc.compiler.ops import OPS, ParamSpec
 from cnnc.compiler.train_config import TrainConfig
+from cnnc.dsl.errors import InternalError
 from cnnc.runtime.init import fans, init_params
 
+def _specs(op: str, in_shape, **attrs) -> list[ParamSpec]:
+    """An op's ParamSpecs as the op table gives them (initialisers included)."""
+    return OPS[op].params(OPS[op].attrs(**attrs), [in_shape])
+
+
 # a small net's tensors, as compiler passes give them (keys are the runtime's, spec.name the op's)
-SPECS = {
-    "conv1.weight": ParamSpec("weight", (16, 3, 5, 5)),
-    "conv1.bias": ParamSpec("bias", (16,)),
-    "gconv.weight": ParamSpec("weight", (32, 16 // 4, 3, 3)),  # groups=4: C/groups in shape[1]
-    "bn.weight": ParamSpec("weight", (32,)),
-    "bn.bias": ParamSpec("bias", (32,)),
-    "bn.running_mean": ParamSpec("running_mean", (32,), buffer=True),
-    "bn.running_var": ParamSpec("running_var", (32,), buffer=True),
-    "fc.weight": ParamSpec("weight", (10, 800)),
-    "fc.bias": ParamSpec("bias", (10,)),
-}
+SPECS = {f"{layer}.{s.name}": s for layer, specs in [
+    ("conv1", _specs("conv", (3, 8, 8), filters=16, kernel=5)),
+    ("gconv", _specs("conv", (16, 8, 8), filters=32, kernel=3, groups=4, bias=False)),  # C/groups in shape[1]
+    ("bn", _specs("batchnorm", (32, 4, 4))),
+    ("fc", _specs("dense", (800,), units=10)),
+] for s in specs}
+W = "weight"
 
 
 def _init(specs=SPECS, seed=0, **config):
@@ -56,8 +58,8 @@ def test_shapes_dtypes_and_fixed_tensors(init):
 
 
 # Large tensors, so the sample statistics sit well within a few % of the formula
-BIG = {"conv": ParamSpec("weight", (256, 128, 3, 3)), "gconv": ParamSpec("weight", (512, 8, 5, 5)),
-       "fc": ParamSpec("weight", (300, 2000))}
+BIG = {"conv": ParamSpec("weight", (256, 128, 3, 3), init=W), "gconv": ParamSpec("weight", (512, 8, 5, 5), init=W),
+       "fc": ParamSpec("weight", (300, 2000), init=W)}
 
 
 def _expected_std(init: str, shape, config: TrainConfig) -> float:
@@ -93,7 +95,8 @@ def test_constant():
 
 
 def test_he_uses_grouped_fan_in():
-    out = init_params({"g": ParamSpec("weight", (512, 2, 3, 3)), "d": ParamSpec("weight", (512, 64, 3, 3))},
+    out = init_params({"g": ParamSpec("weight", (512, 2, 3, 3), init=W), "d": ParamSpec("weight", (512, 64, 3, 3),
+                                                                                        init=W)},
                       TrainConfig(init="he"), np.random.default_rng(0))
     assert abs(out["g"].std() / math.sqrt(2 / 18) - 1) < 0.03
     assert abs(out["d"].std() / math.sqrt(2 / 576) - 1) < 0.03
@@ -111,6 +114,8 @@ def test_seeding_is_deterministic():
     assert all(np.array_equal(first[k], again[k]) for k in SPECS)
 
 
-def test_unknown_parameter_name_is_an_error():
-    with pytest.raises(ValueError, match="alpha"):
-        _init({"prelu.alpha": ParamSpec("alpha", (8,))})
+def test_the_table_says_how_each_tensor_starts():
+    out = _init({"prelu.alpha": ParamSpec("alpha", (8,), init=0.25)})
+    assert (out["prelu.alpha"] == 0.25).all()
+    with pytest.raises(InternalError, match="unknown initialiser 'orthogonal'"):
+        _init({"x.w": ParamSpec("w", (8, 8), init="orthogonal")})
