@@ -291,13 +291,14 @@ def _cmd_parity(args) -> int:
 def _cmd_viz(args) -> int:
     from cnnc.compiler import viz
     from cnnc.dsl.errors import CnncError
+    from cnnc.runtime.viz import load_graph
 
     if args.depth is not None and args.depth < 0:
         raise CnncError(f"--depth takes a number of block levels, 0 or more, got {args.depth}")
     fmt = viz.format_of(args.output, args.format)
     opts = viz.VizOptions(rankdir=args.rankdir, shapes=not args.no_shapes, params=not args.no_params,
                           depth=0 if args.collapse else args.depth)
-    g = viz.load_graph(args.file, args.opt_level, args.import_root)
+    g = load_graph(args.file, args.opt_level, args.import_root)
     notes: list[str] = []
     viz.write(g, args.output, opts, fmt, notes)
     print(f"wrote {args.output}: {g.number_of_nodes()} layers, {len(g.graph['blocks'])} block instances",

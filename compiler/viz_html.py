@@ -1,7 +1,7 @@
 """`cnnc viz -o model.html`: one self-contained interactive page.
 
 Graphviz lays out the fully expanded graph once (the same drawing as `cnnc viz -o x.svg`, see
-compiler/viz.py for its ids and classes); the page embeds that SVG, a JSON description of every
+compiler/viz_dot.py for its ids and classes); the page embeds that SVG, a JSON description of every
 layer and block instance, and the script and style sheet of compiler/viz_assets/ inline, so it
 opens without any network access.
 
@@ -24,8 +24,8 @@ import networkx as nx
 
 from .graph import inputs_of
 from .ops import fmt_shape
-from .viz import (FILL, KIND, VizOptions, _source_lines, attrs_dict, build_view, fused_text, human, op_text,
-                  run_dot, shape_text, to_dot)
+from .viz_dot import (FILL, KIND, VizOptions, _source_lines, attrs_dict, build_view, fused_text, human, op_text,
+                      run_dot, shape_text, to_dot)
 
 ASSETS = ("viz.css", "viz.js")
 

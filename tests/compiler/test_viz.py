@@ -13,6 +13,7 @@ import pytest
 
 from cnnc.compiler import viz
 from cnnc.compiler.pipeline import check
+from cnnc.runtime.viz import load_graph
 from conftest import EXAMPLES, run_cli
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
@@ -147,7 +148,7 @@ def test_dot_concat_inputs_in_order(graphs):
 
 
 def test_dot_fused_nodes_at_O2():
-    g = viz.load_graph(EXAMPLES / "resnet50.cnn", opt_level=2)
+    g = load_graph(EXAMPLES / "resnet50.cnn", opt_level=2)
     text = viz.to_dot(g)
     assert "[conv + bn + relu]" in text and "[conv + bn + add + relu]" in text
     assert "fused" in text
@@ -156,7 +157,7 @@ def test_dot_fused_nodes_at_O2():
 
 
 def test_dot_output_needs_no_graphviz(tmp_path, monkeypatch):
-    monkeypatch.setattr(viz.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     out = tmp_path / "g.dot"
     r = run_cli("viz", str(EXAMPLES / "googlenet_2014.cnn"), "-o", str(out))
     assert r.code == 0, r.err
