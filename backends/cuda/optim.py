@@ -1,12 +1,12 @@
 """Optimizers on the GPU: one fused update kernel per rule (`kernels/optim.cu`).
 
-`make_optimizer(config, params, lr_mult, decay_mult)` has `runtime.optim.make_optimizer`'s
+`make_optimizer(config, params, lr_mult, decay_mult)` has `backends.optim_rules.make_optimizer`'s
 signature and meaning (the CUDA backend offers it as `make_optimizer`, which the trainer
-prefers): it builds the runtime's optimizer over the same device arrays only to resolve the
+prefers): it builds the NumPy rule's optimizer over the same device arrays only to resolve the
 configuration (defaults, checks, per-parameter multipliers) and wraps it in a `CudaOptimizer`,
 whose `step(grads, lr)` launches one kernel per parameter with the rule's scalars cast to float32
-exactly as NumPy casts them in runtime/optim.py, so the updates match NumPy's bit for bit (FTRL's
-powers within an ulp). `state_dict()` returns host NumPy arrays under the runtime's keys
+exactly as NumPy casts them in backends/optim_rules.py, so the updates match NumPy's bit for bit
+(FTRL's powers within an ulp). `state_dict()` returns host NumPy arrays under the NumPy rules' keys
 ("<state>/<param>"; step counters are 0-d int64 arrays) and `load_state_dict` takes them back,
 so checkpoints move between the backends.
 """
@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cnnc.runtime import optim as host_optim
-
+from .. import optim_rules as host_optim
 from . import device
 from .source import KernelSpec
 
@@ -35,7 +34,7 @@ def _f(v) -> np.float32:
 
 
 class CudaOptimizer:
-    """The update rule of a runtime optimizer (`rule`), run on device arrays."""
+    """The update rule of a NumPy optimizer (`rule`, backends/optim_rules.py), run on device arrays."""
 
     def __init__(self, rule: host_optim.Optimizer):
         self.rule = rule
