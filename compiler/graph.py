@@ -58,7 +58,7 @@ def verify(g: nx.MultiDiGraph) -> None:
     problems = []
     if not nx.is_directed_acyclic_graph(g):
         problems.append("graph has a cycle")
-    inputs = [n for n, d in g.nodes(data=True) if d.get("op") == "input"]
+    inputs = [n for n, d in g.nodes(data=True) if d.get("op") in OPS and OPS[d["op"]].inputs == (0, 0)]
     if len(inputs) != 1 or g.graph.get("input") != inputs[0]:
         problems.append(f"expected exactly one input node, found {inputs}")
     if g.graph.get("output") not in g:

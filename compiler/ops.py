@@ -297,6 +297,7 @@ class OpDef:
     # (attrs, params) → (scale, center, shift), y = (x − center)·scale + shift
     fold: Callable[[Any, dict], tuple[Any, Any, Any]] | None = None
     label: str | None = None  # its short name in fused labels ("bn" in conv_bn_relu)
+    loss_absorbs: frozenset[str] = frozenset()  # losses that include it (cross-entropy's softmax): training drops it
     # the language reference's summary columns (compiler/opdocs.py)
     out_doc: str = "same"
     params_doc: str = "0"
@@ -650,7 +651,7 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     _act("elu", "x if x > 0 else alpha·(e^x − 1).", "where(x > 0, x, alpha * expm1(x))",
          "where(x > 0, 1, alpha * exp(x))", EluAttrs, ("alpha",), torch="F.elu(x, alpha)", onnx="Elu"),
     OpDef("softmax", "Softmax over channels.", NoAttrs, _elementwise, Pattern.OPAQUE, grad_needs=OUT, kind="act",
-          torch="F.softmax(x, dim=1)", onnx="Softmax"),
+          torch="F.softmax(x, dim=1)", onnx="Softmax", loss_absorbs=frozenset({"cross_entropy"})),
     OpDef("dropout", "Zeroes a fraction `rate` of activations in training, scales the rest by 1/(1−rate).",
           DropoutAttrs, _elementwise, Pattern.ELEMWISE, positional=("rate",),  # keeps its own mask
           torch="F.dropout(x, a.rate, training)", onnx="Dropout", identity_in=frozenset({"inference"})),

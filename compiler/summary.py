@@ -29,8 +29,6 @@ class Row:
 def describe(op: str, a) -> str:
     """A short text of an op and its key attributes: `conv 3x3/2 64`, `maxpool 3x3/2`, `dense 1000`."""
     parts = [op]
-    if op == "input":
-        return "input"
     k = a.get("kernel", None)
     if k is not None:
         s = a.get("stride", None) or k

@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
 
 from cnnc.backends.base import Ctx, Plan
+from cnnc.compiler.ops import OPS
 from cnnc.dsl.errors import CnncError
 
 from .checkpoint import parameters, read_npz, write_npz
@@ -99,9 +100,10 @@ class CheckpointMeta(_Strict):
 
 
 def _logits_plan(plan: Plan, loss: str) -> Plan:
-    """Cross-entropy takes logits: a network that ends in softmax trains on the softmax's input."""
+    """Cross-entropy takes logits: a network that ends in an op the loss includes (softmax, op table
+    `loss_absorbs`) trains on that op's input."""
     last = plan.steps[-1] if plan.steps else None
-    if loss == "cross_entropy" and last is not None and last.node.op == "softmax" and last.node.id == plan.output:
+    if last is not None and loss in OPS[last.node.op].loss_absorbs and last.node.id == plan.output:
         return Plan(plan.steps[:-1], plan.input, last.inputs[0], plan.param_specs, plan.graph)
     return plan
 
