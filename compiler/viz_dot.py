@@ -30,22 +30,13 @@ import networkx as nx
 from cnnc.dsl.errors import CnncError
 
 from .graph import inputs_of
-from .ops import fmt_shape
+from .ops import OPS, fmt_shape
 from .summary import _fmt_args, describe
 
 INSTALL_HINT = ("install Graphviz: `apt-get install graphviz` (Debian, Ubuntu), `dnf install graphviz` (Fedora), "
                 "`brew install graphviz` (macOS) or `conda install graphviz`; `-o FILE.dot` works without it")
 
-KIND = {
-    "input": "io",
-    "conv": "conv", "fused_conv": "conv",
-    "dense": "dense", "fused_dense": "dense",
-    "maxpool": "pool", "avgpool": "pool", "globalavgpool": "pool", "adaptive_avgpool": "pool",
-    "batchnorm": "norm", "lrn": "norm",
-    "relu": "act", "leaky_relu": "act", "relu6": "act", "sigmoid": "act", "tanh": "act", "softmax": "act",
-    "elemwise_chain": "act",
-    "add": "merge", "concat": "merge",
-}
+KIND = {name: op.kind for name, op in OPS.items()}  # what each op is drawn as: the op table's `kind`
 FILL = {"io": "#e3e3e3", "conv": "#cfe2f3", "dense": "#f4cccc", "pool": "#d9ead3", "norm": "#fff2cc",
         "act": "#fce5cd", "merge": "#d9d2e9", "misc": "#ffffff", "block": "#ead1dc"}
 CLUSTER_FILL = ("#f5f8fc", "#ebf1f9", "#e1eaf6", "#d7e3f3")
@@ -97,14 +88,15 @@ def classify_edges(g: nx.MultiDiGraph) -> dict[tuple[int, int, int], str]:
     for v in sorted(g.nodes):
         d = g.nodes[v]
         edges = sorted(g.in_edges(v, data="port"), key=lambda e: e[2])
-        if d["op"] == "concat":
+        op = OPS[d["op"]]
+        if op.kind == "merge" and not op.residual_fusable:  # a concatenation
             for u, _, p in edges:
                 kinds[(u, v, p)] = "dense"
-        elif d["op"] == "add" and len(edges) > 1:
+        elif op.residual_fusable and len(edges) > 1:  # a sum: the shortest path in is the shortcut
             main = max(edges, key=lambda e: (depth[e[0]], e[0]))
             for u, _, p in edges:
                 kinds[(u, v, p)] = "flow" if (u, p) == (main[0], main[2]) else "shortcut"
-        elif d["op"] == "fused_conv" and getattr(d["attrs"], "residual", False):
+        elif d["attrs"].get("residual", False):
             for u, _, p in edges:
                 kinds[(u, v, p)] = "shortcut" if p == 1 else "flow"
         else:
@@ -167,18 +159,17 @@ def pads_text(d) -> str:
 def op_text(d) -> str:
     """`conv 3x3/2 64 pad 1`: the op and its key attributes (kernel, stride, filters, groups, pad)."""
     text = describe(d["op"], d["attrs"])
-    if d["op"] == "elemwise_chain":
+    op = OPS[d["op"]]
+    if d["attrs"].get("ops") is not None:  # a chain of element-wise ops
         text = " → ".join(d["attrs"].ops)
-    elif d["op"] in ("fused_conv", "fused_dense"):
-        text = text.replace("fused_", "", 1)
+    elif not op.user and op.label:  # a fused op, drawn as what it is made from
+        text = text.replace(d["op"], op.label, 1)
     p = pads_text(d)
     return f"{text} {p}" if p else text
 
 
 def _self_describing(local: str, op: str, text: str) -> bool:
     """`relu3` (a relu) and `bn2` (a batchnorm) need no second line saying `relu`, `batchnorm`."""
-    from .ops import OPS
-
     if text != op or op not in OPS:
         return False
     base = local.rstrip("0123456789").rstrip("_")
@@ -186,7 +177,7 @@ def _self_describing(local: str, op: str, text: str) -> bool:
 
 
 def fused_text(d) -> str:
-    return " + ".join({"batchnorm": "bn"}.get(op, op) for op, _, _ in d.get("fused_from", ()))
+    return " + ".join(OPS[op].label or op for op, _, _ in d.get("fused_from", ()))
 
 
 def attrs_dict(d) -> dict:
@@ -286,7 +277,7 @@ def _node_stmt(view: View, n: int, src_lines) -> str:
              f'fillcolor="{FILL[kind]}"']
     if kind == "io":
         attrs.append("shape=box style=filled")
-    if d["op"] == "concat":
+    if OPS[d["op"]].kind == "merge" and not OPS[d["op"]].residual_fusable:  # a concatenation keeps its order
         attrs.append("ordering=in")
     if opts.tooltips:
         attrs.append(f"tooltip={_q(node_tooltip(d, src_lines))}")
