@@ -153,7 +153,36 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", default="numpy")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(run=_cmd_eval)
+
+    o = sub.add_parser("ops", help="list the layers the language has, from the op table",
+                       description="Every layer a .cnn file may use (aliases, arguments, defaults, counts, PyTorch "
+                                   "and ONNX equivalents) and every element-wise formula with its derivative.")
+    o.add_argument("name", nargs="?", help="one layer (or alias) to describe")
+    o.add_argument("--json", action="store_true", help="print one JSON object")
+    o.set_defaults(run=_cmd_ops)
     return p
+
+
+def _cmd_ops(args) -> int:
+    from cnnc.compiler import opdocs
+    from cnnc.compiler.ops import OPS, lookup, user_op_names
+    from cnnc.dsl.errors import CnncError, did_you_mean
+
+    if args.name is not None:
+        op = lookup(args.name)
+        if op is None:
+            raise CnncError(f"no layer named `{args.name}`", hint=did_you_mean(args.name, user_op_names()))
+        names = [op.name]
+    else:
+        names = [n for n, op in OPS.items() if op.user]
+    if args.json:
+        print(json.dumps([opdocs.describe(n) for n in names], indent=2))
+    elif args.name is not None:
+        for k, v in opdocs.describe(names[0]).items():
+            print(f"{k}: {v}")
+    else:
+        print(opdocs.summary() + "\n\n" + opdocs.activations())
+    return 0
 
 
 def _cmd_train(args) -> int:

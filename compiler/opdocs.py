@@ -1,4 +1,4 @@
-"""The language reference's op tables, generated from the op table (and `cnnc ops`).
+"""The language reference's op tables and `cnnc ops`, generated from the op table.
 
 `summary()` is one row per layer a `.cnn` file may use: aliases, positional arguments,
 attributes with their defaults, output shape, parameters, MACs, and its PyTorch and ONNX
@@ -75,6 +75,20 @@ def activations() -> str:
         keeps = " and ".join(sorted(f.grad_reads)) or "nothing"
         rows.append(f"| `{name}{args}`{aliases} | `{f.forward}` | `{f.derivative}` | {keeps} | {op.doc} |")
     return "\n".join(rows)
+
+
+def describe(name: str) -> dict:
+    """One layer as data (what `cnnc ops NAME --json` prints)."""
+    op = OPS[name]
+    out = {"layer": name, "doc": op.doc, "aliases": list(op.aliases), "positional": _positional(op),
+           "attributes": {k: (None if req else _value(d)) for k, d, req in _fields(op)},
+           "output": op.out_doc, "params": op.params_doc, "macs": op.macs_doc, "kind": op.kind,
+           "pattern": op.pattern.value, "pytorch": op.torch_doc or (op.torch if isinstance(op.torch, str) else None),
+           "onnx": op.onnx}
+    if op.formula is not None:
+        out.update(formula=op.formula.forward, derivative=op.formula.derivative,
+                   backward_keeps=sorted(op.formula.grad_reads))
+    return out
 
 
 SECTIONS = {"summary": summary, "activations": activations}
