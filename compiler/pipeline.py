@@ -1,10 +1,14 @@
 """The pass pipeline in one straight list, with optimisation levels (TVM's PassContext, small).
 
-Front end (every level): build_graph → infer_shapes → find_unused → count. Then the rewrites
-of compiler/optimize.py, each with the lowest level that runs it and the modes it is valid
-for: passes that would change gradients (BatchNorm folding, dropout removal) run for
-inference only, so training plans keep exact gradients. `check` runs the front end;
-`optimize` runs the rest on a checked graph with its parameters.
+Every pass is a named function `fn(g, ctx) -> g`; everything it reads besides the graph comes
+from the PassContext, the diagnostics collector (`ctx.diags`) included. One driver, `run`, goes
+down the list once: the front end (every level: build_graph → infer_shapes → find_unused →
+count, source → checked graph; the first pass takes the parsed program) and then the rewrites
+of compiler/optimize.py, each with the lowest level that runs it and the modes it is valid for:
+passes that would change gradients (BatchNorm folding, dropout removal) run for inference only,
+so training plans keep exact gradients. With `ctx.verify` the graph's invariants are checked
+after every pass. `check` and `run_pipeline` run the front end, `optimize` the rewrites on a
+checked graph with its parameters; all three are `run` with a selection.
 """
 
 from __future__ import annotations
@@ -12,17 +16,19 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import networkx as nx
 
 from cnnc.dsl import ast, load
-from cnnc.dsl.errors import CnncError, CnncErrors, Diagnostics
+from cnnc.dsl.errors import CnncError, CnncErrors, Diagnostics, did_you_mean
 
 from . import optimize as opt
-from .build import build_graph
+from .build import build_graph as _build_graph
 from .graph import verify as verify_graph
-from .passes import count, find_unused, infer_shapes
+from .passes import count as _count
+from .passes import find_unused as _find_unused
+from .passes import infer_shapes as _infer_shapes
 from .train_config import validate_train
 
 BOTH = frozenset({"inference", "training"})
@@ -31,7 +37,7 @@ INFERENCE = frozenset({"inference"})
 
 @dataclass
 class PassContext:
-    """Options the passes read."""
+    """Options the passes read, the diagnostics they report to, and what the driver records."""
 
     batch: int = 1
     verify: bool = False
@@ -44,6 +50,7 @@ class PassContext:
     # the backend's capability query (Backend.fusion_refusal): None, or why a fusion is refused
     fusion_check: Callable[[str, tuple[str, ...]], str | None] | None = None
     layouts: dict[str, str] = field(default_factory=dict)  # op → preferred layout of its input
+    diags: Diagnostics = field(default_factory=Diagnostics)  # the front end's errors, raised together
     timings: dict[str, float] = field(default_factory=dict)
     dumps: list[tuple[str, str]] = field(default_factory=list)
 
@@ -59,28 +66,48 @@ class PassContext:
 @dataclass(frozen=True)
 class Pass:
     name: str
-    fn: Callable
+    fn: Callable[[Any, PassContext], Any]  # fn(g, ctx) -> g
     level: int  # lowest -O level that runs it
     modes: frozenset[str] = BOTH
-    front: bool = False  # part of the front end: runs on a graph that may still hold errors
+    front: bool = False  # part of the front end (source → checked graph), not a rewrite
+    # runs on a graph that may still hold errors (statements that failed to build leave gaps), so
+    # that independent errors further on are reported too; before any other pass the errors
+    # collected so far are raised
+    on_errors: bool = False
 
     def runs(self, ctx: PassContext) -> bool:
         return ctx.opt_level >= self.level and ctx.mode in self.modes and self.name not in ctx.disabled
 
 
-def _stage_build(program: ast.Program, ctx: PassContext, diags: Diagnostics) -> nx.MultiDiGraph:
-    g = build_graph(program, diags)
-    train = validate_train(program.train, diags)
+# ---- the front end's passes ------------------------------------------------------------------
+
+def build_graph(program: ast.Program, ctx: PassContext) -> nx.MultiDiGraph | None:
+    """The parsed program → its graph of layers (None when nothing could be built), and the
+    validated `train:` section in g.graph["train"]."""
+    g = _build_graph(program, ctx.diags)
+    train = validate_train(program.train, ctx.diags)
     if g is not None:
         g.graph["train"] = train
     return g
 
 
+def infer_shapes(g: nx.MultiDiGraph, ctx: PassContext) -> nx.MultiDiGraph:
+    return _infer_shapes(g, ctx.diags)
+
+
+def find_unused(g: nx.MultiDiGraph, ctx: PassContext) -> nx.MultiDiGraph:
+    return _find_unused(g)
+
+
+def count(g: nx.MultiDiGraph, ctx: PassContext) -> nx.MultiDiGraph:
+    return _count(g, ctx.batch)
+
+
 PIPELINE = [
-    Pass("build_graph", _stage_build, 0, front=True),
-    Pass("infer_shapes", lambda g, ctx, diags: infer_shapes(g, diags), 0, front=True),
-    Pass("find_unused", lambda g, ctx, diags: find_unused(g), 0, front=True),
-    Pass("count", lambda g, ctx, diags: count(g, ctx.batch), 0, front=True),
+    Pass("build_graph", build_graph, 0, front=True, on_errors=True),
+    Pass("infer_shapes", infer_shapes, 0, front=True, on_errors=True),
+    Pass("find_unused", find_unused, 0, front=True),
+    Pass("count", count, 0, front=True),
     Pass("eliminate_dead", opt.eliminate_dead, 1),
     Pass("remove_identity", opt.remove_identity, 1),
     Pass("remove_dropout", opt.remove_dropout, 1, INFERENCE),
@@ -94,25 +121,62 @@ PIPELINE = [
 PASS_NAMES = [p.name for p in PIPELINE]
 
 
+# ---- the driver --------------------------------------------------------------------------------
+
+def run(value, ctx: PassContext, *, front_end: bool = True, rewrites: bool = True,
+        params: dict | None = None) -> nx.MultiDiGraph:
+    """Run the passes of PIPELINE, in order, that the selection and the context allow.
+
+    `front_end` selects the front-end passes (`value` is then a parsed program), `rewrites` the
+    rewrites (without the front end, `value` is a checked graph); of those, a pass runs when
+    ctx's level, mode and disabled passes allow it. Errors the front end collects in ctx.diags
+    are raised as one CnncErrors before the first pass that needs a clean graph and at the end.
+    Before the first rewrite the graph is copied (the caller's stays as it was) and `params`
+    (host arrays by qualified name) are copied into g.graph["params"], where passes that change
+    weights read and write them. With ctx.verify the graph is verified after every pass (in the
+    front end, while no errors are pending); each pass's time goes to ctx.timings and the graph
+    after a pass named in ctx.dump_after to ctx.dumps.
+    """
+    unknown = (ctx.disabled | ctx.dump_after) - set(PASS_NAMES)
+    if unknown:
+        name = sorted(unknown)[0]
+        raise CnncError(f"no pass named `{name}`", hint=did_you_mean(name, PASS_NAMES) or
+                        "passes: " + ", ".join(PASS_NAMES))
+    started_rewrites = False
+    for p in PIPELINE:
+        if not (front_end if p.front else rewrites):
+            continue
+        if not p.front and not started_rewrites:
+            ctx.diags.check()
+            value = _start_rewrites(value, params)
+            started_rewrites = True
+        if not p.runs(ctx):
+            continue
+        if not p.on_errors or value is None:
+            ctx.diags.check()
+        start = time.perf_counter()
+        value = p.fn(value, ctx)
+        ctx.timings[p.name] = time.perf_counter() - start
+        if ctx.verify and not ctx.diags:
+            verify_graph(value)
+        if p.name in ctx.dump_after and not ctx.diags:
+            ctx.dumps.append((p.name, dump(value)))
+    ctx.diags.check()
+    return value
+
+
+def _start_rewrites(g: nx.MultiDiGraph, params: dict | None) -> nx.MultiDiGraph:
+    g = g.copy()
+    g.graph = dict(g.graph)
+    g.graph["params"] = {k: v.copy() for k, v in (params or {}).items()}
+    g.graph["report"] = []
+    g.graph["nodes_before"] = g.number_of_nodes()
+    return g
+
+
 def run_pipeline(program: ast.Program, ctx: PassContext | None = None) -> nx.MultiDiGraph:
     """The front end: source → checked graph. Raises CnncErrors with every independent error."""
-    ctx = ctx or PassContext()
-    diags = Diagnostics()
-    value = program
-    for p in PIPELINE:
-        if not p.front:
-            continue
-        # shape inference also runs over a graph with gaps left by statements that failed to
-        # build, so that shape errors elsewhere in the file are reported too
-        if p.name in ("find_unused", "count") or value is None:
-            diags.check()
-        start = time.perf_counter()
-        value = p.fn(value, ctx, diags)
-        ctx.timings[p.name] = time.perf_counter() - start
-        if ctx.verify and not diags:
-            verify_graph(value)
-    diags.check()
-    return value
+    return run(program, ctx or PassContext(), rewrites=False)
 
 
 def optimize(g: nx.MultiDiGraph, ctx: PassContext, params: dict | None = None) -> nx.MultiDiGraph:
@@ -121,28 +185,7 @@ def optimize(g: nx.MultiDiGraph, ctx: PassContext, params: dict | None = None) -
     `params` (host arrays by qualified name) are copied into g.graph["params"], where passes that
     change weights read and write them.
     """
-    unknown = (ctx.disabled | ctx.dump_after) - set(PASS_NAMES)
-    if unknown:
-        from cnnc.dsl.errors import did_you_mean
-        name = sorted(unknown)[0]
-        raise CnncError(f"no pass named `{name}`", hint=did_you_mean(name, PASS_NAMES) or
-                        "passes: " + ", ".join(PASS_NAMES))
-    g = g.copy()
-    g.graph = dict(g.graph)
-    g.graph["params"] = {k: v.copy() for k, v in (params or {}).items()}
-    g.graph["report"] = []
-    g.graph["nodes_before"] = g.number_of_nodes()
-    for p in PIPELINE:
-        if p.front or not p.runs(ctx):
-            continue
-        start = time.perf_counter()
-        g = p.fn(g, ctx)
-        ctx.timings[p.name] = time.perf_counter() - start
-        if ctx.verify:
-            verify_graph(g)
-        if p.name in ctx.dump_after:
-            ctx.dumps.append((p.name, dump(g)))
-    return g
+    return run(g, ctx, front_end=False, params=params)
 
 
 def dump(g: nx.MultiDiGraph) -> str:
@@ -164,7 +207,7 @@ def dump(g: nx.MultiDiGraph) -> str:
                 v = "x".join(map(str, v))
             shown.append(f"{k}={v}")
         ins = ", ".join(f"%{u}" for u in inputs_of(g, n))
-        shape = "×".join(map(str, d["shape"]))
+        shape = "×".join(map(str, d["shape"])) if d.get("shape") else "?"
         src = f"{d['span'].file}:{d['span'].line}" if d.get("span") else "?"
         fused = " [" + " + ".join(op for op, _, _ in d["fused_from"]) + "]" if d.get("fused_from") else ""
         lines.append(f"%{n} {d['name']} = {d['op']}({ins}) {' '.join(shown)} : {shape}{fused}  # {src}".replace(
@@ -180,5 +223,5 @@ def check(path: str | os.PathLike, batch: int = 1, import_roots=(), verify: bool
     return run_pipeline(program, PassContext(batch=batch, verify=verify))
 
 
-__all__ = ["PIPELINE", "PASS_NAMES", "Pass", "PassContext", "check", "dump", "optimize", "run_pipeline",
+__all__ = ["PIPELINE", "PASS_NAMES", "Pass", "PassContext", "check", "dump", "optimize", "run", "run_pipeline",
            "CnncErrors"]

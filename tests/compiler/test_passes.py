@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cnnc.compiler.graph import inputs_of, verify
+from cnnc.compiler import pipeline
 from cnnc.compiler.pipeline import PassContext, run_pipeline
 from cnnc.compiler.summary import rows, table, to_json
 from cnnc.dsl import load_text
@@ -171,3 +172,72 @@ def test_unused_result_is_a_warning():
     g = compile_text("layers:\n    conv 8 3x3 pad=1\n    concat(in)\n")
     (w,) = g.graph["warnings"]
     assert w.kind == "warning" and "`conv1` is never used" in w.message and w.span.line == 5
+
+
+# ---- the pass protocol and the one driver ------------------------------------------------------
+
+RESNETISH = ("layers:\n    x = conv 8 3x3 pad=1 -> bn -> relu -> dropout 0.5\n"
+             "    a = x -> conv 8 3x3 pad=1 -> bn\n    add(a, x) -> relu -> identity -> flatten -> dense classes\n")
+
+
+def test_every_pass_is_a_named_function_of_graph_and_context():
+    import inspect
+
+    for p in pipeline.PIPELINE:
+        assert p.fn.__name__ == p.name and p.fn.__name__ != "<lambda>", p
+        assert list(inspect.signature(p.fn).parameters)[:2] == ["g", "ctx"] or p.name == "build_graph", p
+        assert len(inspect.signature(p.fn).parameters) == 2, p
+
+
+def test_verify_runs_after_every_pass_that_runs(monkeypatch):
+    seen = []
+    monkeypatch.setattr(pipeline, "verify_graph", lambda g: seen.append(g.number_of_nodes()))
+    ctx = PassContext(verify=True)
+    g = run_pipeline(load_text(HEADER + RESNETISH, "t.cnn"), ctx)
+    assert len(seen) == 4 and list(ctx.timings) == ["build_graph", "infer_shapes", "find_unused", "count"]
+    seen.clear()
+    ctx = PassContext(verify=True, opt_level=1, mode="training", fused_ops=frozenset({"fused_conv"}))
+    pipeline.optimize(g, ctx)
+    ran = [p.name for p in pipeline.PIPELINE if not p.front and p.runs(ctx)]
+    assert ran == ["eliminate_dead", "remove_identity", "remove_flatten_before_dense", "plan_memory"]
+    assert list(ctx.timings) == ran and len(seen) == len(ran)
+
+
+def test_one_run_from_source_equals_check_then_optimize():
+    fused = frozenset({"fused_conv", "fused_dense", "elemwise_chain", "layout_transform"})
+    program = load_text(HEADER + RESNETISH, "t.cnn")
+    checked = run_pipeline(program, PassContext())
+    params = {f"{d['name']}.{s.name}": pipeline_params(s.shape, s.name)
+              for _, d in checked.nodes(data=True) for s in d["param_specs"]}
+    two = pipeline.optimize(checked, PassContext(fused_ops=fused), params)
+    one = pipeline.run(program, PassContext(fused_ops=fused, verify=True), params=params)
+    assert pipeline.dump(one) == pipeline.dump(two)
+    assert " = batchnorm(" not in pipeline.dump(one) and " = fused_conv(" in pipeline.dump(one)
+    assert "report" not in checked.graph and checked.number_of_nodes() == 12  # the checked graph is left alone
+    assert [r.render() for r in one.graph["report"]] == [r.render() for r in two.graph["report"]]
+
+
+def pipeline_params(shape, name):
+    import numpy as np
+
+    return np.ones(shape, np.float32) if name == "running_var" else np.full(shape, 0.5, np.float32)
+
+
+def test_front_end_errors_are_collected_in_the_context_and_raised_together():
+    from cnnc.dsl.errors import CnncErrors
+
+    ctx = PassContext()
+    with pytest.raises(CnncErrors) as info:
+        run_pipeline(load_text(HEADER + "layers:\n    conv 8 3x3 stride=0 -> dense 10\n    conv 4 9x9 pad=-1\n",
+                               "t.cnn"), ctx)
+    assert len(info.value.errors) >= 2 and ctx.diags.errors == info.value.errors
+    assert "count" not in ctx.timings  # the counting passes need a clean graph
+
+
+def test_an_unknown_pass_name_is_refused_with_a_suggestion():
+    from cnnc.dsl.errors import CnncError
+
+    g = compile_text("layers:\n    conv 4 3x3 -> relu\n")
+    with pytest.raises(CnncError, match="no pass named `fuse_epilog`") as info:
+        pipeline.optimize(g, PassContext(disabled=frozenset({"fuse_epilog"})))
+    assert "fuse_epilogue" in str(info.value.hint)
