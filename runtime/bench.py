@@ -128,35 +128,20 @@ def torch_ms(model: Model, xh, yh, train: bool, config: TrainConfig, repeats: in
 
 
 def layer_times(m, x, train: bool, repeats: int = 3) -> list[dict]:
-    """Per-layer forward (and backward) milliseconds, sorted by total time, with GFLOP/s."""
+    """Per-layer forward (and backward) milliseconds, sorted by total time, with GFLOP/s: the
+    executor's own runs, each kernel timed through its `on_step` callback."""
     plan, be, ex = m.plan, m.backend, m.executor
     ctx = Ctx(training=train, rng=np.random.default_rng(0))
-    fwd = {s.node.name: [] for s in plan.steps}
-    bwd = {s.node.name: [] for s in plan.steps}
+    times = {phase: {s.node.name: [] for s in plan.steps} for phase in ("forward", "backward")}
+
+    def on_step(step, phase: str, seconds: float) -> None:
+        times[phase][step.node.name].append(seconds)
+
     for _ in range(repeats):
-        values = {plan.input: x}
-        saved = {}
-        for i, step in enumerate(plan.steps):
-            xs = [values[u] for u in step.inputs]
-            t = time.perf_counter()
-            y, s = step.kernel.forward(step.node, xs, ex._step_params(i), ctx)
-            fwd[step.node.name].append(time.perf_counter() - t)
-            values[step.node.id], saved[step.node.id] = y, s
-        if not train:
-            continue
-        grads = {plan.output: be.to_device(np.ones(values[plan.output].shape, np.float32))}
-        for i in range(len(plan.steps) - 1, -1, -1):
-            step = plan.steps[i]
-            g = grads.pop(step.node.id, None)
-            if g is None:
-                continue
-            t = time.perf_counter()
-            dxs, _ = step.kernel.backward(step.node, saved.pop(step.node.id), g, ex._step_params(i),
-                                          ex.backward_ctx(i, ctx))
-            bwd[step.node.name].append(time.perf_counter() - t)
-            for u, dx in zip(step.inputs, dxs):
-                if dx is not None and u != plan.input:
-                    grads[u] = grads[u] + dx if u in grads else dx
+        out = ex.forward(x, ctx, keep=train, on_step=on_step)
+        if train:
+            ex.backward(be.to_device(np.ones(out.shape, np.float32)), on_step=on_step)
+    fwd, bwd = times["forward"], times["backward"]
     rows = []
     batch = x.shape[0]
     macs = {n: d.get("macs", 0) for _, d in m.graph.nodes(data=True) for n in [d["name"]]}

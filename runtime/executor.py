@@ -4,13 +4,22 @@
 (in training) and dropping an activation once its last consumer has run. `backward` walks the
 steps in reverse, hands each kernel the gradient of its output, and sums the gradients that
 flow back into a tensor from several consumers (residual shortcuts, dense connections).
+
+Both take `on_step`, a callable `on_step(step, phase, seconds)` called after each step's kernel
+with the plan step, "forward" or "backward" and the kernel's wall-clock time (what `cnnc bench
+--layers` reports; on an asynchronous device, the time to launch it).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
+from typing import Callable
 
 from cnnc.backends.base import Backend, Ctx, Plan
+
+
+OnStep = Callable[[object, str, float], None]  # (plan step, "forward" | "backward", seconds)
 
 
 class Executor:
@@ -36,15 +45,20 @@ class Executor:
     def _step_params(self, i: int) -> dict:
         return {local: self.params[q] for local, q in self._local[i].items()}
 
-    def forward(self, x, ctx: Ctx, keep: bool | None = None, trace: dict | None = None):
+    def forward(self, x, ctx: Ctx, keep: bool | None = None, trace: dict | None = None,
+                on_step: OnStep | None = None):
         """Run the network on a batch. With `keep` (default: ctx.training) save for backward;
-        with a `trace` dict, also copy every node's output there (host arrays, by node name)."""
+        with a `trace` dict, also copy every node's output there (host arrays, by node name);
+        `on_step(step, "forward", seconds)` after each step's kernel."""
         keep = ctx.training if keep is None else keep
         values = {self.plan.input: x}
         saved: dict[int, object] = {}
         for i, step in enumerate(self.plan.steps):
             xs = [values[u] for u in step.inputs]
+            start = time.perf_counter() if on_step is not None else 0.0
             y, s = step.kernel.forward(step.node, xs, self._step_params(i), ctx)
+            if on_step is not None:
+                on_step(step, "forward", time.perf_counter() - start)
             values[step.node.id] = y
             if trace is not None:
                 trace[step.node.name] = self.backend.to_host(y)
@@ -60,8 +74,9 @@ class Executor:
         """The context step i's backward kernel runs in: told when its input is the network's."""
         return replace(ctx, need_input_grad=False) if self._on_input[i] else ctx
 
-    def backward(self, dy) -> dict:
-        """Gradients of every parameter (qualified name → array) given d(loss)/d(output)."""
+    def backward(self, dy, on_step: OnStep | None = None) -> dict:
+        """Gradients of every parameter (qualified name → array) given d(loss)/d(output);
+        `on_step(step, "backward", seconds)` after each step's kernel."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() that kept its saved tensors")
         grads = {self.plan.output: dy}
@@ -71,8 +86,11 @@ class Executor:
             g = grads.pop(step.node.id, None)
             if g is None:  # this node does not reach the output
                 continue
+            start = time.perf_counter() if on_step is not None else 0.0
             dxs, dps = step.kernel.backward(step.node, self._saved.pop(step.node.id), g, self._step_params(i),
                                            self.backward_ctx(i, self._ctx))
+            if on_step is not None:
+                on_step(step, "backward", time.perf_counter() - start)
             for local, dp in dps.items():
                 pgrads[self._local[i][local]] = dp
             for u, dx in zip(step.inputs, dxs):

@@ -36,3 +36,39 @@ def test_bench_offers_only_peers_it_has():
     with pytest.raises(SystemExit) as exc:
         run_cli("bench", str(EXAMPLES / "lenet5.cnn"), "--vs", "onnxruntime", "--repeats", "1")
     assert exc.value.code == 2
+
+
+def test_the_executor_reports_every_step_it_runs():
+    import numpy as np
+
+    from cnnc.backends.base import Ctx
+    from cnnc.runtime.model import Model
+
+    model = Model.load(EXAMPLES / "lenet5.cnn")
+    x = np.random.default_rng(0).normal(size=(2, *model.input_shape)).astype(np.float32)
+    seen = []
+    on_step = lambda step, phase, seconds: seen.append((step.node.name, phase, seconds))  # noqa: E731
+    ctx = Ctx(training=True, rng=np.random.default_rng(0))
+    out = model.executor.forward(x, ctx, on_step=on_step)
+    names = [s.node.name for s in model.plan.steps]
+    assert [(n, p) for n, p, _ in seen] == [(n, "forward") for n in names]
+    assert all(t >= 0 for _, _, t in seen)
+    plain = model.executor.forward(x, Ctx(training=True, rng=np.random.default_rng(0)))
+    assert np.array_equal(out, plain)  # timing changes nothing
+    seen.clear()
+    model.executor.backward(np.ones_like(out), on_step=on_step)
+    assert [n for n, p, _ in seen] == names[::-1] and {p for _, p, _ in seen} == {"backward"}
+
+
+def test_layer_times_has_one_row_per_step_with_backward_when_training():
+    import numpy as np
+
+    from cnnc.runtime.bench import layer_times
+    from cnnc.runtime.model import Model
+
+    model = Model.load(EXAMPLES / "lenet5.cnn")
+    x = np.zeros((2, *model.input_shape), np.float32)
+    rows = layer_times(model, x, train=True, repeats=2)
+    assert sorted(r["layer"] for r in rows) == sorted(s.node.name for s in model.plan.steps)
+    assert all(r["forward_ms"] > 0 and r["backward_ms"] > 0 for r in rows)
+    assert all(r["backward_ms"] == 0 for r in layer_times(model, x, train=False, repeats=1))
