@@ -246,3 +246,14 @@ def test_state_dict_keys_and_errors():
 def test_ftrl_rejects_positive_lr_power():
     with pytest.raises(ValueError, match="lr_power"):
         make_optimizer(TrainConfig(optimizer="ftrl", lr_power=0.5), _params())
+
+
+def test_the_runtime_trains_with_the_rules_the_backends_hold():
+    from cnnc.backends import optim_rules
+    from cnnc.runtime import optim
+
+    for name in ("Optimizer", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Ftrl", "make_optimizer",
+                 "DEFAULT_MOMENTUM"):
+        assert getattr(optim, name) is getattr(optim_rules, name), name
+    opt = make_optimizer(TrainConfig(optimizer="adamw"), _params())
+    assert isinstance(opt, optim_rules.Adam) and opt.decoupled_decay
