@@ -22,7 +22,6 @@ import networkx as nx
 import numpy as np
 from pydantic import ValidationError
 
-from cnnc import __version__
 from cnnc.backends.base import Ctx, backend_class, get_backend
 from cnnc.compiler.graph import inputs_of
 from cnnc.compiler.ops import OPS
@@ -34,6 +33,16 @@ from .checkpoint import parameters, read_npz, write_npz
 from .executor import Executor
 from .files import dumps, os_error, read_json, remove_stale_temporaries, write_text_atomic
 from .model import Model
+
+
+def _installed_version() -> str:
+    """The installed cnnc's version, read from its metadata (the CLI layer holds `cnnc.__version__`)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("cnnc")
+    except PackageNotFoundError:  # run from a source checkout without installing
+        return "unknown"
+
 
 FORMAT = "cnnc-plan"
 VERSION = 1
@@ -111,7 +120,7 @@ def write_artifact(g: nx.MultiDiGraph, params: dict[str, np.ndarray], meta: dict
                       "source": f"{d['span'].file}:{d['span'].line}" if d.get("span") else None,
                       "fused_from": [f"{op} {name}" for op, name, _ in d.get("fused_from", [])]})
     resources = backend_class(meta["backend"]).build_artifact(g, out / "kernels", meta["mode"] == "training")
-    plan = {"format": FORMAT, "version": VERSION, "cnnc_version": __version__, **meta,
+    plan = {"format": FORMAT, "version": VERSION, "cnnc_version": _installed_version(), **meta,
             "input": g.graph["input"], "output": g.graph["output"], "nodes": nodes,
             "memory": g.graph.get("memory"), "rewrites": [r.render() for r in g.graph.get("report", [])],
             "kernels": resources}
@@ -133,7 +142,7 @@ def read_artifact(path: Path, backend: str | None = None) -> CompiledModel:
         raise CnncError(f"{plan_file} is not a cnnc plan")
     if plan.get("version") != VERSION:
         raise CnncError(f"{plan_file} has plan format version {plan.get('version')}; this cnnc "
-                        f"({__version__}) reads version {VERSION}", hint="compile the .cnn file again")
+                        f"({_installed_version()}) reads version {VERSION}", hint="compile the .cnn file again")
     try:
         g = _graph(plan)
     except CnncError as err:
