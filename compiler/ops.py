@@ -189,6 +189,45 @@ class LeakyReluAttrs(Attrs):
     slope: float = 0.01
 
 
+# ---- attributes of the channel and normalisation ops of modern blocks (SE, ConvNeXt, ShuffleNet) --
+
+class PreluAttrs(Attrs):
+    shared: Flag = False  # one slope for every channel (PyTorch's nn.PReLU() default) instead of one per channel
+
+
+class LayerScaleAttrs(Attrs):
+    init: Annotated[float, Field(allow_inf_nan=False)] = 1e-6  # γ's starting value
+
+
+class ChannelShuffleAttrs(Attrs):
+    groups: PositiveInt
+
+
+class PadChannelsAttrs(Attrs):
+    to: PositiveInt
+    stride: PositiveInt = 1
+
+
+class LayerNormAttrs(Attrs):
+    eps: Annotated[float, Field(gt=0)] = 1e-6
+    affine: Flag = True
+
+
+class GroupNormAttrs(Attrs):
+    groups: PositiveInt
+    eps: Annotated[float, Field(gt=0)] = 1e-5
+    affine: Flag = True
+
+
+class StochasticDepthAttrs(Attrs):
+    rate: Prob
+
+
+class ChannelSliceAttrs(Attrs):
+    lo: Annotated[int, Field(ge=0)]
+    hi: PositiveInt
+
+
 # ---- attributes of the ops that passes create (not written in .cnn files) -------------------
 
 def _elementwise_name(v: Any) -> Any:
@@ -584,6 +623,120 @@ def _torch_sum(T, a, node, xs, p, training):
     return out
 
 
+# ---- channel and normalisation ops of modern blocks --------------------------------------------
+
+def _mul_shape(a, ins: list[Shape]) -> Shape:
+    """Equal shapes, or a C×H×W tensor and a C×1×1 gate (either order) that broadcasts over H×W."""
+    x, y = ins
+    if x == y:
+        return x
+    if len(x) == 3 and len(y) == 3 and x[0] == y[0] and (x[1:] == (1, 1) or y[1:] == (1, 1)):
+        return y if x[1:] == (1, 1) else x
+    raise CnncError(f"mul of tensors with shapes {fmt_shape(x)} and {fmt_shape(y)}",
+                    hint="mul takes two tensors of one shape, or a C×H×W tensor and a C×1×1 gate with the "
+                         "same C (squeeze-excitation: `... -> gap -> ... -> hardsigmoid -> mul(x)`)")
+
+
+def _prelu_params(a: PreluAttrs, ins) -> list[ParamSpec]:
+    return [ParamSpec("weight", (1,) if a.shared else (ins[0][0],), init=0.25)]
+
+
+def _layer_scale_params(a: LayerScaleAttrs, ins) -> list[ParamSpec]:
+    return [ParamSpec("weight", (ins[0][0],), init=float(a.init))]
+
+
+def _layer_scale_fold(a: LayerScaleAttrs, p: dict):
+    """y = x·γ per channel: scale γ, no centre, no shift."""
+    import numpy as np
+    gamma = p["weight"].astype(np.float64)
+    return gamma, np.zeros_like(gamma), np.zeros_like(gamma)
+
+
+def _norm_params(a, ins) -> list[ParamSpec]:
+    c = ins[0][0]
+    return [ParamSpec("weight", (c,), init=1.0), ParamSpec("bias", (c,))] if a.affine else []
+
+
+def _divides(op: str, groups: int, c: int) -> None:
+    if c % groups:
+        raise CnncError(f"{op} groups={groups} does not divide the {c} channels",
+                        hint=f"channels must be a multiple of groups; divisors of {c}: "
+                             + ", ".join(str(d) for d in range(1, c + 1) if c % d == 0 and d <= 64))
+
+
+def _channel_shuffle_shape(a: ChannelShuffleAttrs, ins) -> Shape:
+    x = _need_rank(ins, "channel_shuffle")
+    _divides("channel_shuffle", a.groups, x[0])
+    return x
+
+
+def _groupnorm_shape(a: GroupNormAttrs, ins) -> Shape:
+    x = _need_rank(ins, "groupnorm", (3, 1))
+    _divides("groupnorm", a.groups, x[0])
+    return x
+
+
+def _pad_channels_shape(a: PadChannelsAttrs, ins) -> Shape:
+    c, h, w = _need_rank(ins, "pad_channels")
+    if a.to < c:
+        raise CnncError(f"pad_channels to={a.to} is fewer than the {c} input channels",
+                        hint="pad_channels only adds zero channels; `to` is the output channel count (≥ C)")
+    return (a.to, -(-h // a.stride), -(-w // a.stride))
+
+
+def pad_channels_split(a: PadChannelsAttrs, c: int) -> tuple[int, int]:
+    """Zero channels (before, after): half each side, the odd one after (the classic CIFAR ResNet's pad)."""
+    total = a.to - c
+    return total // 2, total - total // 2
+
+
+def _channel_slice_shape(a: ChannelSliceAttrs, ins) -> Shape:
+    x = _need_rank(ins, "channel_slice", (3, 1))
+    if not a.lo < a.hi <= x[0]:
+        raise CnncError(f"channel_slice {a.lo} {a.hi} of {x[0]} channels: needs 0 ≤ lo < hi ≤ {x[0]}",
+                        hint="channel_slice lo hi takes channels lo … hi−1 (`channel_slice 0 c//2` is the first half)")
+    return (a.hi - a.lo,) + tuple(x[1:])
+
+
+def _torch_per_channel(T, v, x):
+    return v.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _torch_layer_scale(T, a, node, xs, p, training):
+    return xs[0] * _torch_per_channel(T, p["weight"], xs[0])
+
+
+def _torch_channel_shuffle(T, a, node, xs, p, training):
+    x = xs[0]
+    n, c, h, w = x.shape
+    return x.reshape(n, a.groups, c // a.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+def _torch_pad_channels(T, a, node, xs, p, training):
+    x = xs[0][:, :, ::a.stride, ::a.stride]
+    before, after = pad_channels_split(a, x.shape[1])
+    return T.F.pad(x, (0, 0, 0, 0, before, after))
+
+
+def _torch_layernorm(T, a, node, xs, p, training):
+    x = xs[0]
+    c = x.shape[1]
+    if x.dim() == 2:
+        return T.F.layer_norm(x, (c,), p.get("weight"), p.get("bias"), a.eps)
+    y = T.F.layer_norm(x.permute(0, 2, 3, 1), (c,), p.get("weight"), p.get("bias"), a.eps)
+    return y.permute(0, 3, 1, 2)  # ConvNeXt's LayerNorm2d
+
+
+def _torch_stochastic_depth(T, a, node, xs, p, training):
+    """torchvision.ops.stochastic_depth(x, rate, "row", training)."""
+    x = xs[0]
+    if not training or a.rate == 0.0:
+        return x
+    keep = T.torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+    keep.bernoulli_(1.0 - a.rate)
+    return x * keep / (1.0 - a.rate)
+
+
 OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("input", "The network input.", InputAttrs, _input_shape, Pattern.OPAQUE, inputs=(0, 0), user=False,
           kind="io"),
@@ -672,6 +825,44 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("concat", "Channel concatenation, inputs in the order written.", NoAttrs, _concat_shape,
           Pattern.INJECTIVE, inputs=(1, None), tensor_args=True, aliases=("cat",), kind="merge",
           torch="torch.cat(xs, dim=1)", onnx="Concat", out_doc="ΣC×H×W or ΣF"),
+    OpDef("mul", "Element-wise product of two tensors of one shape, or of a C×H×W tensor and a C×1×1 gate "
+          "broadcast over H×W (squeeze-excitation).", NoAttrs, _mul_shape, Pattern.BROADCAST, inputs=(2, 2),
+          tensor_args=True, grad_needs=IN, kind="merge", torch="xs[0] * xs[1]", onnx="Mul",
+          out_doc="the larger", torch_doc="a * b"),
+    OpDef("prelu", "x if x > 0 else a·x with a learnable slope a per channel (one for all with `shared=true`).",
+          PreluAttrs, lambda a, ins: _need_rank(ins, "prelu", (3, 1)), Pattern.BROADCAST, params=_prelu_params,
+          grad_needs=IN, kind="act", torch="F.prelu(x, p['weight'])", onnx="PRelu",
+          params_doc="C (1 if `shared=true`)", torch_doc="nn.PReLU(C)"),
+    OpDef("layer_scale", "x · γ with a learnable γ per channel, started at `init` (ConvNeXt, CaiT).",
+          LayerScaleAttrs, lambda a, ins: _need_rank(ins, "layer_scale", (3, 1)), Pattern.BROADCAST,
+          params=_layer_scale_params, grad_needs=IN, kind="norm", fold=_layer_scale_fold, label="ls",
+          torch=_torch_layer_scale, onnx="Mul", params_doc="C", torch_doc="x * gamma[:, None, None]"),
+    OpDef("channel_shuffle", "ShuffleNet's channel shuffle: C = g·k channels viewed as g×k, transposed to k×g.",
+          ChannelShuffleAttrs, _channel_shuffle_shape, Pattern.INJECTIVE, positional=("groups",),
+          torch=_torch_channel_shuffle, onnx="Reshape, Transpose, Reshape", torch_doc="nn.ChannelShuffle"),
+    OpDef("pad_channels", "Zero channels added before and after, after taking every `stride`-th row and column "
+          "(the ResNet option-A shortcut).", PadChannelsAttrs, _pad_channels_shape, Pattern.INJECTIVE,
+          positional=("to",), window=lambda a, ins: Window(1, 1, a.stride, a.stride), torch=_torch_pad_channels,
+          onnx="Slice, Pad", out_doc="to×⌈H/s⌉×⌈W/s⌉",
+          torch_doc="F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, p, p))"),
+    OpDef("layernorm", "Layer normalisation over the channels at each position (ConvNeXt's LayerNorm2d), or over "
+          "the features of a flat input.", LayerNormAttrs, lambda a, ins: _need_rank(ins, "layernorm", (3, 1)),
+          Pattern.OPAQUE, params=_norm_params, aliases=("layer_norm",), grad_needs=IN, kind="norm",
+          torch=_torch_layernorm, onnx="LayerNormalization", params_doc="2C (0 if `affine=false`)",
+          torch_doc="nn.LayerNorm(C) over channels"),
+    OpDef("groupnorm", "Group normalisation: channels in `groups` groups, each normalised over its channels and "
+          "positions per sample.", GroupNormAttrs, _groupnorm_shape, Pattern.OPAQUE, positional=("groups",),
+          params=_norm_params, aliases=("group_norm",), grad_needs=IN, kind="norm",
+          torch="F.group_norm(x, a.groups, p.get('weight'), p.get('bias'), a.eps)", onnx="GroupNormalization",
+          params_doc="2C (0 if `affine=false`)", torch_doc="nn.GroupNorm"),
+    OpDef("stochastic_depth", "In training each sample's whole tensor is kept with probability 1 − rate and scaled "
+          "by 1/(1 − rate), else zeroed (torchvision's mode \"row\"); the identity at inference.",
+          StochasticDepthAttrs, _elementwise, Pattern.ELEMWISE, positional=("rate",), aliases=("drop_path",),
+          torch=_torch_stochastic_depth, onnx="Identity", identity_in=frozenset({"inference"}),
+          torch_doc="torchvision.ops.StochasticDepth(rate, \"row\")"),
+    OpDef("channel_slice", "Channels lo … hi−1 (features of a flat input): one half of ShuffleNetV2's channel "
+          "split.", ChannelSliceAttrs, _channel_slice_shape, Pattern.INJECTIVE, positional=("lo", "hi"),
+          torch="x[:, a.lo:a.hi]", onnx="Slice", out_doc="(hi−lo)×H×W", torch_doc="x[:, lo:hi]"),
 ]}
 
 _ALIASES = {alias: op.name for op in OPS.values() for alias in op.aliases}

@@ -15,6 +15,7 @@ import numpy as np
 
 from cnnc.backends.base import Kernel
 
+from . import channel_ops as _ch
 from . import conv as _conv
 from . import dense as _dense
 from . import elementwise as _elementwise
@@ -216,4 +217,13 @@ KERNELS: dict[str, Kernel] = {
     "fused_dense": Kernel(_fused.fused_dense_forward, _fused.fused_dense_backward),
     "elemwise_chain": Kernel(_fused.chain_forward, _fused.chain_backward),
     "layout_transform": Kernel(_fused.layout_forward, _fused.layout_backward),
+    "mul": Kernel(_ch.mul_forward, _ch.mul_backward),
+    "prelu": Kernel(_ch.prelu_forward, _ch.prelu_backward),
+    "layer_scale": Kernel(_ch.layer_scale_forward, _ch.layer_scale_backward),
+    "channel_shuffle": Kernel(_ch.channel_shuffle_forward, _ch.channel_shuffle_backward),
+    "pad_channels": Kernel(_ch.pad_channels_forward, _ch.pad_channels_backward),
+    "layernorm": Kernel(_ch.layernorm_forward, _ch.layernorm_backward),
+    "groupnorm": Kernel(_ch.groupnorm_forward, _ch.groupnorm_backward),
+    "stochastic_depth": Kernel(_ch.stochastic_depth_forward, _ch.stochastic_depth_backward),
+    "channel_slice": Kernel(_ch.channel_slice_forward, _ch.channel_slice_backward),
 }

@@ -128,6 +128,36 @@ CASES = [
     C("add-fanout", "add", {}, [(3, 4, 4)], use=[0, 0]),
     C("concat-3-fanout", "concat", {}, [(3, 4, 4), (2, 4, 4)], use=[0, 1, 0]),
     C("concat-2d", "concat", {}, [(3,), (4,), (2,)]),
+    # channel and normalisation ops of modern blocks (backends/numpy/channel_ops.py)
+    C("mul-equal", "mul", {}, [(3, 4, 4), (3, 4, 4)]),
+    C("mul-gate-second", "mul", {}, [(3, 4, 5), (3, 1, 1)]),
+    C("mul-gate-first", "mul", {}, [(3, 1, 1), (3, 4, 5)]),
+    C("mul-flat", "mul", {}, [(5,), (5,)]),
+    C("mul-fanout", "mul", {}, [(3, 4, 4)], use=[0, 0]),
+    C("prelu", "prelu", {}, [(3, 4, 4)]),
+    C("prelu-shared", "prelu", dict(shared=True), [(3, 4, 4)]),
+    C("prelu-flat", "prelu", {}, [(6,)]),
+    C("layer_scale", "layer_scale", {}, [(4, 3, 3)]),
+    C("layer_scale-flat", "layer_scale", dict(init=0.5), [(5,)]),
+    C("channel_shuffle-2", "channel_shuffle", dict(groups=2), [(6, 3, 3)]),
+    C("channel_shuffle-3", "channel_shuffle", dict(groups=3), [(6, 2, 3)]),
+    C("channel_shuffle-1", "channel_shuffle", dict(groups=1), [(4, 2, 2)]),
+    C("pad_channels-stride2", "pad_channels", dict(to=8, stride=2), [(4, 6, 6)]),
+    C("pad_channels-odd", "pad_channels", dict(to=6, stride=2), [(3, 5, 5)]),
+    C("pad_channels-same", "pad_channels", dict(to=5), [(5, 3, 3)]),
+    C("layernorm", "layernorm", {}, [(5, 3, 3)]),
+    C("layernorm-eps-noaffine", "layernorm", dict(eps=1e-3, affine=False), [(4, 3, 2)]),
+    C("layernorm-flat", "layernorm", {}, [(7,)]),
+    C("groupnorm-2", "groupnorm", dict(groups=2), [(6, 3, 3)]),
+    C("groupnorm-1-noaffine", "groupnorm", dict(groups=1, affine=False, eps=1e-3), [(4, 3, 2)]),
+    C("groupnorm-instance", "groupnorm", dict(groups=4), [(4, 3, 3)]),
+    C("groupnorm-flat", "groupnorm", dict(groups=2), [(8,)]),
+    C("stochastic_depth-train", "stochastic_depth", dict(rate=0.5), [(3, 4, 4)]),
+    C("stochastic_depth-eval", "stochastic_depth", dict(rate=0.5), [(3, 4, 4)], training=False),
+    C("stochastic_depth-flat", "stochastic_depth", dict(rate=0.3), [(6,)]),
+    C("channel_slice", "channel_slice", dict(lo=1, hi=4), [(5, 3, 3)]),
+    C("channel_slice-all", "channel_slice", dict(lo=0, hi=3), [(3, 2, 2)]),
+    C("channel_slice-flat", "channel_slice", dict(lo=2, hi=5), [(6,)]),
 ]
 # every other op the table gives an element-wise formula, over inputs spread past the kinks at ±3 and 6
 CASES += [C(op, op, {}, [(3, 4, 4)], scale=4.0) for op in OPS if OPS[op].formula is not None
@@ -460,3 +490,18 @@ def test_conv_skips_the_input_gradient_of_the_network_input(case):
     assert dx is not None and none is None
     for k in full:
         np.testing.assert_array_equal(full[k], only[k])
+
+
+def test_stochastic_depth_drops_whole_samples():
+    node, _ = make_node("stochastic_depth", dict(rate=0.25), [(2, 3, 3)])
+    x = np.ones((4000, 2, 3, 3), dtype=np.float32)
+    k = BACKEND.kernels["stochastic_depth"]
+    y, saved = k.forward(node, [x], {}, Ctx(training=True, rng=np.random.default_rng(0)))
+    per_sample = y.reshape(len(x), -1)
+    assert (per_sample == per_sample[:, :1]).all()  # one draw for a sample's whole tensor
+    assert set(np.unique(y)) == {0.0, np.float32(1 / 0.75)}
+    assert abs((per_sample[:, 0] == 0).mean() - 0.25) < 0.03
+    (dx,), _ = k.backward(node, saved, x, {}, Ctx(training=True))
+    np.testing.assert_array_equal(dx, y)
+    y_eval, _ = k.forward(node, [x], {}, Ctx(training=False))
+    np.testing.assert_array_equal(y_eval, x)

@@ -19,6 +19,7 @@ from test_numpy_grad import BACKEND, CASES, Case, ctx_for, make_leaves, make_nod
 
 from cnnc.backends.numpy.losses import cross_entropy, mse  # noqa: E402
 from cnnc.compiler.ops import OPS, formula_args, torch_elementwise  # noqa: E402
+from cnnc.runtime.peers import torch_op  # noqa: E402
 
 
 class _T:
@@ -103,8 +104,12 @@ def torch_forward(node, xs, p, training, dropout_keep=None):
         return sum(xs[1:], xs[0])
     if op == "concat":
         return torch.cat(xs, dim=1)
+    if op == "stochastic_depth" and dropout_keep is not None:
+        return x * dropout_keep / (1 - a.rate)
     simple = {"identity": lambda v: v, "softmax": lambda v: F.softmax(v, dim=1)}
-    return simple[op](x)
+    if op in simple:
+        return simple[op](x)
+    return torch_op(op, a, node, xs, p, training)  # every other op: the op table's PyTorch equivalent
 
 
 @pytest.mark.parametrize("case", CASES + LARGE, ids=[c.id for c in CASES + LARGE])
@@ -129,6 +134,11 @@ def test_matches_torch(case: Case):
         kept = y != 0
         np.testing.assert_allclose(y[kept], leaves[0][kept] / (1 - case.kw["rate"]), rtol=1e-6)
         assert 0 < kept.mean() < 1
+    if case.op == "stochastic_depth" and case.training:  # one draw per sample: reuse ours, check its scale
+        kept = (y.reshape(y.shape[0], -1) != 0).any(axis=1)
+        keep = torch.tensor(kept.astype(np.float32).reshape((-1,) + (1,) * (y.ndim - 1)))
+        np.testing.assert_allclose(y[kept], leaves[0][kept] / (1 - case.kw["rate"]), rtol=1e-6)
+        assert not y[~kept].any()
     ref = torch_forward(node, [t_leaves[i] for i in case.inputs], t_params, case.training, keep)
     (ref * torch.tensor(r)).sum().backward()
 
