@@ -17,18 +17,22 @@ from pathlib import Path
 import numpy as np
 
 from cnnc.backends.base import Backend, NodeInfo
+from cnnc.compiler.ops import OPS
 from cnnc.compiler.graph import inputs_of
 
 from . import conv, device, nvcc, ops
+from . import channel_ops
+from . import elementwise as ew
 from .source import translation_unit
 
-KERNELS = {**ops.KERNELS, **conv.KERNELS}
+KERNELS = {**ops.KERNELS, **conv.KERNELS}  # every op with an element-wise formula runs ops.ELEMENTWISE
+KERNELS.update(channel_ops.KERNELS)  # the channel and normalisation ops of modern blocks
 
 
 def node_infos(g):
     for n in sorted(g.nodes):
         d = g.nodes[n]
-        if d["op"] == "input":
+        if n == g.graph["input"]:
             continue
         srcs = inputs_of(g, n)
         yield NodeInfo(n, d["name"], d["op"], d["attrs"], tuple(g.nodes[u]["shape"] for u in srcs), d["shape"],
@@ -40,7 +44,7 @@ def specs_for_graph(g, training: bool = False) -> list:
     too when training), deduplicated."""
     specs = []
     for node in node_infos(g):
-        family = conv if node.op in conv.KERNELS else ops
+        family = conv if node.op in conv.KERNELS else channel_ops if node.op in channel_ops.KERNELS else ops
         specs += family.specs(node, training)
     if training:
         from . import optim
@@ -57,6 +61,20 @@ class CudaBackend(Backend):
     name = "cuda"
     fused_ops = frozenset({"fused_conv", "fused_dense", "elemwise_chain", "layout_transform"})
     kernels = KERNELS
+    elementwise = ops.ELEMENTWISE
+
+    @classmethod
+    def fusion_refusal(cls, target: str, ops_: tuple[str, ...]) -> str | None:
+        """The base answer, after what the generated kernels cannot do: chains longer than the
+        chain kernel takes, formulas with more parameters than the device functions take."""
+        elementwise = [op for op in ops_ if op in OPS and OPS[op].formula is not None]
+        if target == "elemwise_chain" and len(elementwise) > ops.MAX_CHAIN:
+            return f"a chain of {len(elementwise)} ops is longer than the CUDA chain kernel's {ops.MAX_CHAIN}"
+        for op in elementwise:
+            why = ew.refusal(op)
+            if why is not None:
+                return why
+        return super().fusion_refusal(target, ops_)
 
     def __init__(self) -> None:
         self.cp = device.cupy()  # a clear error without CuPy or a GPU

@@ -11,7 +11,7 @@ argument, so one compiled kernel serves every batch size. The kernels (`kernels/
                         stride grid), plus `conv_wt`, the weight transpose it reads
     conv_bwd_filter.cu  dW, implicit GEMM with split-K over batch*P*Q (partials, then
                         conv_reduce.cu: deterministic, no atomics)
-    conv_bias.cu        the activation's gradient (fused) and dbias, one pass over dy
+    conv_bias.cu        the activation's gradient dy·f'(z, y) (fused) and dbias, one pass over dy
     conv_dw.cu          depthwise (groups == C == K): direct forward, data and weight gradients
     conv_reduce.cu      sums split partials in order
 
@@ -23,9 +23,11 @@ leading candidates on first use per problem and batch size and remembers the win
 model assumes a batch of DEFAULT_BATCH when it cannot know the batch (ahead of time, and with
 the tuner off, so that the kernels run are the kernels compiled).
 
-Fused activations take their gradient from the saved output; a leaky_relu with a negative
-slope hides the input's sign in its output, so that case runs the kernel without activation,
-applies it with array operations and keeps a mask (as the NumPy backend does).
+The fused activation is any op of the table with an element-wise formula, applied through the
+generated header (`elementwise.py`), so fused and unfused values agree. Its gradient comes from
+what the formula's derivative reads: the saved output when it reads only the output (relu,
+sigmoid, tanh); otherwise the training forward also writes the pre-activation z (SAVE_PRE) and
+conv_bias.cu computes dz = dy·f'(z, y) from it (leaky_relu, hardswish, silu, gelu, elu...).
 
 Nothing here imports CuPy at module level: `device.cupy()` is called inside the kernels.
 Every output is allocated with `device.empty` (NaN-filled under `device.POISON`), and every
@@ -39,14 +41,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from cnnc.backends.base import Kernel
+from cnnc.compiler.ops import OPS
 from cnnc.dsl.errors import CnncError
 
 from . import device, tuner
+from . import elementwise as ew
 from .source import KernelSpec
 
 SMS = 132  # streaming multiprocessors, H100 SXM and H200
 DEFAULT_BATCH = 32  # the batch the cost model assumes when it does not know the real one
-ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3, "sigmoid": 4, "tanh": 5}
 PASSES = ("fwd", "bwd_data", "bwd_filter")
 SMALL_THREADS = 256  # block size of the element-wise, bias, reduction and depthwise kernels
 MAX_SPLITS = 64
@@ -183,35 +186,47 @@ class Problem:
 
 @dataclass(frozen=True)
 class Epilogue:
-    """What the forward kernel adds after the GEMM. `act` is the activation the kernel applies."""
+    """What the forward kernel adds after the GEMM: bias, residual, and the element-wise op `act`
+    ("none" or an op with a formula) with its formula arguments. `save_pre`: the kernel also
+    writes the pre-activation (training, where the derivative reads the activation's input)."""
 
     bias: bool = False
     residual: bool = False
     act: str = "none"
-    slope: float = 0.0
+    args: tuple[float, ...] = ()
+    save_pre: bool = False
 
     @property
     def code(self) -> int:
-        return ACTIVATIONS[self.act]
+        return 0 if self.act == "none" else ew.code(self.act)
+
+    @property
+    def arg_pair(self) -> tuple[float, float]:
+        return (0.0, 0.0) if self.act == "none" else ew.padded_args(self.act, self.args)
+
+    @property
+    def reads(self) -> frozenset[str]:
+        """What the activation's derivative reads ("input": z, "output": y)."""
+        return frozenset() if self.act == "none" else ew.reads(self.act)
 
     def defines(self) -> dict:
-        return dict(HAS_BIAS=bool(self.bias), HAS_RESIDUAL=bool(self.residual), ACT=self.code,
-                    SLOPE=float(self.slope) if self.act == "leaky_relu" else 0.0)
+        a0, a1 = self.arg_pair
+        return dict(HAS_BIAS=bool(self.bias), HAS_RESIDUAL=bool(self.residual), ACT=self.code, ARG0=a0, ARG1=a1,
+                    SAVE_PRE=bool(self.save_pre))
 
 
-def _epilogue(node) -> tuple[Epilogue, float | None]:
-    """The kernel's epilogue, and the slope of a leaky_relu applied on the host (negative slopes)."""
+def _epilogue(node, training: bool) -> Epilogue:
+    """The kernel's epilogue for a conv-kind node (conv, or fused_conv with its fused work)."""
     a = node.attrs
-    if node.op == "conv":
-        return Epilogue(bias=a.bias), None
-    if node.op != "fused_conv":
+    if node.op not in OPS or OPS[node.op].kind != "conv":
         raise CnncError(f"the CUDA conv kernels do not run `{node.op}`")
-    act, slope = a.activation, float(a.slope)
-    if act not in ACTIVATIONS:
-        raise CnncError(f"unknown activation `{act}`")
-    if act == "leaky_relu" and slope < 0:
-        return Epilogue(bias=a.bias, residual=a.residual), slope
-    return Epilogue(bias=a.bias, residual=a.residual, act=act, slope=slope), None
+    act = a.act() if hasattr(a, "act") else None
+    epi = Epilogue(bias=bool(a.bias), residual=bool(a.get("residual", False)))
+    if act is None:
+        return epi
+    epi = replace(epi, act=act[0], args=tuple(act[1]))
+    epi.defines()  # a clear error for an activation the kernels cannot apply
+    return replace(epi, save_pre=training and "input" in epi.reads)
 
 
 # ---- the cost model -------------------------------------------------------------------------
@@ -321,10 +336,12 @@ def _bwd_filter_spec(prob: Problem, cfg: Config) -> KernelSpec:
                            SPLITS=int(cfg.splits or 1))
 
 
-def _bias_spec(prob: Problem, act: str, slope: float, bias: bool) -> KernelSpec:
-    return KernelSpec.make("conv_bias.cu", ("conv_bias_grad",), K=prob.k, PQ=prob.p * prob.q,
-                           ACT=ACTIVATIONS[act], SLOPE=float(slope) if act == "leaky_relu" else 0.0,
-                           HAS_BIAS=bool(bias))
+def _bias_spec(prob: Problem, epi: Epilogue) -> KernelSpec:
+    """dz = dy·f'(z, y) and dbias; `epi` the forward's epilogue."""
+    a0, a1 = epi.arg_pair
+    return KernelSpec.make("conv_bias.cu", ("conv_bias_grad",), K=prob.k, PQ=prob.p * prob.q, ACT=epi.code,
+                           ARG0=a0, ARG1=a1, GRAD_X="input" in epi.reads, GRAD_Y="output" in epi.reads,
+                           HAS_BIAS=bool(epi.bias))
 
 
 def _dw_fwd_spec(prob: Problem, epi: Epilogue) -> KernelSpec:
@@ -356,30 +373,28 @@ def _static_config(pass_: str, prob: Problem, config=None) -> Config:
     return _given(config, pass_, prob) or configs_for(prob, pass_)[0]
 
 
-def _bias_act(epi: Epilogue, host_slope: float | None) -> str:
-    return "none" if host_slope is not None else epi.act
-
-
 def specs(node, training: bool, config=None) -> list[KernelSpec]:
     """Every kernel spec `node` (conv or fused_conv) runs: forward, and when training the data
     and weight gradients, the bias/activation gradient and the split reduction. With config
     None, the cost model's first choice (what runs when the tuner is off)."""
     prob = Problem.from_node(node)
-    epi, host_slope = _epilogue(node)
+    epi = _epilogue(node, training)
+    # a training plan also runs forwards outside training (evaluation), without SAVE_PRE
+    fwd_epis = [epi] + ([replace(epi, save_pre=False)] if epi.save_pre else [])
     out: list[KernelSpec] = []
     if prob.depthwise:
-        out.append(_dw_fwd_spec(prob, epi))
+        out += [_dw_fwd_spec(prob, e) for e in fwd_epis]
         if training:
             out.append(_dw_bwd_spec(prob, _dw_splits(prob)))
     else:
-        out.append(_fwd_spec(prob, epi, _static_config("fwd", prob, config)))
+        cfg = _static_config("fwd", prob, config)
+        out += [_fwd_spec(prob, e, cfg) for e in fwd_epis]
         if training:
             out.append(_bwd_data_spec(prob, _static_config("bwd_data", prob, config)))
             out.append(_bwd_filter_spec(prob, _static_config("bwd_filter", prob, config)))
     if training:
-        act = _bias_act(epi, host_slope)
-        if act != "none" or epi.bias:
-            out.append(_bias_spec(prob, act, epi.slope, epi.bias))
+        if epi.act != "none" or epi.bias:
+            out.append(_bias_spec(prob, epi))
         out.append(REDUCE_SPEC)
     return out
 
@@ -434,10 +449,10 @@ def _reduce(partial, out, length: int, splits: int) -> None:
     fn((_cdiv(length, SMALL_THREADS), 1, 1), _block(SMALL_THREADS), (partial, out, _i32(length), _i32(splits)))
 
 
-def _launch_fwd(prob: Problem, epi: Epilogue, cfg: Config, x, w, bias, res, y, n: int) -> None:
+def _launch_fwd(prob: Problem, epi: Epilogue, cfg: Config, x, w, bias, res, y, pre, n: int) -> None:
     fn = device.function(_fwd_spec(prob, epi, cfg), "conv_fwd")
     grid = (_cdiv(n * prob.p * prob.q, cfg.block_n), _cdiv(prob.kg, cfg.block_m), prob.groups)
-    fn(grid, _block(cfg.threads), (x, w, bias, res, y, _i32(n)))
+    fn(grid, _block(cfg.threads), (x, w, bias, res, y, pre, _i32(n)))
 
 
 def _launch_bwd_data(prob: Problem, cfg: Config, dz, w, dx, n: int) -> None:
@@ -462,10 +477,11 @@ def _launch_bwd_filter(prob: Problem, cfg: Config, x, dz, dw, n: int) -> None:
         _reduce(out, dw, prob.k * crs, splits)
 
 
-def _forward(node, x, params, residual, config):
-    """y = act(conv(x) + bias + residual) with the kernel's epilogue; returns (y, x, host slope)."""
+def _forward(node, x, params, residual, config, training: bool):
+    """z = conv(x) + bias + residual, y = f(z) with the kernel's epilogue; returns (y, x, z), z
+    the pre-activation where the epilogue saved it (else None)."""
     prob = Problem.from_node(node)
-    epi, host_slope = _epilogue(node)
+    epi = _epilogue(node, training)
     x = _dev(x)
     if tuple(x.shape[1:]) != (prob.c, prob.h, prob.w):
         raise CnncError(f"conv `{node.name}`: input of shape {tuple(x.shape)}, expected N x {prob.c}x{prob.h}x{prob.w}")
@@ -474,27 +490,39 @@ def _forward(node, x, params, residual, config):
     bias = _dev(params["bias"]) if epi.bias else w  # unused arguments: any array
     res = _dev(residual) if epi.residual else w
     y = device.empty((n, prob.k, prob.p, prob.q))
+    z = device.empty(y.shape) if epi.save_pre else None
+    pre = z if z is not None else y  # not written without SAVE_PRE
     if n == 0:
-        return y, x, host_slope
+        return y, x, z
     if prob.depthwise:
         fn = device.function(_dw_fwd_spec(prob, epi), "conv_dw_fwd")
-        fn((_cdiv(prob.p * prob.q, SMALL_THREADS), prob.c, n), _block(SMALL_THREADS), (x, w, bias, res, y, _i32(n)))
-        return y, x, host_slope
+        fn((_cdiv(prob.p * prob.q, SMALL_THREADS), prob.c, n), _block(SMALL_THREADS),
+           (x, w, bias, res, y, pre, _i32(n)))
+        return y, x, z
 
     def timed(cfg):
         scratch = device.empty(y.shape)
-        return tuner.time_launches(lambda: _launch_fwd(prob, epi, cfg, x, w, bias, res, scratch, n))
+        return tuner.time_launches(lambda: _launch_fwd(prob, epi, cfg, x, w, bias, res, scratch,
+                                                       device.empty(y.shape) if epi.save_pre else scratch, n))
 
     cfg = _pick("fwd", prob, n, config, timed)
-    _launch_fwd(prob, epi, cfg, x, w, bias, res, y, n)
-    return y, x, host_slope
+    _launch_fwd(prob, epi, cfg, x, w, bias, res, y, pre, n)
+    return y, x, z
 
 
-def _backward(node, x, dy, params, y, act: str, slope: float, config):
-    """(dx, dparams, dz): dz = act'(y)·dy (dy itself without activation), dbias = Σ dz,
-    dx and dW from dz."""
+def _backward(node, x, dy, params, y, z, config):
+    """(dx, dparams, dz): dz = f'(z, y)·dy (dy itself without activation), dbias = Σ dz,
+    dx and dW from dz. y and z: the forward's output and pre-activation, where the derivative
+    reads them."""
     prob = Problem.from_node(node)
-    has_bias = bool(node.attrs.bias)
+    epi = _epilogue(node, True)
+    has_bias = epi.bias
+    act = epi.act
+    if act != "none":
+        missing = [what for what, v in (("input", z), ("output", y)) if what in epi.reads and v is None]
+        if missing:
+            raise CnncError(f"conv `{node.name}`: backward needs the activation's {' and '.join(missing)}, which a "
+                            "forward outside training does not keep")
     dy = _dev(dy)
     x = _dev(x)
     w = _dev(params["weight"])
@@ -509,16 +537,15 @@ def _backward(node, x, dy, params, y, act: str, slope: float, config):
         splits, per = _bias_splits(prob.k, n, pq) if n else (1, 1)
         partial = (db if splits == 1 else device.empty((splits, prob.k))) if has_bias else dy  # dy: unused
         if n:
-            fn = device.function(_bias_spec(prob, act, slope, has_bias), "conv_bias_grad")
+            fn = device.function(_bias_spec(prob, epi), "conv_bias_grad")
             fn((prob.k, splits, 1), _block(SMALL_THREADS),
-               (dy, y if y is not None else dy, dz, partial, _i32(n), _i32(per)))
+               (dy, y if y is not None else dy, z if z is not None else dy, dz, partial, _i32(n), _i32(per)))
             if has_bias and splits > 1:
                 _reduce(partial, db, prob.k, splits)
         elif has_bias:
             db.fill(0)
         if has_bias:
             dparams["bias"] = db
-
     dx = device.empty((n, prob.c, prob.h, prob.w))
     dw = device.empty(tuple(params["weight"].shape))
     if n == 0:
@@ -564,7 +591,7 @@ def launcher(node, pass_: str, arrays, config=None):
         raise CnncError("launcher: depthwise convolutions run conv_dw.cu's direct kernels, not a tiled GEMM")
     if pass_ == "fwd":
         def run_with(cfg):
-            return lambda: _launch_fwd(prob, epi, cfg, a, b, b, b, out, n)
+            return lambda: _launch_fwd(prob, epi, cfg, a, b, b, b, out, out, n)
     elif pass_ == "bwd_data":
         def run_with(cfg):
             return lambda: _launch_bwd_data(prob, cfg, a, b, out, n)
@@ -584,39 +611,28 @@ def launcher(node, pass_: str, arrays, config=None):
 # ---- the kernel contract --------------------------------------------------------------------
 
 def conv_forward(node, xs, params, ctx, config=None):
-    y, x, _ = _forward(node, xs[0], params, None, config)
+    y, x, _ = _forward(node, xs[0], params, None, config, bool(ctx.training))
     return y, (x,)
 
 
 def conv_backward(node, saved, dy, params, ctx, config=None):
     (x,) = saved
-    dx, dparams, _ = _backward(node, x, dy, params, None, "none", 0.0, config)
+    dx, dparams, _ = _backward(node, x, dy, params, None, None, config)
     return [dx], dparams
 
 
 def fused_conv_forward(node, xs, params, ctx, config=None):
     a = node.attrs
     residual = xs[1] if a.residual else None
-    y, x, host_slope = _forward(node, xs[0], params, residual, config)
-    if host_slope is not None:  # leaky_relu with a negative slope: keep the input's sign
-        cp = device.cupy()
-        mask = y > 0
-        y = cp.where(mask, y, y * cp.float32(host_slope))
-        return y, (x, None, mask)
-    return y, (x, y if a.activation != "none" else None, None)
+    y, x, z = _forward(node, xs[0], params, residual, config, bool(ctx.training))
+    keep_y = a.activation != "none" and "output" in ew.reads(a.activation)
+    return y, (x, y if keep_y else None, z)
 
 
 def fused_conv_backward(node, saved, dy, params, ctx, config=None):
-    a = node.attrs
-    x, y, mask = saved
-    if mask is not None:
-        cp = device.cupy()
-        dy = _dev(dy) * cp.where(mask, cp.float32(1), cp.float32(a.slope))
-        act, slope = "none", 0.0
-    else:
-        act, slope = a.activation, float(a.slope)
-    dx, dparams, dz = _backward(node, x, dy, params, y, act, slope, config)
-    return ([dx, dz] if a.residual else [dx]), dparams
+    x, y, z = saved
+    dx, dparams, dz = _backward(node, x, dy, params, y, z, config)
+    return ([dx, dz] if node.attrs.residual else [dx]), dparams
 
 
 KERNELS = {

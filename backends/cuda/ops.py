@@ -15,6 +15,10 @@ The kernels follow `backends/base.py`'s contract with PyTorch's semantics, as th
 scalars as NumPy scalars of the kernel parameter's exact type, and never null pointers: an
 argument a kernel does not read is given some valid array.
 
+Every op of the op table with an element-wise formula runs `ELEMENTWISE` (act_forward /
+act_backward over eltwise.cu, whose ops come from the header `elementwise.py` generates from the
+table); nothing here names an activation. Backward keeps from forward what the formula's
+derivative reads: the output alone, or the input (then it recomputes the output where needed).
 Dense layers multiply through `cupy.matmul` (cuBLAS) and add the bias and activation in one
 epilogue kernel. `identity` and `flatten` are no kernels: they return their input or a view.
 CuPy is imported only through `device.cupy()`, when a kernel first runs.
@@ -27,15 +31,16 @@ import math
 import numpy as np
 
 from cnnc.backends.base import Kernel
+from cnnc.compiler.ops import OPS, ChainAttrs, formula_args
 from cnnc.dsl.errors import CnncError
 
 from . import device
+from . import elementwise as ew
 from .source import KernelSpec
 
 THREADS = 256  # threads per block of the 1-D launches
 MAX_BLOCKS = 4096  # grid-stride loops: more blocks than the H100's 132 SMs can hold add nothing
-ACT_CODES = {"relu": 1, "relu6": 2, "leaky_relu": 3, "sigmoid": 4, "tanh": 5}  # eltwise.cu's op codes
-MAX_CHAIN = 16  # ops an elemwise_chain kernel applies (4 bits each in CHAIN_OPS)
+MAX_CHAIN = 16  # ops an elemwise_chain kernel applies
 
 _fallback_rng = np.random.default_rng()  # dropout when the context brings no generator
 
@@ -97,39 +102,48 @@ def _inner(shape) -> int:
 
 # ---- specs -----------------------------------------------------------------------------------
 
-def _chain(node) -> list[tuple[str, float]]:
-    """The unary ops a node applies, in order, with their slopes (used by leaky_relu)."""
+def _is_elementwise(op: str) -> bool:
+    """An op the table gives an element-wise formula (ELEMENTWISE runs it)."""
+    return op in OPS and OPS[op].formula is not None
+
+
+def _chain(node) -> list[tuple[str, tuple[float, ...]]]:
+    """The element-wise ops a node applies, in order, with their formula arguments: a single
+    element-wise op, an elemwise_chain's ops, or a dense layer's activation (none for plain dense)."""
     a = node.attrs
-    if node.op in ACT_CODES:
-        return [(node.op, float(a.slope) if node.op == "leaky_relu" else 0.0)]
-    if node.op == "elemwise_chain":
+    if _is_elementwise(node.op):
+        out = [(node.op, formula_args(node.op, a))]
+    elif isinstance(a, ChainAttrs):
         out = a.steps(node.name)
         if len(out) > MAX_CHAIN:
             raise CnncError(f"elemwise_chain `{node.name}` has {len(out)} ops; the CUDA kernel takes at most "
                             f"{MAX_CHAIN}")
-        return out
-    act = getattr(a, "activation", "none")  # dense, fused_dense
-    return [] if act == "none" else [(act, float(getattr(a, "slope", 0.0)))]
+    else:
+        act = a.act() if hasattr(a, "act") else None  # fused_dense; plain dense has none
+        out = [] if act is None else [act]
+    for op, args in out:
+        ew.code(op)  # a clear error for an op the kernels cannot run
+        ew.padded_args(op, args)
+    return out
 
 
-def _from_output(node, chain) -> bool:
-    """Backward reads the forward's output (True) or its input: single activations whose output
-    tells the derivative (every one but leaky_relu with a negative slope); chains recompute."""
-    if node.op == "elemwise_chain" or len(chain) != 1:
-        return False
-    op, slope = chain[0]
-    return not (op == "leaky_relu" and slope < 0)
+def _reads(node, chain) -> str:
+    """What backward keeps: "output" for a single op whose derivative reads only its output,
+    "none" for one that reads neither, else "input" (chains always recompute from their input)."""
+    if isinstance(node.attrs, ChainAttrs) or len(chain) != 1:
+        return "input"
+    reads = ew.reads(chain[0][0])
+    if "input" in reads:
+        return "input"
+    return "output" if "output" in reads else "none"
 
 
 def _eltwise(chain, bwd: bool, vec: int = 0, cols: int = 0, bias: bool = False) -> KernelSpec:
-    codes = 0
-    for i, (op, _) in enumerate(chain):
-        codes |= ACT_CODES[op] << (4 * i)
-    defines = dict(CHAIN_LEN=len(chain), CHAIN_OPS=codes, COLS=cols, BIAS=int(bias), VEC=vec if not cols else 0,
-                   BWD=int(bwd))
-    for i, (op, slope) in enumerate(chain):
-        if op == "leaky_relu":
-            defines[f"SLOPE_{i}"] = float(slope)
+    args = [ew.padded_args(op, a) for op, a in chain]
+    defines = dict(CHAIN_LEN=len(chain), CHAIN_CODES=", ".join(str(ew.code(op)) for op, _ in chain) or "0",
+                   CHAIN_ARG0=", ".join(ew.c_float(a[0]) for a in args) or "0.0f",
+                   CHAIN_ARG1=", ".join(ew.c_float(a[1]) for a in args) or "0.0f",
+                   COLS=cols, BIAS=int(bias), VEC=vec if not cols else 0, BWD=int(bwd))
     if not bwd:
         entries = ("dense_fwd",) if cols else ("act_fwd",)
     else:
@@ -232,10 +246,9 @@ def _roles_layout(node):
             "bwd": KernelSpec.make("layout.cu", ("transpose",), ROWS=cols, COLS=rows)}
 
 
-_ROLES = {
+_ROLES = {  # by op; every op with an element-wise formula takes _roles_act (see _role_rule)
     "maxpool": _roles_pool, "avgpool": _roles_pool, "globalavgpool": _roles_pool, "adaptive_avgpool": _roles_pool,
     "dense": _roles_dense, "fused_dense": _roles_dense,
-    "relu": _roles_act, "leaky_relu": _roles_act, "relu6": _roles_act, "sigmoid": _roles_act, "tanh": _roles_act,
     "elemwise_chain": _roles_act,
     "softmax": _roles_softmax, "dropout": _roles_dropout, "batchnorm": _roles_bn, "lrn": _roles_lrn,
     "add": _roles_add, "concat": _roles_concat, "layout_transform": _roles_layout,
@@ -245,21 +258,28 @@ _ROLES = {
 _role_cache: dict = {}
 
 
+def _role_rule(op: str):
+    rule = _ROLES.get(op)
+    if rule is None and _is_elementwise(op):
+        rule = _roles_act
+    if rule is None:
+        raise CnncError(f"the CUDA ops have no kernels for `{op}`")
+    return rule
+
+
 def _roles(node) -> dict[str, KernelSpec]:
     try:
         found = _role_cache.get(node)
     except TypeError:  # attributes that do not hash: build every time
-        return _ROLES[node.op](node)
+        return _role_rule(node.op)(node)
     if found is None:
-        found = _role_cache[node] = _ROLES[node.op](node)
+        found = _role_cache[node] = _role_rule(node.op)(node)
     return found
 
 
 def specs(node, training: bool) -> list[KernelSpec]:
     """Every kernel specialisation `node` runs: forward, and in training its training-only
     forward work and its backward."""
-    if node.op not in _ROLES:
-        raise CnncError(f"the CUDA ops have no kernels for `{node.op}`")
     roles = _roles(node)
     wanted = ("fwd", "train", "bwd") if training else ("fwd",)
     out = []
@@ -290,14 +310,14 @@ def dense_forward(node, xs, params, ctx):
     cp.matmul(x2, w.T, out=z)
     chain = _chain(node)
     roles = _roles(node)
-    from_out = _from_output(node, chain)
+    keep_pre = bool(chain) and _reads(node, chain) == "input"
     y = z
     if "fwd" in roles:
-        if chain and not from_out:  # leaky_relu with a negative slope: backward needs z itself
+        if keep_pre:  # the derivative reads the activation's input: keep z apart from y
             y = device.empty((n, units))
         bias = _f32(params["bias"]) if "bias" in params else z
         _launch(roles["fwd"], "dense_fwd", (_blocks(z.size),), (THREADS,), z, y, bias, _i64(z.size))
-    return y, (x2, x.shape, y if from_out else z)
+    return y, (x2, x.shape, z if keep_pre else y)
 
 
 def dense_backward(node, saved, dy, params, ctx):
@@ -309,7 +329,7 @@ def dense_backward(node, saved, dy, params, ctx):
     dz = dy
     if chain:
         dz = device.empty(dy.shape)
-        entry = "act_bwd_out" if _from_output(node, chain) else "act_bwd_in"
+        entry = "act_bwd_in" if _reads(node, chain) == "input" else "act_bwd_out"
         _launch(roles["bwd"], entry, (_blocks(dy.size),), (THREADS,), v, dy, dz, _i64(dy.size))
     w = _f32(params["weight"])
     dw = device.empty(w.shape)
@@ -342,7 +362,7 @@ def identity_backward(node, saved, dy, params, ctx):
     return [dy], {}
 
 
-# ---- activations and chains ----------------------------------------------------------------------
+# ---- element-wise ops and chains --------------------------------------------------------------------
 
 def act_forward(node, xs, params, ctx):
     roles = _roles(node)
@@ -353,7 +373,8 @@ def act_forward(node, xs, params, ctx):
     spec = roles["fwd"]
     n = x.size
     _launch(spec, "act_fwd", (_blocks(-(-n // 4) if spec.define("VEC") else n),), (THREADS,), x, y, _i64(n))
-    return y, (y if _from_output(node, _chain(node)) else x)
+    keep = _reads(node, _chain(node))
+    return y, (x if keep == "input" else y if keep == "output" else None)
 
 
 def act_backward(node, saved, dy, params, ctx):
@@ -363,10 +384,14 @@ def act_backward(node, saved, dy, params, ctx):
     dy = _f32(dy)
     dx = device.empty(dy.shape)
     spec = roles["bwd"]
-    entry = "act_bwd_out" if _from_output(node, _chain(node)) else "act_bwd_in"
+    entry = "act_bwd_in" if _reads(node, _chain(node)) == "input" else "act_bwd_out"
     n = dy.size
-    _launch(spec, entry, (_blocks(-(-n // 4) if spec.define("VEC") else n),), (THREADS,), saved, dy, dx, _i64(n))
+    src = saved if saved is not None else dy  # a derivative that reads neither: any array
+    _launch(spec, entry, (_blocks(-(-n // 4) if spec.define("VEC") else n),), (THREADS,), src, dy, dx, _i64(n))
     return [dx], {}
+
+
+ELEMENTWISE = Kernel(act_forward, act_backward)  # every op with an element-wise formula
 
 
 # ---- softmax ---------------------------------------------------------------------------------------
@@ -619,12 +644,7 @@ KERNELS: dict[str, Kernel] = {
     "dense": Kernel(dense_forward, dense_backward),
     "fused_dense": Kernel(dense_forward, dense_backward),
     "flatten": Kernel(flatten_forward, flatten_backward),
-    "relu": Kernel(act_forward, act_backward),
-    "leaky_relu": Kernel(act_forward, act_backward),
-    "relu6": Kernel(act_forward, act_backward),
-    "sigmoid": Kernel(act_forward, act_backward),
-    "tanh": Kernel(act_forward, act_backward),
-    "elemwise_chain": Kernel(act_forward, act_backward),
+    "elemwise_chain": ELEMENTWISE,
     "softmax": Kernel(softmax_forward, softmax_backward),
     "dropout": Kernel(dropout_forward, dropout_backward),
     "identity": Kernel(identity_forward, identity_backward),

@@ -63,3 +63,50 @@ def test_running_on_cuda_without_a_gpu_is_a_clear_error(tmp_path):
     r = run_cli("parity", str(EXAMPLES / "lenet5.cnn"), "--backends", "numpy,cuda")
     assert r.code == 1 and "CUDA backend needs" in r.err and "Traceback" not in r.err
     assert isinstance(CudaBackend.fused_ops, frozenset)
+
+
+def _formula_nodes(op: str):
+    """Nodes applying `op`: alone, in a chain, fused into a conv (plain and depthwise) and a dense."""
+    from test_numpy_grad import make_node
+
+    from cnnc.compiler.ops import OPS, formula_args
+    attrs = OPS[op].attrs()
+    args = formula_args(op, attrs)
+    other = next(o for o in OPS if OPS[o].formula is not None and o != op)
+    other_args = formula_args(other, OPS[other].attrs())
+    epi = dict(activation=op, act_args=args)
+    return [
+        make_node(op, attrs.model_dump(exclude={"name"}), [(3, 5, 5)])[0],
+        make_node("elemwise_chain", dict(ops=(other, op), args=(other_args, args)), [(4, 4, 4)])[0],
+        make_node("fused_conv", dict(filters=8, kernel=3, pad=1, residual=True, **epi), [(4, 6, 6), (8, 6, 6)])[0],
+        make_node("fused_conv", dict(filters=4, kernel=3, pad=1, groups=4, **epi), [(4, 6, 6)])[0],
+        make_node("fused_dense", dict(units=7, **epi), [(5,)])[0],
+    ]
+
+
+def test_every_formula_op_compiles_alone_chained_and_fused(tmp_path):
+    """Every op of the table with a formula, through every kernel that applies activations, in
+    one translation unit (the generated header once); training, so the SAVE_PRE paths of
+    derivatives that read the input compile too."""
+    from cnnc.backends.cuda import conv, elementwise, ops
+    from cnnc.compiler.ops import OPS
+
+    small = conv.CONFIGS[-1]  # the smallest tile: quick to compile
+    specs, wanted = [], []
+    formula_ops = [op for op in OPS if OPS[op].formula is not None]
+    assert set(elementwise.codes()) == set(formula_ops)
+    for op in formula_ops:
+        for node in _formula_nodes(op):
+            found = conv.specs(node, True, config=small) if node.op in conv.KERNELS else ops.specs(node, True)
+            specs += found
+            wanted.append((op, node.op, found))
+        fused = _formula_nodes(op)[2]
+        save_pre = {s.define("SAVE_PRE") for s in conv.specs(fused, True, config=small) if s.template == "conv_fwd.cu"}
+        assert save_pre == ({True, False} if "input" in OPS[op].formula.grad_reads else {False}), op
+    source = translation_unit(specs)
+    assert source.count("#define CNNC_ELEMENTWISE_CUH") == 1
+    compiled = {r.kernel for r in nvcc.compile_cubin(source, tmp_path / "formulas.cubin")}
+    for op, node_op, found in wanted:
+        for spec in found:
+            for entry in spec.entries:
+                assert spec.symbol(entry) in compiled, (op, node_op, spec.template, entry)

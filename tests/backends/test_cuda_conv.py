@@ -36,11 +36,10 @@ import numpy as np
 import pytest
 
 from cnnc.backends.base import Ctx, NodeInfo
-from cnnc.backends.cuda import conv, device, nvcc, source, tuner
-from cnnc.backends.numpy import fused as np_fused
-from cnnc.backends.numpy.kernels import KERNELS as NUMPY_KERNELS
+from cnnc.backends.cuda import conv, device, elementwise, nvcc, source, tuner
+from cnnc.backends.numpy import NumpyBackend
 from cnnc.compiler.graph import inputs_of
-from cnnc.compiler.ops import OPS, resolve_pads
+from cnnc.compiler.ops import OPS, formula_args, resolve_pads
 from cnnc.compiler.pipeline import check
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,7 +53,7 @@ MAX_SPILL_BYTES = 64  # the default configurations spill at most this much (see 
 def make_node(op: str, kw: dict, shape) -> NodeInfo:
     """A conv or fused_conv NodeInfo as the compiler builds it (shape rule, resolved pads)."""
     shape = tuple(shape)
-    base = {k: v for k, v in kw.items() if k not in ("activation", "slope", "residual")}
+    base = {k: v for k, v in kw.items() if k not in ("activation", "act_args", "residual")}
     out = tuple(OPS["conv"].shape(OPS["conv"].attrs(**base), [shape]))
     attrs = OPS[op].attrs(**kw)
     ins = (shape,) + ((out,) if kw.get("residual") else ())
@@ -80,8 +79,17 @@ def network_nodes(name: str) -> list[NodeInfo]:
     return out
 
 
-ACTS = [("none", 0.01), ("relu", 0.01), ("relu6", 0.01), ("leaky_relu", 0.2), ("leaky_relu", 0.0),
-        ("leaky_relu", -0.3), ("leaky_relu", 1.5), ("sigmoid", 0.01), ("tanh", 0.01)]
+NUMPY = NumpyBackend()
+# (activation, formula arguments): the interesting arguments, then every other op with a formula
+ACTS = [("none", ()), ("relu", ()), ("relu6", ()), ("leaky_relu", (0.2,)), ("leaky_relu", (0.0,)),
+        ("leaky_relu", (-0.3,)), ("leaky_relu", (1.5,)), ("sigmoid", ()), ("tanh", ())]
+ACTS += [(op, formula_args(op, OPS[op].attrs())) for op in OPS
+         if OPS[op].formula is not None and op not in {a for a, _ in ACTS}]
+
+
+def _act_id(act: str, args) -> str:
+    return act + "".join(f"{v:g}" for v in args)
+
 
 # (id, op, attributes, input shape C x H x W, batch)
 ODD = [
@@ -110,11 +118,15 @@ ODD = [
     ("fused-1x1-vec-relu-res", "fused_conv", dict(filters=36, kernel=1, activation="relu", residual=True), (20, 6, 6), 2),
     ("fused-depthwise-relu6-res", "fused_conv",
      dict(filters=4, kernel=3, groups=4, pad=1, activation="relu6", residual=True), (4, 7, 7), 2),
+    ("fused-depthwise-hardswish-res", "fused_conv",  # the depthwise kernel's SAVE_PRE path
+     dict(filters=4, kernel=3, groups=4, pad=1, activation="hardswish", residual=True), (4, 7, 7), 2),
+    ("fused-1x1-vec-gelu", "fused_conv", dict(filters=8, kernel=1, activation="gelu"), (4, 4, 4), 2),  # float4 SAVE_PRE
 ] + [
-    (f"fused-{act}{slope if act == 'leaky_relu' else ''}-{'res' if i % 2 else 'nores'}-{'bias' if i % 3 else 'nobias'}",
-     "fused_conv", dict(filters=6, kernel=3, pad=1, activation=act, slope=slope, residual=bool(i % 2), bias=bool(i % 3)),
+    (f"fused-{_act_id(act, args)}-{'res' if i % 2 else 'nores'}-{'bias' if i % 3 else 'nobias'}",
+     "fused_conv", dict(filters=6, kernel=3, pad=1, activation=act, act_args=args, residual=bool(i % 2),
+                        bias=bool(i % 3)),
      (5, 7, 7), 2)
-    for i, (act, slope) in enumerate(ACTS)
+    for i, (act, args) in enumerate(ACTS)
 ]
 
 # every configuration (and split-K count) on a float4 pointwise problem and an odd gather problem
@@ -157,28 +169,15 @@ def run_case(node: NodeInfo, batch: int, to_dev, to_host, config=None) -> dict[s
     y, saved = kernel.forward(node, d_xs, d_params, Ctx(training=True), config=config)
     dxs, dparams = kernel.backward(node, saved, d_dy, d_params, Ctx(training=True), config=config)
 
-    errs = {}
-    ref = NUMPY_KERNELS[op]
-    y_ref, _ = ref.forward(node, xs, params, Ctx(training=True))
-    y_host = to_host(y)
-    errs["y"] = rel(y_host, y_ref)
-    # the activation's gradient from OUR output (float32 and float64 may disagree on the sign of
-    # an output next to zero); then the NumPy conv backward of that dz in float64
-    if op == "fused_conv":
-        mask = saved[2]
-        dz_ref = np_fused._epilogue_grad(a.activation, a.slope, y_host.astype(np.float64),
-                                         None if mask is None else to_host(mask), dy)
-    else:
-        dz_ref = dy
-    conv_node = NodeInfo(node.id, node.name, "conv", OPS["conv"].attrs(
-        **{k: getattr(a, k) for k in ("filters", "kernel", "stride", "pad", "dilation", "groups", "bias", "round")}),
-        node.in_shapes[:1], node.out_shape, node.pads)
-    _, s_ref = NUMPY_KERNELS["conv"].forward(conv_node, xs[:1], params, Ctx(training=True))
-    (dx_ref,), dp_ref = NUMPY_KERNELS["conv"].backward(conv_node, s_ref, dz_ref, params, Ctx(training=True))
-    assert len(dxs) == len(node.in_shapes)
-    errs["dx"] = rel(to_host(dxs[0]), dx_ref)
+    # the NumPy backend's own kernels for the same node, in float64
+    ref = NUMPY.kernel(op)
+    y_ref, s_ref = ref.forward(node, xs, params, Ctx(training=True))
+    dxs_ref, dp_ref = ref.backward(node, s_ref, dy, params, Ctx(training=True))
+    errs = {"y": rel(to_host(y), y_ref)}
+    assert len(dxs) == len(node.in_shapes) == len(dxs_ref)
+    errs["dx"] = rel(to_host(dxs[0]), dxs_ref[0])
     if len(dxs) > 1:
-        errs["dresidual"] = rel(to_host(dxs[1]), dz_ref)
+        errs["dresidual"] = rel(to_host(dxs[1]), dxs_ref[1])
     assert set(dparams) == set(dp_ref)
     for k in dp_ref:
         errs["d" + k] = rel(to_host(dparams[k]), dp_ref[k])
@@ -242,12 +241,20 @@ def test_specs_per_node():
     assert "conv_bias.cu" in [s.template for s in conv.specs(biased, True)]
     dw = make_node("conv", dict(filters=4, kernel=3, pad=1, groups=4), (4, 6, 6))
     assert {s.template for s in conv.specs(dw, True)} == {"conv_dw.cu", "conv_bias.cu", "conv_reduce.cu"}
-    fused = make_node("fused_conv", dict(filters=8, kernel=3, pad=1, activation="leaky_relu", slope=0.1,
+    fused = make_node("fused_conv", dict(filters=8, kernel=3, pad=1, activation="leaky_relu", act_args=(0.1,),
                                          residual=True), (4, 6, 6))
     fwd = conv.specs(fused, False)[0]
-    assert (fwd.define("ACT"), fwd.define("HAS_RESIDUAL"), fwd.define("SLOPE")) == (3, True, 0.1)
-    negative = make_node("fused_conv", dict(filters=8, kernel=3, pad=1, activation="leaky_relu", slope=-0.1), (4, 6, 6))
-    assert conv.specs(negative, False)[0].define("ACT") == 0  # applied with a mask on the host
+    leaky = elementwise.codes()["leaky_relu"]
+    assert (fwd.define("ACT"), fwd.define("HAS_RESIDUAL"), fwd.define("ARG0"), fwd.define("SAVE_PRE")) == \
+        (leaky, True, 0.1, False)
+    # leaky_relu's derivative reads its input: training saves the pre-activation (and still
+    # compiles the evaluation forward), and the bias kernel reads it
+    train = conv.specs(fused, True)
+    assert sorted(s.define("SAVE_PRE") for s in train if s.template == "conv_fwd.cu") == [False, True]
+    bias = next(s for s in train if s.template == "conv_bias.cu")
+    assert (bias.define("ACT"), bias.define("GRAD_X"), bias.define("GRAD_Y")) == (leaky, True, False)
+    relu = make_node("fused_conv", dict(filters=8, kernel=3, pad=1, activation="relu"), (4, 6, 6))
+    assert [s.define("SAVE_PRE") for s in conv.specs(relu, True) if s.template == "conv_fwd.cu"] == [False]
     cfg = conv.CONFIGS[-1]
     assert conv.specs(plain, False, config=cfg)[0].define("BLOCK_M") == cfg.block_m
     # the batch is a runtime argument: nothing in a spec depends on it
@@ -419,7 +426,7 @@ EMU_ERRORS = {1: "threads diverged at __syncthreads (a barrier not every thread 
 
 
 def _emu_source(specs) -> str:
-    parts = [EMU_SHIM] + [s.render() for s in specs]
+    parts = [EMU_SHIM, source.headers(specs)] + [s.render() for s in specs]
     for s in specs:
         for e in s.entries:
             sym = s.symbol(e)
@@ -495,6 +502,10 @@ class EmulatedDevice:
                     h = ctypes.c_void_p(view.ctypes.data)
                 elif isinstance(a, np.int32):
                     h = ctypes.c_int32(int(a))
+                elif isinstance(a, np.int64):
+                    h = ctypes.c_int64(int(a))
+                elif isinstance(a, np.uint32):
+                    h = ctypes.c_uint32(int(a))
                 elif isinstance(a, np.float32):
                     h = ctypes.c_float(float(a))
                 else:  # CuPy needs explicit widths: a Python int would not be a 32-bit int
@@ -554,8 +565,8 @@ def test_emulated_launcher(on_emulator):
         assert cfg == conv.configs_for(conv.Problem.from_node(node), pass_)[0]
         run()
     node64 = replace(node, attrs=node.attrs.model_copy(update={"bias": False}))
-    y_ref, saved = NUMPY_KERNELS["conv"].forward(node64, [x.astype(np.float64)], {"weight": w.astype(np.float64)}, Ctx())
-    (dx_ref,), dp = NUMPY_KERNELS["conv"].backward(node64, saved, dy.astype(np.float64), {"weight": w.astype(np.float64)}, Ctx())
+    y_ref, saved = NUMPY.kernel("conv").forward(node64, [x.astype(np.float64)], {"weight": w.astype(np.float64)}, Ctx())
+    (dx_ref,), dp = NUMPY.kernel("conv").backward(node64, saved, dy.astype(np.float64), {"weight": w.astype(np.float64)}, Ctx())
     assert max(rel(y, y_ref), rel(dx, dx_ref), rel(dw, dp["weight"])) <= TOL
 
 
@@ -652,7 +663,7 @@ def test_gpu_launcher_and_batch_sizes(on_gpu):
                               ("bwd_filter", (d["x"], d["dy"], dw))):
             run, _ = conv.launcher(node, pass_, arrays)
             run()
-        y_ref, s = NUMPY_KERNELS["conv"].forward(node, [x], {"weight": w}, Ctx())
-        (dx_ref,), dp = NUMPY_KERNELS["conv"].backward(node, s, dy, {"weight": w}, Ctx())
+        y_ref, s = NUMPY.kernel("conv").forward(node, [x], {"weight": w}, Ctx())
+        (dx_ref,), dp = NUMPY.kernel("conv").backward(node, s, dy, {"weight": w}, Ctx())
         errs = dict(y=rel(cp.asnumpy(y), y_ref), dx=rel(cp.asnumpy(dx), dx_ref), dw=rel(cp.asnumpy(dw), dp["weight"]))
         assert_close(errs, f"launcher batch {batch}")

@@ -29,10 +29,10 @@ from cnnc.backends.base import Ctx
 from cnnc.backends.cuda import device, nvcc, ops
 from cnnc.backends.cuda import optim as cuda_optim
 from cnnc.backends.cuda.source import translation_unit
-from cnnc.backends.numpy.kernels import KERNELS as NUMPY_KERNELS
+from cnnc.backends.numpy import NumpyBackend
 from cnnc.backends.numpy.losses import cross_entropy as numpy_cross_entropy
 from cnnc.backends.numpy.losses import mse as numpy_mse
-from cnnc.compiler.ops import OPS
+from cnnc.compiler.ops import OPS, formula_args
 from cnnc.compiler.train_config import TrainConfig
 from cnnc.dsl.errors import CnncError
 from cnnc.runtime import optim as host_optim
@@ -69,8 +69,23 @@ class Case:
 
 
 C = Case
-ACTS = [("none", 0.0), ("relu", 0.0), ("relu6", 0.0), ("leaky_relu", 0.2), ("leaky_relu", -0.3),
-        ("sigmoid", 0.0), ("tanh", 0.0)]
+NUMPY = NumpyBackend()
+FORMULA_OPS = [op for op in OPS if OPS[op].formula is not None]
+
+
+def default_args(op: str) -> tuple[float, ...]:
+    return formula_args(op, OPS[op].attrs())
+
+
+def cuda_kernel(op: str):
+    """The CUDA backend's kernel for `op`, as CudaBackend.kernel finds it (without a GPU)."""
+    return ops.KERNELS[op] if op in ops.KERNELS else ops.ELEMENTWISE
+
+
+# (activation, formula arguments): the interesting arguments, then every other op with a formula
+ACTS = [("none", ()), ("relu", ()), ("relu6", ()), ("leaky_relu", (0.2,)), ("leaky_relu", (-0.3,)),
+        ("sigmoid", ()), ("tanh", ())]
+ACTS += [(op, default_args(op)) for op in FORMULA_OPS if op not in {a for a, _ in ACTS}]
 CASES = [
     # max pooling: floor and ceil windows, pads (asymmetric, same), rectangular windows
     C("maxpool-2x2-floor", "maxpool", dict(kernel=2, round="floor"), [(5, 13, 13)]),
@@ -107,8 +122,8 @@ CASES = [
     C("dense", "dense", dict(units=10), [(37,)]),
     C("dense-c11-nobias", "dense", dict(units=7, bias=False), [(33, 1, 1)]),
     C("dense-flatten", "dense", dict(units=6, flatten=True), [(3, 5, 5)]),
-    *[C(f"fused_dense-{a}{s:g}-{'bias' if i % 2 == 0 else 'nobias'}", "fused_dense",
-        dict(units=9, activation=a, slope=s, bias=i % 2 == 0), [(37,)], scale=2.0)
+    *[C(f"fused_dense-{a}{''.join(f'{v:g}' for v in s)}-{'bias' if i % 2 == 0 else 'nobias'}", "fused_dense",
+        dict(units=9, activation=a, act_args=s, bias=i % 2 == 0), [(37,)], scale=2.0)
       for i, (a, s) in enumerate(ACTS)],
     C("fused_dense-relu6-flatten", "fused_dense", dict(units=5, activation="relu6", flatten=True), [(3, 5, 5)],
       scale=3.0),
@@ -126,15 +141,24 @@ CASES = [
     C("tanh", "tanh", {}, [(37,)]),
     C("tanh-small", "tanh", {}, [(3, 13, 13)], scale=0.3),
     C("tanh-large-vec", "tanh", {}, [(4, 4, 4)], scale=4.0),
-    C("chain-relu-tanh", "elemwise_chain", dict(ops=("relu", "tanh"), slopes=()), [(5, 7, 7)]),
+    # every other op with a formula, scalar and float4 paths
+    *[C(f"{op}{suffix}", op, {}, [shape], scale=3.0)
+      for op in FORMULA_OPS if op not in ("relu", "leaky_relu", "relu6", "sigmoid", "tanh")
+      for suffix, shape in (("", (3, 7, 7)), ("-vec", (4, 4, 4)))],
+    C("elu-alpha", "elu", dict(alpha=0.5), [(5,)], scale=2.0),
+    C("chain-relu-tanh", "elemwise_chain", dict(ops=("relu", "tanh")), [(5, 7, 7)]),
     C("chain-leaky-sigmoid-relu6-vec", "elemwise_chain",
-      dict(ops=("leaky_relu", "sigmoid", "relu6"), slopes=(0.2, 0.0, 0.0)), [(4, 4, 4)], scale=4.0),
-    C("chain-tanh-leakyneg", "elemwise_chain", dict(ops=("tanh", "leaky_relu"), slopes=(0.0, -0.5)),
+      dict(ops=("leaky_relu", "sigmoid", "relu6"), args=((0.2,), (), ())), [(4, 4, 4)], scale=4.0),
+    C("chain-tanh-leakyneg", "elemwise_chain", dict(ops=("tanh", "leaky_relu"), args=((), (-0.5,))),
       [(3, 13, 13)]),
-    C("chain-sigmoid", "elemwise_chain", dict(ops=("sigmoid",), slopes=()), [(37,)], scale=3.0),
+    C("chain-sigmoid", "elemwise_chain", dict(ops=("sigmoid",)), [(37,)], scale=3.0),
     C("chain-five", "elemwise_chain", dict(ops=("relu6", "leaky_relu", "tanh", "relu", "sigmoid"),
-                                           slopes=(0.0, 0.1)), [(3, 7, 7)], scale=4.0),
-    C("chain-empty", "elemwise_chain", dict(ops=(), slopes=()), [(3, 4, 4)]),
+                                           args=((), (0.1,))), [(3, 7, 7)], scale=4.0),
+    C("chain-hardswish-elu-gelu-vec", "elemwise_chain", dict(ops=("hardswish", "elu", "gelu"), args=((), (0.7,), ())),
+      [(4, 4, 4)], scale=3.0),
+    C("chain-silu-gelu_tanh-hardsigmoid", "elemwise_chain", dict(ops=("silu", "gelu_tanh", "hardsigmoid")),
+      [(3, 7, 7)], scale=3.0),
+    C("chain-empty", "elemwise_chain", dict(ops=()), [(3, 4, 4)]),
     # softmax over channels: warp per row (flat) and thread per position (spatial)
     C("softmax-10", "softmax", {}, [(10,)], scale=3.0),
     C("softmax-37", "softmax", {}, [(37,)]),
@@ -178,7 +202,11 @@ CASES = [
     C("layout-nchw-64", "layout_transform", dict(to="NCHW"), [(64, 5, 5)], arrays=[(5, 5, 64)]),
 ]
 
+from cnnc.backends.cuda import channel_ops  # noqa: E402
+
 COVERED = {"input", "conv", "fused_conv"}  # ops without kernels here (conv.py has the convolutions)
+COVERED |= set(channel_ops.KERNELS)  # test_cuda_channel_ops_compile.py tests channel_ops.py's
+# ops with an element-wise formula run ops.ELEMENTWISE, not an entry of ops.KERNELS
 
 
 def case_node(case: Case):
@@ -188,7 +216,7 @@ def case_node(case: Case):
 # ---- without a GPU ---------------------------------------------------------------------------------
 
 def test_every_op_has_a_kernel_and_specs():
-    assert set(ops.KERNELS) == set(OPS) - COVERED
+    assert set(ops.KERNELS) == set(OPS) - COVERED - set(FORMULA_OPS)
     assert set(ops.LOSSES) == {"cross_entropy", "mse"}
     assert {c.op for c in CASES} == set(OPS) - COVERED  # the cases cover every op
     for case in CASES:
@@ -204,7 +232,7 @@ def test_every_op_has_a_kernel_and_specs():
 def test_specs_without_kernels():
     for op, kw, shapes in [("identity", {}, [(3, 4, 4)]), ("flatten", {}, [(3, 4, 4)]),
                            ("dense", dict(units=3, bias=False), [(5,)]),
-                           ("elemwise_chain", dict(ops=(), slopes=()), [(3,)])]:
+                           ("elemwise_chain", dict(ops=()), [(3,)])]:
         node, _ = make_node(op, kw, shapes)
         assert ops.specs(node, True) == []
     drop, _ = make_node("dropout", dict(rate=0.3), [(3, 4, 4)])
@@ -212,12 +240,20 @@ def test_specs_without_kernels():
 
 
 def test_chain_errors():
-    node, _ = make_node("elemwise_chain", dict(ops=("relu", "leaky_relu"), slopes=(0.0,)), [(3,)])
-    with pytest.raises(CnncError, match="no slope"):
+    node, _ = make_node("elemwise_chain", dict(ops=("relu", "leaky_relu"), args=((),)), [(3,)])
+    with pytest.raises(CnncError, match="takes 1 argument"):
         ops.specs(node, False)
-    node, _ = make_node("elemwise_chain", dict(ops=("relu",) * 17, slopes=()), [(3,)])
+    node, _ = make_node("elemwise_chain", dict(ops=("relu",) * 17), [(3,)])
     with pytest.raises(CnncError, match="at most 16"):
         ops.specs(node, False)
+
+
+def test_fusion_refusal():
+    from cnnc.backends.cuda import CudaBackend
+    assert CudaBackend.fusion_refusal("elemwise_chain", ("relu", "tanh")) is None
+    assert CudaBackend.fusion_refusal("fused_conv", ("conv", "batchnorm", "add", "hardswish")) is None
+    assert "longer than" in CudaBackend.fusion_refusal("elemwise_chain", ("relu",) * 17)
+    assert "no fused_banana kernel" in CudaBackend.fusion_refusal("fused_banana", ("relu",))
 
 
 def test_importing_the_kernels_does_not_import_cupy():
@@ -311,7 +347,7 @@ def test_op_matches_numpy(case: Case, variant: str, poison, launches, monkeypatc
     def ctx():
         return Ctx(training=case.training, rng=np.random.default_rng(7))
 
-    ref, kernel = NUMPY_KERNELS[case.op], ops.KERNELS[case.op]
+    ref, kernel = NUMPY.kernel(case.op), cuda_kernel(case.op)
     y_ref, saved_ref = ref.forward(node, [leaves[i].astype(np.float64) for i in case.inputs], ref_params, ctx())
     y, saved = kernel.forward(node, [dev_leaves[i] for i in case.inputs], dev_params, ctx())
     close(y, y_ref, "forward")
@@ -350,12 +386,13 @@ def test_misaligned_views_take_the_scalar_paths(poison):
         return v
 
     for op, kw, shapes in [("relu", {}, [(4, 4, 4)]), ("tanh", {}, [(8,)]),
-                           ("elemwise_chain", dict(ops=("sigmoid", "relu"), slopes=()), [(4, 4, 4)]),
+                           ("gelu", {}, [(4, 4, 4)]),
+                           ("elemwise_chain", dict(ops=("sigmoid", "relu")), [(4, 4, 4)]),
                            ("add", {}, [(4, 4, 4)] * 3), ("concat", {}, [(4, 4, 4), (8, 4, 4)]),
                            ("dropout", dict(rate=0.4), [(4, 4, 4)])]:
         node, _ = make_node(op, kw, shapes)
         xs = [rng.normal(size=(3, *s)).astype(np.float32) for s in shapes]
-        k = ops.KERNELS[op]
+        k = cuda_kernel(op)
         y_a, s_a = k.forward(node, [cp.asarray(x) for x in xs], {}, Ctx(True, np.random.default_rng(1)))
         y_b, s_b = k.forward(node, [view(x) for x in xs], {}, Ctx(True, np.random.default_rng(1)))
         np.testing.assert_array_equal(cp.asnumpy(y_b), cp.asnumpy(y_a), err_msg=op)
@@ -376,12 +413,12 @@ def test_batchnorm_running_statistics(poison):
         dev_params = {k: cp.asarray(v) for k, v in params.items()}
         for step in range(4):  # several batches, different sizes and statistics
             x = rng.normal(step * 0.5, 1.0 + step, (2 + step, *shape)).astype(np.float32)
-            NUMPY_KERNELS["batchnorm"].forward(node, [x.astype(np.float64)], ref_params, Ctx(training=True))
+            NUMPY.kernel("batchnorm").forward(node, [x.astype(np.float64)], ref_params, Ctx(training=True))
             ops.KERNELS["batchnorm"].forward(node, [cp.asarray(x)], dev_params, Ctx(training=True))
             for name in ("running_mean", "running_var"):
                 close(dev_params[name], ref_params[name], f"{shape} step {step} {name}")
         x = rng.normal(size=(3, *shape)).astype(np.float32)  # evaluation normalises with them
-        y_ref, _ = NUMPY_KERNELS["batchnorm"].forward(node, [x.astype(np.float64)], ref_params, Ctx(training=False))
+        y_ref, _ = NUMPY.kernel("batchnorm").forward(node, [x.astype(np.float64)], ref_params, Ctx(training=False))
         y, _ = ops.KERNELS["batchnorm"].forward(node, [cp.asarray(x)], dev_params, Ctx(training=False))
         close(y, y_ref, f"{shape} evaluation")
 

@@ -1,11 +1,12 @@
 // conv_dw.cu: direct depthwise convolution (GROUPS == C == K: one filter per channel), float32
 // NCHW. A GEMM view would have one row per group; here each thread computes outputs directly.
 //
-// DW_PASS 0, forward with conv_fwd.cu's epilogue (HAS_BIAS, HAS_RESIDUAL, ACT, SLOPE):
-//   y[img][c][p][q] = act(sum_(r,s) w[c][r][s] * x[img][c][p*STRIDE_H - PAD_T + r*DIL_H][q*STRIDE_W - PAD_L + s*DIL_W]
-//                         + bias[c] + residual[img][c][p][q])
+// DW_PASS 0, forward with conv_fwd.cu's epilogue (HAS_BIAS, HAS_RESIDUAL, ACT, ARG0, ARG1, SAVE_PRE):
+//   z = sum_(r,s) w[c][r][s] * x[img][c][p*STRIDE_H - PAD_T + r*DIL_H][q*STRIDE_W - PAD_L + s*DIL_W]
+//       + bias[c] + residual[img][c][p][q]
+//   y[img][c][p][q] = f(z) (op ACT of the generated header), z to pre[same index] with SAVE_PRE
 //   one thread per output pixel; the channel's R*S weights in registers.
-//   Launch conv_dw_fwd: grid (ceil(P*Q / DW_THREADS), C, N), block (DW_THREADS); (x, w, bias, res, y, N).
+//   Launch conv_dw_fwd: grid (ceil(P*Q / DW_THREADS), C, N), block (DW_THREADS); (x, w, bias, res, y, pre, N).
 // DW_PASS 1, backward:
 //   conv_dw_bwd_data: one thread per input pixel (h, w), over the taps r whose
 //     h + PAD_T - r*DIL_H is a non-negative multiple of STRIDE_H with quotient p < P (q likewise):
@@ -26,28 +27,11 @@ static_assert(GROUPS == C && K == C, "depthwise: one filter per channel");
 
 #if DW_PASS == 0
 
-__device__ __forceinline__ float apply_act(float v) {
-    if constexpr (ACT == 1) {
-        return fmaxf(v, 0.f);
-    } else if constexpr (ACT == 2) {
-        return fminf(fmaxf(v, 0.f), 6.f);
-    } else if constexpr (ACT == 3) {
-        return v > 0.f ? v : v * (SLOPE);
-    } else if constexpr (ACT == 4) {
-        return 1.f / (1.f + __expf(-v));
-    } else if constexpr (ACT == 5) {
-        const float a = fabsf(v);
-        const float t = expm1f(2.f * a);
-        const float r = a > 9.f ? 1.f : t / (t + 2.f);
-        return copysignf(r, v);
-    } else {
-        return v;
-    }
-}
+#include "cnnc/elementwise.cuh"
 
 extern "C" __global__ void __launch_bounds__(DW_THREADS)
 KERNEL(conv_dw_fwd)(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
-                    const float* __restrict__ res, float* __restrict__ y, int batch) {
+                    const float* __restrict__ res, float* __restrict__ y, float* __restrict__ pre, int batch) {
     const int pq = blockIdx.x * DW_THREADS + threadIdx.x;
     const int c = blockIdx.y;
     const int img = blockIdx.z;
@@ -73,7 +57,8 @@ KERNEL(conv_dw_fwd)(const float* __restrict__ x, const float* __restrict__ w, co
         const long long idx = ((long long)img * C + c) * PQ + pq;
         if constexpr (HAS_BIAS) acc += __ldg(bias + c);
         if constexpr (HAS_RESIDUAL) acc += __ldg(res + idx);
-        y[idx] = apply_act(acc);
+        if constexpr (SAVE_PRE) pre[idx] = acc;
+        y[idx] = cnnc_act_fwd(ACT, acc, ARG0, ARG1);
     }
 }
 

@@ -13,7 +13,9 @@
 //             That one test covers every padding: the bottom/right padding and the ceil
 //             overhang read zeros, and with floor rounding the rows past the last window are
 //             never addressed (P and Q come from the compiler's shape rule).
-//   y[img][g * KG + m][p][q] = act(Y[m][n] + bias[g * KG + m] + residual[same index])
+//   z = Y[m][n] + bias[g * KG + m] + residual[same index]
+//   y[img][g * KG + m][p][q] = f(z), f op ACT of the generated header (elementwise.py); with
+//   SAVE_PRE (training, where f's derivative reads its input) z goes to pre[same index] too
 //
 // Tiling: a block computes a BLOCK_M x BLOCK_N tile of Y, stepping through the reduction
 // BLOCK_K at a time. Tiles of A (weights) and B (gathered input) go through registers into
@@ -34,9 +36,12 @@
 // Depthwise convolutions (GROUPS == C == K) use conv_dw.cu instead.
 //
 // Macros: C H W K R S P Q STRIDE_H STRIDE_W PAD_T PAD_L DIL_H DIL_W GROUPS (problem),
-// BLOCK_M BLOCK_N BLOCK_K THREAD_M THREAD_N (tiles), HAS_BIAS HAS_RESIDUAL ACT SLOPE
-// (epilogue: ACT 0 none, 1 relu, 2 relu6, 3 leaky_relu with SLOPE, 4 sigmoid, 5 tanh).
-// Launch: grid (ceil(N*P*Q / BLOCK_N), ceil(KG / BLOCK_M), GROUPS), block (THREADS).
+// BLOCK_M BLOCK_N BLOCK_K THREAD_M THREAD_N (tiles), HAS_BIAS HAS_RESIDUAL ACT ARG0 ARG1 SAVE_PRE
+// (epilogue: ACT 0 none, else an op code of the generated header; ARG0, ARG1 its formula arguments).
+// Launch: grid (ceil(N*P*Q / BLOCK_N), ceil(KG / BLOCK_M), GROUPS), block (THREADS);
+// arguments (x, w, bias, res, y, pre, N); bias, res, pre may be any array when unused.
+
+#include "cnnc/elementwise.cuh"
 
 constexpr int CG = C / GROUPS;  // input channels per group
 constexpr int KG = K / GROUPS;  // filters per group
@@ -88,32 +93,15 @@ constexpr int B_REGS = B_VEC ? 4 * B4_ROWS : B_COLS * B_ROWS;
 
 constexpr bool OUT_VEC = PQ % 4 == 0;
 
-__device__ __forceinline__ float apply_act(float v) {
-    if constexpr (ACT == 1) {
-        return fmaxf(v, 0.f);
-    } else if constexpr (ACT == 2) {
-        return fminf(fmaxf(v, 0.f), 6.f);
-    } else if constexpr (ACT == 3) {
-        return v > 0.f ? v : v * (SLOPE);
-    } else if constexpr (ACT == 4) {
-        return 1.f / (1.f + __expf(-v));
-    } else if constexpr (ACT == 5) {
-        // tanh from expm1: fast-math tanhf is tanh.approx (~1e-3 relative error)
-        const float a = fabsf(v);
-        const float t = expm1f(2.f * a);
-        const float r = a > 9.f ? 1.f : t / (t + 2.f);
-        return copysignf(r, v);
-    } else {
-        return v;
-    }
-}
-
-__device__ __forceinline__ float epilogue(float acc, float bv, float rv) {
+// the pre-activation z = acc + bias + residual
+__device__ __forceinline__ float pre_act(float acc, float bv, float rv) {
     float v = acc;
     if constexpr (HAS_BIAS) v += bv;
     if constexpr (HAS_RESIDUAL) v += rv;
-    return apply_act(v);
+    return v;
 }
+
+__device__ __forceinline__ float act(float z) { return cnnc_act_fwd(ACT, z, ARG0, ARG1); }
 
 // the weight tile kt into registers (zeros outside the filters and the reduction)
 __device__ __forceinline__ void load_a(const float* __restrict__ wg, int m0, int kt, int tid, float (&ar)[A_REGS]) {
@@ -182,7 +170,7 @@ __device__ __forceinline__ void mma_tile(const float (*as)[APAD], const float (*
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 KERNEL(conv_fwd)(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
-                 const float* __restrict__ res, float* __restrict__ y, int batch) {
+                 const float* __restrict__ res, float* __restrict__ y, float* __restrict__ pre, int batch) {
     __shared__ __align__(16) float As[2][BLOCK_K][APAD];
     __shared__ __align__(16) float Bs[2][BLOCK_K][BPAD];
 
@@ -331,11 +319,16 @@ KERNEL(conv_fwd)(const float* __restrict__ x, const float* __restrict__ w, const
                         const long long idx = cofs + (long long)k * PQ;
                         float4 r4 = make_float4(0.f, 0.f, 0.f, 0.f);
                         if constexpr (HAS_RESIDUAL) r4 = __ldg(reinterpret_cast<const float4*>(res + idx));
-                        float4 o;
-                        o.x = epilogue(acc[i][4 * j4], bv, r4.x);
-                        o.y = epilogue(acc[i][4 * j4 + 1], bv, r4.y);
-                        o.z = epilogue(acc[i][4 * j4 + 2], bv, r4.z);
-                        o.w = epilogue(acc[i][4 * j4 + 3], bv, r4.w);
+                        float4 zq, o;
+                        zq.x = pre_act(acc[i][4 * j4], bv, r4.x);
+                        zq.y = pre_act(acc[i][4 * j4 + 1], bv, r4.y);
+                        zq.z = pre_act(acc[i][4 * j4 + 2], bv, r4.z);
+                        zq.w = pre_act(acc[i][4 * j4 + 3], bv, r4.w);
+                        if constexpr (SAVE_PRE) *reinterpret_cast<float4*>(pre + idx) = zq;
+                        o.x = act(zq.x);
+                        o.y = act(zq.y);
+                        o.z = act(zq.z);
+                        o.w = act(zq.w);
                         *reinterpret_cast<float4*>(y + idx) = o;
                     }
                 }
@@ -356,7 +349,9 @@ KERNEL(conv_fwd)(const float* __restrict__ x, const float* __restrict__ w, const
                                 const long long idx = cofs + (long long)k * PQ;
                                 float rv = 0.f;
                                 if constexpr (HAS_RESIDUAL) rv = __ldg(res + idx);
-                                y[idx] = epilogue(acc[i][4 * j4 + jj], bv, rv);
+                                const float zv = pre_act(acc[i][4 * j4 + jj], bv, rv);
+                                if constexpr (SAVE_PRE) pre[idx] = zv;
+                                y[idx] = act(zv);
                             }
                         }
                     }
