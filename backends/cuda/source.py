@@ -9,9 +9,10 @@ template text, the shared headers it includes, the defines and KERNEL_VERSION, s
 kernel (or a changed op table) is never served from a stale cache. Nothing here needs CuPy or a GPU.
 
 Shared headers: a template line `#include "cnnc/NAME"` names one of `SHARED` (the element-wise
-ops generated from the op table, `elementwise.py`). Rendering drops the line from the spec's
-namespace and the translation unit holds each included header once, at file scope, before the
-specs; headers are self-contained and guarded, so the order of specs does not matter.
+ops generated from the op table, `elementwise.py`; the GEMM register-tile loop,
+`kernels/gemm_tile.cuh`). Rendering drops the line from the spec's namespace and the
+translation unit holds each included header once, at file scope, before the specs; headers are
+self-contained and guarded, so the order of specs does not matter.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def _elementwise_header() -> str:
 
 SHARED = {
     "cnnc/elementwise.cuh": _elementwise_header,
+    "cnnc/gemm_tile.cuh": lambda: template_text("gemm_tile.cuh"),
 }
 _INCLUDE = re.compile(r'^[ \t]*#include[ \t]+"(cnnc/[^"]+)"[ \t]*$', re.M)
 

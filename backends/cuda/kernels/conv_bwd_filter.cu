@@ -26,6 +26,8 @@
 // Launch: grid (ceil(CRS / BLOCK_N), ceil(KG / BLOCK_M), GROUPS * SPLITS), block (THREADS);
 // arguments (x, dy, out, N, per_split) with per_split = BLOCK_K * ceil(ceil(N*P*Q / BLOCK_K) / SPLITS).
 
+#include "cnnc/gemm_tile.cuh"
+
 constexpr int CG = C / GROUPS;
 constexpr int KG = K / GROUPS;
 constexpr int RS = R * S;
@@ -69,32 +71,10 @@ static_assert(BLOCK_N % B_NT == 0 && THREADS % B_NT == 0 && BLOCK_K % B_RSTEP ==
 
 constexpr bool OUT_VEC = CRS % 4 == 0;
 
+// BLOCK_K rank-1 updates of the thread's THREAD_M x THREAD_N accumulators (gemm_tile.cuh)
 __device__ __forceinline__ void mma_tile(const float (*as)[APAD], const float (*bs)[BPAD], int tm, int tn,
                                          float (&acc)[THREAD_M][THREAD_N]) {
-#pragma unroll
-    for (int kk = 0; kk < BLOCK_K; ++kk) {
-        float a[THREAD_M], b[THREAD_N];
-#pragma unroll
-        for (int i = 0; i < THREAD_M / 4; ++i) {
-            const float4 t = *reinterpret_cast<const float4*>(&as[kk][(i * TM_T + tm) * 4]);
-            a[4 * i] = t.x;
-            a[4 * i + 1] = t.y;
-            a[4 * i + 2] = t.z;
-            a[4 * i + 3] = t.w;
-        }
-#pragma unroll
-        for (int j = 0; j < THREAD_N / 4; ++j) {
-            const float4 t = *reinterpret_cast<const float4*>(&bs[kk][(j * TN_T + tn) * 4]);
-            b[4 * j] = t.x;
-            b[4 * j + 1] = t.y;
-            b[4 * j + 2] = t.z;
-            b[4 * j + 3] = t.w;
-        }
-#pragma unroll
-        for (int i = 0; i < THREAD_M; ++i)
-#pragma unroll
-            for (int j = 0; j < THREAD_N; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
+    cnnc_mma_tile<BLOCK_K, THREAD_M, THREAD_N, TM_T, TN_T, APAD, BPAD>(as, bs, tm, tn, acc);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)

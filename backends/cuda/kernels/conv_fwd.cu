@@ -41,6 +41,7 @@
 // Launch: grid (ceil(N*P*Q / BLOCK_N), ceil(KG / BLOCK_M), GROUPS), block (THREADS);
 // arguments (x, w, bias, res, y, pre, N); bias, res, pre may be any array when unused.
 
+#include "cnnc/gemm_tile.cuh"
 #include "cnnc/elementwise.cuh"
 
 constexpr int CG = C / GROUPS;  // input channels per group
@@ -139,33 +140,10 @@ __device__ __forceinline__ void store_a(float (*as)[APAD], int tid, const float 
     }
 }
 
-// BLOCK_K rank-1 updates of the thread's THREAD_M x THREAD_N accumulators
+// BLOCK_K rank-1 updates of the thread's THREAD_M x THREAD_N accumulators (gemm_tile.cuh)
 __device__ __forceinline__ void mma_tile(const float (*as)[APAD], const float (*bs)[BPAD], int tm, int tn,
                                          float (&acc)[THREAD_M][THREAD_N]) {
-#pragma unroll
-    for (int kk = 0; kk < BLOCK_K; ++kk) {
-        float a[THREAD_M], b[THREAD_N];
-#pragma unroll
-        for (int i = 0; i < THREAD_M / 4; ++i) {
-            const float4 t = *reinterpret_cast<const float4*>(&as[kk][(i * TM_T + tm) * 4]);
-            a[4 * i] = t.x;
-            a[4 * i + 1] = t.y;
-            a[4 * i + 2] = t.z;
-            a[4 * i + 3] = t.w;
-        }
-#pragma unroll
-        for (int j = 0; j < THREAD_N / 4; ++j) {
-            const float4 t = *reinterpret_cast<const float4*>(&bs[kk][(j * TN_T + tn) * 4]);
-            b[4 * j] = t.x;
-            b[4 * j + 1] = t.y;
-            b[4 * j + 2] = t.z;
-            b[4 * j + 3] = t.w;
-        }
-#pragma unroll
-        for (int i = 0; i < THREAD_M; ++i)
-#pragma unroll
-            for (int j = 0; j < THREAD_N; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
+    cnnc_mma_tile<BLOCK_K, THREAD_M, THREAD_N, TM_T, TN_T, APAD, BPAD>(as, bs, tm, tn, acc);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
