@@ -94,12 +94,13 @@ def c_float(v: float) -> str:
 
 # ---- rendering formulas ----------------------------------------------------------------------
 
-_CALLS = {
-    "exp": "cnnc_exp({0})", "expm1": "expm1f({0})", "log": "cnnc_log({0})", "log1p": "log1pf({0})",
-    "sqrt": "__fsqrt_rn({0})", "tanh": "tanh_acc({0})", "erf": "erff({0})", "abs": "fabsf({0})",
-    "sigmoid": "sigmoid_acc({0})", "softplus": "cnnc_softplus({0})", "min": "fminf({0}, {1})",
-    "max": "fmaxf({0}, {1})", "clip": "fminf(fmaxf({0}, {1}), {2})", "where": "(({0}) != 0.0f ? ({1}) : ({2}))",
-}
+# the formula language's functions (compiler/formula.py FUNCTIONS) as CUDA C
+_CALLS = dict(
+    exp="cnnc_exp({0})", expm1="expm1f({0})", log="cnnc_log({0})", log1p="log1pf({0})", sqrt="__fsqrt_rn({0})",
+    tanh="tanh_acc({0})", erf="erff({0})", abs="fabsf({0})", sigmoid="sigmoid_acc({0})",
+    softplus="cnnc_softplus({0})", min="fminf({0}, {1})", max="fmaxf({0}, {1})",
+    clip="fminf(fmaxf({0}, {1}), {2})", where="(({0}) != 0.0f ? ({1}) : ({2}))",
+)
 _BINARY = {"+": "({0} + {1})", "-": "({0} - {1})", "*": "({0} * {1})", "/": "__fdiv_rn({0}, {1})"}
 
 
