@@ -17,13 +17,14 @@ ELEMENTWISE = [op for op in OPS if OPS[op].formula is not None]
 
 
 def test_every_formula_parses_and_says_what_backward_keeps():
-    assert {"relu", "hardswish", "gelu", "silu", "elu"} <= set(ELEMENTWISE)
+    assert {"relu", "hardswish", "gelu", "silu", "elu", "mish"} <= set(ELEMENTWISE)
     for op in ELEMENTWISE:
         d = OPS[op]
         assert d.grad_needs == d.formula.grad_reads and d.grad_needs, op
         assert d.kind == "act" and d.torch and d.onnx, op
     assert OPS["relu"].grad_needs == {"output"}  # y > 0 tells the slope
     assert OPS["hardswish"].grad_needs == {"input"}  # its output does not: not invertible
+    assert OPS["mish"].grad_needs == {"input"}  # mish dips below zero and back: not invertible either
 
 
 @pytest.mark.parametrize("text,message", [
