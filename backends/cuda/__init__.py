@@ -68,7 +68,7 @@ class CudaBackend(Backend):
         """The base answer, after what the generated kernels cannot do: chains longer than the
         chain kernel takes, formulas with more parameters than the device functions take."""
         elementwise = [op for op in ops_ if op in OPS and OPS[op].formula is not None]
-        if target == "elemwise_chain" and len(elementwise) > ops.MAX_CHAIN:
+        if len(elementwise) > ops.MAX_CHAIN:  # only a chain holds more than one
             return f"a chain of {len(elementwise)} ops is longer than the CUDA chain kernel's {ops.MAX_CHAIN}"
         for op in elementwise:
             why = ew.refusal(op)

@@ -111,7 +111,7 @@ def _roles_norm(fwd: str, bwd: str):
         shape = node.in_shapes[0]
         a = node.attrs
         d = dict(C=shape[0], HW=_inner(shape), EPS=float(a.eps), AFFINE=int(bool(a.affine)))
-        if node.op == "groupnorm":
+        if a.get("groups") is not None:  # group norm: statistics per group of channels
             d["G"] = int(a.groups)
         return {"fwd": _spec(node, (fwd,), **d), "bwd": _spec(node, (bwd, "chan_reduce"), BWD=1, **d)}
     return roles
