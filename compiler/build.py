@@ -70,6 +70,7 @@ class GraphBuilder:
         self.names: dict[str, Span] = {}
         self.defaults_by_file: dict[int, dict] = {}
         self.depth = 0  # block calls, loop bodies and groups being expanded, one inside another
+        self.assigning = 1  # names the element being built is assigned to
 
     def enter(self, span: Span) -> None:
         self.depth += 1
@@ -158,9 +159,28 @@ class GraphBuilder:
             if stmt.name in frame.values:
                 raise CnncError(f"`{stmt.name}` is already a parameter here; choose another tensor name",
                                 stmt.name_span)
-            out = self.run_chain(stmt.chain, frame, current)
-            frame.tensors[stmt.name] = out
-            return out
+            names = [(stmt.name, stmt.name_span)] + list(stmt.more)
+            for extra, span in stmt.more:
+                if lookup(extra) or extra in self.program.blocks or extra in frame.values:
+                    raise CnncError(f"`{extra}` names a layer, block or parameter; choose another tensor name", span)
+            out, last = current, len(stmt.chain.elements) - 1
+            for i, el in enumerate(stmt.chain.elements):
+                if i == last:
+                    self.assigning = len(names)  # the last layer may be a split into that many
+                out = self.run_element(el, frame, out, i == 0)
+            if len(names) == 1:
+                frame.tensors[stmt.name] = out
+                return out
+            d = self.g.nodes[out] if out is not None else None
+            op = OPS[d["op"]] if d is not None else None
+            if op is None or op.outputs is None:
+                raise CnncError(f"{len(names)} names for one tensor: only a layer with several outputs (`split`) "
+                                "can be assigned to several names", stmt.name_span)
+            for i, (name, span) in enumerate(names):
+                part_op, attrs = op.part(d["attrs"], i)
+                frame.tensors[name] = self.add_node(part_op, OPS[part_op].attrs(**attrs), [out], span, frame,
+                                                    name=f"{d['local_name']}_{i}")
+            return frame.tensors[names[-1][0]]
         if isinstance(stmt, ast.ChainStmt):
             return self.run_chain(stmt.chain, frame, current)
         # for loop
@@ -193,6 +213,9 @@ class GraphBuilder:
 
     # ---- elements
     def run_element(self, el: ast.Element, frame: Frame, x: int | None, first: bool) -> int | None:
+        # the names this element's result is assigned to (a split needs one per part); whatever
+        # it contains (groups, block bodies) is assigned to nothing directly
+        assigning, self.assigning = self.assigning, 1
         if isinstance(el, ast.Group):
             times = self.repeat_count(el.repeat, frame)
             self.enter(el.span)
@@ -225,6 +248,11 @@ class GraphBuilder:
         if op.tensor_args:
             return self.merge(op, el, frame, x, first)
         attrs = self.make_attrs(op, el, frame)  # before the poison check: its mistakes are this line's own
+        if op.outputs is not None and op.outputs(attrs) != assigning:
+            n = op.outputs(attrs)
+            names = ", ".join("abcdefgh"[i] if i < 8 else f"t{i}" for i in range(n))
+            raise CnncError(f"`{name}` gives {n} tensors; name each of them", el.span,
+                            f"`{names} = ... -> {name} {n}`, then use them by name")
         if x is None:
             raise _Poisoned()
         return self.add_node(op.name, attrs, [x], el.span, frame, base=name)

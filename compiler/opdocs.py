@@ -18,19 +18,19 @@ from .ops import OPS, Attrs, OpDef
 _COMMON = set(Attrs.model_fields)
 
 
-def _value(v) -> str:
+def _value(v, info=None) -> str:
+    if v is None:  # an optional attribute without a value: its description says what it means
+        return (info.description if info is not None and info.description else "unset")
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, tuple) and v and all(isinstance(x, int) for x in v):
         return str(v[0]) if len(set(v)) == 1 else "x".join(map(str, v))
-    if v is None:
-        return "kernel"  # the one optional attribute without a value: a pool's stride
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _fields(op: OpDef) -> list[tuple[str, object, bool]]:
-    """(name, default, required) of an op's own attributes."""
-    return [(k, f.default, f.is_required()) for k, f in op.attrs.model_fields.items() if k not in _COMMON]
+    """(name, default text, required) of an op's own attributes."""
+    return [(k, _value(f.default, f), f.is_required()) for k, f in op.attrs.model_fields.items() if k not in _COMMON]
 
 
 def _positional(op: OpDef) -> str:
@@ -40,12 +40,12 @@ def _positional(op: OpDef) -> str:
     out = []
     for p in op.positional:
         d, req = fields[p]
-        out.append(p if req else f"{p} ({_value(d)})")
+        out.append(p if req or d == "unset" else f"{p} ({d})")
     return ", ".join(out)
 
 
 def _attributes(op: OpDef) -> str:
-    return " ".join(f"`{k}={_value(d)}`" for k, d, req in _fields(op) if k not in op.positional and not req)
+    return " ".join(f"`{k}={d}`" for k, d, req in _fields(op) if k not in op.positional and not req)
 
 
 def _code(names) -> str:
@@ -81,7 +81,7 @@ def describe(name: str) -> dict:
     """One layer as data (what `cnnc ops NAME --json` prints)."""
     op = OPS[name]
     out = {"layer": name, "doc": op.doc, "aliases": list(op.aliases), "positional": _positional(op),
-           "attributes": {k: (None if req else _value(d)) for k, d, req in _fields(op)},
+           "attributes": {k: (None if req else d) for k, d, req in _fields(op)},
            "output": op.out_doc, "params": op.params_doc, "macs": op.macs_doc, "kind": op.kind,
            "pattern": op.pattern.value, "pytorch": op.torch_doc or (op.torch if isinstance(op.torch, str) else None),
            "onnx": op.onnx}

@@ -148,7 +148,7 @@ class ConvAttrs(Attrs):
 
 class PoolAttrs(Attrs):
     kernel: Pair
-    stride: Pair | None = None  # None: equal to the kernel, as in PyTorch and Keras
+    stride: Annotated[Pair | None, Field(description="kernel")] = None  # None: the kernel, as PyTorch and Keras
     pad: Pads = (0, 0, 0, 0)
     round: Rounding = "exact"
     count_pad: Flag = True  # avgpool: padded zeros count in the divisor (PyTorch's count_include_pad)
@@ -224,8 +224,21 @@ class StochasticDepthAttrs(Attrs):
 
 
 class ChannelSliceAttrs(Attrs):
-    lo: Annotated[int, Field(ge=0)]
-    hi: PositiveInt
+    lo: Annotated[int, Field(ge=0)] | None = None
+    hi: PositiveInt | None = None
+    part: Annotated[tuple[Annotated[int, Field(ge=0)], PositiveInt] | None,
+                    Field(description="set by split")] = None  # (i, n): the i-th of n equal parts
+
+    def bounds(self, c: int) -> tuple[int, int]:
+        """(lo, hi) within c channels: the given ones, or those of part i of n."""
+        if self.part is not None:
+            i, n = self.part
+            return (i * c // n, (i + 1) * c // n)
+        return (self.lo, self.hi)
+
+
+class SplitAttrs(Attrs):
+    parts: Annotated[int, Field(ge=2)] = 2
 
 
 # ---- attributes of the ops that passes create (not written in .cnn files) -------------------
@@ -337,6 +350,10 @@ class OpDef:
     fold: Callable[[Any, dict], tuple[Any, Any, Any]] | None = None
     label: str | None = None  # its short name in fused labels ("bn" in conv_bn_relu)
     loss_absorbs: frozenset[str] = frozenset()  # losses that include it (cross-entropy's softmax): training drops it
+    # a layer with several outputs (split): how many, and the op and attributes of output i; the
+    # builder makes one node per output, each reading this layer's (pass-through) result
+    outputs: Callable[[Any], int] | None = None
+    part: Callable[[Any, int], tuple[str, dict]] | None = None
     # the language reference's summary columns (compiler/opdocs.py)
     out_doc: str = "same"
     params_doc: str = "0"
@@ -692,10 +709,21 @@ def pad_channels_split(a: PadChannelsAttrs, c: int) -> tuple[int, int]:
 
 def _channel_slice_shape(a: ChannelSliceAttrs, ins) -> Shape:
     x = _need_rank(ins, "channel_slice", (3, 1))
-    if not a.lo < a.hi <= x[0]:
-        raise CnncError(f"channel_slice {a.lo} {a.hi} of {x[0]} channels: needs 0 ≤ lo < hi ≤ {x[0]}",
+    if a.part is None and (a.lo is None or a.hi is None):
+        raise CnncError("channel_slice needs lo and hi", hint="`channel_slice 0 c//2` takes the first c//2 channels")
+    lo, hi = a.bounds(x[0])
+    if not lo < hi <= x[0]:
+        raise CnncError(f"channel_slice {lo} {hi} of {x[0]} channels: needs 0 ≤ lo < hi ≤ {x[0]}",
                         hint="channel_slice lo hi takes channels lo … hi−1 (`channel_slice 0 c//2` is the first half)")
-    return (a.hi - a.lo,) + tuple(x[1:])
+    return (hi - lo,) + tuple(x[1:])
+
+
+def _split_shape(a: SplitAttrs, ins) -> Shape:
+    x = _need_rank(ins, "split", (3, 1))
+    if x[0] % a.parts:
+        raise CnncError(f"split {a.parts} of {x[0]} channels: {a.parts} does not divide {x[0]}",
+                        hint="split cuts the channels into equal parts; use channel_slice for others")
+    return x
 
 
 def _torch_per_channel(T, v, x):
@@ -865,7 +893,13 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
           torch_doc="torchvision.ops.StochasticDepth(rate, \"row\")"),
     OpDef("channel_slice", "Channels lo … hi−1 (features of a flat input): one half of ShuffleNetV2's channel "
           "split.", ChannelSliceAttrs, _channel_slice_shape, Pattern.INJECTIVE, positional=("lo", "hi"),
-          torch="x[:, a.lo:a.hi]", onnx="Slice", out_doc="(hi−lo)×H×W", torch_doc="x[:, lo:hi]"),
+          torch="x[:, a.bounds(x.shape[1])[0]:a.bounds(x.shape[1])[1]]", onnx="Slice", out_doc="(hi−lo)×H×W",
+          torch_doc="x[:, lo:hi]"),
+    OpDef("split", "Equal channel parts, one tensor each: `a, b = ... -> split 2` (ShuffleNetV2's channel split).",
+          SplitAttrs, _split_shape, Pattern.INJECTIVE, positional=("parts",), aliases=("chunk",), torch="x",
+          onnx="Split", identity_in=frozenset({"inference", "training"}), out_doc="parts × (C/parts)×H×W",
+          torch_doc="x.chunk(parts, dim=1)", outputs=lambda a: a.parts,
+          part=lambda a, i: ("channel_slice", {"part": (i, a.parts)})),
 ]}
 
 _ALIASES = {alias: op.name for op in OPS.values() for alias in op.aliases}

@@ -119,6 +119,7 @@ class Assign:
     chain: Chain
     span: Span
     name_span: Span
+    more: list = field(default_factory=list)  # further (name, span) pairs: the parts of a split
 
 
 @dataclass

@@ -162,8 +162,9 @@ class _ToAst(Transformer):
     # ---- statements
     @v_args(meta=True)
     def assign(self, meta, children):
-        name, chain = children
-        return ast.Assign(str(name), chain, self._span(meta), self._tok(name))
+        *names, chain = children
+        more = [(str(n), self._tok(n)) for n in names[1:]]  # `a, b = ... -> split 2`
+        return ast.Assign(str(names[0]), chain, self._span(meta), self._tok(names[0]), more)
 
     @v_args(meta=True)
     def chain_stmt(self, meta, children):

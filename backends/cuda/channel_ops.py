@@ -101,8 +101,8 @@ def _roles_pad(node):
 
 def _roles_slice(node):
     shape = node.in_shapes[0]
-    a = node.attrs
-    d = dict(C=shape[0], HW=_inner(shape), CO=int(a.hi) - int(a.lo), LO=int(a.lo))
+    lo, hi = node.attrs.bounds(shape[0])
+    d = dict(C=shape[0], HW=_inner(shape), CO=int(hi) - int(lo), LO=int(lo))
     return {"fwd": _spec(node, ("slice_fwd",), **d), "bwd": _spec(node, ("slice_bwd",), BWD=1, **d)}
 
 

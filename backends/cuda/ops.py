@@ -252,7 +252,7 @@ _ROLES = {  # by op; every op with an element-wise formula takes _roles_act (see
     "elemwise_chain": _roles_act,
     "softmax": _roles_softmax, "dropout": _roles_dropout, "batchnorm": _roles_bn, "lrn": _roles_lrn,
     "add": _roles_add, "concat": _roles_concat, "layout_transform": _roles_layout,
-    "identity": lambda node: {}, "flatten": lambda node: {},
+    "identity": lambda node: {}, "flatten": lambda node: {}, "split": lambda node: {},
 }
 
 _role_cache: dict = {}
@@ -648,6 +648,7 @@ KERNELS: dict[str, Kernel] = {
     "softmax": Kernel(softmax_forward, softmax_backward),
     "dropout": Kernel(dropout_forward, dropout_backward),
     "identity": Kernel(identity_forward, identity_backward),
+    "split": Kernel(identity_forward, identity_backward),  # a pass-through; its parts are channel slices
     "batchnorm": Kernel(batchnorm_forward, batchnorm_backward),
     "lrn": Kernel(lrn_forward, lrn_backward),
     "add": Kernel(add_forward, add_backward),

@@ -96,14 +96,14 @@ def channel_shuffle_backward(node, saved, dy, params, ctx):
 
 def channel_slice_forward(node, xs, params, ctx):
     (x,) = xs
-    a = node.attrs
-    return np.ascontiguousarray(x[:, a.lo:a.hi]), x.shape
+    lo, hi = node.attrs.bounds(x.shape[1])
+    return np.ascontiguousarray(x[:, lo:hi]), x.shape
 
 
 def channel_slice_backward(node, saved, dy, params, ctx):
-    a = node.attrs
+    lo, hi = node.attrs.bounds(saved[1])
     dx = np.zeros(saved, dtype=dy.dtype)
-    dx[:, a.lo:a.hi] = dy
+    dx[:, lo:hi] = dy
     return [dx], {}
 
 

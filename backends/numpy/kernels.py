@@ -209,6 +209,7 @@ KERNELS: dict[str, Kernel] = {
     "softmax": Kernel(softmax_forward, softmax_backward),
     "dropout": Kernel(dropout_forward, dropout_backward),
     "identity": Kernel(identity_forward, identity_backward),
+    "split": Kernel(identity_forward, identity_backward),  # a pass-through; its parts are channel slices
     "batchnorm": Kernel(batchnorm_forward, batchnorm_backward),
     "lrn": Kernel(lrn_forward, lrn_backward),
     "add": Kernel(add_forward, add_backward),

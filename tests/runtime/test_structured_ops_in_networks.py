@@ -68,6 +68,20 @@ layers:
     shuffle_unit(8) * 2
     gap -> dense classes
 """,
+    "shufflenet_split": """\
+network shufflenet_split
+input 1x8x8
+classes 4
+default conv bias=false
+block shuffle_unit(c):
+    a, b = in -> split 2
+    b = b -> conv c//2 1x1 -> bn -> relu -> conv c//2 3x3 pad=1 groups=c//2 -> bn -> conv c//2 1x1 -> bn -> relu
+    concat(a, b) -> channel_shuffle 2
+layers:
+    conv 8 3x3 pad=1 -> bn -> relu
+    shuffle_unit(8) * 2
+    gap -> dense classes
+""",
     "resnet_option_a": """\
 network resnet_a
 input 1x8x8
@@ -157,6 +171,12 @@ def test_the_network_agrees_with_torch(name):
     ("conv 6 3x3 -> channel_slice 3 3", "channel_slice 3 3 of 6 channels"),
     ("conv 6 3x3 -> gap -> dense 5 -> channel_shuffle 5", "channel_shuffle needs C×H×W input, got 5"),
     ("conv 6 3x3 -> stochastic_depth 1.0", "rate"),
+    ("a, b, c, d = conv 6 3x3 -> split 4", "split 4 of 6 channels: 4 does not divide 6"),
+    ("a = conv 6 3x3 -> split 2", "`split` gives 2 tensors; name each of them"),
+    ("a, b, c = conv 6 3x3 -> split 2", "`split` gives 2 tensors; name each of them"),
+    ("a, b = conv 6 3x3", "2 names for one tensor: only a layer with several outputs (`split`)"),
+    ("a, b = conv 6 3x3 -> split 2 -> relu", "`split` gives 2 tensors; name each of them"),
+    ("a, relu = conv 6 3x3 -> split 2", "`relu` names a layer, block or parameter"),
 ])
 def test_shape_mistakes_are_clear_errors(layers, message, cnn):
     net = cnn(f"network bad\ninput 1x8x8\nlayers:\n    {layers}\n")
