@@ -30,7 +30,7 @@ import networkx as nx
 from cnnc.dsl.errors import CnncError
 
 from .graph import inputs_of
-from .ops import OPS, fmt_shape
+from .ops import OPS, Pattern, fmt_shape
 from .summary import _fmt_args, describe
 
 INSTALL_HINT = ("install Graphviz: `apt-get install graphviz` (Debian, Ubuntu), `dnf install graphviz` (Fedora), "
@@ -89,7 +89,7 @@ def classify_edges(g: nx.MultiDiGraph) -> dict[tuple[int, int, int], str]:
         d = g.nodes[v]
         edges = sorted(g.in_edges(v, data="port"), key=lambda e: e[2])
         op = OPS[d["op"]]
-        if op.kind == "merge" and not op.residual_fusable:  # a concatenation
+        if op.kind == "merge" and op.pattern is Pattern.INJECTIVE:  # a concatenation
             for u, _, p in edges:
                 kinds[(u, v, p)] = "dense"
         elif op.residual_fusable and len(edges) > 1:  # a sum: the shortest path in is the shortcut
@@ -277,7 +277,7 @@ def _node_stmt(view: View, n: int, src_lines) -> str:
              f'fillcolor="{FILL[kind]}"']
     if kind == "io":
         attrs.append("shape=box style=filled")
-    if OPS[d["op"]].kind == "merge" and not OPS[d["op"]].residual_fusable:  # a concatenation keeps its order
+    if OPS[d["op"]].kind == "merge" and OPS[d["op"]].pattern is Pattern.INJECTIVE:  # a concatenation: in order
         attrs.append("ordering=in")
     if opts.tooltips:
         attrs.append(f"tooltip={_q(node_tooltip(d, src_lines))}")
