@@ -7,7 +7,7 @@ table, one forward and one backward kernel; the runtime drives them (autodiff, t
     Backend.fused_ops             fused kernels the fusion passes may ask for
     Backend.fusion_refusal(target, ops)
                                   the capability query: None when the backend runs `target`
-                                  (fused_conv, fused_dense, elemwise_chain) made of the op-table
+                                  (fused_conv, fused_dense, fused_mul, elemwise_chain) made of the op-table
                                   ops `ops`, else the reason it does not (a refusal in --report)
     Backend.elementwise           the Kernel that runs every op with an element-wise formula
     Backend.to_device(host)       host → device array (float32 unless integer)

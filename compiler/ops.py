@@ -280,6 +280,11 @@ class FusedDenseAttrs(DenseAttrs, Epilogue):
     pass
 
 
+class FusedMulAttrs(Epilogue):
+    """x · act(g): input 0 the C×H×W tensor, input 1 the C×1×1 gate whose activation is applied first
+    (fuse_gate puts the operands in this order whichever order the product had them in)."""
+
+
 class ChainAttrs(Attrs):
     """Unary element-wise ops applied in order, in one pass over the data."""
 
@@ -338,6 +343,8 @@ class OpDef:
     # gradient: what backward needs kept from forward ("input", "output"), for memory planning
     grad_needs: frozenset[str] = frozenset()
     fused_as: str | None = None  # the fused op an epilogue fusion turns this op into
+    # a broadcast product: the fused op it becomes with the element-wise activation of its C×1×1 gate (fuse_gate)
+    gate_fused_as: str | None = None
     formula: Formula | None = None  # element-wise ops: y = f(x) and f', which every backend renders
     kind: str = "misc"  # what pictures draw it as: io conv dense pool norm act merge misc
     torch: str | None = None  # the PyTorch equivalent, an expression in F, torch, x and the attributes
@@ -654,6 +661,15 @@ def _mul_shape(a, ins: list[Shape]) -> Shape:
                          "same C (squeeze-excitation: `... -> gap -> ... -> hardsigmoid -> mul(x)`)")
 
 
+def _fused_mul_shape(a, ins: list[Shape]) -> Shape:
+    """A C×H×W tensor (input 0) and its C×1×1 gate (input 1)."""
+    x, g = ins
+    if len(x) != 3 or tuple(g) != (x[0], 1, 1):
+        raise CnncError(f"fused_mul of tensors with shapes {fmt_shape(x)} and {fmt_shape(g)}: needs a C×H×W "
+                        "tensor and then its C×1×1 gate")
+    return x
+
+
 def _prelu_params(a: PreluAttrs, ins) -> list[ParamSpec]:
     return [ParamSpec("weight", (1,) if a.shared else (ins[0][0],), init=0.25)]
 
@@ -732,6 +748,12 @@ def _torch_per_channel(T, v, x):
 
 def _torch_layer_scale(T, a, node, xs, p, training):
     return xs[0] * _torch_per_channel(T, p["weight"], xs[0])
+
+
+def _torch_fused_mul(T, a, node, xs, p, training):
+    act = a.act()
+    gate = xs[1] if act is None else torch_elementwise(T, act[0], act[1], xs[1])
+    return xs[0] * gate
 
 
 def _torch_channel_shuffle(T, a, node, xs, p, training):
@@ -859,7 +881,11 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("mul", "Element-wise product of two tensors of one shape, or of a C×H×W tensor and a C×1×1 gate "
           "broadcast over H×W (squeeze-excitation).", NoAttrs, _mul_shape, Pattern.BROADCAST, inputs=(2, 2),
           tensor_args=True, grad_needs=IN, kind="merge", torch="xs[0] * xs[1]", onnx="Mul",
-          out_doc="the larger", torch_doc="a * b"),
+          out_doc="the larger", torch_doc="a * b", gate_fused_as="fused_mul"),
+    OpDef("fused_mul", "A C×H×W tensor times the element-wise activation of its C×1×1 gate, x · act(g), in one "
+          "pass (squeeze-excitation's gate and product).", FusedMulAttrs, _fused_mul_shape, Pattern.BROADCAST,
+          inputs=(2, 2), user=False, grad_needs=IN, kind="merge", torch=_torch_fused_mul, onnx="Mul",
+          label="mul"),
     OpDef("prelu", "x if x > 0 else a·x with a learnable slope a per channel (one for all with `shared=true`).",
           PreluAttrs, lambda a, ins: _need_rank(ins, "prelu", (3, 1)), Pattern.BROADCAST, params=_prelu_params,
           grad_needs=IN, kind="act", torch="F.prelu(x, p['weight'])", onnx="PRelu",

@@ -4,7 +4,8 @@ Every rewrite appends a record to g.graph["report"] naming the `.cnn` lines it c
 every fusion that was possible in shape but refused says why (two consumers, no fused kernel
 in the backend, ...). Fusion is decided from the op table: an op whose pattern is
 out-element-wise-fusable and that declares `fused_as` absorbs a following residual merge
-(`residual_fusable`) and an op with an element-wise formula; runs of such ops fuse into one;
+(`residual_fusable`) and an op with an element-wise formula; a broadcast product that declares
+`gate_fused_as` absorbs the element-wise op making its C×1×1 gate; runs of such ops fuse into one;
 the backend's capability query (`ctx.fusion_refusal`) may refuse any fusion, with its reason.
 The passes test no op names but those of the ops they create themselves (`CHAIN`, `LAYOUT`).
 
@@ -287,6 +288,60 @@ def _fuse_group(g, group: list[int], target: str, residual: int | None) -> None:
 
 def _label(op: str) -> str:
     return OPS[op].label or op
+
+
+def _gate_operand(g, n) -> int | None:
+    """The port of a broadcast product's C×1×1 gate (the other operand C×H×W), or None."""
+    shapes = [tuple(g.nodes[u]["shape"]) for u in inputs_of(g, n)]
+    if len(shapes) != 2 or shapes[0] == shapes[1]:
+        return None
+    ports = [i for i, s in enumerate(shapes) if len(s) == 3 and s[1:] == (1, 1) and len(shapes[1 - i]) == 3]
+    return ports[0] if len(ports) == 1 else None
+
+
+def fuse_gate(g, ctx):
+    """A broadcast product x · g (squeeze-excitation) whose C×1×1 gate g is the output of an op with
+    an element-wise formula read by nothing else → one fused op (the product's `gate_fused_as`)
+    computing x · act(g) in one pass; its inputs are the full tensor, then the activation's input."""
+    for n in sorted(g.nodes):
+        if n not in g:
+            continue
+        d = g.nodes[n]
+        target = OPS[d["op"]].gate_fused_as
+        port = _gate_operand(g, n) if target is not None else None
+        if port is None:
+            continue
+        ins = inputs_of(g, n)
+        gate, full = ins[port], ins[1 - port]
+        if not _elementwise(g, gate):
+            continue
+        act = g.nodes[gate]
+        if _single_consumer(g, gate) != n:
+            _report(g, "fuse_gate", f"not fused: {act['op']} `{act['name']}` output has "
+                                    f"{len(consumers(g, gate))} consumers", [gate, n], refused=True)
+            continue
+        ops = (act["op"], d["op"])
+        why = ctx.fusion_refusal(target, ops)
+        if why is not None:
+            _report(g, "fuse_gate", f"not fused: {why}", [gate, n], refused=True)
+            continue
+        attrs = OPS[target].attrs(activation=act["op"], act_args=formula_args(act["op"], act["attrs"]))
+        fused_from = _from(act) + _from(d)
+        new = max(g.nodes) + 1
+        meta = {k: d[k] for k in ("name", "local_name", "span", "callstack", "path")}
+        g.add_node(new, op=target, attrs=attrs, fused_from=fused_from, **meta)
+        g.add_edge(full, new, port=0)
+        g.add_edge(inputs_of(g, gate)[0], new, port=1)
+        for v, p in consumers(g, n):
+            g.add_edge(new, v, port=p)
+        if g.graph["output"] == n:
+            g.graph["output"] = new
+        labels = [_label(op) for op, _, _ in fused_from]
+        _report(g, "fuse_gate", " + ".join(labels) + f" → fused {'_'.join(labels)}", [gate, n])
+        g.remove_node(n)
+        g.remove_node(gate)
+        refresh(g, new)
+    return renumber(g)
 
 
 CHAIN = "elemwise_chain"  # the op fuse_elementwise makes

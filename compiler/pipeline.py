@@ -113,6 +113,7 @@ PIPELINE = [
     Pass("remove_dropout", opt.remove_dropout, 1, INFERENCE),
     Pass("remove_flatten_before_dense", opt.remove_flatten_before_dense, 1),
     Pass("fold_batchnorm", opt.fold_batchnorm, 2, INFERENCE),
+    Pass("fuse_gate", opt.fuse_gate, 2),
     Pass("fuse_epilogue", opt.fuse_epilogue, 2),
     Pass("fuse_elementwise", opt.fuse_elementwise, 2),
     Pass("choose_layout", opt.choose_layout, 2),

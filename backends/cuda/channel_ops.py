@@ -1,6 +1,6 @@
-"""The CUDA backend's kernels for the channel and normalisation ops of modern blocks (mul,
-prelu, layer_scale, channel_shuffle, pad_channels, channel_slice, layernorm, groupnorm,
-stochastic_depth), over one template, `kernels/channel_ops.cu`, specialised per node.
+"""The CUDA backend's kernels for the channel and normalisation ops of modern blocks (mul and
+fused_mul, x · act(gate), prelu, layer_scale, channel_shuffle, pad_channels, channel_slice,
+layernorm, groupnorm, stochastic_depth), over one template, `kernels/channel_ops.cu`, specialised per node.
 
 The conventions are `ops.py`'s: `_roles(node)` gives the node's `KernelSpec`s by role ("fwd",
 "train", "bwd"), read by `specs(node, training)` (ahead-of-time compilation, no GPU needed) and
@@ -20,13 +20,14 @@ from cnnc.compiler.ops import pad_channels_split
 from cnnc.dsl.errors import CnncError
 
 from . import device
+from . import elementwise as ew
 from .source import KernelSpec
 
 THREADS = 256
 MAX_BLOCKS = 4096
 TEMPLATE = "channel_ops.cu"
-OP_CODES = {"mul": 1, "prelu": 2, "layer_scale": 3, "channel_shuffle": 4, "pad_channels": 5, "channel_slice": 6,
-            "layernorm": 7, "groupnorm": 8, "stochastic_depth": 9}
+OP_CODES = {"mul": 1, "fused_mul": 1, "prelu": 2, "layer_scale": 3, "channel_shuffle": 4, "pad_channels": 5,
+            "channel_slice": 6, "layernorm": 7, "groupnorm": 8, "stochastic_depth": 9}
 
 _fallback_rng = np.random.default_rng()
 
@@ -66,9 +67,14 @@ def _spec(node, entries, **defines) -> KernelSpec:
 
 
 def _roles_mul(node):
+    """mul, and fused_mul (its attributes an Epilogue: input 1 the gate, x · act(g))."""
     a, b = node.in_shapes
-    gate = 0 if a == b else (1 if tuple(a[1:]) == (1, 1) else 2)
-    d = dict(C=node.out_shape[0], HW=_inner(node.out_shape), GATE=gate)
+    fused = "activation" in type(node.attrs).model_fields
+    act = node.attrs.act() if fused else None
+    gate = 2 if fused else 0 if a == b else (1 if tuple(a[1:]) == (1, 1) else 2)
+    p0, p1 = ew.padded_args(*act) if act is not None else (0.0, 0.0)
+    d = dict(C=node.out_shape[0], HW=_inner(node.out_shape), GATE=gate,
+             ACT=ew.code(act[0]) if act is not None else 0, ARG0=float(p0), ARG1=float(p1))
     entries = ("mul_bwd_full",) + (("mul_bwd_gate",) if gate else ())
     return {"fwd": _spec(node, ("mul_fwd",), **d), "bwd": _spec(node, entries, BWD=1, **d)}
 
@@ -124,7 +130,7 @@ def _roles_sd(node):
     return {"train": _spec(node, ("sd_apply",), C=1, HW=per, PER=per)}  # backward reuses it
 
 
-_ROLES = {"mul": _roles_mul, "prelu": _roles_prelu, "layer_scale": _roles_layer_scale,
+_ROLES = {"mul": _roles_mul, "fused_mul": _roles_mul, "prelu": _roles_prelu, "layer_scale": _roles_layer_scale,
           "channel_shuffle": _roles_shuffle, "pad_channels": _roles_pad, "channel_slice": _roles_slice,
           "layernorm": _roles_norm("ln_fwd", "ln_bwd"), "groupnorm": _roles_norm("gn_fwd", "gn_bwd"),
           "stochastic_depth": _roles_sd}
@@ -191,7 +197,7 @@ def mul_backward(node, saved, dy, params, ctx):
     gate_in, full_in = (a, b) if gate == 1 else (b, a)
     rows = dy.shape[0] * spec.define("C")
     dg = device.empty(gate_in.shape)
-    _launch(spec, "mul_bwd_gate", (_blocks(rows * 32),), (THREADS,), dy, full_in, dg, np.int64(rows))
+    _launch(spec, "mul_bwd_gate", (_blocks(rows * 32),), (THREADS,), dy, full_in, gate_in, dg, np.int64(rows))
     dfull = full_grad(gate_in)
     return ([dg, dfull] if gate == 1 else [dfull, dg]), {}
 
@@ -329,5 +335,7 @@ def stochastic_depth_backward(node, saved, dy, params, ctx):
         return [dy], {}
     return [_sd_apply(_roles(node)["train"], _f32(dy), saved)], {}
 
+
+fused_mul_forward, fused_mul_backward = mul_forward, mul_backward  # ACT in the specs applies the gate's activation
 
 KERNELS: dict[str, Kernel] = {op: Kernel(globals()[f"{op}_forward"], globals()[f"{op}_backward"]) for op in OP_CODES}

@@ -38,7 +38,7 @@ class NumpyBackend(Backend):
     name = "numpy"
     kernels = KERNELS
     elementwise = ELEMENTWISE
-    fused_ops = frozenset({"fused_conv", "fused_dense", "elemwise_chain", "layout_transform"})
+    fused_ops = frozenset({"fused_conv", "fused_dense", "fused_mul", "elemwise_chain", "layout_transform"})
 
     def __init__(self) -> None:
         parallel.set_threads(_threads())

@@ -1,5 +1,5 @@
 """The NumPy backend's kernels for the channel and normalisation ops of modern blocks:
-squeeze-excitation's `mul`, `prelu`, ConvNeXt's `layer_scale`, `layernorm` and
+squeeze-excitation's `mul` (and `fused_mul`, the product with its gate's activation), `prelu`, ConvNeXt's `layer_scale`, `layernorm` and
 `stochastic_depth`, `groupnorm`, ShuffleNet's `channel_shuffle` and `channel_slice`, and the
 ResNet option-A shortcut's `pad_channels`.
 
@@ -14,6 +14,7 @@ import numpy as np
 
 from cnnc.compiler.ops import pad_channels_split
 
+from . import elementwise as _ew
 from .dense import _cast
 
 # stochastic depth when the context brings no generator
@@ -46,6 +47,24 @@ def mul_forward(node, xs, params, ctx):
 def mul_backward(node, saved, dy, params, ctx):
     a, b = saved
     return [_reduce_to(dy * b, a.shape), _reduce_to(dy * a, b.shape)], {}
+
+
+def fused_mul_forward(node, xs, params, ctx):
+    """y = x · act(g): x (N, C, H, W), g its (N, C, 1, 1) gate."""
+    x, g = xs
+    act = node.attrs.act()
+    a = g if act is None else _ew.apply(act[0], act[1], g)
+    return x * a, (x, g, a)
+
+
+def fused_mul_backward(node, saved, dy, params, ctx):
+    """dx = dy · act(g), dg = (Σ_hw dy · x) · act'(g, act(g))."""
+    x, g, a = saved
+    act = node.attrs.act()
+    dg = _reduce_to(dy * x, g.shape)
+    if act is not None:
+        dg = _ew.grad(act[0], act[1], g, a, dg)
+    return [dy * a, dg], {}
 
 
 # ---- prelu, layer_scale ---------------------------------------------------------------------

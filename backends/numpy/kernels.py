@@ -219,6 +219,7 @@ KERNELS: dict[str, Kernel] = {
     "elemwise_chain": Kernel(_fused.chain_forward, _fused.chain_backward),
     "layout_transform": Kernel(_fused.layout_forward, _fused.layout_backward),
     "mul": Kernel(_ch.mul_forward, _ch.mul_backward),
+    "fused_mul": Kernel(_ch.fused_mul_forward, _ch.fused_mul_backward),
     "prelu": Kernel(_ch.prelu_forward, _ch.prelu_backward),
     "layer_scale": Kernel(_ch.layer_scale_forward, _ch.layer_scale_backward),
     "channel_shuffle": Kernel(_ch.channel_shuffle_forward, _ch.channel_shuffle_backward),

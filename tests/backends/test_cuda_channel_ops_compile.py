@@ -1,7 +1,8 @@
 """The CUDA kernels of the channel and normalisation ops (backends/cuda/channel_ops.py over
 kernels/channel_ops.cu): without a GPU, every case's inference and training specs compile for
-sm_90 with nvcc and every entry point appears in ptxas's report; with a GPU (skipped otherwise),
-forward and backward match the NumPy backend on test_numpy_grad.py's cases."""
+sm_90 with nvcc and every entry point appears in ptxas's report, fused_mul's with every element-wise
+op of the table in one nvcc run; with a GPU (skipped otherwise), forward and backward match the
+NumPy backend on test_numpy_grad.py's cases and fused_mul with every element-wise op."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import pytest
 from test_numpy_grad import CASES, ctx_for, make_node, make_params, rel
 
 from cnnc.backends.cuda import KERNELS, channel_ops, device, nvcc, specs_for_graph
+from cnnc.backends.cuda import elementwise as ew
+from cnnc.backends.cuda import source
 from cnnc.backends.cuda.source import translation_unit
+from cnnc.compiler.ops import OPS
 from cnnc.backends.numpy import NumpyBackend
 from cnnc.compiler.pipeline import PassContext, check, optimize
 from cnnc.dsl.errors import CnncError
@@ -21,6 +25,7 @@ from cnnc.dsl.errors import CnncError
 from conftest import EXAMPLES
 
 OURS = [c for c in CASES if c.op in channel_ops.KERNELS]
+ELEMENTWISE = [op for op in OPS if OPS[op].formula is not None]
 NUMPY = NumpyBackend()
 
 
@@ -68,6 +73,39 @@ def test_every_channel_op_spec_compiles_for_sm90(tmp_path):
         assert found[name].spill_stores + found[name].spill_loads <= 128, f"{name} spills: {found[name]}"
 
 
+def fused_mul_node(act: str, shapes=((6, 5, 7), (6, 1, 1))):
+    """fused_mul with `act` on its gate, the formula's parameters at their defaults."""
+    args = tuple(float(OPS[act].attrs.model_fields[p].default) for p in OPS[act].formula.params)
+    return make_node("fused_mul", dict(activation=act, act_args=args), list(shapes))[0]
+
+
+def test_fused_mul_specs_carry_the_gate_activation():
+    for act in ELEMENTWISE:
+        node = fused_mul_node(act)
+        fwd, bwd = channel_ops.specs(node, True)
+        assert {fwd.define("ACT"), bwd.define("ACT")} == {ew.code(act)} and fwd.define("GATE") == 2
+        assert bwd.entries == ("mul_bwd_full", "mul_bwd_gate")
+    plain = channel_ops.specs(make_node("mul", {}, [(6, 5, 7), (6, 1, 1)])[0], True)
+    assert all(s.define("ACT") == 0 for s in plain)
+    assert "cnnc/elementwise.cuh" in source.includes(channel_ops.TEMPLATE)
+
+
+@pytest.mark.skipif(nvcc.find_nvcc() is None, reason="nvcc (the CUDA toolkit) is not installed")
+def test_fused_mul_compiles_for_every_formula_op(tmp_path):
+    """One nvcc run: fused_mul's inference and training specs with each element-wise op of the table."""
+    specs = []
+    for act in ELEMENTWISE:
+        specs += channel_ops.specs(fused_mul_node(act), True)
+    specs += channel_ops.specs(fused_mul_node("hardsigmoid", [(512, 7, 7), (512, 1, 1)]), True)
+    resources = nvcc.compile_cubin(translation_unit(specs), tmp_path / "fused_mul.cubin")
+    found = {r.kernel: r for r in resources}
+    expected = {s.symbol(e) for s in specs for e in s.entries}
+    assert expected <= set(found), sorted(expected - set(found))[:10]
+    for name in expected:
+        assert found[name].registers > 0, name
+        assert found[name].spill_stores + found[name].spill_loads == 0, f"{name} spills: {found[name]}"
+
+
 # ---- with a GPU ------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -99,3 +137,26 @@ def test_channel_op_matches_numpy(case, batch, monkeypatch):
         assert rel(cp.asnumpy(dps[name]).astype(np.float64), dps_ref[name]) <= 1e-5, f"{name} gradient"
     for d, h in zip(dev, leaves):
         np.testing.assert_array_equal(cp.asnumpy(d), h)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not device.gpu_available(), reason="needs CuPy and an NVIDIA GPU")
+@pytest.mark.parametrize("act", ELEMENTWISE)
+def test_fused_mul_matches_numpy_for_every_formula_op(act, monkeypatch):
+    cp = device.cupy()
+    monkeypatch.setattr(device, "POISON", True)
+    rng = np.random.default_rng(zlib.crc32(f"fused_mul|{act}".encode()))
+    node = fused_mul_node(act)
+    x = rng.normal(size=(3, 6, 5, 7)).astype(np.float32)
+    g = rng.normal(0, 4.0, size=(3, 6, 1, 1)).astype(np.float32)  # past the kinks at ±3 and 6
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    ref = NUMPY.kernel("fused_mul")
+    y_ref, saved_ref = ref.forward(node, [x.astype(np.float64), g.astype(np.float64)], {}, ctx_for(OURS[0]))
+    (dx_ref, dg_ref), _ = ref.backward(node, saved_ref, dy.astype(np.float64), {}, ctx_for(OURS[0]))
+    kernel = channel_ops.KERNELS["fused_mul"]
+    y, saved = kernel.forward(node, [cp.asarray(x), cp.asarray(g)], {}, ctx_for(OURS[0]))
+    (dx, dg), dps = kernel.backward(node, saved, cp.asarray(dy), {}, ctx_for(OURS[0]))
+    assert rel(cp.asnumpy(y).astype(np.float64), y_ref) <= 1e-5, "forward"
+    assert rel(cp.asnumpy(dx).astype(np.float64), dx_ref) <= 1e-5, "dx"
+    assert rel(cp.asnumpy(dg).astype(np.float64), dg_ref) <= 1e-5, "dgate"
+    assert dps == {}

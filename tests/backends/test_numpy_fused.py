@@ -1,10 +1,10 @@
 """The NumPy backend's fused kernels against the composition of the unfused ones.
 
 fused_conv = conv → (add residual) → activation, fused_dense = dense → activation,
-elemwise_chain = its unary ops in order, each checked forward and backward (input, residual
+elemwise_chain = its unary ops in order, fused_mul = activation of the C×1×1 gate → mul, each checked forward and backward (input, residual
 and parameter gradients) against the unfused kernels of `KERNELS` with the corresponding
 plain attributes, in float32 (1e-6 relative) and float64 (1e-12); finite differences in
-float64 for the fused conv with a residual and for chains; layout_transform's round trip and
+float64 for the fused conv with a residual, for chains and for fused_mul; layout_transform's round trip and
 gradient. Also: inputs and dy are never written, float32 stays float32, and blocked and
 threaded epilogues give the single-block results.
 """
@@ -401,8 +401,49 @@ def test_float32_stays_float32_and_outputs_are_fresh():
     np.testing.assert_array_equal(dr, dy)
 
 
+# ---- fused_mul: x · act(g), the squeeze-excitation product with its gate's activation ---------
+
+def mul_reference(act, args, x, g, dy):
+    """act then mul, the unfused kernels: (y, dx, dg)."""
+    node = act_nodes(act, args, g.shape[1:])
+    mul, _ = make_node("mul", {}, [x.shape[1:], g.shape[1:]])
+    a, act_saved = (g, None) if node is None else kernel(act).forward(node, [g], {}, Ctx())
+    y, saved = KERNELS["mul"].forward(mul, [x, a], {}, Ctx())
+    (dx, da), _ = KERNELS["mul"].backward(mul, saved, dy, {}, Ctx())
+    dg = da if node is None else kernel(act).backward(node, act_saved, da, {}, Ctx())[0][0]
+    return y, dx, dg
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("act", act_cases(), ids=act_id)
+def test_fused_mul_matches_act_then_mul(act, dtype):
+    rng = seed("fused_mul", act, dtype.__name__)
+    node, _ = make_node("fused_mul", epilogue_attrs(*act), [(5, 4, 3), (5, 1, 1)])
+    x = rng.normal(size=(BATCH, 5, 4, 3)).astype(dtype)
+    g = rng.normal(0, 4.0, size=(BATCH, 5, 1, 1)).astype(dtype)  # past the kinks at ±3 and 6
+    dy = rng.normal(size=x.shape).astype(dtype)
+    originals = [v.copy() for v in (x, g, dy)]
+    y, saved = KERNELS["fused_mul"].forward(node, [x, g], {}, Ctx())
+    (dx, dg), dps = KERNELS["fused_mul"].backward(node, saved, dy, {}, Ctx())
+    y_ref, dx_ref, dg_ref = mul_reference(*act, x, g, dy)
+    close(y, y_ref, dtype, "forward")
+    close(dx, dx_ref, dtype, "dx")
+    close(dg, dg_ref, dtype, "dgate")
+    assert dps == {}
+    for v, o in zip((x, g, dy), originals):
+        np.testing.assert_array_equal(v, o)
+
+
+@pytest.mark.parametrize("act", [("hardsigmoid", ()), ("sigmoid", ()), ("gelu", ()), ("elu", (0.4,)),
+                                 ("leaky_relu", (-0.3,)), ("none", ())], ids=act_id)
+def test_fused_mul_finite_differences(act):
+    rng = seed("fused_mul-fd", act)
+    node, _ = make_node("fused_mul", epilogue_attrs(*act), [(3, 4, 5), (3, 1, 1)])
+    fd_check(node, [rng.normal(size=(BATCH, 3, 4, 5)), rng.normal(0, 2.0, size=(BATCH, 3, 1, 1))], {}, rng)
+
+
 def test_backend_offers_the_fused_ops():
-    fused_ops = {"fused_conv", "fused_dense", "elemwise_chain", "layout_transform"}
+    fused_ops = {"fused_conv", "fused_dense", "fused_mul", "elemwise_chain", "layout_transform"}
     assert NumpyBackend.fused_ops == fused_ops
     assert fused_ops <= set(NumpyBackend.kernels)
     assert all(not OPS[op].user for op in fused_ops)

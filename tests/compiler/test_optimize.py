@@ -10,7 +10,7 @@ from cnnc.compiler.graph import inputs_of, verify
 from cnnc.compiler.pipeline import PassContext, optimize, run_pipeline
 from cnnc.dsl import load_text
 
-FUSED = frozenset({"fused_conv", "fused_dense", "elemwise_chain", "layout_transform"})
+FUSED = frozenset({"fused_conv", "fused_dense", "fused_mul", "elemwise_chain", "layout_transform"})
 
 
 def graph(body: str, header: str = "network t\ninput 3x8x8\n"):
@@ -131,6 +131,57 @@ def test_fuse_epilogue_refusals():
     assert ops(no_kernel) == ["conv", "relu"]
     assert "has no fused_conv kernel" in no_kernel.graph["report"][0].text
     assert two is not None
+
+
+SE = "    x = conv 4 3x3 pad=1\n    gap -> conv 4 1x1 -> {act} -> mul(x)\n"
+
+
+@pytest.mark.parametrize("act, args", [("hardsigmoid", ()), ("elu 0.5", (0.5,))])
+def test_fuse_gate(act, args):
+    before = graph(SE.format(act=act))
+    after = run_pass(before, opt.fuse_gate)
+    assert ops(after) == ["conv", "globalavgpool", "conv", "fused_mul"]
+    n = next(n for n in after.nodes if after.nodes[n]["op"] == "fused_mul")
+    d = after.nodes[n]
+    name = act.split()[0]
+    assert (d["attrs"].activation, tuple(d["attrs"].act_args)) == (name, args)
+    full, gate = inputs_of(after, n)  # normalised: the full tensor first, whatever order mul had them in
+    assert after.nodes[full]["shape"] == (4, 8, 8) and after.nodes[gate]["shape"] == (4, 1, 1)
+    assert after.nodes[gate]["op"] == "conv" and d["shape"] == (4, 8, 8)
+    (rec,) = after.graph["report"]
+    assert rec.text == f"{name} + mul → fused {name}_mul" and not rec.refused
+    assert [op for op, _, _ in d["fused_from"]] == [name, "mul"]
+
+
+def test_fuse_gate_gives_the_unfused_values():
+    from cnnc.runtime.model import Model
+
+    g = graph(SE.format(act="hardsigmoid") + "    gap -> dense 3\n")
+    params = params_for(g, seed=2)
+    x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    outs = []
+    for disabled in (frozenset({"fuse_gate"}), frozenset()):
+        opt_g = optimize(g, PassContext(fused_ops=FUSED, disabled=disabled), {k: v.copy() for k, v in params.items()})
+        assert ("fused_mul" in ops(opt_g)) == (not disabled)
+        m = Model(opt_g, seed=0)
+        m.set_params(opt_g.graph["params"])
+        outs.append(m(x))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-7)
+
+
+def test_fuse_gate_refusals():
+    two = graph("    x = conv 4 3x3 pad=1\n    s = gap -> conv 4 1x1 -> hardsigmoid\n    a = x -> mul(s)\n"
+                "    b = x -> conv 4 1x1 -> mul(s)\n    add(a, b)\n")
+    after = run_pass(two, opt.fuse_gate)
+    assert "fused_mul" not in ops(after) and "hardsigmoid" in ops(after)
+    why = "not fused: hardsigmoid `hardsigmoid1` output has 2 consumers"
+    assert [r.text for r in after.graph["report"]] == [why, why]  # one per product
+    assert all(r.refused for r in after.graph["report"])
+    no_kernel = run_pass(graph(SE.format(act="sigmoid")), opt.fuse_gate, fused_ops=frozenset())
+    assert ops(no_kernel)[-2:] == ["sigmoid", "mul"]
+    assert no_kernel.graph["report"][0].text == "not fused: backend `numpy` has no fused_mul kernel"
+    equal = run_pass(graph("    x = conv 4 3x3 pad=1\n    relu -> mul(x)\n"), opt.fuse_gate)
+    assert "fused_mul" not in ops(equal) and not equal.graph["report"]  # equal shapes: no gate to fuse
 
 
 def test_fuse_elementwise_chain():

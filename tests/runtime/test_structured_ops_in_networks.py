@@ -108,6 +108,7 @@ layers:
 
 # what each network's -O2 report must say about its new ops
 REPORTED = {
+    "squeeze_excitation": ["hardsigmoid + mul → fused hardsigmoid_mul", "sigmoid + mul → fused sigmoid_mul"],
     "convnext": ["removed stochastic_depth", "conv + ls → conv with folded layer_scale"],
     "resnet_option_a": ["conv + bn + add + relu → fused conv_bn_add_relu"],
 }

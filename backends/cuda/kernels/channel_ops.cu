@@ -1,5 +1,6 @@
-// Channel and normalisation ops of modern blocks: mul (with a C×1×1 gate), prelu, layer_scale,
-// channel_shuffle, pad_channels, channel_slice, layernorm, groupnorm, stochastic_depth.
+// Channel and normalisation ops of modern blocks: mul (with a C×1×1 gate; fused_mul applies the
+// gate's activation too), prelu, layer_scale, channel_shuffle, pad_channels, channel_slice,
+// layernorm, groupnorm, stochastic_depth.
 // float32, NCHW (flat features are C channels of HW = 1); the batch is a runtime argument.
 // OP selects the op (one spec compiles only that op's entries); grid-stride 1-D loops unless said.
 //
@@ -7,7 +8,9 @@
 //   OP          1 mul, 2 prelu, 3 layer_scale, 4 channel_shuffle, 5 pad_channels, 6 channel_slice,
 //               7 layernorm, 8 groupnorm, 9 stochastic_depth
 //   C, HW       input channels and elements per channel (H·W, or 1)
-//   mul:        GATE 0 equal shapes, 1 the first input is the C×1×1 gate, 2 the second is
+//   mul:        GATE 0 equal shapes, 1 the first input is the C×1×1 gate, 2 the second is;
+//               ACT, ARG0, ARG1: the gate's activation (fused_mul: y = x·act(g)), an op code of the
+//               generated header (elementwise.py) and its arguments; ACT 0 is the plain product
 //   prelu:      SHARED 1: one slope (w[0]) for every channel
 //   pad:        CO output channels, H, W, OH, OW, S (stride), BEFORE (zero channels before)
 //   slice:      CO = hi − lo, LO
@@ -17,9 +20,10 @@
 // Entries:
 //   chan_reduce(a, b, out, N, mode)      grid C, block 256: out[c] = Σ over n, s of a (mode 0),
 //                                        a·b (mode 1) or a·b where b ≤ 0 (mode 2)
-//   mul_fwd(a, b, y, n)                  y = a·b (the gate read at i / HW)
-//   mul_bwd_full(dy, other, dx, n)       dx = dy·other (the gate read at i / HW when GATE ≠ 0)
-//   mul_bwd_gate(dy, full, dg, rows)     dg[r] = Σ_s dy[r·HW + s]·full[r·HW + s], a warp per row
+//   mul_fwd(a, b, y, n)                  y = a·b (the gate read at i / HW, act(gate) with ACT)
+//   mul_bwd_full(dy, other, dx, n)       dx = dy·other (the gate read at i / HW when GATE ≠ 0, as act(gate))
+//   mul_bwd_gate(dy, full, g, dg, rows)  dg[r] = Σ_s dy[r·HW + s]·full[r·HW + s], a warp per row, times
+//                                        act'(g[r], act(g[r])) with ACT (g is not read when ACT is 0)
 //   prelu_fwd(x, w, y, n)  prelu_bwd(x, dy, w, dx, n)
 //   ls_fwd(x, g, y, n)                   y = x·g[c]; backward is the same entry with dy
 //   shuffle(src, dst, n, g)              channel i·k + j → j·g + i (k = C/g); g = C/G inverts it
@@ -31,6 +35,8 @@
 //   gn_bwd(xhat, inv, dy, w, dx)         grid N·G, block 256
 //   sd_apply(in, mask, out, n)           out = in·mask[i / PER]
 // w and b are never read when AFFINE is 0 (any valid pointer).
+
+#include "cnnc/elementwise.cuh"
 
 constexpr int kThreads = 256;
 
@@ -74,14 +80,17 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL(chan_reduce)(const floa
 }
 
 #if OP == 1
+// the gate operand's value as the product uses it: act(g) (g itself when ACT is 0)
+__device__ __forceinline__ float gate_value(float g) { return cnnc_act_fwd(ACT, g, ARG0, ARG1); }
+
 extern "C" __global__ void __launch_bounds__(256) KERNEL(mul_fwd)(const float* __restrict__ a,
                                                                 const float* __restrict__ b,
                                                                 float* __restrict__ y, long long n) {
     GRID_LOOP(i, n) {
 #if GATE == 1
-        y[i] = a[i / HW] * b[i];
+        y[i] = gate_value(a[i / HW]) * b[i];
 #elif GATE == 2
-        y[i] = a[i] * b[i / HW];
+        y[i] = a[i] * gate_value(b[i / HW]);
 #else
         y[i] = a[i] * b[i];
 #endif
@@ -95,13 +104,14 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL(mul_bwd_full)(const flo
 #if GATE == 0
         dx[i] = dy[i] * other[i];
 #else
-        dx[i] = dy[i] * other[i / HW];
+        dx[i] = dy[i] * gate_value(other[i / HW]);
 #endif
     }
 }
 
 extern "C" __global__ void __launch_bounds__(256) KERNEL(mul_bwd_gate)(const float* __restrict__ dy,
                                                                      const float* __restrict__ full,
+                                                                     const float* __restrict__ g,
                                                                      float* __restrict__ dg, long long rows) {
     const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
@@ -110,7 +120,13 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL(mul_bwd_gate)(const flo
         float acc = 0.0f;
         for (int s = lane; s < HW; s += 32) acc += dy[r * HW + s] * full[r * HW + s];
         acc = warp_sum(acc);
-        if (lane == 0) dg[r] = acc;
+        if (lane == 0) {
+            if constexpr (ACT != 0) {
+                const float gv = g[r];
+                acc = acc * cnnc_act_grad(ACT, gv, cnnc_act_fwd(ACT, gv, ARG0, ARG1), ARG0, ARG1);
+            }
+            dg[r] = acc;
+        }
     }
 }
 #endif
