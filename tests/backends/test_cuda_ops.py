@@ -168,6 +168,7 @@ CASES = [
     C("dropout-eval", "dropout", dict(rate=0.3), [(3, 7, 7)], training=False),
     C("dropout-rate0", "dropout", dict(rate=0.0), [(3, 7, 7)]),
     C("identity", "identity", {}, [(3, 7, 7)]),
+    C("split", "split", dict(parts=2), [(4, 7, 7)]),  # a pass-through; its parts are channel slices
     C("flatten", "flatten", {}, [(3, 5, 5)]),
     # batchnorm: training (batch statistics, running updates) and evaluation, 4-D and 2-D, no affine
     C("batchnorm-train-4d", "batchnorm", {}, [(5, 7, 7)]),
@@ -231,6 +232,7 @@ def test_every_op_has_a_kernel_and_specs():
 
 def test_specs_without_kernels():
     for op, kw, shapes in [("identity", {}, [(3, 4, 4)]), ("flatten", {}, [(3, 4, 4)]),
+                           ("split", dict(parts=2), [(4, 4, 4)]),
                            ("dense", dict(units=3, bias=False), [(5,)]),
                            ("elemwise_chain", dict(ops=()), [(3,)])]:
         node, _ = make_node(op, kw, shapes)
