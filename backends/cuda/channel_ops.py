@@ -21,43 +21,14 @@ from cnnc.dsl.errors import CnncError
 
 from . import device
 from . import elementwise as ew
+from .ops import THREADS, _blocks, _cp, _f32, _inner, _launch  # the 1-D launch conventions
 from .source import KernelSpec
 
-THREADS = 256
-MAX_BLOCKS = 4096
 TEMPLATE = "channel_ops.cu"
 OP_CODES = {"mul": 1, "fused_mul": 1, "prelu": 2, "layer_scale": 3, "channel_shuffle": 4, "pad_channels": 5,
             "channel_slice": 6, "layernorm": 7, "groupnorm": 8, "stochastic_depth": 9}
 
 _fallback_rng = np.random.default_rng()
-
-
-def _cp():
-    return device.cupy()
-
-
-def _f32(a):
-    cp = _cp()
-    return cp.ascontiguousarray(a, dtype=cp.float32)
-
-
-_functions: dict = {}
-
-
-def _launch(spec: KernelSpec, entry: str, grid, block, *args) -> None:
-    key = (spec, entry)
-    fn = _functions.get(key)
-    if fn is None:
-        fn = _functions[key] = device.function(spec, entry)
-    fn(tuple(int(g) for g in grid), tuple(int(b) for b in block), args)
-
-
-def _blocks(work: int) -> int:
-    return max(1, min(MAX_BLOCKS, -(-int(work) // THREADS)))
-
-
-def _inner(shape) -> int:
-    return math.prod(shape[1:]) if len(shape) > 1 else 1
 
 
 # ---- specs -----------------------------------------------------------------------------------
