@@ -22,6 +22,7 @@ from cnnc.dsl.errors import CnncError, Diagnostics, Span, did_you_mean
 from cnnc.dsl.limits import MAX_CALL_DEPTH, MAX_INT, MAX_LAYERS
 
 from .graph import callstack_notes
+from .functions import FUNCTIONS
 from .ops import OPS, OpDef, lookup, user_op_names
 
 
@@ -444,6 +445,8 @@ class GraphBuilder:
         if isinstance(e, ast.Neg):
             v = self.number(e.operand, frame)
             return -v
+        if isinstance(e, ast.Func):
+            return self.call_function(e, frame)
         a, b = self.number(e.left, frame), self.number(e.right, frame)
         if e.op in ("//", "%", "/") and b == 0:
             raise CnncError("division by zero", e.span)
@@ -461,6 +464,26 @@ class GraphBuilder:
             v = a // b  # "/": exact quotients of integers stay integers
         else:
             v = a / b
+        return bounded(v, e.span)
+
+    def call_function(self, e: ast.Func, frame: Frame) -> int | float:
+        f = FUNCTIONS.get(e.name)
+        if f is None:
+            hint = did_you_mean(e.name, FUNCTIONS) or "functions: " + ", ".join(FUNCTIONS)
+            if lookup(e.name) or e.name in self.program.blocks:
+                hint = f"`{e.name}` is a layer or block; an expression may call " + ", ".join(FUNCTIONS)
+            raise CnncError(f"unknown function `{e.name}`", e.name_span, hint)
+        n = len(e.args)
+        if n < f.least or (f.most is not None and n > f.most):
+            want = (f"{f.least}" if f.most == f.least else f"{f.least} or more" if f.most is None
+                    else f"{f.least} to {f.most}")
+            raise CnncError(f"`{e.name}` takes {want} argument{'s' if want != '1' else ''}, got {n}", e.span,
+                            f"usage: {f.usage}")
+        args = [self.number(a, frame) for a in e.args]
+        try:
+            v = f.fn(*args)
+        except (ValueError, OverflowError, TypeError) as exc:
+            raise CnncError(f"`{e.name}`: {exc}", e.span, f"usage: {f.usage}") from None
         return bounded(v, e.span)
 
     def number(self, e: ast.Expr, frame: Frame) -> int | float:

@@ -60,7 +60,17 @@ class Neg:
     span: Span
 
 
-Expr = Union[Num, Var, Str, Dims, TupleExpr, BinOp, Neg]
+@dataclass
+class Func:
+    """`max(a, b)`, `make_divisible(x, 8)`: a function of numbers."""
+
+    name: str
+    args: list["Expr"]
+    span: Span
+    name_span: Span
+
+
+Expr = Union[Num, Var, Str, Dims, TupleExpr, BinOp, Neg, Func]
 
 
 # ---- chains ------------------------------------------------------------------------------

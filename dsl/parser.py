@@ -121,6 +121,11 @@ class _ToAst(Transformer):
     def neg(self, meta, children):
         return ast.Neg(children[0], self._span(meta))
 
+    @v_args(meta=True)
+    def func(self, meta, children):
+        name, *args = children
+        return ast.Func(str(name), [a for a in args if a is not None], self._span(meta), self._tok(name))
+
     # ---- arguments and chains
     def _args(self, children) -> list[ast.Arg]:
         out = []
@@ -298,7 +303,8 @@ def _number(text: str, span: Span) -> int | float:
 
 
 # Rules whose nesting is nesting the user wrote: each level costs stack in the tree walks.
-_NESTING_RULES = frozenset({"for_stmt", "group", "add", "sub", "mul", "div", "floordiv", "mod", "neg", "tuple"})
+_NESTING_RULES = frozenset({"for_stmt", "group", "add", "sub", "mul", "div", "floordiv", "mod", "neg", "tuple",
+                            "func"})
 
 
 def _check_nesting(tree, source: Source) -> None:
