@@ -184,15 +184,25 @@ class GraphBuilder:
             return frame.tensors[names[-1][0]]
         if isinstance(stmt, ast.ChainStmt):
             return self.run_chain(stmt.chain, frame, current)
+        if isinstance(stmt, ast.If):
+            for cond, body in stmt.branches:
+                if self.condition(cond, frame):
+                    return self.run_nested(body, frame, current, stmt.span)
+            if stmt.orelse is not None:
+                return self.run_nested(stmt.orelse, frame, current, stmt.span)
+            return current
         # for loop
         start = self.eval_int(stmt.start, frame, "range start") if stmt.start is not None else 0
         stop = self.eval_int(stmt.stop, frame, "range stop")
-        if stop - start > MAX_LAYERS:
-            raise CnncError(f"loop of {stop - start} iterations", stmt.span)
+        step = self.eval_int(stmt.step, frame, "range step") if stmt.step is not None else 1
+        if step == 0:
+            raise CnncError("range step must not be zero", stmt.step.span)
+        if len(range(start, stop, step)) > MAX_LAYERS:
+            raise CnncError(f"loop of {len(range(start, stop, step))} iterations", stmt.span)
         saved = frame.values.get(stmt.var, _MISSING)
         self.enter(stmt.span)
         try:
-            for i in range(start, stop):
+            for i in range(start, stop, step):
                 frame.values[stmt.var] = i
                 before = len(self.diags.errors)
                 current = self.run_body(stmt.body, frame, current)
@@ -205,6 +215,25 @@ class GraphBuilder:
             else:
                 frame.values[stmt.var] = saved
         return current
+
+    def run_nested(self, body: list[ast.Stmt], frame: Frame, current: int | None, span: Span) -> int | None:
+        """A branch of an `if`: one level deeper, in the same frame (its names stay visible after)."""
+        self.enter(span)
+        try:
+            return self.run_body(body, frame, current)
+        finally:
+            self.depth -= 1
+
+    def condition(self, e: ast.Expr, frame: Frame) -> bool:
+        v = self.value_of(e, frame)
+        if isinstance(v, Symbol) and str(v) in ("true", "false"):
+            return str(v) == "true"
+        if not isinstance(v, bool):
+            if isinstance(v, Symbol):
+                raise CnncError(f"`{v}` is not defined", e.span, did_you_mean(str(v), frame.values))
+            raise CnncError(f"a condition must be true or false, got {_show(v)}", e.span,
+                            "compare it: `if s != 1:`, `if c > 64:`")
+        return v
 
     def run_chain(self, chain: ast.Chain, frame: Frame, current: int | None, first: bool = True) -> int | None:
         x = current
@@ -417,8 +446,8 @@ class GraphBuilder:
         if expr is None:
             return 1
         n = self.eval_int(expr, frame, "repeat count")
-        if n < 1 or n > MAX_LAYERS:
-            raise CnncError(f"repeat count must be between 1 and {MAX_LAYERS}, got {n}", expr.span)
+        if n < 0 or n > MAX_LAYERS:  # 0: not at all (a stage of `n - 1` further blocks with n = 1)
+            raise CnncError(f"repeat count must be between 0 and {MAX_LAYERS}, got {n}", expr.span)
         return n
 
     def eval_int(self, expr: ast.Expr, frame: Frame, what: str) -> int:
@@ -447,6 +476,8 @@ class GraphBuilder:
             return -v
         if isinstance(e, ast.Func):
             return self.call_function(e, frame)
+        if isinstance(e, ast.Compare):
+            return self.compare(e, frame)
         a, b = self.number(e.left, frame), self.number(e.right, frame)
         if e.op in ("//", "%", "/") and b == 0:
             raise CnncError("division by zero", e.span)
@@ -465,6 +496,19 @@ class GraphBuilder:
         else:
             v = a / b
         return bounded(v, e.span)
+
+    def compare(self, e: ast.Compare, frame: Frame) -> bool:
+        a, b = self.value_of(e.left, frame), self.value_of(e.right, frame)
+        for v, side in ((a, e.left), (b, e.right)):
+            if isinstance(v, Symbol) and str(v) not in _WORDS:
+                raise CnncError(f"`{v}` is not defined", side.span, did_you_mean(str(v), frame.values))
+        if e.op in ("==", "!="):
+            same = (a == b) if type(a) is type(b) or all(isinstance(v, (int, float)) for v in (a, b)) else False
+            return same if e.op == "==" else not same
+        for v, side in ((a, e.left), (b, e.right)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise CnncError(f"`{e.op}` compares numbers, got {_show(v)}", side.span)
+        return {"<": a < b, ">": a > b, "<=": a <= b, ">=": a >= b}[e.op]
 
     def call_function(self, e: ast.Func, frame: Frame) -> int | float:
         f = FUNCTIONS.get(e.name)

@@ -70,7 +70,15 @@ class Func:
     name_span: Span
 
 
-Expr = Union[Num, Var, Str, Dims, TupleExpr, BinOp, Neg, Func]
+@dataclass
+class Compare:
+    op: str  # one of == != < > <= >=
+    left: "Expr"
+    right: "Expr"
+    span: Span
+
+
+Expr = Union[Num, Var, Str, Dims, TupleExpr, BinOp, Neg, Func, Compare]
 
 
 # ---- chains ------------------------------------------------------------------------------
@@ -145,9 +153,19 @@ class For:
     stop: Expr
     body: list["Stmt"]
     span: Span
+    step: Expr | None = None
 
 
-Stmt = Union[Assign, ChainStmt, For]
+@dataclass
+class If:
+    """`if cond:` body, then `elif cond:` bodies, then an optional `else:` body."""
+
+    branches: list[tuple[Expr, list["Stmt"]]]  # (condition, body) in order
+    orelse: list["Stmt"] | None
+    span: Span
+
+
+Stmt = Union[Assign, ChainStmt, For, If]
 
 
 # ---- top level ---------------------------------------------------------------------------

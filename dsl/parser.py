@@ -122,6 +122,11 @@ class _ToAst(Transformer):
         return ast.Neg(children[0], self._span(meta))
 
     @v_args(meta=True)
+    def compare(self, meta, children):
+        left, op, right = children
+        return ast.Compare(str(op), left, right, self._span(meta))
+
+    @v_args(meta=True)
     def func(self, meta, children):
         name, *args = children
         return ast.Func(str(name), [a for a in args if a is not None], self._span(meta), self._tok(name))
@@ -177,10 +182,21 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def for_stmt(self, meta, children):
-        var, first, second, body = children
+        var, first, second, third, body = children
         start, stop = (first, second) if second is not None else (None, first)
         header = Span(self.source, meta.line, meta.column, meta.line, 10**6)
-        return ast.For(str(var), start, stop, body, header)
+        return ast.For(str(var), start, stop, body, header, third)
+
+    @v_args(meta=True)
+    def if_stmt(self, meta, children):
+        cond, body, *rest = children
+        orelse = rest.pop() if rest and not isinstance(rest[-1], tuple) else None
+        header = Span(self.source, meta.line, meta.column, meta.line, 10**6)
+        return ast.If([(cond, body)] + [r for r in rest if r is not None], orelse, header)
+
+    def elif_part(self, children):
+        cond, body = children
+        return (cond, body)
 
     def body(self, children):
         return list(children)
@@ -304,7 +320,7 @@ def _number(text: str, span: Span) -> int | float:
 
 # Rules whose nesting is nesting the user wrote: each level costs stack in the tree walks.
 _NESTING_RULES = frozenset({"for_stmt", "group", "add", "sub", "mul", "div", "floordiv", "mod", "neg", "tuple",
-                            "func"})
+                            "func", "if_stmt", "elif_part", "compare"})
 
 
 def _check_nesting(tree, source: Source) -> None:

@@ -69,7 +69,7 @@ def test_a_large_legal_repeat_checks(cnn):
 def test_a_network_past_the_layer_limit_is_refused_at_once(cnn):
     path = cnn(HEADER + "layers:\n    conv 8 3x3 -> (relu) * 50000 -> gap -> dense 10\n")
     r = run_cli("check", str(path))
-    assert r.code == 1 and "repeat count must be between 1 and 20000" in r.err
+    assert r.code == 1 and "repeat count must be between 0 and 20000" in r.err
     path = cnn(HEADER + "layers:\n    conv 8 3x3 -> (relu) * 15000 -> (relu) * 15000\n")
     r = run_cli("check", str(path))
     assert r.code == 1 and "expands to more than 20000 layers" in r.err
