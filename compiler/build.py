@@ -262,6 +262,13 @@ class GraphBuilder:
                                 f"a chain can start from `{name}` (`{name} -> ...`); to merge it use "
                                 f"`add({name})` or `concat(..., {name})`")
             return self.tensor(name, frame, el.span)
+        bound = frame.values.get(name)
+        if isinstance(bound, Symbol) and name not in frame.tensors and not lookup(name):
+            # a parameter holding a layer or block: `block b(act=relu)`, then `-> act`
+            if not (lookup(bound) or bound in self.program.blocks):
+                raise CnncError(f"`{name}` is `{bound}` here, which is not a layer or block", el.name_span,
+                                did_you_mean(str(bound), list(user_op_names()) + list(self.program.blocks)))
+            name = str(bound)
         if name in self.program.blocks:
             times = self.repeat_count(el.repeat if isinstance(el, ast.Call) else None, frame)
             for _ in range(times):
