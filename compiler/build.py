@@ -236,9 +236,25 @@ class GraphBuilder:
         return v
 
     def run_chain(self, chain: ast.Chain, frame: Frame, current: int | None, first: bool = True) -> int | None:
-        x = current
+        # after a mistake the rest of the chain is still read, each element checked on its own
+        # (names, arguments), so that independent mistakes are reported together
+        x, failed, poisoned = current, None, False
         for i, el in enumerate(chain.elements):
-            x = self.run_element(el, frame, x, first and i == 0)
+            try:
+                x = self.run_element(el, frame, x, first and i == 0)
+            except _Poisoned:
+                x, poisoned = None, True
+            except CnncError as err:
+                if failed is None:
+                    failed = err
+                else:
+                    err.notes.extend(callstack_notes(frame.callstack))
+                    self.diags.add(err)
+                x = None
+        if failed is not None:
+            raise failed
+        if poisoned:
+            raise _Poisoned()
         return x
 
     # ---- elements

@@ -95,3 +95,12 @@ def test_flag_overrides_out_of_range(cnn, tmp_path):
         r = run_cli("train", str(path), flag, value, "-o", str(tmp_path / "run"))
         assert r.code == 1 and fragment in r.err and "Traceback" not in r.err, r.err
         assert not (tmp_path / "run").exists()
+
+
+def test_independent_unknown_names_are_all_reported_at_once(cnn):
+    path = cnn(HEADER + "layers:\n    conv 8 3x3 -> hardswsh -> bn -> gelux -> mishh\n    conv 4 3x3 -> reluu\n")
+    r = run_cli("check", str(path))
+    assert r.code == 1
+    found = [(line, col, msg.split("`")[1]) for line, col, msg in r.errors()]
+    assert found == [(5, 19, "hardswsh"), (5, 37, "gelux"), (5, 46, "mishh"), (6, 19, "reluu")]
+    assert "did you mean `hardswish`" in r.err and "4 errors generated" in r.err
