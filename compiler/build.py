@@ -21,7 +21,7 @@ from cnnc.dsl import ast
 from cnnc.dsl.errors import CnncError, Diagnostics, Span, did_you_mean
 from cnnc.dsl.limits import MAX_CALL_DEPTH, MAX_INT, MAX_LAYERS
 
-from .graph import callstack_notes
+from .graph import callstack_notes, inputs_of
 from .functions import FUNCTIONS
 from .ops import OPS, OpDef, lookup, user_op_names
 
@@ -72,6 +72,7 @@ class GraphBuilder:
         self.defaults_by_file: dict[int, dict] = {}
         self.depth = 0  # block calls, loop bodies and groups being expanded, one inside another
         self.assigning = 1  # names the element being built is assigned to
+        self.shapes: list = []  # eager output shapes by node id, for `in.channels`
 
     def enter(self, span: Span) -> None:
         self.depth += 1
@@ -413,7 +414,7 @@ class GraphBuilder:
             chain = " → ".join(stack[stack.index(block.name):] + [block.name])
             raise CnncError(f"recursive block: {chain}", el.name_span,
                             "blocks cannot call themselves; repeat with `* N` or `for i in range(N):`")
-        values = self.bind(block, el.args, frame, el)
+        values = self.bind(block, el.args, frame, el, x)
         inst = frame.next_name(block.name)
         path = frame.path + (inst,)
         self.g.graph["blocks"][path] = {"block": block.name, "args": values, "span": el.span,
@@ -437,7 +438,8 @@ class GraphBuilder:
             self.defaults_by_file[key] = self.eval_defaults(block.defaults, self.consts)
         return self.defaults_by_file[key]
 
-    def bind(self, block: ast.BlockDef, args: list[ast.Arg], frame: Frame, el) -> dict[str, Any]:
+    def bind(self, block: ast.BlockDef, args: list[ast.Arg], frame: Frame, el, x: int | None = None
+             ) -> dict[str, Any]:
         params = [p.name for p in block.params]
         values: dict[str, Any] = {}
         positional = [a for a in args if a.name is None]
@@ -461,7 +463,8 @@ class GraphBuilder:
             if p.default is None:
                 raise CnncError(f"block `{block.name}` called without argument `{p.name}`", el.span).with_note(
                     p.span, "parameter declared here")
-            values[p.name] = self.value_of(p.default, Frame({**self.consts, **values}, {}, {}))
+            # a default may read the block's input: `block se(c=in.channels)`
+            values[p.name] = self.value_of(p.default, Frame({**self.consts, **values}, {"in": x}, {}))
         return {p: values[p] for p in params}  # in declaration order
 
     # ---- expressions
@@ -501,6 +504,8 @@ class GraphBuilder:
             return self.call_function(e, frame)
         if isinstance(e, ast.Compare):
             return self.compare(e, frame)
+        if isinstance(e, ast.ShapeOf):
+            return self.size_of(e, frame)
         a, b = self.number(e.left, frame), self.number(e.right, frame)
         if e.op in ("//", "%", "/") and b == 0:
             raise CnncError("division by zero", e.span)
@@ -519,6 +524,37 @@ class GraphBuilder:
         else:
             v = a / b
         return bounded(v, e.span)
+
+    def size_of(self, e: ast.ShapeOf, frame: Frame) -> int:
+        """`in.channels`, `x.height`, `x.width`, `x.features`: from the shapes of the layers so far."""
+        if e.field not in SIZES:
+            raise CnncError(f"a tensor has no `{e.field}`", e.field_span,
+                            did_you_mean(e.field, SIZES) or "sizes: " + ", ".join(SIZES))
+        shape = self.eager_shape(self.tensor(e.tensor, frame, e.tensor_span))
+        if shape is None:  # a layer before it has a shape mistake: infer_shapes reports that one
+            raise _Poisoned()
+        if e.field == "features":
+            return math.prod(shape)
+        axis = SIZES[e.field]
+        if axis >= len(shape):
+            raise CnncError(f"`{e.tensor}` is flat ({shape[0]} features): it has no {e.field}", e.span,
+                            f"use `{e.tensor}.channels` or `{e.tensor}.features`")
+        return shape[axis]
+
+    def eager_shape(self, n: int):
+        """The output shape of node n by the op table's rules, or None where a rule fails (node ids
+        are in build order, so inputs come first; shapes are kept for the next question)."""
+        for m in range(len(self.shapes), n + 1):
+            d = self.g.nodes[m]
+            ins = [self.shapes[u] for u in inputs_of(self.g, m)]
+            shape = None
+            if all(s is not None for s in ins):
+                try:
+                    shape = tuple(OPS[d["op"]].shape(d["attrs"], ins))
+                except CnncError:
+                    shape = None
+            self.shapes.append(shape)
+        return self.shapes[n]
 
     def compare(self, e: ast.Compare, frame: Frame) -> bool:
         a, b = self.value_of(e.left, frame), self.value_of(e.right, frame)
@@ -594,6 +630,7 @@ def bounded(v: int | float, span: Span) -> int | float:
 
 
 _MISSING = object()
+SIZES = {"channels": 0, "height": 1, "width": 2, "features": None}  # what `x.SIZE` may ask
 _WORDS = {"true", "false", "same", "valid", "exact", "floor", "ceil"}  # words attributes take
 
 

@@ -78,7 +78,18 @@ class Compare:
     span: Span
 
 
-Expr = Union[Num, Var, Str, Dims, TupleExpr, BinOp, Neg, Func, Compare]
+@dataclass
+class ShapeOf:
+    """`in.channels`, `x.height`: a size of a tensor, known once the layers before it are."""
+
+    tensor: str
+    field: str
+    span: Span
+    tensor_span: Span
+    field_span: Span
+
+
+Expr = Union[Num, Var, Str, Dims, TupleExpr, BinOp, Neg, Func, Compare, ShapeOf]
 
 
 # ---- chains ------------------------------------------------------------------------------

@@ -122,6 +122,11 @@ class _ToAst(Transformer):
         return ast.Neg(children[0], self._span(meta))
 
     @v_args(meta=True)
+    def shape_of(self, meta, children):
+        tensor, field = children
+        return ast.ShapeOf(str(tensor), str(field), self._span(meta), self._tok(tensor), self._tok(field))
+
+    @v_args(meta=True)
     def compare(self, meta, children):
         left, op, right = children
         return ast.Compare(str(op), left, right, self._span(meta))
