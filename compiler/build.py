@@ -506,6 +506,13 @@ class GraphBuilder:
             return self.compare(e, frame)
         if isinstance(e, ast.ShapeOf):
             return self.size_of(e, frame)
+        if isinstance(e, ast.Logic):  # short-circuit, as Python: `c > 0 and 64 // c > 2` is safe
+            left = self.condition(e.left, frame)
+            if e.op == "not":
+                return not left
+            if (e.op == "and" and not left) or (e.op == "or" and left):
+                return left
+            return self.condition(e.right, frame)
         a, b = self.number(e.left, frame), self.number(e.right, frame)
         if e.op in ("//", "%", "/") and b == 0:
             raise CnncError("division by zero", e.span)

@@ -89,7 +89,17 @@ class ShapeOf:
     field_span: Span
 
 
-Expr = Union[Num, Var, Str, Dims, TupleExpr, BinOp, Neg, Func, Compare, ShapeOf]
+@dataclass
+class Logic:
+    """`a and b`, `a or b`, `not a` (then right is None) of conditions."""
+
+    op: str  # "and", "or" or "not"
+    left: "Expr"
+    right: "Expr | None"
+    span: Span
+
+
+Expr = Union[Num, Var, Str, Dims, TupleExpr, BinOp, Neg, Func, Compare, ShapeOf, Logic]
 
 
 # ---- chains ------------------------------------------------------------------------------

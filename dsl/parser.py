@@ -127,6 +127,18 @@ class _ToAst(Transformer):
         return ast.ShapeOf(str(tensor), str(field), self._span(meta), self._tok(tensor), self._tok(field))
 
     @v_args(meta=True)
+    def or_(self, meta, children):
+        return ast.Logic("or", children[0], children[1], self._span(meta))
+
+    @v_args(meta=True)
+    def and_(self, meta, children):
+        return ast.Logic("and", children[0], children[1], self._span(meta))
+
+    @v_args(meta=True)
+    def not_(self, meta, children):
+        return ast.Logic("not", children[0], None, self._span(meta))
+
+    @v_args(meta=True)
     def compare(self, meta, children):
         left, op, right = children
         return ast.Compare(str(op), left, right, self._span(meta))
@@ -325,7 +337,7 @@ def _number(text: str, span: Span) -> int | float:
 
 # Rules whose nesting is nesting the user wrote: each level costs stack in the tree walks.
 _NESTING_RULES = frozenset({"for_stmt", "group", "add", "sub", "mul", "div", "floordiv", "mod", "neg", "tuple",
-                            "func", "if_stmt", "elif_part", "compare"})
+                            "func", "if_stmt", "elif_part", "compare", "or_", "and_", "not_"})
 
 
 def _check_nesting(tree, source: Source) -> None:

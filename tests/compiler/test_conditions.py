@@ -48,6 +48,24 @@ def test_comparisons_of_numbers_words_and_sizes():
     assert ops("    b(valid, k=1x1, n=1)\n", header + body + "layers:\n") == ["sigmoid"]
 
 
+@pytest.mark.parametrize("cond,taken", [
+    ("s == 1 and c == 3", True), ("s == 2 and c == 3", False), ("s == 2 or c == 3", True),
+    ("not c > 1", False), ("s == 2 or not c == 4 and c < 5", True), ("(s == 2 or c == 3) and s > 5", False),
+    ("c > 0 and 64 // (c - 3) > 2", None),  # c − 3 = 0: the right side runs, and divides by zero
+    ("c < 0 and 64 // (c - 3) > 2", False),  # short-circuit: never evaluated
+    ("s == 1 or 1 // 0 > 0", True),
+])
+def test_and_or_not(cond, taken):
+    net = f"network t\ninput 3x8x8\nblock b(s, c):\n    if {cond}:\n        relu\nlayers:\n    b(1, 3)\n"
+    if taken is None:
+        with pytest.raises(CnncErrors) as info:
+            run_pipeline(load_text(net, "t.cnn"))
+        assert "division by zero" in info.value.errors[0].message
+        return
+    g = run_pipeline(load_text(net, "t.cnn"))
+    assert any(d["op"] == "relu" for _, d in g.nodes(data=True)) == taken
+
+
 def test_range_steps_and_repeat_zero():
     net = "network t\ninput 3x8x8\nlayers:\n    for i in range(6, 0, -2):\n        conv i 1x1\n    (relu) * 0\n"
     g = run_pipeline(load_text(net, "t.cnn"))
@@ -62,6 +80,8 @@ def test_range_steps_and_repeat_zero():
     ("    for i in range(0, 4, 0):\n        relu\n", "range step must not be zero", 4, 26),
     ("    (relu) * -1\n", "repeat count must be between 0 and 20000, got -1", 4, 14),
     ("    if 1 > 0\n        relu\n", "syntax error", 4, 13),
+    ("    if not 3:\n        relu\n", "a condition must be true or false, got 3", 4, 12),
+    ("    if 1 > 0 and same:\n        relu\n", "`same` is not defined", 4, 18),
 ])
 def test_misuse_is_a_located_error(layers, message, line, col):
     with pytest.raises((CnncErrors, CnncError)) as info:
