@@ -155,59 +155,62 @@ def _affine(y: np.ndarray, params, dtype) -> np.ndarray:
     return y
 
 
+def _standardize(v: np.ndarray, axis: int, eps: float):
+    """(x̂, σ⁻¹): v less its mean over `axis`, over its biased standard deviation there."""
+    xhat = v - v.mean(axis=axis, keepdims=True)
+    inv = 1.0 / np.sqrt(np.mean(xhat * xhat, axis=axis, keepdims=True) + eps)
+    xhat *= inv
+    return xhat, inv
+
+
+def _standardize_grad(g: np.ndarray, xhat: np.ndarray, inv, axis: int) -> np.ndarray:
+    """dx = σ⁻¹·(g − mean(g) − x̂·mean(g·x̂)), the means over the statistics' `axis`."""
+    dx = g - g.mean(axis=axis, keepdims=True)
+    dx -= xhat * (g * xhat).mean(axis=axis, keepdims=True)
+    dx *= inv
+    return dx
+
+
+def _norm_output(node, xhat, params, dtype):
+    return (_affine(xhat.copy(), params, dtype) if node.attrs.affine else xhat), xhat
+
+
+def _affine_grad(node, dy, xhat, params):
+    """(d x̂, dparams) through the per-channel scale and shift."""
+    if not node.attrs.affine:
+        return dy, {}
+    axes = _non_channel_axes(dy)
+    dparams = {"weight": (dy * xhat).sum(axis=axes), "bias": dy.sum(axis=axes)}
+    return dy * _per_channel(_cast(params["weight"], dy.dtype), dy.ndim), dparams
+
+
 def layernorm_forward(node, xs, params, ctx):
     """Mean and biased variance over the channels of each (n, h, w) position."""
     (x,) = xs
-    mean = x.mean(axis=1, keepdims=True)
-    xhat = x - mean
-    inv = 1.0 / np.sqrt(np.mean(xhat * xhat, axis=1, keepdims=True) + float(node.attrs.eps))
-    xhat *= inv
-    y = _affine(xhat.copy(), params, x.dtype) if node.attrs.affine else xhat
+    xhat, inv = _standardize(x, 1, float(node.attrs.eps))
+    y, xhat = _norm_output(node, xhat, params, x.dtype)
     return y, (xhat, inv)
 
 
 def layernorm_backward(node, saved, dy, params, ctx):
     xhat, inv = saved
-    dparams = {}
-    g = dy
-    if node.attrs.affine:
-        axes = _non_channel_axes(dy)
-        dparams = {"weight": (dy * xhat).sum(axis=axes), "bias": dy.sum(axis=axes)}
-        g = dy * _per_channel(_cast(params["weight"], dy.dtype), dy.ndim)
-    # dx = σ⁻¹·(g − mean_c(g) − x̂·mean_c(g·x̂))
-    dx = g - g.mean(axis=1, keepdims=True)
-    dx -= xhat * (g * xhat).mean(axis=1, keepdims=True)
-    dx *= inv
-    return [dx], dparams
+    g, dparams = _affine_grad(node, dy, xhat, params)
+    return [_standardize_grad(g, xhat, inv, 1)], dparams
 
 
 def groupnorm_forward(node, xs, params, ctx):
     """Per sample and group: mean and biased variance over the group's channels and positions."""
     (x,) = xs
-    grouped = x.reshape(x.shape[0], int(node.attrs.groups), -1)
-    mean = grouped.mean(axis=2, keepdims=True)
-    xhat = grouped - mean
-    inv = 1.0 / np.sqrt(np.mean(xhat * xhat, axis=2, keepdims=True) + float(node.attrs.eps))
-    xhat *= inv
-    xhat = xhat.reshape(x.shape)
-    y = _affine(xhat.copy(), params, x.dtype) if node.attrs.affine else xhat
+    xhat, inv = _standardize(x.reshape(x.shape[0], int(node.attrs.groups), -1), 2, float(node.attrs.eps))
+    y, xhat = _norm_output(node, xhat.reshape(x.shape), params, x.dtype)
     return y, (xhat, inv)
 
 
 def groupnorm_backward(node, saved, dy, params, ctx):
     xhat, inv = saved
-    dparams = {}
-    g = dy
-    if node.attrs.affine:
-        axes = _non_channel_axes(dy)
-        dparams = {"weight": (dy * xhat).sum(axis=axes), "bias": dy.sum(axis=axes)}
-        g = dy * _per_channel(_cast(params["weight"], dy.dtype), dy.ndim)
-    n, groups = dy.shape[0], int(node.attrs.groups)
-    g = g.reshape(n, groups, -1)
-    xh = xhat.reshape(n, groups, -1)
-    dx = g - g.mean(axis=2, keepdims=True)
-    dx -= xh * (g * xh).mean(axis=2, keepdims=True)
-    dx *= inv
+    g, dparams = _affine_grad(node, dy, xhat, params)
+    grouped = (dy.shape[0], int(node.attrs.groups), -1)
+    dx = _standardize_grad(g.reshape(grouped), xhat.reshape(grouped), inv, 2)
     return [dx.reshape(dy.shape)], dparams
 
 
