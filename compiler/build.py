@@ -192,7 +192,8 @@ class GraphBuilder:
             if stmt.orelse is not None:
                 return self.run_nested(stmt.orelse, frame, current, stmt.span)
             return current
-        # for loop
+        if isinstance(stmt, ast.ForEach):
+            return self.run_loop(stmt, stmt.names, self.loop_items(stmt, frame), frame, current)
         start = self.eval_int(stmt.start, frame, "range start") if stmt.start is not None else 0
         stop = self.eval_int(stmt.stop, frame, "range stop")
         step = self.eval_int(stmt.step, frame, "range step") if stmt.step is not None else 1
@@ -200,21 +201,51 @@ class GraphBuilder:
             raise CnncError("range step must not be zero", stmt.step.span)
         if len(range(start, stop, step)) > MAX_LAYERS:
             raise CnncError(f"loop of {len(range(start, stop, step))} iterations", stmt.span)
-        saved = frame.values.get(stmt.var, _MISSING)
+        return self.run_loop(stmt, [stmt.var], [(i,) for i in range(start, stop, step)], frame, current)
+
+    def loop_items(self, stmt: ast.ForEach, frame: Frame) -> list[tuple]:
+        """The values each pass of `for a, b in ITEMS:` binds, checked against the number of names."""
+        seq = self.value_of(stmt.items, frame)
+        if isinstance(seq, Symbol):
+            raise CnncError(f"`{seq}` is not defined", stmt.items.span, did_you_mean(seq, frame.values))
+        if not isinstance(seq, tuple):
+            raise CnncError(f"a loop runs over a tuple or `range(...)`, got {_show(seq)}", stmt.items.span,
+                            "`for c in (16, 24, 32):` or `for i in range(3):`")
+        names = stmt.names
+        if len(names) == 1:
+            return [(v,) for v in seq]
+        rows = []
+        for k, row in enumerate(seq):
+            if not isinstance(row, tuple) or len(row) != len(names):
+                got = (f"{len(row)} value{'s' if len(row) != 1 else ''}" if isinstance(row, tuple)
+                       else "not a tuple")
+                raise CnncError(f"item {k} of the loop, {_show(row)}, does not unpack into the {len(names)} names "
+                                f"{', '.join(names)}: {got}", stmt.items.span)
+            rows.append(tuple(row))
+        return rows
+
+    def run_loop(self, stmt, names: list[str], passes: list[tuple], frame: Frame,
+                 current: int | None) -> int | None:
+        """Run a loop body once per pass, the loop names bound to that pass's values (restored after)."""
+        for name in names:
+            if name in self.program.blocks or lookup(name):
+                raise CnncError(f"`{name}` names a layer or block; choose another loop variable", stmt.span)
+        saved = {name: frame.values.get(name, _MISSING) for name in names}
         self.enter(stmt.span)
         try:
-            for i in range(start, stop, step):
-                frame.values[stmt.var] = i
+            for values in passes:
+                frame.values.update(zip(names, values))
                 before = len(self.diags.errors)
                 current = self.run_body(stmt.body, frame, current)
                 if len(self.diags.errors) > before:
                     break  # later iterations would report the same mistakes again
         finally:
             self.depth -= 1
-            if saved is _MISSING:
-                frame.values.pop(stmt.var, None)
-            else:
-                frame.values[stmt.var] = saved
+            for name, old in saved.items():
+                if old is _MISSING:
+                    frame.values.pop(name, None)
+                else:
+                    frame.values[name] = old
         return current
 
     def run_nested(self, body: list[ast.Stmt], frame: Frame, current: int | None, span: Span) -> int | None:
@@ -506,6 +537,8 @@ class GraphBuilder:
             return self.compare(e, frame)
         if isinstance(e, ast.ShapeOf):
             return self.size_of(e, frame)
+        if isinstance(e, ast.Index):
+            return self.index(e, frame)
         if isinstance(e, ast.Logic):  # short-circuit, as Python: `c > 0 and 64 // c > 2` is safe
             left = self.condition(e.left, frame)
             if e.op == "not":
@@ -513,7 +546,7 @@ class GraphBuilder:
             if (e.op == "and" and not left) or (e.op == "or" and left):
                 return left
             return self.condition(e.right, frame)
-        a, b = self.number(e.left, frame), self.number(e.right, frame)
+        a, b = self.number(e.left, frame, e.op), self.number(e.right, frame, e.op)
         if e.op in ("//", "%", "/") and b == 0:
             raise CnncError("division by zero", e.span)
         if e.op == "+":
@@ -589,20 +622,48 @@ class GraphBuilder:
                     else f"{f.least} to {f.most}")
             raise CnncError(f"`{e.name}` takes {want} argument{'s' if want != '1' else ''}, got {n}", e.span,
                             f"usage: {f.usage}")
-        args = [self.number(a, frame) for a in e.args]
+        args = [self.sequence(a, frame) if f.sequence else self.number(a, frame) for a in e.args]
         try:
             v = f.fn(*args)
         except (ValueError, OverflowError, TypeError) as exc:
             raise CnncError(f"`{e.name}`: {exc}", e.span, f"usage: {f.usage}") from None
         return bounded(v, e.span)
 
-    def number(self, e: ast.Expr, frame: Frame) -> int | float:
+    def index(self, e: ast.Index, frame: Frame) -> Any:
+        seq = self.value_of(e.target, frame)
+        if isinstance(seq, Symbol):
+            raise CnncError(f"`{seq}` is not defined", e.target.span, did_you_mean(seq, frame.values))
+        if not isinstance(seq, tuple):
+            raise CnncError(f"only a tuple or a size can be indexed, got {_show(seq)}", e.target.span)
+        i = self.eval_int(e.index, frame, "an index")
+        if not -len(seq) <= i < len(seq):
+            raise CnncError(f"index {i} is out of range for {_show(seq)}, which has {len(seq)} "
+                            f"item{'s' if len(seq) != 1 else ''}", e.index.span,
+                            f"indices run from 0 to {len(seq) - 1} (or from -{len(seq)} to -1 from the end)")
+        return seq[i]
+
+    def sequence(self, e: ast.Expr, frame: Frame) -> tuple:
+        v = self.value_of(e, frame)
+        if isinstance(v, Symbol):
+            raise CnncError(f"`{v}` is not defined", e.span, did_you_mean(v, frame.values))
+        if not isinstance(v, tuple):
+            raise CnncError(f"a tuple or a size is needed here, got {_show(v)}", e.span)
+        return v
+
+    def number(self, e: ast.Expr, frame: Frame, op: str | None = None) -> int | float:
         v = self.value_of(e, frame)
         if isinstance(v, Symbol):
             raise CnncError(f"`{v}` is not defined", e.span, did_you_mean(v, frame.values))
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            hint = ("repetition `* N` applies to a block call or a parenthesised chain: "
-                    "`(conv 64 3x3 -> relu) * 2`") if isinstance(v, DimsValue) else None
+            hint = None
+            if isinstance(v, DimsValue) and op == "*":
+                hint = ("repetition `* N` applies to a block call or a parenthesised chain: "
+                        "`(conv 64 3x3 -> relu) * 2`")
+            elif isinstance(v, tuple):  # a size such as 3x3, or a tuple: arithmetic works on its items
+                hint = (f"{_show(v)} is not a number: write a number (`3//2`), take an item with `[i]` "
+                        f"(`{_show(v)}[0]` is {_show(v[0])})")
+                if isinstance(v, DimsValue) and op in ("//", "/"):
+                    hint += ", or write `pad=same` for the padding that keeps a window's output size"
             raise CnncError(f"arithmetic needs numbers, got {_show(v)}", e.span, hint)
         return v
 
@@ -649,7 +710,7 @@ def _show(v) -> str:
     if v is None:
         return "none"
     if isinstance(v, tuple):
-        return "(" + ", ".join(_show(x) for x in v) + ")"
+        return "(" + ", ".join(_show(x) for x in v) + ("," if len(v) == 1 else "") + ")"
     if isinstance(v, float) and math.isfinite(v) and v == int(v) and abs(v) < 1e15:
         return f"{v:g}"
     return str(v)

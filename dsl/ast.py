@@ -71,6 +71,15 @@ class Func:
 
 
 @dataclass
+class Index:
+    """`t[i]`: an item of a tuple or a size."""
+
+    target: "Expr"
+    index: "Expr"
+    span: Span
+
+
+@dataclass
 class Compare:
     op: str  # one of == != < > <= >=
     left: "Expr"
@@ -99,7 +108,7 @@ class Logic:
     span: Span
 
 
-Expr = Union[Num, Var, Str, Dims, TupleExpr, BinOp, Neg, Func, Compare, ShapeOf, Logic]
+Expr = Union[Num, Var, Str, Dims, TupleExpr, BinOp, Neg, Func, Compare, ShapeOf, Logic, Index]
 
 
 # ---- chains ------------------------------------------------------------------------------
@@ -178,6 +187,16 @@ class For:
 
 
 @dataclass
+class ForEach:
+    """`for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2)):` one pass per item, unpacked into the names."""
+
+    names: list[str]
+    items: Expr
+    body: list["Stmt"]
+    span: Span
+
+
+@dataclass
 class If:
     """`if cond:` body, then `elif cond:` bodies, then an optional `else:` body."""
 
@@ -186,7 +205,7 @@ class If:
     span: Span
 
 
-Stmt = Union[Assign, ChainStmt, For, If]
+Stmt = Union[Assign, ChainStmt, For, ForEach, If]
 
 
 # ---- top level ---------------------------------------------------------------------------

@@ -122,6 +122,11 @@ class _ToAst(Transformer):
         return ast.Neg(children[0], self._span(meta))
 
     @v_args(meta=True)
+    def index(self, meta, children):
+        target, index = children
+        return ast.Index(target, index, self._span(meta))
+
+    @v_args(meta=True)
     def shape_of(self, meta, children):
         tensor, field = children
         return ast.ShapeOf(str(tensor), str(field), self._span(meta), self._tok(tensor), self._tok(field))
@@ -203,6 +208,12 @@ class _ToAst(Transformer):
         start, stop = (first, second) if second is not None else (None, first)
         header = Span(self.source, meta.line, meta.column, meta.line, 10**6)
         return ast.For(str(var), start, stop, body, header, third)
+
+    @v_args(meta=True)
+    def for_each(self, meta, children):
+        *names, items, body = children
+        header = Span(self.source, meta.line, meta.column, meta.line, 10**6)
+        return ast.ForEach([str(n) for n in names], items, body, header)
 
     @v_args(meta=True)
     def if_stmt(self, meta, children):
