@@ -84,4 +84,4 @@ def test_twin_computes_what_the_o2_plan_computes():
 def test_file_is_short():
     # torchvision/models/mobilenetv2.py (0.29.1) has 209 code lines by the same count
     # (code_lines: neither blank nor a `#` comment), not counting Conv2dNormActivation in ops/misc.py.
-    assert code_lines(EXAMPLES / f"{NAME}.cnn") <= 30
+    assert code_lines(EXAMPLES / f"{NAME}.cnn") <= 32
