@@ -154,6 +154,23 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(run=_cmd_eval)
 
+    cmp = sub.add_parser("compare", help="several networks side by side: parameters, MACs, memory, depth, RF",
+                         description="Check every .cnn file and print one row per network: parameters, "
+                                     "buffers, MACs per image, depth (conv and dense layers on the longest "
+                                     "path), receptive field, input size, and activation memory for inference "
+                                     "(batch 1) and for a training step (the file's train batch).")
+    cmp.add_argument("files", nargs="+", metavar="FILE", help="the .cnn files")
+    cmp.add_argument("--batch", type=_positive, metavar="N",
+                     help="batch for both memory figures (default: 1 for inference, each file's train batch "
+                          "for training)")
+    cmp.add_argument("--json", action="store_true", help="print a JSON list, one object of exact figures per network")
+    cmp.add_argument("--plot", metavar="OUT.png",
+                     help="also draw MACs against parameters, bubble area the inference memory (.png, .svg, .pdf; "
+                          "needs matplotlib)")
+    cmp.add_argument("--import-root", action="append", default=[], metavar="DIR",
+                     help="also allow imports from DIR")
+    cmp.set_defaults(run=_cmd_compare)
+
     o = sub.add_parser("ops", help="list the layers the language has, from the op table",
                        description="Every layer a .cnn file may use (aliases, arguments, defaults, counts, PyTorch "
                                    "and ONNX equivalents) and every element-wise formula with its derivative.")
@@ -350,6 +367,25 @@ def _cmd_eval(args) -> int:
     print(" " * 6 + "".join(f"{j:>{width}}" for j in range(confusion.shape[1])))
     for i, row in enumerate(confusion):
         print(f"{i:>5} " + "".join(f"{v:>{width}}" for v in row))
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from cnnc.runtime import compare
+
+    if args.plot:
+        compare.plot_format(args.plot)
+        compare.require_plotting()
+    entries, warnings = compare.compare(args.files, args.batch, args.import_root)
+    for w in warnings:
+        print(w.render() + "\n", file=sys.stderr)
+    if args.plot:
+        compare.write_plot(entries, args.plot)
+        print(f"wrote {args.plot}: {len(entries)} networks", file=sys.stderr)
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries], indent=2))
+    else:
+        print(compare.table(entries))
     return 0
 
 
