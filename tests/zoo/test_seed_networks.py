@@ -1,15 +1,20 @@
-"""The seed notes' networks not covered elsewhere in the zoo, starting with ZFNet. Each
-one's parameter, buffer and MAC counts are derived here by arithmetic from its paper's layout
-and must be what `cnnc check` reports; a hand-written PyTorch twin per family has the same
-counts and computes what our -O2 plan computes with the same weights."""
+"""The seed notes' networks not covered elsewhere in the zoo: ZFNet and the CIFAR-10 ResNets
+with option-A shortcuts (20, 56, 110 layers).
+Each one's parameter, buffer and MAC counts are derived here by arithmetic from its paper's
+layout and must be what `cnnc check` reports; a hand-written PyTorch twin per family has the
+same counts and computes what our -O2 plan computes with the same weights."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
+import pytest
 import torch
 from torch import nn
-from twin import assert_twin_matches, check_json, torch_counts
+from torch.nn import functional as F
+from twin import EXAMPLES, REPO, assert_twin_matches, check_json, code_lines, torch_counts
 
 
 def conv(cin: int, cout: int, k: int, bias: bool = False) -> int:
@@ -94,3 +99,111 @@ def test_zfnet_twin_counts():
 def test_zfnet_twin_matches():
     torch.manual_seed(0)
     assert_twin_matches("zfnet", ZFNet(), batch=1)
+
+
+# --- CIFAR-10 ResNets, option A --------------------------------------------------------------
+
+CIFAR_DEPTHS = {20: 3, 56: 9, 110: 18}               # 6n + 2 layers
+# He et al. 2016, Table 6: parameters as the paper rounds them.
+PAPER_CIFAR_PARAMS = {20: "0.27M", 56: "0.85M", 110: "1.7M"}
+
+
+def _cifar_resnet(n: int) -> tuple[int, int, int]:
+    """ResNet-(6n+2) for CIFAR-10 with the parameter-free option-A shortcuts, by hand.
+
+    Stem: 3x3 conv of 16 on 32x32. Stages of n blocks, two 3x3 convs each, with 16, 32 and 64
+    filters on 32x32, 16x16 and 8x8; the first block of stages 2 and 3 halves the map with a
+    stride-2 first conv (its input has half the filters). Convs have no bias; BatchNorm after each.
+    """
+    stem = conv(3, 16, 3) + bn(16)                                   # 432 + 32 = 464
+    basic = {c: 2 * (conv(c, c, 3) + bn(c)) for c in (16, 32, 64)}  # identity shortcut
+    first = {c: conv(c // 2, c, 3) + bn(c) + conv(c, c, 3) + bn(c)  # zero-padded shortcut: free
+             for c in (32, 64)}
+    stages = n * basic[16] + first[32] + (n - 1) * basic[32] + first[64] + (n - 1) * basic[64]
+    fc = dense(64, 10)
+    params = stem + stages + fc
+    buffers = 2 * (16 + 2 * n * (16 + 32 + 64))                      # BatchNorm: stem + 2n per stage
+    macs = (conv_macs(3, 16, 3, 32)
+            + 2 * n * conv_macs(16, 16, 3, 32)
+            + conv_macs(16, 32, 3, 16) + (2 * n - 1) * conv_macs(32, 32, 3, 16)
+            + conv_macs(32, 64, 3, 8) + (2 * n - 1) * conv_macs(64, 64, 3, 8)
+            + 64 * 10)
+    return params, buffers, macs
+
+
+def test_cifar_resnet_arithmetic():
+    # ResNet-20: stem 464 + stage 1 14,016 + stage 2 51,072 + stage 3 203,520 + dense 650
+    assert _cifar_resnet(3) == (269_722, 1_376, 40_551_040)
+    assert _cifar_resnet(9) == (853_018, 4_064, 125_485_696)
+    assert _cifar_resnet(18) == (1_727_962, 8_096, 252_887_680)
+
+
+@pytest.mark.parametrize("depth", list(CIFAR_DEPTHS))
+def test_cifar_resnet_counts(depth):
+    n = CIFAR_DEPTHS[depth]
+    got = check_json(f"cifar_resnet{depth}")
+    assert (got["params"]["total"], got["buffers"], got["macs"]) == _cifar_resnet(n)
+    assert got["output"] == [10] and weight_layers(got) == 6 * n + 2 == depth
+    digits = len(PAPER_CIFAR_PARAMS[depth]) - 3                      # "0.27M": 2 decimals, "1.7M": 1
+    assert f"{got['params']['total'] / 1e6:.{digits}f}M" == PAPER_CIFAR_PARAMS[depth]
+
+
+class BasicBlockA(nn.Module):
+    """Two 3x3 convs; the shortcut subsamples and zero-pads channels where the shape changes."""
+
+    def __init__(self, cin: int, c: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, c, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.stride, self.pad = stride, (c - cin) // 2
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        short = x if self.stride == 1 and self.pad == 0 else \
+            F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(y + short)
+
+
+class CifarResNetA(nn.Module):
+    def __init__(self, n: int, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        blocks, cin = [], 16
+        for c in (16, 32, 64):
+            for i in range(n):
+                blocks.append(BasicBlockA(cin, c, 2 if i == 0 and c != 16 else 1))
+                cin = c
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("depth", list(CIFAR_DEPTHS))
+def test_cifar_resnet_twin_counts(depth):
+    n = CIFAR_DEPTHS[depth]
+    assert torch_counts(CifarResNetA(n)) == _cifar_resnet(n)[:2]
+
+
+@pytest.mark.parametrize("depth", list(CIFAR_DEPTHS))
+def test_cifar_resnet_twin_matches(depth):
+    torch.manual_seed(0)
+    assert_twin_matches(f"cifar_resnet{depth}", CifarResNetA(CIFAR_DEPTHS[depth]))
+
+
+def test_cifar_resnets_share_their_blocks():
+    blocks = EXAMPLES / "blocks" / "cifar_resnet.cnn"
+    for depth in CIFAR_DEPTHS:
+        text = (EXAMPLES / f"cifar_resnet{depth}.cnn").read_text(encoding="utf-8")
+        assert 'import "blocks/cifar_resnet.cnn"' in text and "block " not in text
+        assert code_lines(EXAMPLES / f"cifar_resnet{depth}.cnn") <= 10
+    # the blocks file alone is no network: refused with a located error, not a traceback
+    p = subprocess.run([sys.executable, "-m", "cnnc", "check", str(blocks.relative_to(REPO))],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert p.returncode == 1 and "blocks/cifar_resnet.cnn:" in p.stderr and "error:" in p.stderr
+    assert "Traceback" not in p.stderr
