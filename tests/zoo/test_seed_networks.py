@@ -1,5 +1,5 @@
-"""The seed notes' networks not covered elsewhere in the zoo: ZFNet and the CIFAR-10 ResNets
-with option-A shortcuts (20, 56, 110 layers).
+"""The seed notes' networks not covered elsewhere in the zoo: ZFNet, the CIFAR-10 ResNets
+with option-A shortcuts (20, 56, 110 layers) and the plain 18- and 34-layer ImageNet networks.
 Each one's parameter, buffer and MAC counts are derived here by arithmetic from its paper's
 layout and must be what `cnnc check` reports; a hand-written PyTorch twin per family has the
 same counts and computes what our -O2 plan computes with the same weights."""
@@ -207,3 +207,81 @@ def test_cifar_resnets_share_their_blocks():
                        capture_output=True, text=True, cwd=REPO, timeout=60)
     assert p.returncode == 1 and "blocks/cifar_resnet.cnn:" in p.stderr and "error:" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+# --- plain 18- and 34-layer networks ---------------------------------------------------------
+
+# He et al. 2016, Table 1: 3x3 convs per stage (twice the basic blocks of ResNet-18/34) on
+# 56x56, 28x28, 14x14 and 7x7 maps, and the multiply-adds ("FLOPs") the table gives.
+PLAIN_STAGES = {18: (4, 4, 4, 4), 34: (6, 8, 12, 6)}
+PAPER_PLAIN_GMACS = {18: 1.8, 34: 3.6}
+WIDTHS, SIZES = (64, 128, 256, 512), (56, 28, 14, 7)
+
+
+def _plain(depth: int) -> tuple[int, int, int]:
+    """A plain network: ResNet-18/34's layout with no shortcut, BatchNorm after every conv.
+
+    Stem: 7x7/2 conv of 64 (112x112) and a 3x3/2 max pool (56x56). In each stage the first conv
+    takes the previous stage's width (and, from stage 2 on, halves the map with stride 2).
+    """
+    convs = PLAIN_STAGES[depth]
+    params = conv(3, 64, 7) + bn(64) + dense(512, 1000)
+    buffers = 2 * 64
+    macs = conv_macs(3, 64, 7, 112) + 512 * 1000
+    cin = 64
+    for c, size, count in zip(WIDTHS, SIZES, convs):
+        params += conv(cin, c, 3) + (count - 1) * conv(c, c, 3) + count * bn(c)
+        buffers += 2 * count * c
+        macs += conv_macs(cin, c, 3, size) + (count - 1) * conv_macs(c, c, 3, size)
+        cin = c
+    return params, buffers, macs
+
+
+# ResNet-18/34 (torchvision 0.29.1 counts, as tests/test_zoo.py) differ from the plain networks by
+# their three 1x1 projection shortcuts (conv + BatchNorm) on entering stages 2-4.
+RESNET_PARAMS = {18: 11_689_512, 34: 21_797_672}
+PROJECTIONS = sum(conv(c // 2, c, 1) + bn(c) for c in (128, 256, 512))
+
+
+def test_plain_arithmetic():
+    assert _plain(18) == (11_515_688, 7_808, 1_794_805_760)
+    assert _plain(34) == (21_623_848, 15_232, 3_644_493_824)
+    assert PROJECTIONS == 173_824
+    for depth in PLAIN_STAGES:
+        assert _plain(depth)[0] + PROJECTIONS == RESNET_PARAMS[depth]
+
+
+@pytest.mark.parametrize("depth", list(PLAIN_STAGES))
+def test_plain_counts(depth):
+    got = check_json(f"plain{depth}")
+    assert (got["params"]["total"], got["buffers"], got["macs"]) == _plain(depth)
+    assert got["output"] == [1000] and weight_layers(got) == depth
+    assert round(got["macs"] / 1e9, 1) == PAPER_PLAIN_GMACS[depth]
+
+
+class PlainNet(nn.Module):
+    def __init__(self, stages: tuple[int, ...], classes: int = 1000):
+        super().__init__()
+        layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+        cin = 64
+        for s, (c, count) in enumerate(zip(WIDTHS, stages)):
+            for i in range(count):
+                stride = 2 if i == 0 and s > 0 else 1
+                layers += [nn.Conv2d(cin, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+                cin = c
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+@pytest.mark.parametrize("depth", list(PLAIN_STAGES))
+def test_plain_twin_counts(depth):
+    assert torch_counts(PlainNet(PLAIN_STAGES[depth])) == _plain(depth)[:2]
+
+
+@pytest.mark.parametrize("depth", list(PLAIN_STAGES))
+def test_plain_twin_matches(depth):
+    torch.manual_seed(0)
+    assert_twin_matches(f"plain{depth}", PlainNet(PLAIN_STAGES[depth]), batch=1)
