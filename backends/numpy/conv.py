@@ -10,7 +10,8 @@ over a strided view of the padded input and one batched matmul per call (BLAS); 
 gradient is col2im, a loop over the kh·kw kernel offsets adding
 strided slices, or, for stride 1, a convolution of the padded output gradient with the
 flipped kernel (half the memory traffic when filters ≥ channels). Large convolutions split
-the batch over worker threads (`parallel.py`). Pools loop over kernel offsets too, never
+the batch over worker threads (`parallel.py`). Depthwise convolutions (one group per input
+channel) have their own kernel, `depthwise.py`. Pools loop over kernel offsets too, never
 over pixels or batch items.
 
 Output sizes always come from `node.out_shape` (it reflects `round`); the padded buffer is
@@ -23,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import parallel, winograd
+from . import depthwise, parallel, winograd
 from .blas import gemm
 
 
@@ -323,6 +324,11 @@ def conv_forward(node, xs, params, ctx):
     n, c = x.shape[:2]
     dtype = x.dtype
     w = params["weight"].astype(dtype, copy=False)
+    if n and depthwise.is_depthwise(node, c):
+        y = depthwise.forward(node, x, w)
+        if "bias" in params:
+            y += params["bias"].astype(dtype, copy=False).reshape(1, -1, 1, 1)
+        return y, ("depthwise", x)
     if n and (_use_shifted(node, c) or _use_winograd(node, c)):
         bias = params["bias"].astype(dtype, copy=False) if "bias" in params else None
         return _shifted_forward(node, x, w, bias)
@@ -341,6 +347,13 @@ def conv_forward(node, xs, params, ctx):
 
 
 def conv_backward(node, saved, dy, params, ctx):
+    if isinstance(saved[0], str) and saved[0] == "depthwise":
+        weight = params["weight"].astype(dy.dtype, copy=False)
+        dx, dweight = depthwise.backward(node, saved[1], dy, weight, ctx.need_input_grad)
+        dparams = {"weight": dweight}
+        if "bias" in params:
+            dparams["bias"] = dy.sum(axis=(0, 2, 3))
+        return [dx], dparams
     if isinstance(saved[0], str):  # ("shifted", ...)
         weight = params["weight"].astype(dy.dtype, copy=False)
         return _shifted_backward(node, saved, np.ascontiguousarray(dy), weight, "bias" in params,
