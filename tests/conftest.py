@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +19,16 @@ from cnnc.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only with CNNC_SLOW=1; a faster test covers a bounded sample of the same."""
+    if os.environ.get("CNNC_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with CNNC_SLOW=1 (CI runs its bounded sample)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @dataclass

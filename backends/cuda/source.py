@@ -76,6 +76,14 @@ def _key(template: str, defines: tuple) -> str:
     return h.hexdigest()[:12]
 
 
+# Defines that only give a kernel its tensor sizes, paddings and constants: two specs that differ in
+# these alone run the same code paths (kernel sizes, strides, tiles, groups > 1 and epilogues do not).
+SIZE_DEFINES = frozenset({
+    "C", "H", "W", "K", "P", "Q", "PQ", "HW", "CTOT", "INNER", "COLS", "OH", "OW", "CO", "BEFORE",
+    "PAD_L", "PAD_T", "PB", "PL", "PR", "PT", "DIL_H", "DIL_W", "SPLITS", "ARG0", "ARG1", "EPS", "MOMENTUM",
+    "ONE_MINUS_M", "ALPHA", "ALPHA_N", "BETA", "COEF", "SIZE", "SCALE", "THRESH", "CHAIN_ARG0", "CHAIN_ARG1"})
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     template: str  # file under kernels/, e.g. "conv_fwd.cu"
@@ -89,6 +97,13 @@ class KernelSpec:
     @property
     def key(self) -> str:
         return _key(self.template, self.defines)
+
+    @property
+    def variant(self) -> tuple:
+        """The template and the defines that choose code paths (see SIZE_DEFINES): one compiled spec per
+        variant exercises every path the set of specs takes."""
+        return (self.template,) + tuple((k, v > 1 if k == "GROUPS" else v) for k, v in self.defines
+                                        if k not in SIZE_DEFINES)
 
     def symbol(self, entry: str) -> str:
         """The compiled name of an entry point."""
