@@ -95,6 +95,18 @@ class GraphBuilder:
                 raise CnncError(f"`classes` must be a positive integer, got {classes!r}", p.classes[1])
             consts["classes"] = classes
         g.graph["classes"] = consts.get("classes")
+        for name, expr, span in p.constants:  # in order: each may use `classes` and the ones before it
+            if name == "classes" or name == "in" or lookup(name) or name in p.blocks:
+                raise CnncError(f"`{name}` names a layer, a block or `classes`; choose another name", span)
+            value = self.value_of(expr, Frame(dict(consts), {}, {}))
+            if isinstance(value, Symbol):
+                if value not in ("true", "false"):
+                    raise CnncError(f"`{value}` is not defined", expr.span, did_you_mean(value, consts))
+                value = value == "true"
+            consts[name] = value
+        if p.input_dims is None and p.layers is None and p.blocks:
+            raise CnncError(f"{p.source.name} holds blocks only: there is no network to check", whole_file,
+                            "import it from a network file (`import \"...\"`), or add `input` and `layers:`")
         if p.input_dims is None:
             raise CnncError("no `input` declaration", whole_file, "declare the input size, e.g. `input 3x224x224`")
         dims, dims_span = p.input_dims

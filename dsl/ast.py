@@ -267,5 +267,6 @@ class Program:
     blocks: dict[str, BlockDef] = field(default_factory=dict)
     layers: list[Stmt] | None = None
     layers_span: Span | None = None
+    constants: list[tuple[str, Expr, Span]] = field(default_factory=list)  # `width = 1.0`, in order
     train: list[Setting] | None = None
     train_span: Span | None = None

@@ -127,7 +127,8 @@ def _resolve_imports(program: ast.Program, file: Path, roots: list[Path], stack:
         sub = parse(text, _display(target))
         for what, span in (("layers:", sub.layers_span), ("train:", sub.train_span),
                            ("network", sub.network and sub.network[1]), ("input", sub.input_dims and sub.input_dims[1]),
-                           ("classes", sub.classes and sub.classes[1])):
+                           ("classes", sub.classes and sub.classes[1]),
+                           (sub.constants and f"{sub.constants[0][0]} = ...", sub.constants and sub.constants[0][2])):
             if span:
                 raise CnncError(f"an imported file may only hold blocks, defaults and imports; this one has "
                                 f"`{what}`", span).with_note(imp.span, "imported here")

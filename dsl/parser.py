@@ -283,6 +283,12 @@ class _ToAst(Transformer):
             elif kind == "classes":
                 once("classes", meta_)
                 prog.classes = (payload, meta_)
+            elif kind == "const":
+                name, expr = payload
+                for other, _, span in prog.constants:
+                    if other == name:
+                        raise CnncError(f"`{name}` is defined twice", meta_).with_note(span, "first defined here")
+                prog.constants.append((name, expr, meta_))
             elif kind == "layers":
                 once("layers", meta_)
                 prog.layers, prog.layers_span = payload, meta_
@@ -303,6 +309,11 @@ class _ToAst(Transformer):
         if dims.type == "NUMBER" and not str(dims).isdigit():
             raise CnncError("the input size must be whole numbers, like 3x224x224 or 784", self._tok(dims))
         return ("input", self._span(meta), (str(name) if name is not None else None, self.dims([dims])))
+
+    @v_args(meta=True)
+    def const_decl(self, meta, children):
+        name, expr = children
+        return ("const", self._tok(name), (str(name), expr))
 
     @v_args(meta=True)
     def classes_decl(self, meta, children):
