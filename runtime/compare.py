@@ -60,12 +60,21 @@ class Entry:
 
 
 def weighted_depth(g: nx.MultiDiGraph) -> int:
-    """Weighted layers (conv, dense) on the longest input → output path."""
+    """Weighted layers (conv, dense) on the longest input → output path. A C×1×1 gate broadcast over a
+    map (squeeze-excitation) is a side branch, as papers count depth: its layers are left out."""
     longest: dict[int, int] = {}
     for n in nx.topological_sort(g):
         own = OPS[g.nodes[n]["op"]].kind in WEIGHTED_KINDS
-        longest[n] = own + max((longest[u] for u in g.predecessors(n)), default=0)
+        preds = list(g.predecessors(n))
+        if _has_extent(g.nodes[n]["shape"]):
+            spatial = [u for u in preds if _has_extent(g.nodes[u]["shape"])]
+            preds = spatial or preds
+        longest[n] = own + max((longest[u] for u in preds), default=0)
     return longest[g.graph["output"]]
+
+
+def _has_extent(shape) -> bool:
+    return len(shape) == 3 and shape[1] * shape[2] > 1
 
 
 def feature_rf(g: nx.MultiDiGraph) -> tuple[int, int, int, int]:

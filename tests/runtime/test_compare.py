@@ -167,3 +167,26 @@ def test_the_plot_format_comes_from_the_extension():
     assert compare.plot_format("a/b.PNG") == "png" and compare.plot_format("x.svg") == "svg"
     with pytest.raises(CnncError, match=r"\.png, \.svg or \.pdf"):
         compare.plot_format("chart.jpg")
+
+
+def test_a_squeeze_excitation_gate_is_a_side_branch(cnn):
+    # EfficientNet-B0 by hand: stem 1, the first MBConv (no expansion) 2, fifteen more with 3 (expand,
+    # depthwise, project), the head 1x1 and the classifier: 1 + 2 + 45 + 1 + 1 = 50; each block's two
+    # squeeze-excitation convs sit on the gate, not on the map's path, as the paper counts.
+    (e,), _ = compare.compare([EXAMPLES / "efficientnet_b0.cnn"])
+    assert e.depth == 50
+    path = cnn("""
+        network se
+        input 3x16x16
+        classes 4
+        layers:
+            x = conv 8 3x3 pad=1
+            gate = x -> gap -> conv 2 1x1 -> relu -> conv 8 1x1 -> sigmoid
+            mul(x, gate) -> conv 8 3x3 pad=1 -> gap -> dense classes
+        """)
+    (e,), _ = compare.compare([path])
+    g = check(path)
+    rf = {d["name"]: d["rf"] for _, d in g.nodes(data=True)}
+    # the gate sees the whole image; the product keeps the map's window (3), the next conv grows it to 5
+    assert rf["gap1"] == "global" and rf["mul1"] == (3, 3, 1, 1) and rf["conv4"] == (5, 5, 1, 1)
+    assert e.depth == 3 and e.feature_rf == (5, 5, 1, 1)
