@@ -338,7 +338,8 @@ class GraphBuilder:
         if op is None:
             known = list(user_op_names()) + list(self.program.blocks) + [t for t in frame.tensors]
             kind = "layer, block or tensor" if isinstance(el, ast.Command) else "layer or block"
-            raise CnncError(f"unknown {kind} `{name}`", el.name_span, did_you_mean(name, known))
+            raise CnncError(f"unknown {kind} `{name}`", el.name_span,
+                            did_you_mean(name, known, lambda c: lookup(c).name if lookup(c) else c))
         if isinstance(el, ast.Call) and el.repeat is not None:
             raise CnncError("repetition `* N` applies to a block call or a parenthesised chain", el.repeat.span,
                             f"write `({name}(...) -> ...) * N` to repeat layers")

@@ -188,11 +188,19 @@ class Diagnostics:
             raise CnncErrors(errors)
 
 
-def did_you_mean(word: str, choices) -> str | None:
-    """A 'did you mean' hint for a misspelt name, or None when nothing is close."""
+def did_you_mean(word: str, choices, same=None) -> str | None:
+    """A 'did you mean' hint for a misspelt name, or None when nothing is close. `same(choice)` names
+    what a choice stands for: of several spellings of one thing (an op and its aliases) only the
+    closest is offered."""
     import difflib
 
-    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    close, seen = [], set()
+    for c in difflib.get_close_matches(word, list(choices), n=9, cutoff=0.6):
+        key = same(c) if same else c
+        if key not in seen:
+            seen.add(key)
+            close.append(c)
+    close = close[:3]
     if not close:
         return None
     return "did you mean " + " or ".join(f"`{c}`" for c in close) + "?"

@@ -104,3 +104,11 @@ def test_independent_unknown_names_are_all_reported_at_once(cnn):
     found = [(line, col, msg.split("`")[1]) for line, col, msg in r.errors()]
     assert found == [(5, 19, "hardswsh"), (5, 37, "gelux"), (5, 46, "mishh"), (6, 19, "reluu")]
     assert "did you mean `hardswish`" in r.err and "4 errors generated" in r.err
+
+
+def test_keras_spellings_are_aliases_and_a_suggestion_names_each_op_once(cnn):
+    ok = cnn(HEADER + "layers:\n    conv 8 3x3 -> hard_swish -> hard_sigmoid -> gap -> dense 2\n", "ok.cnn")
+    assert run_cli("check", str(ok)).code == 0
+    r = run_cli("check", str(cnn(HEADER + "layers:\n    conv 8 3x3 -> hardsigmod\n")))
+    # hardsigmoid and its alias hard_sigmoid are one op: offered once, then the next closest ops
+    assert "hint: did you mean `hardsigmoid` or `sigmoid` or `hardswish`?" in r.err, r.err
