@@ -183,10 +183,12 @@ def test_blocks_and_threads_give_the_one_block_result(case, monkeypatch):
         monkeypatch.setattr(depthwise, "BLOCK_BYTES", 1 << 30)
         whole = run()
         parallel.set_threads(2)
-        monkeypatch.setattr(parallel, "MIN_WORK", 0)
+        monkeypatch.setattr(depthwise, "THREAD_MIN_BLOCKS", 1)
         g = depthwise.Geometry(node, *node.in_shapes[0][1:])
         monkeypatch.setattr(depthwise, "BLOCK_BYTES", 3 * (g.ntaps + 1) * g.plane * 8)  # 3 planes a block
         assert g.block(g.ntaps + 1, 8) == 3
+        planes = batch * node.in_shapes[0][0]
+        assert len(depthwise._thread_slices(planes, 3)) == 2
         split = run()
     finally:
         parallel.set_threads(threads)
