@@ -19,12 +19,13 @@ worker threads, through reused workspaces in which every copy is one long contig
   positions hold zeros now, so the wrap-around reads add nothing), again copies and a matmul,
   unpacked into dx. Only the input is kept for backward.
 
-Measured on 2 cores (benchmarks/NOTES-cpu.md): copying each tap's strided window of the planes
-(NumPy's inner loop then one row of ow elements) took 2–3× as long per element as these runs,
-and adding the windows for dx 3–5×; broadcast multiply-adds of the shifted runs times the
-per-plane weights (2·kh·kw − 1 passes over the block) 1.3–2× the copies and matmul; an einsum
-over the taps over 10×. Against grouped im2col, MobileNetV2's ten depthwise shapes at batch 32
-went from 380 to 190 ms forward and 850 to 470 ms backward (PyTorch: 85 and 180 ms).
+Measured on 2 cores (benchmarks/NOTES-cpu.md), one thread, per output: copying each tap's
+strided window of the planes instead (NumPy's inner loop then one row of ow elements) took
+1.03–1.2× the forward's time, and with col2im adds of the windows for dx 1.7–3.4× the
+backward's; broadcast multiply-adds of the shifted runs times the per-plane weights
+(2·kh·kw − 1 passes over the block) 1.1–1.5× the forward; an einsum over the taps 5–20×.
+Against grouped im2col, MobileNetV2's ten depthwise shapes at batch 32 went from 380 to 190 ms
+forward and 850 to 470 ms backward (PyTorch: 85 and 180 ms).
 """
 
 from __future__ import annotations
