@@ -5,12 +5,14 @@ Rows (goals as ratios to PyTorch measured in the same run):
   ResNet-20 (CIFAR) training step, batch 128   our time / torch's time   goal ≤ 1.0
   conv 256→256 3×3, 56×56, batch 8, forward    our GFLOP/s / torch's     goal ≥ 0.8
   ResNet-50 inference (-O2), batch 1 and 16    our time / torch's time   reported
+  MobileNetV2, EfficientNet-B0 (224×224):      our time / torch's time   goal ≤ 1.5
+    inference (-O2) batch 1, training step batch 32
 A training step is forward, cross-entropy, backward and an SGD-momentum update. This machine's
 load changes from second to second, so the two sides alternate: each round times ours, then
 PyTorch's, a few repeats each (median); the row's figure is the median over rounds of the
 per-round ratio. onnxruntime is not a peer: cnnc has no ONNX export.
 
-    python benchmarks/cpu.py                 # all rows, about 3 minutes on 2 cores
+    python benchmarks/cpu.py                 # all rows, about 15 minutes on 2 cores
     python benchmarks/cpu.py --rounds 3 --only lenet5,conv256
     python benchmarks/cpu.py --json results/cpu.json
 """
@@ -83,7 +85,14 @@ ROWS = [  # key, label, kind, goal (ratio of times; for conv256 of GFLOP/s), how
     ("conv256", "conv 256→256 3×3 56×56 b8 forward", None, 0.8, "GFLOP/s ≥"),
     ("resnet50_b1", "ResNet-50 inference, batch 1", ("resnet50", 1, False), None, "time"),
     ("resnet50_b16", "ResNet-50 inference, batch 16", ("resnet50", 16, False), None, "time"),
+    # depthwise-separable networks: depthwise convs, 1×1 convs, BatchNorm and activations
+    ("mobilenet_v2_b1", "MobileNetV2 inference, batch 1", ("mobilenet_v2", 1, False), 1.5, "time ≤"),
+    ("mobilenet_v2_b32", "MobileNetV2 training step, batch 32", ("mobilenet_v2", 32, True), 1.5, "time ≤"),
+    ("efficientnet_b0_b1", "EfficientNet-B0 inference, batch 1", ("efficientnet_b0", 1, False), 1.5, "time ≤"),
+    ("efficientnet_b0_b32", "EfficientNet-B0 training step, batch 32", ("efficientnet_b0", 32, True), 1.5,
+     "time ≤"),
 ]
+SLOW_STEP_MS = 1000  # rows whose steps take longer are timed with fewer repeats per round
 CONV256_FLOP = 2 * 8 * 56 * 56 * 256 * 256 * 9
 
 
@@ -97,6 +106,8 @@ def measure(key: str, spec, rounds: int, repeats: int) -> dict:
         ours, theirs = network_steps(*spec)
     for fn in (ours, theirs, ours, theirs):  # warm-up: allocations, thread pools, caches
         fn()
+    if _median_ms(ours, 1, 0) > SLOW_STEP_MS:  # seconds-long training steps: rounds matter more than repeats
+        repeats = min(repeats, 2)
     ours_ms, theirs_ms, ratios = [], [], []
     for _ in range(rounds):
         a, b = _median_ms(ours, repeats, 0), _median_ms(theirs, repeats, 0)
@@ -104,7 +115,8 @@ def measure(key: str, spec, rounds: int, repeats: int) -> dict:
         theirs_ms.append(b)
         ratios.append(a / b)
     row = {"key": key, "ours_ms": statistics.median(ours_ms), "torch_ms": statistics.median(theirs_ms),
-           "ratio": statistics.median(ratios), "spread": [min(ratios), max(ratios)], "note": note}
+           "ratio": statistics.median(ratios), "spread": [min(ratios), max(ratios)], "note": note,
+           "repeats": repeats}
     if spec is None:  # a throughput row: GFLOP/s, and the ratio ours/torch of GFLOP/s
         row["ours_gflops"] = CONV256_FLOP / row["ours_ms"] / 1e6
         row["torch_gflops"] = CONV256_FLOP / row["torch_ms"] / 1e6
@@ -165,7 +177,8 @@ def main() -> int:
         if r["note"]:
             print(f"{'':38}{r['note']}")
     print("ratio: cnnc time / PyTorch time (conv row: cnnc GFLOP/s / PyTorch GFLOP/s); median over "
-          f"{args.rounds} alternating rounds of {args.repeats} steps each")
+          f"{args.rounds} alternating rounds of {args.repeats} steps each "
+          f"({min(args.repeats, 2)} where a step takes over {SLOW_STEP_MS / 1000:g} s)")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1), encoding="utf-8")
     return 0
