@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from cnnc.compiler.formula import Expr, render
+from cnnc.compiler.formula import Expr
 from cnnc.compiler.ops import OPS
 
 _CALLS = {
@@ -52,22 +52,79 @@ def _erf(v):
     return _erf_impl()(v).astype(v.dtype, copy=False)
 
 
-def _text(e: Expr) -> str:
-    def num(v: float) -> str:
-        return "np.inf" if v == math.inf else repr(v)
+def _num(v: float) -> str:
+    return "np.inf" if v == math.inf else repr(v)
 
-    def call(fn: str, args: list[str]) -> str:
-        if fn in ("max", "min") and any(_is_number(a) for a in args):  # v against a number: a clip
+
+def _node_text(e: Expr, args: list[str]) -> str:
+    """One node of a formula over its operands' texts."""
+    if e.kind == "call":
+        if e.name in ("max", "min") and any(_is_number(a) for a in args):  # v against a number: a clip
             v, c = (args[1], args[0]) if _is_number(args[0]) else (args[0], args[1])
-            return f"np.clip({v}, {c}, None)" if fn == "max" else f"np.clip({v}, None, {c})"
-        return _CALLS[fn].format(*args)
+            return f"np.clip({v}, {c}, None)" if e.name == "max" else f"np.clip({v}, None, {c})"
+        return _CALLS[e.name].format(*args)
+    if e.kind == "neg":
+        return f"(-{args[0]})"
+    return f"({args[0]} {e.name} {args[1]})"
 
-    def op(kind: str, name: str, args: list[str]) -> str:
-        if kind == "neg":
-            return f"(-{args[0]})"
-        return f"({args[0]} {name} {args[1]})"
 
-    return render(e, var=lambda n: n, num=num, call=call, op=op)
+_UFUNCS = {"+": "np.add", "-": "np.subtract", "*": "np.multiply", "/": "np.divide"}
+
+
+def _statements(e: Expr) -> tuple[list[str], str]:
+    """The formula as statements: each distinct subexpression computed once (silu's derivative reads
+    sigmoid(x) twice: one tanh, not two), and arithmetic written into a temporary that is not read
+    again instead of a new array. x, y and the parameters are never written."""
+    uses: dict[Expr, int] = {}
+
+    def count(n: Expr) -> None:
+        uses[n] = uses.get(n, 0) + 1
+        if uses[n] == 1:
+            for a in n.args:
+                count(a)
+
+    count(e)
+    lines: list[str] = []
+    done: dict[Expr, str] = {}
+    fresh: set[str] = set()  # temporaries holding float arrays of their own (never x, y, a scalar or a mask)
+    left: dict[str, int] = {}  # reads of each temporary still to come
+
+    def array(n: Expr) -> bool:
+        return bool(n.names() & {"x", "y"})
+
+    def emit(n: Expr) -> str:
+        if n.kind == "num":
+            return _num(n.value)
+        if n.kind == "var":
+            return n.name
+        if n in done:
+            return done[n]
+        args = [emit(a) for a in n.args]
+        for a in args:
+            if a in left:
+                left[a] -= 1
+        t = f"t{len(lines)}"
+        reuse = None
+        if n.kind == "bin" and array(n):
+            a, b = args
+            reuse = next((v for v in (a, b) if v in fresh and left[v] == 0), None)
+            if reuse is not None:  # operands stay in order: np.subtract(1.0, t, out=t) is 1 − t
+                lines.append(f"{_UFUNCS[n.name]}({a}, {b}, out={reuse})")
+                t = reuse
+        if reuse is None:
+            lines.append(f"{t} = {_node_text(n, args)}")
+            if array(n) and not _is_mask(n):
+                fresh.add(t)
+        done[n] = t
+        left[t] = uses[n]
+        return t
+
+    return lines, emit(e)
+
+
+def _is_mask(e: Expr) -> bool:
+    """Whether NumPy computes `e` as a boolean array: a comparison, or a product or sum of them."""
+    return e.kind == "cmp" or (e.kind == "bin" and e.name in "*+" and all(_is_mask(a) for a in e.args))
 
 
 def _is_number(text: str) -> bool:
@@ -81,8 +138,9 @@ def _is_number(text: str) -> bool:
 _NAMESPACE = {"np": np, "_sigmoid": _sigmoid, "_erf": _erf}
 
 
-def _compile(name: str, args: tuple[str, ...], body: str, where: str):
-    src = f"def {name}({', '.join(args)}):\n    return {body}\n"
+def _compile(name: str, args: tuple[str, ...], e: Expr, where: str):
+    lines, result = _statements(e)
+    src = f"def {name}({', '.join(args)}):\n" + "".join(f"    {line}\n" for line in lines) + f"    return {result}\n"
     code = compile(src, f"<formula of {where}>", "exec")
     ns = dict(_NAMESPACE)
     exec(code, ns)  # noqa: S102 — the op table's own formulas, parsed and checked by compiler/formula.py
@@ -93,14 +151,14 @@ def _compile(name: str, args: tuple[str, ...], body: str, where: str):
 def forward(op: str):
     """f(x, *args) → y, for an op with a formula."""
     f = OPS[op].formula
-    return _compile("forward", ("x",) + f.params, _text(f.fwd), op)
+    return _compile("forward", ("x",) + f.params, f.fwd, op)
 
 
 @lru_cache(maxsize=None)
 def derivative(op: str):
     """f'(x, y, *args) → dy/dx (a number, an array, or a boolean mask that multiplies as 0/1)."""
     f = OPS[op].formula
-    return _compile("derivative", ("x", "y") + f.params, _text(f.grad), op)
+    return _compile("derivative", ("x", "y") + f.params, f.grad, op)
 
 
 def apply(op: str, args: tuple[float, ...], x: np.ndarray) -> np.ndarray:
@@ -114,6 +172,9 @@ def grad(op: str, args: tuple[float, ...], x, y, dy: np.ndarray) -> np.ndarray:
     """dy · f'(x, y) as a new array of dy's dtype. x or y may be None where the derivative does not read it."""
     with np.errstate(over="ignore", under="ignore"):
         d = derivative(op)(x, y, *args)
+    if isinstance(d, np.ndarray) and d.dtype == dy.dtype and d.shape == dy.shape and d is not x and d is not y:
+        d *= dy  # the derivative is a temporary of its own: the product goes into it
+        return d
     out = dy * d
     return out if out.dtype == dy.dtype else out.astype(dy.dtype)
 
