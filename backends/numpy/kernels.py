@@ -79,6 +79,24 @@ def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
     return v.reshape((1, v.shape[0]) + (1,) * (ndim - 2))
 
 
+def _channel_sum(a: np.ndarray, axes) -> np.ndarray:
+    """Σ over all axes but 1. For (N, C, H, W), rows of H·W times a vector of ones (BLAS), then over
+    N: faster than NumPy's reduction over axes (0, 2, 3), and it needs no temporary."""
+    if a.ndim != 4:
+        return a.sum(axis=axes)
+    n, c = a.shape[:2]
+    return (a.reshape(n, c, -1) @ np.ones(a.shape[2] * a.shape[3], dtype=a.dtype)).sum(axis=0)
+
+
+def _channel_dot(a: np.ndarray, b: np.ndarray, axes) -> np.ndarray:
+    """Σ a·b over all axes but 1, as one BLAS dot product per (image, channel) row: no a·b temporary."""
+    if a.ndim != 4:
+        return (a * b).sum(axis=axes)
+    n, c = a.shape[:2]
+    rows = np.matmul(a.reshape(n, c, 1, -1), b.reshape(n, c, -1, 1))
+    return rows.reshape(n, c).sum(axis=0)
+
+
 def batchnorm_forward(node, xs, params, ctx):
     (x,) = xs
     a = node.attrs
@@ -95,9 +113,9 @@ def batchnorm_forward(node, xs, params, ctx):
     def part(c0, c1):  # channels are independent: threads take a slice each
         xs_, xh = x[:, c0:c1], xhat[:, c0:c1]
         if training:
-            mean = xs_.mean(axis=axes)
+            mean = _channel_sum(xs_, axes) / count
             np.subtract(xs_, _per_channel(mean, nd), out=xh)
-            var = np.mean(xh * xh, axis=axes)  # biased: normalises the batch
+            var = _channel_dot(xh, xh, axes) / count  # biased: normalises the batch
             rm[c0:c1] *= 1.0 - m  # in place: the buffers are the executor's arrays
             rm[c0:c1] += m * mean
             rv[c0:c1] *= 1.0 - m
@@ -127,8 +145,8 @@ def batchnorm_backward(node, saved, dy, params, ctx):
 
     def part(c0, c1):
         dys, xh, out = dy[:, c0:c1], xhat[:, c0:c1], dx[:, c0:c1]
-        db[c0:c1] = dys.sum(axis=axes)
-        dw[c0:c1] = (dys * xh).sum(axis=axes)
+        db[c0:c1] = _channel_sum(dys, axes)
+        dw[c0:c1] = _channel_dot(dys, xh, axes)
         if training:
             # through the batch statistics: dx = γ·σ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂))
             np.subtract(dys, _per_channel(db[c0:c1] * inv_n, nd), out=out)
