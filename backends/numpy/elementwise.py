@@ -8,7 +8,8 @@ values are the same to the bit.
 
 Rendering notes: `max(v, c)` and `min(v, c)` with a constant c become `np.clip`, several times
 faster than NumPy's scalar maximum; comparisons are boolean arrays, which multiply as 0/1;
-sigmoid is ½(1 + tanh(x/2)) (no overflow for large |x|), softplus log(1 + eˣ) is
+sigmoid is 1/(1 + e^−x) (NumPy's float32 exp is about twice as fast as its tanh; the overflow
+of e^−x for very negative x gives the right 0), softplus log(1 + eˣ) is
 `logaddexp(0, x)`. erf comes from SciPy when it is installed, else from `math.erf` element by
 element (exact, slower).
 """
@@ -23,6 +24,8 @@ import numpy as np
 from cnnc.compiler.formula import Expr
 from cnnc.compiler.ops import OPS
 
+from . import parallel
+
 _CALLS = {
     "exp": "np.exp({0})", "expm1": "np.expm1({0})", "log": "np.log({0})", "log1p": "np.log1p({0})",
     "sqrt": "np.sqrt({0})", "tanh": "np.tanh({0})", "erf": "_erf({0})", "abs": "np.abs({0})",
@@ -32,9 +35,11 @@ _CALLS = {
 
 
 def _sigmoid(v):
-    t = np.tanh(v * 0.5)
+    t = np.negative(v)
+    with np.errstate(over="ignore"):  # e^−x overflows to inf for x < −88 (float32): 1/(1 + inf) is 0
+        np.exp(t, out=t)
     t += 1
-    t *= 0.5
+    np.reciprocal(t, out=t)
     return t
 
 
@@ -185,13 +190,46 @@ def _node_args(node) -> tuple[float, ...]:
     return tuple(float(node.attrs.get(p)) for p in OPS[node.op].formula.params)
 
 
+# Elements per block of a formula on its own: its several temporaries, the input(s) and the output
+# together stay within a core's L2 (silu at 32x96x56x56 on 2 cores, forward / backward: whole arrays
+# 41 / 60 ms, blocks of 2^18 19 / 45, of 2^16 20 / 31, of 2^14 48 / 63).
+FORMULA_BLOCK = 1 << 16
+
+
+def _blockwise(fn, out: np.ndarray, arrays: list) -> np.ndarray:
+    """out = fn(*arrays), evaluated block by block (parallel.ranges): a formula's temporaries stay in the
+    cache instead of each making a pass over memory, and the blocks are shared by the threads. The
+    values are those of one whole-array call: every element is computed on its own."""
+    flat = [None if a is None else a.reshape(-1) for a in arrays]
+    of = out.reshape(-1)
+
+    def block(a, b):
+        of[a:b] = fn(*(None if f is None else f[a:b] for f in flat))
+
+    parallel.ranges(out.size, block, block=FORMULA_BLOCK)
+    return out
+
+
+def _large(*arrays) -> bool:
+    """Worth splitting into blocks: big and C-contiguous (flat views, no copies)."""
+    live = [a for a in arrays if a is not None]
+    return live[0].size >= 4 * FORMULA_BLOCK and all(a.flags.c_contiguous for a in live)
+
+
 def eltwise_forward(node, xs, params, ctx):
     (x,) = xs
     reads = OPS[node.op].formula.grad_reads
-    y = apply(node.op, _node_args(node), x)
+    args = _node_args(node)
+    if _large(x):
+        y = _blockwise(lambda v: apply(node.op, args, v), np.empty_like(x), [x])
+    else:
+        y = apply(node.op, args, x)
     return y, (x if "input" in reads else None, y if "output" in reads else None)
 
 
 def eltwise_backward(node, saved, dy, params, ctx):
     x, y = saved
-    return [grad(node.op, _node_args(node), x, y, dy)], {}
+    args = _node_args(node)
+    if _large(x, y, dy):
+        return [_blockwise(lambda a, b, g: grad(node.op, args, a, b, g), np.empty_like(dy), [x, y, dy])], {}
+    return [grad(node.op, args, x, y, dy)], {}

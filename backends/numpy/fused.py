@@ -7,7 +7,7 @@
 
 The convolution and the matrix product are the unfused kernels' own (`conv.py`, `dense.py`);
 what fusion buys here is the epilogue. The bias, the residual and the activation run in place
-on the freshly computed output, block by block (`_BLOCK` elements: a block stays in the cache
+on the freshly computed output, block by block (`parallel.BLOCK` elements: a block stays in the cache
 from its first op to its last, and block-sized temporaries are all an activation needs),
 split over the worker threads: 1.3–2.5× faster than the unfused kernels' bias add, add and
 relu at ResNet-50 sizes (2 cores, float32). The forward's values are the unfused composition's
@@ -35,26 +35,6 @@ from . import conv as _conv
 from . import dense as _dense
 from . import elementwise as _ew
 from . import parallel
-
-# elements per block of the epilogue loops (float32: 1 MiB an array): blocks stay in the cache
-# between ops; much smaller ones lose more to NumPy's per-call overhead (~3 µs) than they gain
-_BLOCK = 1 << 18
-_WORK_PER_ELEMENT = 8  # parallel.chunks' work units per element: threads from ~512K elements
-
-
-def _ranges(size: int, fn, unit: int = 1) -> None:
-    """fn(a, b) over [0, size) in blocks of about _BLOCK elements (multiples of `unit`), the
-    blocks split over the worker threads."""
-    units = size // unit
-    step = max(1, _BLOCK // unit)
-
-    def part(lo, hi):
-        for i in range(lo, hi, step):
-            fn(i * unit, min(i + step, hi) * unit)
-
-    if units:
-        parallel.run(part, parallel.chunks(units, _WORK_PER_ELEMENT * size))
-
 
 def _flat(a: np.ndarray) -> np.ndarray:
     """A 1-D view of a C-contiguous array."""
@@ -91,7 +71,7 @@ def _epilogue(y: np.ndarray, bias, residual, act):
         if act is not None:
             of[a:b] = _ew.apply(act[0], act[1], yb)
 
-    _ranges(y.size, block, unit=inner)
+    parallel.ranges(y.size, block, unit=inner)
     return out, (y if keep_pre else None)
 
 
@@ -110,7 +90,7 @@ def _epilogue_grad(act, pre, y, dy: np.ndarray) -> np.ndarray:
         zf[a:b] = _ew.grad(act[0], act[1], None if pf is None else pf[a:b], None if yf is None else yf[a:b],
                            gf[a:b])
 
-    _ranges(dz.size, block)
+    parallel.ranges(dz.size, block)
     return dz
 
 
@@ -165,7 +145,7 @@ def chain_forward(node, xs, params, ctx):
             v = _ew.apply(op, args, v)
         yf[a:b] = v
 
-    _ranges(y.size, block)
+    parallel.ranges(y.size, block)
     return y, x
 
 
@@ -188,7 +168,7 @@ def chain_backward(node, saved, dy, params, ctx):
             z = out
         df[a:b] = g
 
-    _ranges(dx.size, block)
+    parallel.ranges(dx.size, block)
     return [dx], {}
 
 
@@ -213,7 +193,7 @@ def _swap_last(x: np.ndarray, a: int, b: int) -> np.ndarray:
         for i, r0, r1 in tiles[lo:hi]:
             out[i, :, r0:r1] = src[i, r0:r1].T
 
-    parallel.run(part, parallel.chunks(len(tiles), _WORK_PER_ELEMENT * x.size))
+    parallel.run(part, parallel.chunks(len(tiles), parallel.WORK_PER_ELEMENT * x.size))
     return out
 
 

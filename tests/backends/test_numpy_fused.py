@@ -19,8 +19,8 @@ import pytest
 from test_numpy_grad import _numeric, make_node, make_params, rel
 
 from cnnc.backends.base import Ctx
-from cnnc.backends.numpy import NumpyBackend, fused, parallel
-from cnnc.backends.numpy.kernels import KERNELS
+from cnnc.backends.numpy import NumpyBackend, elementwise, fused, parallel
+from cnnc.backends.numpy.kernels import ELEMENTWISE as FORMULA_KERNEL, KERNELS
 from cnnc.compiler.ops import OPS
 
 BATCH = 2
@@ -125,7 +125,7 @@ def conv_inputs(node, specs, dtype, rng, scale=2.0):
 
 
 def run_fused(node, xs, params, dy):
-    k = KERNELS[node.op]
+    k = FORMULA_KERNEL if OPS[node.op].formula is not None else KERNELS[node.op]
     originals = [a.copy() for a in [*xs, dy, *params.values()]]
     y, saved = k.forward(node, xs, params, Ctx())
     dxs, dps = k.backward(node, saved, dy, params, Ctx())
@@ -360,6 +360,9 @@ def _block_cases():
     ops, slopes = CHAINS[8]
     node, _ = make_node("elemwise_chain", dict(ops=ops, args=slopes), [(3, 7, 5)])
     cases.append((node, [rng.normal(0, 4, (BATCH, 3, 7, 5))], {}, rng.normal(size=(BATCH, 3, 7, 5))))
+    for op in ("silu", "relu", "gelu_tanh"):  # a formula on its own, block by block past 4 blocks
+        node, _ = make_node(op, {}, [(3, 7, 5)])
+        cases.append((node, [rng.normal(0, 3, (BATCH, 3, 7, 5))], {}, rng.normal(size=(BATCH, 3, 7, 5))))
     node, _ = make_node("layout_transform", dict(to="NCHW"), [(20, 3, 4)])
     cases.append((node, [rng.normal(size=(3, 3, 4, 20))], {}, rng.normal(size=(3, 20, 3, 4))))
     return cases
@@ -372,7 +375,8 @@ def test_blocked_and_threaded_epilogues_agree(block, threads, monkeypatch):
     cases = _block_cases()
     expect = _all_results(cases)
     before = parallel.get_threads()
-    monkeypatch.setattr(fused, "_BLOCK", block)
+    monkeypatch.setattr(parallel, "BLOCK", block)
+    monkeypatch.setattr(elementwise, "FORMULA_BLOCK", block)
     monkeypatch.setattr(fused, "_TILE_ROWS", 2)
     monkeypatch.setattr(parallel, "MIN_WORK", 0)
     try:
