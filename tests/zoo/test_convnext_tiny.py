@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from twin import EXAMPLES, assert_twin_matches, check_json, code_lines, torch_counts
+from twin import (EXAMPLES, assert_reference_counts, assert_twin_matches, check_json, code_lines, torch_counts,
+                  torch_macs)
 
 NAME = "convnext_tiny"
 
@@ -100,29 +101,8 @@ class ConvNeXtTiny(nn.Module):
         return self.classifier(self.avgpool(self.features(x)))
 
 
-def twin_macs(module) -> int:
-    """Conv2d and Linear multiply-accumulates of the twin on one 3x224x224 image (forward hooks)."""
-    total = 0
-
-    def hook(layer, _inputs, out):
-        nonlocal total
-        if isinstance(layer, nn.Conv2d):
-            total += out[0].numel() * (layer.in_channels // layer.groups) * layer.kernel_size[0] * layer.kernel_size[1]
-        else:
-            total += out[0].numel() * layer.in_features
-
-    hooks = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        module.eval()(torch.zeros(1, 3, 224, 224))
-    for h in hooks:
-        h.remove()
-    return total
-
-
 def test_counts_are_torchvisions():
-    got = check_json(NAME)
-    assert (got["params"]["total"], got["buffers"], got["macs"]) == (PARAMS, BUFFERS, MACS)
-    assert got["output"] == [1000]
+    assert_reference_counts(NAME, PARAMS, BUFFERS, MACS)
 
 
 def test_drop_rates_rise_as_torchvisions():
@@ -137,7 +117,7 @@ def test_drop_rates_rise_as_torchvisions():
 def test_twin_has_torchvisions_counts():
     twin = ConvNeXtTiny()
     assert torch_counts(twin) == (PARAMS, BUFFERS)
-    assert twin_macs(twin) == MACS
+    assert torch_macs(twin) == MACS
 
 
 def test_compiled_plan_matches_twin():

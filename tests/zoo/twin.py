@@ -37,6 +37,39 @@ def torch_counts(module) -> tuple[int, int]:
     return params, buffers
 
 
+def torch_macs(module, input_shape=(3, 224, 224)) -> int:
+    """Conv2d and Linear multiply-accumulates of a torch module on one image (forward hooks), as
+    torchvision's figures are measured: a Linear counts at every position it is applied to."""
+    import torch
+    from torch import nn
+    total = 0
+
+    def hook(layer, _inputs, out):
+        nonlocal total
+        if isinstance(layer, nn.Conv2d):
+            total += out[0].numel() * (layer.in_channels // layer.groups) * layer.kernel_size[0] * layer.kernel_size[1]
+        else:
+            total += out[0].numel() * layer.in_features
+
+    hooks = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            module.eval()(torch.zeros(1, *input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def assert_reference_counts(name: str, params: int, buffers: int, macs: int | None, output=(1000,)) -> None:
+    """`cnnc check --json` of examples/NAME.cnn gives exactly these counts and output shape."""
+    got = check_json(name)
+    assert (got["params"]["total"], got["buffers"]) == (params, buffers)
+    if macs is not None:
+        assert got["macs"] == macs
+    assert got["output"] == list(output)
+
+
 def twin_tensors(module) -> list[tuple[str, object]]:
     """The twin's parameters and BatchNorm statistics in registration order (num_batches_tracked left out)."""
     return [(k, v) for k, v in module.state_dict(keep_vars=True).items() if not k.endswith("num_batches_tracked")]
