@@ -217,12 +217,8 @@ class GraphBuilder:
 
     def loop_items(self, stmt: ast.ForEach, frame: Frame) -> list[tuple]:
         """The values each pass of `for a, b in ITEMS:` binds, checked against the number of names."""
-        seq = self.value_of(stmt.items, frame)
-        if isinstance(seq, Symbol):
-            raise CnncError(f"`{seq}` is not defined", stmt.items.span, did_you_mean(seq, frame.values))
-        if not isinstance(seq, tuple):
-            raise CnncError(f"a loop runs over a tuple or `range(...)`, got {_show(seq)}", stmt.items.span,
-                            "`for c in (16, 24, 32):` or `for i in range(3):`")
+        seq = self.tuple_value(stmt.items, frame, "a loop runs over a tuple or `range(...)`",
+                               "`for c in (16, 24, 32):` or `for i in range(3):`")
         names = stmt.names
         if len(names) == 1:
             return [(v,) for v in seq]
@@ -521,9 +517,7 @@ class GraphBuilder:
         return n
 
     def eval_int(self, expr: ast.Expr, frame: Frame, what: str) -> int:
-        v = self.value_of(expr, frame)
-        if isinstance(v, Symbol):
-            raise CnncError(f"`{v}` is not defined", expr.span, did_you_mean(v, frame.values))
+        v = self.defined(expr, frame)
         if not isinstance(v, int) or isinstance(v, bool):
             raise CnncError(f"{what} must be an integer, got {_show(v)}", expr.span)
         return v
@@ -635,7 +629,8 @@ class GraphBuilder:
                     else f"{f.least} to {f.most}")
             raise CnncError(f"`{e.name}` takes {want} argument{'s' if want != '1' else ''}, got {n}", e.span,
                             f"usage: {f.usage}")
-        args = [self.sequence(a, frame) if f.sequence else self.number(a, frame) for a in e.args]
+        args = [self.tuple_value(a, frame, "a tuple or a size is needed here") if f.sequence
+                else self.number(a, frame) for a in e.args]
         try:
             v = f.fn(*args)
         except (ValueError, OverflowError, TypeError) as exc:
@@ -643,11 +638,7 @@ class GraphBuilder:
         return bounded(v, e.span)
 
     def index(self, e: ast.Index, frame: Frame) -> Any:
-        seq = self.value_of(e.target, frame)
-        if isinstance(seq, Symbol):
-            raise CnncError(f"`{seq}` is not defined", e.target.span, did_you_mean(seq, frame.values))
-        if not isinstance(seq, tuple):
-            raise CnncError(f"only a tuple or a size can be indexed, got {_show(seq)}", e.target.span)
+        seq = self.tuple_value(e.target, frame, "only a tuple or a size can be indexed")
         i = self.eval_int(e.index, frame, "an index")
         if not -len(seq) <= i < len(seq):
             raise CnncError(f"index {i} is out of range for {_show(seq)}, which has {len(seq)} "
@@ -655,18 +646,22 @@ class GraphBuilder:
                             f"indices run from 0 to {len(seq) - 1} (or from -{len(seq)} to -1 from the end)")
         return seq[i]
 
-    def sequence(self, e: ast.Expr, frame: Frame) -> tuple:
+    def defined(self, e: ast.Expr, frame: Frame) -> Any:
+        """The value of `e`; a bare word that names nothing here is an error, with a suggestion."""
         v = self.value_of(e, frame)
         if isinstance(v, Symbol):
             raise CnncError(f"`{v}` is not defined", e.span, did_you_mean(v, frame.values))
+        return v
+
+    def tuple_value(self, e: ast.Expr, frame: Frame, needed: str, hint: str | None = None) -> tuple:
+        """The value of `e`, which must be a tuple or a size (`needed` says why, in the error)."""
+        v = self.defined(e, frame)
         if not isinstance(v, tuple):
-            raise CnncError(f"a tuple or a size is needed here, got {_show(v)}", e.span)
+            raise CnncError(f"{needed}, got {_show(v)}", e.span, hint)
         return v
 
     def number(self, e: ast.Expr, frame: Frame, op: str | None = None) -> int | float:
-        v = self.value_of(e, frame)
-        if isinstance(v, Symbol):
-            raise CnncError(f"`{v}` is not defined", e.span, did_you_mean(v, frame.values))
+        v = self.defined(e, frame)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             hint = None
             if isinstance(v, DimsValue) and op == "*":

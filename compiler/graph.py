@@ -21,6 +21,11 @@ from cnnc.dsl.errors import CnncError, InternalError, Note
 from .ops import OPS
 
 
+def has_extent(shape) -> bool:
+    """A C×H×W map with more than one position (not C×1×1, not a flat vector)."""
+    return len(shape) == 3 and shape[1] * shape[2] > 1
+
+
 def inputs_of(g: nx.MultiDiGraph, n: int) -> list[int]:
     """A node's input nodes in port order."""
     pred = g.pred[n]

@@ -12,7 +12,7 @@ import networkx as nx
 
 from cnnc.dsl.errors import CnncError, CnncWarning, Diagnostics, Note
 
-from .graph import inputs_of, located
+from .graph import has_extent, inputs_of, located
 from .ops import GLOBAL, OPS, Window, fmt_shape, resolve_pads
 
 FLOAT_BYTES = 4
@@ -110,8 +110,8 @@ def _receptive_field(g, n, op, ins, inputs):
     srcs = [g.nodes[u]["rf"] for u in inputs]
     if not srcs:
         return (1, 1, 1, 1)
-    spatial = [s for s, u in zip(srcs, inputs) if s != GLOBAL or _has_extent(g.nodes[u]["shape"])]
-    if len(spatial) < len(srcs) and spatial and _has_extent(g.nodes[n]["shape"]):
+    spatial = [s for s, u in zip(srcs, inputs) if s != GLOBAL or has_extent(g.nodes[u]["shape"])]
+    if len(spatial) < len(srcs) and spatial and has_extent(g.nodes[n]["shape"]):
         srcs = spatial  # a C×1×1 gate over a map (squeeze-excitation) rescales channels; the window is the map's
     if any(s == GLOBAL for s in srcs):
         return GLOBAL
@@ -125,10 +125,6 @@ def _receptive_field(g, n, op, ins, inputs):
     if isinstance(win, Window):
         return (size_h + (win.kh - 1) * jump_h, size_w + (win.kw - 1) * jump_w, jump_h * win.sh, jump_w * win.sw)
     return (size_h, size_w, jump_h, jump_w)
-
-
-def _has_extent(shape) -> bool:
-    return len(shape) == 3 and shape[1] * shape[2] > 1
 
 
 def _peak_live_bytes(g: nx.MultiDiGraph) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import networkx as nx
 
+from cnnc.compiler.graph import has_extent
 from cnnc.compiler.ops import GLOBAL, OPS, fmt_shape
 from cnnc.compiler.optimize import activation_peak
 from cnnc.compiler.pipeline import check
@@ -66,15 +67,12 @@ def weighted_depth(g: nx.MultiDiGraph) -> int:
     for n in nx.topological_sort(g):
         own = OPS[g.nodes[n]["op"]].kind in WEIGHTED_KINDS
         preds = list(g.predecessors(n))
-        if _has_extent(g.nodes[n]["shape"]):
-            spatial = [u for u in preds if _has_extent(g.nodes[u]["shape"])]
+        if has_extent(g.nodes[n]["shape"]):
+            spatial = [u for u in preds if has_extent(g.nodes[u]["shape"])]
             preds = spatial or preds
         longest[n] = own + max((longest[u] for u in preds), default=0)
     return longest[g.graph["output"]]
 
-
-def _has_extent(shape) -> bool:
-    return len(shape) == 3 and shape[1] * shape[2] > 1
 
 
 def feature_rf(g: nx.MultiDiGraph) -> tuple[int, int, int, int]:

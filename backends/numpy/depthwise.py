@@ -130,6 +130,14 @@ def _per_plane(cols: np.ndarray, rows: int, r: int, plane: int) -> np.ndarray:
     return cols[:rows, :r * plane].reshape(rows, r, plane).transpose(1, 0, 2)
 
 
+def _gather_taps(g: Geometry, planes: np.ndarray, ws: np.ndarray, cols: np.ndarray, span: int) -> None:
+    """cols[t, :span] = tap t of every position of a block of planes: packed into the phase
+    workspace, each tap is then one contiguous run."""
+    _pack(g, planes, ws)
+    for t, (p, off) in enumerate(g.taps):
+        cols[t, :span] = ws[p, off:off + span]
+
+
 def forward(node, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """y (N, m·C, oh, ow): x (N, C, H, W) correlated with weight (m·C, 1, kh, kw), no bias."""
     n, c, h, w = x.shape
@@ -150,9 +158,7 @@ def forward(node, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         for b0 in range(lo, hi, step):
             b1 = min(b0 + step, hi)
             r, span = b1 - b0, (b1 - b0) * g.plane
-            _pack(g, xr[b0:b1], ws)
-            for t, (p, off) in enumerate(g.taps):
-                cols[t, :span] = ws[p, off:off + span]
+            _gather_taps(g, xr[b0:b1], ws, cols, span)
             np.matmul(wr[b0:b1], _per_plane(cols, t_, r, g.plane), out=out[:r])
             yr[b0:b1] = out[:r, :, :g.hq * g.wq].reshape(r, m, g.hq, g.wq)[:, :, :g.oh, :g.ow]
 
@@ -191,9 +197,7 @@ def backward(node, x: np.ndarray, dy: np.ndarray, weight: np.ndarray, need_dx: b
         for b0 in range(lo, hi, step):
             b1 = min(b0 + step, hi)
             r, span = b1 - b0, (b1 - b0) * g.plane
-            _pack(g, xr[b0:b1], ws)
-            for t, (p, off) in enumerate(g.taps):
-                cols[t, :span] = ws[p, off:off + span]
+            _gather_taps(g, xr[b0:b1], ws, cols, span)
             for j in range(m):
                 g.grid(dyw[j], r, g.reach)[:, :g.oh, :g.ow] = dyr[b0:b1, j]
             dyg = dyw[:, g.reach:g.reach + span].reshape(m, r, g.plane).transpose(1, 0, 2)
