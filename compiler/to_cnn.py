@@ -1,0 +1,574 @@
+"""Write a checked graph back as readable `.cnn` source (what `cnnc import` produces).
+
+`write_cnn(g)` renders a front-end graph (compiler/graph.py's conventions; shapes are inferred
+here when missing) as a `.cnn` text that checks to the same graph: the same ops in the same
+order, the same attributes, the same edges, hence the same counts and, with the weights moved
+by the name map, the same outputs. Every attribute of every user op is written from the op
+table: positional fields first (op.positional), then `attr=value` where the value differs from
+the effective default (the attribute model's, or a `default` line the writer chooses for a
+value most layers of an op share). Tensors used more than once or out of order get names
+(`x1 = ...`); merges take them as `add(x1)`, `concat(x1, x2)`; a split names its parts.
+
+With `blocks=True` repeated structure is recovered without reading any block information of
+the graph (an imported graph has none): the graph is cut at its articulation points (nodes
+every path passes through, with no edge jumping over them) into single-input single-output
+segments; segments with a branch inside (a residual, a dense layer, an inception) that occur
+at least twice with the same ops and edges become a block, widened by the single layers that
+follow (and precede) every occurrence; attributes that differ between occurrences become block
+parameters, one per distinct column of values, integer multiples of another parameter written
+as `4*c`, a parameter whose usual value is the op table's default getting it as its default.
+Consecutive identical calls are written `block(args) * n`, and consecutive identical runs of
+plain layers `(conv 64 3x3 pad=1 -> relu) * 2`.
+
+Layer names follow the language's automatic naming (`conv3`, `add_block2.bn1`), so the result
+carries the map old layer name → new layer name and old parameter name → new parameter name
+(`{layer}.{tensor}` as runtime/model.py names them) that moving weights across needs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+from pydantic import TypeAdapter, ValidationError
+
+from cnnc.dsl.errors import CnncError, Diagnostics, InternalError
+
+from .graph import inputs_of
+from .ops import OPS, OpDef, lookup
+from .passes import infer_shapes
+from .train_config import TrainConfig
+
+WIDTH = 100  # a line longer than this is broken at an arrow
+INDENT = "    "
+# words of the language that a network, input, tensor or parameter name may not be
+_RESERVED = {"network", "input", "classes", "default", "import", "block", "layers", "train", "for", "in", "range",
+             "if", "elif", "else", "and", "or", "not", "true", "false", "same", "valid", "exact", "floor", "ceil",
+             "len", "max", "min", "abs", "round", "make_divisible"}
+_COMMON = ("name", "trainable", "lr_mult", "decay_mult")  # attributes every layer has (ops.Attrs)
+_PARAM_WORDS = {"filters": "c", "kernel": "k", "units": "u", "stride": "stride", "pad": "pad", "dilation": "d",
+                "groups": "g"}  # block parameter names for the attributes they stand for, short where customary
+
+
+@dataclass
+class Written:
+    """A written `.cnn` text and how its layer and parameter names relate to the graph's."""
+
+    text: str
+    layer_names: dict[str, str]  # old layer name → new layer name
+    param_names: dict[str, str]  # old qualified parameter name → new (`{layer}.{tensor}`, runtime/model.py)
+
+    def lines(self) -> int:
+        """Lines that hold code (not blank, not only a comment)."""
+        return sum(1 for line in self.text.splitlines() if line.strip() and not line.strip().startswith("#"))
+
+
+def write_cnn(graph: nx.MultiDiGraph, blocks: bool = True) -> str:
+    """The `.cnn` text of a front-end graph; see the module docstring."""
+    return write(graph, blocks).text
+
+
+def write_cnn_with_names(graph: nx.MultiDiGraph, blocks: bool = True) -> tuple[str, dict[str, str]]:
+    """(text, {old qualified parameter name: new}) for carrying weights over to the written file."""
+    w = write(graph, blocks)
+    return w.text, w.param_names
+
+
+def write(graph: nx.MultiDiGraph, blocks: bool = True) -> Written:
+    g = _with_shapes(graph)
+    return _Writer(g, blocks).run()
+
+
+# ---- values ---------------------------------------------------------------------------------------
+
+_ADAPTERS: dict[tuple[type, str], TypeAdapter] = {}
+
+
+def _adapter(model: type, f: str) -> TypeAdapter:
+    key = (model, f)
+    if key not in _ADAPTERS:
+        _ADAPTERS[key] = TypeAdapter(model.model_fields[f].rebuild_annotation())
+    return _ADAPTERS[key]
+
+
+def _accepts(model: type, f: str, candidate: Any, value: Any) -> bool:
+    """Whether the field reads `candidate` (as the parser would give it) as `value`."""
+    try:
+        return _adapter(model, f).validate_python(candidate) == value
+    except ValidationError:
+        return False
+
+
+def _literal(v: Any, dims: bool = False) -> str:
+    """A value as the language writes it. `dims`: a tuple of positive integers as a size, 3x3."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise InternalError(f"cannot write the number {v}")
+        return repr(v)
+    if isinstance(v, str):
+        if _is_name(v):
+            return v
+        if '"' in v or "\n" in v:
+            raise CnncError(f"cannot write the string {v!r} in a .cnn file")
+        return f'"{v}"'
+    if isinstance(v, tuple):
+        if dims and len(v) >= 2 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
+            return "x".join(map(str, v))
+        return "(" + ", ".join(_literal(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+    raise InternalError(f"cannot write the value {v!r}")
+
+
+def _is_name(s: str) -> bool:
+    return re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", s) is not None
+
+
+def attr_text(model: type, f: str, v: Any, positional: bool = False) -> str:
+    """The shortest text the field `f` reads back as `v`: a square pair as one number, equal pads as one,
+    a positional size (a kernel) always as a size, 3x3."""
+    if isinstance(v, tuple) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        if positional and len(v) == 2 and _accepts(model, f, tuple(v), v):
+            return _literal(v, dims=True)
+        if len(set(v)) == 1 and _accepts(model, f, v[0], v):
+            return str(v[0])
+        if len(v) == 4 and v[0] == v[1] and v[2] == v[3] and _accepts(model, f, (v[0], v[2]), v):
+            return _literal((v[0], v[2]))
+        return _literal(v, dims=len(v) == 2)
+    if v is None:
+        raise InternalError(f"cannot write `{f}=none`")
+    return _literal(v)
+
+
+def _default(model: type, f: str) -> Any:
+    info = model.model_fields[f]
+    return _NO_DEFAULT if info.is_required() else info.default
+
+
+_NO_DEFAULT = object()
+
+
+# ---- the graph's nodes as elements of a body --------------------------------------------------------
+
+@dataclass
+class Item:
+    """One element of a body: a layer, a block call or a repeated group, and the values it reads."""
+
+    kind: str  # "layer", "merge", "split", "part", "call", "group"
+    out: int  # the node whose value it produces (the last one of a call or group)
+    ins: list[int]  # the nodes it reads, in port order
+    text: str = ""  # without tensor operands (a merge's are added when the layout is known)
+    weighted: bool = False  # a layer that computes (MACs: conv, dense) or a call: one per line
+    parts: list[int] = field(default_factory=list)  # a split: its part nodes
+    nodes: list[int] = field(default_factory=list)  # the graph nodes it stands for, in order
+
+
+class _Namer:
+    """The automatic layer names of one scope (compiler/build.py's Frame.next_name)."""
+
+    def __init__(self):
+        self.counters: Counter = Counter()
+
+    def next(self, base: str) -> str:
+        self.counters[base] += 1
+        sep = "_" if base[-1:].isdigit() else ""
+        return f"{base}{sep}{self.counters[base]}"
+
+
+@dataclass
+class _Block:
+    name: str
+    params: list[tuple[str, str | None]]  # (name, default text or None)
+    instances: list[list[int]]  # node ids of each occurrence, in order
+    exprs: dict[tuple[int, str], str]  # (position, field) → expression in the parameters
+    args: list[list[str | None]]  # per occurrence: the text of each parameter (None: its default)
+    local_names: list[str] = field(default_factory=list)  # the layer name at each position
+
+
+class _Writer:
+    def __init__(self, g: nx.MultiDiGraph, blocks: bool):
+        self.g = g
+        self.blocks = blocks
+        self.order = sorted(g.nodes)
+        self.pos = {n: i for i, n in enumerate(self.order)}
+        self.input = g.graph["input"]
+        self.output = g.graph["output"]
+        self.consumers: dict[int, list[tuple[int, int]]] = {n: [] for n in g.nodes}
+        for u, v, port in g.edges(data="port"):
+            self.consumers[u].append((v, port))
+        self.defaults: dict[str, dict[str, Any]] = {}
+        self.new_names: dict[int, str] = {}
+
+    def is_part(self, n: int) -> bool:
+        """One output of a layer with several (a split's channel_slice): written by the split's statement."""
+        ins = inputs_of(self.g, n)
+        return len(ins) == 1 and self.op(ins[0]).outputs is not None
+
+    def check_parts(self, n: int) -> None:
+        """A layer with several outputs is written `a, b = ... -> split 2`: its consumers must be its parts."""
+        op, a = self.op(n), self.attrs(n)
+        want = []
+        for i in range(op.outputs(a)):
+            part_op, kw = op.part(a, i)
+            want.append((part_op, OPS[part_op].attrs(**kw)))
+        got = sorted(((self.g.nodes[v]["op"], self.attrs(v)) for v, _ in self.consumers[n]),
+                     key=lambda x: want.index(x) if x in want else -1)
+        if got != want:
+            raise CnncError(f"`{self.g.nodes[n]['name']}` ({op.name}) feeds other layers than its "
+                            f"{len(want)} parts: a .cnn file cannot write that")
+
+    def word(self, n: int) -> str:
+        """The word a layer is written with: the op's name, or a much shorter alias (bn, gap)."""
+        op = self.op(n)
+        short = min((op.name,) + op.aliases, key=len)
+        return short if len(short) <= len(op.name) - 3 else op.name
+
+    def consumers_in_part_order(self, n: int) -> list[int]:
+        op, a = self.op(n), self.attrs(n)
+        order = [OPS[p].attrs(**kw) for p, kw in (op.part(a, i) for i in range(op.outputs(a)))]
+        return sorted((v for v, _ in self.consumers[n]), key=lambda v: order.index(self.attrs(v)))
+
+    def op(self, n: int) -> OpDef:
+        return OPS[self.g.nodes[n]["op"]]
+
+    def attrs(self, n: int):
+        return self.g.nodes[n]["attrs"]
+
+    # ---- the whole file
+    def run(self) -> Written:
+        g = self.g
+        for n in self.order:
+            if not self.op(n).user and n != self.input:
+                d = g.nodes[n]
+                raise CnncError(f"`{d['name']}` is a `{d['op']}`, which a .cnn file cannot hold: write the front-end "
+                                "graph, before optimisation")
+        self.choose_defaults()
+        input_name = g.nodes[self.input]["name"]
+        if not _is_name(input_name) or input_name in _RESERVED - {"input"} or lookup(input_name):
+            input_name = "input"
+        self.input_name = input_name
+        self.new_names[self.input] = input_name
+        head = [f"network {_identifier(g.graph.get('network') or 'network')}"]
+        dims = g.nodes[self.input]["attrs"].dims
+        head.append(f"input {'' if input_name == 'input' else input_name + ': '}{_literal(tuple(dims), dims=True) if len(dims) > 1 else dims[0]}")
+        if g.graph.get("classes"):
+            head.append(f"classes {g.graph['classes']}")
+        for op, fields in self.defaults.items():
+            model = OPS[op].attrs
+            head.append(f"default {op} " + " ".join(f"{f}={attr_text(model, f, v)}" for f, v in fields.items()))
+        units = self.recover() if self.blocks else []
+        block_texts = [self.block_text(b) for b in units]
+        items = self.body_items(self.order[1:], units)
+        if self.blocks:
+            items = self.repeat_groups(items)
+        namer = _Namer()
+        self.name_items(items, namer, (), units)
+        body = self.layout(items, self.input, input_name, self.output)
+        parts = ["\n".join(head)] + block_texts + ["layers:\n" + body]
+        train = self.train_text()
+        if train:
+            parts.append(train)
+        text = "\n\n".join(parts) + "\n"
+        return Written(text, *self.name_maps())
+
+    def name_maps(self) -> tuple[dict[str, str], dict[str, str]]:
+        layers, params = {}, {}
+        for n in self.order:
+            old, new = self.g.nodes[n]["name"], self.new_names[n]
+            layers[old] = new
+            ins = [self.g.nodes[u]["shape"] for u in inputs_of(self.g, n)]
+            for spec in self.op(n).params(self.attrs(n), ins):
+                params[f"{old}.{spec.name}"] = f"{new}.{spec.name}"
+        return layers, params
+
+    def choose_defaults(self) -> None:
+        """`default op attr=value` for a value most layers of an op share that differs from the table's."""
+        by_op: dict[str, list[int]] = {}
+        for n in self.order[1:]:
+            if self.is_part(n):
+                continue
+            by_op.setdefault(self.g.nodes[n]["op"], []).append(n)
+        for op, nodes in by_op.items():
+            model = OPS[op].attrs
+            if OPS[op].tensor_args:
+                continue
+            for f in model.model_fields:
+                if f in OPS[op].positional or f == "name":
+                    continue
+                if any(isinstance(self.attrs(n).get(f), tuple) for n in nodes):
+                    continue  # sizes and pads stay on their layers: `conv 64 3x3` should mean what it says
+                values = Counter(_hashable(self.attrs(n).get(f)) for n in nodes)
+                value, count = values.most_common(1)[0]
+                table = _hashable(_default(model, f))
+                if value != table and value is not None and count > values.get(table, 0) and count >= 2:
+                    self.defaults.setdefault(op, {})[f] = self.attrs(next(n for n in nodes if _hashable(
+                        self.attrs(n).get(f)) == value)).get(f)
+
+    def effective_default(self, op: str, f: str) -> Any:
+        if f in self.defaults.get(op, {}):
+            return self.defaults[op][f]
+        return _default(OPS[op].attrs, f)
+
+    def train_text(self) -> str:
+        config = self.g.graph.get("train")
+        if config is None:
+            return ""
+        lines = []
+        for f, info in TrainConfig.model_fields.items():
+            v = getattr(config, f)
+            if v != info.default and v is not None:
+                lines.append(f"{INDENT}{f} {_literal(tuple(v) if isinstance(v, (list, tuple)) else v)}")
+        return "train:\n" + "\n".join(lines) if lines else ""
+
+    # ---- one layer
+    def layer_text(self, n: int, exprs: dict[str, str] | None = None) -> str:
+        """The layer in command form; `exprs` replaces attribute values by expressions (block parameters)."""
+        exprs = exprs or {}
+        op, a = self.op(n), self.attrs(n)
+        model = op.attrs
+        words = [self.word(n)]
+        texts: dict[str, str] = {}
+        for f in [f for f in model.model_fields if f not in _COMMON] + list(_COMMON[1:]):
+            if f in exprs:
+                texts[f] = exprs[f]
+                continue
+            v = a.get(f)
+            d = self.effective_default(op.name, f)
+            if d is not _NO_DEFAULT and _hashable(v) == _hashable(d):
+                continue
+            texts[f] = attr_text(model, f, v, positional=f in op.positional)
+        # positional fields up to the last one given, while each reads safely as a command argument
+        given = [f for f in op.positional if f in texts]
+        last = op.positional.index(given[-1]) if given else -1
+        keyword_from = None
+        for i, f in enumerate(op.positional[:last + 1]):
+            if f not in texts:
+                texts[f] = attr_text(model, f, a.get(f), positional=True)
+            if texts[f][:1] in "(-" or keyword_from is not None:
+                keyword_from = i if keyword_from is None else keyword_from
+                words.append(f"{f}={texts.pop(f)}")
+            else:
+                words.append(texts.pop(f))
+        words += [f"{f}={t}" for f, t in texts.items()]
+        return " ".join(words)
+
+    # ---- bodies
+    def body_items(self, nodes: list[int], units: list[_Block], exprs_at=None) -> list[Item]:
+        """Items for `nodes` (in order); the occurrences of recovered blocks become calls."""
+        starts = {}
+        for b in units:
+            for k, inst in enumerate(b.instances):
+                starts[inst[0]] = (b, k)
+        items: list[Item] = []
+        i = 0
+        while i < len(nodes):
+            n = nodes[i]
+            if n in starts:
+                b, k = starts[n]
+                inst = b.instances[k]
+                args = b.args[k]
+                shown = []
+                keyword = False
+                for (p, _), t in zip(b.params, args):
+                    if t is None:
+                        keyword = True
+                        continue
+                    shown.append(f"{p}={t}" if keyword else t)
+                items.append(Item("call", inst[-1], [self.unit_input(inst)], f"{b.name}({', '.join(shown)})",
+                                  weighted=True, nodes=list(inst)))
+                items[-1].block = b
+                items[-1].args = tuple(args)
+                i += len(inst)
+                continue
+            items.append(self.node_item(n, exprs_at(n) if exprs_at else None))
+            i += 1
+        return items
+
+    def unit_input(self, inst: list[int]) -> int:
+        inside = set(inst)
+        outside = {u for n in inst for u in inputs_of(self.g, n) if u not in inside}
+        if len(outside) != 1:
+            raise InternalError(f"a recovered block has {len(outside)} inputs")
+        return outside.pop()
+
+    def node_item(self, n: int, exprs: dict[str, str] | None = None) -> Item:
+        op = self.op(n)
+        ins = inputs_of(self.g, n)
+        if op.tensor_args:
+            return Item("merge", n, ins, self.word(n), nodes=[n])
+        if op.outputs is not None:
+            self.check_parts(n)
+            return Item("split", n, ins, self.layer_text(n, exprs), nodes=[n])
+        if self.is_part(n):
+            return Item("part", n, ins, nodes=[n])
+        computes = op.macs(self.attrs(n), [self.g.nodes[u]["shape"] for u in ins], self.g.nodes[n]["shape"]) > 0
+        return Item("layer", n, ins, self.layer_text(n, exprs), weighted=computes, nodes=[n])
+
+    def name_items(self, items: list[Item], namer: _Namer, path: tuple[str, ...], units) -> None:
+        """The new names of the nodes the items stand for, as the builder will give them."""
+        prefix = "".join(p + "." for p in path)
+        for it in items:
+            if it.kind == "call":
+                b = it.block
+                inst = namer.next(b.name)
+                for n, local in zip(it.nodes, b.local_names * (len(it.nodes) // len(b.local_names))):
+                    self.new_names[n] = prefix + inst + "." + local
+                for r in range(1, getattr(it, "repeat", 1)):
+                    inst = namer.next(b.name)
+                    for n, local in zip(it.more[r - 1], b.local_names):
+                        self.new_names[n] = prefix + inst + "." + local
+            elif it.kind == "group":
+                for n in it.nodes:
+                    self.new_names[n] = prefix + namer.next(self.word(n))
+            elif it.kind == "part":
+                split = self.new_names[it.ins[0]]
+                i = self.consumers_in_part_order(it.ins[0]).index(it.out)
+                self.new_names[it.out] = f"{split}_{i}"
+            else:
+                self.new_names[it.out] = prefix + namer.next(self.word(it.out))
+
+    def layout(self, items: list[Item], body_in: int, in_name: str, body_out: int,
+               reserved: frozenset[str] = frozenset()) -> str:
+        """Statements for the items: chains of flowing tensors, names where a value is read elsewhere."""
+        # which reads are the flowing tensor (the item right after the producer, its first operand)
+        for it in items:
+            if it.kind == "split":
+                it.parts = self.consumers_in_part_order(it.out)
+        chained = []
+        prev = body_in
+        for it in items:
+            if it.kind == "part":  # named by its split's statement
+                chained.append(False)
+                continue
+            ok = bool(it.ins) and it.ins[0] == prev
+            chained.append(ok)
+            prev = it.parts[-1] if it.kind == "split" and it.parts else it.out
+        named: dict[int, str] = {body_in: in_name}
+        counter = 0
+
+        def fresh() -> str:
+            nonlocal counter
+            while True:
+                counter += 1
+                name = f"x{counter}"
+                if name not in reserved:
+                    return name
+
+        needs: set[int] = set()
+        for k, it in enumerate(items):
+            if it.kind == "part":
+                continue
+            for p, u in enumerate(it.ins):
+                if u == body_in:
+                    continue
+                if not (p == 0 and chained[k]):
+                    needs.add(u)
+        if items and items[-1].out != body_out and body_out != body_in:
+            needs.add(body_out)
+        for it in items:
+            needs.update(it.parts)
+        # statements: (names, [(text, weighted, is_merge)])
+        statements: list[tuple[list[str], list[tuple[str, bool, str]]]] = []
+        current: list[tuple[str, bool, str]] | None = None
+        for k, it in enumerate(items):
+            if it.kind == "part":
+                continue
+            if it.kind == "merge":
+                operands = it.ins[1:] if chained[k] else it.ins
+                text = f"{it.text}({', '.join(named[u] for u in operands)})"
+            else:
+                text = it.text
+            if not chained[k]:
+                if current is not None:
+                    statements.append(([], current))
+                current = []
+                if it.kind != "merge":
+                    current.append((named[it.ins[0]], False, "name"))
+            elif current is None:
+                current = []
+            current.append((text, it.weighted, "merge" if it.kind == "merge" else "layer"))
+            if it.kind == "split":
+                names = [fresh() for _ in it.parts]
+                for part, name in zip(it.parts, names):
+                    named[part] = name
+                statements.append((names, current))
+                current = None
+            elif it.out in needs:
+                named[it.out] = fresh()
+                statements.append(([named[it.out]], current))
+                current = None
+        if current is not None:
+            statements.append(([], current))
+        if items and items[-1].out != body_out and body_out != body_in:
+            statements.append(([], [(named[body_out], False, "name")]))
+        if not items:
+            statements.append(([], [(in_name, False, "name")]))
+        return "\n".join(self.statement_lines(names, els) for names, els in statements)
+
+    @staticmethod
+    def statement_lines(names: list[str], elements: list[tuple[str, bool, str]]) -> str:
+        """One statement, broken before a weighted layer when its line already has one, or when too long:
+        an unnamed statement into statements (each continues from the one before), a named one with `->`
+        at the line's end. Never before a merge (at a statement's start it would take only the tensors it
+        names) nor right after the tensor a statement starts from."""
+        lines: list[list[str]] = [[]]
+        has_weights = False
+        width = len(INDENT) + (len(", ".join(names)) + 3 if names else 0)
+        for text, weighted, kind in elements:
+            line = lines[-1]
+            only_name = len(line) == 1 and elements[0][2] == "name" and len(lines) == 1
+            if line and kind != "merge" and not only_name and (
+                    (weighted and has_weights) or width + len(text) + 4 > WIDTH):
+                lines.append([])
+                line = lines[-1]
+                has_weights = False
+                width = 2 * len(INDENT) if names else len(INDENT)
+            line.append(text)
+            width += len(text) + 4
+            has_weights = has_weights or weighted
+        if not names:
+            return "\n".join(INDENT + " -> ".join(line) for line in lines)
+        first = INDENT + ", ".join(names) + " = " + " -> ".join(lines[0])
+        return " ->\n".join([first] + [2 * INDENT + " -> ".join(line) for line in lines[1:]])
+
+    # ---- block recovery (filled in below)
+    def recover(self) -> list[_Block]:
+        return []
+
+    def block_text(self, b: _Block) -> str:
+        return ""
+
+    def repeat_groups(self, items: list[Item]) -> list[Item]:
+        return items
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(v)
+    if isinstance(v, float) and v == int(v):
+        return v  # 1.0 == 1 already; kept for clarity of intent
+    return v
+
+
+def _identifier(s: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9_]", "_", s)
+    if not s or s[0].isdigit():
+        s = "net_" + s
+    return s + "_" if s in _RESERVED else s
+
+
+def _with_shapes(graph: nx.MultiDiGraph) -> nx.MultiDiGraph:
+    """The graph with every node's shape: inferred on a copy when the caller's has none yet."""
+    if all(graph.nodes[n].get("shape") is not None for n in graph.nodes):
+        return graph
+    g = graph.copy()
+    diags = Diagnostics()
+    infer_shapes(g, diags)
+    diags.check()
+    return g

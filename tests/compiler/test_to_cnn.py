@@ -1,0 +1,174 @@
+"""compiler/to_cnn.py: a checked graph written back as `.cnn` source checks to the same graph.
+
+The oracle is the front end itself: the written text is parsed and checked again, and the two
+graphs are compared node by node (op, every attribute but the name, which inputs in which port,
+shape), with the totals (params, buffers, MACs) and the train section; for a sample, the NumPy
+backend's outputs agree with the weights moved through the writer's name map. Imported graphs carry
+no block information, so the graphs are written with it stripped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnnc.compiler.graph import inputs_of
+from cnnc.compiler.pipeline import PassContext, check, optimize, run_pipeline
+from cnnc.compiler.to_cnn import write, write_cnn, write_cnn_with_names
+from cnnc.dsl.errors import CnncError
+from cnnc.dsl.loader import load_text
+from conftest import EXAMPLES, run_cli
+
+ZOO = sorted(p.stem for p in EXAMPLES.glob("*.cnn"))
+
+
+def imported_like(g):
+    """The graph as an importer hands it over: no block instances, call stacks or source spans, names
+    that are not ours, shapes not yet inferred."""
+    h = g.copy()
+    h.graph = {k: g.graph[k] for k in ("network", "input", "output", "classes", "train")}
+    for n, d in h.nodes(data=True):
+        keep = {"op": d["op"], "attrs": d["attrs"], "name": f"onnx_node_{n}/{d['op']}"}
+        d.clear()
+        d.update(keep)
+    return h
+
+
+def recheck(text: str):
+    return run_pipeline(load_text(text, "written.cnn"))
+
+
+def assert_same_graph(g1, g2):
+    """Node by node in order: op, attributes but the name, inputs by position and port, shape; and the totals."""
+    o1, o2 = sorted(g1.nodes), sorted(g2.nodes)
+    assert len(o1) == len(o2)
+    p1 = {n: i for i, n in enumerate(o1)}
+    p2 = {n: i for i, n in enumerate(o2)}
+    for a, b in zip(o1, o2):
+        d1, d2 = g1.nodes[a], g2.nodes[b]
+        where = f"{d1['name']} / {d2['name']}"
+        assert d1["op"] == d2["op"], where
+        assert d1["attrs"].model_dump(exclude={"name"}) == d2["attrs"].model_dump(exclude={"name"}), where
+        assert [p1[u] for u in inputs_of(g1, a)] == [p2[u] for u in inputs_of(g2, b)], where
+        assert d1["shape"] == d2["shape"], where
+    assert p1[g1.graph["output"]] == p2[g2.graph["output"]]
+    for k in ("params", "trainable", "buffers", "macs"):
+        assert g1.graph["totals"][k] == g2.graph["totals"][k], k
+    assert g1.graph["train"] == g2.graph["train"]
+
+
+def assert_names_predicted(written, g1, g2):
+    """The writer's layer-name map is the names the front end gives the written file, in node order."""
+    for a, b in zip(sorted(g1.nodes), sorted(g2.nodes)):
+        assert written.layer_names[g1.nodes[a]["name"]] == g2.nodes[b]["name"]
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return {name: check(EXAMPLES / f"{name}.cnn") for name in ZOO}
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_flat_round_trip_every_zoo_network(zoo, name):
+    g = zoo[name]
+    h = imported_like(g)
+    written = write(h, blocks=False)
+    g2 = recheck(written.text)
+    assert_same_graph(g, g2)
+    assert_names_predicted(written, h, g2)
+    assert not g2.graph["blocks"]  # flat: no block definitions
+
+
+@pytest.mark.parametrize("name", ["modern_blocks", "shufflenet_v2_x1_0", "cifar_resnet20", "squeezenet1_1"])
+def test_flat_outputs_equal_with_weights_moved_by_the_name_map(zoo, name):
+    from cnnc.runtime.model import Model
+
+    g = zoo[name]
+    h = imported_like(g)
+    text, names = write_cnn_with_names(h, blocks=False)
+    before, after = Model(g, seed=1), Model(recheck(text), seed=2)
+    old = {h.nodes[n]["name"]: g.nodes[n]["name"] for n in g.nodes}  # importer name → our name
+    ours = before.host_params()
+    moved = {names[f"{layer}.{tensor}"]: ours[f"{old[layer]}.{tensor}"]
+             for layer, tensor in (k.rsplit(".", 1) for k in names)}
+    assert set(moved) == set(after.params)
+    after.set_params(moved)
+    x = np.random.default_rng(0).normal(size=(2,) + tuple(before.input_shape)).astype(np.float32)
+    np.testing.assert_array_equal(before(x), after(x))
+
+
+def test_attributes_written_only_where_they_differ(cnn):
+    g = check(cnn("""
+        input 3x32x32
+        layers:
+            conv 8 3x3 pad=1 bias=false -> bn eps=1e-3 -> leaky_relu 0.2
+            conv 8 1x7 stride=(2, 1) pad=(0, 3) round=floor trainable=false lr_mult=2 -> relu
+            maxpool 2x2 -> avgpool 3x3 stride=1 pad=(0, 1, 1, 0) count_pad=false
+            conv 8 3x3 dilation=2 pad=same groups=2 -> dropout 0.3 -> flatten -> dense 10 bias=false
+    """))
+    text = write_cnn(g, blocks=False)
+    body = text.split("layers:\n")[1]
+    assert "conv 8 3x3 pad=1 bias=false -> bn eps=0.001 -> leaky_relu 0.2" in body
+    assert "conv 8 1x7 stride=2x1 pad=(0, 3) round=floor trainable=false lr_mult=2.0 -> relu" in body
+    assert "maxpool 2x2 -> avgpool 3x3 stride=1 pad=(0, 1, 1, 0) count_pad=false" in body
+    assert "conv 8 3x3 pad=same dilation=2 groups=2 -> dropout 0.3 -> flatten" in body
+    assert_same_graph(g, recheck(text))
+
+
+def test_named_tensors_split_and_merge_order(cnn):
+    g = check(cnn("""
+        input 8x8x8
+        layers:
+            a, b = in -> split 2
+            c = b -> conv 4 1x1
+            concat(c, a) -> add(in)
+            mul(in, in)
+    """))
+    text = write_cnn(g, blocks=False)
+    g2 = recheck(text)
+    assert_same_graph(g, g2)
+    assert "x1, x2 = split" in text
+
+
+def test_unused_layer_and_output_not_last(cnn):
+    g = check(cnn("""
+        input 4x8x8
+        layers:
+            y = conv 4 3x3 pad=1
+            spare = y -> relu
+            y -> bn
+    """))
+    assert g.graph["warnings"]  # `spare` is never used
+    assert_same_graph(g, recheck(write_cnn(g, blocks=False)))
+
+
+def test_odd_names_of_an_imported_graph(cnn):
+    g = check(cnn("""
+        network net
+        input pixels: 1x4x4
+        layers:
+            conv 2 3x3 -> relu
+    """))
+    h = imported_like(g)
+    h.graph["network"] = "9-layer net"
+    h.nodes[h.graph["input"]]["name"] = "input.1"
+    text = write_cnn(h, blocks=False)
+    assert text.startswith("network net_9_layer_net\ninput 1x4x4\n")
+    assert_same_graph(g, recheck(text))
+
+
+def test_optimised_plans_are_refused(zoo):
+    from cnnc.runtime.model import Model
+
+    g = zoo["resnet18"]
+    plan = optimize(g, PassContext(opt_level=2, fused_ops=frozenset({"fused_conv"})), Model(g).host_params())
+    with pytest.raises(CnncError, match="fused_conv.*before optimisation"):
+        write_cnn(plan)
+
+
+def test_written_file_checks_on_the_command_line(zoo, tmp_path):
+    path = tmp_path / "resnet18.cnn"
+    path.write_text(write_cnn(imported_like(zoo["resnet18"]), blocks=False))
+    r = run_cli("check", str(path))
+    assert r.code == 0, r.err
+    assert "params:      11,689,512 total" in r.out  # torchvision's resnet18, as tests/test_zoo.py
