@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", metavar="RUN_DIR", help="run directory (default runs/NETWORK[-N])")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     t.add_argument("--backend", default="numpy", help="backend to train on (default numpy)")
+    t.add_argument("--weights", metavar="WEIGHTS.npz",
+                   help="start from these weights (a checkpoint, or a file cnnc weights import wrote): fine-tuning")
     for flag, kind, text in [("--lr", float, "base learning rate"), ("--epochs", int, "number of epochs"),
                              ("--batch", int, "batch size"), ("--optimizer", str, "sgd, momentum, nesterov, adagrad, "
                               "rmsprop, adadelta, adam, adamw or ftrl"), ("--seed", int, "random seed"),
@@ -154,6 +156,32 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(run=_cmd_eval)
 
+    w = sub.add_parser("weights", parents=[mem], help="PyTorch state dicts in and out (safetensors, no pickle)",
+                       description="Bring trained weights from PyTorch (a safetensors state dict, torchvision's or "
+                                   "timm's names) into a network, or write a network's weights for PyTorch.")
+    wsub = w.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
+    wi = wsub.add_parser("import", parents=[mem], help="match a state dict to the network's layers, write our weights",
+                         description="Match the state dict's modules to the network's layers by order, kind and "
+                                     "shape (the names may be anyone's), print the mapping and write a weights "
+                                     "file that --checkpoint, cnnc eval and cnnc train --weights accept.")
+    wi.add_argument("file", help="the .cnn file")
+    wi.add_argument("state", help="state dict saved with safetensors.torch.save_file")
+    wi.add_argument("-o", "--output", metavar="WEIGHTS.npz", help="weights file to write (default: STATE with .npz)")
+    wi.add_argument("-q", "--quiet", action="store_true", help="no mapping report")
+    wi.set_defaults(run=_cmd_weights_import)
+    we = wsub.add_parser("export", parents=[mem], help="write the weights as a PyTorch state dict (safetensors)",
+                         description="Write a checkpoint's weights under torchvision's names and layouts (ResNets, "
+                                     "ResNeXt, DenseNets), under our own names, or under a reference state dict's.")
+    we.add_argument("file", help="the .cnn file")
+    we.add_argument("--checkpoint", required=True, help="checkpoint.npz of cnnc train, or a weights file")
+    we.add_argument("--names", choices=("torchvision", "cnnc"),
+                    help="tensor names: torchvision's (the default where known) or ours")
+    we.add_argument("--like", metavar="REF.safetensors",
+                    help="take names, shapes and integer buffers from this state dict, matched as import does")
+    we.add_argument("-o", "--output", required=True, metavar="STATE.safetensors", help="state dict to write")
+    we.add_argument("-q", "--quiet", action="store_true", help="no mapping report")
+    we.set_defaults(run=_cmd_weights_export)
+
     cmp = sub.add_parser("compare", help="several networks side by side: parameters, MACs, memory, depth, RF",
                          description="Check every .cnn file and print one row per network: parameters, "
                                      "buffers, MACs per image, depth (conv and dense layers on the longest "
@@ -209,7 +237,7 @@ def _cmd_train(args) -> int:
                  "seed": args.seed, "momentum": args.momentum, "weight_decay": args.weight_decay,
                  "policy": args.policy, "accumulate": args.accumulate}
     trainer, notes = api.prepare(args.file, run_dir=args.output, resume=args.resume, data=args.data,
-                                 backend=args.backend, progress=not args.quiet, **overrides)
+                                 backend=args.backend, progress=not args.quiet, weights=args.weights, **overrides)
     cfg = trainer.config
     trainer.progress.line(f"training {trainer.model.name} on {trainer.data.name}: {len(trainer.data.train_y)} train / "
                           f"{len(trainer.data.test_y)} test images, {cfg.optimizer} lr {cfg.lr:g} ({cfg.policy}), "
@@ -367,6 +395,32 @@ def _cmd_eval(args) -> int:
     print(" " * 6 + "".join(f"{j:>{width}}" for j in range(confusion.shape[1])))
     for i, row in enumerate(confusion):
         print(f"{i:>5} " + "".join(f"{v:>{width}}" for v in row))
+    return 0
+
+
+def _cmd_weights_import(args) -> int:
+    from pathlib import Path
+
+    from cnnc.runtime.weights import import_state
+
+    out = Path(args.output) if args.output else Path(args.state).with_suffix(".npz")
+    report, model = import_state(args.file, args.state, out)
+    if not args.quiet:
+        print(report.render())
+    print(f"wrote {out}: {len(report.rows)} layers of `{model.name}` from {args.state}", file=sys.stderr)
+    return 0
+
+
+def _cmd_weights_export(args) -> int:
+    from cnnc.dsl.errors import CnncError
+    from cnnc.runtime.weights import export_state
+
+    if args.like and args.names:
+        raise CnncError("--names and --like both choose the tensor names: give one")
+    report, used = export_state(args.file, args.checkpoint, args.output, args.names, args.like)
+    if not args.quiet:
+        print(report.render())
+    print(f"wrote {args.output}: {len(report.rows)} layers, {used}", file=sys.stderr)
     return 0
 
 

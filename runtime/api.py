@@ -85,6 +85,7 @@ class RunInfo(BaseModel):
     cnn: str
     config: dict
     base_dir: str | None = None
+    weights: str | None = None  # the weights file the run started from (`cnnc train --weights`)
 
 
 def read_run_info(run: Path) -> tuple[RunInfo, TrainConfig]:
@@ -122,14 +123,19 @@ def _fresh_run_dir(name: str, root: Path = Path("runs")) -> Path:
 
 def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike | None = None,
             resume: str | os.PathLike | None = None, data: str | None = None, backend: str = "numpy",
-            progress: bool = True, stream=None, **overrides) -> tuple[Trainer, list[str]]:
-    """Everything `cnnc train` does before the first batch; nothing is written yet."""
+            progress: bool = True, stream=None, weights: str | os.PathLike | None = None,
+            **overrides) -> tuple[Trainer, list[str]]:
+    """Everything `cnnc train` does before the first batch; nothing is written yet. `weights`: start
+    from these weights (a checkpoint or a file Model.save or `cnnc weights import` wrote)."""
     import sys
     stream = stream or sys.stderr
     info = saved = None
     resume_from = None  # the checkpoint to continue from; None for a start from the beginning
     notes: list[str] = []
     if resume is not None:
+        if weights is not None:
+            raise CnncError("a resumed run continues from its own checkpoint; --weights starts a new run",
+                            hint="give --weights without --resume")
         run = Path(resume)
         if not run.is_dir():
             raise CnncError(f"nothing to resume: {run} is not a run directory")
@@ -174,6 +180,12 @@ def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike
     notes += data_notes
     model = Model(graph, backend, config.seed, str(path))
     model.config = config
+    if info is not None and resume_from is None and info.weights:  # starting over: from the same weights
+        weights = info.weights
+    if weights is not None:
+        from .weights import load_checkpoint_into
+        load_checkpoint_into(model, weights)
+        notes.append(f"starting from the weights in {weights}")
     if run_dir is None:
         run_dir = _fresh_run_dir(model.name)
     run_dir = Path(run_dir)
@@ -190,7 +202,8 @@ def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike
                             "would not continue it", hint=f"give --epochs {trainer.epoch + 1} or more")
     if info is None:
         trainer.pending_info = {"cnn": str(Path(path).resolve()), "config": config.model_dump(mode="json"),
-                                "base_dir": str(base_dir) if base_dir else None}
+                                "base_dir": str(base_dir) if base_dir else None,
+                                "weights": str(Path(weights).resolve()) if weights is not None else None}
     elif config.epochs != saved.epochs:  # run.json follows the run's length
         trainer.pending_info = {**info.model_dump(), "config": config.model_dump(mode="json")}
     return trainer, notes
