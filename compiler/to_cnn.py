@@ -167,6 +167,9 @@ class Item:
     weighted: bool = False  # a layer that computes (MACs: conv, dense) or a call: one per line
     parts: list[int] = field(default_factory=list)  # a split: its part nodes
     nodes: list[int] = field(default_factory=list)  # the graph nodes it stands for, in order
+    block: "_Block | None" = None  # a call: the block
+    args: tuple = ()  # a call: its argument texts
+    instances: list[list[int]] = field(default_factory=list)  # a call: the nodes of each instance it makes
 
 
 class _Namer:
@@ -183,12 +186,24 @@ class _Namer:
 
 @dataclass
 class _Block:
+    """A recovered block: its occurrences (aligned node lists), parameters and the expressions they fill."""
+
     name: str
-    params: list[tuple[str, str | None]]  # (name, default text or None)
-    instances: list[list[int]]  # node ids of each occurrence, in order
-    exprs: dict[tuple[int, str], str]  # (position, field) → expression in the parameters
-    args: list[list[str | None]]  # per occurrence: the text of each parameter (None: its default)
-    local_names: list[str] = field(default_factory=list)  # the layer name at each position
+    instances: list[list[int]]  # node ids of each occurrence, position by position
+    params: list[tuple[str, str | None]] = field(default_factory=list)  # (name, default text or None)
+    exprs: dict[tuple[int, str], str] = field(default_factory=dict)  # (position, field) → expression
+    args: list[list[str | None]] = field(default_factory=list)  # per occurrence, per parameter: text (None: default)
+    local_names: list[str] = field(default_factory=list)  # the layer name at each position, inside an instance
+
+    def call_text(self, k: int) -> str:
+        """`name(64, stride=2)`: parameters without a default by position, the others by name where given."""
+        shown = []
+        for (p, default), t in zip(self.params, self.args[k]):
+            if default is None:
+                shown.append(t)
+            elif t is not None:
+                shown.append(f"{p}={t}")
+        return f"{self.name}({', '.join(shown)})"
 
 
 class _Writer:
@@ -227,7 +242,7 @@ class _Writer:
         """The word a layer is written with: the op's name, or a much shorter alias (bn, gap)."""
         op = self.op(n)
         short = min((op.name,) + op.aliases, key=len)
-        return short if len(short) <= len(op.name) - 3 else op.name
+        return short if len(op.name) > 8 and len(short) <= len(op.name) - 3 else op.name
 
     def consumers_in_part_order(self, n: int) -> list[int]:
         op, a = self.op(n), self.attrs(n)
@@ -255,8 +270,9 @@ class _Writer:
         self.input_name = input_name
         self.new_names[self.input] = input_name
         head = [f"network {_identifier(g.graph.get('network') or 'network')}"]
-        dims = g.nodes[self.input]["attrs"].dims
-        head.append(f"input {'' if input_name == 'input' else input_name + ': '}{_literal(tuple(dims), dims=True) if len(dims) > 1 else dims[0]}")
+        dims = tuple(g.nodes[self.input]["attrs"].dims)
+        label = "" if input_name == "input" else input_name + ": "
+        head.append(f"input {label}{_literal(dims, dims=True) if len(dims) > 1 else dims[0]}")
         if g.graph.get("classes"):
             head.append(f"classes {g.graph['classes']}")
         for op, fields in self.defaults.items():
@@ -264,11 +280,13 @@ class _Writer:
             head.append(f"default {op} " + " ".join(f"{f}={attr_text(model, f, v)}" for f, v in fields.items()))
         units = self.recover() if self.blocks else []
         block_texts = [self.block_text(b) for b in units]
-        items = self.body_items(self.order[1:], units)
+        in_blocks = {n for b in units for inst in b.instances for n in inst}
+        top = self.classes_layer(in_blocks)
+        items = self.body_items(self.order[1:], units,
+                                lambda n: {top[1]: "classes"} if top and n == top[0] else None)
         if self.blocks:
             items = self.repeat_groups(items)
-        namer = _Namer()
-        self.name_items(items, namer, (), units)
+        self.name_items(items, _Namer())
         body = self.layout(items, self.input, input_name, self.output)
         parts = ["\n".join(head)] + block_texts + ["layers:\n" + body]
         train = self.train_text()
@@ -276,6 +294,18 @@ class _Writer:
             parts.append(train)
         text = "\n\n".join(parts) + "\n"
         return Written(text, *self.name_maps())
+
+    def classes_layer(self, skip: set[int]) -> tuple[int, str] | None:
+        """(node, field): the last layer whose first positional value is `classes` (`dense classes`)."""
+        classes = self.g.graph.get("classes")
+        for n in reversed(self.order[1:]):
+            op = self.op(n)
+            if n in skip or not op.positional or self.is_part(n):
+                continue
+            v = self.attrs(n).get(op.positional[0])
+            if isinstance(v, int) and not isinstance(v, bool) and v == classes:
+                return n, op.positional[0]
+        return None
 
     def name_maps(self) -> tuple[dict[str, str], dict[str, str]]:
         layers, params = {}, {}
@@ -361,10 +391,7 @@ class _Writer:
     # ---- bodies
     def body_items(self, nodes: list[int], units: list[_Block], exprs_at=None) -> list[Item]:
         """Items for `nodes` (in order); the occurrences of recovered blocks become calls."""
-        starts = {}
-        for b in units:
-            for k, inst in enumerate(b.instances):
-                starts[inst[0]] = (b, k)
+        starts = {inst[0]: (b, k) for b in units for k, inst in enumerate(b.instances)}
         items: list[Item] = []
         i = 0
         while i < len(nodes):
@@ -372,18 +399,8 @@ class _Writer:
             if n in starts:
                 b, k = starts[n]
                 inst = b.instances[k]
-                args = b.args[k]
-                shown = []
-                keyword = False
-                for (p, _), t in zip(b.params, args):
-                    if t is None:
-                        keyword = True
-                        continue
-                    shown.append(f"{p}={t}" if keyword else t)
-                items.append(Item("call", inst[-1], [self.unit_input(inst)], f"{b.name}({', '.join(shown)})",
-                                  weighted=True, nodes=list(inst)))
-                items[-1].block = b
-                items[-1].args = tuple(args)
+                items.append(Item("call", inst[-1], [self.unit_input(inst)], b.call_text(k), weighted=True,
+                                  nodes=list(inst), block=b, args=tuple(b.args[k]), instances=[list(inst)]))
                 i += len(inst)
                 continue
             items.append(self.node_item(n, exprs_at(n) if exprs_at else None))
@@ -410,26 +427,20 @@ class _Writer:
         computes = op.macs(self.attrs(n), [self.g.nodes[u]["shape"] for u in ins], self.g.nodes[n]["shape"]) > 0
         return Item("layer", n, ins, self.layer_text(n, exprs), weighted=computes, nodes=[n])
 
-    def name_items(self, items: list[Item], namer: _Namer, path: tuple[str, ...], units) -> None:
+    def name_items(self, items: list[Item], namer: _Namer, prefix: str = "") -> None:
         """The new names of the nodes the items stand for, as the builder will give them."""
-        prefix = "".join(p + "." for p in path)
         for it in items:
             if it.kind == "call":
-                b = it.block
-                inst = namer.next(b.name)
-                for n, local in zip(it.nodes, b.local_names * (len(it.nodes) // len(b.local_names))):
-                    self.new_names[n] = prefix + inst + "." + local
-                for r in range(1, getattr(it, "repeat", 1)):
-                    inst = namer.next(b.name)
-                    for n, local in zip(it.more[r - 1], b.local_names):
-                        self.new_names[n] = prefix + inst + "." + local
+                for nodes in it.instances:
+                    inst = namer.next(it.block.name)
+                    for n, local in zip(nodes, it.block.local_names):
+                        self.new_names[n] = f"{prefix}{inst}.{local}"
             elif it.kind == "group":
                 for n in it.nodes:
                     self.new_names[n] = prefix + namer.next(self.word(n))
             elif it.kind == "part":
-                split = self.new_names[it.ins[0]]
                 i = self.consumers_in_part_order(it.ins[0]).index(it.out)
-                self.new_names[it.out] = f"{split}_{i}"
+                self.new_names[it.out] = f"{self.new_names[it.ins[0]]}_{i}"
             else:
                 self.new_names[it.out] = prefix + namer.next(self.word(it.out))
 
@@ -492,7 +503,7 @@ class _Writer:
                     current.append((named[it.ins[0]], False, "name"))
             elif current is None:
                 current = []
-            current.append((text, it.weighted, "merge" if it.kind == "merge" else "layer"))
+            current.append((text, it.weighted, it.kind if it.kind in ("merge", "call") else "layer"))
             if it.kind == "split":
                 names = [fresh() for _ in it.parts]
                 for part, name in zip(it.parts, names):
@@ -518,18 +529,26 @@ class _Writer:
         at the line's end. Never before a merge (at a statement's start it would take only the tensors it
         names) nor right after the tensor a statement starts from."""
         lines: list[list[str]] = [[]]
+        kinds: list[str] = []
         has_weights = False
         width = len(INDENT) + (len(", ".join(names)) + 3 if names else 0)
-        for text, weighted, kind in elements:
+        for e, (text, weighted, kind) in enumerate(elements):
             line = lines[-1]
+            # after a call, the layers up to the next call start their own line when they compute
+            after_call = bool(kinds) and kinds[-1] == "call" and kind == "layer" and any(
+                w for _, w, _ in _until_call(elements[e:]))
             only_name = len(line) == 1 and elements[0][2] == "name" and len(lines) == 1
-            if line and kind != "merge" and not only_name and (
-                    (weighted and has_weights) or width + len(text) + 4 > WIDTH):
+            # a stage reads as one line: a call joins a line holding one call of another block
+            pair = (kind == "call" and len(line) == 1 and kinds[-1] == "call"
+                    and line[0].split("(")[0] != text.split("(")[0])
+            if line and kind != "merge" and not only_name and not pair and (
+                    (weighted and has_weights) or after_call or width + len(text) + 4 > WIDTH):
                 lines.append([])
                 line = lines[-1]
                 has_weights = False
                 width = 2 * len(INDENT) if names else len(INDENT)
             line.append(text)
+            kinds.append(kind)
             width += len(text) + 4
             has_weights = has_weights or weighted
         if not names:
@@ -537,23 +556,242 @@ class _Writer:
         first = INDENT + ", ".join(names) + " = " + " -> ".join(lines[0])
         return " ->\n".join([first] + [2 * INDENT + " -> ".join(line) for line in lines[1:]])
 
-    # ---- block recovery (filled in below)
+    # ---- block recovery
+    def segments(self) -> list[list[int]]:
+        """The nodes between consecutive articulation points, in order: a node no edge jumps over cuts the
+        graph, and what lies between two cuts is a region with one input and one output."""
+        cuts, reach = [0], 0
+        for i, n in enumerate(self.order):
+            if i > 0 and reach <= i and (self.op(n).outputs is None or n == self.output):
+                cuts.append(i)  # a split stays with its parts, which its statement names
+            reach = max([reach] + [self.pos[v] for v, _ in self.consumers[n]])
+        return [self.order[a + 1:b + 1] for a, b in zip(cuts, cuts[1:])]
+
+    def key(self, nodes: list[int]) -> tuple:
+        """The structure of a run of nodes: ops and edges, inputs from outside as -1; attributes left out."""
+        at = {n: i for i, n in enumerate(nodes)}
+        return tuple((self.g.nodes[n]["op"], tuple(at.get(u, -1) for u in inputs_of(self.g, n))) for n in nodes)
+
     def recover(self) -> list[_Block]:
-        return []
+        """Blocks for the regions with a branch inside that occur at least twice, each widened by the
+        single layers that follow (then precede) every occurrence alike."""
+        live = nx.ancestors(self.g, self.output) | {self.output}
+        if len(live) != len(self.order):
+            return []  # an unused layer: the regions would not be closed
+        tokens = self.segments()
+        keys = [self.key(t) for t in tokens]
+        classes: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tokens):
+            if len(t) > 1:
+                classes.setdefault(keys[i], []).append(i)
+        classes = {k: v for k, v in classes.items() if len(v) >= 2}
+        claimed = {i for v in classes.values() for i in v}
+        spans = {k: [(i, i) for i in v] for k, v in classes.items()}
+
+        def widen(k: str, step: int) -> None:
+            while True:
+                nxt = [(a - 1, b) if step < 0 else (a, b + 1) for a, b in spans[k]]
+                at = [a if step < 0 else b for a, b in nxt]
+                if any(j < 0 or j >= len(tokens) or j in claimed or len(tokens[j]) > 1 for j in at):
+                    return
+                if len({keys[j] for j in at}) != 1:
+                    return
+                claimed.update(at)
+                spans[k] = nxt
+
+        for k in classes:
+            widen(k, +1)
+        for k in classes:
+            widen(k, -1)
+        blocks = []
+        used = set(self.block_reserved())
+        for k in classes:
+            instances = [[n for j in range(a, b + 1) for n in tokens[j]] for a, b in spans[k]]
+            anchor_last = tokens[classes[k][0]][-1]
+            name = self.fresh_block_name(f"{self.word(anchor_last)}_block", used)
+            b = _Block(name, instances)
+            self.parametrise(b)
+            blocks.append(b)
+        return blocks
+
+    def block_reserved(self) -> set[str]:
+        return set(_RESERVED) | {self.input_name}
+
+    @staticmethod
+    def fresh_block_name(base: str, used: set[str]) -> str:
+        name = base
+        for letter in "bcdefghijklmnopqrstuvwxyz":
+            if name not in used and not lookup(name):
+                break
+            name = f"{base}_{letter}"
+        else:
+            k = 2
+            while f"{base}{k}_" in used:
+                k += 1
+            name = f"{base}{k}_"
+        used.add(name)
+        return name
+
+    def parametrise(self, b: _Block) -> None:
+        """Attributes that differ between occurrences become parameters: one per distinct column of values,
+        an integer multiple (or fraction) of another written as an expression in it."""
+        slots: dict[tuple, list[tuple[int, str]]] = {}  # column of values → (position, field) using it
+        for p, n in enumerate(b.instances[0]):
+            op = self.op(n)
+            if op.tensor_args or self.is_part(n):
+                continue
+            for f in op.attrs.model_fields:
+                if f == "name":
+                    continue
+                column = tuple(_hashable(self.attrs(inst[p]).get(f)) for inst in b.instances)
+                if len(set(column)) > 1:
+                    slots.setdefault(column, []).append((p, f))
+        used = self.block_reserved() | {b.name}
+
+        def ints(col):
+            return all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in col)
+
+        # the smallest columns first, so that multiples are written in terms of them (c, 4*c)
+        bases: list[tuple] = []
+        derived: dict[tuple, tuple[tuple, str]] = {}  # column → (base column, expression with `{}` for its name)
+        for column in sorted(slots, key=lambda c: (not ints(c), c[0] if ints(c) else 0)):
+            for base in bases:
+                q = column[0] // base[0] if ints(column) and ints(base) else 0
+                if q >= 2 and all(x == q * y for x, y in zip(column, base)):
+                    derived[column] = (base, f"{q}*{{}}")
+                    break
+            else:
+                bases.append(column)
+        field_rank = {}
+        for p, n in enumerate(b.instances[0]):
+            for i, f in enumerate(self.op(n).attrs.model_fields):
+                field_rank[(p, f)] = (p, i)
+        first_use = {base: min(field_rank[u] for u in slots[base]) for base in bases}
+        for column, (base, _) in derived.items():
+            first_use[base] = min(first_use[base], min(field_rank[u] for u in slots[column]))
+        params = []  # (column, name, default)
+        for column in sorted(bases, key=lambda c: first_use[c]):
+            p0, f0 = slots[column][0]
+            model = self.op(b.instances[0][p0]).attrs
+            table = {_hashable(_default(self.op(b.instances[0][p]).attrs, f)) for p, f in slots[column]}
+            # a parameter defaults to the op table's default when some occurrences have it (stride=1)
+            default = None
+            if len(table) == 1 and (t := table.pop()) is not _NO_DEFAULT and t in column:
+                default = attr_text(model, f0, t)
+            params.append((column, _param_name(_PARAM_WORDS.get(f0, f0), used), default))
+        params.sort(key=lambda x: x[2] is not None)  # required ones first, called by position
+        names = {column: name for column, name, _ in params}
+        for column, uses in slots.items():
+            text = names[column] if column in names else derived[column][1].format(names[derived[column][0]])
+            for p, f in uses:
+                b.exprs[(p, f)] = text
+        b.params = [(name, default) for _, name, default in params]
+        for k in range(len(b.instances)):
+            args = []
+            for column, name, default in params:
+                p0, f0 = slots[column][0]
+                model = self.op(b.instances[0][p0]).attrs
+                text = attr_text(model, f0, self.attrs(b.instances[k][p0]).get(f0))
+                args.append(None if default is not None and text == default else text)
+            b.args.append(args)
 
     def block_text(self, b: _Block) -> str:
-        return ""
+        """`block name(params):` and its body, written from the first occurrence with the parameters'
+        expressions in place of the values that vary; records the layer names inside an instance."""
+        template = b.instances[0]
+        at = {n: p for p, n in enumerate(template)}
+
+        def exprs_at(n):
+            return {f: e for (p, f), e in b.exprs.items() if p == at[n]}
+
+        items = self.body_items(template, [], exprs_at)
+        self.name_items(items, _Namer())
+        b.local_names = [self.new_names[n] for n in template]
+        body = self.layout(items, self.unit_input(template), "in", template[-1],
+                           frozenset(p for p, _ in b.params))
+        params = ", ".join(p if d is None else f"{p}={d}" for p, d in b.params)
+        return f"block {b.name}({params}):\n{body}"
 
     def repeat_groups(self, items: list[Item]) -> list[Item]:
-        return items
+        """Consecutive identical calls as one call `* n`; consecutive identical runs of plain layers as
+        a group `(a -> b) * n`."""
+        out: list[Item] = []
+        for it in items:
+            last = out[-1] if out else None
+            if (it.kind == "call" and last is not None and last.kind == "call" and last.block is it.block
+                    and last.args == it.args and it.ins == [last.out]
+                    and all(v in set(it.nodes) for v, _ in self.consumers[last.out])):
+                last.instances.append(it.nodes)
+                last.nodes = last.nodes + it.nodes
+                last.out = it.out
+                last.text = f"{it.text} * {len(last.instances)}"
+                continue
+            out.append(it)
+        return self.layer_groups(out)
+
+    def layer_groups(self, items: list[Item]) -> list[Item]:
+        def linear(a: Item, b: Item) -> bool:
+            """b reads a, and only b reads a."""
+            return b.kind == "layer" and b.ins == [a.out] and [v for v, _ in self.consumers[a.out]] == [b.out]
+
+        def same(a: Item, b: Item) -> bool:
+            return self.g.nodes[a.out]["op"] == self.g.nodes[b.out]["op"] and \
+                self.attrs(a.out).model_dump(exclude={"name"}) == self.attrs(b.out).model_dump(exclude={"name"})
+
+        def repeats(k: int, length: int) -> int:
+            if any(items[k + j].kind != "layer" for j in range(min(length, len(items) - k))) or \
+                    k + length > len(items) or len(items[k].ins) != 1 or \
+                    not all(linear(items[k + j - 1], items[k + j]) for j in range(1, length)):
+                return 1
+            reps = 1
+            while k + (reps + 1) * length <= len(items) and all(
+                    linear(items[k + reps * length + j - 1], items[k + reps * length + j])
+                    and same(items[k + j], items[k + reps * length + j]) for j in range(length)):
+                reps += 1
+            return reps
+
+        out: list[Item] = []
+        k = 0
+        while k < len(items):
+            best = (1, 1)
+            for length in range(1, 7):
+                reps = repeats(k, length)
+                if reps >= 2 and (length >= 2 or reps >= 3) and reps * length > best[0] * best[1]:
+                    best = (length, reps)
+            length, reps = best
+            if reps == 1:
+                out.append(items[k])
+                k += 1
+                continue
+            run = items[k:k + length * reps]
+            text = "(" + " -> ".join(x.text for x in run[:length]) + f") * {reps}"
+            out.append(Item("group", run[-1].out, run[0].ins, text, weighted=True,
+                            nodes=[n for x in run for n in x.nodes]))
+            k += length * reps
+        return out
+
+
+def _until_call(elements: list[tuple[str, bool, str]]) -> list[tuple[str, bool, str]]:
+    out = []
+    for e in elements:
+        if e[2] == "call":
+            break
+        out.append(e)
+    return out
+
+
+def _param_name(base: str, used: set[str]) -> str:
+    name, k = base, 1
+    while name in used or lookup(name):
+        k += 1
+        name = f"{base}{k}"
+    used.add(name)
+    return name
 
 
 def _hashable(v: Any) -> Any:
-    if isinstance(v, list):
-        return tuple(v)
-    if isinstance(v, float) and v == int(v):
-        return v  # 1.0 == 1 already; kept for clarity of intent
-    return v
+    """An attribute value as a dictionary key (a JSON plan's lists as tuples)."""
+    return tuple(v) if isinstance(v, list) else v
 
 
 def _identifier(s: str) -> str:

@@ -172,3 +172,83 @@ def test_written_file_checks_on_the_command_line(zoo, tmp_path):
     r = run_cli("check", str(path))
     assert r.code == 0, r.err
     assert "params:      11,689,512 total" in r.out  # torchvision's resnet18, as tests/test_zoo.py
+
+
+# ---- block recovery ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ZOO)
+def test_blocks_round_trip_every_zoo_network(zoo, name):
+    g = zoo[name]
+    h = imported_like(g)
+    written = write(h)
+    g2 = recheck(written.text)
+    assert_same_graph(g, g2)
+    assert_names_predicted(written, h, g2)
+
+
+def block_calls(g) -> list[tuple[str, dict]]:
+    """(block, args) of each top-level block instance of a checked graph, in order."""
+    return [(info["block"], info["args"]) for path, info in g.graph["blocks"].items() if len(path) == 1]
+
+
+def test_resnet50_recovered_in_at_most_40_lines(zoo):
+    written = write(imported_like(zoo["resnet50"]))
+    assert written.lines() <= 40
+    g2 = recheck(written.text)
+    assert g2.graph["totals"]["params"] == 25_557_032  # torchvision's resnet50, as tests/test_zoo.py
+    calls = block_calls(g2)
+    assert len(calls) == 16  # 3 + 4 + 6 + 3 bottlenecks
+    down = [args for block, args in calls if block == calls[0][0]]  # the first block of each stage
+    assert [args["c"] for args in down] == [64, 128, 256, 512]
+    assert [args["stride"] for args in down] == [1, 2, 2, 2]
+    assert "add_block_b(128) * 3" in written.text  # identical consecutive calls repeat
+
+
+def test_densenet121_dense_layers_recovered(zoo):
+    written = write(imported_like(zoo["densenet121"]))
+    g2 = recheck(written.text)
+    calls = block_calls(g2)
+    assert len(calls) == 6 + 12 + 24 + 16 and len({block for block, _ in calls}) == 1
+    for n in (6, 12, 24, 16):
+        assert f"() * {n}\n" in written.text
+    assert written.lines() <= 20
+
+
+def test_googlenet_inceptions_recovered(zoo):
+    written = write(imported_like(zoo["googlenet"]))
+    g2 = recheck(written.text)
+    calls = block_calls(g2)
+    assert len(calls) == 9 and len({block for block, _ in calls}) == 1
+    # the six widths of each inception, as torchvision's table has them (3a first)
+    assert list(calls[0][1].values()) == [64, 96, 128, 16, 32, 32]
+    assert list(calls[-1][1].values()) == [384, 192, 384, 48, 128, 128]
+
+
+def test_vgg16_runs_of_layers_repeat(zoo):
+    text = write_cnn(imported_like(zoo["vgg16"]))
+    assert "(conv 256 3x3 pad=1 -> relu) * 3 -> maxpool 2x2" in text
+    assert not recheck(text).graph["blocks"]
+
+
+@pytest.mark.parametrize("name", ["modern_blocks", "shufflenet_v2_x1_0", "cifar_resnet20", "squeezenet1_1"])
+def test_blocks_outputs_equal_with_weights_moved_by_the_name_map(zoo, name):
+    from cnnc.runtime.model import Model
+
+    g = zoo[name]
+    text, names = write_cnn_with_names(g)  # our own names: old → new is then direct
+    before, after = Model(g, seed=1), Model(recheck(text), seed=2)
+    ours = before.host_params()
+    assert set(names) == set(ours)
+    after.set_params({names[k]: v for k, v in ours.items()})
+    x = np.random.default_rng(0).normal(size=(2,) + tuple(before.input_shape)).astype(np.float32)
+    np.testing.assert_array_equal(before(x), after(x))
+
+
+def test_recovered_blocks_are_clusters_in_viz(zoo, tmp_path):
+    path = tmp_path / "resnet50.cnn"
+    path.write_text(write_cnn(imported_like(zoo["resnet50"])))
+    r = run_cli("viz", str(path), "-o", str(tmp_path / "resnet50.dot"))
+    assert r.code == 0, r.err
+    assert "16 block instances" in r.err
+    dot = (tmp_path / "resnet50.dot").read_text()
+    assert dot.count('id="cluster-add_block_b') == 12
