@@ -81,9 +81,12 @@ class Pass:
 
 # ---- the front end's passes ------------------------------------------------------------------
 
-def build_graph(program: ast.Program, ctx: PassContext) -> nx.MultiDiGraph | None:
+def build_graph(program: ast.Program | nx.MultiDiGraph, ctx: PassContext) -> nx.MultiDiGraph | None:
     """The parsed program → its graph of layers (None when nothing could be built), and the
-    validated `train:` section in g.graph["train"]."""
+    validated `train:` section in g.graph["train"]. An imported model (compiler/onnx_import.py)
+    arrives built."""
+    if isinstance(program, nx.MultiDiGraph):
+        return program
     g = _build_graph(program, ctx.diags)
     train = validate_train(program.train, ctx.diags)
     if g is not None:
@@ -176,7 +179,7 @@ def _start_rewrites(g: nx.MultiDiGraph, params: dict | None) -> nx.MultiDiGraph:
 
 
 def run_pipeline(program: ast.Program, ctx: PassContext | None = None) -> nx.MultiDiGraph:
-    """The front end: source → checked graph. Raises CnncErrors with every independent error."""
+    """The front end: source (or an imported graph) → checked graph. Raises CnncErrors with every independent error."""
     return run(program, ctx or PassContext(), rewrites=False)
 
 
@@ -217,11 +220,20 @@ def dump(g: nx.MultiDiGraph) -> str:
 
 
 def check(path: str | os.PathLike, batch: int = 1, import_roots=(), verify: bool = False) -> nx.MultiDiGraph:
-    """Load, build, infer shapes and count one `.cnn` file. Raises CnncError / CnncErrors."""
+    """Load, build, infer shapes and count one `.cnn` file, or a `.onnx` model (its weights in
+    g.graph["weights"]). Raises CnncError / CnncErrors."""
     if batch < 1:
         raise CnncError(f"batch size must be positive, got {batch}")
+    if is_onnx(path):
+        from .onnx_import import load_onnx
+        return run_pipeline(load_onnx(path), PassContext(batch=batch, verify=verify))
     program = load(path, import_roots)
     return run_pipeline(program, PassContext(batch=batch, verify=verify))
+
+
+def is_onnx(path: str | os.PathLike) -> bool:
+    """A path the ONNX front end reads rather than the .cnn parser."""
+    return str(path).lower().endswith(".onnx")
 
 
 __all__ = ["PIPELINE", "PASS_NAMES", "Pass", "PassContext", "check", "dump", "optimize", "run", "run_pipeline",

@@ -37,6 +37,8 @@ class Model:
         weights_estimate(graph, f"initialising the weights of `{self.name}`").check(
             "fewer filters or units, or a smaller input")
         host = init_params(self.plan.param_specs, self.config, np.random.default_rng(seed))
+        imported = graph.graph.get("weights") or {}  # a model read from ONNX starts from its own weights
+        host.update({k: np.asarray(v, np.float32) for k, v in imported.items() if k in host})
         self.params = {k: self.backend.to_device(v) for k, v in host.items()}
         self.executor = Executor(self.plan, self.backend, self.params)
 
