@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="check a .cnn file: shapes, parameters, MACs, memory, receptive fields",
                        description="Parse a .cnn file, infer every shape and count parameters, MACs, "
                                    "activation memory and receptive fields, layer by layer.")
-    c.add_argument("file", help="the .cnn file")
+    c.add_argument("file", help="the .cnn file (or a .onnx model)")
     c.add_argument("--batch", type=_positive, default=1,
                    help="batch size for MACs and activation memory (default 1)")
     c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -60,6 +60,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="also allow imports from DIR (imports otherwise stay in the importing file's directory)")
     c.add_argument("--verify", action="store_true", help="check the graph invariants after every pass")
     c.set_defaults(run=_cmd_check)
+
+    im = sub.add_parser("import", help="read an ONNX model and write it as a .cnn file (and its weights)",
+                        description="Convert an ONNX model (opset 7 and up) into a .cnn file that checks to the same "
+                                    "network, and its weights into a checkpoint that --checkpoint accepts.")
+    im.add_argument("file", help="the .onnx model")
+    im.add_argument("-o", "--output", metavar="OUT.cnn", help="the .cnn file to write (default: print it)")
+    im.add_argument("--weights", metavar="WEIGHTS.npz",
+                    help="also write the model's weights, as `cnnc eval/compile/train --checkpoint` read them")
+    im.add_argument("--flat", action="store_true", help="write every layer, without recovering repeated blocks")
+    im.set_defaults(run=_cmd_import)
 
     t = sub.add_parser("train", parents=[mem], help="train a network (default data: the embedded MNIST-5k digits)",
                        description="Train the network with the settings of its `train:` section; flags override "
@@ -85,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("compile", parents=[mem], help="optimise a network and write an executable artifact",
                        description="Run the pass pipeline (fusion, BatchNorm folding, memory planning) for a "
                                    "backend and write the plan, the weights and any generated kernels to OUT.")
-    k.add_argument("file", help="the .cnn file")
+    k.add_argument("file", help="the .cnn file (or a .onnx model)")
     k.add_argument("--backend", default="numpy", help="backend to compile for (default numpy)")
     k.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=2,
                    help="optimisation level: 0 no rewrites, 1 clean-ups, 2 folding and fusion (default)")
@@ -108,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", parents=[mem], help="images/s and ms per step, per layer, against PyTorch",
                        description="Time inference (the -O2 plan) or a training step; medians after warm-up.")
-    b.add_argument("file", help="the .cnn file")
+    b.add_argument("file", help="the .cnn file (or a .onnx model)")
     b.add_argument("--backend", default="numpy")
     b.add_argument("--batch", type=_positive, default=1)
     b.add_argument("--train", action="store_true", help="time a whole training step")
@@ -119,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     b.set_defaults(run=_cmd_bench)
 
     q = sub.add_parser("parity", parents=[mem], help="compare two backends layer by layer on the same weights and inputs")
-    q.add_argument("file", help="the .cnn file")
+    q.add_argument("file", help="the .cnn file (or a .onnx model)")
     q.add_argument("--backends", default="numpy,cuda", help="reference,other (default numpy,cuda)")
     q.add_argument("--batch", type=_positive, default=2)
     q.add_argument("--size", help="run at a smaller input, HxW (e.g. 64x64)")
@@ -131,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "tensor shapes, residual shortcuts and concatenations in their own colours. The "
                                    "output's extension picks the format; .html writes one self-contained page "
                                    "with collapsible blocks, node details and search.")
-    v.add_argument("file", help="the .cnn file")
+    v.add_argument("file", help="the .cnn file (or a .onnx model)")
     v.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="OUT.svg, OUT.png, OUT.pdf, OUT.dot or OUT.html")
     v.add_argument("--format", choices=("svg", "png", "pdf", "dot", "html"), help="format (default: from OUT)")
@@ -149,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     v.set_defaults(run=_cmd_viz)
 
     e = sub.add_parser("eval", parents=[mem], help="loss, accuracy and confusion matrix of a checkpoint")
-    e.add_argument("file", help="the .cnn file")
+    e.add_argument("file", help="the .cnn file (or a .onnx model)")
     e.add_argument("--checkpoint", required=True, help="checkpoint.npz written by cnnc train")
     e.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
     e.add_argument("--backend", default="numpy")
@@ -440,6 +450,49 @@ def _cmd_compare(args) -> int:
         print(json.dumps([e.to_json() for e in entries], indent=2))
     else:
         print(compare.table(entries))
+    return 0
+
+
+def _cmd_import(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from cnnc.compiler.pipeline import check
+    from cnnc.compiler.to_cnn import write
+    from cnnc.dsl.errors import CnncError
+    from cnnc.runtime.model import Model
+
+    if not args.file.lower().endswith(".onnx"):
+        raise CnncError(f"`cnnc import` reads .onnx models, got {args.file}")
+    g = check(args.file)
+    written = write(g, blocks=not args.flat)
+    out = Path(args.output) if args.output else None
+    if out is not None and out.suffix != ".cnn":
+        raise CnncError(f"-o {out}: the output is a .cnn file")
+    with tempfile.TemporaryDirectory() as tmp:  # the written text must check to the same network
+        path = out if out is not None else Path(tmp) / "model.cnn"
+        if out is not None:
+            from cnnc.runtime.files import write_atomic
+            write_atomic(out, lambda f: f.write(written.text.encode("utf-8")))
+        else:
+            path.write_text(written.text, encoding="utf-8")
+        again = check(path)
+        if args.weights:
+            model = Model(again)
+            weights = g.graph["weights"]
+            model.set_params({written.param_names.get(k, k): v for k, v in weights.items()}, args.file)
+            model.save(args.weights)
+    for k in ("params", "buffers", "macs"):
+        if again.graph["totals"][k] != g.graph["totals"][k]:
+            raise CnncError(f"the written .cnn counts {again.graph['totals'][k]} {k}, the model "
+                            f"{g.graph['totals'][k]}: not the same network", hint="please report this")
+    if out is None:
+        sys.stdout.write(written.text)
+    t = g.graph["totals"]
+    print(f"{args.file}: {g.number_of_nodes() - 1} layers, {t['params']:,} parameters, {t['macs']:,} MACs"
+          + (f" → {out} ({written.lines()} lines)" if out else "")
+          + (f", weights → {args.weights}" if args.weights else
+             "; its weights are not written (give --weights FILE.npz)"), file=sys.stderr)
     return 0
 
 
