@@ -50,8 +50,8 @@ _RESERVED = {"network", "input", "classes", "default", "import", "block", "layer
              "if", "elif", "else", "and", "or", "not", "true", "false", "same", "valid", "exact", "floor", "ceil",
              "len", "max", "min", "abs", "round", "make_divisible"}
 _COMMON = ("name", "trainable", "lr_mult", "decay_mult")  # attributes every layer has (ops.Attrs)
-_PARAM_WORDS = {"filters": "c", "kernel": "k", "units": "u", "stride": "stride", "pad": "pad", "dilation": "d",
-                "groups": "g"}  # block parameter names for the attributes they stand for, short where customary
+# block parameter names for the attributes they stand for, short where customary
+_PARAM_WORDS = {"filters": "c", "kernel": "k", "units": "u", "dilation": "d", "groups": "g", "round": "rounding"}
 
 
 @dataclass
@@ -287,7 +287,7 @@ class _Writer:
         if self.blocks:
             items = self.repeat_groups(items)
         self.name_items(items, _Namer())
-        body = self.layout(items, self.input, input_name, self.output)
+        body = self.layout(items, self.input, input_name, self.output, frozenset({input_name}))
         parts = ["\n".join(head)] + block_texts + ["layers:\n" + body]
         train = self.train_text()
         if train:
@@ -524,37 +524,35 @@ class _Writer:
 
     @staticmethod
     def statement_lines(names: list[str], elements: list[tuple[str, bool, str]]) -> str:
-        """One statement, broken before a weighted layer when its line already has one, or when too long:
-        an unnamed statement into statements (each continues from the one before), a named one with `->`
-        at the line's end. Never before a merge (at a statement's start it would take only the tensors it
-        names) nor right after the tensor a statement starts from."""
+        """One statement as lines, each a statement of its own (a statement that starts with a layer
+        continues from the one before), the names on the last. A line holds one computing layer or call
+        (a call without `* n` may take the call after it: a stage's first block and its repeats), the layers
+        after a call start a line when they compute, and a long line is broken; never before a merge (at a
+        statement's start it would take only the tensors it names) nor after the tensor a line starts from."""
         lines: list[list[str]] = [[]]
         kinds: list[str] = []
         has_weights = False
-        width = len(INDENT) + (len(", ".join(names)) + 3 if names else 0)
+        width = len(INDENT)
         for e, (text, weighted, kind) in enumerate(elements):
             line = lines[-1]
-            # after a call, the layers up to the next call start their own line when they compute
             after_call = bool(kinds) and kinds[-1] == "call" and kind == "layer" and any(
                 w for _, w, _ in _until_call(elements[e:]))
             only_name = len(line) == 1 and elements[0][2] == "name" and len(lines) == 1
-            # a stage reads as one line: a call joins a line holding one call of another block
-            pair = (kind == "call" and len(line) == 1 and kinds[-1] == "call"
+            pair = (kind == "call" and len(line) == 1 and kinds[-1] == "call" and " * " not in line[0]
                     and line[0].split("(")[0] != text.split("(")[0])
             if line and kind != "merge" and not only_name and not pair and (
-                    (weighted and has_weights) or after_call or width + len(text) + 4 > WIDTH):
+                    kind == "call" or (weighted and has_weights) or after_call or width + len(text) + 4 > WIDTH):
                 lines.append([])
                 line = lines[-1]
                 has_weights = False
-                width = 2 * len(INDENT) if names else len(INDENT)
+                width = len(INDENT)
             line.append(text)
             kinds.append(kind)
             width += len(text) + 4
             has_weights = has_weights or weighted
-        if not names:
-            return "\n".join(INDENT + " -> ".join(line) for line in lines)
-        first = INDENT + ", ".join(names) + " = " + " -> ".join(lines[0])
-        return " ->\n".join([first] + [2 * INDENT + " -> ".join(line) for line in lines[1:]])
+        label = ", ".join(names) + " = " if names else ""
+        return "\n".join(INDENT + (label if k == len(lines) - 1 else "") + " -> ".join(line)
+                         for k, line in enumerate(lines))
 
     # ---- block recovery
     def segments(self) -> list[list[int]]:
@@ -610,8 +608,10 @@ class _Writer:
             anchor_last = tokens[classes[k][0]][-1]
             name = self.fresh_block_name(f"{self.word(anchor_last)}_block", used)
             b = _Block(name, instances)
-            self.parametrise(b)
-            blocks.append(b)
+            if self.parametrise(b):
+                blocks.append(b)
+            else:
+                used.discard(name)
         return blocks
 
     def block_reserved(self) -> set[str]:
@@ -632,9 +632,10 @@ class _Writer:
         used.add(name)
         return name
 
-    def parametrise(self, b: _Block) -> None:
+    def parametrise(self, b: _Block) -> bool:
         """Attributes that differ between occurrences become parameters: one per distinct column of values,
-        an integer multiple (or fraction) of another written as an expression in it."""
+        an integer multiple of another written as an expression in it. False where a value that differs
+        cannot be passed as an argument (an unset optional attribute: the occurrences stay as layers)."""
         slots: dict[tuple, list[tuple[int, str]]] = {}  # column of values → (position, field) using it
         for p, n in enumerate(b.instances[0]):
             op = self.op(n)
@@ -645,6 +646,8 @@ class _Writer:
                     continue
                 column = tuple(_hashable(self.attrs(inst[p]).get(f)) for inst in b.instances)
                 if len(set(column)) > 1:
+                    if None in column:
+                        return False
                     slots.setdefault(column, []).append((p, f))
         used = self.block_reserved() | {b.name}
 
@@ -694,6 +697,7 @@ class _Writer:
                 text = attr_text(model, f0, self.attrs(b.instances[k][p0]).get(f0))
                 args.append(None if default is not None and text == default else text)
             b.args.append(args)
+        return True
 
     def block_text(self, b: _Block) -> str:
         """`block name(params):` and its body, written from the first occurrence with the parameters'
@@ -756,7 +760,10 @@ class _Writer:
             best = (1, 1)
             for length in range(1, 7):
                 reps = repeats(k, length)
-                if reps >= 2 and (length >= 2 or reps >= 3) and reps * length > best[0] * best[1]:
+                run = items[k:k + length]
+                # a run of layers that compute starts with one: (conv -> bn -> relu) * 2
+                starts_well = run[0].weighted or not any(x.weighted for x in run)
+                if reps >= 2 and (length >= 2 or reps >= 3) and starts_well and reps * length > best[0] * best[1]:
                     best = (length, reps)
             length, reps = best
             if reps == 1:

@@ -252,3 +252,47 @@ def test_recovered_blocks_are_clusters_in_viz(zoo, tmp_path):
     assert "16 block instances" in r.err
     dot = (tmp_path / "resnet50.dot").read_text()
     assert dot.count('id="cluster-add_block_b') == 12
+
+
+def test_blocks_from_a_small_network_and_their_parameters(cnn):
+    """Occurrences differing in filters (one a multiple of another) and stride (the table's default 1 in
+    some) become parameters; identical consecutive calls repeat."""
+    g = check(cnn("""
+        input x1: 4x32x32
+        block res(c, s):
+            short = in -> conv 2*c 1x1 stride=s round=floor
+            in -> conv c 3x3 stride=s pad=1 round=floor -> relu -> conv 2*c 3x3 pad=1 -> add(short) -> relu
+        layers:
+            res(4, 1) -> res(8, 2) -> res(16, 2) -> res(16, 2)
+            y = conv 8 1x1
+            z = y -> relu
+            add(y, z)
+    """))
+    h = imported_like(g)
+    written = write(h)
+    text = written.text
+    assert "block add_block(c, stride=1):" in text
+    assert "conv 2*c 1x1 stride=stride" in text
+    assert "add_block(4)\n    add_block(8, stride=2)\n    add_block(16, stride=2) * 2\n" in text
+    g2 = recheck(text)
+    assert_same_graph(g, g2)
+    assert_names_predicted(written, h, g2)
+    assert len(block_calls(g2)) == 4
+    own = write_cnn(g)  # with the input's own name, which the tensor names keep clear of
+    assert "input x1: 4x32x32" in own and "x2 = " in own and "    x1 = " not in own.split("layers:")[1]
+    assert_same_graph(g, recheck(own))
+
+
+def test_a_varying_attribute_without_a_value_keeps_layers_flat(cnn):
+    g = check(cnn("""
+        input 4x8x8
+        layers:
+            a = relu
+            maxpool 3x3 stride=1 pad=1 -> add(a)
+            b = relu
+            maxpool 1x1 -> add(b)
+    """))
+    assert g.nodes[5]["attrs"].stride is None  # the second pool's stride is the kernel's, unset
+    text = write_cnn(imported_like(g))
+    assert "block" not in text
+    assert_same_graph(g, recheck(text))
