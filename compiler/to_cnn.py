@@ -572,7 +572,9 @@ class _Writer:
 
     def recover(self) -> list[_Block]:
         """Blocks for the regions with a branch inside that occur at least twice, each widened by the
-        single layers that follow (then precede) every occurrence alike."""
+        single layers that follow (then precede) every occurrence alike; an occurrence unlike all the
+        others in two or more attributes (a stem that happens to match) is left out. Then blocks for the
+        runs of single layers that repeat between those blocks (chain_blocks)."""
         live = nx.ancestors(self.g, self.output) | {self.output}
         if len(live) != len(self.order):
             return []  # an unused layer: the regions would not be closed
@@ -586,7 +588,7 @@ class _Writer:
         claimed = {i for v in classes.values() for i in v}
         spans = {k: [(i, i) for i in v] for k, v in classes.items()}
 
-        def widen(k: str, step: int) -> None:
+        def widen(k: tuple, step: int) -> None:
             while True:
                 nxt = [(a - 1, b) if step < 0 else (a, b + 1) for a, b in spans[k]]
                 at = [a if step < 0 else b for a, b in nxt]
@@ -597,22 +599,131 @@ class _Writer:
                 claimed.update(at)
                 spans[k] = nxt
 
+        def nodes_of(span_list):
+            return [[n for j in range(a, b + 1) for n in tokens[j]] for a, b in span_list]
+
         for k in classes:
             widen(k, +1)
         for k in classes:
             widen(k, -1)
+        for k in classes:
+            odd = self.outliers(nodes_of(spans[k]))
+            if odd and len(spans[k]) - len(odd) >= 2:
+                for a, b in spans[k]:
+                    claimed.difference_update(range(a, b + 1))
+                classes[k] = [i for x, i in enumerate(classes[k]) if x not in odd]
+                claimed.update(classes[k])
+                spans[k] = [(i, i) for i in classes[k]]
+                widen(k, +1)
+                widen(k, -1)
         blocks = []
         used = set(self.block_reserved())
         for k in classes:
-            instances = [[n for j in range(a, b + 1) for n in tokens[j]] for a, b in spans[k]]
             anchor_last = tokens[classes[k][0]][-1]
             name = self.fresh_block_name(f"{self.word(anchor_last)}_block", used)
-            b = _Block(name, instances)
+            b = _Block(name, nodes_of(spans[k]))
             if self.parametrise(b):
                 blocks.append(b)
             else:
                 used.discard(name)
-        return blocks
+        return blocks + self.chain_blocks(tokens, keys, claimed, used)
+
+    def outliers(self, instances: list[list[int]]) -> set[int]:
+        """The occurrences that alone differ from all the others in two or more attributes, one of them
+        an attribute without a default (a kernel size: another layer, as a stem that happens to match)."""
+        columns: dict[tuple, bool] = {}  # column of values → whether an attribute without a default has it
+        for p, n in enumerate(instances[0]):
+            if self.op(n).tensor_args or self.is_part(n):
+                continue
+            for f, info in self.op(n).attrs.model_fields.items():
+                if f != "name":
+                    column = tuple(_hashable(self.attrs(inst[p]).get(f)) for inst in instances)
+                    columns[column] = columns.get(column, False) or info.is_required()
+        alone: Counter = Counter()
+        required: set[int] = set()
+        for column, req in columns.items():
+            counts = Counter(column).most_common()
+            if len(counts) == 2 and counts[1][1] == 1 and counts[0][1] >= 2:
+                i = column.index(counts[1][0])
+                alone[i] += 1
+                if req:
+                    required.add(i)
+        return {i for i, m in alone.items() if m >= 2 and i in required}
+
+    def computes(self, n: int) -> bool:
+        ins = [self.g.nodes[u]["shape"] for u in inputs_of(self.g, n)]
+        return self.op(n).macs(self.attrs(n), ins, self.g.nodes[n]["shape"]) > 0
+
+    def chain_blocks(self, tokens: list[list[int]], keys: list[tuple], claimed: set[int],
+                     used: set[str]) -> list[_Block]:
+        """Blocks for runs of single layers between the recovered blocks: a run is cut into chunks, each a
+        layer that computes and the layers after it (conv -> bn -> relu6); a sequence of two or more chunks
+        that begins or ends a run in several places, with the same ops, becomes a block when that saves
+        lines. Runs of one layer repeated exactly are left to `(...) * n`."""
+        blocks: list[_Block] = []
+        rejected: set[tuple] = set()
+        while True:
+            runs, run = [], []
+            for j, t in enumerate(tokens):
+                if len(t) == 1 and j not in claimed:
+                    run.append(j)
+                    continue
+                if run:
+                    runs.append(run)
+                run = []
+            if run:
+                runs.append(run)
+            chunked = []
+            for r in runs:
+                chunks: list[list[int]] = []
+                for j in r:
+                    if not chunks or self.computes(tokens[j][0]):
+                        chunks.append([])
+                    chunks[-1].append(j)
+                chunked.append(chunks)
+            found: dict[tuple, list[list[int]]] = {}  # pattern → occurrences (token indices)
+            for chunks in chunked:
+                for length in range(2, min(8, len(chunks)) + 1):
+                    for w in (chunks[:length], chunks[-length:]):  # a run's start, a run's end
+                        pattern = tuple(tuple(keys[j] for j in c) for c in w)
+                        occ = [j for c in w for j in c]
+                        if not any(set(occ) & set(o) for o in found.get(pattern, [])):
+                            found.setdefault(pattern, []).append(occ)
+            best = None
+            for pattern, occurrences in found.items():
+                if pattern in rejected or len(occurrences) < 2:
+                    continue
+                weighted = sum(1 for j in occurrences[0] if self.computes(tokens[j][0]))
+                score = (len(occurrences) - 1) * weighted - 2  # lines saved, roughly: one per computing layer
+                if weighted >= 2 and score > 0 and (best is None or (score, len(pattern)) > best[0]):
+                    best = ((score, len(pattern)), pattern, occurrences)
+            if best is None:
+                return blocks
+            _, pattern, occurrences = best
+            instances = [[tokens[j][0] for j in occ] for occ in occurrences]
+            odd = self.outliers(instances)
+            if len(instances) - len(odd) >= 2:
+                occurrences = [o for x, o in enumerate(occurrences) if x not in odd]
+                instances = [i for x, i in enumerate(instances) if x not in odd]
+            if any(self.uniform(i) for i in instances):
+                rejected.add(pattern)
+                continue
+            first = next(n for n in instances[0] if self.computes(n))
+            name = self.fresh_block_name(f"{self.word(first)}_block", used)
+            b = _Block(name, instances)
+            if not self.parametrise(b):
+                used.discard(name)
+                rejected.add(pattern)
+                continue
+            blocks.append(b)
+            for occ in occurrences:
+                claimed.update(occ)
+
+    def uniform(self, nodes: list[int]) -> bool:
+        """Whether the layers that compute are all one layer (conv 64 3x3 pad=1 each time): a repetition."""
+        layers = {(self.g.nodes[n]["op"], tuple(self.attrs(n).model_dump(exclude={"name"}).items()))
+                  for n in nodes if self.computes(n)}
+        return len(layers) == 1
 
     def block_reserved(self) -> set[str]:
         return set(_RESERVED) | {self.input_name}

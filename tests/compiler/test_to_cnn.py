@@ -296,3 +296,15 @@ def test_a_varying_attribute_without_a_value_keeps_layers_flat(cnn):
     text = write_cnn(imported_like(g))
     assert "block" not in text
     assert_same_graph(g, recheck(text))
+
+
+def test_mobilenet_v2_runs_of_layers_between_blocks_become_a_block(zoo):
+    """The inverted residuals without a shortcut are runs of plain layers between the recovered residual
+    blocks; they come back as one block too, and the stem, which matches their ops but not their kernel,
+    stride and padding, stays as layers."""
+    written = write(imported_like(zoo["mobilenet_v2"]))
+    g2 = recheck(written.text)
+    calls = block_calls(g2)
+    assert len(calls) == 16  # Table 2's 17 blocks (1 + 2 + 3 + 4 + 3 + 3 + 1) but the first (t = 1), as layers
+    assert written.text.count("conv 32 3x3 stride=2 pad=1 -> bn -> relu6") == 1  # the stem, as written
+    assert written.lines() <= 30
