@@ -417,6 +417,8 @@ def _cmd_weights_import(args) -> int:
     report, model = import_state(args.file, args.state, out)
     if not args.quiet:
         print(report.render())
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {out}: {len(report.rows)} layers of `{model.name}` from {args.state}", file=sys.stderr)
     return 0
 
@@ -430,6 +432,8 @@ def _cmd_weights_export(args) -> int:
     report, used = export_state(args.file, args.checkpoint, args.output, args.names, args.like)
     if not args.quiet:
         print(report.render())
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {args.output}: {len(report.rows)} layers, {used}", file=sys.stderr)
     return 0
 

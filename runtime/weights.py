@@ -12,12 +12,19 @@ keeps no order (its keys come back sorted), so the order is rebuilt from their m
 ours is the graph's: our layers are taken in order, each assigned a module of theirs with the same
 tensor names and shapes (trailing 1-sized axes aside: a Linear is a 1x1 conv) such that
 
-- a module subtree once left is complete (state dicts are written module by module), and
+- a module subtree once left is complete (state dicts are written module by module),
+- a BatchNorm reading a conv's output sits beside that conv (`bn1` by `conv1`,
+  `downsample.1` by `downsample.0`): they share a parent module, and
 - siblings of one numbered family (`conv1` < `conv2`, `layer1` < `layer2`, `0` < `1`) are
   entered in number order, while differently named siblings may come in any order (our ResNets
   write the projection shortcut before the main path, torchvision registers `downsample` last).
 
-A choice that leads nowhere is taken back (depth-first search, bounded). Where no assignment
+A bare nn.Parameter (ConvNeXt's `features.1.0.layer_scale`) is a module of its own, its tensor
+called `weight` as our op table calls it. A choice that leads nowhere is taken back (depth-first
+search, bounded). Once an assignment is found, a second one that differs within a few layers is
+looked for: equal shapes that the names cannot order (a ResNet-50 written with the shortcut last:
+`layer1.0.conv3` and `layer1.0.downsample.0` are both 256×64×1×1) give a note saying which was
+taken (the first by name among the nearest, torchvision's order there). Where no assignment
 exists, the error names our layer (with its line in the .cnn file) and the modules of theirs that
 could have come next, with their shapes. Integer buffers (`num_batches_tracked`) are ignored on
 import and written on export.
@@ -35,7 +42,10 @@ from cnnc.compiler.ops import OPS
 from cnnc.dsl.errors import CnncError
 
 IGNORED_SUFFIXES = ("num_batches_tracked",)  # integer bookkeeping of torch's BatchNorm, no weights
+MODULE_TENSORS = ("weight", "bias", "running_mean", "running_var")  # what torch's layers call their tensors
 MAX_STEPS = 200_000  # the search's bound: a mismatch is reported, never searched for minutes
+AMBIGUITY_STEPS = 50_000  # the bound on looking for a second assignment once one is found
+LOCAL_SPAN = 16  # a second assignment that differs within this many consecutive layers is reported
 
 
 def _safetensors():
@@ -73,6 +83,7 @@ class Layer:
     node: int
     shapes: dict[str, tuple[int, ...]]  # ParamSpec name → shape, in the op table's order
     span: object = None
+    pairs_with: str | None = None  # the weighted layer whose output this BatchNorm reads: their modules are siblings
 
     def describe(self) -> str:
         return f"`{self.name}` ({self.op}, {_tensors_text(self.shapes)})"
@@ -84,6 +95,11 @@ class Module:
     name: str
     tensors: dict[str, np.ndarray]
     path: tuple[str, ...] = ()
+    bare: bool = False  # one nn.Parameter of its parent, its key the module's name, its tensor called weight here
+
+    def key(self, leaf: str) -> str:
+        """The state-dict key of one of its tensors."""
+        return self.name if self.bare else f"{self.name}.{leaf}" if self.name else leaf
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -91,7 +107,7 @@ class Module:
 
     @property
     def kind(self) -> str:
-        return torch_kind(self.shapes)
+        return "parameter" if self.bare else torch_kind(self.shapes)
 
     def describe(self) -> str:
         return f"`{self.name}` ({self.kind}, {_tensors_text(self.shapes)})"
@@ -117,8 +133,17 @@ def _tensors_text(shapes: dict[str, tuple]) -> str:
 
 def our_layers(graph) -> list[Layer]:
     """Our layers with parameters, in graph order (the order our weights files use)."""
-    return [Layer(d["name"], d["op"], n, {s.name: tuple(s.shape) for s in d["param_specs"]}, d.get("span"))
-            for n, d in graph.nodes(data=True) if d.get("param_specs")]
+    out = []
+    for n, d in graph.nodes(data=True):
+        if not d.get("param_specs"):
+            continue
+        layer = Layer(d["name"], d["op"], n, {s.name: tuple(s.shape) for s in d["param_specs"]}, d.get("span"))
+        preds = list(graph.predecessors(n))
+        running = any(s.buffer for s in d["param_specs"])  # a BatchNorm: statistics as buffers
+        if OPS[d["op"]].kind == "norm" and running and len(preds) == 1 and graph.nodes[preds[0]].get("param_specs"):
+            layer.pairs_with = graph.nodes[preds[0]]["name"]
+        out.append(layer)
+    return out
 
 
 def read_state(path: Path) -> tuple[list[Module], dict[str, np.ndarray]]:
@@ -139,6 +164,7 @@ def read_state(path: Path) -> tuple[list[Module], dict[str, np.ndarray]]:
     if not arrays:
         raise CnncError(f"{path} holds no tensors")
     groups: dict[str, dict[str, np.ndarray]] = {}
+    bare: set[str] = set()
     ignored = {}
     for key in sorted(arrays):
         prefix, _, leaf = key.rpartition(".")
@@ -152,8 +178,11 @@ def read_state(path: Path) -> tuple[list[Module], dict[str, np.ndarray]]:
             a32 = a.astype(np.float32)
         if not np.isfinite(a32).all():
             raise CnncError(f"{path}: `{key}` holds a value that is not a finite float32")
+        if leaf not in MODULE_TENSORS:  # a bare nn.Parameter (ConvNeXt's `layer_scale`): a module of its own
+            prefix, leaf = key, "weight"
+            bare.add(key)
         groups.setdefault(prefix, {})[leaf] = a32
-    return [Module(k, v, tuple(k.split(".")) if k else ()) for k, v in groups.items()], ignored
+    return [Module(k, v, tuple(k.split(".")) if k else (), k in bare) for k, v in groups.items()], ignored
 
 
 # ---- matching --------------------------------------------------------------------------------
@@ -225,8 +254,11 @@ def _closeness(last: tuple | None, path: tuple) -> int:
     return n
 
 
-def match(layers: list[Layer], modules: list[Module], source: str, target: str) -> list[tuple[Layer, Module]]:
-    """Each of our layers with its module of theirs, in our order; a CnncError where none fits."""
+def match(layers: list[Layer], modules: list[Module], source: str, target: str,
+          notes: list[str] | None = None) -> list[tuple[Layer, Module]]:
+    """Each of our layers with its module of theirs, in our order; a CnncError where none fits. Where a
+    second assignment fits as well, a note saying where the two part goes to `notes`."""
+    notes = [] if notes is None else notes
     tree = _Tree(modules)
     by_sig: dict[tuple, list[int]] = {}
     for i, m in enumerate(modules):
@@ -240,10 +272,16 @@ def match(layers: list[Layer], modules: list[Module], source: str, target: str) 
     def last_path():
         return modules[chosen[-1]].path if chosen else None
 
+    index = {x.name: k for k, x in enumerate(layers)}
+
     def candidates(k: int) -> list[int]:
         last = last_path()
         found = [i for i in by_sig.get(_signature(layers[k].shapes), ()) if i not in used
                  and tree.allowed(last, modules[i].path)]
+        partner = index.get(layers[k].pairs_with)
+        if partner is not None and partner < len(chosen):
+            parent = modules[chosen[partner]].path[:-1]
+            found = [i for i in found if modules[i].path[:-1] == parent]
         return sorted(found, key=lambda i: (_closeness(last, modules[i].path), -i))  # pop() takes the nearest
 
     def take(i: int) -> None:
@@ -256,22 +294,45 @@ def match(layers: list[Layer], modules: list[Module], source: str, target: str) 
         used.discard(i)
         tree.mark(modules[i].path, -1)
 
+    def search(limit: int) -> bool:
+        """Run the search on from its state until a whole assignment (True) or the end or the limit."""
+        nonlocal furthest, steps
+        while options and steps < limit:
+            steps += 1
+            if options[-1]:
+                take(options[-1].pop())
+                if len(chosen) == len(layers):
+                    return True
+                options.append(candidates(len(chosen)))
+                continue
+            k = len(options) - 1
+            if furthest is None or k > furthest[0]:
+                furthest = (k, list(chosen), tree.next_modules(last_path(), modules, used))
+            options.pop()
+            if chosen:
+                undo()
+        return False
+
     if layers:
         options.append(candidates(0))
-    while options and len(chosen) < len(layers) and steps < MAX_STEPS:
-        steps += 1
-        if options[-1]:
-            take(options[-1].pop())
-            if len(chosen) < len(layers):
-                options.append(candidates(len(chosen)))
-            continue
-        k = len(options) - 1
-        if furthest is None or k > furthest[0]:
-            furthest = (k, list(chosen), tree.next_modules(last_path(), modules, used))
-        options.pop()
-        if chosen:
+    found = search(MAX_STEPS)
+    if found:  # is it the only one? an equal-shaped module nearby may fit as well
+        first = list(chosen)
+        limit = steps + AMBIGUITY_STEPS
+        undo()
+        while search(limit):
+            differ = [j for j, (a, b) in enumerate(zip(first, chosen)) if a != b]
+            # two runs of modules that may trade places (ResNet-50's layer1.0.conv3 and downsample.0);
+            # far-reaching reassignments (every BatchNorm moved on by one) read no real network
+            if differ[-1] - differ[0] < LOCAL_SPAN:
+                k = differ[0]
+                notes.append(f"ambiguous: our layer `{layers[k].name}` fits their `{modules[first[k]].name}` and "
+                             f"`{modules[chosen[k]].name}` alike (same shapes, and the state dict keeps no order); "
+                             f"took `{modules[first[k]].name}`, the first by name among the nearest")
+                break
             undo()
-    if len(chosen) != len(layers):
+        chosen[:] = first
+    if not found:
         k, so_far, nxt = furthest or (0, [], [])
         layer = layers[k]
         after = f" after `{layers[k - 1].name}` ↔ `{modules[so_far[k - 1]].name}`" if k else ""
@@ -282,12 +343,12 @@ def match(layers: list[Layer], modules: list[Module], source: str, target: str) 
         else:
             msg = (f"{source} does not fit {target}: our layer {layer.describe()} has no counterpart there"
                    f"{after}: every module of theirs is taken")
-        raise CnncError(msg + (" (the search stopped at its step limit)" if steps >= MAX_STEPS else ""),
+        raise CnncError(msg + (" (the search stopped at its step limit)" if not found and steps >= MAX_STEPS else ""),
                         span=layer.span,
                         hint=f"{len(modules)} weighted modules there, {len(layers)} layers with parameters here; "
                              "is it the state dict of another network or variant?")
     if len(modules) > len(layers):
-        rest = [m for i, m in enumerate(modules) if i not in used]
+        rest = [m for i, m in enumerate(modules) if i not in set(chosen)]
         raise CnncError(f"{source} does not fit {target}: {len(rest)} of its modules have no layer here: "
                         + "; ".join(m.describe() for m in rest[:4]) + (" ..." if len(rest) > 4 else ""),
                         hint=f"{len(modules)} weighted modules there, {len(layers)} layers with parameters here")
@@ -441,6 +502,7 @@ def has_torchvision_names(network: str) -> bool:
 class Report:
     rows: list[tuple[str, str, str, str, str]] = field(default_factory=list)  # theirs, kind, shapes, ours, op
     ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # ambiguities the search found
 
     def render(self) -> str:
         w = max((len(r[0]) for r in self.rows), default=10)
@@ -461,8 +523,9 @@ def import_state(cnn_path, state_path, out_path, import_roots=()) -> tuple[Repor
     modules, ignored = read_state(state_path)
     model = Model.load(cnn_path, import_roots=import_roots)
     layers = our_layers(model.graph)
-    pairs = match(layers, modules, str(state_path), f"network `{model.name}` ({cnn_path})")
-    host, report = {}, Report(ignored=list(ignored))
+    report = Report(ignored=list(ignored))
+    pairs = match(layers, modules, str(state_path), f"network `{model.name}` ({cnn_path})", report.notes)
+    host = {}
     for layer, module in pairs:
         for leaf, shape in layer.shapes.items():
             host[f"{layer.name}.{leaf}"] = module.tensors[leaf].reshape(shape)
@@ -498,9 +561,9 @@ def export_state(cnn_path, checkpoint, out_path, names: str | None = None, like=
     out, report = {}, Report()
     if like is not None:
         modules, ignored = read_state(Path(like))
-        for layer, module in match(layers, modules, str(like), f"network `{model.name}` ({cnn_path})"):
+        for layer, module in match(layers, modules, str(like), f"network `{model.name}` ({cnn_path})", report.notes):
             for leaf in layer.shapes:
-                out[f"{module.name}.{leaf}"] = host[f"{layer.name}.{leaf}"].reshape(module.shapes[leaf])
+                out[module.key(leaf)] = host[f"{layer.name}.{leaf}"].reshape(module.shapes[leaf])
             report.rows.append((module.name, module.kind, _tensors_text(module.shapes), layer.name, layer.op))
         out.update(ignored)
         report.ignored = list(ignored)
