@@ -110,6 +110,19 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--batch", type=_positive, default=1, help="batch size for the memory figures (default 1)")
     k.set_defaults(run=_cmd_compile)
 
+    x = sub.add_parser("export", parents=[mem], help="write a network as an ONNX model, checked by onnx",
+                       description="Write the network (its checkpoint's weights, or its initial ones) as an ONNX "
+                                   "model with a symbolic batch dimension N, validated by onnx's full checker and "
+                                   "strict shape inference before it is written. Needs `pip install 'cnnc[onnx]'`.")
+    x.add_argument("file", help="the .cnn file")
+    x.add_argument("--checkpoint", help="weights from a checkpoint.npz (default: the network's initial weights)")
+    x.add_argument("-O", dest="opt_level", type=int, choices=(0, 1, 2), default=0,
+                   help="graph to export: 0 as written, BatchNorm in inference form (default); 2 the optimised "
+                        "inference graph, BatchNorm folded")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset, 13 to 22 (default 17)")
+    x.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="the ONNX file to write")
+    x.set_defaults(run=_cmd_export)
+
     r = sub.add_parser("run", parents=[mem], help="execute a compiled artifact on an input array")
     r.add_argument("artifact", help="directory written by cnnc compile")
     r.add_argument("--input", required=True, help="a .npy array, N×C×H×W (or one C×H×W item)")
@@ -312,6 +325,24 @@ def _cmd_compile(args) -> int:
     if args.time_passes:
         for name, seconds in ctx.timings.items():
             print(f"{name:<28} {1000 * seconds:8.2f} ms")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from cnnc.runtime import onnx_export
+    from cnnc.runtime.model import Model
+
+    onnx_export.check_opset(args.opset)
+    onnx_export.need_onnx()
+    onnx_export.check_output(args.output)
+    model = Model.load(args.file)
+    if args.checkpoint:
+        model.load_weights(args.checkpoint)
+    weights = onnx_export.weights_note(model, args.checkpoint)
+    exported = onnx_export.export_model(model, args.opt_level, args.opset, weights)
+    onnx_export.write_onnx(exported, args.output)
+    print(f"wrote {args.output}: {model.name}, opset {exported.opset} (IR {exported.model.ir_version}), "
+          f"-O{args.opt_level}, {exported.nodes} nodes, {exported.parameters:,} weights; {weights}", file=sys.stderr)
     return 0
 
 

@@ -7,12 +7,18 @@ and its fusion pattern (TVM's classification, read by the fusion passes). Passes
 here; they do not test op names.
 
 Shapes exclude the batch dimension: (C, H, W) for images, (F,) for flat features.
+
+ONNX: `onnx` is the readable name of the ONNX operator an op corresponds to (what importers and
+the docs read, e.g. "Conv"); `onnx_export` is how `cnnc export` writes it: a rule (section
+"ONNX equivalents" below) that describes the op's ONNX nodes through an emitter
+(compiler/onnx_desc.py), or for an element-wise op an `OnnxAct` (its operator, attributes and the
+first opset that has it; below that opset, or without one, its formula is written node by node).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Annotated, Any, Callable, Literal, Union
 
@@ -317,6 +323,19 @@ class LayoutAttrs(Attrs):
 
 # ---- the op definition ---------------------------------------------------------------------
 
+@dataclass(frozen=True, eq=False)
+class OnnxAct:
+    """An element-wise op's ONNX operator: attributes fixed (`attrs`) or from the formula's
+    parameters (`from_params`: ONNX attribute → parameter), constant extra inputs (Clip's bounds),
+    and the first opset that has it (`since`); below it the formula is exported instead."""
+
+    op_type: str
+    attrs: dict = field(default_factory=dict)
+    from_params: dict = field(default_factory=dict)
+    consts: tuple[float, ...] = ()
+    since: int = 1
+
+
 def _no_params(attrs, ins) -> list[ParamSpec]:
     return []
 
@@ -348,7 +367,9 @@ class OpDef:
     formula: Formula | None = None  # element-wise ops: y = f(x) and f', which every backend renders
     kind: str = "misc"  # what pictures draw it as: io conv dense pool norm act merge misc
     torch: str | None = None  # the PyTorch equivalent, an expression in F, torch, x and the attributes
-    onnx: str | None = None  # the ONNX operator it maps to
+    onnx: str | None = None  # the ONNX operator it maps to (readable name)
+    # how `cnnc export` writes it: a rule (E, a, node, xs) -> output name, or an OnnxAct (element-wise ops)
+    onnx_export: Callable | OnnxAct | None = None
     residual_fusable: bool = False  # a merge an epilogue fusion may absorb as the residual input
     identity_in: frozenset[str] = frozenset()  # modes ("inference", "training") in which the op is the identity
     absorbed_as: str | None = None  # a flag attribute of its consumers that does this op's work (flatten)
@@ -566,12 +587,13 @@ def _input_shape(a: InputAttrs, ins):
 
 
 def _act(name: str, doc: str, forward: str, derivative: str, attrs=NoAttrs, positional=(), aliases=(),
-         torch: str | None = None, onnx: str | None = None) -> OpDef:
+         torch: str | None = None, onnx: str | None = None, onnx_export: OnnxAct | None = None) -> OpDef:
     """An element-wise activation: its formula is all a backend needs to run and fuse it."""
     params = tuple(f for f in attrs.model_fields if f not in Attrs.model_fields)
     formula = Formula(forward, derivative, params).bind(name)
     return OpDef(name, doc, attrs, _elementwise, Pattern.ELEMWISE, positional=positional, aliases=aliases,
-                 grad_needs=formula.grad_reads, formula=formula, kind="act", torch=torch, onnx=onnx)
+                 grad_needs=formula.grad_reads, formula=formula, kind="act", torch=torch, onnx=onnx,
+                 onnx_export=onnx_export)
 
 
 def _fused_conv_shape(a: FusedConvAttrs, ins: list[Shape]) -> Shape:
@@ -787,6 +809,203 @@ def _torch_stochastic_depth(T, a, node, xs, p, training):
     return x * keep / (1.0 - a.rate)
 
 
+# ---- ONNX equivalents (`cnnc export`) ---------------------------------------------------------
+# Each rule takes (E, a, node, xs): E an OnnxEmitter (compiler/onnx_desc.py) recording ONNX nodes
+# and initializers as plain descriptions, `a` the attributes, `node` the graph node's meta
+# (resolved `pads`, `shape`, the inputs' `in_shapes`), xs the inputs' value names; it returns the
+# name of the value holding the result. Shapes there exclude the batch, which ONNX sees as axis 0.
+
+def _onnx_identity(E, a, node, xs):
+    return xs[0]
+
+
+def _onnx_epilogue(E, a, y):
+    act = a.act() if isinstance(a, Epilogue) else None
+    return y if act is None else E.act(act[0], act[1], y)
+
+
+def _onnx_conv(E, a, node, xs):
+    _, h, w = node["in_shapes"][0]
+    _, oh, ow = node["shape"]
+    t, b, l, r = node["pads"]
+    kh, kw = _eff_kernel(a)
+    # ceil rounding's overhang is zero padding at the end; ONNX drops floor rounding's tail itself
+    b += max(0, (oh - 1) * a.stride[0] + kh - (h + t + b))
+    r += max(0, (ow - 1) * a.stride[1] + kw - (w + l + r))
+    ins = [xs[0], E.param("weight")] + ([E.param("bias")] if a.bias else [])
+    y = E.node("Conv", ins, kernel_shape=list(a.kernel), strides=list(a.stride), dilations=list(a.dilation),
+               group=a.groups, pads=[t, l, b, r])
+    if a.get("residual"):
+        y = E.node("Add", [y, xs[1]])
+    return _onnx_epilogue(E, a, y)
+
+
+def _onnx_pool(op_type: str):
+    def rule(E, a, node, xs):
+        _, h, w = node["in_shapes"][0]
+        _, oh, ow = node["shape"]
+        stride = a.stride or a.kernel
+        t, b, l, r = node["pads"]
+        axes = [(h, a.kernel[0], stride[0], t, b, oh), (w, a.kernel[1], stride[1], l, r, ow)]
+        ceil = int(any((n + p0 + p1 - k) // s + 1 < out for n, k, s, p0, p1, out in axes))
+        ends = []
+        for n, k, s, p0, p1, out in axes:
+            span = n + p0 + p1 - k
+            if (-(-span // s) if ceil else span // s) + 1 != out:
+                # a last window starting in the end padding, which PyTorch and cnnc drop: pad only to
+                # the end of the windows used (never more than the given pad, so divisors stay)
+                p1 = (out - 1) * s + k - n - p0
+            ends.append(p1)
+        extra = {"count_include_pad": int(a.count_pad)} if op_type == "AveragePool" else {}
+        return E.node(op_type, xs, kernel_shape=list(a.kernel), strides=list(stride),
+                      pads=[t, l, ends[0], ends[1]], ceil_mode=ceil, **extra)
+    return rule
+
+
+def adaptive_windows(n: int, out: int) -> list[tuple[int, int]]:
+    """PyTorch's adaptive pooling windows [floor(i·n/out), ceil((i+1)·n/out)) along one axis."""
+    return [((i * n) // out, -(-((i + 1) * n) // out)) for i in range(out)]
+
+
+def _onnx_adaptive_avgpool(E, a, node, xs):
+    import numpy as np
+    _, h, w = node["in_shapes"][0]
+    _, oh, ow = node["shape"]
+    if h % oh == 0 and w % ow == 0:  # equal windows: a plain average pool
+        k = [h // oh, w // ow]
+        return E.node("AveragePool", xs, kernel_shape=k, strides=k, pads=[0, 0, 0, 0], ceil_mode=0,
+                      count_include_pad=0)
+    # unequal windows: the average is separable, rows then columns, Ah · x · Awᵀ
+
+    def matrix(n, out):
+        m = np.zeros((out, n), dtype=np.float32)
+        for i, (lo, hi) in enumerate(adaptive_windows(n, out)):
+            m[i, lo:hi] = 1.0 / (hi - lo)
+        return m
+    rows = E.node("MatMul", [E.const(matrix(h, oh)), xs[0]])
+    return E.node("MatMul", [rows, E.const(matrix(w, ow).T)])
+
+
+def _onnx_dense(E, a, node, xs):
+    x = xs[0]
+    if len(node["in_shapes"][0]) > 1:  # the implicit flatten of a C×H×W input
+        x = E.node("Flatten", [x], axis=1)
+    ins = [x, E.param("weight")] + ([E.param("bias")] if a.bias else [])
+    return _onnx_epilogue(E, a, E.node("Gemm", ins, transB=1, alpha=1.0, beta=1.0))
+
+
+def _onnx_chain(E, a, node, xs):
+    x = xs[0]
+    for op, args in a.steps(node["name"]):
+        x = E.act(op, args, x)
+    return x
+
+
+def _onnx_batchnorm(E, a, node, xs):
+    c = node["in_shapes"][0][0]
+    scale = E.param("weight") if a.affine else E.const([1.0] * c)
+    shift = E.param("bias") if a.affine else E.const([0.0] * c)
+    return E.node("BatchNormalization", [xs[0], scale, shift, E.param("running_mean"), E.param("running_var")],
+                  epsilon=float(a.eps))
+
+
+def _onnx_lrn(E, a, node, xs):
+    """ONNX's LRN also divides alpha by size. For even sizes its window (⌊(n−1)/2⌋ channels before,
+    ⌈(n−1)/2⌉ after) is the mirror of ours (PyTorch's: n//2 before, (n−1)//2 after), and onnxruntime
+    refuses them: there the window mean of x² is a 3-D average pool over (channels, 1, 1)."""
+    n = int(a.size)
+    if n % 2:
+        return E.node("LRN", xs, size=n, alpha=float(a.alpha), beta=float(a.beta), bias=float(a.k))
+    x = xs[0]
+    sq = E.node("Unsqueeze", [E.node("Mul", [x, x]), E.ints([1])])
+    mean = E.node("AveragePool", [sq], kernel_shape=[n, 1, 1], strides=[1, 1, 1],
+                  pads=[n // 2, 0, 0, (n - 1) // 2, 0, 0], ceil_mode=0, count_include_pad=1)
+    d = E.node("Add", [E.node("Mul", [E.node("Squeeze", [mean, E.ints([1])]), E.const(float(a.alpha))]),
+                       E.const(float(a.k))])
+    return E.node("Mul", [x, E.node("Pow", [d, E.const(-float(a.beta))])])
+
+
+def _onnx_add(E, a, node, xs):
+    return E.node("Add" if len(xs) == 2 else "Sum", xs)
+
+
+def _per_channel_shape(node) -> tuple[int, ...]:
+    """A per-channel vector's shape broadcasting against N×C×H×W (C×1×1) or N×F (F)."""
+    s = node["in_shapes"][0]
+    return (s[0],) + (1,) * (len(s) - 1)
+
+
+def _onnx_prelu(E, a, node, xs):
+    return E.node("PRelu", [xs[0], E.param("weight", (1,) if a.shared else _per_channel_shape(node))])
+
+
+def _onnx_layer_scale(E, a, node, xs):
+    return E.node("Mul", [xs[0], E.param("weight", _per_channel_shape(node))])
+
+
+def _onnx_fused_mul(E, a, node, xs):
+    return E.node("Mul", [xs[0], _onnx_epilogue(E, a, xs[1])])
+
+
+def _onnx_channel_shuffle(E, a, node, xs):
+    c, h, w = node["in_shapes"][0]
+    g = a.groups
+    v = E.node("Reshape", [xs[0], E.ints([0, g, c // g, h, w])])  # 0: the batch, kept symbolic
+    v = E.node("Transpose", [v], perm=[0, 2, 1, 3, 4])
+    return E.node("Reshape", [v, E.ints([0, c, h, w])])
+
+
+def _onnx_pad_channels(E, a, node, xs):
+    x = xs[0]
+    if a.stride > 1:  # every stride-th row and column: a slice to the end (int64's largest)
+        x = E.node("Slice", [x, E.ints([0, 0]), E.ints([2 ** 63 - 1] * 2), E.ints([2, 3]),
+                             E.ints([a.stride, a.stride])])
+    before, after = pad_channels_split(a, node["in_shapes"][0][0])
+    if before == after == 0:
+        return x
+    return E.node("Pad", [x, E.ints([0, before, 0, 0, 0, after, 0, 0])], mode="constant")
+
+
+def _onnx_affine(E, a, node, y):
+    if not a.affine:
+        return y
+    shape = _per_channel_shape(node)
+    return E.node("Add", [E.node("Mul", [y, E.param("weight", shape)]), E.param("bias", shape)])
+
+
+def _onnx_layernorm(E, a, node, xs):
+    """Over the channels at each position: LayerNormalization over the last axis of NHWC (opset 17
+    and up), else mean and biased variance over axis 1 as the NumPy backend computes them."""
+    spatial = len(node["in_shapes"][0]) == 3
+    if E.opset >= 17:
+        c = node["in_shapes"][0][0]
+        x = E.node("Transpose", xs, perm=[0, 2, 3, 1]) if spatial else xs[0]
+        scale = E.param("weight") if a.affine else E.const([1.0] * c)
+        shift = E.param("bias") if a.affine else E.const([0.0] * c)
+        y = E.node("LayerNormalization", [x, scale, shift], axis=-1, epsilon=float(a.eps))
+        return E.node("Transpose", [y], perm=[0, 3, 1, 2]) if spatial else y
+    centred = E.node("Sub", [xs[0], E.reduce_mean(xs[0], [1])])
+    var = E.reduce_mean(E.node("Mul", [centred, centred]), [1])
+    y = E.node("Div", [centred, E.node("Sqrt", [E.node("Add", [var, E.const(float(a.eps))])])])
+    return _onnx_affine(E, a, node, y)
+
+
+def _onnx_groupnorm(E, a, node, xs):
+    """GroupNormalization has per-group scales in opset 18 and per-channel ones from 21: our
+    statistics through InstanceNormalization over N×G×(C/G·H·W), then the per-channel affine."""
+    shape = node["in_shapes"][0]
+    g = a.groups
+    v = E.node("Reshape", [xs[0], E.ints([0, g, -1])])
+    v = E.node("InstanceNormalization", [v, E.const([1.0] * g), E.const([0.0] * g)], epsilon=float(a.eps))
+    return _onnx_affine(E, a, node, E.node("Reshape", [v, E.ints([0, *shape])]))
+
+
+def _onnx_channel_slice(E, a, node, xs):
+    lo, hi = a.bounds(node["in_shapes"][0][0])
+    return E.node("Slice", [xs[0], E.ints([lo]), E.ints([hi]), E.ints([1])])
+
+
+
 OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("input", "The network input.", InputAttrs, _input_shape, Pattern.OPAQUE, inputs=(0, 0), user=False,
           kind="io"),
@@ -794,137 +1013,165 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
           Pattern.OUT_ELEMWISE_FUSABLE, positional=("filters", "kernel"), params=_conv_params, macs=_conv_macs,
           window=lambda a, ins: Window(*_eff_kernel(a), *a.stride), aliases=("conv2d", "convolution"),
           grad_needs=IN, fused_as="fused_conv", kind="conv", torch=_torch_conv, onnx="Conv",
-          out_doc="K×H'×W'", params_doc="K·(C/g)·kh·kw (+K)", macs_doc="H'·W'·K·kh·kw·C/g", torch_doc="nn.Conv2d"),
+          onnx_export=_onnx_conv, out_doc="K×H'×W'", params_doc="K·(C/g)·kh·kw (+K)", macs_doc="H'·W'·K·kh·kw·C/g",
+          torch_doc="nn.Conv2d"),
     OpDef("maxpool", "Max pooling.", PoolAttrs, _pool_shape("maxpool"), Pattern.OUT_ELEMWISE_FUSABLE,
           positional=("kernel",), window=_pool_window, aliases=("max_pool", "maxpool2d"), grad_needs=IN | OUT,
-          kind="pool", torch=_torch_pool("max"), onnx="MaxPool", out_doc="C×H'×W'", torch_doc="nn.MaxPool2d"),
+          kind="pool", torch=_torch_pool("max"), onnx="MaxPool",
+          onnx_export=_onnx_pool("MaxPool"), out_doc="C×H'×W'", torch_doc="nn.MaxPool2d"),
     OpDef("avgpool", "Average pooling.", PoolAttrs, _pool_shape("avgpool"), Pattern.OUT_ELEMWISE_FUSABLE,
           positional=("kernel",), window=_pool_window, aliases=("avg_pool", "avgpool2d"), kind="pool",
-          torch=_torch_pool("avg"), onnx="AveragePool", out_doc="C×H'×W'", torch_doc="nn.AvgPool2d"),
+          torch=_torch_pool("avg"), onnx="AveragePool",
+          onnx_export=_onnx_pool("AveragePool"), out_doc="C×H'×W'", torch_doc="nn.AvgPool2d"),
     OpDef("globalavgpool", "Average over all positions: C×H×W → C×1×1.", NoAttrs,
           lambda a, ins: (_need_rank(ins, "globalavgpool")[0], 1, 1), Pattern.REDUCE,
           window=lambda a, ins: GLOBAL, aliases=("gap", "global_avgpool", "globalpool"), kind="pool",
-          torch="x.mean(dim=(2, 3), keepdim=True)", onnx="GlobalAveragePool", out_doc="C×1×1",
+          torch="x.mean(dim=(2, 3), keepdim=True)", onnx="GlobalAveragePool",
+          onnx_export=lambda E, a, node, xs: E.node("GlobalAveragePool", xs), out_doc="C×1×1",
           torch_doc="nn.AdaptiveAvgPool2d(1)"),
     OpDef("adaptive_avgpool", "Average pooling to a fixed output size (PyTorch's AdaptiveAvgPool2d).",
           AdaptivePoolAttrs, _adaptive_shape, Pattern.OUT_ELEMWISE_FUSABLE, positional=("size",),
           window=_adaptive_window, kind="pool", torch="F.adaptive_avg_pool2d(x, a.size)", onnx="AveragePool",
+          onnx_export=_onnx_adaptive_avgpool,
           out_doc="C×h×w", torch_doc="nn.AdaptiveAvgPool2d"),
     OpDef("fused_conv", "conv with folded BatchNorm, residual add and activation in its epilogue.", FusedConvAttrs,
           _fused_conv_shape, Pattern.OPAQUE, inputs=(1, 2), params=_conv_params, macs=_conv_macs,
           window=lambda a, ins: Window(*_eff_kernel(a), *a.stride), user=False, grad_needs=IN | OUT, kind="conv",
-          torch=_torch_conv, onnx="Conv", label="conv"),
+          torch=_torch_conv, onnx="Conv", onnx_export=_onnx_conv, label="conv"),
     OpDef("fused_dense", "dense with folded BatchNorm and activation in its epilogue.", FusedDenseAttrs,
           _dense_shape, Pattern.OPAQUE, params=_dense_params, macs=lambda a, ins, out: a.units * _dense_in(ins),
           window=lambda a, ins: GLOBAL, user=False, grad_needs=IN | OUT, kind="dense", torch=_torch_dense,
-          onnx="Gemm", label="dense"),
+          onnx="Gemm", onnx_export=_onnx_dense, label="dense"),
     OpDef("elemwise_chain", "Several unary element-wise ops in one pass.", ChainAttrs, _elementwise,
-          Pattern.ELEMWISE, user=False, grad_needs=IN, kind="act", torch=_torch_chain),
+          Pattern.ELEMWISE, user=False, grad_needs=IN, kind="act", torch=_torch_chain, onnx_export=_onnx_chain),
     OpDef("layout_transform", "Reorders memory between NCHW and NHWC.", LayoutAttrs, _elementwise,
-          Pattern.INJECTIVE, user=False, torch="x", onnx="Transpose"),
+          Pattern.INJECTIVE, user=False, torch="x", onnx="Transpose",
+          onnx_export=_onnx_identity),  # the logical C×H×W shape is unchanged
     OpDef("dense", "Fully connected layer; flattens a C×1×1 input by itself.", DenseAttrs, _dense_shape,
           Pattern.OUT_ELEMWISE_FUSABLE, positional=("units",), params=_dense_params,
           macs=lambda a, ins, out: a.units * _dense_in(ins), window=lambda a, ins: GLOBAL,
           aliases=("fc", "linear", "innerproduct"), grad_needs=IN, fused_as="fused_dense", kind="dense",
-          torch=_torch_dense, onnx="Gemm", out_doc="U", params_doc="U·F (+U)", macs_doc="U·F", torch_doc="nn.Linear"),
+          torch=_torch_dense, onnx="Gemm", onnx_export=_onnx_dense, out_doc="U", params_doc="U·F (+U)", macs_doc="U·F",
+          torch_doc="nn.Linear"),
     OpDef("flatten", "C×H×W → C·H·W features.", NoAttrs, lambda a, ins: (math.prod(ins[0]),), Pattern.INJECTIVE,
-          torch="x.reshape(x.shape[0], -1)", onnx="Flatten", absorbed_as="flatten", out_doc="C·H·W",
+          torch="x.reshape(x.shape[0], -1)", onnx="Flatten",
+          onnx_export=lambda E, a, node, xs: E.node("Flatten", xs, axis=1), absorbed_as="flatten", out_doc="C·H·W",
           torch_doc="nn.Flatten"),
-    _act("relu", "max(x, 0).", "max(x, 0)", "y > 0", torch="F.relu(x)", onnx="Relu"),
+    _act("relu", "max(x, 0).", "max(x, 0)", "y > 0", torch="F.relu(x)", onnx="Relu", onnx_export=OnnxAct("Relu")),
     _act("leaky_relu", "x if x > 0 else slope·x.", "where(x > 0, x, x * slope)", "where(x > 0, 1, slope)",
-         LeakyReluAttrs, ("slope",), ("leakyrelu",), torch="F.leaky_relu(x, slope)", onnx="LeakyRelu"),
-    _act("relu6", "min(max(x, 0), 6).", "clip(x, 0, 6)", "(y > 0) * (y < 6)", torch="F.relu6(x)", onnx="Clip"),
-    _act("sigmoid", "1 / (1 + e^−x).", "sigmoid(x)", "y * (1 - y)", torch="torch.sigmoid(x)", onnx="Sigmoid"),
-    _act("tanh", "Hyperbolic tangent.", "tanh(x)", "1 - y * y", torch="torch.tanh(x)", onnx="Tanh"),
+         LeakyReluAttrs, ("slope",), ("leakyrelu",), torch="F.leaky_relu(x, slope)", onnx="LeakyRelu",
+         onnx_export=OnnxAct("LeakyRelu", from_params={"alpha": "slope"})),
+    _act("relu6", "min(max(x, 0), 6).", "clip(x, 0, 6)", "(y > 0) * (y < 6)", torch="F.relu6(x)", onnx="Clip",
+         onnx_export=OnnxAct("Clip", consts=(0.0, 6.0))),
+    _act("sigmoid", "1 / (1 + e^−x).", "sigmoid(x)", "y * (1 - y)", torch="torch.sigmoid(x)", onnx="Sigmoid",
+         onnx_export=OnnxAct("Sigmoid")),
+    _act("tanh", "Hyperbolic tangent.", "tanh(x)", "1 - y * y", torch="torch.tanh(x)", onnx="Tanh",
+         onnx_export=OnnxAct("Tanh")),
     _act("hardsigmoid", "relu6(x + 3) / 6 (MobileNetV3's gate).", "clip(x + 3, 0, 6) / 6",
-         "(y > 0) * (y < 1) / 6", aliases=("hard_sigmoid",), torch="F.hardsigmoid(x)", onnx="HardSigmoid"),
+         "(y > 0) * (y < 1) / 6", aliases=("hard_sigmoid",), torch="F.hardsigmoid(x)", onnx="HardSigmoid",
+         onnx_export=OnnxAct("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5})),
     _act("hardswish", "x · relu6(x + 3) / 6 (MobileNetV3).", "x * clip(x + 3, 0, 6) / 6",
          "where(x < -3, 0, where(x <= 3, x / 3 + 0.5, 1))", aliases=("hard_swish",), torch="F.hardswish(x)",
-         onnx="HardSwish"),
+         onnx="HardSwish", onnx_export=OnnxAct("HardSwish", since=14)),
     _act("silu", "x · sigmoid(x) (swish; EfficientNet).", "x * sigmoid(x)",
          "sigmoid(x) * (1 + x * (1 - sigmoid(x)))", aliases=("swish",), torch="F.silu(x)", onnx="Mul(x, Sigmoid(x))"),
     _act("gelu", "x · Φ(x), Φ the standard normal CDF (ConvNeXt).", "0.5 * x * (1 + erf(x * 0.7071067811865476))",
          "0.5 * (1 + erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * exp(-0.5 * x * x)",
-         torch="F.gelu(x)", onnx="Gelu"),
+         torch="F.gelu(x)", onnx="Gelu", onnx_export=OnnxAct("Gelu", since=20)),
     _act("gelu_tanh", "GELU's tanh approximation: ½x(1 + tanh(√(2/π)(x + 0.044715x³))).",
          "0.5 * x * (1 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))",
          "0.5 * (1 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))) + 0.5 * x * "
          "(1 - tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)) * "
          "tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))) * 0.7978845608028654 * (1 + 0.134145 * x * x)",
-         torch="F.gelu(x, approximate='tanh')", onnx="Gelu"),
+         torch="F.gelu(x, approximate='tanh')", onnx="Gelu",
+         onnx_export=OnnxAct("Gelu", {"approximate": "tanh"}, since=20)),
     _act("elu", "x if x > 0 else alpha·(e^x − 1).", "where(x > 0, x, alpha * expm1(x))",
-         "where(x > 0, 1, alpha * exp(x))", EluAttrs, ("alpha",), torch="F.elu(x, alpha)", onnx="Elu"),
+         "where(x > 0, 1, alpha * exp(x))", EluAttrs, ("alpha",), torch="F.elu(x, alpha)", onnx="Elu",
+         onnx_export=OnnxAct("Elu", from_params={"alpha": "alpha"})),
     _act("mish", "x · tanh(softplus(x)) (YOLOv4).", "x * tanh(softplus(x))",
          "tanh(softplus(x)) + x * sigmoid(x) * (1 - tanh(softplus(x)) * tanh(softplus(x)))",
-         torch="F.mish(x)", onnx="Mish"),
+         torch="F.mish(x)", onnx="Mish", onnx_export=OnnxAct("Mish", since=18)),
     OpDef("softmax", "Softmax over channels.", NoAttrs, _elementwise, Pattern.OPAQUE, grad_needs=OUT, kind="act",
-          torch="F.softmax(x, dim=1)", onnx="Softmax", loss_absorbs=frozenset({"cross_entropy"})),
+          torch="F.softmax(x, dim=1)", onnx="Softmax",
+          onnx_export=lambda E, a, node, xs: E.node("Softmax", xs, axis=1), loss_absorbs=frozenset({"cross_entropy"})),
     OpDef("dropout", "Zeroes a fraction `rate` of activations in training, scales the rest by 1/(1−rate).",
           DropoutAttrs, _elementwise, Pattern.ELEMWISE, positional=("rate",),  # keeps its own mask
-          torch="F.dropout(x, a.rate, training)", onnx="Dropout", identity_in=frozenset({"inference"})),
+          torch="F.dropout(x, a.rate, training)", onnx="Dropout",
+          onnx_export=_onnx_identity, identity_in=frozenset({"inference"})),
     OpDef("identity", "Passes its input through.", NoAttrs, _elementwise, Pattern.ELEMWISE, torch="x",
-          onnx="Identity", identity_in=frozenset({"inference", "training"})),
+          onnx="Identity", onnx_export=_onnx_identity, identity_in=frozenset({"inference", "training"})),
     OpDef("batchnorm", "Batch normalisation per channel; running mean and variance are buffers.", BatchNormAttrs,
           _bn_shape, Pattern.BROADCAST, params=_bn_params, aliases=("bn", "batch_norm"), grad_needs=IN, kind="norm",
           fold=_bn_fold, label="bn", params_doc="2C (0 if `affine=false`); buffers 2C", torch_doc="nn.BatchNorm2d",
           torch="F.batch_norm(x, p['running_mean'], p['running_var'], p.get('weight'), p.get('bias'), training, "
-                "a.momentum, a.eps)", onnx="BatchNormalization"),
+                "a.momentum, a.eps)", onnx="BatchNormalization", onnx_export=_onnx_batchnorm),
     OpDef("lrn", "Local response normalisation across channels (AlexNet): x / (k + α/n·Σx²)^β.", LrnAttrs,
           _elementwise, Pattern.OPAQUE, positional=("size",), grad_needs=IN | OUT, kind="norm",
-          torch="F.local_response_norm(x, a.size, a.alpha, a.beta, a.k)", onnx="LRN", torch_doc="nn.LocalResponseNorm"),
+          torch="F.local_response_norm(x, a.size, a.alpha, a.beta, a.k)", onnx="LRN", onnx_export=_onnx_lrn,
+          torch_doc="nn.LocalResponseNorm"),
     OpDef("add", "Element-wise sum of tensors of one shape (residual connections).", NoAttrs, _add_shape,
           Pattern.BROADCAST, inputs=(2, None), tensor_args=True, kind="merge", torch=_torch_sum, onnx="Sum",
+          onnx_export=_onnx_add,
           torch_doc="a + b",
           residual_fusable=True),
     OpDef("concat", "Channel concatenation, inputs in the order written.", NoAttrs, _concat_shape,
           Pattern.INJECTIVE, inputs=(1, None), tensor_args=True, aliases=("cat",), kind="merge",
-          torch="torch.cat(xs, dim=1)", onnx="Concat", out_doc="ΣC×H×W or ΣF"),
+          torch="torch.cat(xs, dim=1)", onnx="Concat",
+          onnx_export=lambda E, a, node, xs: E.node("Concat", xs, axis=1), out_doc="ΣC×H×W or ΣF"),
     OpDef("mul", "Element-wise product of two tensors of one shape, or of a C×H×W tensor and a C×1×1 gate "
           "broadcast over H×W (squeeze-excitation).", NoAttrs, _mul_shape, Pattern.BROADCAST, inputs=(2, 2),
           tensor_args=True, grad_needs=IN, kind="merge", torch="xs[0] * xs[1]", onnx="Mul",
+          onnx_export=lambda E, a, node, xs: E.node("Mul", xs),
           out_doc="the larger", torch_doc="a * b", gate_fused_as="fused_mul"),
     OpDef("fused_mul", "A C×H×W tensor times the element-wise activation of its C×1×1 gate, x · act(g), in one "
           "pass (squeeze-excitation's gate and product).", FusedMulAttrs, _fused_mul_shape, Pattern.BROADCAST,
           inputs=(2, 2), user=False, grad_needs=IN, kind="merge", torch=_torch_fused_mul, onnx="Mul",
+          onnx_export=_onnx_fused_mul,
           label="mul"),
     OpDef("prelu", "x if x > 0 else a·x with a learnable slope a per channel (one for all with `shared=true`).",
           PreluAttrs, lambda a, ins: _need_rank(ins, "prelu", (3, 1)), Pattern.BROADCAST, params=_prelu_params,
-          grad_needs=IN, kind="act", torch="F.prelu(x, p['weight'])", onnx="PRelu",
+          grad_needs=IN, kind="act", torch="F.prelu(x, p['weight'])", onnx="PRelu", onnx_export=_onnx_prelu,
           params_doc="C (1 if `shared=true`)", torch_doc="nn.PReLU(C)"),
     OpDef("layer_scale", "x · γ with a learnable γ per channel, started at `init` (ConvNeXt, CaiT).",
           LayerScaleAttrs, lambda a, ins: _need_rank(ins, "layer_scale", (3, 1)), Pattern.BROADCAST,
           params=_layer_scale_params, grad_needs=IN, kind="norm", fold=_layer_scale_fold, label="ls",
-          torch=_torch_layer_scale, onnx="Mul", params_doc="C", torch_doc="x * gamma[:, None, None]"),
+          torch=_torch_layer_scale, onnx="Mul", onnx_export=_onnx_layer_scale, params_doc="C",
+          torch_doc="x * gamma[:, None, None]"),
     OpDef("channel_shuffle", "ShuffleNet's channel shuffle: C = g·k channels viewed as g×k, transposed to k×g.",
           ChannelShuffleAttrs, _channel_shuffle_shape, Pattern.INJECTIVE, positional=("groups",),
-          torch=_torch_channel_shuffle, onnx="Reshape, Transpose, Reshape", torch_doc="nn.ChannelShuffle"),
+          torch=_torch_channel_shuffle, onnx="Reshape, Transpose, Reshape",
+          onnx_export=_onnx_channel_shuffle, torch_doc="nn.ChannelShuffle"),
     OpDef("pad_channels", "Zero channels added before and after, after taking every `stride`-th row and column "
           "(the ResNet option-A shortcut).", PadChannelsAttrs, _pad_channels_shape, Pattern.INJECTIVE,
           positional=("to",), window=lambda a, ins: Window(1, 1, a.stride, a.stride), torch=_torch_pad_channels,
-          onnx="Slice, Pad", out_doc="to×⌈H/s⌉×⌈W/s⌉",
+          onnx="Slice, Pad", onnx_export=_onnx_pad_channels, out_doc="to×⌈H/s⌉×⌈W/s⌉",
           torch_doc="F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, p, p))"),
     OpDef("layernorm", "Layer normalisation over the channels at each position (ConvNeXt's LayerNorm2d), or over "
           "the features of a flat input.", LayerNormAttrs, lambda a, ins: _need_rank(ins, "layernorm", (3, 1)),
           Pattern.OPAQUE, params=_norm_params, aliases=("layer_norm",), grad_needs=IN, kind="norm",
-          torch=_torch_layernorm, onnx="LayerNormalization", params_doc="2C (0 if `affine=false`)",
+          torch=_torch_layernorm, onnx="LayerNormalization", onnx_export=_onnx_layernorm,
+          params_doc="2C (0 if `affine=false`)",
           torch_doc="nn.LayerNorm(C) over channels"),
     OpDef("groupnorm", "Group normalisation: channels in `groups` groups, each normalised over its channels and "
           "positions per sample.", GroupNormAttrs, _groupnorm_shape, Pattern.OPAQUE, positional=("groups",),
           params=_norm_params, aliases=("group_norm",), grad_needs=IN, kind="norm",
           torch="F.group_norm(x, a.groups, p.get('weight'), p.get('bias'), a.eps)", onnx="GroupNormalization",
-          params_doc="2C (0 if `affine=false`)", torch_doc="nn.GroupNorm"),
+          onnx_export=_onnx_groupnorm, params_doc="2C (0 if `affine=false`)", torch_doc="nn.GroupNorm"),
     OpDef("stochastic_depth", "In training each sample's whole tensor is kept with probability 1 − rate and scaled "
           "by 1/(1 − rate), else zeroed (torchvision's mode \"row\"); the identity at inference.",
           StochasticDepthAttrs, _elementwise, Pattern.ELEMWISE, positional=("rate",), aliases=("drop_path",),
-          torch=_torch_stochastic_depth, onnx="Identity", identity_in=frozenset({"inference"}),
+          torch=_torch_stochastic_depth, onnx="Identity", onnx_export=_onnx_identity,
+          identity_in=frozenset({"inference"}),
           torch_doc="torchvision.ops.StochasticDepth(rate, \"row\")"),
     OpDef("channel_slice", "Channels lo … hi−1 (features of a flat input): one half of ShuffleNetV2's channel "
           "split.", ChannelSliceAttrs, _channel_slice_shape, Pattern.INJECTIVE, positional=("lo", "hi"),
-          torch="x[:, a.bounds(x.shape[1])[0]:a.bounds(x.shape[1])[1]]", onnx="Slice", out_doc="(hi−lo)×H×W",
+          torch="x[:, a.bounds(x.shape[1])[0]:a.bounds(x.shape[1])[1]]", onnx="Slice", onnx_export=_onnx_channel_slice,
+          out_doc="(hi−lo)×H×W",
           torch_doc="x[:, lo:hi]"),
     OpDef("split", "Equal channel parts, one tensor each: `a, b = ... -> split 2` (ShuffleNetV2's channel split).",
           SplitAttrs, _split_shape, Pattern.INJECTIVE, positional=("parts",), aliases=("chunk",), torch="x",
-          onnx="Split", identity_in=frozenset({"inference", "training"}), out_doc="parts × (C/parts)×H×W",
+          onnx="Split", onnx_export=_onnx_identity, identity_in=frozenset({"inference", "training"}),
+          out_doc="parts × (C/parts)×H×W",
           torch_doc="x.chunk(parts, dim=1)", outputs=lambda a: a.parts,
           part=lambda a, i: ("channel_slice", {"part": (i, a.parts)})),
 ]}
