@@ -155,6 +155,8 @@ def _validate(onnx, model, shapes: dict[str, tuple[int, ...]], out_name: str) ->
 def weights_note(model: Model, checkpoint: str | None) -> str:
     if checkpoint:
         return f"weights from {checkpoint}"
+    if model.graph.graph.get("weights"):  # an imported ONNX model brings its own
+        return f"the weights in {model.path}"
     return f"the network's initial weights (seed {model.config.seed}; no --checkpoint given)"
 
 

@@ -91,3 +91,16 @@ def test_missing_onnx_package_names_the_extra(tmp_path, monkeypatch):
     r = run_cli("export", LENET, "-o", str(tmp_path / "m.onnx"))
     assert r.code == 1
     assert "needs the onnx package" in r.err and "pip install 'cnnc[onnx]'" in r.err
+
+
+def test_an_exported_model_exports_again_with_the_same_outputs(tmp_path):
+    """.cnn → ONNX → cnnc (read as a .onnx FILE) → ONNX at -O2: onnxruntime gives the same outputs."""
+    model, ckpt = _trained_lenet(tmp_path)
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert run_cli("export", LENET, "--checkpoint", ckpt, "-o", str(first)).code == 0
+    r = run_cli("export", str(first), "-O2", "-o", str(second))
+    assert r.code == 0, r.err
+    assert f"the weights in {first}" in r.err
+    x = np.random.default_rng(2).normal(size=(3, 1, 32, 32)).astype(np.float32)
+    ref = _run_onnx(first, x)
+    assert np.abs(_run_onnx(second, x) - ref).max() <= 1e-5 * np.abs(ref).max()
