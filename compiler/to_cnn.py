@@ -170,6 +170,7 @@ class Item:
     block: "_Block | None" = None  # a call: the block
     args: tuple = ()  # a call: its argument texts
     instances: list[list[int]] = field(default_factory=list)  # a call: the nodes of each instance it makes
+    members: list["Item"] = field(default_factory=list)  # a group: the items of all its repetitions
 
 
 class _Namer:
@@ -436,8 +437,7 @@ class _Writer:
                     for n, local in zip(nodes, it.block.local_names):
                         self.new_names[n] = f"{prefix}{inst}.{local}"
             elif it.kind == "group":
-                for n in it.nodes:
-                    self.new_names[n] = prefix + namer.next(self.word(n))
+                self.name_items(it.members, namer, prefix)
             elif it.kind == "part":
                 i = self.consumers_in_part_order(it.ins[0]).index(it.out)
                 self.new_names[it.out] = f"{self.new_names[it.ins[0]]}_{i}"
@@ -503,7 +503,8 @@ class _Writer:
                     current.append((named[it.ins[0]], False, "name"))
             elif current is None:
                 current = []
-            current.append((text, it.weighted, it.kind if it.kind in ("merge", "call") else "layer"))
+            calls = it.kind == "call" or any(m.kind == "call" for m in it.members)
+            current.append((text, it.weighted, "merge" if it.kind == "merge" else "call" if calls else "layer"))
             if it.kind == "split":
                 names = [fresh() for _ in it.parts]
                 for part, name in zip(it.parts, names):
@@ -845,18 +846,23 @@ class _Writer:
         return self.layer_groups(out)
 
     def layer_groups(self, items: list[Item]) -> list[Item]:
+        """Consecutive identical runs of layers and calls, each reading the one before, as `(a -> b) * n`."""
         def linear(a: Item, b: Item) -> bool:
             """b reads a, and only b reads a."""
-            return b.kind == "layer" and b.ins == [a.out] and [v for v, _ in self.consumers[a.out]] == [b.out]
+            inside = set(b.nodes)
+            return b.kind in ("layer", "call") and b.ins == [a.out] and all(
+                v in inside for v, _ in self.consumers[a.out])
 
         def same(a: Item, b: Item) -> bool:
+            if a.kind == "call" or b.kind == "call":
+                return a.kind == b.kind and a.text == b.text
             return self.g.nodes[a.out]["op"] == self.g.nodes[b.out]["op"] and \
                 self.attrs(a.out).model_dump(exclude={"name"}) == self.attrs(b.out).model_dump(exclude={"name"})
 
         def repeats(k: int, length: int) -> int:
-            if any(items[k + j].kind != "layer" for j in range(min(length, len(items) - k))) or \
-                    k + length > len(items) or len(items[k].ins) != 1 or \
-                    not all(linear(items[k + j - 1], items[k + j]) for j in range(1, length)):
+            if k + length > len(items) or any(items[k + j].kind not in ("layer", "call") for j in range(length)) \
+                    or len(items[k].ins) != 1 \
+                    or not all(linear(items[k + j - 1], items[k + j]) for j in range(1, length)):
                 return 1
             reps = 1
             while k + (reps + 1) * length <= len(items) and all(
@@ -884,7 +890,7 @@ class _Writer:
             run = items[k:k + length * reps]
             text = "(" + " -> ".join(x.text for x in run[:length]) + f") * {reps}"
             out.append(Item("group", run[-1].out, run[0].ins, text, weighted=True,
-                            nodes=[n for x in run for n in x.nodes]))
+                            nodes=[n for x in run for n in x.nodes], members=run))
             k += length * reps
         return out
 

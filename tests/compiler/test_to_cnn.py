@@ -308,3 +308,21 @@ def test_mobilenet_v2_runs_of_layers_between_blocks_become_a_block(zoo):
     assert len(calls) == 16  # Table 2's 17 blocks (1 + 2 + 3 + 4 + 3 + 3 + 1) but the first (t = 1), as layers
     assert written.text.count("conv 32 3x3 stride=2 pad=1 -> bn -> relu6") == 1  # the stem, as written
     assert written.lines() <= 30
+
+
+def test_runs_of_calls_repeat_as_a_group(cnn):
+    g = check(cnn("""
+        input 8x8x8
+        block r(c):
+            conv c 3x3 pad=1 -> bn -> relu -> conv 8 3x3 pad=1 -> add(in)
+        layers:
+            for i in range(12):
+                r(4 + i % 3)
+            gap -> dense 10
+    """))
+    h = imported_like(g)
+    written = write(h)
+    assert "(add_block(4) -> add_block(5) -> add_block(6)) * 4\n" in written.text
+    g2 = recheck(written.text)
+    assert_same_graph(g, g2)
+    assert_names_predicted(written, h, g2)
