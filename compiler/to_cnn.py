@@ -14,11 +14,16 @@ the graph (an imported graph has none): the graph is cut at its articulation poi
 every path passes through, with no edge jumping over them) into single-input single-output
 segments; segments with a branch inside (a residual, a dense layer, an inception) that occur
 at least twice with the same ops and edges become a block, widened by the single layers that
-follow (and precede) every occurrence; attributes that differ between occurrences become block
-parameters, one per distinct column of values, integer multiples of another parameter written
-as `4*c`, a parameter whose usual value is the op table's default getting it as its default.
-Consecutive identical calls are written `block(args) * n`, and consecutive identical runs of
-plain layers `(conv 64 3x3 pad=1 -> relu) * 2`.
+follow (and precede) every occurrence. Runs of single layers between those blocks that repeat
+(MobileNetV2's inverted residuals without a shortcut) become blocks too. Attributes that differ
+between occurrences become block parameters, one per distinct column of values, integer
+multiples of another parameter written as `4*c`, a parameter defaulting to the op table's
+default where some occurrences have it; an occurrence that alone differs from the others in a
+kernel size and more (a stem that happens to match) is left as layers. Consecutive identical
+calls are written `block(args) * n`, consecutive identical runs of layers or calls as a group,
+`(conv 64 3x3 pad=1 -> relu) * 2`. A graph with an unused layer is written flat, and an edge
+that jumps over a stretch of the network (a skip from the input to the end) leaves no cut, so
+no block, inside that stretch.
 
 Layer names follow the language's automatic naming (`conv3`, `add_block2.bn1`), so the result
 carries the map old layer name → new layer name and old parameter name → new parameter name
@@ -377,15 +382,11 @@ class _Writer:
         # positional fields up to the last one given, while each reads safely as a command argument
         given = [f for f in op.positional if f in texts]
         last = op.positional.index(given[-1]) if given else -1
-        keyword_from = None
-        for i, f in enumerate(op.positional[:last + 1]):
-            if f not in texts:
-                texts[f] = attr_text(model, f, a.get(f), positional=True)
-            if texts[f][:1] in "(-" or keyword_from is not None:
-                keyword_from = i if keyword_from is None else keyword_from
-                words.append(f"{f}={texts.pop(f)}")
-            else:
-                words.append(texts.pop(f))
+        as_keyword = False
+        for f in op.positional[:last + 1]:
+            t = texts.pop(f) if f in texts else attr_text(model, f, a.get(f), positional=True)
+            as_keyword = as_keyword or t[:1] in "(-"  # `conv (4, 8)` would read as a call
+            words.append(f"{f}={t}" if as_keyword else t)
         words += [f"{f}={t}" for f, t in texts.items()]
         return " ".join(words)
 
@@ -425,24 +426,24 @@ class _Writer:
             return Item("split", n, ins, self.layer_text(n, exprs), nodes=[n])
         if self.is_part(n):
             return Item("part", n, ins, nodes=[n])
-        computes = op.macs(self.attrs(n), [self.g.nodes[u]["shape"] for u in ins], self.g.nodes[n]["shape"]) > 0
-        return Item("layer", n, ins, self.layer_text(n, exprs), weighted=computes, nodes=[n])
+        return Item("layer", n, ins, self.layer_text(n, exprs), weighted=self.computes(n), nodes=[n])
 
-    def name_items(self, items: list[Item], namer: _Namer, prefix: str = "") -> None:
-        """The new names of the nodes the items stand for, as the builder will give them."""
+    def name_items(self, items: list[Item], namer: _Namer) -> None:
+        """The new names of the nodes the items stand for, as the builder will give them: per word and
+        scope, instances after their block, a split's parts after the split (`split1_0`)."""
         for it in items:
             if it.kind == "call":
                 for nodes in it.instances:
                     inst = namer.next(it.block.name)
                     for n, local in zip(nodes, it.block.local_names):
-                        self.new_names[n] = f"{prefix}{inst}.{local}"
+                        self.new_names[n] = f"{inst}.{local}"
             elif it.kind == "group":
-                self.name_items(it.members, namer, prefix)
+                self.name_items(it.members, namer)
             elif it.kind == "part":
                 i = self.consumers_in_part_order(it.ins[0]).index(it.out)
                 self.new_names[it.out] = f"{self.new_names[it.ins[0]]}_{i}"
             else:
-                self.new_names[it.out] = prefix + namer.next(self.word(it.out))
+                self.new_names[it.out] = namer.next(self.word(it.out))
 
     def layout(self, items: list[Item], body_in: int, in_name: str, body_out: int,
                reserved: frozenset[str] = frozenset()) -> str:
@@ -484,7 +485,7 @@ class _Writer:
             needs.add(body_out)
         for it in items:
             needs.update(it.parts)
-        # statements: (names, [(text, weighted, is_merge)])
+        # statements: (names, [(text, computes, kind)])
         statements: list[tuple[list[str], list[tuple[str, bool, str]]]] = []
         current: list[tuple[str, bool, str]] | None = None
         for k, it in enumerate(items):
@@ -574,8 +575,8 @@ class _Writer:
     def recover(self) -> list[_Block]:
         """Blocks for the regions with a branch inside that occur at least twice, each widened by the
         single layers that follow (then precede) every occurrence alike; an occurrence unlike all the
-        others in two or more attributes (a stem that happens to match) is left out. Then blocks for the
-        runs of single layers that repeat between those blocks (chain_blocks)."""
+        others in a kernel size and more (outliers) is left out. Then blocks for the runs of single layers
+        that repeat between those blocks (chain_blocks)."""
         live = nx.ancestors(self.g, self.output) | {self.output}
         if len(live) != len(self.order):
             return []  # an unused layer: the regions would not be closed
