@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,6 +84,36 @@ class Grouped:
     src: Tensor
     groups: int
     swapped: bool = False
+
+
+@dataclass
+class Nhwc:
+    """An image transposed to N×H×W×C (Transpose 0 2 3 1), waiting for a LayerNormalization over
+    its last axis and the transpose back (ConvNeXt's LayerNorm2d); `normalized` once it had it."""
+
+    src: Tensor
+    normalized: bool = False
+
+
+@dataclass
+class Expression:
+    """An element-wise function of one tensor spelled out in ONNX operators (GELU as Mul, Erf, Add,
+    Mul, Mul), kept as a NumPy function until a node that is not element-wise reads it; then it
+    becomes the op of the table whose formula it computes (compiler/formula.py), found by probing."""
+
+    src: Tensor
+    fn: Callable[[np.ndarray], np.ndarray]
+    node: Any  # the ONNX node that computed it last, and its index: names and locates the result
+    index: int
+    resolved: Tensor | None = None
+    match: str | None = field(default=None, init=False)
+    matched: bool = field(default=False, init=False)
+
+    def complete(self) -> bool:
+        """Whether it computes an activation of the table as it stands."""
+        if not self.matched:
+            self.match, self.matched = _matching_op(self.fn), True
+        return self.match is not None
 
 
 class _Skip(Exception):
@@ -153,10 +183,12 @@ class _Importer:
         self.names: set[str] = set()
         self.node_uses: dict[int, int] = {}
         self.uses: dict[str, int] = {}
+        self.readers: dict[str, list[str]] = {}  # value name → op types of the nodes reading it
         for node in self.graph.node:
             for v in node.input:
                 if v:
                     self.uses[v] = self.uses.get(v, 0) + 1
+                    self.readers.setdefault(v, []).append(node.op_type)
         for o in self.graph.output:
             self.uses[o.name] = self.uses.get(o.name, 0) + 1
         header = f"graph {self.graph.name or Path(name).stem}: opset {self.opset}"
@@ -211,7 +243,9 @@ class _Importer:
         """Every node of an op type cnnc cannot read, all at once."""
         for i, node in enumerate(self.graph.node):
             domain = node.domain if node.domain not in ("", "ai.onnx") else ""
-            if domain or node.op_type not in HANDLERS and node.op_type not in FOLDS:
+            known = node.op_type in HANDLERS or node.op_type in FOLDS or node.op_type in _UNARY or \
+                node.op_type in _BINARY
+            if domain or not known:
                 where = f"domain `{domain}`, " if domain else ""
                 self.diags.add(CnncError(
                     f"ONNX node `{node.name or node.output[0]}`: cnnc has no equivalent of {node.op_type} "
@@ -299,6 +333,11 @@ class _Importer:
             ins.append(self.values[v])
         attrs = {a.name: self.onnx.helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: _attr_value(v) for k, v in attrs.items()}
+        expr = _expression_step(self, node, i, ins, attrs)
+        if expr is not None:
+            self.values[node.output[0]] = expr
+            return
+        ins = [self.resolve(v, v.node.output[0]) if isinstance(v, Expression) else v for v in ins]
         consts = all(x is None or isinstance(x, np.ndarray) for x in ins)
         if node.op_type in FOLDS and (consts or node.op_type == "Shape"):
             if ins and isinstance(ins[0], Tensor):  # Shape reads only the size, not the values
@@ -318,6 +357,31 @@ class _Importer:
         if used:
             raise self.refuse(node, f"with its extra output `{used[0]}` in use")
         HANDLERS[node.op_type](self, node, i, ins, attrs)
+
+    def resolve(self, e: Expression, name: str) -> Tensor:
+        """The table op an element-wise expression computes, as a node (once per expression)."""
+        if e.resolved is not None:
+            return e.resolved
+        op = e.match if e.complete() else None
+        node, i = e.node, e.index
+        if op is None:
+            scale, shift = _affine_of(e.fn)
+            if scale is None:
+                raise CnncError(f"ONNX node `{node.name or node.output[0]}` ({node.op_type}, opset {self.opset}) "
+                                "ends an element-wise expression that is none of cnnc's activations",
+                                self.span(i), "`cnnc ops` lists the activations and their formulas")
+            c = e.src.shape[0]
+            before = self.values.get(node.output[0])
+            _affine(self, node, i, e.src, None if scale == 1.0 else np.full(c, scale),
+                    None if shift == 0.0 else np.full(c, shift))
+            e.resolved = self.values[node.output[0]]
+            self.values[node.output[0]] = before
+            return e.resolved
+        a = OPS[op].attrs()
+        n = self.add(op, a, [e.src], node.name or node.output[0], self.span(i))
+        e.resolved = Tensor(n, tuple(OPS[op].shape(a, [e.src.shape])))
+        self.node_uses[n] = self.uses.get(name, 0)
+        return e.resolved
 
     def refuse(self, node, why: str, hint: str | None = None) -> CnncError:
         return CnncError(f"ONNX node `{node.name or node.output[0]}` ({node.op_type}, opset {self.opset}): "
@@ -348,6 +412,8 @@ class _Importer:
             raise CnncError(f"{self.file}: the model has {len(outs)} outputs; cnnc networks have one",
                             self.header_span)
         out = self.values.get(outs[0])
+        if isinstance(out, Expression):
+            out = self.resolve(out, outs[0])
         if not isinstance(out, Tensor):
             raise CnncError(f"{self.file}: the output `{outs[0]}` is not computed from the input", self.header_span)
         g = self.g
@@ -602,8 +668,9 @@ def _affine(imp, node, i, x: Tensor, scale, shift) -> None:
         d = imp.g.nodes[x.node]
         op = OPS[d["op"]]
         bias_flag = "bias" in op.attrs.model_fields  # conv and dense: a bias may be switched on
-        # weights scaled per output channel: a conv's or dense's, or those of a per-channel affine op
-        scalable = "weight" in p and (op.fold is not None or bias_flag)
+        # a scale joins a per-channel affine op's (BatchNorm's γ: Caffe's Scale layer after its BatchNorm);
+        # after a conv it stays a layer of its own (layer_scale), as written
+        scalable = "weight" in p and op.fold is not None
         shiftable = "bias" in p or bias_flag
         if (scale is None or scalable) and (shift is None or shiftable):
             if scale is not None:
@@ -746,8 +813,80 @@ def _transpose(imp, node, i, ins, a):
     if isinstance(x, Grouped) and not x.swapped and perm == (0, 2, 1, 3, 4):
         imp.bind(node.output[0], Grouped(x.src, x.groups, True))
         return
-    raise imp.refuse(node, f"with perm {list(perm)}", "cnnc reads Transpose only in a channel shuffle "
-                     "(Reshape to N×g×C/g×H×W, Transpose 0 2 1 3 4, Reshape back)")
+    if isinstance(x, Tensor) and len(x.shape) == 3 and perm == (0, 2, 3, 1):
+        imp.bind(node.output[0], Nhwc(x))
+        return
+    if isinstance(x, Nhwc) and x.normalized and perm == (0, 3, 1, 2):
+        imp.alias(node, x.src)
+        return
+    raise imp.refuse(node, f"with perm {list(perm)}", "cnnc reads Transpose in a channel shuffle (Reshape to "
+                     "N×g×C/g×H×W, Transpose 0 2 1 3 4, Reshape back) and around a LayerNormalization of "
+                     "channels (0 2 3 1, LayerNormalization, 0 3 1 2)")
+
+
+def _layernorm(imp, node, i, ins, a):
+    x = ins[0]
+    image = isinstance(x, Nhwc) and not x.normalized
+    t = x.src if image else imp.tensor(node, x)
+    if not image and len(t.shape) != 1:
+        raise imp.refuse(node, f"over the last axis of {fmt_shape(t.shape)}", "cnnc normalises the channels: "
+                         "of N×F features, or of an image transposed to N×H×W×C and back")
+    if int(a.get("axis", -1)) not in (-1, 1 if not image else 3):
+        raise imp.refuse(node, f"over axes from {a.get('axis')}")
+    params = {"weight": imp.const(node, ins[1], "the scale")}
+    if len(ins) > 2 and ins[2] is not None:
+        params["bias"] = imp.const(node, ins[2], "the bias")
+    else:
+        params["bias"] = np.zeros(t.shape[0], np.float32)
+    y = imp.layer("layernorm", {"eps": float(a.get("epsilon", 1e-5))}, [t], node, i, params)
+    if image:
+        imp.bind(node.output[0], Nhwc(y, True))
+
+
+def _slice(imp, node, i, ins, a):
+    """Channels lo … hi−1 (channel_slice), or every s-th row and column (the option-A shortcut)."""
+    x = imp.tensor(node, ins[0])
+    if imp.opset < 10:
+        starts, ends, axes, steps = list(a["starts"]), list(a["ends"]), a.get("axes"), None
+    else:
+        starts, ends = (imp.const(node, v, "the bounds").tolist() for v in ins[1:3])
+        axes = imp.const(node, ins[3], "the axes").tolist() if len(ins) > 3 and ins[3] is not None else None
+        steps = imp.const(node, ins[4], "the steps").tolist() if len(ins) > 4 and ins[4] is not None else None
+    rank = len(x.shape) + 1
+    axes = [int(v) % rank for v in (range(len(starts)) if axes is None else axes)]
+    steps = [1] * len(axes) if steps is None else [int(v) for v in steps]
+    full = (None,) + x.shape
+    if axes == [1] and steps == [1]:
+        c = x.shape[0]
+        lo, hi = (int(v) + c if int(v) < 0 else min(int(v), c) for v in (starts[0], ends[0]))
+        imp.layer("channel_slice", {"lo": lo, "hi": hi}, [x], node, i)
+        return
+    if sorted(axes) == [2, 3] and len(x.shape) == 3 and len(set(steps)) == 1 and steps[0] > 0 and \
+            all(int(v) == 0 for v in starts) and all(int(e) >= full[ax] for e, ax in zip(ends, axes)):
+        imp.layer("pad_channels", {"to": x.shape[0], "stride": steps[0]}, [x], node, i)
+        return
+    raise imp.refuse(node, f"over axes {axes} from {starts} to {ends} by {steps}",
+                     "cnnc slices channels (axis 1, step 1), or takes every s-th row and column")
+
+
+def _pad_channels(imp, node, i, x: Tensor, before: int, after: int) -> None:
+    """Zero channels around x: pad_channels, joining the subsampling Slice before it."""
+    from .ops import PadChannelsAttrs, pad_channels_split
+    d = imp.g.nodes[x.node]
+    if d["op"] == "pad_channels" and d["attrs"].to == x.shape[0] and imp.node_uses.get(x.node) == 1:
+        src = next(iter(imp.g.predecessors(x.node)))
+        c, stride = d["attrs"].to, d["attrs"].stride
+    else:
+        src, c, stride = None, x.shape[0], 1
+    to = c + before + after
+    if pad_channels_split(PadChannelsAttrs(to=to), c) != (before, after):
+        raise imp.refuse(node, f"with {before} channels before and {after} after",
+                         "cnnc's pad_channels puts half the zero channels before, the odd one after")
+    if src is None:
+        imp.layer("pad_channels", {"to": to}, [x], node, i)
+        return
+    d["attrs"] = d["attrs"].model_copy(update={"to": to})
+    imp.alias(node, Tensor(x.node, (to,) + x.shape[1:]))
 
 
 def _softmax(imp, node, i, ins, a):
@@ -825,6 +964,9 @@ def _pad(imp, node, i, ins, a):
             for k, ax in enumerate(axes):
                 full[ax], full[4 + ax] = pads[k], pads[len(axes) + k]
             pads = tuple(full)
+    if len(x.shape) == 3 and len(pads) == 8 and min(pads) >= 0 and value == 0.0 and \
+            not any(pads[k] for k in (0, 2, 3, 4, 6, 7)):
+        return _pad_channels(imp, node, i, x, pads[1], pads[5])
     if len(x.shape) != 3 or len(pads) != 8 or any(pads[k] for k in (0, 1, 4, 5)) or min(pads) < 0:
         raise imp.refuse(node, f"with pads {list(pads)}", "cnnc folds zero Pads of height and width into the Conv "
                          "or pool after them")
@@ -855,6 +997,133 @@ def _table_elementwise() -> dict[str, Callable]:
             if len(names) == 1}
 
 
+# ---- element-wise expressions ---------------------------------------------------------------------
+
+def _erf(v: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf, otypes=[np.float64])(v)
+
+
+def _sigmoid(v):
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+def _softplus(v):
+    return np.logaddexp(0.0, v)
+
+
+# ONNX's element-wise operators as NumPy, by the number of their tensor inputs
+_UNARY = {"Erf": _erf, "Exp": np.exp, "Tanh": np.tanh, "Sigmoid": _sigmoid, "Relu": lambda v: np.maximum(v, 0.0),
+          "Softplus": _softplus, "Sqrt": np.sqrt, "Neg": np.negative, "Abs": np.abs, "Log": np.log,
+          "Reciprocal": lambda v: 1.0 / v}
+_BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Pow": np.power,
+           "Max": np.maximum, "Min": np.minimum}
+# operators that begin an expression on a tensor of the graph (the others, Relu or Sigmoid, are layers
+# by themselves and join an expression only inside one)
+_STARTS = {"Erf", "Exp", "Softplus", "Sqrt", "Neg", "Abs", "Log", "Reciprocal", "Pow"}
+_FORMULA_FUNCS = {"exp": np.exp, "expm1": np.expm1, "log": np.log, "log1p": np.log1p, "sqrt": np.sqrt,
+                  "tanh": np.tanh, "erf": _erf, "abs": np.abs, "sigmoid": _sigmoid, "softplus": _softplus,
+                  "min": np.minimum, "max": np.maximum, "clip": np.clip, "where": np.where}
+_BIN_OPS = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.divide, ">": np.greater, "<": np.less,
+            ">=": np.greater_equal, "<=": np.less_equal}
+PROBE = np.concatenate([np.linspace(-8.0, 8.0, 1601), [-40.0, -20.0, 20.0, 40.0]])
+
+
+def _evaluate(e, x: np.ndarray) -> np.ndarray:
+    """A table formula (compiler/formula.py's tree) at the points x."""
+    if e.kind == "num":
+        return np.full_like(x, e.value)
+    if e.kind == "var":
+        return x
+    args = [_evaluate(a, x) for a in e.args]
+    if e.kind == "neg":
+        return -args[0]
+    if e.kind in ("bin", "cmp"):
+        return _BIN_OPS[e.name](*args).astype(np.float64)
+    return _FORMULA_FUNCS[e.name](*args)
+
+
+def _matching_op(fn) -> str | None:
+    """The table's parameterless activation that fn computes on PROBE's points, or None."""
+    with np.errstate(all="ignore"):
+        got = fn(PROBE.copy())
+        if not np.all(np.isfinite(got)):
+            return None
+        for name, op in OPS.items():
+            if op.formula is None or op.formula.params or not op.user:
+                continue
+            want = _evaluate(op.formula.fwd, PROBE.copy())
+            if np.allclose(got, want, rtol=1e-5, atol=1e-6):
+                return name
+    return None
+
+
+def _affine_of(fn) -> tuple[float | None, float]:
+    """(a, b) where fn(x) = a·x + b on PROBE's points, else (None, 0)."""
+    with np.errstate(all="ignore"):
+        y = fn(PROBE.copy())
+    b = float(fn(np.zeros(1))[0])
+    a = float(fn(np.ones(1))[0]) - b
+    if np.all(np.isfinite(y)) and np.allclose(y, a * PROBE + b, rtol=1e-6, atol=1e-7):
+        return a, b
+    return None, 0.0
+
+
+def _expression_step(imp, node, i, ins, a) -> Expression | None:
+    """The node as a step of an element-wise expression of one tensor, or None when it is not one."""
+    op = node.op_type
+    if op not in _UNARY and op not in _BINARY and op not in ("Clip", "HardSigmoid"):
+        return None
+    srcs, parts = set(), []
+    for v in ins:
+        if isinstance(v, Expression):
+            srcs.add(v.src.node)
+            parts.append(v.fn)
+        elif isinstance(v, Tensor):
+            srcs.add(v.node)
+            parts.append(lambda z: z)
+        elif isinstance(v, np.ndarray) and v.dtype != object and v.size == 1:
+            c = float(v.reshape(-1)[0])
+            parts.append(lambda z, c=c: np.full_like(z, c))
+        elif v is None:
+            parts.append(None)
+        else:
+            return None
+    if len(srcs) != 1:
+        return None
+    src = next(v.src if isinstance(v, Expression) else v for v in ins if isinstance(v, (Expression, Tensor)))
+    inside = any(isinstance(v, Expression) for v in ins)
+    tensors = [v for v in ins if isinstance(v, Tensor)]
+    self_binary = op in _BINARY and len(tensors) == 2  # x·x, x + x
+    scalar = op in _BINARY and len(tensors) == 1 and len(ins) == 2  # x·0.5: part of GELU, or a plain scale
+    if not (inside or self_binary or op in _STARTS or (scalar and op != "Pow" and _scalar_begins(imp, node))):
+        return None
+    if inside and not tensors and any(v.complete() for v in ins if isinstance(v, Expression)):
+        return None  # gelu(x)·0.5: the activation is whole; what follows applies to its result
+    if op in _UNARY:
+        f, g = _UNARY[op], parts[0]
+        fn = lambda z: f(g(z))  # noqa: E731
+    elif op in _BINARY:
+        f, g, h = _BINARY[op], parts[0], parts[1]
+        fn = lambda z: f(g(z), h(z))  # noqa: E731
+    elif op == "Clip":
+        lo, hi = (a.get("min", -np.inf), a.get("max", np.inf)) if imp.opset < 11 else \
+            ((float(ins[k]) if len(ins) > k and isinstance(ins[k], np.ndarray) else (-np.inf, np.inf)[k - 1])
+             for k in (1, 2))
+        g = parts[0]
+        fn = lambda z: np.clip(g(z), lo, hi)  # noqa: E731
+    else:
+        alpha, beta, g = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5)), parts[0]
+        fn = lambda z: np.clip(alpha * g(z) + beta, 0.0, 1.0)  # noqa: E731
+    return Expression(src, fn, node, i)
+
+
+def _scalar_begins(imp, node) -> bool:
+    """Whether a tensor times (plus, ...) a scalar starts an expression: when its result feeds only
+    element-wise operators (GELU's x·(1/√2) goes to Erf), not when it is a plain scale before a layer."""
+    readers = imp.readers.get(node.output[0], [])
+    return bool(readers) and all(r in _UNARY or r in _BINARY or r in ("Clip", "HardSigmoid") for r in readers)
+
+
 # x · g(x) by the ONNX operator of g: the activations opsets before HardSwish (14) spell out
 SELF_GATED = {"Sigmoid": "silu", "HardSigmoid": "hardswish"}
 
@@ -865,7 +1134,7 @@ HANDLERS: dict[str, Callable] = {
     "Sum": _sum, "Add": _add, "Sub": lambda imp, node, i, ins, a: _add(imp, node, i, ins, a, -1.0), "Mul": _mul,
     "Div": _div, "Flatten": _flatten, "Reshape": _reshape, "Squeeze": _squeeze, "Transpose": _transpose,
     "Softmax": _softmax, "Dropout": _dropout, "Identity": _dropout, "Clip": _clip, "HardSigmoid": _hardsigmoid,
-    "Gelu": _gelu, "PRelu": _prelu, "Pad": _pad,
+    "Gelu": _gelu, "PRelu": _prelu, "Pad": _pad, "Slice": _slice, "LayerNormalization": _layernorm,
 }
 
 

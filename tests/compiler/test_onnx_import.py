@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from cnnc.compiler.onnx_import import import_model  # noqa: E402
 from cnnc.compiler.pipeline import check, run_pipeline  # noqa: E402
 from cnnc.compiler.to_cnn import write  # noqa: E402
-from cnnc.dsl.errors import CnncErrors  # noqa: E402
+from cnnc.dsl.errors import CnncError, CnncErrors  # noqa: E402
 from cnnc.runtime.model import Model  # noqa: E402
 
 from conftest import run_cli  # noqa: E402
@@ -240,6 +240,41 @@ def test_a_pytorch_export_equals_pytorch(make, size, opset, dynamic, fold):
     assert {"flatten"} <= ops or "dense" in ops
 
 
+class Activations(nn.Module):
+    """Activations PyTorch's exporter spells out in element-wise operators at opset 17 (GELU as
+    Div, Erf, Add, Mul, Mul; its tanh form; mish as Softplus, Tanh, Mul), found again by formula."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = nn.functional.gelu(self.c1(x))
+        x = nn.functional.mish(self.c2(x))
+        return nn.functional.gelu(self.c3(x), approximate="tanh") * 0.5
+
+
+def test_activations_spelled_out_in_onnx_operators_are_recovered():
+    torch.manual_seed(0)
+    net = Activations().eval()
+    x = torch.randn(2, 3, 12, 12)
+    model = _export(net, x, 17, True)
+    assert "Erf" in {n.op_type for n in model.graph.node}
+    g = run_pipeline(import_model(model, "act.onnx"))
+    assert [g.nodes[n]["op"] for n in g.nodes] == ["input", "conv", "gelu", "conv", "mish", "conv", "gelu_tanh",
+                                                   "layer_scale"]
+    with torch.no_grad():
+        assert rel(Model(g)(x.numpy()), net(x).numpy()) < 1e-5
+
+
+def test_an_element_wise_expression_that_is_no_activation_is_refused():
+    nodes = [helper.make_node("Exp", ["x"], ["e"], name="exp"), helper.make_node("Relu", ["e"], ["y"])]
+    with pytest.raises(CnncError) as info:
+        import_model(_model(nodes, [_image()]), "exp.onnx")
+    assert "(Relu, opset 13) ends an element-wise expression that is none of cnnc's activations" in \
+        info.value.render()
+
+
 def test_an_imported_model_trains_from_its_weights(tmp_path):
     """`.onnx` where a `.cnn` goes: check, and a Model that starts from the file's weights."""
     torch.manual_seed(0)
@@ -270,14 +305,14 @@ def test_every_unsupported_op_is_listed_at_once(tmp_path):
     w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
     nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv"),
              helper.make_node("GlobalMaxPool", ["a"], ["b"], name="gmp"),
-             helper.make_node("Erf", ["b"], ["c"], name="erf_here"),
+             helper.make_node("ReduceMax", ["b"], ["c"], name="reduce_here"),
              helper.make_node("Relu", ["c"], ["y"], name="relu")]
     path = tmp_path / "bad.onnx"
     onnx.save(_model(nodes, [_image()], [w]), path)
     r = run_cli("check", str(path))
     assert r.code == 1 and "Traceback" not in r.err
     assert "`gmp`: cnnc has no equivalent of GlobalMaxPool (opset 13)" in r.err
-    assert "`erf_here`: cnnc has no equivalent of Erf (opset 13)" in r.err
+    assert "`reduce_here`: cnnc has no equivalent of ReduceMax (opset 13)" in r.err
     assert f"{path}:3:1: error" in r.err  # the node's line in the listing of the file's nodes
     assert "2 errors generated." in r.err
 
