@@ -21,7 +21,6 @@ from . import dense as _dense
 from . import elementwise as _elementwise
 from . import fused as _fused
 from . import parallel
-from .dense import _cast
 
 ELEMENTWISE = Kernel(_elementwise.eltwise_forward, _elementwise.eltwise_backward)  # every op with a formula
 
@@ -69,94 +68,141 @@ def dropout_backward(node, saved, dy, params, ctx):
 
 # ---- normalisation -------------------------------------------------------------------------
 
-def _bn_axes(x: np.ndarray) -> tuple[int, ...]:
-    """Reduction axes for (N, C, H, W) or (N, C)."""
-    return (0, 2, 3) if x.ndim == 4 else (0,)
+# Elements per block of BatchNorm's passes: a block and its one temporary stay in the cache between
+# the few NumPy calls made on it.
+BN_BLOCK = 1 << 18
+# Rows from which a batched dot product per row beats a product and a matrix-vector sum (short rows:
+# the batched matmul's per-row cost dominates).
+BN_DOT_WIDTH = 512
 
 
-def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
-    """A (c,) vector shaped to broadcast along axis 1 of an ndim-array."""
-    return v.reshape((1, v.shape[0]) + (1,) * (ndim - 2))
-
-
-def _channel_sum(a: np.ndarray, axes) -> np.ndarray:
-    """Σ over all axes but 1. For (N, C, H, W), rows of H·W times a vector of ones (BLAS), then over
-    N: faster than NumPy's reduction over axes (0, 2, 3), and it needs no temporary."""
-    if a.ndim != 4:
-        return a.sum(axis=axes)
+def _bn_rows(a: np.ndarray) -> np.ndarray:
+    """(N·C, H·W) rows of an (N, C, H, W) or (N, C) array: one (image, channel) pair a row."""
     n, c = a.shape[:2]
-    return (a.reshape(n, c, -1) @ np.ones(a.shape[2] * a.shape[3], dtype=a.dtype)).sum(axis=0)
+    return np.ascontiguousarray(a).reshape(n * c, -1)
 
 
-def _channel_dot(a: np.ndarray, b: np.ndarray, axes) -> np.ndarray:
-    """Σ a·b over all axes but 1, as one BLAS dot product per (image, channel) row: no a·b temporary."""
-    if a.ndim != 4:
-        return (a * b).sum(axis=axes)
-    n, c = a.shape[:2]
-    rows = np.matmul(a.reshape(n, c, 1, -1), b.reshape(n, c, -1, 1))
-    return rows.reshape(n, c).sum(axis=0)
+def _row_blocks(rows: int, width: int, fn) -> None:
+    """fn(r0, r1) over blocks of whole rows of about BN_BLOCK elements, split over the threads."""
+    parallel.ranges(rows * width, lambda a, b: fn(a // width, b // width), unit=width, block=BN_BLOCK)
+
+
+def _row_dots(a: np.ndarray, b: np.ndarray, ones: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = a[i]·b[i] for (rows, width) blocks: a batched dot product a row when rows are long,
+    else the product and a matrix-vector sum (for short rows the batched matmul's per-row cost dominates)."""
+    if a.shape[1] >= BN_DOT_WIDTH:
+        np.matmul(a[:, None, :], b[:, :, None], out=out[:, None, None])
+    else:
+        np.matmul(a * b, ones, out=out)
+
+
+def _per_row(v: np.ndarray, n: int, dtype) -> np.ndarray:
+    """A per-channel (C,) vector as an (N·C, 1) column matching _bn_rows' rows."""
+    return np.tile(np.asarray(v, dtype=dtype), n)[:, None]
+
+
+def _combine(sums: np.ndarray, m2: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance from per-row sums and centred sums of squares, both
+    (N, C), rows of `width` elements (Chan et al.'s pairwise update, in float64)."""
+    sums, m2 = sums.astype(np.float64), m2.astype(np.float64)
+    count = sums.shape[0] * width
+    mean = sums.sum(axis=0) / count
+    spread = sums / width - mean
+    return mean, (m2.sum(axis=0) + width * (spread * spread).sum(axis=0)) / count
 
 
 def batchnorm_forward(node, xs, params, ctx):
+    """Two passes over x in cache-sized blocks of (image, channel) rows, split over the threads:
+    per-row sums and centred sums of squares (combined per channel in float64), then y = x·a + b
+    per channel. Backward keeps x itself (the array exists anyway) rather than a new x̂."""
     (x,) = xs
     a = node.attrs
-    axes, nd, c = _bn_axes(x), x.ndim, x.shape[1]
+    n, c = x.shape[:2]
     dtype = x.dtype
-    training = bool(ctx.training)
-    count = x.size // c
-    m, eps = float(a.momentum), float(a.eps)
+    rows = _bn_rows(x)
+    width = rows.shape[1]
+    eps = float(a.eps)
     rm, rv = params["running_mean"], params["running_var"]
-    xhat = np.empty_like(x)
-    y = np.empty_like(x) if a.affine else xhat
-    invstd = np.empty(c, dtype=dtype)
+    if ctx.training:
+        ones = np.ones(width, dtype=dtype)
+        sums = np.empty(n * c, dtype=dtype)
+        m2 = np.empty(n * c, dtype=dtype)
 
-    def part(c0, c1):  # channels are independent: threads take a slice each
-        xs_, xh = x[:, c0:c1], xhat[:, c0:c1]
-        if training:
-            mean = _channel_sum(xs_, axes) / count
-            np.subtract(xs_, _per_channel(mean, nd), out=xh)
-            var = _channel_dot(xh, xh, axes) / count  # biased: normalises the batch
-            rm[c0:c1] *= 1.0 - m  # in place: the buffers are the executor's arrays
-            rm[c0:c1] += m * mean
-            rv[c0:c1] *= 1.0 - m
-            rv[c0:c1] += (m * count / max(count - 1, 1)) * var  # unbiased, as PyTorch stores it
-        else:
-            np.subtract(xs_, _per_channel(_cast(rm[c0:c1], dtype), nd), out=xh)
-            var = _cast(rv[c0:c1], dtype)
-        inv = 1.0 / np.sqrt(var + eps)
-        invstd[c0:c1] = inv
-        xh *= _per_channel(inv, nd)
-        if a.affine:
-            np.multiply(xh, _per_channel(_cast(params["weight"][c0:c1], dtype), nd), out=y[:, c0:c1])
-            y[:, c0:c1] += _per_channel(_cast(params["bias"][c0:c1], dtype), nd)
+        def stats(r0, r1):
+            xb = rows[r0:r1]
+            s = np.matmul(xb, ones, out=sums[r0:r1])
+            t = xb - (s * (1.0 / width))[:, None]
+            _row_dots(t, t, ones, m2[r0:r1])
 
-    parallel.run(part, parallel.chunks(c, 4 * x.size))
-    return y, (xhat, invstd, training)
+        _row_blocks(n * c, width, stats)
+        mean, var = _combine(sums.reshape(n, c), m2.reshape(n, c), width)
+        count, m = n * width, float(a.momentum)
+        rm *= 1.0 - m  # in place: the buffers are the executor's arrays
+        rm += m * mean
+        rv *= 1.0 - m
+        rv += (m * count / max(count - 1, 1)) * var  # unbiased, as PyTorch stores it
+    else:
+        mean, var = rm.astype(np.float64), rv.astype(np.float64)
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd * params["weight"] if a.affine else invstd
+    shift = (params["bias"] - mean * scale) if a.affine else -mean * scale
+    y = np.empty(x.shape, dtype=dtype)
+    yrows, sr, br = y.reshape(n * c, width), _per_row(scale, n, dtype), _per_row(shift, n, dtype)
+
+    def normalise(r0, r1):
+        yb = yrows[r0:r1]
+        np.multiply(rows[r0:r1], sr[r0:r1], out=yb)
+        yb += br[r0:r1]
+
+    _row_blocks(n * c, width, normalise)
+    return y, (x, mean, invstd, bool(ctx.training))
 
 
 def batchnorm_backward(node, saved, dy, params, ctx):
-    xhat, invstd, training = saved
-    axes, nd, c = _bn_axes(dy), dy.ndim, dy.shape[1]
+    """dβ = Σ dy and dγ = Σ dy·x̂ in one blocked pass over dy and x (per-row sums and dot products),
+    then, in training (through the batch statistics), dx = γσ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂))
+    in another, as k·dy + b·x + c with per-channel k, b, c: three NumPy calls a block."""
+    x, mean, invstd, training = saved
+    a = node.attrs
+    n, c = dy.shape[:2]
     dtype = dy.dtype
-    scale = invstd * _cast(params["weight"], dtype) if node.attrs.affine else invstd
-    inv_n = 1.0 / (dy.size // c)
-    dx = np.empty_like(dy)
-    db, dw = np.empty(c, dtype=dtype), np.empty(c, dtype=dtype)
+    rows, grows = _bn_rows(x), _bn_rows(dy)
+    width = rows.shape[1]
+    ones = np.ones(width, dtype=dtype)
+    dsum = np.empty(n * c, dtype=dtype)
+    dxsum = np.empty(n * c, dtype=dtype)
 
-    def part(c0, c1):
-        dys, xh, out = dy[:, c0:c1], xhat[:, c0:c1], dx[:, c0:c1]
-        db[c0:c1] = _channel_sum(dys, axes)
-        dw[c0:c1] = _channel_dot(dys, xh, axes)
-        if training:
-            # through the batch statistics: dx = γ·σ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂))
-            np.subtract(dys, _per_channel(db[c0:c1] * inv_n, nd), out=out)
-            out -= xh * _per_channel(dw[c0:c1] * inv_n, nd)
-            out *= _per_channel(scale[c0:c1], nd)
-        else:
-            np.multiply(dys, _per_channel(scale[c0:c1], nd), out=out)
+    def sums(r0, r1):
+        gb = grows[r0:r1]
+        np.matmul(gb, ones, out=dsum[r0:r1])
+        _row_dots(rows[r0:r1], gb, ones, dxsum[r0:r1])
 
-    parallel.run(part, parallel.chunks(c, 4 * dy.size))
-    return [dx], ({"weight": dw, "bias": db} if node.attrs.affine else {})
+    _row_blocks(n * c, width, sums)
+    db = dsum.reshape(n, c).astype(np.float64).sum(axis=0)
+    # Σ dy·x̂ = σ⁻¹·(Σ dy·x − μ·Σ dy): the subtraction per channel, in float64
+    dw = (dxsum.reshape(n, c).astype(np.float64).sum(axis=0) - mean * db) * invstd
+    k = invstd * params["weight"] if a.affine else invstd
+    dx = np.empty(dy.shape, dtype=dtype)
+    drows, kr = dx.reshape(n * c, width), _per_row(k, n, dtype)
+    if training:
+        # dx = k·dy − p·(x − μ) − q = k·dy + b·x + c per channel, b and c in float64
+        count = n * width
+        p = k * invstd * dw / count
+        br, cr = _per_row(-p, n, dtype), _per_row(p * mean - k * db / count, n, dtype)
+
+        def grad(r0, r1):
+            out = drows[r0:r1]
+            np.multiply(grows[r0:r1], kr[r0:r1], out=out)
+            t = rows[r0:r1] * br[r0:r1]
+            out += t
+            out += cr[r0:r1]
+    else:
+        def grad(r0, r1):
+            np.multiply(grows[r0:r1], kr[r0:r1], out=drows[r0:r1])
+
+    _row_blocks(n * c, width, grad)
+    dparams = {"weight": dw.astype(dtype), "bias": db.astype(dtype)} if a.affine else {}
+    return [dx], dparams
 
 
 def _channel_window_sum(a: np.ndarray, before: int, after: int) -> np.ndarray:
