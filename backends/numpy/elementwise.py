@@ -34,8 +34,8 @@ _CALLS = {
 }
 
 
-def _sigmoid(v):
-    t = np.negative(v)
+def _sigmoid(v, out=None):
+    t = np.negative(v, out=out)
     with np.errstate(over="ignore"):  # e^−x overflows to inf for x < −88 (float32): 1/(1 + inf) is 0
         np.exp(t, out=t)
     t += 1
@@ -74,12 +74,32 @@ def _node_text(e: Expr, args: list[str]) -> str:
 
 
 _UFUNCS = {"+": "np.add", "-": "np.subtract", "*": "np.multiply", "/": "np.divide"}
+# what writes a node's value into a given array: ufuncs (and clip, sigmoid) with out=
+_INTO = {**_UFUNCS, ">": "np.greater", "<": "np.less", ">=": "np.greater_equal", "<=": "np.less_equal",
+         "exp": "np.exp", "expm1": "np.expm1", "log": "np.log", "log1p": "np.log1p", "sqrt": "np.sqrt",
+         "tanh": "np.tanh", "abs": "np.absolute", "sigmoid": "_sigmoid", "min": "np.minimum",
+         "max": "np.maximum", "clip": "np.clip"}
 
 
-def _statements(e: Expr) -> tuple[list[str], str]:
+def _into_text(e: Expr, args: list[str]) -> str:
+    """A statement writing node e's value into `out`: the node's own ufunc with out=, else a copy."""
+    if e.kind == "call" and e.name in ("max", "min") and any(_is_number(a) for a in args):
+        v, c = (args[1], args[0]) if _is_number(args[0]) else (args[0], args[1])
+        return f"np.clip({v}, {c}, None, out=out)" if e.name == "max" else f"np.clip({v}, None, {c}, out=out)"
+    if e.kind == "call" and e.name == "softplus":
+        return f"np.logaddexp(0.0, {args[0]}, out=out)"
+    if e.kind in ("bin", "cmp", "call") and e.name in _INTO:
+        return f"{_INTO[e.name]}({', '.join(args)}, out=out)"
+    if e.kind == "neg":
+        return f"np.negative({args[0]}, out=out)"
+    return f"out[...] = {_node_text(e, args) if e.kind not in ('num', 'var') else args[0]}"
+
+
+def _statements(e: Expr, into: bool = False) -> tuple[list[str], str]:
     """The formula as statements: each distinct subexpression computed once (silu's derivative reads
     sigmoid(x) twice: one tanh, not two), and arithmetic written into a temporary that is not read
-    again instead of a new array. x, y and the parameters are never written."""
+    again instead of a new array. x, y and the parameters are never written. With `into`, the last
+    statement writes the result into the array `out` (no copy of a temporary afterwards)."""
     uses: dict[Expr, int] = {}
 
     def count(n: Expr) -> None:
@@ -108,6 +128,9 @@ def _statements(e: Expr) -> tuple[list[str], str]:
         for a in args:
             if a in left:
                 left[a] -= 1
+        if into and n is e:
+            lines.append(_into_text(n, args))
+            return "out"
         t = f"t{len(lines)}"
         reuse = None
         if n.kind == "bin" and array(n):
@@ -124,7 +147,11 @@ def _statements(e: Expr) -> tuple[list[str], str]:
         left[t] = uses[n]
         return t
 
-    return lines, emit(e)
+    result = emit(e)
+    if into and result != "out":  # the formula is a variable or a number
+        lines.append(f"out[...] = {result}")
+        result = "out"
+    return lines, result
 
 
 def _is_mask(e: Expr) -> bool:
@@ -143,8 +170,8 @@ def _is_number(text: str) -> bool:
 _NAMESPACE = {"np": np, "_sigmoid": _sigmoid, "_erf": _erf}
 
 
-def _compile(name: str, args: tuple[str, ...], e: Expr, where: str):
-    lines, result = _statements(e)
+def _compile(name: str, args: tuple[str, ...], e: Expr, where: str, into: bool = False):
+    lines, result = _statements(e, into)
     src = f"def {name}({', '.join(args)}):\n" + "".join(f"    {line}\n" for line in lines) + f"    return {result}\n"
     code = compile(src, f"<formula of {where}>", "exec")
     ns = dict(_NAMESPACE)
@@ -164,6 +191,26 @@ def derivative(op: str):
     """f'(x, y, *args) → dy/dx (a number, an array, or a boolean mask that multiplies as 0/1)."""
     f = OPS[op].formula
     return _compile("derivative", ("x", "y") + f.params, f.grad, op)
+
+
+@lru_cache(maxsize=None)
+def forward_into(op: str):
+    """f(x, *args, out) → out, out = f(x): out may be x itself (the last statement writes it)."""
+    f = OPS[op].formula
+    return _compile("forward_into", ("x",) + f.params + ("out",), f.fwd, op, into=True)
+
+
+def apply_into(op: str, args: tuple[float, ...], x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = f(x), written into out (which may be x), without a temporary for the result."""
+    with np.errstate(over="ignore", under="ignore"):
+        return forward_into(op)(x, *args, out)
+
+
+def grad_into(op: str, args: tuple[float, ...], x, y, dy: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = dy · f'(x, y), the product written straight into out."""
+    with np.errstate(over="ignore", under="ignore"):
+        d = derivative(op)(x, y, *args)
+    return np.multiply(dy, d, out=out)
 
 
 def apply(op: str, args: tuple[float, ...], x: np.ndarray) -> np.ndarray:
@@ -197,14 +244,15 @@ FORMULA_BLOCK = 1 << 16
 
 
 def _blockwise(fn, out: np.ndarray, arrays: list) -> np.ndarray:
-    """out = fn(*arrays), evaluated block by block (parallel.ranges): a formula's temporaries stay in the
-    cache instead of each making a pass over memory, and the blocks are shared by the threads. The
-    values are those of one whole-array call: every element is computed on its own."""
+    """fn(*arrays, out) writing into out, evaluated block by block (parallel.ranges): a formula's
+    temporaries stay in the cache instead of each making a pass over memory, and the blocks are
+    shared by the threads. The values are those of one whole-array call: every element is computed
+    on its own."""
     flat = [None if a is None else a.reshape(-1) for a in arrays]
     of = out.reshape(-1)
 
     def block(a, b):
-        of[a:b] = fn(*(None if f is None else f[a:b] for f in flat))
+        fn(*(None if f is None else f[a:b] for f in flat), of[a:b])
 
     parallel.ranges(out.size, block, block=FORMULA_BLOCK)
     return out
@@ -221,7 +269,7 @@ def eltwise_forward(node, xs, params, ctx):
     reads = OPS[node.op].formula.grad_reads
     args = _node_args(node)
     if _large(x):
-        y = _blockwise(lambda v: apply(node.op, args, v), np.empty_like(x), [x])
+        y = _blockwise(lambda v, o: apply_into(node.op, args, v, o), np.empty_like(x), [x])
     else:
         y = apply(node.op, args, x)
     return y, (x if "input" in reads else None, y if "output" in reads else None)
@@ -231,5 +279,5 @@ def eltwise_backward(node, saved, dy, params, ctx):
     x, y = saved
     args = _node_args(node)
     if _large(x, y, dy):
-        return [_blockwise(lambda a, b, g: grad(node.op, args, a, b, g), np.empty_like(dy), [x, y, dy])], {}
+        return [_blockwise(lambda a, b, g, o: grad_into(node.op, args, a, b, g, o), np.empty_like(dy), [x, y, dy])], {}
     return [grad(node.op, args, x, y, dy)], {}

@@ -69,7 +69,7 @@ def _epilogue(y: np.ndarray, bias, residual, act):
         if rf is not None:
             yb += rf[a:b]
         if act is not None:
-            of[a:b] = _ew.apply(act[0], act[1], yb)
+            _ew.apply_into(act[0], act[1], yb, of[a:b])  # of may be yf itself: written in place
 
     parallel.ranges(y.size, block, unit=inner)
     return out, (y if keep_pre else None)
@@ -87,8 +87,8 @@ def _epilogue_grad(act, pre, y, dy: np.ndarray) -> np.ndarray:
     gf, zf = _flat(dy), _flat(dz)
 
     def block(a, b):
-        zf[a:b] = _ew.grad(act[0], act[1], None if pf is None else pf[a:b], None if yf is None else yf[a:b],
-                           gf[a:b])
+        _ew.grad_into(act[0], act[1], None if pf is None else pf[a:b], None if yf is None else yf[a:b],
+                      gf[a:b], zf[a:b])
 
     parallel.ranges(dz.size, block)
     return dz
