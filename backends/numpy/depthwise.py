@@ -17,7 +17,10 @@ worker threads, through reused workspaces in which every copy is one long contig
   weight gradient is dy · colsᵀ per plane; the input gradient is, per phase, the correlation
   of that grid with the phase's taps flipped (runs of dy at offsets −di·wq − dj: the garbage
   positions hold zeros now, so the wrap-around reads add nothing), again copies and a matmul,
-  unpacked into dx. Only the input is kept for backward.
+  unpacked into dx. Only the input is kept for backward. With one filter per channel (m = 1) the
+  weight gradient is instead one batched dot product per tap, of dy's grid with the tap's run read
+  in the phase workspace itself (no column copies), and a phase of a single tap (stride 2's odd
+  rows and columns, every phase at stride 3) is one product written into dx's strided view.
 
 Measured on 2 cores (benchmarks/NOTES-cpu.md), one thread, per output: copying each tap's
 strided window of the planes instead (NumPy's inner loop then one row of ow elements) took
@@ -41,6 +44,11 @@ BLOCK_BYTES = 1 << 22
 # Blocks below which one thread does it all: with fewer, two threads measured slower (GIL handovers
 # again), with more up to 1.4× faster.
 THREAD_MIN_BLOCKS = 24
+# Stride phases of the input gradient with at most this many taps (a 3×3 kernel at stride 2: the
+# phase of odd rows and columns) go straight into dx (`_direct_phase`). One tap: one product instead
+# of a copy, a matmul per plane and the unpacking; with two, the products read strided windows and
+# measured no faster than the copies and the matmul.
+DIRECT_TAPS = 1
 
 
 def is_depthwise(node, c: int) -> bool:
@@ -175,13 +183,16 @@ def backward(node, x: np.ndarray, dy: np.ndarray, weight: np.ndarray, need_dx: b
     xr = np.ascontiguousarray(x).reshape(planes, h, w)
     dyr = np.ascontiguousarray(dy).reshape(planes, m, g.oh, g.ow)
     wr = _plane_weights(weight, n, c, dtype)
-    # per phase: its taps' offsets and their weights per plane, ordered (tap, filter) as the runs
+    # per phase: its taps, their offsets, their weights per plane ordered (tap, filter) as the runs,
+    # and whether its gradient is summed straight into dx (few taps, one filter per channel)
     by_phase = []
     for p, *_ in g.placements if need_dx else ():
         taps = [t for t, (q, _) in enumerate(g.taps) if q == p]
         wp = np.ascontiguousarray(wr[:, :, taps].transpose(0, 2, 1)).reshape(planes, 1, len(taps) * m)
-        by_phase.append((p, [g.taps[t][1] for t in taps], wp))
-    runs = max([t_] + [len(offs) * m for _, offs, _ in by_phase])
+        by_phase.append((p, taps, [g.taps[t][1] for t in taps], wp, m == 1 and len(taps) <= DIRECT_TAPS))
+    # one filter per channel: dW by a dot product per tap over the phase workspace itself, no columns
+    dw_dots = m == 1
+    runs = max([0 if dw_dots else t_] + [len(offs) * m for _, _, offs, _, direct in by_phase if not direct])
     dw_planes = np.empty((planes, m, t_), dtype=dtype)
     dx = np.empty((n, c, h, w), dtype=dtype) if need_dx else None
     dxr = dx.reshape(planes, h, w) if need_dx else None
@@ -190,20 +201,28 @@ def backward(node, x: np.ndarray, dy: np.ndarray, weight: np.ndarray, need_dx: b
     def part(lo, hi):
         rows = min(step, hi - lo)
         ws = np.zeros((len(g.phases), rows * g.plane + g.reach), dtype=dtype)
-        cols = np.empty((runs, rows * g.plane), dtype=dtype)
+        cols = np.empty((runs, rows * g.plane), dtype=dtype) if runs else None
         # dy on the grid, `reach` zeros in front for the input gradient's backward offsets
         dyw = np.zeros((m, g.reach + rows * g.plane), dtype=dtype)
         dpw = np.empty((rows, 1, g.plane), dtype=dtype)
         for b0 in range(lo, hi, step):
             b1 = min(b0 + step, hi)
             r, span = b1 - b0, (b1 - b0) * g.plane
-            _gather_taps(g, xr[b0:b1], ws, cols, span)
             for j in range(m):
                 g.grid(dyw[j], r, g.reach)[:, :g.oh, :g.ow] = dyr[b0:b1, j]
             dyg = dyw[:, g.reach:g.reach + span].reshape(m, r, g.plane).transpose(1, 0, 2)
             # dW[plane] = dy[plane] · cols[plane]ᵀ: (m, plane) by (plane, kh·kw)
-            np.matmul(dyg, _per_plane(cols, t_, r, g.plane).transpose(0, 2, 1), out=dw_planes[b0:b1])
-            for p, offs, wp in by_phase:
+            if dw_dots:
+                _pack(g, xr[b0:b1], ws)
+                for t, (p, off) in enumerate(g.taps):
+                    np.matmul(dyg, ws[p, off:off + span].reshape(r, g.plane, 1), out=dw_planes[b0:b1, :, t:t + 1])
+            else:
+                _gather_taps(g, xr[b0:b1], ws, cols, span)
+                np.matmul(dyg, _per_plane(cols, t_, r, g.plane).transpose(0, 2, 1), out=dw_planes[b0:b1])
+            for p, taps, offs, wp, direct in by_phase:
+                if direct:
+                    _direct_phase(g, p, taps, offs, wr[b0:b1, 0], dyw[0], dxr[b0:b1], r)
+                    continue
                 # the phase's gradient: Σ_taps w · dy shifted back by the tap's offset
                 for t, off in enumerate(offs):
                     for j in range(m):
@@ -218,3 +237,22 @@ def backward(node, x: np.ndarray, dy: np.ndarray, weight: np.ndarray, need_dx: b
     parallel.run(part, _thread_slices(planes, step))
     dweight = dw_planes.reshape(n, c * m, t_).sum(axis=0).reshape(weight.shape)
     return dx, dweight
+
+
+def _direct_phase(g: Geometry, p: int, taps, offs, w, dyw: np.ndarray, dxr: np.ndarray, r: int) -> None:
+    """A phase's input gradient Σ_taps w · (dy shifted back by the tap's offset), summed by broadcast
+    products straight into dx's strided view of that phase (one filter per channel): for a phase of
+    one or two taps cheaper than copying the runs and a matmul per plane, then unpacking."""
+    for q, gr, gc, xr_, xc in g.placements:
+        if q != p:
+            continue
+        dest = dxr[:, xr_, xc]
+        terms = [g.grid(dyw, r, g.reach - off)[:, gr, gc] for off in offs]
+        wcols = [w[:, t, None, None] for t in taps]
+        if len(terms) == 1:
+            np.multiply(terms[0], wcols[0], out=dest)
+            continue
+        acc = terms[0] * wcols[0]
+        for term, wc in zip(terms[1:-1], wcols[1:-1]):
+            acc += term * wc
+        np.add(acc, terms[-1] * wcols[-1], out=dest)

@@ -229,3 +229,28 @@ def test_fused_conv_epilogue(case, act):
     close(dps["bias"], grads[2].numpy(), np.float64, "d bias")
     if stride1:
         close(dxs[1], grads[3].numpy(), np.float64, "d residual")
+
+
+@pytest.mark.parametrize("direct", [0, 25], ids=["no-phase-direct", "every-phase-direct"])
+@pytest.mark.parametrize("case", ["3x3-s1-pad1-b3", "3x3-s2-asym-floor", "5x5-s2-pad2-floor", "3x3-s3-floor",
+                                  "3x3-dil3-s2-floor", "x2-3x3-pad1"])
+def test_input_gradient_by_phase_either_way(case, direct, monkeypatch):
+    """The input gradient of every stride phase summed straight into dx (broadcast products, one
+    to all of its taps), or none of them (copied runs and a matmul): PyTorch's values either way.
+    By default only phases of one tap go straight into dx; channel multipliers never do."""
+    monkeypatch.setattr(depthwise, "DIRECT_TAPS", direct)
+    node, specs, batch = case_node(case)
+    rng = seed("direct", case)
+    x = rng.normal(size=(batch, *node.in_shapes[0]))
+    params = make_params(specs, rng, np.float64)
+    dy = rng.normal(size=(batch, *node.out_shape))
+    k = KERNELS["conv"]
+    _, saved = k.forward(node, [x], params, Ctx(training=True))
+    (dx,), dps = k.backward(node, saved, dy, params, Ctx(training=True))
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(params["weight"], requires_grad=True)
+    bt = torch.tensor(params["bias"], requires_grad=True) if "bias" in params else None
+    yt = torch_conv(node, xt, wt, bt)
+    gx, gw = torch.autograd.grad(yt, [xt, wt], torch.tensor(dy))
+    close(dx, gx.numpy(), np.float64, "dx")
+    close(dps["weight"], gw.numpy(), np.float64, "d weight")
