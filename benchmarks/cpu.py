@@ -5,12 +5,14 @@ Rows (goals as ratios to PyTorch measured in the same run):
   ResNet-20 (CIFAR) training step, batch 128   our time / torch's time   goal ≤ 1.0
   conv 256→256 3×3, 56×56, batch 8, forward    our GFLOP/s / torch's     goal ≥ 0.8
   ResNet-50 inference (-O2), batch 1 and 16    our time / torch's time   reported
+  ResNet-50 inference vs onnxruntime, batch 1 and 16   our time / onnxruntime's   reported
   MobileNetV2, EfficientNet-B0 (224×224):      our time / torch's time   goal ≤ 1.5
     inference (-O2) batch 1, training step batch 32
 A training step is forward, cross-entropy, backward and an SGD-momentum update. This machine's
 load changes from second to second, so the two sides alternate: each round times ours, then
 PyTorch's, a few repeats each (median); the row's figure is the median over rounds of the
-per-round ratio. onnxruntime is not a peer: cnnc has no ONNX export.
+per-round ratio. The onnxruntime rows time our ONNX export (`cnnc export`, -O0) in an
+onnxruntime CPU session with as many intra-op threads as cnnc has; their peer column is onnxruntime.
 
     python benchmarks/cpu.py                 # all rows, about 15 minutes on 2 cores
     python benchmarks/cpu.py --rounds 3 --only lenet5,conv256
@@ -54,6 +56,23 @@ def network_steps(name: str, batch: int, train: bool):
     return ours, torch_step(model, xh, yh, train, config)
 
 
+def onnxruntime_steps(name: str, batch: int):
+    """(ours, onnxruntime's) inference step callables for a zoo network: our -O2 plan, and its ONNX
+    export in onnxruntime with our thread count; same weights and data."""
+    from cnnc.backends.base import Ctx
+    from cnnc.runtime.artifact import compile_model
+    from cnnc.runtime.bench import our_threads
+    from cnnc.runtime.model import Model
+    from cnnc.runtime.peers import onnxruntime_session
+
+    model = Model.load(EXAMPLES / f"{name}.cnn")
+    xh = np.random.default_rng(0).normal(size=(batch, *model.input_shape)).astype(np.float32)
+    compiled = compile_model(model, 2)
+    sess, _ = onnxruntime_session(model, our_threads(model))
+    feed = {sess.get_inputs()[0].name: xh}
+    return lambda: compiled.executor.forward(xh, Ctx(), keep=False), lambda: sess.run(None, feed)
+
+
 def conv256_steps():
     """The 256→256 3×3 conv at 56×56, batch 8, forward only (no bias), ours and torch's."""
     import torch
@@ -91,6 +110,11 @@ ROWS = [  # key, label, kind, goal (ratio of times; for conv256 of GFLOP/s), how
     ("efficientnet_b0_b1", "EfficientNet-B0 inference, batch 1", ("efficientnet_b0", 1, False), 1.5, "time ≤"),
     ("efficientnet_b0_b32", "EfficientNet-B0 training step, batch 32", ("efficientnet_b0", 32, True), 1.5,
      "time ≤"),
+    # the peer is onnxruntime on our ONNX export
+    ("resnet50_ort_b1", "ResNet-50 inference vs onnxruntime, batch 1",
+     lambda: onnxruntime_steps("resnet50", 1), None, "time"),
+    ("resnet50_ort_b16", "ResNet-50 inference vs onnxruntime, batch 16",
+     lambda: onnxruntime_steps("resnet50", 16), None, "time"),
 ]
 SLOW_STEP_MS = 1000  # rows whose steps take longer are timed with fewer repeats per round
 CONV256_FLOP = 2 * 8 * 56 * 56 * 256 * 256 * 9
@@ -103,7 +127,7 @@ def measure(key: str, spec, rounds: int, repeats: int) -> dict:
         ours, theirs, err = conv256_steps()
         note = f"max |ours − torch| {err:.1e}"
     else:
-        ours, theirs = network_steps(*spec)
+        ours, theirs = spec() if callable(spec) else network_steps(*spec)
     for fn in (ours, theirs, ours, theirs):  # warm-up: allocations, thread pools, caches
         fn()
     if _median_ms(ours, 1, 0) > SLOW_STEP_MS:  # seconds-long training steps: rounds matter more than repeats

@@ -129,14 +129,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", help="write the output array to this .npy file")
     r.set_defaults(run=_cmd_run)
 
-    b = sub.add_parser("bench", parents=[mem], help="images/s and ms per step, per layer, against PyTorch",
+    b = sub.add_parser("bench", parents=[mem], help="images/s and ms per step, per layer, against PyTorch or onnxruntime",
                        description="Time inference (the -O2 plan) or a training step; medians after warm-up.")
     b.add_argument("file", help="the .cnn file (or a .onnx model)")
     b.add_argument("--backend", default="numpy")
     b.add_argument("--batch", type=_positive, default=1)
     b.add_argument("--train", action="store_true", help="time a whole training step")
     b.add_argument("--layers", action="store_true", help="per-layer times, sorted, with GFLOP/s")
-    b.add_argument("--vs", choices=("torch",), help="time the same network in PyTorch too")
+    b.add_argument("--vs", choices=("torch", "onnxruntime"),
+                   help="time the same network in PyTorch, or its ONNX export in onnxruntime (inference), too")
     b.add_argument("--repeats", type=_positive, default=10)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(run=_cmd_bench)
@@ -375,7 +376,8 @@ def _cmd_bench(args) -> int:
     print(f"{r.network} on {r.backend}, batch {r.batch}, {what}: {r.ms_per_step:.2f} ms per step, "
           f"{r.images_per_s:.1f} images/s, peak memory {r.peak_rss_mb:.0f} MB")
     if r.peer:
-        print(f"{r.peer}: {r.peer_ms_per_step:.2f} ms per step; ratio (ours / {r.peer}) {r.ratio:.2f}")
+        how = f" ({r.peer_note})" if r.peer_note else ""
+        print(f"{r.peer}{how}: {r.peer_ms_per_step:.2f} ms per step; ratio (ours / {r.peer}) {r.ratio:.2f}")
     if r.layers:
         print(f"\n{'layer':<36}{'op':<16}{'forward ms':>11}{'backward ms':>12}{'GFLOP/s':>9}{'share':>7}")
         for row in r.layers:

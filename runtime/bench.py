@@ -4,7 +4,9 @@ Inference runs the -O2 plan; `--train` times a whole training step (forward, los
 optimizer update) on the plain training plan. Medians of timed repeats after warm-up. `--layers`
 times each layer's forward (and backward with `--train`) like `caffe time`, sorted, with
 GFLOP/s and share of the total. `--vs torch` builds the same network in PyTorch from our graph
-with our weights and times it in the same process on the same batch and thread count.
+with our weights and times it in the same process on the same batch and thread count;
+`--vs onnxruntime` (inference) exports it to ONNX in memory and times onnxruntime's CPU session
+with as many intra-op threads as our backend has, after checking both give the same output.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 from cnnc.backends.base import Ctx
 from cnnc.compiler.train_config import TrainConfig
-from cnnc.dsl.errors import CnncError
+from cnnc.dsl.errors import CnncError, InternalError
 
 from .artifact import compile_model
 from .budget import run_estimate
@@ -39,6 +41,7 @@ class BenchResult:
     peer: str | None = None
     peer_ms_per_step: float | None = None
     ratio: float | None = None
+    peer_note: str | None = None  # how the peer ran (onnxruntime: opset, threads, agreement)
     layers: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -70,8 +73,15 @@ def _train_step(model: Model, x, y, config: TrainConfig):
     return step
 
 
+PEERS = ("torch", "onnxruntime")
+
+
 def bench(path, backend: str = "numpy", batch: int = 1, train: bool = False, layers: bool = False,
           vs: str | None = None, repeats: int = 10, warmup: int = 3) -> BenchResult:
+    if vs is not None and vs not in PEERS:
+        raise CnncError(f"--vs {vs}: the peers are {', '.join(PEERS)}")
+    if vs == "onnxruntime" and train:
+        raise CnncError("--vs onnxruntime times inference only", hint="drop --train, or use --vs torch")
     model = Model.load(path, backend)
     run_estimate(model.graph, f"{'a training step' if train else 'inference'} of `{model.name}` at batch {batch}",
                  batch, training=train, optimizer_arrays=1 if train else 0, optimizer="momentum").check(
@@ -92,13 +102,41 @@ def bench(path, backend: str = "numpy", batch: int = 1, train: bool = False, lay
                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if layers:
         result.layers = layer_times(model if train else compiled, x, train, repeats=max(3, repeats // 3))
-    if vs is not None:
-        if vs != "torch":
-            raise CnncError(f"--vs {vs}: only `torch` is available as a peer")
-        result.peer = "torch"
+    if vs == "torch":
         result.peer_ms_per_step = torch_ms(model, xh, yh, train, config, repeats, warmup)
+    elif vs == "onnxruntime":
+        result.peer_ms_per_step, result.peer_note = onnxruntime_ms(model, compiled, xh, repeats, warmup)
+    if vs is not None:
+        result.peer = vs
         result.ratio = ms / result.peer_ms_per_step
     return result
+
+
+def our_threads(model: Model) -> int:
+    """The worker threads our backend computes with: the NumPy backend's, else the rule it follows."""
+    from cnnc.backends.numpy import parallel
+    if model.backend.name == "numpy":
+        return parallel.get_threads()
+    value = os.environ.get("CNNC_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else parallel.available_cpus()
+
+
+def onnxruntime_ms(model: Model, compiled, xh, repeats: int, warmup: int) -> tuple[float, str]:
+    """onnxruntime's ms per inference step on our exported network with our thread count, and a
+    note saying how it ran; its output must be ours (else the comparison would be of two functions)."""
+    from .peers import onnxruntime_session
+    threads = our_threads(model)
+    sess, exported = onnxruntime_session(model, threads)
+    feed = {sess.get_inputs()[0].name: xh}
+    ours = compiled.backend.to_host(compiled.executor.forward(compiled.backend.to_device(xh), Ctx(), keep=False))
+    (theirs,) = sess.run(None, feed)
+    err = float(np.abs(theirs - ours).max() / max(float(np.abs(ours).max()), 1e-30))
+    if not err <= 1e-4:
+        raise InternalError(f"onnxruntime's output of the exported `{model.name}` differs from ours: "
+                            f"max|Δ|/max|ours| = {err:.2e}")
+    ms = _median_ms(lambda: sess.run(None, feed), repeats, warmup)
+    return ms, f"CPU, opset {exported.opset}, {threads} intra-op thread{'s' if threads != 1 else ''}, " \
+               f"output max|Δ|/max|ours| {err:.1e}"
 
 
 def torch_step(model: Model, xh, yh, train: bool, config: TrainConfig):

@@ -32,6 +32,7 @@ DEFAULT_OPSET = 17
 # onnx's checker and onnxruntime run every op we write in
 OPSETS = range(13, 23)
 BATCH = "N"  # the symbolic batch dimension
+PROTOBUF_LIMIT = 2**31 - 2**24  # a serialized protobuf message is at most 2 GiB; some room for the graph
 
 
 def need_onnx(what: str = "`cnnc export`"):
@@ -107,6 +108,11 @@ def export_graph(g, params: dict[str, np.ndarray], opset: int, metadata: dict[st
         E.begin(g.nodes[outp]["name"], {})
         out_name = E.node("Identity", [out_name])
         shapes[out_name] = tuple(g.nodes[outp]["shape"])
+
+    size = sum(v.nbytes for v in E.initializers.values())
+    if size > PROTOBUF_LIMIT:
+        raise CnncError(f"`{g.graph['network']}` has {size / 2**30:.1f} GiB of weights: an ONNX file holds at most "
+                        "2 GiB without external data files, which cnnc export does not write")
 
     def info(name, shape):
         return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [BATCH, *shape])

@@ -1,8 +1,10 @@
-"""The same network in another framework, for `cnnc bench --vs`: PyTorch built from our graph.
+"""The same network in another framework, for `cnnc bench --vs`: PyTorch built from our graph,
+or onnxruntime running our ONNX export.
 
-PyTorch is optional (`pip install torch`); it is imported only here, only when asked for. The
-graph's own order and ports drive the PyTorch version, and it gets our weights, so both sides
-compute the same function on the same batch.
+PyTorch is optional (`pip install torch`), onnxruntime the extra `[onnx]`; each is imported only
+here, only when asked for. The graph's own order and ports drive the PyTorch version, and it gets
+our weights; the ONNX export carries them too; so both sides compute the same function on the
+same batch.
 """
 
 from __future__ import annotations
@@ -70,3 +72,11 @@ class TorchNetwork:
             p = {spec.name: self.leaves[f"{d['name']}.{spec.name}"] for spec in d.get("param_specs", [])}
             values[n] = torch_op(d["op"], d["attrs"], d, [values[u] for u in inputs_of(g, n)], p, training)
         return values[g.graph["output"]]
+
+
+def onnxruntime_session(model, threads: int):
+    """The network exported to ONNX in memory (as written, -O0: onnxruntime folds and fuses by
+    itself) in an onnxruntime CPU session with `threads` intra-op threads; (session, export)."""
+    from .onnx_export import export_model, session
+    exported = export_model(model, 0)
+    return session(exported, threads), exported

@@ -1,4 +1,4 @@
-"""`cnnc bench`: the JSON fields, per-layer rows, and PyTorch as a peer in the same process."""
+"""`cnnc bench`: the JSON fields, per-layer rows, and PyTorch or onnxruntime as a peer in the same process."""
 
 from __future__ import annotations
 
@@ -31,11 +31,29 @@ def test_bench_layers_are_sorted_and_shares_sum_to_one():
     assert json.loads(r.out)["peer"] is None
 
 
-def test_bench_offers_only_peers_it_has():
-    # onnxruntime is not offered until cnnc can export ONNX: argparse refuses it, exit 2
-    with pytest.raises(SystemExit) as exc:
-        run_cli("bench", str(EXAMPLES / "lenet5.cnn"), "--vs", "onnxruntime", "--repeats", "1")
-    assert exc.value.code == 2
+def test_bench_against_onnxruntime_uses_our_thread_count(monkeypatch):
+    """The exported network in onnxruntime, same batch, as many intra-op threads as our backend,
+    checked to give our output before it is timed."""
+    monkeypatch.setenv("CNNC_NUM_THREADS", "1")
+    r = run_cli("bench", str(EXAMPLES / "cifar_resnet20.cnn"), "--batch", "3", "--vs", "onnxruntime",
+                "--repeats", "2")
+    assert r.code == 0, r.err
+    line = next(x for x in r.out.splitlines() if x.startswith("onnxruntime ("))
+    assert "CPU, opset 17, 1 intra-op thread," in line and "ratio (ours / onnxruntime)" in line
+    r = run_cli("bench", str(EXAMPLES / "lenet5.cnn"), "--batch", "2", "--vs", "onnxruntime", "--repeats", "2",
+                "--json")
+    j = json.loads(r.out)
+    assert j["peer"] == "onnxruntime" and j["ratio"] == pytest.approx(j["ms_per_step"] / j["peer_ms_per_step"])
+
+    from cnnc.runtime.model import Model
+    from cnnc.runtime.peers import onnxruntime_session
+    sess, _ = onnxruntime_session(Model.load(EXAMPLES / "lenet5.cnn"), 1)
+    assert sess.get_session_options().intra_op_num_threads == 1
+
+
+def test_bench_onnxruntime_times_inference_only():
+    r = run_cli("bench", str(EXAMPLES / "lenet5.cnn"), "--train", "--vs", "onnxruntime", "--repeats", "1")
+    assert r.code == 1 and "--vs onnxruntime times inference only" in r.err
 
 
 def test_the_executor_reports_every_step_it_runs():
