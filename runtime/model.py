@@ -38,7 +38,7 @@ class Model:
             "fewer filters or units, or a smaller input")
         host = init_params(self.plan.param_specs, self.config, np.random.default_rng(seed))
         imported = graph.graph.get("weights") or {}  # a model read from ONNX starts from its own weights
-        host.update({k: np.asarray(v, np.float32) for k, v in imported.items() if k in host})
+        host.update({k: np.array(v, np.float32) for k, v in imported.items() if k in host})  # own, writable copies
         self.params = {k: self.backend.to_device(v) for k, v in host.items()}
         self.executor = Executor(self.plan, self.backend, self.params)
 

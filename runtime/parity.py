@@ -24,8 +24,9 @@ import numpy as np
 
 from cnnc.backends.base import Ctx, Kernel, get_backend
 from cnnc.compiler.optimize import remove_dropout
-from cnnc.compiler.pipeline import PassContext, check, run_pipeline
+from cnnc.compiler.pipeline import PassContext, check, is_onnx, run_pipeline
 from cnnc.dsl import load
+from cnnc.dsl.errors import CnncError
 
 from .executor import Executor
 from .budget import run_estimate
@@ -101,6 +102,9 @@ def parity(path, backends: tuple[str, str] = ("numpy", "cuda"), batch: int = 2, 
            input_size: tuple[int, int] | None = None, tolerance: float = 1e-4):
     g = check(path)
     if input_size is not None:  # a smaller image for speed: rebuild with the input resized
+        if is_onnx(path):
+            raise CnncError(f"--size rebuilds a network from its .cnn source; {path} is an ONNX model",
+                            hint=f"write it as .cnn first: `cnnc import {path} -o model.cnn --weights w.npz`")
         program = load(path)
         dims, span = program.input_dims
         program.input_dims = ((dims[0], *input_size), span)

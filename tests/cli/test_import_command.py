@@ -75,3 +75,52 @@ def test_viz_takes_an_onnx_file(tmp_path):
 def test_import_refuses_a_cnn_file(tmp_path):
     r = run_cli("import", "examples/lenet5.cnn")
     assert r.code == 1 and "reads .onnx models" in r.err
+
+
+def _tiny(tmp_path: Path) -> Path:
+    """A small classifier exported by PyTorch: conv, relu, global average pooling, flatten, linear."""
+    torch = pytest.importorskip("torch")
+    import io
+    import warnings
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(6, 3)).eval()
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(2, 1, 8, 8),), f, dynamo=False, opset_version=13, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+    path = tmp_path / "tiny.onnx"
+    path.write_bytes(f.getvalue())
+    return path
+
+
+def test_train_fine_tunes_an_onnx_model_from_its_weights(tmp_path):
+    from cnnc.compiler.pipeline import check
+    from cnnc.runtime.checkpoint import parameters, read_npz
+
+    src = _tiny(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.random((40, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 3, 40))
+    run = tmp_path / "run"
+    r = run_cli("train", str(src), "--data", str(tmp_path / "d.npz"), "--epochs", "1", "--lr", "0.001",
+                "--batch", "8", "-o", str(run), "--quiet")
+    assert r.code == 0, r.err
+    start = check(src).graph["weights"]
+    trained = parameters(read_npz(run / "checkpoint.npz")[0], run / "checkpoint.npz")
+    for k, v in start.items():  # fine-tuned: close to the file's weights, not a fresh initialisation
+        assert np.abs(trained[k] - v).max() < 0.05 * np.abs(v).max() + 1e-3, k
+    r = run_cli("eval", str(src), "--checkpoint", str(run / "checkpoint.npz"), "--data", str(tmp_path / "d.npz"))
+    assert r.code == 0, r.err
+
+
+def test_bench_takes_an_onnx_file(tmp_path):
+    r = run_cli("bench", str(_tiny(tmp_path)), "--batch", "2", "--repeats", "2", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["ms_per_step"] > 0
+
+
+def test_parity_size_needs_a_cnn_source(tmp_path):
+    r = run_cli("parity", str(_tiny(tmp_path)), "--backends", "numpy,numpy", "--size", "4x4")
+    assert r.code == 1 and "is an ONNX model" in r.err and "cnnc import" in r.err
