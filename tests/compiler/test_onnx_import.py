@@ -356,3 +356,12 @@ def test_softmax_below_opset_13_over_a_map_is_refused():
     assert "opset 11 flattens them into one" in info.value.render()
     g = run_pipeline(import_model(_model(nodes, [_image(shape=(1, 10))], opset=11), "sm.onnx"))
     assert [g.nodes[n]["op"] for n in g.nodes] == ["input", "softmax"]
+
+
+def test_without_the_onnx_package_the_error_says_how_to_install_it(tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    onnx.save(_model([helper.make_node("Relu", ["x"], ["y"])], [_image()]), path)
+    monkeypatch.setitem(__import__("sys").modules, "onnx", None)  # `import onnx` now fails, as when not installed
+    r = run_cli("check", str(path))
+    assert r.code == 1 and "Traceback" not in r.err
+    assert "pip install 'cnnc[onnx]'" in r.err
