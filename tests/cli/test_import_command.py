@@ -15,15 +15,10 @@ ort = pytest.importorskip("onnxruntime")
 from cnnc.runtime.model import Model  # noqa: E402
 
 from conftest import run_cli  # noqa: E402
-
-LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
-ort.set_default_logger_severity(3)
+from onnx_ref import LIGHT, rel, with_random_weights  # noqa: E402
 
 
 def _squeezenet(tmp_path: Path) -> Path:
-    import sys
-    sys.path.insert(0, str(Path(__file__).parents[1] / "compiler"))
-    from test_onnx_import import with_random_weights
     path = tmp_path / "squeezenet.onnx"
     onnx.save(with_random_weights(onnx.load(LIGHT / "light_squeezenet.onnx")), path)
     return path
@@ -32,10 +27,6 @@ def _squeezenet(tmp_path: Path) -> Path:
 def _ort(path: Path, x: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1]})[0] for i in range(len(x))])
-
-
-def rel(a, b) -> float:
-    return float(np.abs(a.reshape(b.shape) - b).max() / np.abs(b).max())
 
 
 def test_import_writes_a_cnn_file_and_weights_that_compute_the_model(tmp_path):
