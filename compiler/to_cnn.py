@@ -485,12 +485,18 @@ class _Writer:
             needs.add(body_out)
         for it in items:
             needs.update(it.parts)
+        for k, it in enumerate(items):
+            # a merge after a named tensor starts a statement, where it takes only the tensors it names
+            if it.kind == "merge" and chained[k] and it.ins[0] in needs:
+                chained[k] = False
         # statements: (names, [(text, computes, kind)])
         statements: list[tuple[list[str], list[tuple[str, bool, str]]]] = []
         current: list[tuple[str, bool, str]] | None = None
         for k, it in enumerate(items):
             if it.kind == "part":
                 continue
+            if it.kind == "merge" and current is None:
+                chained[k] = False  # at a statement's start: its operands are the tensors it names, `in` too
             if it.kind == "merge":
                 operands = it.ins[1:] if chained[k] else it.ins
                 text = f"{it.text}({', '.join(named[u] for u in operands)})"

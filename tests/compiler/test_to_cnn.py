@@ -326,3 +326,21 @@ def test_runs_of_calls_repeat_as_a_group(cnn):
     g2 = recheck(written.text)
     assert_same_graph(g, g2)
     assert_names_predicted(written, h, g2)
+
+
+def test_merges_that_start_a_statement_name_all_their_operands(cnn):
+    """A merge right after the input, or after a tensor that had to be named, starts a statement, where
+    it takes only the tensors it names: its first operand is named too (`add(input, input)`)."""
+    g = check(cnn("""
+        input 8x8x8
+        layers:
+            t0 = in -> add(in)
+            t1 = t0 -> identity
+            t2 = concat(in, t0) -> conv 8 1x1
+            t3 = t2 -> mul(t2)
+            concat(t1, t3) -> gap
+    """))
+    for blocks in (False, True):
+        text = write_cnn(imported_like(g), blocks)
+        assert "x1 = add(input, input)\n" in text and "x4 = mul(x3, x3)\n" in text
+        assert_same_graph(g, recheck(text))
