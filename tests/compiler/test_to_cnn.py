@@ -344,3 +344,65 @@ def test_merges_that_start_a_statement_name_all_their_operands(cnn):
         text = write_cnn(imported_like(g), blocks)
         assert "x1 = add(input, input)\n" in text and "x4 = mul(x3, x3)\n" in text
         assert_same_graph(g, recheck(text))
+
+
+# ---- random networks -------------------------------------------------------------------------------
+
+BLOCK_BODIES = [
+    ["conv 8 3x3 pad=1 -> relu", "conv 8 1x1 -> add(in)"],  # a residual
+    ["a = conv 4 1x1", "b = in -> conv 4 3x3 pad=1", "concat(a, b)"],  # two branches joined
+    ["a, b = in -> split", "b = b -> conv 4 1x1 -> relu", "concat(b, a)"],  # a split
+    ["x = in", "gap -> conv 2 1x1 -> relu -> conv 8 1x1 -> sigmoid -> mul(x)"],  # a gate
+    ["short = in -> conv 8 1x1 -> bn", "in -> conv 4 3x3 pad=1 -> relu -> conv 8 1x1 -> add(short) -> relu"],
+]
+LAYERS = ["relu", "bn", "conv 8 3x3 pad=1", "conv 8 1x1 bias=false", "identity", "dropout 0.1", "tanh",
+          "maxpool 3x3 stride=1 pad=1"]
+
+
+def random_network(rng, local: bool) -> str:
+    """8 channels throughout: layers, block calls (repeated), merges with recent tensors (local) or any."""
+    blocks = rng.sample(range(len(BLOCK_BODIES)), rng.randint(0, 3))
+    lines = [f"block b{i}():\n" + "".join(f"    {s}\n" for s in BLOCK_BODIES[i]) for i in blocks]
+    lines += ["input 8x8x8", "layers:"]
+    tensors, cur = ["in"], "in"
+    for i in range(rng.randint(3, 24)):
+        pick = (lambda: rng.choice(tensors[-2:])) if local else (lambda: rng.choice(tensors))
+        r = rng.random()
+        if r < (0.6 if local else 0.3) and blocks:
+            repeat = f" * {rng.randint(1, 3)}" if rng.random() < 0.3 else ""
+            lines.append(f"    t{i} = {cur} -> b{rng.choice(blocks)}(){repeat}")
+        elif r < 0.7:
+            lines.append(f"    t{i} = {cur} -> " + rng.choice(LAYERS + [f"add({pick()})", f"mul({pick()})"]))
+        else:
+            lines.append(f"    t{i} = concat({pick()}, {pick()}) -> conv 8 1x1")
+        tensors.append(f"t{i}")
+        cur = tensors[-1] if local or rng.random() < 0.5 else rng.choice(tensors[-3:])
+    lines.append(f"    {tensors[-1]} -> gap -> dense 3")
+    return "\n".join(lines) + "\n"
+
+
+def check_random_networks(seed: int, count: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    for k in range(count):
+        source = random_network(rng, local=k % 2 == 1)
+        g = recheck(source)
+        for h in (g, imported_like(g)):
+            for blocks in (True, False):
+                written = write(h, blocks)
+                try:
+                    g2 = recheck(written.text)
+                    assert_same_graph(g, g2)
+                    assert_names_predicted(written, h, g2)
+                except Exception as exc:
+                    raise AssertionError(f"network {k} of seed {seed}:\n{source}\nwritten as:\n{written.text}") from exc
+
+
+def test_random_networks_round_trip():
+    check_random_networks(seed=0, count=16)
+
+
+@pytest.mark.slow
+def test_random_networks_round_trip_many():
+    check_random_networks(seed=1, count=400)
