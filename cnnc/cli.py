@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(run=_cmd_check)
 
     im = sub.add_parser("import", help="read an ONNX model and write it as a .cnn file (and its weights)",
-                        description="Convert an ONNX model (opset 7 and up) into a .cnn file that checks to the same "
+                        description="Convert an ONNX model (opset 6 and up) into a .cnn file that checks to the same "
                                     "network, and its weights into a checkpoint that --checkpoint accepts.")
     im.add_argument("file", help="the .onnx model")
     im.add_argument("-o", "--output", metavar="OUT.cnn", help="the .cnn file to write (default: print it)")

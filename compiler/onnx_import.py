@@ -10,8 +10,14 @@ opset, or is folded away:
   becomes `flatten`;
 - Dropout and Identity vanish, Pad before a Conv or AveragePool moves into its pads, Mul(x,
   Sigmoid(x)) is silu, Reshape → Transpose → Reshape of ShuffleNet is channel_shuffle, a
-  per-channel Mul or Add of constants after a Conv, Gemm or BatchNormalization folds into its
-  weights (Caffe2's Scale layers), Gemm's alpha, beta and transposes fold into dense weights.
+  per-channel Add of constants after a Conv, Gemm or BatchNormalization folds into its bias and a
+  Mul into a BatchNormalization's scale (Caffe2's Scale layers; elsewhere a Mul is layer_scale),
+  Gemm's alpha, beta and transposes fold into dense weights;
+- an activation spelled out in element-wise operators (GELU as Div, Erf, Add, Mul below opset 20;
+  mish as Softplus, Tanh, Mul) becomes the op of the table whose formula it computes, found by
+  evaluating both at probe points; Slice of channels is channel_slice, a strided Slice and a
+  channel Pad pad_channels, Transpose → LayerNormalization → Transpose layernorm.
+Opset 6's broadcast=1/axis arithmetic is read as NumPy broadcasting.
 Every node gets a span into a synthetic source, one line per ONNX node under the file's name,
 so that an error names the file, the line of the node listing and the node. Ops cnnc lacks are
 reported all at once. The result is a built graph, not yet shape-checked: pipeline.check runs
@@ -37,7 +43,7 @@ from cnnc.dsl.errors import CnncError, CnncErrors, Diagnostics, Source, Span
 from .ops import OPS, fmt_shape
 
 INSTALL_HINT = "pip install 'cnnc[onnx]'"
-MIN_OPSET = 7
+MIN_OPSET = 6
 
 
 def onnx_module():
@@ -333,6 +339,8 @@ class _Importer:
             ins.append(self.values[v])
         attrs = {a.name: self.onnx.helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: _attr_value(v) for k, v in attrs.items()}
+        if self.opset < 7 and node.op_type in _BINARY and attrs.pop("broadcast", 0):
+            ins = _legacy_broadcast(ins, attrs.pop("axis", None))
         expr = _expression_step(self, node, i, ins, attrs)
         if expr is not None:
             self.values[node.output[0]] = expr
@@ -506,6 +514,16 @@ def _take_pad(imp, node, x, kind: str):
     return x.src, x.pads
 
 
+def _legacy_broadcast(ins: list, axis) -> list:
+    """Opset 6's broadcast=1: B lines up with A's dimensions from `axis` on; as NumPy broadcasting, B
+    gets trailing 1s."""
+    a, b = ins[0], ins[1]
+    if axis is None or not isinstance(a, Tensor) or not isinstance(b, np.ndarray):
+        return ins
+    rank = len(a.shape) + 1
+    return [a, b.reshape(b.shape + (1,) * max(0, rank - int(axis) % rank - b.ndim))] + list(ins[2:])
+
+
 def _per_channel(imp, node, c: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
     """A constant broadcast against an N×C×H×W (or N×F) tensor as one value per channel, or None."""
     rank = len(shape) + 1
@@ -607,7 +625,7 @@ def _matmul(imp, node, i, ins, a):
 
 def _batchnorm(imp, node, i, ins, a):
     x = imp.tensor(node, ins[0])
-    if a.get("training_mode", 0):
+    if a.get("training_mode", 0) or (imp.opset < 7 and not a.get("is_test", 0)):
         raise imp.refuse(node, "in training mode", "export the model for inference (model.eval())")
     if imp.opset < 9 and not a.get("spatial", 1):
         raise imp.refuse(node, "with spatial=0 (statistics per position)")
@@ -938,6 +956,8 @@ def _gelu(imp, node, i, ins, a):
 def _prelu(imp, node, i, ins, a):
     x = imp.tensor(node, ins[0])
     slope = np.asarray(imp.const(node, ins[1], "the slope"))
+    if imp.opset < 7 and slope.ndim == 1 and len(x.shape) == 3:  # opset 6: a vector of slopes is per channel
+        slope = slope.reshape(-1, 1, 1)
     if slope.size == 1:
         imp.layer("prelu", {"shared": True}, [x], node, i, {"weight": slope.reshape(1)})
         return

@@ -65,6 +65,10 @@ INCLUDE = [
     r"test_elu", r"test_prelu_", r"test_sigmoid", r"test_tanh", r"test_hardsigmoid", r"test_hardswish",
     r"test_clip", r"test_concat_", r"test_sum_", r"test_dropout_", r"test_identity", r"test_mish", r"test_gelu",
     r"test_reshape_", r"test_matmul_2d",
+    # PyTorch's exports of its modules and operators (opset 6), the CNN ones
+    r"test_(Conv2d|MaxPool2d|AvgPool2d|BatchNorm2d|Linear|ReLU|LeakyReLU|ELU|PReLU|Softmax|Sigmoid|Tanh|ZeroPad2d|"
+    r"ConstantPad2d)", r"test_operator_(conv_|maxpool|flatten|view|basic|concat2|add_|addconstant|params|pad|clip|"
+    r"mm|addmm)", r"test_single_relu_model",
 ]
 
 
@@ -83,7 +87,8 @@ EXCLUDE = {
         "softmax_negative_axis", "sum_example", "sum_one_input", "sum_two_inputs", "dropout_default",
         "dropout_default_ratio", "dropout_default_old", "dropout_random_old", "dropout_default_mask",
         "dropout_default_mask_ratio", r"clip[a-z_]*", r"concat_1d_axis_[a-z_0-9]*", r"concat_3d_[a-z_0-9]*",
-        r"reshape_[a-z_]*")],
+        r"reshape_[a-z_]*", "ELU", "LeakyReLU", "LeakyReLU_with_negval", r"PReLU_1d[a-z_]*", r"PReLU_3d[a-z_]*",
+        "operator_basic", "operator_maxpool", "operator_view", "softmax_functional_dim3")],
     "integer data: cnnc computes in float32": [r"_u?int8"],
     "optional and sequence values": [_cases("identity_opt", "identity_sequence")],
     "an operator's function body spelled out in ops cnnc has no layer for (ReduceMax, Exp, CastLike, ...)": [
@@ -92,17 +97,20 @@ EXCLUDE = {
         r"test_maxpool_with_argmax", r"test_batchnorm_.*training_mode"],
     "pooling pads over half the kernel (cnnc's pooling, as PyTorch's, refuses windows that may lie wholly in "
     "the padding)": [_cases("averagepool_2d_pads", "averagepool_2d_pads_count_include_pad", "maxpool_2d_pads")],
-    "pooling with dilations (cnnc's pooling windows are dense)": [_cases("maxpool_2d_dilations",
-                                                                         "averagepool_2d_dilations")],
+    "pooling with dilations (cnnc's pooling windows are dense)": [_cases(
+        "maxpool_2d_dilations", "averagepool_2d_dilations", "MaxPool2d_stride_padding_dilation")],
     "Flatten at an axis other than 1 (cnnc keeps the batch as the first dimension)": [_cases(
         "flatten_axis0", "flatten_axis2", "flatten_axis3", "flatten_negative_axis1", "flatten_negative_axis2",
         "flatten_negative_axis4")],
     "Gemm with transA or a bias per sample (cnnc's dense has one bias per unit)": [_cases(
         "gemm_transposeA", "gemm_all_attributes", "gemm_default_matrix_bias")],
-    "the input concatenated with a second given tensor (cnnc's concat joins layer outputs)": [
-        r"test_concat_2d_axis_"],
-    "opset 6 (the pytorch-converted cases; cnnc reads opsets 7 and up)": [_cases("softmax_functional_dim3",
-                                                                                 "softmax_lastdim")],
+    "the input concatenated with or added to a second given tensor (cnnc's merges join layer outputs)": [
+        r"test_concat_2d_axis_", _cases("operator_concat2", r"operator_add_[a-z0-9_]*", "operator_addmm")],
+    "a constant added to the input itself (cnnc adds constants only into the bias of the layer before)": [
+        _cases("operator_addconstant", "operator_params")],
+    "Clip to bounds other than [0, 6] and [0, ∞) (cnnc has relu6 and relu)": [_cases("operator_clip")],
+    "a Pad that no Conv or pool follows, or reflect padding (cnnc pads in its windowed layers)": [
+        _cases("ZeroPad2d", "ConstantPad2d", "operator_pad")],
 }
 
 backend_test = onnx.backend.test.BackendTest(CnncBackend, __name__)
