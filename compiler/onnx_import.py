@@ -93,6 +93,16 @@ class Grouped:
 
 
 @dataclass
+class GroupView:
+    """A tensor reshaped to N×g×(the rest), waiting for InstanceNormalization over each group and
+    the reshape back: group normalisation as exporters write it (`eps` once normalised)."""
+
+    src: Tensor
+    groups: int
+    eps: float | None = None
+
+
+@dataclass
 class Nhwc:
     """An image transposed to N×H×W×C (Transpose 0 2 3 1), waiting for a LayerNormalization over
     its last axis and the transpose back (ConvNeXt's LayerNorm2d); `normalized` once it had it."""
@@ -686,9 +696,10 @@ def _affine(imp, node, i, x: Tensor, scale, shift) -> None:
         d = imp.g.nodes[x.node]
         op = OPS[d["op"]]
         bias_flag = "bias" in op.attrs.model_fields  # conv and dense: a bias may be switched on
-        # a scale joins a per-channel affine op's (BatchNorm's γ: Caffe's Scale layer after its BatchNorm);
-        # after a conv it stays a layer of its own (layer_scale), as written
-        scalable = "weight" in p and op.fold is not None
+        # a scale joins a per-channel affine op's (BatchNorm's γ: Caffe's Scale layer after its BatchNorm)
+        # or a normalisation's final x̂·γ + β; after a conv it stays a layer of its own (layer_scale)
+        norm_affine = op.kind == "norm" and "bias" in p and p.get("weight", np.empty(0)).shape == p["bias"].shape
+        scalable = "weight" in p and (op.fold is not None or norm_affine)
         shiftable = "bias" in p or bias_flag
         if (scale is None or scalable) and (shift is None or shiftable):
             if scale is not None:
@@ -787,9 +798,26 @@ def _reshape(imp, node, i, ins, a):
             imp.layer("channel_shuffle", {"groups": x.groups}, [x.src], node, i)
             return
         raise imp.refuse(node, "of a transposed channel grouping to another shape")
+    if isinstance(x, GroupView) and x.eps is not None:
+        if _target_shape(imp, node, x.src, imp_shape(imp, node, ins)) != x.src.shape:
+            raise imp.refuse(node, "of normalised groups to another shape")
+        c = x.src.shape[0]
+        imp.layer("groupnorm", {"groups": x.groups, "eps": x.eps}, [x.src], node, i,
+                  {"weight": np.ones(c, np.float32), "bias": np.zeros(c, np.float32)})
+        return
     x = imp.tensor(node, x)
     target = _target_shape(imp, node, x, imp_shape(imp, node, ins))
     _to_shape(imp, node, i, x, target)
+
+
+def _instancenorm(imp, node, i, ins, a):
+    """Normalisation of each group of a GroupView, with unit scale and no shift (the affine follows)."""
+    x = ins[0]
+    scale, bias = (imp.const(node, v, "its scale and bias") for v in ins[1:3])
+    if not isinstance(x, GroupView) or x.eps is not None or np.any(scale != 1) or np.any(bias != 0):
+        raise imp.refuse(node, "except as group normalisation", "cnnc reads InstanceNormalization in a "
+                         "GroupNorm: Reshape to N×g×…, InstanceNormalization with scale 1 and bias 0, Reshape back")
+    imp.bind(node.output[0], GroupView(x.src, x.groups, float(a.get("epsilon", 1e-5))))
 
 
 def imp_shape(imp, node, ins):
@@ -806,6 +834,8 @@ def _to_shape(imp, node, i, x: Tensor, target: tuple[int, ...]) -> None:
     elif len(target) == 4 and len(x.shape) == 3 and target[0] * target[1] == x.shape[0] \
             and tuple(target[2:]) == x.shape[1:]:
         imp.bind(node.output[0], Grouped(x, target[0]))
+    elif len(target) == 2 and x.shape[0] % target[0] == 0 and target[0] > 1:
+        imp.bind(node.output[0], GroupView(x, target[0]))
     else:
         raise imp.refuse(node, f"from {fmt_shape(x.shape)} to {fmt_shape(target)}",
                          "cnnc reshapes only to flatten, or in a channel shuffle")
@@ -1155,6 +1185,7 @@ HANDLERS: dict[str, Callable] = {
     "Div": _div, "Flatten": _flatten, "Reshape": _reshape, "Squeeze": _squeeze, "Transpose": _transpose,
     "Softmax": _softmax, "Dropout": _dropout, "Identity": _dropout, "Clip": _clip, "HardSigmoid": _hardsigmoid,
     "Gelu": _gelu, "PRelu": _prelu, "Pad": _pad, "Slice": _slice, "LayerNormalization": _layernorm,
+    "InstanceNormalization": _instancenorm,
 }
 
 

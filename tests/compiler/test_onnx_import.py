@@ -117,7 +117,7 @@ class Small(nn.Module):
 
 
 class Residual(nn.Module):
-    """A residual block, a concat, LeakyReLU, ELU, PReLU, ReLU6 (Clip), Dropout, global
+    """A residual block, a concat, LeakyReLU, ELU, PReLU, GroupNorm, ReLU6 (Clip), Dropout, global
     average pooling and flatten."""
 
     def __init__(self):
@@ -128,6 +128,7 @@ class Residual(nn.Module):
         self.b = nn.Conv2d(16, 8, 1)
         self.d = nn.Conv2d(16, 8, 3, padding=2, dilation=2)
         self.prelu = nn.PReLU(16)
+        self.gn = nn.GroupNorm(4, 16)
         self.drop = nn.Dropout(0.3)
         self.fc = nn.Linear(16, 7)
 
@@ -135,7 +136,7 @@ class Residual(nn.Module):
         x = nn.functional.relu6(self.bn1(self.stem(x)))
         y = nn.functional.leaky_relu(self.a(x), 0.2) + x
         z = torch.cat([nn.functional.elu(self.b(y)), self.d(y)], 1)
-        z = self.prelu(z)
+        z = self.gn(self.prelu(z))
         z = nn.functional.adaptive_avg_pool2d(z, 1)
         return self.fc(self.drop(torch.flatten(z, 1)))
 
@@ -144,6 +145,9 @@ def _randomised(net):
     torch.manual_seed(0)
     with torch.no_grad():
         for m in net.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
