@@ -494,14 +494,14 @@ def _cmd_import(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from cnnc.compiler.pipeline import check
+    from cnnc.compiler.pipeline import check, check_onnx
     from cnnc.compiler.to_cnn import write
     from cnnc.dsl.errors import CnncError
     from cnnc.runtime.model import Model
 
     if not args.file.lower().endswith(".onnx"):
         raise CnncError(f"`cnnc import` reads .onnx models, got {args.file}")
-    g = check(args.file)
+    g = check_onnx(args.file, blocks=False)
     written = write(g, blocks=not args.flat)
     out = Path(args.output) if args.output else None
     if out is not None and out.suffix != ".cnn":

@@ -225,10 +225,36 @@ def check(path: str | os.PathLike, batch: int = 1, import_roots=(), verify: bool
     if batch < 1:
         raise CnncError(f"batch size must be positive, got {batch}")
     if is_onnx(path):
-        from .onnx_import import load_onnx
-        return run_pipeline(load_onnx(path), PassContext(batch=batch, verify=verify))
+        return check_onnx(path, batch, verify)
     program = load(path, import_roots)
     return run_pipeline(program, PassContext(batch=batch, verify=verify))
+
+
+def check_onnx(path: str | os.PathLike, batch: int = 1, verify: bool = False, blocks: bool = True) -> nx.MultiDiGraph:
+    """A `.onnx` model imported (compiler/onnx_import.py) and checked; with `blocks`, as the `.cnn`
+    text the writer (compiler/to_cnn.py) makes of it, so that its repeated structure is block
+    instances again (check's table, viz's clusters). The weights, in g.graph["weights"], follow
+    their layers' names. Should the written text not check (a bug), the flat graph is kept, with
+    a warning."""
+    from .onnx_import import load_onnx
+    g = run_pipeline(load_onnx(path), PassContext(batch=batch, verify=verify))
+    if not blocks:
+        return g
+    from cnnc.dsl.errors import CnncWarning
+    from cnnc.dsl.loader import load_text
+
+    from .to_cnn import write
+    written = write(g)
+    try:
+        again = run_pipeline(load_text(written.text, f"{path} as .cnn"), PassContext(batch=batch, verify=verify))
+    except (CnncError, CnncErrors) as err:
+        first = err.errors[0] if isinstance(err, CnncErrors) else err
+        g.graph["warnings"].append(CnncWarning(f"{path}: its repeated structure is not recovered ({first.message}); "
+                                               "its layers are shown one by one"))
+        return g
+    again.graph["weights"] = {written.param_names[k]: v for k, v in g.graph["weights"].items()}
+    again.graph["onnx"] = g.graph["onnx"]
+    return again
 
 
 def is_onnx(path: str | os.PathLike) -> bool:

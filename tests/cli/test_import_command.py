@@ -57,10 +57,11 @@ def test_compile_and_run_take_an_onnx_file(tmp_path):
     assert rel(np.load(tmp_path / "y.npy"), _ort(src, x)) < 1e-5
 
 
-def test_viz_takes_an_onnx_file(tmp_path):
+def test_viz_takes_an_onnx_file_with_its_repeated_structure_as_blocks(tmp_path):
     r = run_cli("viz", str(LIGHT / "light_inception_v1.onnx"), "-o", str(tmp_path / "g.dot"))
     assert r.code == 0, r.err
     assert "digraph" in (tmp_path / "g.dot").read_text()
+    assert "9 block instances" in r.err  # the inceptions, recovered as blocks, are clusters
 
 
 def test_import_refuses_a_cnn_file(tmp_path):
