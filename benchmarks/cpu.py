@@ -188,7 +188,7 @@ def main() -> int:
         rows.append(row)
         print(f"  measured {label}: ratio {row['ratio']:.2f}", file=sys.stderr, flush=True)
     print(f"machine: {machine()}")
-    print(f"{'':38}{'cnnc':>12}{'PyTorch':>12}{'ratio':>8}  {'(spread)':<13}{'goal':<14}")
+    print(f"{'':38}{'cnnc':>12}{'peer':>12}{'ratio':>8}  {'(spread)':<13}{'goal':<14}")
     for r in rows:
         if "ours_gflops" in r:
             a, b = f"{r['ours_gflops']:.0f} GFLOP/s", f"{r['torch_gflops']:.0f} GFLOP/s"
@@ -200,7 +200,8 @@ def main() -> int:
         print(f"{r['label']:<38}{a:>12}{b:>12}{r['ratio']:>8.2f}  {spread:<13}{goal:<14}{verdict}")
         if r["note"]:
             print(f"{'':38}{r['note']}")
-    print("ratio: cnnc time / PyTorch time (conv row: cnnc GFLOP/s / PyTorch GFLOP/s); median over "
+    print("peer: PyTorch, or onnxruntime where the row says so; ratio: cnnc time / peer time (conv row: cnnc "
+          "GFLOP/s / PyTorch GFLOP/s); median over "
           f"{args.rounds} alternating rounds of {args.repeats} steps each "
           f"({min(args.repeats, 2)} where a step takes over {SLOW_STEP_MS / 1000:g} s)")
     if args.json:
