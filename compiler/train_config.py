@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from cnnc.dsl import ast
 from cnnc.dsl.errors import CnncError, Diagnostics, Span, did_you_mean
@@ -23,8 +23,21 @@ POLICIES = ("fixed", "step", "multistep", "exp", "inv", "poly", "sigmoid", "cosi
 INITS = ("xavier", "glorot", "he", "msra", "gaussian", "uniform", "constant")
 LOSSES = ("cross_entropy", "mse")
 
+CROP_MODES = ("center", "random", "pad")
+EIGENS = ("measured", "imagenet")
+EVAL_CROPS = ("center", "ten")
+
 NonNeg = Annotated[float, Field(ge=0)]
 Pos = Annotated[float, Field(gt=0)]
+Side = Annotated[int, Field(gt=0, le=1 << 16)]
+
+
+def _square(v: Any) -> Any:
+    return (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+Size = Annotated[tuple[Side, Side], BeforeValidator(_square)]  # (h, w); one number is a square
+Range = tuple[Pos, Pos]
 
 
 class TrainConfig(BaseModel):
@@ -69,6 +82,27 @@ class TrainConfig(BaseModel):
     normalize: Flag = True  # standardise pixels with the training split's per-channel mean and std
     crop: Annotated[int, Field(ge=0)] = 0  # augmentation: random crop after zero-padding by this much
     flip: Flag = False  # augmentation: random horizontal flips
+
+    # Image transforms (runtime/transforms.py), applied in the fixed order
+    # resize → crop → flip → jitter → to float → lighting → normalise.
+    resize: Side | Size | None = None  # the short side, or (h, w)
+    crop_size: Size | None = None  # `crop S random|center`
+    crop_mode: Literal[CROP_MODES] = "center"  # type: ignore[valid-type]
+    random_resized_crop: Size | None = None
+    scale: Range = (0.08, 1.0)  # random_resized_crop's area fraction
+    ratio: Range = (3 / 4, 4 / 3)  # random_resized_crop's aspect ratio (w / h)
+    mean: tuple[float, ...] | None = None  # given, or measured on `stats_images` training images
+    std: tuple[Pos, ...] | None = None
+    lighting: NonNeg = 0.0  # std of the PCA colour noise
+    eigen: Literal[EIGENS] = "measured"  # type: ignore[valid-type]
+    eigval: tuple[NonNeg, NonNeg, NonNeg] | None = None  # measured, stored in the run
+    eigvec: tuple[tuple[float, float, float], tuple[float, float, float], tuple[float, float, float]] | None = None
+    brightness: NonNeg = 0.0
+    contrast: NonNeg = 0.0
+    saturation: NonNeg = 0.0
+    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.0
+    eval_crop: Literal[EVAL_CROPS] = "center"  # type: ignore[valid-type]
+    stats_images: Annotated[int, Field(gt=0, le=1_000_000)] = 1000
 
     @model_validator(mode="after")
     def _policy_needs(self):
