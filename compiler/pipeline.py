@@ -88,7 +88,7 @@ def build_graph(program: ast.Program | nx.MultiDiGraph, ctx: PassContext) -> nx.
     if isinstance(program, nx.MultiDiGraph):
         return program
     g = _build_graph(program, ctx.diags)
-    train = validate_train(program.train, ctx.diags)
+    train = validate_train(program.train, ctx.diags, program.input_dims)
     if g is not None:
         g.graph["train"] = train
     return g

@@ -42,6 +42,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from cnnc.compiler.train_config import IMAGENET_MEAN, IMAGENET_STD, TRANSFORM_FIELDS  # noqa: F401 - re-exported
 from cnnc.dsl.errors import CnncError, InternalError
 
 # fb.resnet.torch datasets/imagenet.lua (from the AlexNet paper's method, cuda-convnet's values
@@ -51,9 +52,6 @@ IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
 IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
                    (-0.5808, -0.0045, -0.8140),
                    (-0.5836, -0.6948, 0.4203))
-# torchvision's ImageNet weights' preprocessing (the mean and std of ImageNet's [0, 1] pixels).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_RESIZE_RATIO = 256 / 224  # torchvision's references: Resize(256) before CenterCrop(224)
 
 Step = Callable  # (PIL image, rng) -> PIL image
@@ -287,6 +285,14 @@ def eval_resize(config):
     if config.random_resized_crop is not None:
         return int(round(min(_hw(config.random_resized_crop)) * EVAL_RESIZE_RATIO))
     return None
+
+
+def settings_in_use(config) -> list[str]:
+    """The image-transform settings the config sets (not their defaults): data that is not read
+    from image files cannot honour them, and should say so."""
+    fields = type(config).model_fields
+    return [k for k in TRANSFORM_FIELDS if k not in ("eigval", "eigvec", "stats_images", "crop_mode")
+            and getattr(config, k) != fields[k].default]
 
 
 def needs_measuring(config) -> bool:

@@ -202,3 +202,9 @@ def test_measured_statistics(china, flower):
     vec, val = np.array(m.eigvec), np.array(m.eigval)
     np.testing.assert_allclose(cov @ vec, vec * val, atol=1e-9)
     assert list(val) == sorted(val, reverse=True)
+
+
+def test_settings_in_use_names_only_what_the_config_sets():
+    assert T.settings_in_use(TrainConfig()) == []
+    used = T.settings_in_use(TrainConfig(resize=256, crop_size=224, crop_mode="random", eval_crop="ten"))
+    assert used == ["resize", "crop_size", "eval_crop"]
