@@ -428,11 +428,13 @@ def _cmd_viz(args) -> int:
 def _cmd_eval(args) -> int:
     from cnnc.runtime import api
 
-    loss, acc, confusion = api.evaluate(args.file, args.checkpoint, args.data, args.backend)
+    ev = api.evaluate(args.file, args.checkpoint, args.data, args.backend)
+    loss, acc, confusion = ev
     if args.json:
-        print(json.dumps({"loss": loss, "accuracy": acc, "confusion": confusion.tolist()}))
+        print(json.dumps({"loss": loss, "accuracy": acc, "top5": ev.top5, "confusion": confusion.tolist()}))
         return 0
-    print(f"loss {loss:.4f}, accuracy {100 * acc:.2f}% ({int(confusion.sum())} images)")
+    top5 = f", top-5 {100 * ev.top5:.2f}%" if ev.top5 is not None else ""
+    print(f"loss {loss:.4f}, accuracy {100 * acc:.2f}%{top5} ({int(confusion.sum())} images)")
     width = max(5, len(str(int(confusion.max()))) + 1)
     print("confusion matrix (rows: true class, columns: predicted)")
     print(" " * 6 + "".join(f"{j:>{width}}" for j in range(confusion.shape[1])))

@@ -231,7 +231,8 @@ def run(trainer: Trainer) -> TrainResult:
 
 def evaluate(path: str | os.PathLike, checkpoint: str | os.PathLike, data: str | None = None,
              backend: str = "numpy"):
-    """Loss, accuracy and confusion matrix of a checkpoint on the test split of the data."""
+    """Loss, accuracy and confusion matrix of a checkpoint on the test split of the data: an
+    Evaluation (train.py), which unpacks as (loss, accuracy, confusion) and has `top5` too."""
     model = Model.load(path, backend)
     checkpoint = Path(checkpoint)
     arrays, meta = read_npz(checkpoint)

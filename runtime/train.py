@@ -70,6 +70,7 @@ class EpochRecord(_Strict):
     train_accuracy: Annotated[float, Field(ge=0, le=1)] | None
     test_loss: float | None
     test_accuracy: Annotated[float, Field(ge=0, le=1)] | None
+    test_top5: Annotated[float, Field(ge=0, le=1)] | None = None  # with more than 5 classes
     lr: float | None
     seconds: Annotated[float, Field(ge=0)]
 
@@ -144,25 +145,82 @@ def _fmt_time(s: float) -> str:
     return f"{s:.0f}s" if s < 90 else f"{s / 60:.1f}m"
 
 
+@dataclass
+class Evaluation:
+    """Mean loss, top-1 accuracy, confusion matrix (rows: true class, columns: predicted) and top-5
+    accuracy (None with 5 classes or fewer). Unpacks as (loss, accuracy, confusion)."""
+
+    loss: float
+    accuracy: float
+    confusion: np.ndarray
+    top5: float | None = None
+    images: int = 0
+
+    def __iter__(self):
+        return iter((self.loss, self.accuracy, self.confusion))
+
+
+def topk_hits(scores: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """Whether each row's true class is among its k highest scores (ties go to the lower class
+    index, as argmax breaks them, so top-1 agrees with argmax)."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return (order == np.asarray(y)[:, None]).any(axis=1)
+
+
 def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch: int = 500,
-             loss_name: str = "cross_entropy", label_smoothing: float = 0.0) -> tuple[float, float, np.ndarray]:
-    """Mean loss, accuracy and confusion matrix (rows: true class, columns: predicted)."""
+             loss_name: str = "cross_entropy", label_smoothing: float = 0.0) -> Evaluation:
+    """Evaluate on images x, (N, C, H, W), or (N, k, C, H, W) for k crops of each image."""
+    return evaluate_batches(model, ((x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)),
+                            loss_name, label_smoothing)
+
+
+def evaluate_batches(model: Model, batches, loss_name: str = "cross_entropy",
+                     label_smoothing: float = 0.0) -> Evaluation:
+    """Evaluate over (xb, yb) batches. A 5-d xb, (B, k, C, H, W), holds k crops of each image (the
+    ten crops of `eval_crop ten`): the softmax is averaged over them, and the loss is the
+    cross-entropy of that average (with mse: the mean output's)."""
     plan = _logits_plan(model.plan, loss_name)
     ex = Executor(plan, model.backend, model.params)
     loss_fn = model.backend.loss(loss_name)
     classes = int(model.classes)
     confusion = np.zeros((classes, classes), dtype=np.int64)
-    total = 0.0
-    for i in range(0, len(x), batch):
-        xb, yb = x[i:i + batch], y[i:i + batch]
-        out = ex.forward(model.backend.to_device(xb), Ctx(training=False), keep=False)
-        target = _target(yb, classes, loss_name)
-        loss, _ = loss_fn(out, model.backend.to_device(target), **_loss_options(loss_name, label_smoothing))
-        total += float(loss) * len(xb)
-        pred = np.argmax(model.backend.to_host(out).reshape(len(xb), -1), axis=1)
-        np.add.at(confusion, (yb, pred), 1)
-    n = max(len(x), 1)
-    return total / n, float(np.trace(confusion)) / n, confusion
+    total, n, top5 = 0.0, 0, 0
+    for xb, yb in batches:
+        yb = np.asarray(yb)
+        if xb.ndim == 5:
+            loss, scores = _multi_crop(model, ex, xb, yb, loss_name, label_smoothing)
+        else:
+            out = ex.forward(model.backend.to_device(xb), Ctx(training=False), keep=False)
+            target = _target(yb, classes, loss_name)
+            loss, _ = loss_fn(out, model.backend.to_device(target), **_loss_options(loss_name, label_smoothing))
+            scores = model.backend.to_host(out).reshape(len(xb), -1)
+        total += float(loss) * len(yb)
+        n += len(yb)
+        np.add.at(confusion, (yb, np.argmax(scores, axis=1)), 1)
+        top5 += int(topk_hits(scores, yb, 5).sum()) if classes > 5 else 0
+    d = max(n, 1)
+    return Evaluation(total / d, float(np.trace(confusion)) / d, confusion, top5 / d if classes > 5 else None, n)
+
+
+def _multi_crop(model: Model, ex: Executor, xb: np.ndarray, yb: np.ndarray, loss_name: str,
+                label_smoothing: float) -> tuple[float, np.ndarray]:
+    """(mean loss, averaged scores) of B images of k crops each."""
+    b, k = xb.shape[:2]
+    flat = np.ascontiguousarray(xb.reshape(b * k, *xb.shape[2:]))
+    out = ex.forward(model.backend.to_device(flat), Ctx(training=False), keep=False)
+    logits = model.backend.to_host(out).reshape(b, k, -1).astype(np.float64)
+    if loss_name == "mse":
+        mean = logits.mean(axis=1)
+        return float(((mean - _target(yb, mean.shape[1], "mse")) ** 2).mean()), mean
+    z = logits - logits.max(axis=2, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=2, keepdims=True)
+    probs = p.mean(axis=1)  # the softmax averaged over the crops
+    logp = np.log(np.maximum(probs, 1e-300))
+    nll = -logp[np.arange(b), yb]
+    if label_smoothing:
+        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(axis=1)
+    return float(nll.mean()), probs
 
 
 def _loss_options(loss_name: str, label_smoothing: float) -> dict:
@@ -268,7 +326,8 @@ class Trainer:
         self.epoch, self.cursor, self.step = meta.epoch, meta.cursor, meta.step
         self.partial = (float(meta.partial[0]), int(meta.partial[1]), int(meta.partial[2]))
         self.initial_loss = meta.initial_loss
-        self.history = [h.model_dump() for h in meta.history]
+        self.history = [{k: v for k, v in h.model_dump().items() if k != "test_top5" or v is not None}
+                        for h in meta.history]
 
     def _check_position(self, path: Path, meta: CheckpointMeta) -> None:
         """The counters of a checkpoint must agree with each other and with this run's data."""
@@ -389,14 +448,17 @@ class Trainer:
     def _end_epoch(self, e: int) -> None:
         cfg, data, m = self.config, self.data, self.model
         train_loss, train_acc, seconds = self.epoch_stats
-        test_loss, test_acc, _ = evaluate(m, data.test_x, data.test_y, loss_name=cfg.loss,
-                                          label_smoothing=cfg.label_smoothing)
+        ev = evaluate(m, data.test_x, data.test_y, loss_name=cfg.loss, label_smoothing=cfg.label_smoothing)
+        test_loss, test_acc = ev.loss, ev.accuracy
         self.schedule.end_epoch(test_loss)
         record = {"epoch": e + 1, "train_loss": train_loss, "train_accuracy": train_acc,
                   "test_loss": test_loss, "test_accuracy": test_acc, "lr": self.schedule.lr(max(self.step - 1, 0)),
                   "seconds": seconds}
+        if ev.top5 is not None:  # top-5 only means something with more than 5 classes
+            record["test_top5"] = ev.top5
         self.history.append(record)
-        self.progress.line(f"  validation: loss {test_loss:.4f}, accuracy {100 * test_acc:.2f}% "
+        top5 = f", top-5 {100 * ev.top5:.2f}%" if ev.top5 is not None else ""
+        self.progress.line(f"  validation: loss {test_loss:.4f}, accuracy {100 * test_acc:.2f}%{top5} "
                            f"({len(data.test_y)} images)")
         self.epoch += 1
         self.cursor = 0

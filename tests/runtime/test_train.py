@@ -241,3 +241,65 @@ def test_large_sgd_learning_rate_draws_a_warning(setup):
     net, data, tmp = setup
     r = run_cli("train", str(net), "--data", str(data), "-o", str(tmp / "r"), "--lr", "1.5", "--epochs", "1")
     assert "warning: learning rate 1.5 is 1 or more" in r.err
+
+
+# ---- top-5 and multi-crop evaluation
+
+def test_top5_on_a_hand_made_case(tmp_path):
+    """A 7-class network whose scores are its inputs (dense with identity weights): the ranks of the
+    true classes are written by hand."""
+    from cnnc.runtime.model import Model
+    from cnnc.runtime.train import evaluate, topk_hits
+    net = tmp_path / "id.cnn"
+    net.write_text("network ident\ninput 7\nclasses 7\nlayers:\n    dense 7\n")
+    model = Model.load(net)
+    model.set_params({k: (np.eye(7, dtype=np.float32) if v.ndim == 2 else np.zeros_like(v))
+                      for k, v in model.host_params().items()})
+    down = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    x = np.array([down, down, [0, 0, 0, 0, 0, 0, 1], down[::-1], [1, 1, 1, 1, 1, 1, 0]], np.float32)
+    y = np.array([4, 5, 6, 0, 5])
+    # 5th highest: hit; 6th: miss; highest: hit (top-1 too); lowest: miss; a tie of six at the top
+    # ranks by class index, so class 5 is 6th: miss.
+    assert topk_hits(x, y, 5).tolist() == [True, False, True, False, False]
+    ev = evaluate(model, x, y)
+    assert ev.top5 == pytest.approx(2 / 5) and ev.accuracy == pytest.approx(1 / 5)
+    assert topk_hits(x, y, 1).tolist() == (x.argmax(axis=1) == y).tolist()
+
+
+def test_ten_crop_evaluation_equals_averaging_the_crops_by_hand(tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+    from cnnc.runtime.model import Model
+    from cnnc.runtime.train import evaluate
+    from cnnc.runtime.transforms import build_pipeline
+    net = tmp_path / "ten.cnn"
+    net.write_text("network ten\ninput 3x32x32\nclasses 10\nlayers:\n    conv 4 3x3 -> relu -> gap -> dense classes\n"
+                   "train:\n    resize 40\n    crop 32 random\n    eval_crop ten\n    normalize imagenet\n")
+    model = Model.load(net)
+    t = build_pipeline(model.config, (3, 32, 32), train=False)
+    photos = [Image.fromarray(load_sample_image(n)) for n in ("china.jpg", "flower.jpg")]
+    photos += [p.transpose(Image.FLIP_TOP_BOTTOM) for p in photos] + [p.rotate(90, expand=True) for p in photos]
+    x = np.stack([t(p, np.random.default_rng(0)) for p in photos])  # (6, 10, 3, 32, 32)
+    y = np.array([0, 1, 2, 3, 4, 5])
+    ev = evaluate(model, x, y, batch=4)
+    logits = np.stack([model(x[:, j]) for j in range(10)], axis=1).astype(np.float64)  # (6, 10, classes)
+    p = np.exp(logits - logits.max(axis=2, keepdims=True))
+    p = (p / p.sum(axis=2, keepdims=True)).mean(axis=1)
+    assert ev.loss == pytest.approx(float(-np.log(p[np.arange(6), y]).mean()), rel=1e-9)
+    np.testing.assert_array_equal(ev.confusion.argmax(axis=1)[y], p.argmax(axis=1))
+    assert ev.accuracy == pytest.approx(float((p.argmax(axis=1) == y).mean()))
+    assert ev.top5 == pytest.approx(float((np.argsort(-p, axis=1, kind="stable")[:, :5] == y[:, None]).any(1).mean()))
+    assert ev.images == 6
+
+
+def test_eval_and_the_metrics_give_top5_with_more_than_5_classes(tmp_path):
+    net = tmp_path / "eight.cnn"
+    net.write_text(NET.replace("classes 4", "classes 8").replace("epochs 4", "epochs 1"))
+    data = make_data(tmp_path / "data.npz", n=64, classes=8)
+    api.train(net, data=str(data), run_dir=tmp_path / "a", progress=False)
+    record = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 <= record["test_top5"] <= 1 and record["test_top5"] >= record["test_accuracy"]
+    r = run_cli("eval", str(net), "--checkpoint", str(tmp_path / "a" / "checkpoint.npz"), "--data", str(data))
+    assert r.code == 0 and "top-5 " in r.out, r.err
+    r = run_cli("eval", str(net), "--checkpoint", str(tmp_path / "a" / "checkpoint.npz"), "--data", str(data), "--json")
+    assert json.loads(r.out)["top5"] == pytest.approx(record["test_top5"])
