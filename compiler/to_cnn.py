@@ -359,7 +359,8 @@ class _Writer:
         for f, info in TrainConfig.model_fields.items():
             v = getattr(config, f)
             if v != info.default and v is not None:
-                lines.append(f"{INDENT}{f} {_literal(tuple(v) if isinstance(v, (list, tuple)) else v)}")
+                text = _literal(tuple(v) if isinstance(v, (list, tuple)) else v)
+                lines.append(f"{INDENT}{f} {text}" + (" pad" if f == "crop" else ""))  # `crop N` alone is ambiguous
         return "train:\n" + "\n".join(lines) if lines else ""
 
     # ---- one layer

@@ -82,3 +82,15 @@ def test_mistakes_are_located(cnn, lines, shape, line, col, fragment):
 def test_the_ambiguous_crop_hint_names_both_meanings(cnn):
     r = run_cli("check", str(write(cnn, ["crop 224"])))
     assert "`crop 224 random` or `crop 224 center`" in r.err and "`crop 224 pad`" in r.err, r.err
+
+
+def test_written_back_as_text_the_transforms_check_the_same(cnn):
+    from cnnc.compiler.pipeline import check
+    from cnnc.compiler.to_cnn import write_cnn
+    path = write(cnn, ["resize 256", "crop 227 random", "flip", "mean (0.485, 0.456, 0.406) std (0.229, 0.224, 0.225)",
+                       "lighting 0.1 eigen=imagenet", "jitter 0.4 hue=0.05", "eval_crop ten"], "3x227x227")
+    g = check(path)
+    again = cnn(write_cnn(g), "again.cnn")
+    assert check(again).graph["train"] == g.graph["train"]
+    pad = check(write(cnn, ["crop 4"], "3x32x32"))
+    assert check(cnn(write_cnn(pad), "pad.cnn")).graph["train"].crop == 4
