@@ -268,7 +268,6 @@ def test_top5_on_a_hand_made_case(tmp_path):
 
 def test_ten_crop_evaluation_equals_averaging_the_crops_by_hand(tmp_path):
     from PIL import Image
-    from sklearn.datasets import load_sample_image
     from cnnc.runtime.model import Model
     from cnnc.runtime.train import evaluate
     from cnnc.runtime.transforms import build_pipeline
@@ -277,7 +276,8 @@ def test_ten_crop_evaluation_equals_averaging_the_crops_by_hand(tmp_path):
                    "train:\n    resize 40\n    crop 32 random\n    eval_crop ten\n    normalize imagenet\n")
     model = Model.load(net)
     t = build_pipeline(model.config, (3, 32, 32), train=False)
-    photos = [Image.fromarray(load_sample_image(n)) for n in ("china.jpg", "flower.jpg")]
+    from test_transforms import bundled
+    photos = [bundled("sklearn", "datasets", "images", n) for n in ("china.jpg", "flower.jpg")]
     photos += [p.transpose(Image.FLIP_TOP_BOTTOM) for p in photos] + [p.rotate(90, expand=True) for p in photos]
     x = np.stack([t(p, np.random.default_rng(0)) for p in photos])  # (6, 10, 3, 32, 32)
     y = np.array([0, 1, 2, 3, 4, 5])

@@ -16,28 +16,36 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
+def bundled(package: str, *parts: str) -> Image.Image:
+    """A photo from an installed wheel, opened by path (as its loader does) without importing the
+    package, which takes seconds."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.skip(f"{package} is not installed (pip install -e '.[test]')")
+    with Image.open(Path(spec.submodule_search_locations[0], *parts)) as im:
+        return im.convert("L" if im.mode == "L" else "RGB")
+
+
 @pytest.fixture(scope="module")
 def china() -> Image.Image:
-    from sklearn.datasets import load_sample_image
-    return Image.fromarray(load_sample_image("china.jpg"))  # 640x427 RGB
+    return bundled("sklearn", "datasets", "images", "china.jpg")  # 640x427 RGB
 
 
 @pytest.fixture(scope="module")
 def flower() -> Image.Image:
-    from sklearn.datasets import load_sample_image
-    return Image.fromarray(load_sample_image("flower.jpg"))
+    return bundled("sklearn", "datasets", "images", "flower.jpg")
 
 
 @pytest.fixture(scope="module")
 def coffee() -> Image.Image:
-    import skimage.data
-    return Image.fromarray(skimage.data.coffee())  # 600x400 RGB
+    return bundled("skimage", "data", "coffee.png")  # 600x400 RGB
 
 
 @pytest.fixture(scope="module")
 def camera() -> Image.Image:
-    import skimage.data
-    return Image.fromarray(skimage.data.camera())  # 512x512 L
+    return bundled("skimage", "data", "camera.png")  # 512x512 L
 
 
 def cfg(**kw) -> TrainConfig:
@@ -208,3 +216,30 @@ def test_settings_in_use_names_only_what_the_config_sets():
     assert T.settings_in_use(TrainConfig()) == []
     used = T.settings_in_use(TrainConfig(resize=256, crop_size=224, crop_mode="random", eval_crop="ten"))
     assert used == ["resize", "crop_size", "eval_crop"]
+
+
+def test_the_whole_recipe_draws_only_from_the_given_generator(china):
+    import random
+    c = cfg(resize=64, crop_size=56, crop_mode="random", flip=True, brightness=0.4, contrast=0.4, saturation=0.4,
+            hue=0.05, lighting=0.1, eigen="imagenet", normalize=True, mean=MEAN, std=STD)
+    t = T.build_pipeline(c, (3, 56, 56), train=True)
+    a = t(china, np.random.default_rng([7, 1, 3]))
+    np.random.seed(123)
+    random.seed(123)  # global generators play no part
+    np.testing.assert_array_equal(a, t(china, np.random.default_rng([7, 1, 3])))
+    assert not np.array_equal(a, t(china, np.random.default_rng([7, 1, 4])))
+
+
+def test_a_crop_larger_than_the_image_pads_around_it_as_torchvision_does(coffee):
+    img = coffee.resize((30, 21))
+    x = T.build_pipeline(cfg(crop_size=(24, 34)), (3, 24, 34), train=False)(img, None)
+    # pad left (34 - 30) // 2 = 2, top (24 - 21) // 2 = 1, the rest right and below
+    want = np.zeros((3, 24, 34), np.float32)
+    want[:, 1:22, 2:32] = chw(img)
+    np.testing.assert_array_equal(x, want)
+
+
+def test_an_image_of_the_wrong_size_without_a_crop_is_a_clear_error(coffee):
+    from cnnc.dsl.errors import CnncError
+    with pytest.raises(CnncError, match="network takes 32x32"):
+        T.build_pipeline(cfg(), (3, 32, 32), train=False)(coffee, None)
