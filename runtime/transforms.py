@@ -87,9 +87,10 @@ class ImageTransform:
                             f"(W x H) but the network takes {want[1]}x{want[0]}",
                             hint="add `resize` and `crop` settings to the train section "
                                  "(e.g. `resize 256` and `crop 224 center`)")
-        a = np.asarray(img, dtype=np.float32)
-        x = (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)) / np.float32(255)  # ToTensor divides
-        x = np.ascontiguousarray(x)
+        a = np.asarray(img)
+        chw = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        x = np.empty(chw.shape, np.float32)
+        np.divide(chw, np.float32(255), out=x, dtype=np.float32)  # ToTensor's float(x) / 255, in one pass
         if self.lighting is not None:
             s, eigval, eigvec = self.lighting
             alpha = rng.normal(0.0, s, size=3)
