@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train the network with the settings of its `train:` section; flags override "
                                    "them. Writes checkpoint.npz, metrics.jsonl and curves.png to the run directory.")
     t.add_argument("file", nargs="?", help="the .cnn file (optional with --resume)")
-    t.add_argument("--data", help="dataset: mnist5k, FILE.npz, mnist:DIR, cifar10:DIR or folder:DIR")
+    t.add_argument("--data", help="dataset: mnist5k, FILE.npz, mnist:DIR, cifar10:DIR, folder:DIR or imagefolder:DIR")
     t.add_argument("-o", "--output", metavar="RUN_DIR", help="run directory (default runs/NETWORK[-N])")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     t.add_argument("--backend", default="numpy", help="backend to train on (default numpy)")
@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                              ("--policy", str, "learning-rate policy"), ("--accumulate", int,
                               "accumulate gradients over this many batches")]:
         t.add_argument(flag, type=kind, help=text)
+    t.add_argument("--workers", type=int, metavar="N", help="image-decoding processes for imagefolder: data "
+                   "(default: the `workers` setting, else one per core but one; 0: in this process)")
     t.add_argument("--json", action="store_true", help="print a JSON summary on stdout (progress stays on stderr)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     t.set_defaults(run=_cmd_train)
@@ -177,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="checkpoint.npz written by cnnc train")
     e.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
     e.add_argument("--backend", default="numpy")
+    e.add_argument("--workers", type=int, metavar="N", help="image-decoding processes for imagefolder: data")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(run=_cmd_eval)
 
@@ -261,7 +264,8 @@ def _cmd_train(args) -> int:
                  "seed": args.seed, "momentum": args.momentum, "weight_decay": args.weight_decay,
                  "policy": args.policy, "accumulate": args.accumulate}
     trainer, notes = api.prepare(args.file, run_dir=args.output, resume=args.resume, data=args.data,
-                                 backend=args.backend, progress=not args.quiet, weights=args.weights, **overrides)
+                                 backend=args.backend, progress=not args.quiet, weights=args.weights,
+                                 workers=args.workers, **overrides)
     cfg = trainer.config
     trainer.progress.line(f"training {trainer.model.name} on {trainer.data.name}: {len(trainer.data.train_y)} train / "
                           f"{len(trainer.data.test_y)} test images, {cfg.optimizer} lr {cfg.lr:g} ({cfg.policy}), "
@@ -277,7 +281,8 @@ def _cmd_train(args) -> int:
         status = "interrupted" if result.interrupted else "done"
         print(f"{status}: {result.epochs} epochs in {result.seconds:.1f} s; initial loss {result.initial_loss:.4f}, "
               f"train loss {result.train_loss:.4f}, test loss {result.test_loss:.4f}, "
-              f"test accuracy {100 * result.test_accuracy:.2f}%; run directory {result.run_dir}")
+              f"test accuracy {100 * result.test_accuracy:.2f}%; run directory {result.run_dir}"
+              + (f"; {result.bad_images} bad image(s) skipped" if getattr(trainer.data, "streamed", False) else ""))
     return 130 if result.interrupted else 0
 
 
@@ -428,7 +433,7 @@ def _cmd_viz(args) -> int:
 def _cmd_eval(args) -> int:
     from cnnc.runtime import api
 
-    ev = api.evaluate(args.file, args.checkpoint, args.data, args.backend)
+    ev = api.evaluate(args.file, args.checkpoint, args.data, args.backend, args.workers)
     loss, acc, confusion = ev
     if args.json:
         print(json.dumps({"loss": loss, "accuracy": acc, "top5": ev.top5, "confusion": confusion.tolist()}))

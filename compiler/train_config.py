@@ -90,6 +90,9 @@ class TrainConfig(BaseModel):
     normalize: Flag = True  # standardise pixels with the training split's per-channel mean and std
     crop: Annotated[int, Field(ge=0)] = 0  # augmentation: random crop after zero-padding by this much
     flip: Flag = False  # augmentation: random horizontal flips
+    # imagefolder: data (runtime/images.py): unreadable files skipped (reported) or an error; decoding processes
+    on_bad_image: Literal["skip", "error"] = "skip"
+    workers: Annotated[int, Field(ge=0, le=256)] | None = None  # None: one per core but one; 0: in-process
 
     # Image transforms (runtime/transforms.py), applied in the fixed order
     # resize → crop → flip → jitter → to float → lighting → normalise.
@@ -122,7 +125,8 @@ class TrainConfig(BaseModel):
 
 
 _CHOICES = {"optimizer": OPTIMIZERS, "policy": POLICIES, "init": INITS, "loss": LOSSES, "crop_mode": CROP_MODES,
-            "eigen": EIGENS, "eval_crop": EVAL_CROPS}
+            "eigen": EIGENS, "eval_crop": EVAL_CROPS,
+            "on_bad_image": ("skip", "error")}
 _LINES = ("jitter",)  # settings that are only a line's word: `jitter` sets brightness, contrast, saturation
 _BARE = {"flip": True}  # settings that may stand alone
 _TUPLES = ("mean", "std", "scale", "ratio", "resize", "crop_size", "random_resized_crop")

@@ -26,14 +26,14 @@ from cnnc.compiler.pipeline import check
 from cnnc.compiler.train_config import TrainConfig
 from cnnc.dsl.errors import CnncError
 
-from .budget import run_estimate
+from .budget import Estimate, run_estimate
 from .checkpoint import parameters, read_npz
 from .data import Dataset, check_compatible, load_dataset
 from .files import RunLock, dumps, field_error, read_json, write_text_atomic
 from .model import Model
 from .optim import state_arrays
 from .schedules import depends_on_length
-from .train import CHECKPOINT, Trainer, TrainResult, evaluate as _evaluate, write_plot
+from .train import CHECKPOINT, Trainer, TrainResult, evaluate_data, write_plot
 
 RUN_INFO = "run.json"
 
@@ -55,13 +55,29 @@ def with_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:
         raise CnncError(f"{flag}: {msg[0].lower() + msg[1:]}{got}") from None
 
 
-def load_data(spec: str, model: Model, config: TrainConfig, base_dir: Path | None) -> tuple[Dataset, list[str]]:
+def load_data(spec: str, model: Model, config: TrainConfig, base_dir: Path | None,
+              workers: int | None = None) -> tuple[Dataset, list[str]]:
     """The dataset `spec` names, fitted to the network's input (28×28 digits are padded to 32×32)."""
-    return _load_data(spec, tuple(model.input_shape), model.classes, config, base_dir)
+    return _load_data(spec, tuple(model.input_shape), model.classes, config, base_dir, workers)
 
 
-def _load_data(spec: str, want: tuple, classes, config: TrainConfig, base_dir: Path | None):
+def _load_data(spec: str, want: tuple, classes, config: TrainConfig, base_dir: Path | None,
+               workers: int | None = None):
     notes = []
+    prefix, sep, rest = spec.strip().partition(":")
+    if sep and prefix == "imagefolder":  # streamed: only the file index is loaded here
+        from .data import _resolve
+        from .images import load_streamed
+        base = base_dir if base_dir is not None else Path.cwd()
+        target = _resolve(rest, base, spec, want_dir=False) if rest.strip().endswith(".txt") else \
+            _resolve(rest, base, spec, want_dir=True)
+        ds = load_streamed(spec, target, want, classes, config, workers)
+        Estimate(f"streaming `{spec}` at batch {config.batch}",
+                 [(f"{ds.pool.slots} prefetched batches", ds.pool.ring_bytes)]).check(
+            "a smaller batch or fewer --workers")
+        notes.append(f"streaming {len(ds.train_y)} + {len(ds.test_y)} images with {ds.pool.workers} worker "
+                     f"process(es), {ds.pool.slots} batches prefetched")
+        return ds, notes
     raw = load_dataset(spec, base_dir, normalize=False, seed=config.seed)
     have = tuple(raw.image_shape)
     pad_to = None
@@ -124,7 +140,7 @@ def _fresh_run_dir(name: str, root: Path = Path("runs")) -> Path:
 def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike | None = None,
             resume: str | os.PathLike | None = None, data: str | None = None, backend: str = "numpy",
             progress: bool = True, stream=None, weights: str | os.PathLike | None = None,
-            **overrides) -> tuple[Trainer, list[str]]:
+            workers: int | None = None, **overrides) -> tuple[Trainer, list[str]]:
     """Everything `cnnc train` does before the first batch; nothing is written yet. `weights`: start
     from these weights (a checkpoint or a file Model.save or `cnnc weights import` wrote)."""
     import sys
@@ -176,8 +192,10 @@ def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike
     run_estimate(graph, f"training `{name}` at batch {config.batch}", config.batch, training=True,
                  optimizer_arrays=state_arrays(config), optimizer=config.optimizer).check(
         "a smaller batch (--batch), fewer filters or units, or an optimizer that keeps less state")
-    dataset, data_notes = _load_data(config.data, input_shape, classes, config, base_dir)
+    dataset, data_notes = _load_data(config.data, input_shape, classes, config, base_dir, workers)
     notes += data_notes
+    if getattr(dataset, "streamed", False):  # measured transform statistics travel in run.json and the checkpoint
+        config = dataset.config
     model = Model(graph, backend, config.seed, str(path))
     model.config = config
     if info is not None and resume_from is None and info.weights:  # starting over: from the same weights
@@ -230,7 +248,7 @@ def run(trainer: Trainer) -> TrainResult:
 
 
 def evaluate(path: str | os.PathLike, checkpoint: str | os.PathLike, data: str | None = None,
-             backend: str = "numpy"):
+             backend: str = "numpy", workers: int | None = None):
     """Loss, accuracy and confusion matrix of a checkpoint on the test split of the data: an
     Evaluation (train.py), which unpacks as (loss, accuracy, confusion) and has `top5` too."""
     model = Model.load(path, backend)
@@ -248,7 +266,11 @@ def evaluate(path: str | os.PathLike, checkpoint: str | os.PathLike, data: str |
         except ValidationError as exc:
             raise field_error(checkpoint, exc, "config.", " of its metadata") from None
     base_dir = Path(path).resolve().parent if data is None else None
-    dataset, _ = load_data(data or config.data, model, config, base_dir)
-    batch = min(500, max(config.batch, 1))
+    dataset, _ = load_data(data or config.data, model, config, base_dir, workers)
+    batch = config.batch if getattr(dataset, "streamed", False) else min(500, max(config.batch, 1))
     run_estimate(model.graph, f"evaluating `{model.name}` at batch {batch}", batch).check("a smaller batch")
-    return _evaluate(model, dataset.test_x, dataset.test_y, batch=batch, loss_name=config.loss)
+    try:
+        return evaluate_data(model, dataset, batch=batch, loss_name=config.loss)
+    finally:
+        if getattr(dataset, "streamed", False):
+            dataset.close()

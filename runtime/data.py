@@ -18,6 +18,7 @@
   when DIR has both a `train` and a `test` subfolder, each of those laid out that way. Needs
   Pillow. Images are all converted to L (when every image is greyscale) or else to RGB, and must
   share one size.
+- `imagefolder:DIR` is not loaded here: it is streamed by worker processes (runtime/images.py).
 
 Relative paths resolve against `base_dir` (the .cnn file's directory) or else the current one.
 
@@ -56,7 +57,7 @@ from .budget import Estimate, limit
 
 MNIST5K_SPLIT_SEED = 0
 TEST_FRACTION = 0.2
-FORMS = ("mnist5k", "PATH.npz", "mnist:DIR", "cifar10:DIR", "folder:DIR")
+FORMS = ("mnist5k", "PATH.npz", "mnist:DIR", "cifar10:DIR", "folder:DIR", "imagefolder:DIR")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp"}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
@@ -132,6 +133,9 @@ def load_dataset(spec: str, base_dir: Path | None = None, *, pad_to: tuple[int, 
         raw = _load_cifar10(_resolve(rest, base, spec, want_dir=True))
     elif sep and prefix == "folder":
         raw = _load_folder(_resolve(rest, base, spec, want_dir=True))
+    elif sep and prefix == "imagefolder":
+        raise CnncError(f"data `{spec}` is streamed, not loaded into memory: cnnc train and cnnc eval read it "
+                        "(runtime/images.py)", hint="for an in-memory folder of same-size images write `folder:DIR`")
     elif spec.lower().endswith(".npz"):
         raw = _load_npz(_resolve(spec, base, spec, want_dir=False))
     else:
@@ -139,7 +143,7 @@ def load_dataset(spec: str, base_dir: Path | None = None, *, pad_to: tuple[int, 
             hint = f"`{spec}` needs a directory: write `{spec}:DIR`"
             hint += " (the built-in MNIST subset is `mnist5k`)" if spec == "mnist" else ""
         else:
-            hint = did_you_mean(prefix if sep else spec, ["mnist5k", "mnist", "cifar10", "folder"])
+            hint = did_you_mean(prefix if sep else spec, ["mnist5k", "mnist", "cifar10", "folder", "imagefolder"])
         kind = f"unknown data prefix `{prefix}:`" if sep else f"unknown data `{spec}`"
         raise CnncError(f"{kind}; accepted forms: {', '.join(FORMS)}", hint=hint or _forms_hint())
     return _finish(spec, raw, pad_to=pad_to, normalize=normalize, seed=split_seed, classes=classes)
@@ -235,7 +239,8 @@ def _is_int(v) -> bool:
 
 def _forms_hint() -> str:
     return ("write `data mnist5k` (built in), `data path/to/file.npz`, `data mnist:DIR` (IDX files), "
-            "`data cifar10:DIR` (CIFAR-10 binary version) or `data folder:DIR` (one subfolder per class)")
+            "`data cifar10:DIR` (CIFAR-10 binary version), `data folder:DIR` (one subfolder per class) or "
+            "`data imagefolder:DIR` (streamed photos of any size)")
 
 
 def _resolve(text: str, base: Path, spec: str, *, want_dir: bool) -> Path:

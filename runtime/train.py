@@ -3,7 +3,10 @@
 Determinism: epoch e shuffles and augments with a generator seeded by (seed, e); dropout draws
 from one generator whose state travels in the checkpoint. So k epochs, then `--resume` to N,
 gives the same weights as N epochs in one run, bit for bit. Ctrl-C finishes the optimizer step
-in flight, writes a checkpoint with the data cursor, and stops.
+in flight, writes a checkpoint with the data cursor, and stops. A streamed image folder
+(runtime/images.py) draws each sample's augmentation from (seed, epoch, sample), so a resumed
+epoch starts at its cursor without preparing the batches before it; its worker processes are
+shut down when the run ends, however it ends.
 
 Files: at the end of every epoch the checkpoint is written first and `metrics.jsonl` is then
 rewritten from the checkpoint's history, both atomically, so the metrics never run ahead of
@@ -58,6 +61,7 @@ class TrainResult:
     run_dir: str
     interrupted: bool = False
     history: list[dict] = field(default_factory=list)
+    bad_images: int = 0  # unreadable files skipped (streamed image folders)
 
 
 class _Strict(BaseModel):
@@ -73,6 +77,7 @@ class EpochRecord(_Strict):
     test_top5: Annotated[float, Field(ge=0, le=1)] | None = None  # with more than 5 classes
     lr: float | None
     seconds: Annotated[float, Field(ge=0)]
+    bad_images: NonNegativeInt | None = None  # streamed image folders: unreadable files skipped so far
 
 
 class ScheduleState(_Strict):
@@ -174,6 +179,14 @@ def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch: int = 500,
                             loss_name, label_smoothing)
 
 
+def evaluate_data(model: Model, data, batch: int = 500, loss_name: str = "cross_entropy",
+                  label_smoothing: float = 0.0) -> Evaluation:
+    """evaluate() on the test split of an in-memory Dataset or a streamed one (runtime/images.py)."""
+    if getattr(data, "streamed", False):
+        return evaluate_batches(model, data.test_batches(), loss_name, label_smoothing)
+    return evaluate(model, data.test_x, data.test_y, batch, loss_name, label_smoothing)
+
+
 def evaluate_batches(model: Model, batches, loss_name: str = "cross_entropy",
                      label_smoothing: float = 0.0) -> Evaluation:
     """Evaluate over (xb, yb) batches. A 5-d xb, (B, k, C, H, W), holds k crops of each image (the
@@ -247,7 +260,7 @@ class Trainer:
         lr_mult, decay_mult = model.multipliers()
         make = getattr(model.backend, "make_optimizer", None) or make_optimizer  # device-side updates
         self.optimizer = make(config, {k: model.params[k] for k in sorted(self.trainable)}, lr_mult, decay_mult)
-        n = len(data.train_x)
+        n = len(data.train_y)
         self.batches_per_epoch = math.ceil(n / config.batch)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.accumulate)
         self.schedule = make_schedule(config, self.steps_per_epoch, config.epochs)
@@ -261,6 +274,9 @@ class Trainer:
         self.interrupted = False
         self.pending_info: dict | None = None  # run.json for a fresh run, written when training starts
         self.augment = Augment(crop_pad=config.crop, hflip=config.flip) if (config.crop or config.flip) else None
+        self.streamed = getattr(data, "streamed", False)  # an image folder read by worker processes
+        if self.streamed:
+            data.pool.on_bad = lambda path, reason: self.progress.line(f"skipped bad image {path}: {reason}")
 
     # ---- checkpoints
     def save(self) -> None:
@@ -326,7 +342,7 @@ class Trainer:
         self.epoch, self.cursor, self.step = meta.epoch, meta.cursor, meta.step
         self.partial = (float(meta.partial[0]), int(meta.partial[1]), int(meta.partial[2]))
         self.initial_loss = meta.initial_loss
-        self.history = [{k: v for k, v in h.model_dump().items() if k != "test_top5" or v is not None}
+        self.history = [{k: v for k, v in h.model_dump(exclude_unset=True).items() if k != "test_top5" or v is not None}
                         for h in meta.history]
 
     def _check_position(self, path: Path, meta: CheckpointMeta) -> None:
@@ -373,11 +389,13 @@ class Trainer:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
+            if self.streamed:
+                self.data.close()
         last = self.history[-1] if self.history else {}
         return TrainResult(self.epoch, float(self.initial_loss or float("nan")), last.get("train_loss", float("nan")),
                            last.get("train_accuracy", float("nan")), last.get("test_loss", float("nan")),
                            last.get("test_accuracy", float("nan")), time.perf_counter() - start, str(self.run_dir),
-                           self.interrupted, self.history)
+                           self.interrupted, self.history, len(data.bad_images) if self.streamed else 0)
 
     def _epoch(self) -> None:
         cfg, data, m, be = self.config, self.data, self.model, self.model.backend
@@ -396,8 +414,12 @@ class Trainer:
         accum: dict = {}
         pending = 0
         classes = int(m.classes)
-        for b, (xb, yb) in enumerate(batches(data.train_x, data.train_y, cfg.batch, shuffle=True, rng=rng,
-                                             augment=self.augment)):
+        if self.streamed:  # each sample's transform has its own generator: start at the cursor
+            source = enumerate(data.train_batches(e, start=self.cursor), start=self.cursor)
+        else:
+            source = enumerate(batches(data.train_x, data.train_y, cfg.batch, shuffle=True, rng=rng,
+                                       augment=self.augment))
+        for b, (xb, yb) in source:
             if b < self.cursor:  # resuming inside an epoch: these batches were trained on already
                 continue
             ctx = Ctx(training=True, rng=self.dropout_rng)
@@ -448,7 +470,7 @@ class Trainer:
     def _end_epoch(self, e: int) -> None:
         cfg, data, m = self.config, self.data, self.model
         train_loss, train_acc, seconds = self.epoch_stats
-        ev = evaluate(m, data.test_x, data.test_y, loss_name=cfg.loss, label_smoothing=cfg.label_smoothing)
+        ev = evaluate_data(m, data, loss_name=cfg.loss, label_smoothing=cfg.label_smoothing)
         test_loss, test_acc = ev.loss, ev.accuracy
         self.schedule.end_epoch(test_loss)
         record = {"epoch": e + 1, "train_loss": train_loss, "train_accuracy": train_acc,
@@ -456,6 +478,8 @@ class Trainer:
                   "seconds": seconds}
         if ev.top5 is not None:  # top-5 only means something with more than 5 classes
             record["test_top5"] = ev.top5
+        if self.streamed:
+            record["bad_images"] = len(data.bad_images)
         self.history.append(record)
         top5 = f", top-5 {100 * ev.top5:.2f}%" if ev.top5 is not None else ""
         self.progress.line(f"  validation: loss {test_loss:.4f}, accuracy {100 * test_acc:.2f}%{top5} "

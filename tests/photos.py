@@ -112,31 +112,3 @@ def write_mode(path: Path, mode: str, fmt: str = "PNG", shape=(40, 56)) -> Path:
     img.save(path, fmt)
     return Path(path)
 
-
-class CentreCropStandIn:
-    """A minimal ImageTransform (the contract of runtime/transforms.py): resize the short side to
-    `short`, crop the centre `size`×`size` (offset by up to `jitter` pixels drawn from rng, and
-    mirrored half the time when `train`), scale pixels to [0, 1]. For pipeline tests only."""
-
-    def __init__(self, channels: int, short: int, size: int, train: bool = False, jitter: int = 2):
-        self.channels, self.short, self.size, self.train, self.jitter = channels, short, size, train, jitter
-        self.out_shape = (channels, size, size)
-        self.draft_size = (short, short)
-
-    def __call__(self, img, rng: np.random.Generator) -> np.ndarray:
-        from PIL import Image
-
-        w, h = img.size
-        s = self.short / min(w, h)
-        img = img.resize((max(self.short, round(w * s)), max(self.short, round(h * s))), Image.BILINEAR)
-        a = np.asarray(img, dtype=np.float32) / 255.0
-        a = a[:, :, None] if a.ndim == 2 else a
-        top, left = (a.shape[0] - self.size) // 2, (a.shape[1] - self.size) // 2
-        if self.train:
-            j = self.jitter
-            top = int(np.clip(top + rng.integers(-j, j + 1), 0, a.shape[0] - self.size))
-            left = int(np.clip(left + rng.integers(-j, j + 1), 0, a.shape[1] - self.size))
-        a = a[top:top + self.size, left:left + self.size].transpose(2, 0, 1)
-        if self.train and rng.random() < 0.5:
-            a = a[:, :, ::-1]
-        return np.ascontiguousarray(a, dtype=np.float32)
