@@ -38,7 +38,7 @@ import networkx as nx
 import numpy as np
 from pydantic import ValidationError
 
-from cnnc.dsl.errors import CnncError, CnncErrors, Diagnostics, Source, Span
+from cnnc.dsl.errors import CnncError, Diagnostics, Source, Span
 
 from .ops import OPS, fmt_shape
 
@@ -793,20 +793,20 @@ def _target_shape(imp, node, x: Tensor, target) -> tuple[int, ...]:
 def _reshape(imp, node, i, ins, a):
     x = ins[0]
     if isinstance(x, Grouped) and x.swapped:
-        target = _target_shape(imp, node, x.src, imp_shape(imp, node, ins))
+        target = _target_shape(imp, node, x.src, _shape_operand(imp, node, ins))
         if target == x.src.shape:
             imp.layer("channel_shuffle", {"groups": x.groups}, [x.src], node, i)
             return
         raise imp.refuse(node, "of a transposed channel grouping to another shape")
     if isinstance(x, GroupView) and x.eps is not None:
-        if _target_shape(imp, node, x.src, imp_shape(imp, node, ins)) != x.src.shape:
+        if _target_shape(imp, node, x.src, _shape_operand(imp, node, ins)) != x.src.shape:
             raise imp.refuse(node, "of normalised groups to another shape")
         c = x.src.shape[0]
         imp.layer("groupnorm", {"groups": x.groups, "eps": x.eps}, [x.src], node, i,
                   {"weight": np.ones(c, np.float32), "bias": np.zeros(c, np.float32)})
         return
     x = imp.tensor(node, x)
-    target = _target_shape(imp, node, x, imp_shape(imp, node, ins))
+    target = _target_shape(imp, node, x, _shape_operand(imp, node, ins))
     _to_shape(imp, node, i, x, target)
 
 
@@ -820,7 +820,7 @@ def _instancenorm(imp, node, i, ins, a):
     imp.bind(node.output[0], GroupView(x.src, x.groups, float(a.get("epsilon", 1e-5))))
 
 
-def imp_shape(imp, node, ins):
+def _shape_operand(imp, node, ins) -> np.ndarray:
     if len(ins) < 2 or not isinstance(ins[1], np.ndarray):
         raise imp.refuse(node, "with a target shape computed from the input")
     return ins[1]
@@ -921,16 +921,14 @@ def _pad_channels(imp, node, i, x: Tensor, before: int, after: int) -> None:
     """Zero channels around x: pad_channels, joining the subsampling Slice before it."""
     from .ops import PadChannelsAttrs, pad_channels_split
     d = imp.g.nodes[x.node]
-    if d["op"] == "pad_channels" and d["attrs"].to == x.shape[0] and imp.node_uses.get(x.node) == 1:
-        src = next(iter(imp.g.predecessors(x.node)))
-        c, stride = d["attrs"].to, d["attrs"].stride
-    else:
-        src, c, stride = None, x.shape[0], 1
+    # the Slice before made a pad_channels that adds no channels yet: it takes these
+    joins = d["op"] == "pad_channels" and d["attrs"].to == x.shape[0] and imp.node_uses.get(x.node) == 1
+    c = x.shape[0]
     to = c + before + after
     if pad_channels_split(PadChannelsAttrs(to=to), c) != (before, after):
         raise imp.refuse(node, f"with {before} channels before and {after} after",
                          "cnnc's pad_channels puts half the zero channels before, the odd one after")
-    if src is None:
+    if not joins:
         imp.layer("pad_channels", {"to": to}, [x], node, i)
         return
     d["attrs"] = d["attrs"].model_copy(update={"to": to})
@@ -1325,7 +1323,3 @@ FOLDS: dict[str, Callable] = {
     "Div": _fold_binary(lambda x, y: x // y if np.asarray(x).dtype.kind in "iuO" else x / y),
 }
 
-
-def raise_all(errors: list[CnncError]) -> None:
-    if errors:
-        raise CnncErrors(errors)
