@@ -305,3 +305,23 @@ def test_without_the_onnx_package_the_error_says_how_to_install_it(tmp_path, mon
     r = run_cli("check", str(path))
     assert r.code == 1 and "Traceback" not in r.err
     assert "pip install 'cnnc[onnx]'" in r.err
+
+
+@pytest.mark.parametrize("opset", [11, 19])
+@pytest.mark.parametrize("op,size,kernel,stride,pads,ceil,count", [
+    ("AveragePool", 6, 3, 2, (1, 1, 1, 1), 1, 1), ("AveragePool", 7, 3, 2, (1, 1, 1, 1), 1, 1),
+    ("AveragePool", 5, 2, 2, (0, 0, 0, 0), 1, 1), ("AveragePool", 6, 3, 2, (1, 1, 1, 1), 1, 0),
+    ("AveragePool", 8, 3, 3, (1, 0, 0, 1), 1, 1), ("AveragePool", 7, 3, 2, (0, 1, 1, 0), 0, 0),
+    ("MaxPool", 7, 3, 2, (1, 0, 1, 1), 1, 0), ("MaxPool", 6, 2, 2, (0, 0, 1, 1), 1, 0),
+])
+def test_pooling_pads_ceil_and_divisors_equal_onnxruntime(op, size, kernel, stride, pads, ceil, count, opset):
+    """The corners of windowed pooling: asymmetric pads, ceil_mode's last window, and whether padding
+    counts in the average (ONNX's count_include_pad defaults to 0, PyTorch's to 1)."""
+    extra = {"count_include_pad": count} if op == "AveragePool" else {}
+    node = helper.make_node(op, ["x"], ["y"], kernel_shape=[kernel, kernel], strides=[stride, stride], pads=list(pads),
+                            ceil_mode=ceil, **extra)
+    model = _model([node], [_image(shape=(2, 3, size, size))], opset=opset)
+    model.ir_version = 8
+    x = np.random.default_rng(0).normal(size=(2, 3, size, size)).astype(np.float32)
+    got = Model(run_pipeline(import_model(model, "pool.onnx")))(x)
+    assert rel(got, ort_run(model, x)) < 1e-6
