@@ -325,3 +325,22 @@ def test_pooling_pads_ceil_and_divisors_equal_onnxruntime(op, size, kernel, stri
     x = np.random.default_rng(0).normal(size=(2, 3, size, size)).astype(np.float32)
     got = Model(run_pipeline(import_model(model, "pool.onnx")))(x)
     assert rel(got, ort_run(model, x)) < 1e-6
+
+
+def test_matmul_then_add_is_a_dense_layer_and_sum_takes_any_number_of_inputs():
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), f"w{k}") for k in range(3)]
+    inits += [numpy_helper.from_array(rng.normal(size=(4, 5)).astype(np.float32), "m"),
+              numpy_helper.from_array(rng.normal(size=(5,)).astype(np.float32), "b")]
+    nodes = [helper.make_node("Conv", ["x", f"w{k}"], [f"c{k}"]) for k in range(3)]
+    nodes += [helper.make_node("Sum", ["c0", "c1", "c2"], ["s"]), helper.make_node("GlobalAveragePool", ["s"], ["p"]),
+              helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("MatMul", ["f", "m"], ["mm"]),
+              helper.make_node("Add", ["mm", "b"], ["y"])]
+    model = _model(nodes, [_image(shape=(2, 3, 8, 8))], inits)
+    model.ir_version = 8
+    g = run_pipeline(import_model(model, "mm.onnx"))
+    assert [g.nodes[n]["op"] for n in g.nodes] == ["input", "conv", "conv", "conv", "add", "globalavgpool", "flatten",
+                                                   "dense"]
+    assert g.nodes[max(g.nodes)]["attrs"].bias
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    assert rel(Model(g)(x), ort_run(model, x)) < 1e-5
