@@ -39,7 +39,7 @@ def _sigmoid(v, out=None):
     with np.errstate(over="ignore"):  # e^−x overflows to inf for x < −88 (float32): 1/(1 + inf) is 0
         np.exp(t, out=t)
     t += 1
-    np.reciprocal(t, out=t)
+    np.divide(1.0, t, out=t)  # the same bits as np.reciprocal, which has no SIMD loop here (0.26 vs 0.17 ns)
     return t
 
 
