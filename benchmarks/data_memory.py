@@ -40,9 +40,9 @@ train:
     batch 64
     epochs 1
     resize 72
-    crop_size 64 crop_mode=random
-    flip true
-    normalize true mean=(0.485, 0.456, 0.406) std=(0.229, 0.224, 0.225)
+    crop 64 random
+    flip
+    normalize imagenet
 """
 
 
@@ -69,7 +69,8 @@ def one_run(folder: Path, workers: int, epochs: int = 1) -> dict:
         return {"images": len(trainer.data.train_y) + len(trainer.data.test_y), "seconds": round(seconds, 1),
                 "main_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "worker_peaks_mib": [pool.worker_peaks[w] / 2**20 for w in sorted(pool.worker_peaks)],
-                "ring_mib": pool.ring_bytes / 2**20, "bad_images": result.bad_images}
+                "ring_mib": pool.ring_bytes / 2**20, "bad_images": result.bad_images,
+                "data_wait_s": round(pool.wait_seconds, 1)}
 
 
 def main() -> None:
@@ -99,7 +100,7 @@ def main() -> None:
         print(f"{row['images']:>6} images (written in {made:.0f} s), {args.workers} workers, {args.epochs} epoch(s) in "
               f"{row['seconds']} s: main peak {row['main_peak_mib']:.0f} MiB, workers "
               f"{', '.join(f'{p:.0f}' for p in row['worker_peaks_mib'])} MiB, total {total:.0f} MiB "
-              f"(ring {row['ring_mib']:.1f} MiB)", flush=True)
+              f"(ring {row['ring_mib']:.1f} MiB); waited {row['data_wait_s']} s for data", flush=True)
     if len(rows) > 1:
         totals = [r["main_peak_mib"] + sum(r["worker_peaks_mib"]) for r in rows]
         print(f"growth from {rows[0]['images']} to {rows[-1]['images']} images: {totals[-1] - totals[0]:+.1f} MiB")

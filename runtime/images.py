@@ -368,6 +368,7 @@ class ImagePool:
         self.on_bad = on_bad
         self.stall_seconds = stall_seconds
         self.worker_peaks: dict[int, int] = {}  # worker → peak resident bytes, reported as it exits
+        self.wait_seconds = 0.0  # time the main process spent waiting for batches (preparing them, with 0 workers)
         self._live = None  # (shm, procs, tasks, results, finalizer) while started
         self._local = None  # the one slot of a 0-worker pool
 
@@ -431,8 +432,10 @@ class ImagePool:
                 while free and submitted < count:
                     tasks.put((free.pop(), name, epoch, submitted, order[submitted * self.batch:(submitted + 1) * self.batch]))
                     submitted += 1
+                t0 = time.perf_counter()
                 while b not in ready:
                     self._receive(results, procs, ready, b)
+                self.wait_seconds += time.perf_counter() - t0
                 slot, k = ready.pop(b)
                 x, y = _slot_views(shm.buf, slot, self.slot_floats, self.batch, split.transform.out_shape)
                 yield x[:k], y[:k]
@@ -480,8 +483,10 @@ class ImagePool:
         for b in range(start, count):
             samples = order[b * self.batch:(b + 1) * self.batch]
             x, y = _slot_views(memoryview(self._local), 0, self.slot_floats, self.batch, split.transform.out_shape)
+            t0 = time.perf_counter()
             for path, reason in fill_batch(split, epoch, samples, x, y):
                 self._note_bad(path, reason)
+            self.wait_seconds += time.perf_counter() - t0
             yield x[:len(samples)], y[:len(samples)]
 
     def _note_bad(self, path: str, reason: str) -> None:

@@ -36,8 +36,8 @@ train:
     epochs 2
     seed 11
     resize 20
-    crop_size 16 crop_mode=random
-    flip true
+    crop 16 random
+    flip
 """
 
 # resize the short side to 20, a random 16x16 crop, mirrored half the time; normalised with the
