@@ -309,6 +309,8 @@ def transform_errors(config: TrainConfig, spans: dict[str, Span], input_dims=Non
             err(k, f"`{k}` is a range (low, high), got ({lo:g}, {hi:g})")
     if config.scale[1] > 1:
         err("scale", f"`scale` is a fraction of the image's area, at most 1, got {config.scale[1]:g}")
+    if "crop_mode" in spans and config.crop_size is None:
+        err("crop_mode", "`crop_mode` without a crop size", "write the crop on one line: `crop 224 random`")
     if "eigen" in spans and not config.lighting:
         err("eigen", "`eigen` chooses the eigenvectors of `lighting`, which is not set", "e.g. `lighting 0.1 eigen=imagenet`")
     if config.eval_crop == "ten" and crop is None:
@@ -339,7 +341,7 @@ def transform_errors(config: TrainConfig, spans: dict[str, Span], input_dims=Non
                               f"each side, then a random {h}×{w} crop), which cannot be meant here: {where}",
                               legacy_crop, f"write `crop {h} random` or `crop {h} center` for a {h}×{w} crop, or "
                                            f"`crop {config.crop} pad` for the padding crop"))
-    if config.crop and config.crop_size is not None:
+    if config.crop and crop is not None:
         err("crop", "a padding crop and a crop of a size cannot both be taken: choose one")
     resize = config.resize
     if resize is not None:

@@ -71,6 +71,8 @@ def test_the_padding_crop_keeps_its_spelling(cnn):
     (["random_resized_crop 32 scale=(0.9, 0.1)"], "3x32x32", 5, 28, "`scale` is a range (low, high)"),
     (["random_resized_crop 32", "crop 32 center"], "3x32x32", 6, 10, "cannot both be taken"),
     (["hue 0.6"], "3x32x32", 5, 9, "`hue` must be less than or equal to 0.5"),
+    (["random_resized_crop 32", "crop 4"], "3x32x32", 6, 10, "a padding crop and a crop of a size"),
+    (["crop_mode random"], "3x32x32", 5, 15, "`crop_mode` without a crop size"),
     (["crop 16 center"], "16", 5, 10, "image transforms need an image input"),
 ])
 def test_mistakes_are_located(cnn, lines, shape, line, col, fragment):
