@@ -66,6 +66,9 @@ class Ctx:
     # False while a backward kernel runs on the network's input: nothing needs that gradient, so
     # a kernel may return None for it (the first conv then skips its col2im entirely)
     need_input_grad: bool = True
+    # Synchronised BatchNorm (data-parallel training): sums a float64 vector over the ranks, so
+    # training-mode statistics and their gradients cover the global batch; None: this batch only
+    bn_reduce: Callable | None = None
 
 
 @dataclass(frozen=True)

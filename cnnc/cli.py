@@ -273,6 +273,8 @@ def _cmd_train(args) -> int:
     for note in notes:
         trainer.progress.line(note)
     result = api.run(trainer)
+    if trainer.comm.rank:  # under mpiexec rank 0 reports for the job
+        return 130 if result.interrupted else 0
     if args.json:
         from cnnc.runtime.files import dumps
         from cnnc.runtime.train import result_json

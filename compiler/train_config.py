@@ -93,6 +93,7 @@ class TrainConfig(BaseModel):
     # imagefolder: data (runtime/images.py): unreadable files skipped (reported) or an error; decoding processes
     on_bad_image: Literal["skip", "error"] = "skip"
     workers: Annotated[int, Field(ge=0, le=256)] | None = None  # None: one per core but one; 0: in-process
+    sync_bn: Flag = False  # data-parallel runs: BatchNorm statistics over every rank's batch
 
     # Image transforms (runtime/transforms.py), applied in the fixed order
     # resize → crop → flip → jitter → to float → lighting → normalise.
@@ -128,7 +129,7 @@ _CHOICES = {"optimizer": OPTIMIZERS, "policy": POLICIES, "init": INITS, "loss": 
             "eigen": EIGENS, "eval_crop": EVAL_CROPS,
             "on_bad_image": ("skip", "error")}
 _LINES = ("jitter",)  # settings that are only a line's word: `jitter` sets brightness, contrast, saturation
-_BARE = {"flip": True}  # settings that may stand alone
+_BARE = {"flip": True, "sync_bn": True}  # settings that may stand alone
 _TUPLES = ("mean", "std", "scale", "ratio", "resize", "crop_size", "random_resized_crop")
 # The settings of the image transforms (runtime/transforms.py).
 TRANSFORM_FIELDS = ("resize", "crop_size", "crop_mode", "random_resized_crop", "scale", "ratio", "mean", "std",

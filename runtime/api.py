@@ -204,8 +204,10 @@ def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike
         from .weights import load_checkpoint_into
         load_checkpoint_into(model, weights)
         notes.append(f"starting from the weights in {weights}")
-    if run_dir is None:
-        run_dir = _fresh_run_dir(model.name)
+    from .distributed import world
+    comm = world()
+    if run_dir is None:  # under mpiexec rank 0 chooses, so that the ranks share one directory
+        run_dir = comm.bcast(_fresh_run_dir(model.name) if comm.rank == 0 else None)
     run_dir = Path(run_dir)
     if info is None and run_dir.exists() and not run_dir.is_dir():
         raise CnncError(f"{run_dir} exists and is not a directory", hint="choose another -o")
@@ -224,6 +226,7 @@ def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike
                                 "weights": str(Path(weights).resolve()) if weights is not None else None}
     elif config.epochs != saved.epochs:  # run.json follows the run's length
         trainer.pending_info = {**info.model_dump(), "config": config.model_dump(mode="json")}
+    comm.barrier("the start barrier")  # every rank has checked the run directory before rank 0 writes in it
     return trainer, notes
 
 
@@ -235,6 +238,8 @@ def train(path: str | os.PathLike | None = None, **kwargs) -> TrainResult:
 
 
 def run(trainer: Trainer) -> TrainResult:
+    if trainer.comm.rank:  # under mpiexec rank 0 holds the lock and writes the files
+        return trainer.run()
     with RunLock(trainer.run_dir):
         info = trainer.pending_info
         if info is not None:

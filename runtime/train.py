@@ -38,7 +38,8 @@ from cnnc.dsl.errors import CnncError
 
 from .checkpoint import parameters, read_npz, write_npz
 from .files import dumps, field_error, write_atomic, write_text_atomic
-from .data import Augment, Dataset, batches
+from .data import Augment, Dataset, _augment, batches
+from .distributed import Communicator, ranks_line, world
 from .executor import Executor
 from .model import Model
 from .optim import make_optimizer, state_arrays
@@ -249,10 +250,12 @@ def _target(yb: np.ndarray, classes: int, loss_name: str) -> np.ndarray:
 
 
 class Trainer:
-    def __init__(self, model: Model, data: Dataset, config, run_dir: Path, *, progress=True, stream=sys.stderr):
+    def __init__(self, model: Model, data: Dataset, config, run_dir: Path, *, progress=True, stream=sys.stderr,
+                 comm: Communicator | None = None):
         self.model, self.data, self.config, self.run_dir = model, data, config, Path(run_dir)
+        self.comm = comm if comm is not None else world()
         self.stream = stream
-        self.progress = Progress(stream, progress)
+        self.progress = Progress(stream, progress and self.comm.rank == 0)  # rank 0 speaks for the job
         self.plan = _logits_plan(model.plan, config.loss)
         self.executor = Executor(self.plan, model.backend, model.params)
         self.loss_fn = model.backend.loss(config.loss)
@@ -277,10 +280,118 @@ class Trainer:
         self.streamed = getattr(data, "streamed", False)  # an image folder read by worker processes
         if self.streamed:
             data.pool.on_bad = lambda path, reason: self.progress.line(f"skipped bad image {path}: {reason}")
+        if self.comm.size > 1:
+            self._check_parallel()
+            if self.comm.rank:  # each rank its own dropout masks; rank 0's stream is the checkpoint's
+                self.dropout_rng = np.random.default_rng([config.seed, 7919, self.comm.rank])
+
+    # ---- data parallelism (runtime/distributed.py; docs/distributed.md)
+    def _check_parallel(self) -> None:
+        cfg, size = self.config, self.comm.size
+        if cfg.batch % size:
+            raise CnncError(f"batch {cfg.batch} does not split evenly over {size} ranks",
+                            hint=f"the batch is the whole step's, shared by the ranks: give a multiple of {size}")
+        if cfg.sync_bn and self.model.backend.name != "numpy":
+            raise CnncError(f"sync_bn is implemented on the numpy backend, not on {self.model.backend.name}",
+                            hint="train without sync_bn (BatchNorm then uses each rank's batch)")
+
+    def _shard_batches(self, rng: np.random.Generator):
+        """This rank's part of each step's batch. The order is the one-process run's permutation,
+        padded with its first images to a multiple of the ranks (equal-length shards: every rank runs
+        the same number of steps, the last one too), so when that needs no padding the ranks together
+        see exactly the one-process batches."""
+        x, y, size, rank, b = self.data.train_x, self.data.train_y, self.comm.size, self.comm.rank, self.config.batch
+        order = rng.permutation(len(x))
+        order = np.concatenate([order, order[:(-len(order)) % size]])
+        for start in range(0, len(order), b):
+            idx = order[start:start + b]
+            k = len(idx) // size
+            if self.augment is None:
+                mine = idx[rank * k:(rank + 1) * k]
+                yield np.ascontiguousarray(x[mine], dtype=np.float32), np.ascontiguousarray(y[mine], dtype=np.int64)
+            else:  # augmented as the one-process batch (the draws come in batch order), then this rank's part
+                xb = _augment(np.ascontiguousarray(x[idx], dtype=np.float32), self.augment, rng)
+                yield xb[rank * k:(rank + 1) * k], np.ascontiguousarray(y[idx[rank * k:(rank + 1) * k]], np.int64)
+
+    def _shard_streamed(self, source):
+        """This rank's part of each batch of a streamed image folder (runtime/images.py). Every rank
+        reads the whole batch (the decoding is repeated N times; the order and the transforms are the
+        one-process run's); a last batch that does not split evenly is topped up with its first images."""
+        size, rank = self.comm.size, self.comm.rank
+        for xb, yb in source:
+            k = -(-len(yb) // size)
+            idx = np.arange(rank * k, (rank + 1) * k) % len(yb)
+            yield np.ascontiguousarray(xb[idx]), np.ascontiguousarray(yb[idx])
+
+    def _bn_reduce(self, v: np.ndarray) -> np.ndarray:
+        return self.comm.allreduce_array(np.asarray(v, dtype=np.float64))
+
+    def _buffers(self) -> list[str]:
+        """The parameters no optimizer updates (BatchNorm's running statistics)."""
+        return [k for k in self.model.params if k not in self.trainable]
+
+    def _average_buffers(self) -> None:
+        """Each rank's running statistics, averaged (with sync_bn they agree already)."""
+        if self.comm.size == 1 or self.config.sync_bn:
+            return
+        m, keys = self.model, self._buffers()
+        host = [np.array(m.backend.to_host(m.params[k]), dtype=np.float32) for k in keys]
+        self.comm.allreduce(host)
+        for k, h in zip(keys, host):
+            m.params[k][...] = m.backend.to_device(h / np.float32(self.comm.size))
+
+    def sync_from_root(self) -> None:
+        """Parameters, BatchNorm buffers and optimizer state from rank 0, at the start and on resume."""
+        if self.comm.size == 1:
+            return
+        m = self.model
+        if self.comm.rank == 0:  # always, -q or not: it ties the launcher's messages (by pid) to the ranks
+            self.stream.write(f"{self.comm.size} ranks: {ranks_line(self.comm)}\n")
+            self.stream.flush()
+        else:
+            ranks_line(self.comm)
+        state = self.comm.bcast({"params": m.host_params(), "optim": self.optimizer.state_dict()}
+                                if self.comm.rank == 0 else None)
+        if self.comm.rank:
+            m.set_params(state["params"], "rank 0's parameters")
+            self.optimizer.load_state_dict(state["optim"])
+
+    def _allreduce_grads(self, accum: dict) -> dict:
+        """The mean of the ranks' gradients: float32 buffers in reverse parameter order (the order
+        backward produces them), bucketed and summed over the ranks, then divided by their number."""
+        be = self.model.backend
+        keys = [k for k in reversed(list(self.model.params)) if k in accum]
+        host = [np.array(be.to_host(accum[k]), dtype=np.float32) for k in keys]
+        self.comm.allreduce(host)
+        size = np.float32(self.comm.size)
+        return {k: be.to_device(h / size) for k, h in zip(keys, host)}
+
+    def _evaluate(self) -> Evaluation:
+        """The test split's evaluation; with several ranks each takes a part and the sums are combined."""
+        cfg, data, comm = self.config, self.data, self.comm
+        if comm.size == 1 or self.streamed:  # a streamed test split: every rank evaluates all of it, alike
+            return evaluate_data(self.model, data, loss_name=cfg.loss, label_smoothing=cfg.label_smoothing)
+        part = np.array_split(np.arange(len(data.test_y)), comm.size)[comm.rank]
+        ev = evaluate(self.model, data.test_x[part], data.test_y[part], loss_name=cfg.loss,
+                      label_smoothing=cfg.label_smoothing)
+        k = ev.confusion.size
+        total = comm.allreduce_array(np.concatenate([[ev.loss * ev.images, ev.images, (ev.top5 or 0.0) * ev.images],
+                                                     ev.confusion.ravel().astype(np.float64)]))
+        n = max(total[1], 1)
+        confusion = np.rint(total[3:3 + k]).astype(np.int64).reshape(ev.confusion.shape)
+        return Evaluation(float(total[0] / n), float(np.trace(confusion)) / n, confusion,
+                          float(total[2] / n) if ev.top5 is not None else None, int(total[1]))
 
     # ---- checkpoints
     def save(self) -> None:
-        """The checkpoint, then metrics.jsonl rewritten from its history (both atomic)."""
+        """The checkpoint, then metrics.jsonl rewritten from its history (both atomic). Every rank calls
+        it: the running statistics are averaged, rank 0 writes, and all meet after the writing."""
+        self._average_buffers()
+        if self.comm.rank == 0:
+            self._write_checkpoint()
+        self.comm.barrier("the barrier after writing the checkpoint")
+
+    def _write_checkpoint(self) -> None:
         m = self.model
         arrays = {f"param/{k}": v for k, v in m.host_params().items()}
         optim = {f"optim/{k}": np.asarray(v) for k, v in self.optimizer.state_dict().items()}
@@ -293,6 +404,8 @@ class Trainer:
         self.write_metrics()
 
     def write_metrics(self) -> None:
+        if self.comm.rank:
+            return
         write_text_atomic(self.run_dir / METRICS, "".join(dumps(h) + "\n" for h in self.history))
 
     def restore(self, path: Path) -> None:
@@ -383,6 +496,7 @@ class Trainer:
             signal.signal(signal.SIGINT, on_interrupt)
         except ValueError:  # not the main thread
             previous = None
+        self.sync_from_root()
         try:
             while self.epoch < cfg.epochs and not self.interrupted:
                 self._epoch()
@@ -401,6 +515,8 @@ class Trainer:
         cfg, data, m, be = self.config, self.data, self.model, self.model.backend
         e = self.epoch
         rng = np.random.default_rng([cfg.seed, e])
+        if self.comm.rank:  # a fresh stream each epoch: only rank 0's travels in the checkpoint
+            self.dropout_rng = np.random.default_rng([cfg.seed, 7919, self.comm.rank, e])
         with np.errstate(all="ignore"):  # overflow shows up as a non-finite loss, reported below
             stopped = self._batches(e, rng)
         if not stopped:
@@ -414,19 +530,30 @@ class Trainer:
         accum: dict = {}
         pending = 0
         classes = int(m.classes)
+        parallel = self.comm.size > 1
         if self.streamed:  # each sample's transform has its own generator: start at the cursor
-            source = enumerate(data.train_batches(e, start=self.cursor), start=self.cursor)
+            source = data.train_batches(e, start=self.cursor)
+            source = enumerate(self._shard_streamed(source) if parallel else source, start=self.cursor)
+        elif parallel:
+            source = enumerate(self._shard_batches(rng))
         else:
             source = enumerate(batches(data.train_x, data.train_y, cfg.batch, shuffle=True, rng=rng,
                                        augment=self.augment))
+        bn_reduce = self._bn_reduce if parallel and cfg.sync_bn else None
         for b, (xb, yb) in source:
             if b < self.cursor:  # resuming inside an epoch: these batches were trained on already
                 continue
-            ctx = Ctx(training=True, rng=self.dropout_rng)
+            ctx = Ctx(training=True, rng=self.dropout_rng, bn_reduce=bn_reduce)
             out = self.executor.forward(be.to_device(xb), ctx)
             loss, dout = self.loss_fn(out, be.to_device(_target(yb, classes, cfg.loss)),
                                       **_loss_options(cfg.loss, cfg.label_smoothing))
             loss = float(loss)
+            n = len(yb)
+            hits = int((np.argmax(be.to_host(out).reshape(n, -1), axis=1) == yb).sum())
+            if parallel:  # the step's loss and counts over every rank, and whether any was interrupted
+                total = self.comm.allreduce_array(np.array([loss * n, n, hits, float(self.interrupted)]))
+                loss, n, hits = float(total[0] / total[1]), int(total[1]), int(total[2])
+                self.interrupted = bool(total[3])
             if self.initial_loss is None:
                 self._check_initial(loss)
             if not math.isfinite(loss) or loss > 100 * max(self.initial_loss, 1.0):
@@ -446,10 +573,9 @@ class Trainer:
                 self._apply(accum, pending)
                 accum, pending = {}, 0
                 self.cursor = b + 1
-            n = len(yb)
             seen += n
             loss_sum += loss * n
-            correct += int((np.argmax(be.to_host(out).reshape(n, -1), axis=1) == yb).sum())
+            correct += hits
             self.partial = (loss_sum, seen, correct)
             elapsed = time.perf_counter() - t0
             frac = (b + 1) / self.batches_per_epoch
@@ -470,7 +596,8 @@ class Trainer:
     def _end_epoch(self, e: int) -> None:
         cfg, data, m = self.config, self.data, self.model
         train_loss, train_acc, seconds = self.epoch_stats
-        ev = evaluate_data(m, data, loss_name=cfg.loss, label_smoothing=cfg.label_smoothing)
+        self._average_buffers()  # evaluation uses the running statistics
+        ev = self._evaluate()
         test_loss, test_acc = ev.loss, ev.accuracy
         self.schedule.end_epoch(test_loss)
         record = {"epoch": e + 1, "train_loss": train_loss, "train_accuracy": train_acc,
@@ -492,6 +619,8 @@ class Trainer:
         cfg = self.config
         if pending > 1:
             accum = {k: v / pending for k, v in accum.items()}
+        if self.comm.size > 1:
+            accum = self._allreduce_grads(accum)
         if cfg.clip_norm is not None:
             norm = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in accum.values()))
             if norm > cfg.clip_norm:

@@ -111,6 +111,16 @@ def _combine(sums: np.ndarray, m2: np.ndarray, width: int) -> tuple[np.ndarray, 
     return mean, (m2.sum(axis=0) + width * (spread * spread).sum(axis=0)) / count
 
 
+def _global_stats(reduce, mean, var, count):
+    """Per-channel mean and biased variance over every rank's batch, from each rank's count, sum and
+    sum of squares about zero (float64; activations near unit scale keep the subtraction exact enough)."""
+    c = len(mean)
+    total = reduce(np.concatenate([[count], count * mean, count * (var + mean * mean)]))
+    n = total[0]
+    g_mean = total[1:c + 1] / n
+    return g_mean, np.maximum(total[c + 1:] / n - g_mean * g_mean, 0.0), int(round(n))
+
+
 def batchnorm_forward(node, xs, params, ctx):
     """Two passes over x in cache-sized blocks of (image, channel) rows, split over the threads:
     per-row sums and centred sums of squares (combined per channel in float64), then y = x·a + b
@@ -137,6 +147,8 @@ def batchnorm_forward(node, xs, params, ctx):
         _row_blocks(n * c, width, stats)
         mean, var = _combine(sums.reshape(n, c), m2.reshape(n, c), width)
         count, m = n * width, float(a.momentum)
+        if ctx.bn_reduce is not None:  # the global batch's statistics (sync_bn)
+            mean, var, count = _global_stats(ctx.bn_reduce, mean, var, count)
         rm *= 1.0 - m  # in place: the buffers are the executor's arrays
         rm += m * mean
         rv *= 1.0 - m
@@ -179,16 +191,23 @@ def batchnorm_backward(node, saved, dy, params, ctx):
 
     _row_blocks(n * c, width, sums)
     db = dsum.reshape(n, c).astype(np.float64).sum(axis=0)
+    dxs = dxsum.reshape(n, c).astype(np.float64).sum(axis=0)
     # Σ dy·x̂ = σ⁻¹·(Σ dy·x − μ·Σ dy): the subtraction per channel, in float64
-    dw = (dxsum.reshape(n, c).astype(np.float64).sum(axis=0) - mean * db) * invstd
+    dw = (dxs - mean * db) * invstd
+    count = n * width
+    if training and ctx.bn_reduce is not None:  # dx through the global batch's statistics (sync_bn)
+        total = ctx.bn_reduce(np.concatenate([[count], db, dxs]))
+        count, gdb = total[0], total[1:c + 1]
+        gdw = (total[c + 1:] - mean * gdb) * invstd
+    else:
+        gdb, gdw = db, dw  # the parameter gradients stay this batch's: the optimizer averages them
     k = invstd * params["weight"] if a.affine else invstd
     dx = np.empty(dy.shape, dtype=dtype)
     drows, kr = dx.reshape(n * c, width), _per_row(k, n, dtype)
     if training:
         # dx = k·dy − p·(x − μ) − q = k·dy + b·x + c per channel, b and c in float64
-        count = n * width
-        p = k * invstd * dw / count
-        br, cr = _per_row(-p, n, dtype), _per_row(p * mean - k * db / count, n, dtype)
+        p = k * invstd * gdw / count
+        br, cr = _per_row(-p, n, dtype), _per_row(p * mean - k * gdb / count, n, dtype)
 
         def grad(r0, r1):
             out = drows[r0:r1]
