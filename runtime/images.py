@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import secrets
 import signal
 import time
 import warnings
@@ -46,6 +47,7 @@ from cnnc.dsl.errors import CnncError
 PREFETCH = 2  # batch slots beyond one per worker: how far the workers may run ahead
 STALL_SECONDS = 300.0  # no batch from any worker for this long ends the run (a hung decoder)
 POLL_SECONDS = 0.5
+SHM_PREFIX = "cnnc-ring-"  # then the creating process's id
 LIST_SPLITS = ("val.txt", "test.txt")
 FOLDER_SPLITS = ("val", "test")
 SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
@@ -333,10 +335,11 @@ def _worker(wid: int, shm_name: str, slot_floats: int, batch: int, splits: dict,
 
 
 def _slot_views(buf, slot: int, slot_floats: int, batch: int, out_shape) -> tuple[np.ndarray, np.ndarray]:
-    """The x and y arrays of one slot: slot_floats float32 values for images, then batch int64 labels."""
+    """The x and y arrays of one slot: slot_floats float32 values for images (as many whole images
+    of out_shape as fit), then batch int64 labels."""
     slot_bytes = slot_floats * 4 + batch * 8
     base = slot * slot_bytes
-    x = np.ndarray((batch, *out_shape), np.float32, buf, base)
+    x = np.ndarray((slot_floats // math.prod(out_shape), *out_shape), np.float32, buf, base)
     y = np.ndarray((batch,), np.int64, buf, base + slot_floats * 4)
     return x, y
 
@@ -362,7 +365,11 @@ class ImagePool:
     def __init__(self, splits: dict[str, Split], batch: int, workers: int,
                  on_bad: Callable[[str, str], None] | None = None, stall_seconds: float = STALL_SECONDS):
         self.splits, self.batch, self.workers = splits, int(batch), int(workers)
-        self.slot_floats = self.batch * max(math.prod(s.transform.out_shape) for s in splits.values())
+        per = {name: math.prod(s.transform.out_shape) for name, s in splits.items()}
+        # A slot holds a training batch; a split with larger samples (the ten crops of evaluation)
+        # is read in batches of as many samples as fit, so the ring is not sized by it.
+        self.slot_floats = max(self.batch * per.get("train", max(per.values())), max(per.values()))
+        self.split_batch = {name: min(self.batch, self.slot_floats // p) for name, p in per.items()}
         self.slots = self.workers + PREFETCH if self.workers else 1
         self.bad: dict[str, str] = {}
         self.on_bad = on_bad
@@ -380,7 +387,9 @@ class ImagePool:
     def _start(self) -> None:
         from multiprocessing import shared_memory
         ctx = _context()
-        shm = shared_memory.SharedMemory(create=True, size=max(self.ring_bytes, 1))
+        # Named after this process, so that a segment in /dev/shm says whose it is.
+        shm = shared_memory.SharedMemory(name=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(6)}", create=True,
+                                         size=max(self.ring_bytes, 1))
         tasks, results = ctx.Queue(), ctx.Queue()
         procs = []
         try:
@@ -416,9 +425,10 @@ class ImagePool:
         split = self.splits[name]
         n = len(split.index)
         order = np.random.default_rng([split.seed, epoch]).permutation(n) if shuffle else np.arange(n)
-        count = math.ceil(n / self.batch)
+        size = self.split_batch[name]
+        count = math.ceil(n / size)
         if self.workers == 0:
-            yield from self._local_batches(split, epoch, order, start, count)
+            yield from self._local_batches(split, epoch, order, start, count, size)
             return
         if self._live is None:
             self._start()
@@ -430,7 +440,7 @@ class ImagePool:
         try:
             for b in range(start, count):
                 while free and submitted < count:
-                    tasks.put((free.pop(), name, epoch, submitted, order[submitted * self.batch:(submitted + 1) * self.batch]))
+                    tasks.put((free.pop(), name, epoch, submitted, order[submitted * size:(submitted + 1) * size]))
                     submitted += 1
                 t0 = time.perf_counter()
                 while b not in ready:
@@ -477,11 +487,11 @@ class ImagePool:
                 raise CnncError(f"image worker {i} (pid {p.pid}) {how} while batch {waiting_for + 1} was "
                                 "being prepared", hint="out of memory? try fewer --workers or a smaller batch")
 
-    def _local_batches(self, split: Split, epoch: int, order, start: int, count: int):
+    def _local_batches(self, split: Split, epoch: int, order, start: int, count: int, size: int):
         if self._local is None:
             self._local = bytearray(max(self.ring_bytes, 1))
         for b in range(start, count):
-            samples = order[b * self.batch:(b + 1) * self.batch]
+            samples = order[b * size:(b + 1) * size]
             x, y = _slot_views(memoryview(self._local), 0, self.slot_floats, self.batch, split.transform.out_shape)
             t0 = time.perf_counter()
             for path, reason in fill_batch(split, epoch, samples, x, y):

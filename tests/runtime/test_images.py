@@ -159,6 +159,24 @@ def test_batches_do_not_depend_on_the_worker_count(folder):
         assert np.array_equal(a, b)
 
 
+def test_ten_crop_evaluation_batches_fit_the_training_slots(folder):
+    """Ten crops of each image make samples 10x larger: they come in smaller batches (as many as a
+    training batch's slot holds), so the ring is sized by training, and still whatever the workers."""
+    config = CONFIG.model_copy(update={"batch": 20, "eval_crop": "ten"})
+    got = {}
+    for workers in (0, 2):
+        ds = images.load_streamed("s", folder, (3, 16, 16), 3, config, workers=workers)
+        try:
+            got[workers] = [(x.copy(), y.copy()) for x, y in ds.test_batches()]
+            assert ds.pool.ring_bytes == ds.pool.slots * (20 * 3 * 16 * 16 * 4 + 20 * 8)
+        finally:
+            ds.close()
+    assert {x.shape for x, _ in got[0][:-1]} == {(2, 10, 3, 16, 16)}
+    assert sum(len(y) for _, y in got[0]) == len(ds.test_y)
+    for (a, ya), (b, yb) in zip(got[0], got[2], strict=True):
+        assert np.array_equal(a, b) and np.array_equal(ya, yb)
+
+
 @pytest.fixture(scope="module")
 def straight(folder, tmp_path_factory):
     """One training run with one worker: the reference."""
@@ -293,7 +311,6 @@ def test_ctrl_c_in_a_terminal_stops_workers_and_frees_shared_memory(folder, tmp_
     import sys
     net = tmp_path / "photonet.cnn"
     net.write_text(NET.replace("epochs 2", "epochs 1000"))
-    shm_before = set(os.listdir("/dev/shm"))
     proc = subprocess.Popen([sys.executable, "-m", "cnnc", "train", str(net), "--data", f"imagefolder:{folder}",
                              "--workers", "2", "-o", str(tmp_path / "run")], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
@@ -303,6 +320,8 @@ def test_ctrl_c_in_a_terminal_stops_workers_and_frees_shared_memory(folder, tmp_
             if "initial loss" in line:
                 break
         time.sleep(0.5)
+        ring = [n for n in os.listdir("/dev/shm") if n.startswith(f"{images.SHM_PREFIX}{proc.pid}-")]
+        assert len(ring) == 1 and len(_session_members(proc.pid)) >= 3  # the run, its forkserver, 2 workers
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -314,4 +333,4 @@ def test_ctrl_c_in_a_terminal_stops_workers_and_frees_shared_memory(folder, tmp_
     while _session_members(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _session_members(proc.pid)
-    assert not [n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith("psm_")]
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"{images.SHM_PREFIX}{proc.pid}-")]
