@@ -33,6 +33,7 @@ from .files import RunLock, dumps, field_error, read_json, write_text_atomic
 from .model import Model
 from .optim import state_arrays
 from .schedules import depends_on_length
+from .transforms import settings_in_use
 from .train import CHECKPOINT, Trainer, TrainResult, evaluate_data, write_plot
 
 RUN_INFO = "run.json"
@@ -78,6 +79,12 @@ def _load_data(spec: str, want: tuple, classes, config: TrainConfig, base_dir: P
         notes.append(f"streaming {len(ds.train_y)} + {len(ds.test_y)} images with {ds.pool.workers} worker "
                      f"process(es), {ds.pool.slots} batches prefetched")
         return ds, notes
+    used = settings_in_use(config)
+    if used:  # arrays arrive at their final size: resizing, cropping and colour noise would be silently skipped
+        raise CnncError(f"data `{spec}` is read as arrays, which the image transforms "
+                        f"({', '.join(used)}) do not apply to",
+                        hint="read image files with `data \"imagefolder:DIR\"`; on arrays, `crop N pad`, `flip` "
+                             "and `normalize` work")
     raw = load_dataset(spec, base_dir, normalize=False, seed=config.seed)
     have = tuple(raw.image_shape)
     pad_to = None

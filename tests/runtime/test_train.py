@@ -303,3 +303,11 @@ def test_eval_and_the_metrics_give_top5_with_more_than_5_classes(tmp_path):
     assert r.code == 0 and "top-5 " in r.out, r.err
     r = run_cli("eval", str(net), "--checkpoint", str(tmp_path / "a" / "checkpoint.npz"), "--data", str(data), "--json")
     assert json.loads(r.out)["top5"] == pytest.approx(record["test_top5"])
+
+
+def test_image_transforms_on_array_data_are_refused_not_skipped(setup):
+    net, data, tmp = setup
+    net.write_text(NET.replace("    seed 5\n", "    seed 5\n    jitter brightness=0.4\n    eval_crop center\n"))
+    r = run_cli("train", str(net), "--data", str(data), "-o", str(tmp / "r"))
+    assert r.code == 1 and "image transforms (brightness) do not apply" in r.err, r.err
+    assert "imagefolder:DIR" in r.err and not (tmp / "r").exists()
