@@ -142,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="time the same network in PyTorch, or its ONNX export in onnxruntime (inference), too")
     b.add_argument("--repeats", type=_positive, default=10)
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--ranks", action="store_true",
+                   help="under mpiexec -n N: a data-parallel training step of --batch images shared by the ranks, "
+                        "split into compute, waiting and allreduce")
     b.set_defaults(run=_cmd_bench)
 
     q = sub.add_parser("parity", parents=[mem], help="compare two backends layer by layer on the same weights and inputs")
@@ -375,6 +378,8 @@ def _cmd_run(args) -> int:
 def _cmd_bench(args) -> int:
     from cnnc.runtime.bench import bench
 
+    if args.ranks:
+        return _bench_ranks(args)
     r = bench(args.file, args.backend, args.batch, args.train, args.layers, args.vs, args.repeats)
     if args.json:
         print(json.dumps(r.to_json()))
@@ -390,6 +395,24 @@ def _cmd_bench(args) -> int:
         for row in r.layers:
             print(f"{row['layer']:<36}{row['op']:<16}{row['forward_ms']:>11.3f}{row['backward_ms']:>12.3f}"
                   f"{row['gflops']:>9.1f}{100 * row['share']:>6.1f}%")
+    return 0
+
+
+def _bench_ranks(args) -> int:
+    from cnnc.runtime.bench import ranks_bench
+    from cnnc.runtime.distributed import world
+
+    r = ranks_bench(args.file, args.backend, args.batch, args.repeats)
+    if world().rank:
+        return 0
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    ms = r["ms"]
+    print(f"{r['network']} on {r['backend']}, {r['ranks']} rank(s), batch {r['batch']} ({r['batch_per_rank']} a rank), "
+          f"{r['gradient_mb']:.2f} MB of gradients: {r['ms_per_step']:.1f} ms per step, {r['images_per_s']:.1f} images/s")
+    print(f"  compute {ms['compute']:.1f} ms, waiting {ms['waiting']:.1f} ms, allreduce {ms['allreduce']:.2f} ms, "
+          f"update {ms['update']:.1f} ms (slowest rank's medians); overhead {100 * r['overhead']:.1f}% of compute")
     return 0
 
 

@@ -194,3 +194,59 @@ def layer_times(m, x, train: bool, repeats: int = 3) -> list[dict]:
     for r in rows:
         r["share"] = (r["forward_ms"] + r["backward_ms"]) / total
     return sorted(rows, key=lambda r: -(r["forward_ms"] + r["backward_ms"]))
+
+
+def ranks_bench(path, backend: str = "numpy", batch: int = 64, repeats: int = 10, warmup: int = 2) -> dict:
+    """`cnnc bench --ranks` (under `mpiexec -n N`): a data-parallel training step, `batch` images
+    shared by the ranks, timed on every rank as compute (forward, loss, backward), waiting (a
+    barrier: the skew between the ranks), allreduce (the gradients, as training sums them) and the
+    optimizer update; medians over the steps, the slowest rank's for each part."""
+    from .distributed import world
+
+    comm = world()
+    if batch % comm.size:
+        raise CnncError(f"--batch {batch} does not split evenly over {comm.size} ranks",
+                        hint=f"the batch is the step's whole batch: give a multiple of {comm.size}")
+    model = Model.load(path, backend)
+    local = batch // comm.size
+    run_estimate(model.graph, f"a training step of `{model.name}` at batch {local}", local, training=True,
+                 optimizer_arrays=1, optimizer="momentum").check("a smaller --batch")
+    rng = np.random.default_rng(comm.rank)
+    be = model.backend
+    x = be.to_device(rng.normal(size=(local, *model.input_shape)).astype(np.float32))
+    y = be.to_device(rng.integers(0, int(model.classes), local))
+    config = TrainConfig(optimizer="momentum", momentum=0.9, lr=0.001, batch=batch)
+    trainable = {k for k, t in model.trainable().items() if t}
+    make = getattr(be, "make_optimizer", None) or make_optimizer
+    opt = make(config, {k: model.params[k] for k in sorted(trainable)})
+    loss_fn = be.loss("cross_entropy")
+    ctx = Ctx(training=True, rng=np.random.default_rng(0))
+    parts: dict[str, list[float]] = {"compute": [], "waiting": [], "allreduce": [], "update": []}
+    grad_bytes = 0
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        out = model.executor.forward(x, ctx)
+        _, dout = loss_fn(out, y)
+        grads = model.executor.backward(dout)
+        t1 = time.perf_counter()
+        comm.barrier("the benchmark's barrier")
+        t2 = time.perf_counter()
+        keys = [k for k in reversed(list(model.params)) if k in grads and k in trainable]
+        host = [np.array(be.to_host(grads[k]), dtype=np.float32) for k in keys]
+        comm.allreduce(host)
+        t3 = time.perf_counter()
+        opt.step({k: be.to_device(h / np.float32(comm.size)) for k, h in zip(keys, host)}, config.lr)
+        t4 = time.perf_counter()
+        grad_bytes = sum(h.nbytes for h in host)
+        if i >= warmup:
+            for name, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                parts[name].append(v)
+    mine = np.array([statistics.median(v) for v in parts.values()])
+    table = np.zeros((comm.size, len(mine)))
+    table[comm.rank] = mine
+    slowest = comm.allreduce_array(table).max(axis=0)  # each part's median on the slowest rank
+    ms = {name: 1000 * float(v) for name, v in zip(parts, slowest)}
+    step = sum(ms.values())
+    return {"network": model.name, "backend": backend, "ranks": comm.size, "batch": batch, "batch_per_rank": local,
+            "gradient_mb": grad_bytes / 2**20, "ms": ms, "ms_per_step": step, "images_per_s": 1000 * batch / step,
+            "overhead": (ms["waiting"] + ms["allreduce"]) / ms["compute"]}

@@ -8,8 +8,9 @@ collectives return their input, so the one-process path runs no MPI code at all.
 Every collective is nonblocking and polled against a deadline (CNNC_MPI_TIMEOUT seconds, 300 by
 default): a rank that is dead or stuck ends the whole job with a message naming it (MPI Abort
 after printing), never a silent hang. To name it, each rank tells every peer, with a tiny
-point-to-point message, the number of the collective it has reached; a rank that times out
-names the peers that never reported reaching that one.
+point-to-point message, the number of the collective it has reached, and repeats it every second
+while it waits; a rank that times out names the peers that never reported reaching that one, or
+that have been silent while waiting in it (a stopped process).
 
 Gradients travel as float32 buffers packed into buckets of about 25 MB, in the order given
 (the trainer gives reverse parameter order, the order backward produces them), all ranks the
@@ -30,6 +31,7 @@ from cnnc.dsl.errors import CnncError
 
 BUCKET_BYTES = 25 * 1024 * 1024
 DEFAULT_TIMEOUT = 300.0
+HEARTBEAT = 1.0  # seconds between a waiting rank's signs of life
 _ARRIVE_TAG = 7301
 
 
@@ -96,6 +98,8 @@ class MpiCommunicator(Communicator):
         self.seq = 0  # collectives entered
         self.reached = {p: 0 for p in range(self.size) if p != self.rank}  # the last each peer reported
         self._received = dict.fromkeys(self.reached, 0)  # arrival messages received from each peer
+        self._sent = 0  # arrival messages sent to each peer
+        self.heard = dict.fromkeys(self.reached, time.perf_counter())  # when each peer was last heard from
         self._sends: list = []
         self.seconds = 0.0  # time spent inside collectives (for bench)
         # Before mpi4py finalizes MPI at exit: every arrival message received (a rank leaving unreceived
@@ -105,10 +109,14 @@ class MpiCommunicator(Communicator):
     # ---- liveness bookkeeping
     def _enter(self) -> None:
         self.seq += 1
+        self._announce()
+
+    def _announce(self) -> None:
         self._sends = [(r, b) for r, b in self._sends if not r.Test()]
         for p in self.reached:
             buf = np.array([self.seq], dtype=np.int64)
             self._sends.append((self.comm.Isend(buf, dest=p, tag=_ARRIVE_TAG), buf))
+        self._sent += 1
         self._drain()
 
     def _drain(self) -> None:
@@ -119,22 +127,35 @@ class MpiCommunicator(Communicator):
             self.comm.Recv(buf, source=src, tag=_ARRIVE_TAG)
             self.reached[src] = max(self.reached[src], int(buf[0]))
             self._received[src] += 1
+            self.heard[src] = time.perf_counter()
 
     def _wait(self, requests: list, what: str) -> None:
         start = time.perf_counter()
         deadline = start + self.timeout
         pause = 0.0
         pending = list(requests)
+        beat = start + HEARTBEAT
         while pending:
             pending = [r for r in pending if not r.Test()]
             if not pending:
                 break
             now = time.perf_counter()
+            if now > beat:  # still here: a sign of life for the peers' timeout messages
+                self._announce()
+                beat = now + HEARTBEAT
             if now > deadline:
                 self._drain()
+                silent_for = min(3 * HEARTBEAT, self.timeout / 2)
                 missing = [p for p, s in self.reached.items() if s < self.seq]
-                who = (f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} never reached it "
-                       "(dead or stuck)") if missing else "every rank reached it, yet it did not complete"
+                silent = [p for p, s in self.reached.items() if s >= self.seq and now - self.heard[p] > silent_for]
+                if missing:
+                    who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} never reached it"
+                    who += " (dead or stuck)"
+                elif silent:
+                    who = (f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} reached it but "
+                           f"{'have' if len(silent) > 1 else 'has'} been silent for {silent_for:g} s (stuck)")
+                else:
+                    who = "every rank reached it and is alive, yet it did not complete"
                 self.abort(f"{what} (collective #{self.seq}) did not complete within {self.timeout:g} s on rank "
                            f"{self.rank} of {self.size}: {who}; ending the job "
                            "(CNNC_MPI_TIMEOUT sets the limit)")
@@ -148,7 +169,7 @@ class MpiCommunicator(Communicator):
     def close(self) -> None:
         """Receive the arrival messages still on their way, then let MPI finalize."""
         _flush()
-        sent = np.array([self.seq], dtype=np.int64)
+        sent = np.array([self._sent], dtype=np.int64)
         everyone = np.empty(self.size, dtype=np.int64)
         self._wait([self.comm.Iallgather(sent, everyone)], "the closing exchange")
         buf = np.empty(1, dtype=np.int64)
