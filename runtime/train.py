@@ -275,6 +275,7 @@ class Trainer:
         self.initial_loss: float | None = None
         self.history: list[dict] = []
         self.interrupted = False
+        self.stopping = False  # under mpiexec: a Ctrl-C the ranks have agreed on (they stop at the same batch)
         self.pending_info: dict | None = None  # run.json for a fresh run, written when training starts
         self.augment = Augment(crop_pad=config.crop, hflip=config.flip) if (config.crop or config.flip) else None
         self.streamed = getattr(data, "streamed", False)  # an image folder read by worker processes
@@ -498,7 +499,7 @@ class Trainer:
             previous = None
         self.sync_from_root()
         try:
-            while self.epoch < cfg.epochs and not self.interrupted:
+            while self.epoch < cfg.epochs and not (self.stopping if self.comm.size > 1 else self.interrupted):
                 self._epoch()
         finally:
             if previous is not None:
@@ -553,7 +554,8 @@ class Trainer:
             if parallel:  # the step's loss and counts over every rank, and whether any was interrupted
                 total = self.comm.allreduce_array(np.array([loss * n, n, hits, float(self.interrupted)]))
                 loss, n, hits = float(total[0] / total[1]), int(total[1]), int(total[2])
-                self.interrupted = bool(total[3])
+                self.stopping = bool(total[3])
+                self.interrupted = self.interrupted or self.stopping
             if self.initial_loss is None:
                 self._check_initial(loss)
             if not math.isfinite(loss) or loss > 100 * max(self.initial_loss, 1.0):
@@ -585,7 +587,7 @@ class Trainer:
                 f"epoch {e + 1}/{cfg.epochs} {_bar(frac)} {b + 1}/{self.batches_per_epoch} "
                 f"loss {loss_sum / seen:.4f} acc {100 * correct / seen:.1f}% lr {self.schedule.lr(max(self.step - 1, 0)):.3g} "
                 f"{rate:.0f} img/s ETA {_fmt_time(eta)}", done=last_batch)
-            if self.interrupted and pending == 0 and not last_batch:
+            if (self.stopping if parallel else self.interrupted) and pending == 0 and not last_batch:
                 self.save()
                 self.progress.line(f"\ninterrupted: checkpoint written to {self.run_dir / CHECKPOINT} "
                                    f"(epoch {e + 1}, batch {b + 1}); continue with --resume {self.run_dir}")

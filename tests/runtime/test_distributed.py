@@ -248,3 +248,28 @@ def test_a_streamed_image_folder_is_sharded_too(tmp_path):
     train(1, net, data, tmp_path / "one")
     train(2, net, data, tmp_path / "two")  # every rank reads each batch and keeps its half
     assert_close(arrays(tmp_path / "one"), arrays(tmp_path / "two"))
+
+
+def test_ctrl_c_stops_every_rank_at_the_same_batch_with_a_checkpoint(work):
+    net = work / "long.cnn"
+    net.write_text(NO_BN.replace("epochs 2", "epochs 1000"))
+    run = work / "long-ctrl-c"
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "cnnc", "train", str(net), "--data", str(work / "d.npz"),
+           "-o", str(run)]
+    proc = subprocess.Popen(cmd, env=_env(timeout=30), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "metrics.jsonl").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not get going"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # the launcher passes it to every rank
+        out, err = proc.communicate(timeout=45)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, (out + err)[-2000:]
+    assert "interrupted" in out + err
+    _, meta = read_npz(run / "checkpoint.npz")
+    assert meta["epoch"] >= 1 and meta["step"] == 5 * meta["epoch"] + meta["cursor"]
