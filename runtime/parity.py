@@ -113,7 +113,11 @@ def parity(path, backends: tuple[str, str] = ("numpy", "cuda"), batch: int = 2, 
         program = load(path)
         dims, span = program.input_dims
         program.input_dims = ((dims[0], *input_size), span)
+        # the train section's image transforms are checked against the real input size: the resized
+        # network keeps the settings already validated for it (its weights' init and seed among them)
+        train, program.train = g.graph.get("train"), None
         g = run_pipeline(program, PassContext())
+        g.graph["train"] = train
     g = remove_dropout(g, PassContext())
     est = run_estimate(g, f"comparing `{g.graph['network']}` at batch {batch}", batch, training=True)
     outputs = sum(d["bytes"] for _, d in g.nodes(data=True)) * batch // max(g.graph["totals"]["batch"], 1)
