@@ -214,7 +214,7 @@ def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike
     from .distributed import world
     comm = world()
     if run_dir is None:  # under mpiexec rank 0 chooses, so that the ranks share one directory
-        run_dir = comm.bcast(_fresh_run_dir(model.name) if comm.rank == 0 else None)
+        run_dir = comm.bcast(str(_fresh_run_dir(model.name)) if comm.rank == 0 else None)
     run_dir = Path(run_dir)
     if info is None and run_dir.exists() and not run_dir.is_dir():
         raise CnncError(f"{run_dir} exists and is not a directory", hint="choose another -o")

@@ -20,8 +20,8 @@ same order; the sums are written back in place.
 from __future__ import annotations
 
 import atexit
+import json
 import os
-import pickle
 import sys
 import time
 
@@ -59,6 +59,52 @@ def timeout_seconds() -> float:
     return value
 
 
+def pack(obj) -> bytes:
+    """JSON values and NumPy arrays (in dicts and lists) as bytes, without pickle: a JSON document
+    in which each array is {"__array__": i, "dtype": ..., "shape": ...}, its length, then the arrays' bytes."""
+    arrays: list[np.ndarray] = []
+
+    def walk(v):
+        if isinstance(v, np.ndarray):
+            if v.dtype.kind not in "biuf":
+                raise TypeError(f"cannot broadcast an array of {v.dtype}")
+            arrays.append(np.ascontiguousarray(v))
+            return {"__array__": len(arrays) - 1, "dtype": v.dtype.str, "shape": list(v.shape)}
+        if isinstance(v, dict):
+            return {str(k): walk(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x) for x in v]
+        return v
+
+    doc = json.dumps(walk(obj), allow_nan=False).encode("utf-8")
+    return len(doc).to_bytes(8, "little") + doc + b"".join(a.tobytes() for a in arrays)
+
+
+def unpack(data: bytes):
+    """The value `pack` wrote (lists come back as lists)."""
+    size = int.from_bytes(data[:8], "little")
+    doc = json.loads(data[8:8 + size].decode("utf-8"))
+    offset = 8 + size
+
+    def walk(v):
+        nonlocal offset
+        if isinstance(v, dict) and "__array__" in v:
+            dtype = np.dtype(v["dtype"])
+            if dtype.kind not in "biuf":
+                raise CnncError(f"a broadcast array of {dtype}: not what cnnc sends")
+            count = int(np.prod(v["shape"], dtype=np.int64))
+            a = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(v["shape"]).copy()
+            offset += a.nbytes
+            return a
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return v
+
+    return walk(doc)
+
+
 class Communicator:
     """One process: rank 0 of 1. Collectives return their input unchanged."""
 
@@ -66,7 +112,7 @@ class Communicator:
     size = 1
 
     def bcast(self, obj, root: int = 0):
-        """Any picklable object (a dict of arrays too), from `root` to every rank."""
+        """JSON values and NumPy arrays (a dict of arrays too), from `root` to every rank (see `pack`)."""
         return obj
 
     def allreduce(self, buffers: list[np.ndarray]) -> None:
@@ -192,12 +238,12 @@ class MpiCommunicator(Communicator):
 
     def bcast(self, obj, root: int = 0):
         self._enter()
-        data = pickle.dumps(obj, protocol=5) if self.rank == root else b""
+        data = pack(obj) if self.rank == root else b""
         n = np.array([len(data)], dtype=np.int64)
         self._wait([self.comm.Ibcast(n, root=root)], "broadcast")
         buf = np.frombuffer(data, dtype=np.uint8).copy() if self.rank == root else np.empty(int(n[0]), np.uint8)
         self._wait([self.comm.Ibcast(buf, root=root)], "broadcast")
-        return obj if self.rank == root else pickle.loads(buf.tobytes())
+        return obj if self.rank == root else unpack(buf.tobytes())
 
     def allreduce_array(self, a: np.ndarray) -> np.ndarray:
         out = np.ascontiguousarray(a).copy()
