@@ -480,12 +480,17 @@ def _cmd_weights_import(args) -> int:
 
     out = Path(args.output) if args.output else Path(args.state).with_suffix(".npz")
     report, model = import_state(args.file, args.state, out)
-    if not args.quiet:
+    _print_weights_report(report, args.quiet)
+    print(f"wrote {out}: {len(report.rows)} layers of `{model.name}` from {args.state}", file=sys.stderr)
+    return 0
+
+
+def _print_weights_report(report, quiet: bool) -> None:
+    """The mapping table on stdout (unless -q), its notes on stderr."""
+    if not quiet:
         print(report.render())
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
-    print(f"wrote {out}: {len(report.rows)} layers of `{model.name}` from {args.state}", file=sys.stderr)
-    return 0
 
 
 def _cmd_weights_export(args) -> int:
@@ -495,10 +500,7 @@ def _cmd_weights_export(args) -> int:
     if args.like and args.names:
         raise CnncError("--names and --like both choose the tensor names: give one")
     report, used = export_state(args.file, args.checkpoint, args.output, args.names, args.like)
-    if not args.quiet:
-        print(report.render())
-    for note in report.notes:
-        print(f"note: {note}", file=sys.stderr)
+    _print_weights_report(report, args.quiet)
     print(f"wrote {args.output}: {len(report.rows)} layers, {used}", file=sys.stderr)
     return 0
 
