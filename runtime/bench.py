@@ -1,7 +1,7 @@
 """`cnnc bench`: images/s and ms per step of a network on a backend, optionally against a peer.
 
 Inference runs the -O2 plan; `--train` times a whole training step (forward, loss, backward,
-optimizer update) on the plain training plan. Medians of timed repeats after warm-up. `--layers`
+optimizer update) on the training plan `cnnc train` runs (-O2's training rewrites). Medians of timed repeats after warm-up. `--layers`
 times each layer's forward (and backward with `--train`) like `caffe time`, sorted, with
 GFLOP/s and share of the total. `--vs torch` builds the same network in PyTorch from our graph
 with our weights and times it in the same process on the same batch and thread count;
@@ -16,6 +16,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -25,8 +26,10 @@ from cnnc.dsl.errors import CnncError, InternalError
 
 from .artifact import compile_model
 from .budget import run_estimate
+from .executor import Executor
 from .model import Model
 from .optim import make_optimizer
+from .train import training_plan
 
 
 @dataclass
@@ -59,7 +62,16 @@ def _median_ms(fn, repeats: int, warmup: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def _training(model: Model, batch: int) -> SimpleNamespace:
+    """The training plan `cnnc train` runs, with an executor on the model's parameters (what
+    layer_times reads: plan, backend, executor, graph)."""
+    plan = training_plan(model, batch)
+    return SimpleNamespace(plan=plan, backend=model.backend, executor=Executor(plan, model.backend, model.params),
+                           graph=plan.graph)
+
+
 def _train_step(model: Model, x, y, config: TrainConfig):
+    executor = _training(model, len(x)).executor
     trainable = {k for k, t in model.trainable().items() if t}
     make = getattr(model.backend, "make_optimizer", None) or make_optimizer
     opt = make(config, {k: model.params[k] for k in sorted(trainable)})
@@ -67,9 +79,9 @@ def _train_step(model: Model, x, y, config: TrainConfig):
     ctx = Ctx(training=True, rng=np.random.default_rng(0))
 
     def step():
-        out = model.executor.forward(x, ctx)
+        out = executor.forward(x, ctx)
         _, dout = loss_fn(out, y)
-        opt.step(model.executor.backward(dout), config.lr)
+        opt.step(executor.backward(dout), config.lr)
     return step
 
 
@@ -101,7 +113,7 @@ def bench(path, backend: str = "numpy", batch: int = 1, train: bool = False, lay
     result = BenchResult(model.name, backend, batch, train, ms, 1000 * batch / ms,
                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if layers:
-        result.layers = layer_times(model if train else compiled, x, train, repeats=max(3, repeats // 3))
+        result.layers = layer_times(_training(model, batch) if train else compiled, x, train, repeats=max(3, repeats // 3))
     if vs == "torch":
         result.peer_ms_per_step = torch_ms(model, xh, yh, train, config, repeats, warmup)
     elif vs == "onnxruntime":

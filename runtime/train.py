@@ -106,6 +106,17 @@ class CheckpointMeta(_Strict):
     optim_keys: list[str] | None = None  # the optimizer state arrays the file holds (absent before 0.1.1)
 
 
+def training_plan(model: Model, batch: int, opt_level: int = 2) -> Plan:
+    """The plan a training step runs: the -O2 training rewrites (fused epilogues and element-wise
+    chains, layouts; never BatchNorm folding or dropout removal, which would change gradients) give
+    the plain plan's gradients to the bit with fewer passes over memory. opt_level 0: the plain plan."""
+    if opt_level == 0:
+        return model.plan
+    from cnnc.compiler.pipeline import PassContext, optimize
+    ctx = type(model.backend).configure(PassContext(batch=batch, opt_level=opt_level, mode="training"))
+    return model.backend.compile(optimize(model.graph, ctx, model.host_params()))
+
+
 def _logits_plan(plan: Plan, loss: str) -> Plan:
     """Cross-entropy takes logits: a network that ends in an op the loss includes (softmax, op table
     `loss_absorbs`) trains on that op's input."""
@@ -251,12 +262,12 @@ def _target(yb: np.ndarray, classes: int, loss_name: str) -> np.ndarray:
 
 class Trainer:
     def __init__(self, model: Model, data: Dataset, config, run_dir: Path, *, progress=True, stream=sys.stderr,
-                 comm: Communicator | None = None):
+                 comm: Communicator | None = None, opt_level: int = 2):
         self.model, self.data, self.config, self.run_dir = model, data, config, Path(run_dir)
         self.comm = comm if comm is not None else world()
         self.stream = stream
         self.progress = Progress(stream, progress and self.comm.rank == 0)  # rank 0 speaks for the job
-        self.plan = _logits_plan(model.plan, config.loss)
+        self.plan = _logits_plan(training_plan(model, config.batch, opt_level), config.loss)
         self.executor = Executor(self.plan, model.backend, model.params)
         self.loss_fn = model.backend.loss(config.loss)
         self.trainable = {k for k, t in model.trainable().items() if t}

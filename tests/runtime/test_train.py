@@ -311,3 +311,21 @@ def test_image_transforms_on_array_data_are_refused_not_skipped(setup):
     r = run_cli("train", str(net), "--data", str(data), "-o", str(tmp / "r"))
     assert r.code == 1 and "image transforms (brightness) do not apply" in r.err, r.err
     assert "imagefolder:DIR" in r.err and not (tmp / "r").exists()
+
+
+def test_fused_training_plan_trains_the_plain_plans_weights_bit_for_bit(setup):
+    """cnnc train runs the -O2 training plan (conv + add fused, its epilogue in one pass); after two
+    epochs of a conv + bn + relu network with a residual add its weights, BatchNorm buffers and
+    optimizer state are those of the plain plan, to the bit."""
+    net, data, tmp = setup
+    fused, _ = api.prepare(net, data=str(data), run_dir=tmp / "fused", progress=False, epochs=2)
+    assert any(s.node.op == "fused_conv" and s.node.attrs.residual for s in fused.plan.steps)
+    api.run(fused)
+    plain, _ = api.prepare(net, data=str(data), run_dir=tmp / "plain", progress=False, epochs=2, opt_level=0)
+    assert not any(s.node.op.startswith("fused") for s in plain.plan.steps)
+    api.run(plain)
+    a, _ = weights(tmp / "fused")
+    b, _ = weights(tmp / "plain")
+    assert set(a) == set(b) and any(k.startswith("param/") for k in a)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
