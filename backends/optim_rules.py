@@ -29,6 +29,17 @@ the parameter and its state untouched.
   alpha = config.rho).
 - adadelta: v ← ρ·v + (1−ρ)·g²; d = √(u + ε)/√(v + ε)·g; u ← ρ·u + (1−ρ)·d²; w ← w − η·d
   (torch.optim.Adadelta; η is config.lr, where torch's default is 1.0).
+- rprop: full-batch Rprop (Riedmiller & Braun 1993, "RPROP-"; torch.optim.Rprop). Each weight has its
+  own step size Δ (starting at η of its first step) and remembers its last gradient g⁻ (starting 0):
+      Δ ← clamp(Δ·η⁺, Δmin, Δmax) where g·g⁻ > 0,  clamp(Δ·η⁻, Δmin, Δmax) where g·g⁻ < 0
+      g ← 0 where g·g⁻ < 0 (a sign change: no move this step, and no change of Δ next step)
+      w ← w − sign(g)·Δ;  g⁻ ← g
+  (η⁻, η⁺) = config.etas, default (0.5, 1.2); (Δmin, Δmax) = config.step_sizes, default (1e-6, 50).
+  Only the gradient's sign is used, so the rule needs the gradient of the whole training set (batch ·
+  accumulate ≥ the training images): mini-batch gradients change sign with the batch, not with the
+  slope. RMSProp is the mini-batch form of Rprop (Hinton's lecture 6e): dividing g by √(running mean
+  of g²) is a step that follows the sign of g with a size that is steady from batch to batch. The
+  learning rate only sets the initial step; a schedule does not change Δ afterwards.
 - adam: t ← t+1; m ← lerp(m, g, 1−β1); v ← β2·v + (1−β2)·g²;
   w ← w − η/(1−β1ᵗ) · m/(√v/√(1−β2ᵗ) + ε)  (torch.optim.Adam, L2 weight decay).
 - adamw: as adam without the L2 term, and first w ← w·(1 − η·λ)  (torch.optim.AdamW).
@@ -224,6 +235,33 @@ class Adadelta(Optimizer):
         p += -lr * delta
 
 
+class Rprop(Optimizer):
+    name = "rprop"
+    STATE = ("step", "prev", "step_size")
+
+    def __init__(self, params, lr_mult=None, decay_mult=None, weight_decay=0.0, etas=(0.5, 1.2),
+                 step_sizes=(1e-6, 50.0)):
+        super().__init__(params, lr_mult, decay_mult, weight_decay)
+        (self.etaminus, self.etaplus), (self.step_min, self.step_max) = map(float, etas), map(float, step_sizes)
+        if not 0 < self.etaminus < 1 < self.etaplus:
+            raise ValueError(f"Rprop needs 0 < etaminus < 1 < etaplus, got etas ({self.etaminus}, {self.etaplus})")
+        if not 0 < self.step_min <= self.step_max:
+            raise ValueError(f"Rprop needs 0 < min ≤ max step size, got ({self.step_min}, {self.step_max})")
+
+    def _update(self, name, p, g, lr, wd):
+        self._count(name)
+        prev = self._buf("prev", name)
+        step = self._buf("step_size", name, lr)  # torch: full_like(grad, lr) on the first step
+        product = g * prev  # float32, as torch's grad.mul(prev): a product that underflows counts as 0
+        factor = np.where(product > 0, np.float32(self.etaplus),
+                          np.where(product < 0, np.float32(self.etaminus), np.float32(1)))
+        step *= factor
+        np.clip(step, np.float32(self.step_min), np.float32(self.step_max), out=step)
+        g = np.where(product < 0, np.float32(0), g)
+        p -= np.sign(g) * step
+        prev[...] = g
+
+
 class Adam(Optimizer):
     name = "adam"
     STATE = ("step", "exp_avg", "exp_avg_sq")
@@ -309,6 +347,8 @@ def make_optimizer(config: TrainConfig, params: dict[str, np.ndarray], lr_mult: 
         return RMSprop(**common, alpha=config.rho, eps=config.eps, momentum=config.momentum)
     if kind == "adadelta":
         return Adadelta(**common, rho=config.rho, eps=config.eps)
+    if kind == "rprop":
+        return Rprop(**common, etas=config.etas, step_sizes=config.step_sizes)
     if kind == "adam":
         return Adam(**common, beta1=config.beta1, beta2=config.beta2, eps=config.eps)
     if kind == "adamw":

@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="start from these weights (a checkpoint, or a file cnnc weights import wrote): fine-tuning")
     for flag, kind, text in [("--lr", float, "base learning rate"), ("--epochs", int, "number of epochs"),
                              ("--batch", int, "batch size"), ("--optimizer", str, "sgd, momentum, nesterov, adagrad, "
-                              "rmsprop, adadelta, adam, adamw or ftrl"), ("--seed", int, "random seed"),
+                              "rmsprop, adadelta, adam, adamw, ftrl or rprop"), ("--seed", int, "random seed"),
                              ("--momentum", float, "momentum"), ("--weight-decay", float, "L2 weight decay"),
                              ("--policy", str, "learning-rate policy"), ("--accumulate", int,
                               "accumulate gradients over this many batches")]:

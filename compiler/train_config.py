@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cnnc.dsl import ast
 from cnnc.dsl.errors import CnncError, Diagnostics, Span, did_you_mean
@@ -18,7 +18,7 @@ from cnnc.dsl.errors import CnncError, Diagnostics, Span, did_you_mean
 from .build import bounded
 from .ops import Flag
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "ftrl")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "ftrl", "rprop")
 POLICIES = ("fixed", "step", "multistep", "exp", "inv", "poly", "sigmoid", "cosine", "plateau")
 INITS = ("xavier", "glorot", "he", "msra", "gaussian", "uniform", "constant")
 LOSSES = ("cross_entropy", "mse")
@@ -65,6 +65,8 @@ class TrainConfig(BaseModel):
     lr_power: Annotated[float, Field(le=0)] = -0.5  # FTRL
     l1: NonNeg = 0.0  # FTRL
     l2: NonNeg = 0.0  # FTRL
+    etas: tuple[Pos, Pos] = (0.5, 1.2)  # Rprop: step size factors (η⁻, η⁺) after a sign change / no change
+    step_sizes: tuple[Pos, Pos] = (1e-6, 50.0)  # Rprop: the (smallest, largest) step size
 
     policy: Literal[POLICIES] = "fixed"  # type: ignore[valid-type]
     gamma: Pos = 0.1
@@ -115,6 +117,20 @@ class TrainConfig(BaseModel):
     hue: Annotated[float, Field(ge=0, le=0.5)] = 0.0
     eval_crop: Literal[EVAL_CROPS] = "center"  # type: ignore[valid-type]
     stats_images: Annotated[int, Field(gt=0, le=1_000_000)] = 1000
+
+    @field_validator("etas")
+    @classmethod
+    def _etas(cls, v):
+        if not v[0] < 1 < v[1]:
+            raise ValueError("`etas` are the factors (shrink, grow) with shrink < 1 < grow")
+        return v
+
+    @field_validator("step_sizes")
+    @classmethod
+    def _step_sizes(cls, v):
+        if v[0] > v[1]:
+            raise ValueError("`step_sizes` is a range (smallest, largest)")
+        return v
 
     @model_validator(mode="after")
     def _policy_needs(self):
@@ -374,8 +390,8 @@ def _train_error(name: str, value: Any, span: Span, err: dict) -> CnncError:
         kind = name if name != "init" else "initialiser"
         return CnncError(f"unknown {kind} `{value}`", span,
                          (did_you_mean(str(value), _CHOICES[name]) or "") + " choices: " + ", ".join(_CHOICES[name]))
-    if not name:  # a model-level rule (policy needs ...)
-        return CnncError(err["msg"].removeprefix("Value error, "), span)
+    if not name or err["type"] == "value_error":  # our own rules (policy needs ..., Rprop's ranges) say it all
+        return CnncError(err["msg"].removeprefix("Value error, ") + (f", got {value}" if name else ""), span)
     what = _MEANINGS.get(name, f"`{name}`")
     msg = err["msg"].split(", got ")[0]
     msg = msg[0].lower() + msg[1:]

@@ -10,11 +10,11 @@ optimizer's state for the runtime's memory estimates.
 from __future__ import annotations
 
 from cnnc.backends.optim_rules import (DEFAULT_MOMENTUM, FTRL_INITIAL_ACCUMULATOR, SGD, Adadelta, Adagrad, Adam,
-                                       AdamW, Ftrl, Optimizer, RMSprop, make_optimizer)
+                                       AdamW, Ftrl, Optimizer, RMSprop, Rprop, make_optimizer)
 from cnnc.compiler.train_config import TrainConfig
 
 __all__ = ["DEFAULT_MOMENTUM", "FTRL_INITIAL_ACCUMULATOR", "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Ftrl",
-           "Optimizer", "RMSprop", "make_optimizer", "state_arrays"]
+           "Optimizer", "RMSprop", "Rprop", "make_optimizer", "state_arrays"]
 
 
 def state_arrays(config: TrainConfig) -> int:
@@ -24,4 +24,4 @@ def state_arrays(config: TrainConfig) -> int:
         return 0 if kind == "sgd" and config.momentum == 0 and not config.nesterov else 1
     if kind == "rmsprop":
         return 2 if config.momentum > 0 else 1
-    return {"adagrad": 1, "adadelta": 2, "adam": 2, "adamw": 2, "ftrl": 2}[kind]
+    return {"adagrad": 1, "adadelta": 2, "adam": 2, "adamw": 2, "ftrl": 2, "rprop": 2}[kind]

@@ -21,7 +21,7 @@ from .source import KernelSpec
 
 THREADS = 256
 MAX_BLOCKS = 4096
-ENTRIES = ("sgd_step", "adagrad_step", "rmsprop_step", "adadelta_step", "adam_step", "ftrl_step")
+ENTRIES = ("sgd_step", "adagrad_step", "rmsprop_step", "adadelta_step", "adam_step", "ftrl_step", "rprop_step")
 _SPEC = KernelSpec.make("optim.cu", ENTRIES)
 
 
@@ -122,6 +122,12 @@ class CudaOptimizer:
             bc2_sqrt = (1 - r.beta2 ** t) ** 0.5
             self._launch("adam_step", p.size, p, g, m, v, n, l2, decay, _f(1 - r.beta1), _f(r.beta2), _f(1 - r.beta2),
                          _f(bc2_sqrt), _f(r.eps), _f(-step_size))
+        elif isinstance(r, host_optim.Rprop):
+            self._count(name)
+            prev = self._buf("prev", name)
+            step = self._buf("step_size", name, eta)  # torch: full_like(grad, lr) on the first step
+            self._launch("rprop_step", p.size, p, g, prev, step, n, l2, _f(r.etaminus), _f(r.etaplus),
+                         _f(r.step_min), _f(r.step_max))
         elif isinstance(r, host_optim.Ftrl):
             self._count(name)
             acc = self._buf("accumulator", name, r.initial_accumulator)

@@ -532,6 +532,8 @@ OPTIMIZERS = [
     dict(optimizer="adamw", weight_decay=0.01, beta1=0.0),
     dict(optimizer="ftrl", lr=0.1),
     dict(optimizer="ftrl", lr=0.05, l1=0.01, l2=0.1, lr_power=-0.7, weight_decay=1e-3),
+    dict(optimizer="rprop"),
+    dict(optimizer="rprop", lr=0.05, etas=(0.3, 1.5), step_sizes=(1e-2, 0.1), weight_decay=1e-2),  # both clamps
 ]
 SHAPES = {"conv.weight": (5, 3, 3, 3), "conv.bias": (5,), "fc.weight": (37, 13), "fc.bias": (37,), "frozen.w": (1,)}
 LR_MULT = {"conv.bias": 2.0, "frozen.w": 0.0, "bn.running_mean": 1.0}  # extra names are ignored, as in runtime

@@ -257,3 +257,79 @@ def test_the_runtime_trains_with_the_rules_the_backends_hold():
         assert getattr(optim, name) is getattr(optim_rules, name), name
     opt = make_optimizer(TrainConfig(optimizer="adamw"), _params())
     assert isinstance(opt, optim_rules.Adam) and opt.decoupled_decay
+
+
+# ---- Rprop --------------------------------------------------------------------------------------
+
+def _rprop_grads(steps: int, seed: int = 2) -> list[dict[str, np.ndarray]]:
+    """Half of each tensor keeps its sign from step to step (its steps grow to the largest), half
+    flips at random (they shrink, and skip a move after each flip); some exact zeros; SPARSE gets
+    a gradient on even steps only."""
+    rng = np.random.default_rng(seed)
+    steady = {k: rng.choice([-1.0, 1.0], s) for k, s in SHAPES.items()}
+    out = []
+    for t in range(steps):
+        g = {}
+        for k, s in SHAPES.items():
+            noise = rng.normal(0, 1, s)
+            v = np.where(np.arange(np.prod(s)).reshape(s) % 2 == 0, steady[k] * np.abs(noise), noise)
+            v[rng.random(s) < 0.05] = 0.0
+            g[k] = v.astype(np.float32)
+        if t % 2:
+            del g[SPARSE]
+        out.append(g)
+    return out
+
+
+@pytest.mark.parametrize("fields, kwargs, wd", [
+    (dict(), dict(), 0.0),  # torch's defaults: etas (0.5, 1.2), step sizes (1e-6, 50)
+    (dict(etas=(0.3, 1.5), step_sizes=(1e-3, 0.05)), dict(etas=(0.3, 1.5), step_sizes=(1e-3, 0.05)), 0.0),
+    (dict(step_sizes=(5e-3, 1.0)), dict(step_sizes=(5e-3, 1.0)), 0.05),  # L2 decay: added to torch's gradient
+], ids=["defaults", "etas-and-clamps", "decay"])
+def test_rprop_equals_torch_step_for_step(fields, kwargs, wd):
+    """50 steps, bit for bit: torch.optim.Rprop (single-tensor code) is the oracle. The learning rate
+    sets only the first step size, so a schedule's later rates must not matter (varying lr given)."""
+    steps, base = 50, 0.01
+    config = TrainConfig(optimizer="rprop", lr=base, weight_decay=wd, **fields)
+    params = _params()
+    tparams = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in params.items()}
+    opt = make_optimizer(config, params)
+    topt = torch.optim.Rprop(list(tparams.values()), lr=base, foreach=False, **kwargs)
+    lows = highs = 0
+    for t, g in enumerate(_rprop_grads(steps)):
+        opt.step(g, base * (1 + 0.5 * np.sin(t)) if t else base)
+        for k, p in tparams.items():
+            grad = torch.from_numpy(g[k].copy()) if k in g else None
+            p.grad = grad + wd * p.detach() if grad is not None and wd else grad
+        topt.step()
+        for k, p in tparams.items():
+            assert np.array_equal(params[k], p.detach().numpy()), f"step {t}, {k}"
+    for k, p in tparams.items():
+        ours, theirs = opt.state["step_size"][k], topt.state[p]["step_size"].numpy()
+        assert np.array_equal(ours, theirs) and np.array_equal(opt.state["prev"][k], topt.state[p]["prev"].numpy())
+        lo, hi = kwargs.get("step_sizes", (1e-6, 50))
+        lows += int((ours == np.float32(lo)).sum())
+        highs += int((ours == np.float32(hi)).sum())
+    if fields:  # the clamps were reached at both ends, so they are tested too
+        assert lows and highs, (lows, highs)
+
+
+def test_rprop_state_round_trip_and_checks():
+    config = TrainConfig(optimizer="rprop", lr=0.02)
+    grads = _rprop_grads(6)
+    a, b = _params(), _params()
+    opt_a = make_optimizer(config, a)
+    for g in grads:
+        opt_a.step(g, 0.02)
+    opt_b = make_optimizer(config, b)
+    for g in grads[:3]:
+        opt_b.step(g, 0.02)
+    resumed = make_optimizer(config, b)
+    resumed.load_state_dict(opt_b.state_dict())
+    for g in grads[3:]:
+        resumed.step(g, 0.02)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert sorted({k.split("/")[0] for k in opt_a.state_dict()}) == ["prev", "step", "step_size"]
+    with pytest.raises(ValueError, match="etaminus"):
+        from cnnc.runtime.optim import Rprop
+        Rprop(_params(), etas=(1.5, 2.0))

@@ -20,6 +20,9 @@
 //   adam_step(p, g, m, v, n, wd, decay, w1, beta2, one_m_beta2, bc2_sqrt, eps, neg_step)
 //       p ← p·decay (AdamW; decay = 1 − η·λ, skipped when 1); m ← lerp(m, g, w1), w1 = 1 − β1 (torch's
 //       two-sided lerp); v ← v·β2 + ((1−β2)·g)·g; p ← p + (−η/(1−β1ᵗ))·(m/(√v/bc2_sqrt + eps))
+//   rprop_step(p, g, prev, step, n, wd, etaminus, etaplus, step_min, step_max)
+//       s = g·prev; step ← clamp(step·(s > 0 ? η⁺ : s < 0 ? η⁻ : 1), min, max); g ← 0 where s < 0;
+//       p ← p − sign(g)·step; prev ← g  (the step array starts at η, the host fills it)
 //   ftrl_step(p, g, acc, lin, n, wd, lr, neg_p, l1, two_l2)
 //       n' = acc + g·g; σ = (n'^−p − acc^−p)/η; lin ← lin + (g − σ·p); acc ← n';
 //       p ← |lin| > l1 ? (sign(lin)·l1 − lin)/(n'^−p/η + 2·l2) : 0
@@ -123,6 +126,25 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL(adam_step)(float* __res
         v[i] = vi;
         const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
         p[i] = __fadd_rn(w, __fmul_rn(neg_step, __fdiv_rn(mi, denom)));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) KERNEL(rprop_step)(float* __restrict__ p,
+                                                                   const float* __restrict__ grad,
+                                                                   float* __restrict__ prev, float* __restrict__ step,
+                                                                   long long n, float wd, float etaminus,
+                                                                   float etaplus, float step_min, float step_max) {
+    CNNC_LOOP(i, n) {
+        const float w = p[i];
+        float g = decayed(grad[i], w, wd);
+        const float s = __fmul_rn(g, prev[i]);  // a product that underflows to 0 counts as no sign change
+        const float factor = s > 0.0f ? etaplus : (s < 0.0f ? etaminus : 1.0f);
+        const float d = fminf(fmaxf(__fmul_rn(step[i], factor), step_min), step_max);
+        step[i] = d;
+        if (s < 0.0f) g = 0.0f;
+        const float sign = g > 0.0f ? 1.0f : (g < 0.0f ? -1.0f : 0.0f);
+        p[i] = __fsub_rn(w, __fmul_rn(sign, d));
+        prev[i] = g;
     }
 }
 
