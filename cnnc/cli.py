@@ -94,6 +94,31 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     t.set_defaults(run=_cmd_train)
 
+    lf = sub.add_parser("lr-find", parents=[mem], help="the learning-rate range test: loss against an exponential "
+                        "sweep of the rate, and a suggested rate",
+                        description="Train for --steps batches from the current weights with the file's optimizer "
+                                    "while the learning rate grows exponentially from --start to --end; stop when "
+                                    "the smoothed loss exceeds 4x its best. Prints the rate of steepest descent "
+                                    "of the smoothed loss and writes lr_find.png, .json and .csv. The weights and "
+                                    "the optimizer state are left as they were.")
+    lf.add_argument("file", nargs="?", help="the .cnn file (optional with --resume)")
+    lf.add_argument("--data", help="dataset, as for cnnc train (default: the train section's, else mnist5k)")
+    lf.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    lf.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
+    lf.add_argument("--steps", type=_positive, default=100, help="batches in the sweep (default 100)")
+    lf.add_argument("-o", "--output", metavar="DIR", help="where to write the curve (default runs/NETWORK-lr-find)")
+    lf.add_argument("--weights", metavar="WEIGHTS.npz", help="start from these weights")
+    lf.add_argument("--resume", metavar="RUN_DIR", help="start from this run's checkpoint, with its optimizer state")
+    lf.add_argument("--backend", default="numpy")
+    for flag, kind, text in [("--batch", int, "batch size"), ("--optimizer", str, "optimizer"),
+                             ("--momentum", float, "momentum"), ("--weight-decay", float, "L2 weight decay"),
+                             ("--seed", int, "random seed")]:
+        lf.add_argument(flag, type=kind, help=text)
+    lf.add_argument("--workers", type=int, metavar="N", help="image-decoding processes for imagefolder: data")
+    lf.add_argument("--json", action="store_true", help="print the curve and the suggestion as one JSON object")
+    lf.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    lf.set_defaults(run=_cmd_lr_find)
+
     k = sub.add_parser("compile", parents=[mem], help="optimise a network and write an executable artifact",
                        description="Run the pass pipeline (fusion, BatchNorm folding, memory planning) for a "
                                    "backend and write the plan, the weights and any generated kernels to OUT.")
@@ -289,6 +314,24 @@ def _cmd_train(args) -> int:
               f"test accuracy {100 * result.test_accuracy:.2f}%; run directory {result.run_dir}"
               + (f"; {result.bad_images} bad image(s) skipped" if getattr(trainer.data, "streamed", False) else ""))
     return 130 if result.interrupted else 0
+
+
+def _cmd_lr_find(args) -> int:
+    from cnnc.runtime.lr_find import lr_find
+
+    overrides = {"batch": args.batch, "optimizer": args.optimizer, "momentum": args.momentum,
+                 "weight_decay": args.weight_decay, "seed": args.seed}
+    result = lr_find(args.file, start=args.start, end=args.end, steps=args.steps, out_dir=args.output,
+                     resume=args.resume, data=args.data, backend=args.backend, weights=args.weights,
+                     workers=args.workers, progress=not args.quiet, **overrides)
+    if args.json:
+        from cnnc.runtime.files import dumps
+        print(dumps(result.to_json()))
+    else:
+        print(result.summary())
+    for line in result.notes:
+        print(line, file=sys.stderr)
+    return 0
 
 
 def _cmd_compile(args) -> int:
