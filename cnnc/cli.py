@@ -119,6 +119,16 @@ def _parser() -> argparse.ArgumentParser:
     lf.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     lf.set_defaults(run=_cmd_lr_find)
 
+    rs = sub.add_parser("runs", help="compare run directories: a table of final metrics and one figure of curves",
+                        description="Read the metrics.jsonl of each run directory and print final loss, accuracy "
+                                    "and time side by side; draw their loss and accuracy curves in one figure.")
+    rs.add_argument("dirs", nargs="+", metavar="DIR", help="run directories written by cnnc train")
+    rs.add_argument("--plot", default="runs.png", metavar="OUT.png",
+                    help="the figure to write (default runs.png; needs matplotlib)")
+    rs.add_argument("--no-plot", action="store_true", help="only the table")
+    rs.add_argument("--json", action="store_true", help="print one JSON list, one object per run")
+    rs.set_defaults(run=_cmd_runs)
+
     k = sub.add_parser("compile", parents=[mem], help="optimise a network and write an executable artifact",
                        description="Run the pass pipeline (fusion, BatchNorm folding, memory planning) for a "
                                    "backend and write the plan, the weights and any generated kernels to OUT.")
@@ -331,6 +341,22 @@ def _cmd_lr_find(args) -> int:
         print(result.summary())
     for line in result.notes:
         print(line, file=sys.stderr)
+    return 0
+
+
+def _cmd_runs(args) -> int:
+    from cnnc.runtime import runs
+
+    if not args.no_plot:
+        runs.check_plot_path(args.plot)
+    found = [runs.read_run(d) for d in args.dirs]
+    if args.json:
+        from cnnc.runtime.files import dumps
+        print(dumps([r.to_json() for r in found]))
+    else:
+        print(runs.table(found))
+    if not args.no_plot:
+        print(runs.write_plot(found, args.plot), file=sys.stderr)
     return 0
 
 
