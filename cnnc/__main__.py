@@ -2,4 +2,5 @@
 
 from cnnc.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not when a spawned worker process (cnnc train --sweep --jobs) imports this module
+    raise SystemExit(main())

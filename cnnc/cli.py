@@ -92,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: the `workers` setting, else one per core but one; 0: in this process)")
     t.add_argument("--json", action="store_true", help="print a JSON summary on stdout (progress stays on stderr)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    t.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="one run per value (per combination, when repeated) of a train setting, each in its own "
+                        "directory under the run directory, then one figure and table of them all")
+    t.add_argument("--jobs", type=_positive, default=1, metavar="N", help="with --sweep: N runs at once, "
+                   "in separate processes (default 1)")
     t.set_defaults(run=_cmd_train)
 
     lf = sub.add_parser("lr-find", parents=[mem], help="the learning-rate range test: loss against an exponential "
@@ -301,6 +306,8 @@ def _cmd_train(args) -> int:
     overrides = {"lr": args.lr, "epochs": args.epochs, "batch": args.batch, "optimizer": args.optimizer,
                  "seed": args.seed, "momentum": args.momentum, "weight_decay": args.weight_decay,
                  "policy": args.policy, "accumulate": args.accumulate}
+    if args.sweep or args.jobs > 1:
+        return _cmd_sweep(args, overrides)
     trainer, notes = api.prepare(args.file, run_dir=args.output, resume=args.resume, data=args.data,
                                  backend=args.backend, progress=not args.quiet, weights=args.weights,
                                  workers=args.workers, **overrides)
@@ -324,6 +331,22 @@ def _cmd_train(args) -> int:
               f"test accuracy {100 * result.test_accuracy:.2f}%; run directory {result.run_dir}"
               + (f"; {result.bad_images} bad image(s) skipped" if getattr(trainer.data, "streamed", False) else ""))
     return 130 if result.interrupted else 0
+
+
+def _cmd_sweep(args, overrides: dict) -> int:
+    from cnnc.runtime import sweep
+
+    result = sweep.sweep(args.file, args.sweep, jobs=args.jobs, run_dir=args.output, resume=args.resume,
+                         data=args.data, backend=args.backend, weights=args.weights, workers=args.workers,
+                         progress=not args.quiet, **overrides)
+    if args.json:
+        from cnnc.runtime.files import dumps
+        print(dumps(result.to_json()))
+    else:
+        print(result.table)
+    for line in result.notes:
+        print(line, file=sys.stderr)
+    return 0 if result.completed else 1
 
 
 def _cmd_lr_find(args) -> int:
