@@ -160,6 +160,10 @@ def run_range_test(trainer: Trainer, start: float = 1e-7, end: float = 10.0, ste
     m, be, cfg = trainer.model, trainer.model.backend, trainer.config
     if trainer.comm.size > 1:
         raise CnncError("lr-find runs in one process; start it without mpiexec")
+    if cfg.optimizer == "rprop":  # its steps come from the gradients' signs: the sweep's rates would not be used
+        raise CnncError("lr-find sweeps the learning rate of every step; rprop takes `lr` only as its first step "
+                        "size and then adapts each weight's step itself",
+                        hint="run lr-find with another --optimizer, or compare rates with --sweep lr=...")
     saved_params = {k: np.array(v, copy=True) for k, v in m.host_params().items()}
     saved_optim = {k: np.array(v, copy=True) for k, v in trainer.optimizer.state_dict().items()}
     saved_rng = trainer.dropout_rng.bit_generator.state

@@ -68,6 +68,7 @@ def test_a_run_checkpoint_is_read_not_written(setup):
     (["--start", "1", "--end", "0.1"], "0 < start < end"),
     (["--steps", "1"], "2 steps or more"),
     (["--optimizer", "nope"], "--optimizer"),
+    (["--optimizer", "rprop", "--batch", "64"], "rprop takes `lr` only as its first step size"),
 ])
 def test_bad_ranges_and_settings_are_one_line_errors(setup, args, fragment):
     net, data, tmp = setup
