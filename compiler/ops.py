@@ -24,7 +24,7 @@ from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt
 
-from cnnc.dsl.errors import CnncError
+from cnnc.dsl.errors import CnncError, InternalError
 
 from .formula import Formula
 
@@ -356,6 +356,9 @@ class OpDef:
     params: Callable[[Any, list[Shape]], list[ParamSpec]] = _no_params
     macs: Callable[[Any, list[Shape], Shape], int] = _no_macs
     window: Callable[[Any, list[Shape]], Window | str | None] = lambda a, ins: None
+    # a sliding window's arithmetic per axis (height, width), which its shape rule computes with
+    slides: Callable[[Any, list[Shape]], tuple[Slide, Slide]] | None = None
+    params_text: Callable[[Any, list[Shape]], str] | None = None  # params_doc with the numbers, where it needs more
     aliases: tuple[str, ...] = ()
     tensor_args: bool = False  # positional arguments name tensors (merges)
     user: bool = True  # may be written in a .cnn file
@@ -416,35 +419,76 @@ def resolve_pads(pad, n_h: int, n_w: int, k: tuple[int, int], s: tuple[int, int]
     return tuple(pad)
 
 
-def window_out(n: int, k: int, s: int, p0: int, p1: int, rounding: str, axis: str, op: str,
-               dilation: int = 1, kernel: int | None = None, pool: bool = False) -> int:
-    """Output size of a sliding window: (N − F + P0 + P1)/S + 1, checked to be a whole, positive number."""
-    span = n + p0 + p1 - k
-    pad_txt = f"2·{p0}" if p0 == p1 else f"{p0} + {p1}"
-    eff = f" (F = {dilation}·({kernel}−1)+1 = {k})" if dilation > 1 else ""
-    arith = f"({n} − {k} + {pad_txt})/{s} + 1"
-    if span < 0:
-        raise CnncError(f"{op} output {axis} would be zero or less: {arith} = {span / s + 1:g}{eff}",
-                        hint=f"the {axis} {n} is smaller than the kernel {k}; remove a downsampling layer, "
-                             "use a smaller kernel or pad more")
-    if span % s == 0:
-        out = span // s + 1
-    elif rounding == "floor":
-        out = span // s + 1
-    elif rounding == "ceil":
-        out = -(-span // s) + 1
-        if pool and (out - 1) * s >= n + p0:  # the last window would start inside the padding (Caffe, PyTorch)
-            out -= 1
-    else:
-        value = span / s + 1
-        other = [d for d in range(1, 6) if d != s and span % d == 0][:2]
-        strides = " or ".join(str(d) for d in other)
-        hint = (f"{'stride ' + strides + ', ' if strides else ''}`pad=same`, "
-                "or explicit rounding `round=floor` / `round=ceil`")
-        raise CnncError(f"{op} output {axis} is not an integer: {arith} = {value:g}{eff}", hint=hint)
-    if out <= 0:
-        raise CnncError(f"{op} output {axis} would be zero or less: {arith} = {out}{eff}")
-    return out
+@dataclass(frozen=True)
+class Slide:
+    """One axis of a sliding window: N input pixels padded with P0 before and P1 after, a kernel k
+    dilated by d (its extent F = d·(k − 1) + 1) moved by stride S, and the rounding rule applied
+    when (N − F + P0 + P1)/S is not whole. `pad_word` is the padding as the layer spells it
+    (`same`, `valid`) or None for numbers; `pool`: a ceil-rounded window may not start in the
+    end padding (Caffe, PyTorch). Shape rules compute sizes with it, `cnnc check --explain`
+    shows its arithmetic."""
+
+    n: int
+    kernel: int
+    stride: int
+    p0: int
+    p1: int
+    rounding: str
+    dilation: int = 1
+    pool: bool = False
+    pad_word: str | None = None
+    rule: str = ""  # how the layer spells its rounding: `round=floor`, `pad=same`
+
+
+    @property
+    def extent(self) -> int:
+        return self.dilation * (self.kernel - 1) + 1
+
+    @property
+    def span(self) -> int:
+        """N − F + P0 + P1: how far the window moves."""
+        return self.n + self.p0 + self.p1 - self.extent
+
+    def arith(self) -> str:
+        """The output-size rule with the numbers filled in: `(32 − 5 + 2·0)/2 + 1`."""
+        pad_txt = f"2·{self.p0}" if self.p0 == self.p1 else f"{self.p0} + {self.p1}"
+        return f"({self.n} − {self.extent} + {pad_txt})/{self.stride} + 1"
+
+    def extent_text(self) -> str:
+        """` (F = d·(k−1)+1 = 5)` for a dilated kernel, else empty."""
+        return f" (F = {self.dilation}·({self.kernel}−1)+1 = {self.extent})" if self.dilation > 1 else ""
+
+    def size(self, axis: str, op: str) -> int:
+        """The number of window positions, checked to be a whole, positive number."""
+        span, s, eff = self.span, self.stride, self.extent_text()
+        arith = self.arith()
+        if span < 0:
+            raise CnncError(f"{op} output {axis} would be zero or less: {arith} = {span / s + 1:g}{eff}",
+                            hint=f"the {axis} {self.n} is smaller than the kernel {self.extent}; remove a "
+                                 "downsampling layer, use a smaller kernel or pad more")
+        if span % s == 0 or self.rounding == "floor":
+            out = span // s + 1
+        elif self.rounding == "ceil":
+            out = self.ceil_size()
+            if self.ceil_dropped():
+                out -= 1
+        else:
+            value = span / s + 1
+            other = [d for d in range(1, 6) if d != s and span % d == 0][:2]
+            strides = " or ".join(str(d) for d in other)
+            hint = (f"{'stride ' + strides + ', ' if strides else ''}`pad=same`, "
+                    "or explicit rounding `round=floor` / `round=ceil`")
+            raise CnncError(f"{op} output {axis} is not an integer: {arith} = {value:g}{eff}", hint=hint)
+        if out <= 0:
+            raise CnncError(f"{op} output {axis} would be zero or less: {arith} = {out}{eff}")
+        return out
+
+    def ceil_size(self) -> int:
+        return -(-self.span // self.stride) + 1
+
+    def ceil_dropped(self) -> bool:
+        """Whether ceil rounding's last window would start inside the end padding, and is dropped."""
+        return self.pool and (self.ceil_size() - 1) * self.stride >= self.n + self.p0
 
 
 def _conv_shape(a: ConvAttrs, ins: list[Shape]) -> Shape:
@@ -455,12 +499,24 @@ def _conv_shape(a: ConvAttrs, ins: list[Shape]) -> Shape:
                              + ", ".join(str(d) for d in range(1, c + 1) if c % d == 0 and d <= 64))
     if a.filters % a.groups:
         raise CnncError(f"conv groups={a.groups} does not divide the {a.filters} filters")
-    kh, kw = _eff_kernel(a)
-    t, b, l, r = resolve_pads(a.pad, h, w, (kh, kw), a.stride)
+    sh, sw = _conv_slides(a, ins)
+    return (a.filters, sh.size("height", "conv"), sw.size("width", "conv"))
+
+
+def _conv_slides(a: ConvAttrs, ins: list[Shape]) -> tuple[Slide, Slide]:
+    _, h, w = ins[0]
+    t, b, l, r = resolve_pads(a.pad, h, w, _eff_kernel(a), a.stride)
     rounding = "floor" if a.pad == "same" else a.round  # `same` pads for ceil(N/S) outputs; floor gets there
-    oh = window_out(h, kh, a.stride[0], t, b, rounding, "height", "conv", a.dilation[0], a.kernel[0])
-    ow = window_out(w, kw, a.stride[1], l, r, rounding, "width", "conv", a.dilation[1], a.kernel[1])
-    return (a.filters, oh, ow)
+    word = a.pad if isinstance(a.pad, str) else None
+    rule = f"pad={word}" if word == "same" else f"round={a.round}"
+    return (Slide(h, a.kernel[0], a.stride[0], t, b, rounding, a.dilation[0], pad_word=word, rule=rule),
+            Slide(w, a.kernel[1], a.stride[1], l, r, rounding, a.dilation[1], pad_word=word, rule=rule))
+
+
+def _conv_params_text(a: ConvAttrs, ins) -> str:
+    """K·(C/g)·kh·kw (+K) with the numbers."""
+    return (f"{a.filters}·({ins[0][0]}/{a.groups})·{a.kernel[0]}·{a.kernel[1]}"
+            + (f" + {a.filters}" if a.bias else ""))
 
 
 def _eff_kernel(a: ConvAttrs) -> tuple[int, int]:
@@ -482,17 +538,25 @@ def _conv_macs(a: ConvAttrs, ins, out) -> int:
 def _pool_shape(op: str):
     def rule(a: PoolAttrs, ins: list[Shape]) -> Shape:
         c, h, w = _need_rank(ins, op)
-        stride = a.stride or a.kernel
-        t, b, l, r = resolve_pads(a.pad, h, w, a.kernel, stride)
-        for p, k, axis in ((max(t, b), a.kernel[0], "height"), (max(l, r), a.kernel[1], "width")):
-            if p > k // 2:
-                raise CnncError(f"{op} pad {p} is more than half the kernel {k} ({axis})",
+        sh, sw = _pool_slides(a, ins)
+        for sl, axis in ((sh, "height"), (sw, "width")):
+            p = max(sl.p0, sl.p1)
+            if p > sl.kernel // 2:
+                raise CnncError(f"{op} pad {p} is more than half the kernel {sl.kernel} ({axis})",
                                 hint="a window lying wholly in the padding has no input; use a smaller pad")
-        rounding = "floor" if a.pad == "same" else a.round
-        oh = window_out(h, a.kernel[0], stride[0], t, b, rounding, "height", op, pool=True)
-        ow = window_out(w, a.kernel[1], stride[1], l, r, rounding, "width", op, pool=True)
-        return (c, oh, ow)
+        return (c, sh.size("height", op), sw.size("width", op))
     return rule
+
+
+def _pool_slides(a: PoolAttrs, ins: list[Shape]) -> tuple[Slide, Slide]:
+    _, h, w = ins[0]
+    stride = a.stride or a.kernel
+    t, b, l, r = resolve_pads(a.pad, h, w, a.kernel, stride)
+    rounding = "floor" if a.pad == "same" else a.round
+    word = a.pad if isinstance(a.pad, str) else None
+    rule = f"pad={word}" if word == "same" else f"round={a.round}"
+    return (Slide(h, a.kernel[0], stride[0], t, b, rounding, pool=True, pad_word=word, rule=rule),
+            Slide(w, a.kernel[1], stride[1], l, r, rounding, pool=True, pad_word=word, rule=rule))
 
 
 def _dense_shape(a: DenseAttrs, ins: list[Shape]) -> Shape:
@@ -736,7 +800,15 @@ def _pad_channels_shape(a: PadChannelsAttrs, ins) -> Shape:
     if a.to < c:
         raise CnncError(f"pad_channels to={a.to} is fewer than the {c} input channels",
                         hint="pad_channels only adds zero channels; `to` is the output channel count (≥ C)")
-    return (a.to, -(-h // a.stride), -(-w // a.stride))
+    sh, sw = _pad_channels_slides(a, ins)
+    return (a.to, sh.size("height", "pad_channels"), sw.size("width", "pad_channels"))
+
+
+def _pad_channels_slides(a: PadChannelsAttrs, ins) -> tuple[Slide, Slide]:
+    """Every stride-th row and column from the first: a 1×1 window, floor rounding, ⌈N/S⌉ positions."""
+    _, h, w = ins[0]
+    rule = f"stride {a.stride}: the first row and column of every {a.stride}"
+    return (Slide(h, 1, a.stride, 0, 0, "floor", rule=rule), Slide(w, 1, a.stride, 0, 0, "floor", rule=rule))
 
 
 def pad_channels_split(a: PadChannelsAttrs, c: int) -> tuple[int, int]:
@@ -1011,16 +1083,19 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
           kind="io"),
     OpDef("conv", "2-D convolution (cross-correlation), NCHW, weights K×(C/groups)×kh×kw.", ConvAttrs, _conv_shape,
           Pattern.OUT_ELEMWISE_FUSABLE, positional=("filters", "kernel"), params=_conv_params, macs=_conv_macs,
-          window=lambda a, ins: Window(*_eff_kernel(a), *a.stride), aliases=("conv2d", "convolution"),
+          window=lambda a, ins: Window(*_eff_kernel(a), *a.stride), slides=_conv_slides,
+          params_text=_conv_params_text, aliases=("conv2d", "convolution"),
           grad_needs=IN, fused_as="fused_conv", kind="conv", torch=_torch_conv, onnx="Conv",
           onnx_export=_onnx_conv, out_doc="K×H'×W'", params_doc="K·(C/g)·kh·kw (+K)", macs_doc="H'·W'·K·kh·kw·C/g",
           torch_doc="nn.Conv2d"),
     OpDef("maxpool", "Max pooling.", PoolAttrs, _pool_shape("maxpool"), Pattern.OUT_ELEMWISE_FUSABLE,
-          positional=("kernel",), window=_pool_window, aliases=("max_pool", "maxpool2d"), grad_needs=IN | OUT,
+          positional=("kernel",), window=_pool_window, slides=_pool_slides, aliases=("max_pool", "maxpool2d"),
+          grad_needs=IN | OUT,
           kind="pool", torch=_torch_pool("max"), onnx="MaxPool",
           onnx_export=_onnx_pool("MaxPool"), out_doc="C×H'×W'", torch_doc="nn.MaxPool2d"),
     OpDef("avgpool", "Average pooling.", PoolAttrs, _pool_shape("avgpool"), Pattern.OUT_ELEMWISE_FUSABLE,
-          positional=("kernel",), window=_pool_window, aliases=("avg_pool", "avgpool2d"), kind="pool",
+          positional=("kernel",), window=_pool_window, slides=_pool_slides, aliases=("avg_pool", "avgpool2d"),
+          kind="pool",
           torch=_torch_pool("avg"), onnx="AveragePool",
           onnx_export=_onnx_pool("AveragePool"), out_doc="C×H'×W'", torch_doc="nn.AvgPool2d"),
     OpDef("globalavgpool", "Average over all positions: C×H×W → C×1×1.", NoAttrs,
@@ -1036,7 +1111,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
           out_doc="C×h×w", torch_doc="nn.AdaptiveAvgPool2d"),
     OpDef("fused_conv", "conv with folded BatchNorm, residual add and activation in its epilogue.", FusedConvAttrs,
           _fused_conv_shape, Pattern.OPAQUE, inputs=(1, 2), params=_conv_params, macs=_conv_macs,
-          window=lambda a, ins: Window(*_eff_kernel(a), *a.stride), user=False, grad_needs=IN | OUT, kind="conv",
+          window=lambda a, ins: Window(*_eff_kernel(a), *a.stride), slides=lambda a, ins: _conv_slides(a, ins[:1]),
+          params_text=_conv_params_text, user=False, grad_needs=IN | OUT, kind="conv",
           torch=_torch_conv, onnx="Conv", onnx_export=_onnx_conv, label="conv"),
     OpDef("fused_dense", "dense with folded BatchNorm and activation in its epilogue.", FusedDenseAttrs,
           _dense_shape, Pattern.OPAQUE, params=_dense_params, macs=lambda a, ins, out: a.units * _dense_in(ins),
@@ -1143,7 +1219,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
           onnx_export=_onnx_channel_shuffle, torch_doc="nn.ChannelShuffle"),
     OpDef("pad_channels", "Zero channels added before and after, after taking every `stride`-th row and column "
           "(the ResNet option-A shortcut).", PadChannelsAttrs, _pad_channels_shape, Pattern.INJECTIVE,
-          positional=("to",), window=lambda a, ins: Window(1, 1, a.stride, a.stride), torch=_torch_pad_channels,
+          positional=("to",), window=lambda a, ins: Window(1, 1, a.stride, a.stride), slides=_pad_channels_slides,
+          torch=_torch_pad_channels,
           onnx="Slice, Pad", onnx_export=_onnx_pad_channels, out_doc="to×⌈H/s⌉×⌈W/s⌉",
           torch_doc="F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, p, p))"),
     OpDef("layernorm", "Layer normalisation over the channels at each position (ConvNeXt's LayerNorm2d), or over "

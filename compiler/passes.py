@@ -107,24 +107,31 @@ def count(g: nx.MultiDiGraph, batch: int = 1) -> nx.MultiDiGraph:
 
 def _receptive_field(g, n, op, ins, inputs):
     """(size_h, size_w, jump_h, jump_w) in input pixels, or GLOBAL once a layer sees the whole image."""
-    srcs = [g.nodes[u]["rf"] for u in inputs]
-    if not srcs:
+    if not inputs:
         return (1, 1, 1, 1)
+    return grow_receptive_field(receptive_input(g, n, inputs), op.window(g.nodes[n]["attrs"], ins))
+
+
+def receptive_input(g, n, inputs):
+    """The receptive field node n's window grows from: its inputs' (size_h, size_w, jump_h, jump_w), the
+    largest of each, or GLOBAL."""
+    srcs = [g.nodes[u]["rf"] for u in inputs]
     spatial = [s for s, u in zip(srcs, inputs) if s != GLOBAL or has_extent(g.nodes[u]["shape"])]
     if len(spatial) < len(srcs) and spatial and has_extent(g.nodes[n]["shape"]):
         srcs = spatial  # a C×1×1 gate over a map (squeeze-excitation) rescales channels; the window is the map's
     if any(s == GLOBAL for s in srcs):
         return GLOBAL
-    size_h = max(s[0] for s in srcs)
-    size_w = max(s[1] for s in srcs)
-    jump_h = max(s[2] for s in srcs)
-    jump_w = max(s[3] for s in srcs)
-    win = op.window(g.nodes[n]["attrs"], ins)
-    if win == GLOBAL:
+    return tuple(max(s[i] for s in srcs) for i in range(4))
+
+
+def grow_receptive_field(rf_in, win):
+    """A window's growth of the field: r_out = r_in + (F − 1)·j_in, j_out = j_in·S per axis."""
+    if rf_in == GLOBAL or win == GLOBAL:
         return GLOBAL
+    size_h, size_w, jump_h, jump_w = rf_in
     if isinstance(win, Window):
         return (size_h + (win.kh - 1) * jump_h, size_w + (win.kw - 1) * jump_w, jump_h * win.sh, jump_w * win.sw)
-    return (size_h, size_w, jump_h, jump_w)
+    return rf_in
 
 
 def _peak_live_bytes(g: nx.MultiDiGraph) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cnnc.compiler.ops import OPS, lookup, resolve_pads, window_out
+from cnnc.compiler.ops import OPS, Slide, lookup, resolve_pads
 from cnnc.dsl.errors import CnncError
 
 
@@ -41,10 +41,10 @@ def test_pad_same_matches_tensorflow():
 
 
 def test_rounding_modes():
-    assert window_out(32, 5, 2, 0, 0, "floor", "w", "conv") == 14
-    assert window_out(32, 5, 2, 0, 0, "ceil", "w", "conv") == 15
+    assert Slide(32, 5, 2, 0, 0, "floor").size("w", "conv") == 14
+    assert Slide(32, 5, 2, 0, 0, "ceil").size("w", "conv") == 15
     with pytest.raises(CnncError, match="not an integer"):
-        window_out(32, 5, 2, 0, 0, "exact", "w", "conv")
+        Slide(32, 5, 2, 0, 0, "exact").size("w", "conv")
 
 
 def test_ceil_pooling_drops_a_window_starting_in_the_padding():
