@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=_positive, default=1,
                    help="batch size for MACs and activation memory (default 1)")
     c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    c.add_argument("--explain", nargs="?", const="", metavar="LAYER",
+                   help="instead of the table, the arithmetic of every layer's output size (the rounding and the "
+                        "padding that makes it exact), parameter count and receptive field; or of one LAYER "
+                        "(a dotted name or block instance)")
     c.add_argument("--import-root", action="append", default=[], metavar="DIR",
                    help="also allow imports from DIR (imports otherwise stay in the importing file's directory)")
     c.add_argument("--verify", action="store_true", help="check the graph invariants after every pass")
@@ -666,7 +670,15 @@ def _cmd_check(args) -> int:
     g = check(args.file, batch=args.batch, import_roots=args.import_root, verify=args.verify)
     for w in g.graph.get("warnings", []):
         print(w.render() + "\n", file=sys.stderr)
-    if args.json:
+    if args.explain is not None:
+        from cnnc.compiler import explain
+
+        entries = explain.explain(g, args.explain or None)
+        if args.json:
+            print(json.dumps(summary.to_json(g) | {"explain": entries}))
+        else:
+            print(explain.render(g, entries))
+    elif args.json:
         print(json.dumps(summary.to_json(g)))
     else:
         print(summary.table(g))
