@@ -10,6 +10,9 @@ table, one forward and one backward kernel; the runtime drives them (autodiff, t
                                   (fused_conv, fused_dense, fused_mul, elemwise_chain) made of the op-table
                                   ops `ops`, else the reason it does not (a refusal in --report)
     Backend.elementwise           the Kernel that runs every op with an element-wise formula
+    Backend.precisions            the `train: precision=` values it computes in (fp32 at least);
+                                  check_precision(p) refuses the others with a CnncError naming the
+                                  setting, precision_plan(plan, p) binds a plan to compute in p
     Backend.to_device(host)       host → device array (float32 unless integer)
     Backend.to_host(a)            device → host numpy array
     Backend.zeros(shape, dtype)
@@ -39,6 +42,7 @@ import numpy as np
 
 from cnnc.compiler.graph import inputs_of
 from cnnc.compiler.ops import OPS
+from cnnc.compiler.train_config import PRECISIONS
 from cnnc.dsl.errors import CnncError
 
 ENTRY_POINT_GROUP = "cnnc.backends"
@@ -106,6 +110,23 @@ class Backend(abc.ABC):
     layouts: dict[str, str] = {}  # op → the layout its kernel reads (default NCHW)
     kernels: dict[str, Kernel] = {}
     elementwise: Kernel | None = None
+    precisions: frozenset[str] = frozenset({"fp32"})
+
+    @classmethod
+    def check_precision(cls, precision: str, where: str = "") -> None:
+        """Refuse a precision this backend does not compute in: a CnncError naming the setting
+        (`where`: the file or run the setting comes from, for the message)."""
+        if precision not in cls.precisions:
+            known = ", ".join(p for p in PRECISIONS if p in cls.precisions)
+            raise CnncError(f"{where + ': ' if where else ''}backend `{cls.name}` does not compute in {precision} "
+                            f"(train setting `precision={precision}`, or --precision); it computes in {known}",
+                            hint=f"train with `precision=fp32`, or on a backend that has {precision}"
+                                 + (" (numpy emulates it)" if cls.name != "numpy" else ""))
+
+    def precision_plan(self, plan: Plan, precision: str) -> Plan:
+        """The plan computing in `precision`; backends with more than fp32 override it."""
+        self.check_precision(precision)
+        return plan
 
     @classmethod
     def fusion_refusal(cls, target: str, ops: tuple[str, ...]) -> str | None:

@@ -22,6 +22,8 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "
 POLICIES = ("fixed", "step", "multistep", "exp", "inv", "poly", "sigmoid", "cosine", "plateau")
 INITS = ("xavier", "glorot", "he", "msra", "gaussian", "uniform", "constant")
 LOSSES = ("cross_entropy", "mse")
+# the arithmetic of convolutions and dense layers: float32, or tensor-core formats (float32 accumulation)
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 CROP_MODES = ("center", "random", "pad")
 EIGENS = ("measured", "imagenet")
@@ -96,6 +98,8 @@ class TrainConfig(BaseModel):
     on_bad_image: Literal["skip", "error"] = "skip"
     workers: Annotated[int, Field(ge=0, le=256)] | None = None  # None: one per core but one; 0: in-process
     sync_bn: Flag = False  # data-parallel runs: BatchNorm statistics over every rank's batch
+    # conv and dense inputs rounded to this format, float32 master weights; fp16 adds dynamic loss scaling
+    precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
 
     # Image transforms (runtime/transforms.py), applied in the fixed order
     # resize → crop → flip → jitter → to float → lighting → normalise.
@@ -142,7 +146,7 @@ class TrainConfig(BaseModel):
 
 
 _CHOICES = {"optimizer": OPTIMIZERS, "policy": POLICIES, "init": INITS, "loss": LOSSES, "crop_mode": CROP_MODES,
-            "eigen": EIGENS, "eval_crop": EVAL_CROPS,
+            "eigen": EIGENS, "eval_crop": EVAL_CROPS, "precision": PRECISIONS,
             "on_bad_image": ("skip", "error")}
 _LINES = ("jitter",)  # settings that are only a line's word: `jitter` sets brightness, contrast, saturation
 _BARE = {"flip": True, "sync_bn": True}  # settings that may stand alone

@@ -62,6 +62,7 @@ class CudaBackend(Backend):
     fused_ops = frozenset({"fused_conv", "fused_dense", "fused_mul", "elemwise_chain", "layout_transform"})
     kernels = KERNELS
     elementwise = ops.ELEMENTWISE
+    precisions = frozenset({"fp32"})  # tf32, bf16 and fp16 wait for the tensor-core kernels
 
     @classmethod
     def fusion_refusal(cls, target: str, ops_: tuple[str, ...]) -> str | None:

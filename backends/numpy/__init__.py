@@ -17,7 +17,7 @@ import numpy as np
 from cnnc.backends.base import Backend
 from cnnc.dsl.errors import CnncError
 
-from . import blas, memory, parallel
+from . import blas, memory, parallel, precision
 from .kernels import ELEMENTWISE, KERNELS
 from .losses import LOSSES
 
@@ -39,6 +39,11 @@ class NumpyBackend(Backend):
     kernels = KERNELS
     elementwise = ELEMENTWISE
     fused_ops = frozenset({"fused_conv", "fused_dense", "fused_mul", "elemwise_chain", "layout_transform"})
+    precisions = frozenset(precision.FORMATS)  # tf32, bf16 and fp16 emulated (precision.py)
+
+    def precision_plan(self, plan, precision_name: str):
+        self.check_precision(precision_name)
+        return precision.precision_plan(plan, precision_name)
 
     def __init__(self) -> None:
         parallel.set_threads(_threads())

@@ -96,3 +96,14 @@ def test_written_back_as_text_the_transforms_check_the_same(cnn):
     assert check(again).graph["train"] == g.graph["train"]
     pad = check(write(cnn, ["crop 4"], "3x32x32"))
     assert check(cnn(write_cnn(pad), "pad.cnn")).graph["train"].crop == 4
+
+
+def test_precision_reads_as_a_line_or_a_keyword_and_a_wrong_one_lists_the_choices(cnn):
+    assert train_json(cnn, ["precision bf16"])["precision"] == "bf16"
+    assert train_json(cnn, ["batch 32 precision=fp16"])["precision"] == "fp16"
+    assert train_json(cnn, ["batch 32"])["precision"] == "fp32"
+    r = run_cli("check", str(write(cnn, ["batch 32", "precision bf61"])))
+    assert r.code == 1
+    _, line, col, message = r.first_error()
+    assert (line, col, message) == (6, 15, "unknown precision `bf61`")
+    assert "choices: fp32, tf32, bf16, fp16" in r.err
