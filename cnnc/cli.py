@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
                               "rmsprop, adadelta, adam, adamw, ftrl or rprop"), ("--seed", int, "random seed"),
                              ("--momentum", float, "momentum"), ("--weight-decay", float, "L2 weight decay"),
                              ("--policy", str, "learning-rate policy"), ("--accumulate", int,
-                              "accumulate gradients over this many batches")]:
+                              "accumulate gradients over this many batches"),
+                             ("--precision", str, "conv and dense arithmetic: fp32, tf32, bf16 or fp16 (float32 "
+                              "master weights; fp16 with dynamic loss scaling)")]:
         t.add_argument(flag, type=kind, help=text)
     t.add_argument("--workers", type=int, metavar="N", help="image-decoding processes for imagefolder: data "
                    "(default: the `workers` setting, else one per core but one; 0: in this process)")
@@ -309,7 +311,7 @@ def _cmd_train(args) -> int:
 
     overrides = {"lr": args.lr, "epochs": args.epochs, "batch": args.batch, "optimizer": args.optimizer,
                  "seed": args.seed, "momentum": args.momentum, "weight_decay": args.weight_decay,
-                 "policy": args.policy, "accumulate": args.accumulate}
+                 "policy": args.policy, "accumulate": args.accumulate, "precision": args.precision}
     if args.sweep or args.jobs > 1:
         return _cmd_sweep(args, overrides)
     trainer, notes = api.prepare(args.file, run_dir=args.output, resume=args.resume, data=args.data,

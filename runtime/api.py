@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from cnnc.backends.base import backend_class
 from cnnc.compiler.pipeline import check
 from cnnc.compiler.train_config import TrainConfig
 from cnnc.dsl.errors import CnncError
@@ -204,6 +205,7 @@ def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike
     notes += data_notes
     if getattr(dataset, "streamed", False):  # measured transform statistics travel in run.json and the checkpoint
         config = dataset.config
+    backend_class(backend).check_precision(config.precision, str(path))  # before a device is started
     model = Model(graph, backend, config.seed, str(path))
     model.config = config
     if info is not None and resume_from is None and info.weights:  # starting over: from the same weights

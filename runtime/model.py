@@ -41,6 +41,16 @@ class Model:
         host.update({k: np.array(v, np.float32) for k, v in imported.items() if k in host})  # own, writable copies
         self.params = {k: self.backend.to_device(v) for k, v in host.items()}
         self.executor = Executor(self.plan, self.backend, self.params)
+        self.base_plan = self.plan  # float32: what use_precision starts from
+        self.precision = "fp32"
+
+    def use_precision(self, precision: str) -> None:
+        """Compute conv and dense layers in `precision` (fp32, tf32, bf16, fp16) from now on, in
+        training and inference; parameters stay float32. A CnncError if the backend cannot."""
+        self.backend.check_precision(precision, self.path or self.name)
+        self.plan = self.backend.precision_plan(self.base_plan, precision)
+        self.executor = Executor(self.plan, self.backend, self.params)
+        self.precision = precision
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "numpy", seed: int | None = None,

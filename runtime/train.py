@@ -36,6 +36,7 @@ from cnnc.backends.base import Ctx, Plan
 from cnnc.compiler.ops import OPS
 from cnnc.dsl.errors import CnncError
 
+from .amp import AmpState, scaler_for
 from .checkpoint import parameters, read_npz, write_npz
 from .files import dumps, field_error, write_atomic, write_text_atomic
 from .data import Augment, Dataset, _augment, batches
@@ -104,6 +105,7 @@ class CheckpointMeta(_Strict):
     history: list[EpochRecord]
     config: dict
     optim_keys: list[str] | None = None  # the optimizer state arrays the file holds (absent before 0.1.1)
+    amp: AmpState | None = None  # precision fp16: the loss scaler's state (runtime/amp.py)
 
 
 def training_plan(model: Model, batch: int, opt_level: int = 2) -> Plan:
@@ -114,7 +116,8 @@ def training_plan(model: Model, batch: int, opt_level: int = 2) -> Plan:
         return model.plan
     from cnnc.compiler.pipeline import PassContext, optimize
     ctx = type(model.backend).configure(PassContext(batch=batch, opt_level=opt_level, mode="training"))
-    return model.backend.compile(optimize(model.graph, ctx, model.host_params()))
+    plan = model.backend.compile(optimize(model.graph, ctx, model.host_params()))
+    return model.backend.precision_plan(plan, model.precision)  # the precision model.plan computes in
 
 
 def _logits_plan(plan: Plan, loss: str) -> Plan:
@@ -267,6 +270,8 @@ class Trainer:
         self.comm = comm if comm is not None else world()
         self.stream = stream
         self.progress = Progress(stream, progress and self.comm.rank == 0)  # rank 0 speaks for the job
+        model.use_precision(config.precision)  # conv and dense compute in it (evaluation too); float32 master weights
+        self.scaler = scaler_for(config.precision)  # fp16's dynamic loss scaling, else None
         self.plan = _logits_plan(training_plan(model, config.batch, opt_level), config.loss)
         self.executor = Executor(self.plan, model.backend, model.params)
         self.loss_fn = model.backend.loss(config.loss)
@@ -412,6 +417,8 @@ class Trainer:
                 "cursor": self.cursor, "partial": list(self.partial), "step": self.step, "initial_loss": self.initial_loss,
                 "dropout_rng": self.dropout_rng.bit_generator.state, "schedule": _jsonable(self.schedule.state_dict()),
                 "history": self.history, "config": self.config.model_dump(mode="json"), "optim_keys": sorted(optim)}
+        if self.scaler is not None:
+            meta["amp"] = self.scaler.state_dict()
         write_npz(self.run_dir / CHECKPOINT, arrays, meta)
         self.write_metrics()
 
@@ -449,6 +456,9 @@ class Trainer:
                 raise CnncError(f"{path}: `{k}` holds {v.dtype} values, not real numbers")
             if v.dtype.kind == "f" and not np.isfinite(v).all():
                 raise CnncError(f"{path}: `{k}` holds values that are not finite")
+        if self.scaler is not None and meta.amp is None:
+            raise CnncError(f"{path}: field `amp` of its metadata (the fp16 loss scale) is missing",
+                            hint="the run trains in precision fp16; resume from a checkpoint it wrote")
         params = parameters(arrays, path)
         dropout_rng = np.random.default_rng(0)  # set aside: nothing of this run changes before all is checked
         try:
@@ -463,6 +473,8 @@ class Trainer:
         state = meta.schedule.model_dump()
         state["best"] = math.inf if state["best"] is None else state["best"]
         self.schedule.load_state_dict(state)
+        if self.scaler is not None:
+            self.scaler.load_state_dict(meta.amp)
         self.dropout_rng = dropout_rng
         self.epoch, self.cursor, self.step = meta.epoch, meta.cursor, meta.step
         self.partial = (float(meta.partial[0]), int(meta.partial[1]), int(meta.partial[2]))
@@ -575,7 +587,7 @@ class Trainer:
                                 f"(epoch {e + 1}, batch {b + 1})",
                                 hint=f"try a smaller learning rate than {self.schedule.lr(self.step):g}, "
                                      f"e.g. --lr {cfg.lr / 10:g}")
-            grads = self.executor.backward(dout)
+            grads = self.executor.backward(dout if self.scaler is None else self.scaler.scaled(dout))
             for k in self.trainable:
                 g = grads.get(k)
                 if g is not None:
@@ -634,6 +646,12 @@ class Trainer:
             accum = {k: v / pending for k, v in accum.items()}
         if self.comm.size > 1:
             accum = self._allreduce_grads(accum)
+        if self.scaler is not None:  # the ranks' summed gradients agree, so they skip the same steps
+            accum, finite = self.scaler.unscale(accum)
+            self.scaler.update(finite)
+            if not finite:  # an fp16 overflow: no update this step, and a smaller scale for the next
+                self.step += 1
+                return
         if cfg.clip_norm is not None:
             norm = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in accum.values()))
             if norm > cfg.clip_norm:
