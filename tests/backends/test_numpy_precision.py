@@ -17,7 +17,8 @@ from cnnc.backends.numpy import NumpyBackend  # noqa: E402
 from cnnc.backends.numpy.kernels import KERNELS  # noqa: E402
 from cnnc.backends.numpy.precision import MATMUL_KINDS, matmul_kernel, precision_plan, round_to  # noqa: E402
 from cnnc.compiler.ops import OPS  # noqa: E402
-from cnnc.compiler.pipeline import check  # noqa: E402
+from cnnc.runtime.model import Model  # noqa: E402
+from cnnc.runtime.train import training_plan  # noqa: E402
 from cnnc.dsl.errors import CnncError  # noqa: E402
 
 from conftest import EXAMPLES  # noqa: E402
@@ -129,6 +130,28 @@ def test_bf16_conv_equals_torch_conv_on_rounded_operands(kw):
     assert rel(y, exact.numpy()) > 1e-4  # bf16's 8 significant bits show: the emulation is not float32
 
 
+def test_bf16_fused_conv_rounds_its_operands_not_its_residual_addend():
+    """The training plan's fused conv (bias, residual add, ReLU in one pass): the residual input is
+    an addend in float32, the conv's operands are bf16."""
+    rng = np.random.default_rng(7)
+    node, specs = make_node("fused_conv", dict(filters=8, kernel=3, pad=1, residual=True, activation="relu"),
+                            [(8, 10, 10), (8, 10, 10)])
+    x, r = (rng.standard_normal((2, 8, 10, 10)).astype(np.float32) for _ in range(2))
+    params = {s.name: rng.standard_normal(s.shape).astype(np.float32) * 0.3 for s in specs}
+    dy = rng.standard_normal((2, 8, 10, 10)).astype(np.float32)
+    kernel = matmul_kernel(KERNELS["fused_conv"], "bf16")
+    y, saved = kernel.forward(node, [x, r], params, Ctx(training=True))
+    (dx, dr), dp = kernel.backward(node, saved, dy, params, Ctx(training=True))
+    xt = torch.tensor(torch_rounded(x, "bf16"), requires_grad=True)
+    rt = torch.tensor(r, requires_grad=True)
+    wt = torch.tensor(torch_rounded(params["weight"], "bf16"), requires_grad=True)
+    yt = torch.relu(F.conv2d(xt, wt, torch.from_numpy(params["bias"]), padding=1) + rt)
+    yt.backward(torch.from_numpy(torch_rounded(dy, "bf16")))
+    assert rel(y, yt.detach().numpy()) < 2e-6
+    assert rel(dx, xt.grad.numpy()) < 2e-6 and rel(dp["weight"], wt.grad.numpy()) < 2e-6
+    assert rel(dr, rt.grad.numpy()) < 2e-6
+
+
 def test_bf16_and_fp16_dense_equal_torch_linear_on_rounded_operands():
     rng = np.random.default_rng(6)
     node, specs = make_node("dense", dict(units=24), [(40,)])
@@ -149,14 +172,20 @@ def test_bf16_and_fp16_dense_equal_torch_linear_on_rounded_operands():
 
 
 def test_precision_plan_rounds_the_matmul_kinds_of_the_op_table_only():
-    g = check(EXAMPLES / "cifar_resnet20.cnn")
-    plan = NumpyBackend().compile(g)
-    for p in ("tf32", "bf16", "fp16"):
-        wrapped = precision_plan(plan, p)
-        for before, after in zip(plan.steps, wrapped.steps):
-            assert (after.kernel is not before.kernel) == (OPS[before.node.op].kind in MATMUL_KINDS), before.node.op
-        assert any(OPS[s.node.op].kind == "norm" for s in wrapped.steps)  # BatchNorm there, in float32
-    assert precision_plan(plan, "fp32") is plan
+    resnet = Model.load(EXAMPLES / "cifar_resnet20.cnn")  # convs, BatchNorm, residual adds, a dense
+    lenet = Model.load(EXAMPLES / "lenet5.cnn")
+    for plan in (resnet.plan, training_plan(lenet, 8)):  # the second: fused convs and a fused dense
+        for p in ("tf32", "bf16", "fp16"):
+            wrapped = precision_plan(plan, p)
+            assert [s.kernel is not before.kernel for s, before in zip(wrapped.steps, plan.steps)] == [
+                OPS[s.node.op].kind in MATMUL_KINDS for s in plan.steps]
+        assert precision_plan(plan, "fp32") is plan
+    assert {"fused_conv", "fused_dense"} <= {s.node.op for s in training_plan(lenet, 8).steps}
+    plain = training_plan(lenet, 8)
+    lenet.use_precision("bf16")  # a model in bf16: its own plan and the training plan built from it
+    assert lenet.plan.steps[0].kernel is not lenet.base_plan.steps[0].kernel
+    assert [s.kernel is p.kernel for s, p in zip(training_plan(lenet, 8).steps, plain.steps)] == [
+        OPS[s.node.op].kind not in MATMUL_KINDS for s in plain.steps]
 
 
 def test_backends_declare_their_precisions_and_cuda_refuses_bf16_naming_the_setting():
