@@ -20,7 +20,8 @@ from . import conv as _conv
 from . import dense as _dense
 from . import elementwise as _elementwise
 from . import fused as _fused
-from . import parallel
+from . import jit, parallel
+from .parallel import WORK_PER_ELEMENT
 
 ELEMENTWISE = Kernel(_elementwise.eltwise_forward, _elementwise.eltwise_backward)  # every op with a formula
 
@@ -133,7 +134,12 @@ def batchnorm_forward(node, xs, params, ctx):
     width = rows.shape[1]
     eps = float(a.eps)
     rm, rv = params["running_mean"], params["running_var"]
-    if ctx.training:
+    compiled = jit.enabled()
+    if ctx.training and compiled:
+        mean, var = np.empty(c), np.empty(c)
+        jit.loops(WORK_PER_ELEMENT * x.size).bn_stats(rows.reshape(n, c, width), dtype.type(0),
+                                                      np.empty(c, dtype), mean, var)
+    elif ctx.training:
         ones = np.ones(width, dtype=dtype)
         sums = np.empty(n * c, dtype=dtype)
         m2 = np.empty(n * c, dtype=dtype)
@@ -146,6 +152,7 @@ def batchnorm_forward(node, xs, params, ctx):
 
         _row_blocks(n * c, width, stats)
         mean, var = _combine(sums.reshape(n, c), m2.reshape(n, c), width)
+    if ctx.training:
         count, m = n * width, float(a.momentum)
         if ctx.bn_reduce is not None:  # the global batch's statistics (sync_bn)
             mean, var, count = _global_stats(ctx.bn_reduce, mean, var, count)
@@ -159,6 +166,10 @@ def batchnorm_forward(node, xs, params, ctx):
     scale = invstd * params["weight"] if a.affine else invstd
     shift = (params["bias"] - mean * scale) if a.affine else -mean * scale
     y = np.empty(x.shape, dtype=dtype)
+    if compiled:
+        jit.loops(WORK_PER_ELEMENT * x.size).bn_apply(rows.reshape(n, c, width), scale.astype(dtype),
+                                                      shift.astype(dtype), y.reshape(n, c, width))
+        return y, (x, mean, invstd, bool(ctx.training))
     yrows, sr, br = y.reshape(n * c, width), _per_row(scale, n, dtype), _per_row(shift, n, dtype)
 
     def normalise(r0, r1):
@@ -180,18 +191,24 @@ def batchnorm_backward(node, saved, dy, params, ctx):
     dtype = dy.dtype
     rows, grows = _bn_rows(x), _bn_rows(dy)
     width = rows.shape[1]
-    ones = np.ones(width, dtype=dtype)
-    dsum = np.empty(n * c, dtype=dtype)
-    dxsum = np.empty(n * c, dtype=dtype)
+    compiled = jit.enabled()
+    if compiled:
+        db, dxs = np.empty(c), np.empty(c)
+        jit.loops(WORK_PER_ELEMENT * dy.size).bn_grad_sums(rows.reshape(n, c, width), grows.reshape(n, c, width),
+                                                           dtype.type(0), db, dxs)
+    else:
+        ones = np.ones(width, dtype=dtype)
+        dsum = np.empty(n * c, dtype=dtype)
+        dxsum = np.empty(n * c, dtype=dtype)
 
-    def sums(r0, r1):
-        gb = grows[r0:r1]
-        np.matmul(gb, ones, out=dsum[r0:r1])
-        _row_dots(rows[r0:r1], gb, ones, dxsum[r0:r1])
+        def sums(r0, r1):
+            gb = grows[r0:r1]
+            np.matmul(gb, ones, out=dsum[r0:r1])
+            _row_dots(rows[r0:r1], gb, ones, dxsum[r0:r1])
 
-    _row_blocks(n * c, width, sums)
-    db = dsum.reshape(n, c).astype(np.float64).sum(axis=0)
-    dxs = dxsum.reshape(n, c).astype(np.float64).sum(axis=0)
+        _row_blocks(n * c, width, sums)
+        db = dsum.reshape(n, c).astype(np.float64).sum(axis=0)
+        dxs = dxsum.reshape(n, c).astype(np.float64).sum(axis=0)
     # Σ dy·x̂ = σ⁻¹·(Σ dy·x − μ·Σ dy): the subtraction per channel, in float64
     dw = (dxs - mean * db) * invstd
     count = n * width
@@ -203,6 +220,14 @@ def batchnorm_backward(node, saved, dy, params, ctx):
         gdb, gdw = db, dw  # the parameter gradients stay this batch's: the optimizer averages them
     k = invstd * params["weight"] if a.affine else invstd
     dx = np.empty(dy.shape, dtype=dtype)
+    dparams = {"weight": dw.astype(dtype), "bias": db.astype(dtype)} if a.affine else {}
+    if compiled:
+        p = k * invstd * gdw / count if training else np.zeros(c)
+        q = p * mean - k * gdb / count if training else np.zeros(c)
+        jit.loops(WORK_PER_ELEMENT * dy.size).bn_grad_apply(
+            grows.reshape(n, c, width), rows.reshape(n, c, width), k.astype(dtype), (-p).astype(dtype),
+            q.astype(dtype), dx.reshape(n, c, width))
+        return [dx], dparams
     drows, kr = dx.reshape(n * c, width), _per_row(k, n, dtype)
     if training:
         # dx = k·dy − p·(x − μ) − q = k·dy + b·x + c per channel, b and c in float64
@@ -220,7 +245,6 @@ def batchnorm_backward(node, saved, dy, params, ctx):
             np.multiply(grows[r0:r1], kr[r0:r1], out=drows[r0:r1])
 
     _row_blocks(n * c, width, grad)
-    dparams = {"weight": dw.astype(dtype), "bias": db.astype(dtype)} if a.affine else {}
     return [dx], dparams
 
 

@@ -1,0 +1,101 @@
+"""The NumPy backend's compiled loops (backends/numpy/jit.py, jit_loops.py; Numba, the [jit] extra).
+
+Every kernel with a compiled path: float64 central finite differences on that path (the cases of
+test_numpy_grad.py), and the compiled path against the plain NumPy path in float32 and float64,
+at small sizes (one thread) and at sizes that split over two threads. `CNNC_JIT=0` and a missing
+Numba both give the plain path. The other backend tests run on whichever path the environment
+selects: `CNNC_JIT=0 python -m pytest tests/backends` and `CNNC_JIT=1 ...` run them on each.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from test_numpy_grad import BACKEND, CASES, ctx_for, make_leaves, make_node, make_params, rel  # noqa: E402
+from test_numpy_grad import test_backward_matches_finite_differences as finite_differences  # noqa: E402
+
+from cnnc.backends.numpy import jit, parallel  # noqa: E402
+
+COMPILED_OPS = {"batchnorm"}  # ops whose kernel has a compiled path
+COMPILED = [c for c in CASES if c.op in COMPILED_OPS]
+
+
+@pytest.fixture
+def use_jit(monkeypatch):
+    def select(on: bool):
+        monkeypatch.setenv("CNNC_JIT", "1" if on else "0")
+        assert jit.enabled() is on
+    return select
+
+
+@pytest.mark.parametrize("case", COMPILED, ids=[c.id for c in COMPILED])
+def test_compiled_backward_matches_finite_differences(case, use_jit):
+    use_jit(True)
+    finite_differences(case)
+
+
+def _run(case, shapes, dtype, seed):
+    """(output, input gradients, parameter gradients, parameters after forward) of one case."""
+    rng = np.random.default_rng(seed)
+    node, specs = make_node(case.op, case.kw, shapes)
+    kernel = BACKEND.kernel(case.op)
+    leaves = [(3.0 + case.scale * rng.normal(size=(8, *s))).astype(dtype) for s in shapes]
+    params = make_params(specs, rng, dtype)
+    y, saved = kernel.forward(node, leaves, params, ctx_for(case))
+    dy = rng.normal(size=y.shape).astype(dtype)
+    dxs, dps = kernel.backward(node, saved, dy, params, ctx_for(case))
+    return y, dxs, dps, params
+
+
+# the compiled cases again at a size that splits over two threads (above parallel.MIN_WORK)
+LARGE = {"batchnorm-train-4d": [(16, 64, 64)], "batchnorm-eval-4d": [(16, 64, 64)],
+         "batchnorm-train-noaffine": [(24, 48, 48)]}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("case", COMPILED, ids=[c.id for c in COMPILED])
+def test_compiled_path_equals_plain_path(case, size, dtype, use_jit, monkeypatch):
+    if size == "large" and case.id not in LARGE:
+        pytest.skip("no large variant")
+    monkeypatch.setattr(parallel, "_threads", 2)
+    shapes = LARGE[case.id] if size == "large" else [case.shapes[i] for i in case.inputs]
+    seed = zlib.crc32(f"{case.id}{size}".encode())
+    use_jit(False)
+    plain = _run(case, shapes, dtype, seed)
+    use_jit(True)
+    compiled = _run(case, shapes, dtype, seed)
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    y0, dx0, dp0, p0 = plain
+    y1, dx1, dp1, p1 = compiled
+    assert y1.dtype == dtype and all(d.dtype == dtype for d in dx1)
+    assert rel(y1, y0) <= tol
+    for a, b in zip(dx1, dx0):
+        assert rel(a, b) <= tol
+    assert sorted(dp1) == sorted(dp0)
+    for k in dp0:
+        assert rel(dp1[k], dp0[k]) <= tol, k
+    for k in p0:  # BatchNorm's running statistics, updated in place
+        assert rel(p1[k], p0[k]) <= tol, k
+
+
+def test_jit_off_and_numba_missing_give_the_plain_path(monkeypatch):
+    monkeypatch.setenv("CNNC_JIT", "0")
+    assert not jit.enabled()
+    monkeypatch.setenv("CNNC_JIT", "1")
+    monkeypatch.setattr(jit, "_loops", None)  # not looked up yet
+    monkeypatch.setitem(sys.modules, "numba", None)  # makes `import numba` raise ImportError
+    monkeypatch.delitem(sys.modules, "cnnc.backends.numpy.jit_loops", raising=False)
+    assert not jit.enabled()
+    case = next(c for c in CASES if c.id == "batchnorm-train-4d")
+    rng = np.random.default_rng(0)
+    node, specs = make_node(case.op, case.kw, case.shapes)
+    x = make_leaves(case, rng, np.float32)
+    y, _ = BACKEND.kernel("batchnorm").forward(node, x, make_params(specs, rng, np.float32), ctx_for(case))
+    assert np.isfinite(y).all() and abs(float(y.mean())) < 1.0
