@@ -352,6 +352,8 @@ def _cmd_sweep(args, overrides: dict) -> int:
         print(result.table)
     for line in result.notes:
         print(line, file=sys.stderr)
+    if result.interrupted:
+        return 130
     return 0 if result.completed else 1
 
 

@@ -9,7 +9,9 @@ starts, so a typo fails at once with the key and the allowed keys named. Runs go
 other, or `--jobs N` at a time in separate processes (spawned, each with its share of the cores as
 CNNC_NUM_THREADS). A run that fails (a diverging learning rate stops training with an error) is
 reported in the table with its reason and the others go on: finding such rates is what a sweep
-is for. The sweep fails only when no run completes.
+is for. The sweep fails only when no run completes. Ctrl-C stops the whole sweep: the runs in
+flight write their checkpoints (each can be continued with `cnnc train --resume DIR/NAME`) and
+the runs not yet started are listed as such.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ from .runs import Run, read_run, table, write_plot
 from .train import METRICS
 
 PLOT = "sweep.png"
+NOT_STARTED = "not started (interrupted)"
 SUMMARY = "sweep.json"
 
 
@@ -109,6 +113,10 @@ class SweepResult:
         return sum(r.status == "done" for r in self.runs)
 
     @property
+    def interrupted(self) -> bool:
+        return any(r.status in ("interrupted", NOT_STARTED) for r in self.runs)
+
+    @property
     def table(self) -> str:
         return table(self.runs)
 
@@ -121,10 +129,20 @@ class SweepResult:
         return {"root": self.root, "runs": runs}
 
 
+_stop = None  # in a worker process: the event the sweep sets on Ctrl-C
+
+
+def _worker_start(stop) -> None:
+    global _stop
+    _stop = stop
+
+
 def _train_one(path: str, run_dir: str, kwargs: dict) -> tuple[str, float]:
     """One run of the sweep (in this process or a spawned one): its status and wall time."""
     from .api import train
 
+    if _stop is not None and _stop.is_set():  # queued before the Ctrl-C, picked up after it
+        return NOT_STARTED, 0.0
     t0 = time.perf_counter()
     try:
         result = train(path, run_dir=run_dir, **kwargs)
@@ -165,6 +183,9 @@ def sweep(path, specs: list[str], *, jobs: int = 1, run_dir=None, resume=None, p
     say = (lambda text: (stream.write(text + "\n"), stream.flush())) if progress else (lambda text: None)
     if jobs == 1 or len(calls) == 1:
         for i, (p, d, kw) in enumerate(calls):
+            if statuses and statuses[-1][0] in ("interrupted", NOT_STARTED):  # Ctrl-C stops the sweep, not one run
+                statuses.append((NOT_STARTED, 0.0))
+                continue
             say(f"sweep run {i + 1}/{len(calls)}: {combos[i][0]} → {d}")
             statuses.append(_train_one(p, d, {**kw, "progress": progress, "stream": stream}))
             say(f"  {combos[i][0]}: {statuses[-1][0]}")
@@ -181,7 +202,7 @@ def sweep(path, specs: list[str], *, jobs: int = 1, run_dir=None, resume=None, p
     result.notes.append(f"summary: {root / SUMMARY}")
     if any(r.history for r in runs):
         result.notes.append(write_plot(runs, root / PLOT))
-    if not result.completed:
+    if not result.completed and not result.interrupted:
         result.notes.append("error: no run of the sweep completed")
     return result
 
@@ -196,13 +217,31 @@ def _parallel(calls, names, workers: int, say) -> list[tuple[str, float]]:
     if previous is None:  # the children read it when their backend starts
         os.environ["CNNC_NUM_THREADS"] = str(max(1, cores // workers))
     try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        context = multiprocessing.get_context("spawn")
+        stop = context.Event()
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start, initargs=(stop,)) as pool:
             futures = [pool.submit(_train_one, p, d, {**kw, "progress": False}) for p, d, kw in calls]
             say(f"sweep: {len(calls)} runs, {workers} at a time")
-            for name, f in zip(names, futures):
-                status, seconds = f.result()
-                say(f"  {name}: {status} ({seconds:.1f} s)")
-            return [f.result() for f in futures]
+            results = []
+            try:
+                for name, f in zip(names, futures):
+                    results.append(f.result())
+                    say(f"  {name}: {results[-1][0]} ({results[-1][1]:.1f} s)")
+            except KeyboardInterrupt:
+                stop.set()
+                for f in futures:
+                    f.cancel()
+                # the runs in flight stop at their next batch and write their checkpoints (a terminal's
+                # Ctrl-C reached them already; a signal sent to this process alone is passed on)
+                for process in list(getattr(pool, "_processes", {}).values()):
+                    if process.is_alive():
+                        os.kill(process.pid, signal.SIGINT)
+                for f in futures[len(results):]:
+                    try:
+                        results.append((NOT_STARTED, 0.0) if f.cancelled() else f.result())
+                    except BaseException:  # stopped before its training loop began
+                        results.append(("interrupted", 0.0))
+            return results
     finally:
         if previous is None:
             os.environ.pop("CNNC_NUM_THREADS", None)

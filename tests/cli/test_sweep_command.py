@@ -5,6 +5,7 @@ others go on, the table equal to the runs' metrics, and every bad key or value r
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 
@@ -96,3 +97,22 @@ def test_resume_is_not_a_sweep(setup):
     net, data, tmp = setup
     r = run_cli("train", "--resume", str(tmp / "seq" / "lr=0.05,batch=16"), "--sweep", "lr=0.1,0.2", "-q")
     assert r.code == 1 and "--resume RUN_DIR/NAME" in r.err
+
+
+def test_ctrl_c_stops_the_whole_sweep_with_a_checkpoint(setup, monkeypatch):
+    from cnnc.runtime.train import Trainer
+
+    net, data, tmp = setup
+    root = tmp / "stopped"
+    apply = Trainer._apply
+
+    def apply_then_ctrl_c(self, accum, pending):  # a real SIGINT arrives during the first run's first step
+        apply(self, accum, pending)
+        if self.step == 1:
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(Trainer, "_apply", apply_then_ctrl_c)
+    r = run_cli("train", str(net), "--data", str(data), "--sweep", "lr=0.05,0.01", "-o", str(root), "-q")
+    assert r.code == 130
+    statuses = [run["status"] for run in json.loads((root / "sweep.json").read_text())["runs"]]
+    assert statuses == ["interrupted", "not started (interrupted)"]
+    assert (root / "lr=0.05" / "checkpoint.npz").exists() and not (root / "lr=0.01").exists()
