@@ -11,9 +11,11 @@ The suggested rate is where the smoothed loss falls fastest: the most negative g
 smoothed loss against log10(lr), over the points before the divergence, leaving out the first 10
 (fastai's `skip_start`: a bias-corrected average of a handful of batches has a slope that is
 noise, and at the smallest rates nothing is learnt anyway). The lr of the minimum
-smoothed loss is reported too (its tenth is the other usual rule). Every parameter, BatchNorm
-buffer, the optimizer's state and the dropout generator are restored afterwards, bit for bit:
-the range test leaves the model as it found it.
+smoothed loss is reported too (its tenth is the other usual rule). Each step is the training
+loop's (Trainer._apply: fp16 loss scaling, clipping, the optimizer) at the sweep's rate. Every
+parameter, BatchNorm buffer, the optimizer's state, the step counter, the loss scale and the
+dropout generator are restored afterwards, bit for bit: the range test leaves the model as it
+found it.
 """
 
 from __future__ import annotations
@@ -167,6 +169,8 @@ def run_range_test(trainer: Trainer, start: float = 1e-7, end: float = 10.0, ste
     saved_params = {k: np.array(v, copy=True) for k, v in m.host_params().items()}
     saved_optim = {k: np.array(v, copy=True) for k, v in trainer.optimizer.state_dict().items()}
     saved_rng = trainer.dropout_rng.bit_generator.state
+    saved_step = trainer.step
+    saved_scaler = trainer.scaler.state_dict() if trainer.scaler is not None else None
     test = RangeTest(beta, diverge)
     classes = int(m.classes)
     t0 = time.perf_counter()
@@ -185,18 +189,18 @@ def run_range_test(trainer: Trainer, start: float = 1e-7, end: float = 10.0, ste
                                         done=stop or i == steps - 1)
                 if stop:
                     break
-                grads = trainer.executor.backward(dout)
-                grads = {k: g for k, g in grads.items() if k in trainer.trainable and g is not None}
-                if cfg.clip_norm is not None:
-                    norm = math.sqrt(sum(float((be.to_host(g).astype(np.float64) ** 2).sum()) for g in grads.values()))
-                    if norm > cfg.clip_norm:
-                        scale = np.float32(cfg.clip_norm / (norm + 1e-6))
-                        grads = {k: g * scale for k, g in grads.items()}
-                trainer.optimizer.step(grads, float(lr))
+                scaler = trainer.scaler
+                grads = trainer.executor.backward(dout if scaler is None else scaler.scaled(dout))
+                # the training loop's step (loss scaling, clipping, the optimizer) at this rate
+                trainer._apply({k: g for k, g in grads.items() if k in trainer.trainable and g is not None}, 1,
+                               float(lr))
     finally:
         m.set_params(saved_params, "the weights before lr-find")
         trainer.optimizer.load_state_dict(saved_optim)
         trainer.dropout_rng.bit_generator.state = saved_rng
+        trainer.step = saved_step
+        if saved_scaler is not None:
+            trainer.scaler.load_state_dict(saved_scaler)
         if getattr(trainer.data, "streamed", False):
             trainer.data.close()
     return LrFindResult(m.name, _optimizer_text(cfg), cfg.batch, start, end, steps, test, time.perf_counter() - t0)

@@ -640,7 +640,8 @@ class Trainer:
         self.cursor = 0
         self.save()
 
-    def _apply(self, accum: dict, pending: int) -> None:
+    def _apply(self, accum: dict, pending: int, lr: float | None = None) -> None:
+        """One optimizer step at the schedule's rate, or at `lr` (the range test of runtime/lr_find.py)."""
         cfg = self.config
         if pending > 1:
             accum = {k: v / pending for k, v in accum.items()}
@@ -657,7 +658,7 @@ class Trainer:
             if norm > cfg.clip_norm:
                 scale = np.float32(cfg.clip_norm / (norm + 1e-6))
                 accum = {k: v * scale for k, v in accum.items()}
-        self.optimizer.step(accum, self.schedule.lr(self.step))
+        self.optimizer.step(accum, self.schedule.lr(self.step) if lr is None else lr)
         self.step += 1
 
     def _check_initial(self, loss: float) -> None:

@@ -90,8 +90,10 @@ def test_weights_buffers_and_optimizer_state_are_restored_bit_for_bit(trained_ru
     net, data, run = trained_run
     trainer, _ = api.prepare(resume=run, progress=False)  # momentum buffers and BatchNorm statistics set
     params, optim, rng = snapshot(trainer)
+    step = trainer.step
     assert optim and any("running" in k or "mean" in k for k in params)
     result = run_range_test(trainer, 1e-4, 100, 40)
+    assert trainer.step == step
     t = result.test
     # the weights did move during the test: the loss blew up far above anything the start weights give
     assert t.diverged_at is not None and max(t.smoothed[t.diverged_at], t.losses[t.diverged_at]) > 4 * min(t.smoothed)
@@ -118,3 +120,24 @@ def test_suggestion_lies_inside_the_sweep_before_the_divergence(trained_run):
     assert s is not None and 1e-5 <= result.suggestion <= 10
     assert s < t.usable() and result.suggestion == t.lrs[s]
     assert result.min_loss_lr == t.lrs[int(np.argmin(t.smoothed[:t.usable()]))]
+
+
+def test_fp16_steps_use_the_loss_scaler_and_its_state_is_restored(trained_run):
+    net, data, _ = trained_run
+    trainer, _ = api.prepare(net, data=str(data), progress=False, precision="fp16")
+    assert trainer.scaler is not None
+    params, optim, rng = snapshot(trainer)
+    scale, step = trainer.scaler.state_dict(), trainer.step
+    updates = []
+    unscale = trainer.scaler.unscale
+
+    def record(grads):  # the training loop's unscaling runs on every step of the test
+        updates.append(len(grads))
+        return unscale(grads)
+    trainer.scaler.unscale = record
+    result = run_range_test(trainer, 1e-4, 1, 12)
+    assert len(updates) == len(result.test.losses) - (result.test.diverged_at is not None)
+    assert trainer.scaler.state_dict() == scale and trainer.step == step
+    after_params, after_optim, after_rng = snapshot(trainer)
+    assert all(params[k].tobytes() == after_params[k].tobytes() for k in params)
+    assert optim.keys() == after_optim.keys() and rng == after_rng
