@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from cnnc import __version__
 
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="check a .cnn file: shapes, parameters, MACs, memory, receptive fields",
                        description="Parse a .cnn file, infer every shape and count parameters, MACs, "
                                    "activation memory and receptive fields, layer by layer.")
-    c.add_argument("file", help="the .cnn file (or a .onnx model)")
+    c.add_argument("file", nargs="?", help="the .cnn file (or a .onnx model)")
     c.add_argument("--batch", type=_positive, default=1,
                    help="batch size for MACs and activation memory (default 1)")
     c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -574,8 +575,6 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_weights_import(args) -> int:
-    from pathlib import Path
-
     from cnnc.runtime.weights import import_state
 
     out = Path(args.output) if args.output else Path(args.state).with_suffix(".npz")
@@ -671,6 +670,12 @@ def _cmd_check(args) -> int:
     from cnnc.compiler import summary
     from cnnc.compiler.pipeline import check
 
+    if args.file is None and args.explain and Path(args.explain).suffix in (".cnn", ".onnx"):
+        # `cnnc check --explain FILE`: --explain took the file as its layer name
+        args.file, args.explain = args.explain, ""
+    if args.file is None:
+        print("error: cnnc check needs a FILE (a .cnn file or a .onnx model)", file=sys.stderr)
+        return 2
     g = check(args.file, batch=args.batch, import_roots=args.import_root, verify=args.verify)
     for w in g.graph.get("warnings", []):
         print(w.render() + "\n", file=sys.stderr)

@@ -47,3 +47,11 @@ def test_an_unknown_layer_is_an_error_naming_the_close_ones():
     assert r.code == 1 and r.out == ""
     assert "alexnet_2012.cnn: --explain: no layer or block instance named `conv9`" in r.err
     assert "did you mean `conv5` or `conv4` or `conv3`?" in r.err and "Traceback" not in r.err
+
+
+def test_explain_before_the_file_reads_the_file():
+    # `--explain` takes an optional LAYER; a .cnn path there is the file, as a user writing the flag first means
+    first = run_cli("check", "--explain", ALEXNET)
+    assert first.code == 0 and first.out == run_cli("check", ALEXNET, "--explain").out
+    missing = run_cli("check")
+    assert missing.code == 2 and "cnnc check needs a FILE" in missing.err and "Traceback" not in missing.err
