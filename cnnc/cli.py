@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     lf.add_argument("--backend", default="numpy")
     for flag, kind, text in [("--batch", int, "batch size"), ("--optimizer", str, "optimizer"),
                              ("--momentum", float, "momentum"), ("--weight-decay", float, "L2 weight decay"),
-                             ("--seed", int, "random seed")]:
+                             ("--seed", int, "random seed"), ("--precision", str, "conv and dense arithmetic: "
+                              "fp32, tf32, bf16 or fp16, as for cnnc train")]:
         lf.add_argument(flag, type=kind, help=text)
     lf.add_argument("--workers", type=int, metavar="N", help="image-decoding processes for imagefolder: data")
     lf.add_argument("--json", action="store_true", help="print the curve and the suggestion as one JSON object")
@@ -362,7 +363,7 @@ def _cmd_lr_find(args) -> int:
     from cnnc.runtime.lr_find import lr_find
 
     overrides = {"batch": args.batch, "optimizer": args.optimizer, "momentum": args.momentum,
-                 "weight_decay": args.weight_decay, "seed": args.seed}
+                 "weight_decay": args.weight_decay, "seed": args.seed, "precision": args.precision}
     result = lr_find(args.file, start=args.start, end=args.end, steps=args.steps, out_dir=args.output,
                      resume=args.resume, data=args.data, backend=args.backend, weights=args.weights,
                      workers=args.workers, progress=not args.quiet, **overrides)
