@@ -375,6 +375,8 @@ class OpDef:
     onnx_export: Callable | OnnxAct | None = None
     residual_fusable: bool = False  # a merge an epilogue fusion may absorb as the residual input
     identity_in: frozenset[str] = frozenset()  # modes ("inference", "training") in which the op is the identity
+    # training-only noise: "units" zeroes single activations (dropout), "samples" a sample's whole tensor
+    drops: str | None = None
     absorbed_as: str | None = None  # a flag attribute of its consumers that does this op's work (flatten)
     # a per-channel affine op that folds into the producer's weights at inference:
     # (attrs, params) → (scale, center, shift), y = (x − center)·scale + shift
@@ -1173,7 +1175,7 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("dropout", "Zeroes a fraction `rate` of activations in training, scales the rest by 1/(1−rate).",
           DropoutAttrs, _elementwise, Pattern.ELEMWISE, positional=("rate",),  # keeps its own mask
           torch="F.dropout(x, a.rate, training)", onnx="Dropout",
-          onnx_export=_onnx_identity, identity_in=frozenset({"inference"})),
+          onnx_export=_onnx_identity, identity_in=frozenset({"inference"}), drops="units"),
     OpDef("identity", "Passes its input through.", NoAttrs, _elementwise, Pattern.ELEMWISE, torch="x",
           onnx="Identity", onnx_export=_onnx_identity, identity_in=frozenset({"inference", "training"})),
     OpDef("batchnorm", "Batch normalisation per channel; running mean and variance are buffers.", BatchNormAttrs,
@@ -1238,7 +1240,7 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
           "by 1/(1 − rate), else zeroed (torchvision's mode \"row\"); the identity at inference.",
           StochasticDepthAttrs, _elementwise, Pattern.ELEMWISE, positional=("rate",), aliases=("drop_path",),
           torch=_torch_stochastic_depth, onnx="Identity", onnx_export=_onnx_identity,
-          identity_in=frozenset({"inference"}),
+          identity_in=frozenset({"inference"}), drops="samples",
           torch_doc="torchvision.ops.StochasticDepth(rate, \"row\")"),
     OpDef("channel_slice", "Channels lo … hi−1 (features of a flat input): one half of ShuffleNetV2's channel "
           "split.", ChannelSliceAttrs, _channel_slice_shape, Pattern.INJECTIVE, positional=("lo", "hi"),

@@ -3,8 +3,9 @@
 Every pass is a named function `fn(g, ctx) -> g`; everything it reads besides the graph comes
 from the PassContext, the diagnostics collector (`ctx.diags`) included. One driver, `run`, goes
 down the list once: the front end (every level: build_graph → infer_shapes → find_unused →
-count, source → checked graph; the first pass takes the parsed program) and then the rewrites
-of compiler/optimize.py, each with the lowest level that runs it and the modes it is valid for:
+count → lint_training, source → checked graph and its warnings; the first pass takes the parsed
+program) and then the rewrites of compiler/optimize.py, each with the lowest level that runs it
+and the modes it is valid for:
 passes that would change gradients (BatchNorm folding, dropout removal) run for inference only,
 so training plans keep exact gradients. With `ctx.verify` the graph's invariants are checked
 after every pass. `check` and `run_pipeline` run the front end, `optimize` the rewrites on a
@@ -29,7 +30,9 @@ from .graph import verify as verify_graph
 from .passes import count as _count
 from .passes import find_unused as _find_unused
 from .passes import infer_shapes as _infer_shapes
-from .train_config import validate_train
+from .lint import KNOWN_TRAIN_SIZES
+from .lint import lint_training as _lint
+from .train_config import TrainConfig, validate_train
 
 BOTH = frozenset({"inference", "training"})
 INFERENCE = frozenset({"inference"})
@@ -88,9 +91,11 @@ def build_graph(program: ast.Program | nx.MultiDiGraph, ctx: PassContext) -> nx.
     if isinstance(program, nx.MultiDiGraph):
         return program
     g = _build_graph(program, ctx.diags)
-    train = validate_train(program.train, ctx.diags, program.input_dims)
+    spans: dict = {}
+    train = validate_train(program.train, ctx.diags, program.input_dims, spans)
     if g is not None:
         g.graph["train"] = train
+        g.graph["train_spans"] = spans  # where each setting is written, for the training lint
     return g
 
 
@@ -106,11 +111,22 @@ def count(g: nx.MultiDiGraph, ctx: PassContext) -> nx.MultiDiGraph:
     return _count(g, ctx.batch)
 
 
+def lint_training(g: nx.MultiDiGraph, ctx: PassContext) -> nx.MultiDiGraph:
+    """The training lint (compiler/lint.py) on the file's train settings (the defaults without a
+    `train:` section), as warnings in g.graph["warnings"]. The backend is not known here; the number
+    of training images only for the embedded data."""
+    config = g.graph.get("train") or TrainConfig()
+    g.graph.setdefault("warnings", []).extend(
+        _lint(g, config, g.graph.get("train_spans"), train_size=KNOWN_TRAIN_SIZES.get(config.data)))
+    return g
+
+
 PIPELINE = [
     Pass("build_graph", build_graph, 0, front=True, on_errors=True),
     Pass("infer_shapes", infer_shapes, 0, front=True, on_errors=True),
     Pass("find_unused", find_unused, 0, front=True),
     Pass("count", count, 0, front=True),
+    Pass("lint_training", lint_training, 0, front=True),
     Pass("eliminate_dead", opt.eliminate_dead, 1),
     Pass("remove_identity", opt.remove_identity, 1),
     Pass("remove_dropout", opt.remove_dropout, 1, INFERENCE),

@@ -188,13 +188,15 @@ def _value(e: ast.Expr) -> Any:
 
 
 def validate_train(settings: list[ast.Setting] | None, outer: Diagnostics,
-                   input_dims: tuple[tuple[int, ...], Span] | None = None) -> TrainConfig | None:
+                   input_dims: tuple[tuple[int, ...], Span] | None = None,
+                   spans: dict[str, Span] | None = None) -> TrainConfig | None:
     """The section's settings as a TrainConfig, or None after reporting its errors to `outer`.
-    With the network's `input_dims` the image transforms are checked against its shape too."""
+    With the network's `input_dims` the image transforms are checked against its shape too; `spans`,
+    when given, receives where each setting was written (for the training lint, compiler/lint.py)."""
     if settings is None:
         return None
     diags = Diagnostics()  # this section's own errors, whatever else the file has
-    config = _validate(settings, diags, input_dims)
+    config = _validate(settings, diags, input_dims, spans)
     for err in diags.errors:
         outer.add(err)
     return config
@@ -224,7 +226,8 @@ def _line_values(s: ast.Setting) -> tuple[list[ast.Arg], list[tuple[str, Any, Sp
 
 
 def _validate(settings: list[ast.Setting], diags: Diagnostics,
-              input_dims: tuple[tuple[int, ...], Span] | None = None) -> TrainConfig | None:
+              input_dims: tuple[tuple[int, ...], Span] | None = None,
+              spans_out: dict[str, Span] | None = None) -> TrainConfig | None:
     fields = TrainConfig.model_fields
     given: dict[str, tuple[Any, Span]] = {}
     legacy_crop: Span | None = None  # `crop N` alone: the zero-padding crop
@@ -296,6 +299,8 @@ def _validate(settings: list[ast.Setting], diags: Diagnostics,
             diags.add(_train_error(name, value, span, err))
         return None
     spans = {k: span for k, (_, span) in given.items()}
+    if spans_out is not None:
+        spans_out.update(spans)
     for err in transform_errors(config, spans, input_dims, legacy_crop):
         diags.add(err)
     return config

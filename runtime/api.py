@@ -203,6 +203,7 @@ def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike
         "a smaller batch (--batch), fewer filters or units, or an optimizer that keeps less state")
     dataset, data_notes = _load_data(config.data, input_shape, classes, config, base_dir, workers)
     notes += data_notes
+    notes += lint_notes(graph, config, overrides, data, backend, len(dataset.train_y))
     if getattr(dataset, "streamed", False):  # measured transform statistics travel in run.json and the checkpoint
         config = dataset.config
     backend_class(backend).check_precision(config.precision, str(path))  # before a device is started
@@ -238,6 +239,16 @@ def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike
         trainer.pending_info = {**info.model_dump(), "config": config.model_dump(mode="json")}
     comm.barrier("the start barrier")  # every rank has checked the run directory before rank 0 writes in it
     return trainer, notes
+
+
+def lint_notes(graph, config: TrainConfig, overrides: dict, data: str | None, backend: str,
+               train_size: int) -> list[str]:
+    """The training lint's warnings (compiler/lint.py) for this run, rendered: the settings as
+    overridden (a flag's value has no span in the file), the backend and the training set known."""
+    from cnnc.compiler.lint import lint_training
+    flags = {k for k, v in {**overrides, "data": data}.items() if v is not None}
+    spans = {k: v for k, v in (graph.graph.get("train_spans") or {}).items() if k not in flags}
+    return [w.render() for w in lint_training(graph, config, spans, backend=backend, train_size=train_size)]
 
 
 def train(path: str | os.PathLike | None = None, **kwargs) -> TrainResult:

@@ -15,8 +15,9 @@ field by field (`CheckpointMeta`) and against the run: a damaged one is refused 
 and the field named, never half-restored.
 
 Sanity checks from practice: the first loss should be near ln(classes) (0.69 for two classes,
-2.30 for ten); a NaN/inf or exploding loss stops training naming the iteration; an SGD learning
-rate of 1 or more draws a warning.
+2.30 for ten), else a warning names the usual causes (compiler/lint.py); a NaN/inf or exploding
+loss stops training naming the iteration. The static rules of the training lint are checked by
+api.prepare before the first batch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
 
 from cnnc.backends.base import Ctx, Plan
+from cnnc.compiler.lint import initial_loss_warning
 from cnnc.compiler.ops import OPS
 from cnnc.dsl.errors import CnncError
 
@@ -508,9 +510,6 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, data, m = self.config, self.data, self.model
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.optimizer in ("sgd", "momentum", "nesterov") and cfg.lr >= 1:
-            self.progress.line(f"warning: learning rate {cfg.lr:g} is 1 or more; SGD usually diverges there "
-                               "(0.1 with BatchNorm, 0.01 without are common)")
         start = time.perf_counter()
         previous = signal.getsignal(signal.SIGINT)
 
@@ -667,12 +666,15 @@ class Trainer:
         if self.config.loss != "cross_entropy" or classes < 2:
             self.progress.line(f"initial loss {loss:.4f}")
             return
-        expected = math.log(classes)
-        self.progress.line(f"initial loss {loss:.4f} (ln {classes} = {expected:.2f}: a network that knows "
+        self.progress.line(f"initial loss {loss:.4f} (ln {classes} = {math.log(classes):.2f}: a network that knows "
                            f"nothing yet)")
-        if abs(loss - expected) > 0.5 * expected:
-            self.progress.line(f"warning: the first loss {loss:.3f} is far from ln {classes} = {expected:.2f}; "
-                               "check the initialisation scale and that the last layer gives logits")
+        g = self.model.graph
+        logits = g.nodes[self.plan.output]  # the layer whose outputs the loss reads
+        source = g.graph.get("source")
+        warning = initial_loss_warning(loss, classes, self.config, logits.get("span"),
+                                       source.name if source is not None else None)
+        if warning is not None:
+            self.progress.line(warning.render())
 
 
 def _jsonable(d: dict) -> dict:

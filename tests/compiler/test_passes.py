@@ -194,7 +194,8 @@ def test_verify_runs_after_every_pass_that_runs(monkeypatch):
     monkeypatch.setattr(pipeline, "verify_graph", lambda g: seen.append(g.number_of_nodes()))
     ctx = PassContext(verify=True)
     g = run_pipeline(load_text(HEADER + RESNETISH, "t.cnn"), ctx)
-    assert len(seen) == 4 and list(ctx.timings) == ["build_graph", "infer_shapes", "find_unused", "count"]
+    assert len(seen) == 5 and list(ctx.timings) == ["build_graph", "infer_shapes", "find_unused", "count",
+                                                    "lint_training"]
     seen.clear()
     ctx = PassContext(verify=True, opt_level=1, mode="training", fused_ops=frozenset({"fused_conv"}))
     pipeline.optimize(g, ctx)
