@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, metavar="N", help="image-decoding processes for imagefolder: data "
                    "(default: the `workers` setting, else one per core but one; 0: in this process)")
     t.add_argument("--json", action="store_true", help="print a JSON summary on stdout (progress stays on stderr)")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to the run directory (pip install 'cnnc[tensorboard]')")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     t.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="one run per value (per combination, when repeated) of a train setting, each in its own "
@@ -318,7 +320,7 @@ def _cmd_train(args) -> int:
         return _cmd_sweep(args, overrides)
     trainer, notes = api.prepare(args.file, run_dir=args.output, resume=args.resume, data=args.data,
                                  backend=args.backend, progress=not args.quiet, weights=args.weights,
-                                 workers=args.workers, **overrides)
+                                 workers=args.workers, tensorboard=args.tensorboard, **overrides)
     cfg = trainer.config
     trainer.progress.line(f"training {trainer.model.name} on {trainer.data.name}: {len(trainer.data.train_y)} train / "
                           f"{len(trainer.data.test_y)} test images, {cfg.optimizer} lr {cfg.lr:g} ({cfg.policy}), "

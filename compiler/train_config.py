@@ -100,6 +100,7 @@ class TrainConfig(BaseModel):
     sync_bn: Flag = False  # data-parallel runs: BatchNorm statistics over every rank's batch
     # conv and dense inputs rounded to this format, float32 master weights; fp16 adds dynamic loss scaling
     precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
+    tensorboard: Flag = False  # also write TensorBoard event files in the run directory (runtime/tensorboard.py)
 
     # Image transforms (runtime/transforms.py), applied in the fixed order
     # resize → crop → flip → jitter → to float → lighting → normalise.
@@ -149,7 +150,7 @@ _CHOICES = {"optimizer": OPTIMIZERS, "policy": POLICIES, "init": INITS, "loss": 
             "eigen": EIGENS, "eval_crop": EVAL_CROPS, "precision": PRECISIONS,
             "on_bad_image": ("skip", "error")}
 _LINES = ("jitter",)  # settings that are only a line's word: `jitter` sets brightness, contrast, saturation
-_BARE = {"flip": True, "sync_bn": True}  # settings that may stand alone
+_BARE = {"flip": True, "sync_bn": True, "tensorboard": True}  # settings that may stand alone
 _TUPLES = ("mean", "std", "scale", "ratio", "resize", "crop_size", "random_resized_crop")
 # The settings of the image transforms (runtime/transforms.py).
 TRANSFORM_FIELDS = ("resize", "crop_size", "crop_mode", "random_resized_crop", "scale", "ratio", "mean", "std",

@@ -148,10 +148,12 @@ def _fresh_run_dir(name: str, root: Path = Path("runs")) -> Path:
 def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike | None = None,
             resume: str | os.PathLike | None = None, data: str | None = None, backend: str = "numpy",
             progress: bool = True, stream=None, weights: str | os.PathLike | None = None,
-            workers: int | None = None, opt_level: int = 2, **overrides) -> tuple[Trainer, list[str]]:
+            workers: int | None = None, opt_level: int = 2, tensorboard: bool = False,
+            **overrides) -> tuple[Trainer, list[str]]:
     """Everything `cnnc train` does before the first batch; nothing is written yet. `weights`: start
     from these weights (a checkpoint or a file Model.save or `cnnc weights import` wrote). `opt_level`:
-    the training plan's (2: the fused plan, the same gradients as 0, the plain plan)."""
+    the training plan's (2: the fused plan, the same gradients as 0, the plain plan). `tensorboard`:
+    also write TensorBoard event files (as the train setting `tensorboard` does)."""
     import sys
     stream = stream or sys.stderr
     info = saved = None
@@ -226,6 +228,10 @@ def prepare(path: str | os.PathLike | None = None, *, run_dir: str | os.PathLike
         raise CnncError(f"run directory {run_dir} exists and is not empty",
                         hint=f"continue it with --resume {run_dir}, or choose another -o")
     trainer = Trainer(model, dataset, config, run_dir, progress=progress, stream=stream, opt_level=opt_level)
+    if tensorboard or config.tensorboard:
+        from .tensorboard import require
+        require()  # a missing extra is an error now, before any file is written
+        trainer.tensorboard = True
     if resume_from is not None:
         trainer.restore(resume_from)
         if trainer.epoch > config.epochs:

@@ -9,7 +9,8 @@ epoch starts at its cursor without preparing the batches before it; its worker p
 shut down when the run ends, however it ends.
 
 Files: at the end of every epoch the checkpoint is written first and `metrics.jsonl` is then
-rewritten from the checkpoint's history, both atomically, so the metrics never run ahead of
+rewritten from the checkpoint's history, both atomically (with `tensorboard`, TensorBoard event
+files beside them get the same figures: runtime/tensorboard.py), so the metrics never run ahead of
 the checkpoint and a resume never repeats an epoch in them. A checkpoint read back is checked
 field by field (`CheckpointMeta`) and against the run: a damaged one is refused with the file
 and the field named, never half-restored.
@@ -295,6 +296,8 @@ class Trainer:
         self.interrupted = False
         self.stopping = False  # under mpiexec: a Ctrl-C the ranks have agreed on (they stop at the same batch)
         self.pending_info: dict | None = None  # run.json for a fresh run, written when training starts
+        self.tensorboard = False  # also write TensorBoard event files (runtime/tensorboard.py)
+        self.events = None  # their writer while the run goes on (rank 0)
         self.augment = Augment(crop_pad=config.crop, hflip=config.flip) if (config.crop or config.flip) else None
         self.streamed = getattr(data, "streamed", False)  # an image folder read by worker processes
         if self.streamed:
@@ -520,12 +523,18 @@ class Trainer:
         except ValueError:  # not the main thread
             previous = None
         self.sync_from_root()
+        if self.tensorboard and self.comm.rank == 0:
+            from .tensorboard import EventWriter
+            self.events = EventWriter(self.run_dir, self.step)
         try:
             while self.epoch < cfg.epochs and not (self.stopping if self.comm.size > 1 else self.interrupted):
                 self._epoch()
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
+            if self.events is not None:
+                self.events.close()
+                self.events = None
             if self.streamed:
                 self.data.close()
         last = self.history[-1] if self.history else {}
@@ -552,6 +561,7 @@ class Trainer:
         t0 = time.perf_counter()
         accum: dict = {}
         pending = 0
+        pending_loss = 0.0  # the losses of the batches of the step being gathered, for the event files
         classes = int(m.classes)
         parallel = self.comm.size > 1
         if self.streamed:  # each sample's transform has its own generator: start at the cursor
@@ -592,10 +602,14 @@ class Trainer:
                 if g is not None:
                     accum[k] = accum[k] + g if k in accum else g
             pending += 1
+            pending_loss += loss
             last_batch = b == self.batches_per_epoch - 1
             if pending == cfg.accumulate or last_batch:
+                lr = self.schedule.lr(self.step)
                 self._apply(accum, pending)
-                accum, pending = {}, 0
+                if self.events is not None:
+                    self.events.step(self.step, pending_loss / pending, lr)
+                accum, pending, pending_loss = {}, 0, 0.0
                 self.cursor = b + 1
             seen += n
             loss_sum += loss * n
@@ -638,6 +652,8 @@ class Trainer:
         self.epoch += 1
         self.cursor = 0
         self.save()
+        if self.events is not None:
+            self.events.epoch(record, self.step, self.steps_per_epoch)
 
     def _apply(self, accum: dict, pending: int, lr: float | None = None) -> None:
         """One optimizer step at the schedule's rate, or at `lr` (the range test of runtime/lr_find.py)."""
