@@ -315,6 +315,7 @@ EMU_SHIM = r'''
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <type_traits>
@@ -342,7 +343,12 @@ static dim3 blockDim, gridDim;
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+// every __shared__ array lands in one section, which each block starts NaN-filled (a real GPU
+// leaves the previous kernel's bytes there): a read of shared memory the block did not write
+// poisons the result
+#define __shared__ static __attribute__((section("emu_shared")))
+extern char __start_emu_shared[] __attribute__((weak));
+extern char __stop_emu_shared[] __attribute__((weak));
 #define __align__(n) __attribute__((aligned(n)))
 #define __expf(v) expf(v)
 #define CNNC_DIV_UP(a, b) (((a) + (b) - 1) / (b))
@@ -391,6 +397,10 @@ static int emu_launch(void (*fn)(A...), unsigned gx, unsigned gy, unsigned gz, u
     for (unsigned i = 0; i < nt; ++i) order[i] = i;
     for (unsigned z = 0; z < gz; ++z) for (unsigned y = 0; y < gy; ++y) for (unsigned x = 0; x < gx; ++x) {
         blockIdx = {x, y, z};
+        for (char* p = __start_emu_shared; p && p + 4 <= __stop_emu_shared; p += 4) {
+            const uint32_t nan = 0x7FC0BEEFu;
+            memcpy(p, &nan, 4);
+        }
         for (unsigned t = 0; t < nt; ++t) {
             Fiber& f = fibers[t];
             getcontext(&f.ctx);
@@ -551,6 +561,33 @@ def test_emulated_kernels_match_numpy(case, on_emulator):
     errs = run_case(node, batch, lambda a: a, np.asarray, config=config)
     assert_close(errs, cid)
     assert not on_emulator.missing, f"kernels ran that conv.specs did not list: {on_emulator.missing}"
+
+
+UNWRITTEN_SHARED = r'''
+extern "C" __global__ void half_written(float* out) {
+    __shared__ float tile[64];
+    if (threadIdx.x < 32) tile[threadIdx.x] = 1.0f;  // the upper half is never written
+    __syncthreads();
+    out[blockIdx.x * 64 + threadIdx.x] = tile[threadIdx.x];
+}
+extern "C" int launch(unsigned blocks, void** args) { return emu_launch(&half_written, blocks, 1, 1, 64, 1, 1, args, 1); }
+'''
+
+
+def test_emulator_poisons_unwritten_shared_memory(tmp_path):
+    """Each block starts with NaN in its shared arrays, as a GPU starts with whatever the last
+    kernel left: a read of an element the block never wrote shows as NaN, in every block."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed (the CPU emulator compiles the kernels with it)")
+    so = tmp_path / "half.so"
+    (tmp_path / "half.cpp").write_text(EMU_SHIM + UNWRITTEN_SHARED, encoding="utf-8")
+    subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-o", str(so), str(tmp_path / "half.cpp")],
+                   check=True)
+    out = np.zeros((3, 64), np.float32)
+    arg = ctypes.c_void_p(out.ctypes.data)
+    argv = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.pointer(arg), ctypes.c_void_p))
+    assert ctypes.CDLL(str(so)).launch(3, argv) == 0
+    assert (out[:, :32] == 1).all() and np.isnan(out[:, 32:]).all()
 
 
 def test_emulated_launcher(on_emulator):
