@@ -1,42 +1,80 @@
 #!/usr/bin/env bash
-# One GPU run: the GPU tests, ResNet-50 parity, then the convolution and training benchmarks,
-# within about 9 minutes. Full logs go to $LOG_DIR (default benchmarks/results/); a summary with
-# the device name and date is saved as benchmarks/results/gpu-<device>-<date>.txt and printed last.
-# Usage: bash benchmarks/gpu_all.sh  (from the repository root; LOG_DIR=... to put the logs elsewhere)
+# One GPU run, under 10 minutes: the GPU tests; compute-sanitizer (memcheck, racecheck, initcheck)
+# over every conv kernel configuration on small problems (gpu_sanitize.py) and the determinism of
+# VGG-19's stage-4 layer; VGG-19 parity repeated with the tuner off and on (gpu_parity.py); the
+# training step against PyTorch float32 and AMP (gpu_train.py); the convolutions against cuDNN,
+# float32 with TF32 off and on, NCHW and channels_last (gpu_conv.py). Full logs go to $LOG_DIR
+# (default benchmarks/results/gpu-logs-<date>); a summary with the device name and date is saved
+# as $RESULTS_DIR/gpu-<device>-<date>.txt (default benchmarks/results) and printed as it goes.
+# Usage: bash benchmarks/gpu_all.sh  (from anywhere; STEPS="sanitize parity_vgg19" runs a subset;
+# DRY_RUN=1 prints each step's command and time limit instead of running it, no GPU needed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '_')
 stamp=$(date -u +%Y-%m-%d)
-logs="${LOG_DIR:-benchmarks/results}"
-mkdir -p benchmarks/results "$logs"
-out="benchmarks/results/gpu-${device:-unknown}-${stamp}.txt"
+results="${RESULTS_DIR:-benchmarks/results}"
+logs="${LOG_DIR:-$results/gpu-logs-$stamp}"
+mkdir -p "$results" "$logs"
+out="$results/gpu-${device:-unknown}-${stamp}.txt"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+dry="${DRY_RUN:-0}"
 # the test files that hold GPU tests; xdist (when installed) spreads the NVRTC compiles over cores
 xdist=""
 "$PY" -c "import xdist" 2>/dev/null && xdist="-n 14"
-steps="${STEPS:-tests_conv tests_ops parity_resnet50 gpu_train gpu_conv}"  # STEPS=... runs a subset
+all_steps="tests_conv tests_ops sanitize parity_vgg19 gpu_train gpu_conv"
+steps="${STEPS:-$all_steps}"
+sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null \
+            || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 step() {  # step NAME SECONDS CMD...: run with a time limit, full log to $logs/NAME.log
   local name=$1 limit=$2; shift 2
-  case " $steps " in *" $name "*) ;; *) return 0 ;; esac
+  case " $steps " in *" ${name%%:*} "*) ;; *) return 0 ;; esac
+  if [ "$dry" = 1 ]; then echo "## $name (limit $limit s): $*"; return 0; fi
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$logs/$name.log" 2>&1
+  timeout "$limit" "$@" >"$logs/${name//:/-}.log" 2>&1
   local rc=$?
   echo "## $name: exit $rc in $((SECONDS - t0)) s"
 }
+show() {  # show NAME FILTER...: lines of a step's log (nothing in a dry run)
+  local log="$logs/${1//:/-}.log"; shift
+  [ "$dry" = 1 ] || [ ! -f "$log" ] || "$@" "$log"
+}
 {
-  echo "# gpu_all.sh on ${device:-no GPU}, ${stamp}"
+  echo "# gpu_all.sh on ${device:-no GPU}, ${stamp} (git $(git rev-parse --short HEAD 2>/dev/null))"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
-  step tests_conv 60 "$PY" -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider tests/backends/test_cuda_conv.py
-  tail -8 "$logs/tests_conv.log" 2>/dev/null
-  step tests_ops 150 "$PY" -m pytest -m gpu -v -rfE --tb=short -p no:cacheprovider $xdist \
+  # 1. tests (about 3.5 min): conv kernels, then every op and zoo network (parallel workers)
+  step tests_conv 45 "$PY" -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider tests/backends/test_cuda_conv.py
+  show tests_conv tail -4
+  step tests_ops 140 "$PY" -m pytest -m gpu -v -rfE --tb=short -p no:cacheprovider $xdist \
     tests/backends/test_cuda_ops.py tests/backends/test_cuda_networks.py
-  grep -E "(FAILED|ERROR) " "$logs/tests_ops.log" 2>/dev/null | sort -u | tail -30; tail -3 "$logs/tests_ops.log" 2>/dev/null
-  step parity_resnet50 60 "$PY" -m cnnc.cli parity examples/resnet50.cnn --backends numpy,cuda --size 64x64
-  tail -3 "$logs/parity_resnet50.log" 2>/dev/null
-  step gpu_train 120 "$PY" benchmarks/gpu_train.py --steps 8
-  tail -8 "$logs/gpu_train.log" 2>/dev/null
-  step gpu_conv 130 "$PY" benchmarks/gpu_conv.py --repeats 10
-  tail -45 "$logs/gpu_conv.log" 2>/dev/null
-} 2>&1 | tee "$out"
-echo "saved $out"
+  show tests_ops grep -E "(FAILED|ERROR) "; show tests_ops tail -2
+  # 2. sanitizers (about 2.5 min): each tool over every configuration of every conv kernel on small
+  # problems; then VGG-19's stage-4 layer under initcheck and 20 runs of each configuration bitwise equal
+  # (the kernels are compiled first, outside the sanitizers)
+  step sanitize:build 25 "$PY" benchmarks/gpu_sanitize.py --build-only
+  step sanitize:build-vgg19 25 "$PY" benchmarks/gpu_sanitize.py --build-only --problems vgg19
+  if [ -n "$sanitizer" ] || [ "$dry" = 1 ]; then
+    for tool in memcheck:30 racecheck:40 initcheck:30; do
+      step sanitize:${tool%%:*} ${tool##*:} "${sanitizer:-compute-sanitizer}" --tool "${tool%%:*}" --error-exitcode 99 \
+        "$PY" benchmarks/gpu_sanitize.py
+      show sanitize:${tool%%:*} grep -E "WRONG|ERROR SUMMARY|cases right|Error"
+    done
+    step sanitize:initcheck-vgg19 30 "${sanitizer:-compute-sanitizer}" --tool initcheck --error-exitcode 99 \
+      "$PY" benchmarks/gpu_sanitize.py --problems vgg19
+    show sanitize:initcheck-vgg19 grep -E "WRONG|ERROR SUMMARY|cases right"
+  else
+    echo "## sanitize: compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda*/bin)"
+  fi
+  step sanitize:repeat-vgg19 25 "$PY" benchmarks/gpu_sanitize.py --problems vgg19 --repeat 20
+  show sanitize:repeat-vgg19 grep -E "WRONG|cases right"
+  # 3. VGG-19 parity at 64x64 (about 1 min): 3 runs tuner off, 3 runs tuner on, each tuning afresh
+  step parity_vgg19 75 "$PY" benchmarks/gpu_parity.py examples/vgg19.cnn --size 64x64 --runs 3 --modes off,fast
+  show parity_vgg19 grep -E "^tuner|first over|agree"
+  # 4. training steps (about 1 min): float32 and PyTorch AMP (bf16 autocast + channels_last)
+  step gpu_train 65 "$PY" benchmarks/gpu_train.py --steps 6
+  show gpu_train tail -8
+  # 5. convolutions against cuDNN (about 1 min)
+  step gpu_conv 65 "$PY" benchmarks/gpu_conv.py --repeats 8 --warmup 2
+  show gpu_conv tail -24
+} 2>&1 | tee "$( [ "$dry" = 1 ] && echo /dev/null || echo "$out")"
+[ "$dry" = 1 ] || echo "saved $out (logs in $logs)"

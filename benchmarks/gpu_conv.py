@@ -2,15 +2,19 @@
 
 For each layer and pass (forward, data gradient, weight gradient): the median time over timed
 launches after warm-up (CUDA events around each launch), TFLOP/s, the share of the H100's
-66.9 TFLOP/s float32 peak, cuDNN's time in float32 (TF32 off, cudnn.benchmark on), the ratio
-ours / cuDNN, and cuDNN with TF32 on for reference (tensor cores: not a like-for-like
-comparison). Geometric means of the ratio per pass. Our passes include what they launch: the
-data gradient its weight transpose, the weight gradient its split-K reduction; no bias.
-Each result is also checked against cuDNN's float32 output (relative error norm).
+66.9 TFLOP/s float32 peak, and cuDNN's time (cudnn.benchmark on) in four settings: float32 with
+TF32 off and on, each with NCHW and channels_last tensors. The like-for-like ratio is ours /
+cuDNN float32 NCHW (our kernels are NCHW float32); `best` is ours / the faster of cuDNN's two
+float32 layouts; the TF32 columns are cuDNN on tensor cores, the precision our float32 kernels
+do not use (the comparison a TF32 kernel of ours would face). Geometric means per pass. Our
+passes include what they launch: the data gradient its weight transpose, the weight gradient its
+split-K reduction; no bias. Each result is also checked against cuDNN's float32 output
+(relative error norm).
 
     python benchmarks/gpu_conv.py                   # all 13 layers, tuner "fast"
     python benchmarks/gpu_conv.py --autotune off    # the cost model's first configuration
     python benchmarks/gpu_conv.py --layers r50_l1_3x3,vgg16_conv5 --json results/gpu_conv.json
+    python benchmarks/gpu_conv.py --dry-run         # the measurements it would make; no GPU needed
 
 Needs an NVIDIA GPU, CuPy and PyTorch with CUDA; says so and exits with status 2 otherwise.
 Not a test: timings vary. Prints the table last; `--json PATH` (or `-` for stdout) writes the
@@ -46,6 +50,8 @@ LAYERS = [
     dict(name="vgg16_conv5", N=32, C=512, H=14, W=14, K=512, R=3, S=3, stride=1, pad=1, gflop=29.6),
 ]
 PASSES = ("fwd", "bwd_data", "bwd_filter")
+# cuDNN's settings: (name, TF32 allowed, channels_last); the first is the like-for-like one
+CUDNN = (("fp32", False, False), ("fp32_cl", False, True), ("tf32", True, False), ("tf32_cl", True, True))
 
 
 def no_gpu(reason: str) -> None:
@@ -113,13 +119,22 @@ def bench_layer(layer: dict, args, cp, torch) -> list[dict]:
     # CuPy views of the same memory (both libraries on the legacy default stream)
     x, wgt, dy, y, dx, dw = (cp.asarray(t) for t in (x_t, w_t, dy_t, y_t, dx_t, dw_t))
 
-    def cudnn(pass_):
+    layouts = {False: (x_t, w_t, dy_t)}
+    cl = torch.channels_last
+    layouts[True] = tuple(t.contiguous(memory_format=cl) for t in (x_t, w_t, dy_t))
+
+    def cudnn(pass_, channels_last=False):
+        xx, ww, dd = layouts[channels_last]
         if pass_ == "fwd":
-            return lambda: torch.nn.functional.conv2d(x_t, w_t, stride=stride, padding=pad)
+            return lambda: torch.nn.functional.conv2d(xx, ww, stride=stride, padding=pad)
         mask = (True, False, False) if pass_ == "bwd_data" else (False, True, False)
         idx = 0 if pass_ == "bwd_data" else 1
         return lambda: torch.ops.aten.convolution_backward(
-            dy_t, x_t, w_t, None, (stride, stride), (pad, pad), (1, 1), False, (0, 0), 1, mask)[idx]
+            dd, xx, ww, None, (stride, stride), (pad, pad), (1, 1), False, (0, 0), 1, mask)[idx]
+
+    def set_tf32(on: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
 
     cupy_timer = (cp.cuda.Event, cp.cuda.get_elapsed_time)
     torch_timer = (lambda: torch.cuda.Event(enable_timing=True), lambda a, b: a.elapsed_time(b))
@@ -130,28 +145,30 @@ def bench_layer(layer: dict, args, cp, torch) -> list[dict]:
         t0 = time.perf_counter()
         run, cfg = conv.launcher(node, pass_, ours_arrays[pass_])
         tune_s = time.perf_counter() - t0
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        set_tf32(False)
         ref = cudnn(pass_)()
         run()
         torch.cuda.synchronize()
         err = rel_err(ours_out[pass_], ref)
         ours_ms = median_ms(run, cupy_timer, args.warmup, args.repeats)
-        cudnn_ms = median_ms(cudnn(pass_), torch_timer, args.warmup, args.repeats)
-        tf32_ms = None
-        if not args.no_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            tf32_ms = median_ms(cudnn(pass_), torch_timer, args.warmup, args.repeats)
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
+        variants = {}
+        for name, tf32, channels_last in CUDNN:
+            if tf32 and args.no_tf32:
+                continue
+            set_tf32(tf32)
+            variants[name] = median_ms(cudnn(pass_, channels_last), torch_timer, args.warmup, args.repeats)
+        set_tf32(False)
+        cudnn_ms = variants["fp32"]
+        best_fp32 = min(variants["fp32"], variants["fp32_cl"])
         rec = dict(layer=layer["name"], **{'pass': pass_}, gflop=flop / 1e9, ours_ms=ours_ms,
                    ours_tflops=flop / ours_ms / 1e9, ours_peak_pct=100 * flop / ours_ms / 1e9 / PEAK_TFLOPS,
                    cudnn_ms=cudnn_ms, cudnn_tflops=flop / cudnn_ms / 1e9, ratio=ours_ms / cudnn_ms,
-                   cudnn_tf32_ms=tf32_ms, rel_err=err, config=repr(cfg), tune_s=tune_s)
+                   ratio_best=ours_ms / best_fp32, cudnn_ms_by_setting=variants,
+                   cudnn_tf32_ms=variants.get("tf32"), rel_err=err, config=repr(cfg), tune_s=tune_s)
         records.append(rec)
-        print(f"  {layer['name']:16s} {pass_:10s} ours {ours_ms:8.3f} ms  cuDNN {cudnn_ms:8.3f} ms  "
-              f"ratio {rec['ratio']:5.2f}  err {err:.1e}  {cfg}", file=sys.stderr, flush=True)
+        print(f"  {layer['name']:16s} {pass_:10s} ours {ours_ms:8.3f} ms  cuDNN "
+              + " ".join(f"{k} {v:.3f}" for k, v in variants.items())
+              + f" ms  ratio {rec['ratio']:5.2f}  err {err:.1e}  {cfg}", file=sys.stderr, flush=True)
     return records
 
 
@@ -162,22 +179,48 @@ def geomean(values) -> float:
 
 def table(records: list[dict], tf32: bool) -> str:
     head = (f"{'layer':16s} {'pass':10s} {'GFLOP':>7s} {'ours ms':>9s} {'TFLOP/s':>8s} {'%peak':>6s} "
-            f"{'cuDNN ms':>9s} {'TFLOP/s':>8s} {'ours/cuDNN':>10s}" + (f" {'TF32 ms':>8s}" if tf32 else "")
-            + f" {'rel err':>8s}")
+            f"{'cuDNN ms':>9s} {'TFLOP/s':>8s} {'CL ms':>8s} {'ours/cuDNN':>10s} {'best':>5s}"
+            + (f" {'TF32 ms':>8s} {'TF32 CL':>8s}" if tf32 else "") + f" {'rel err':>8s}")
     lines = [head, "-" * len(head)]
     for r in records:
+        v = r["cudnn_ms_by_setting"]
         lines.append(f"{r['layer']:16s} {r['pass']:10s} {r['gflop']:7.2f} {r['ours_ms']:9.3f} "
                      f"{r['ours_tflops']:8.2f} {r['ours_peak_pct']:6.1f} {r['cudnn_ms']:9.3f} "
-                     f"{r['cudnn_tflops']:8.2f} {r['ratio']:10.2f}"
-                     + (f" {r['cudnn_tf32_ms']:8.3f}" if tf32 else "") + f" {r['rel_err']:8.1e}")
+                     f"{r['cudnn_tflops']:8.2f} {v['fp32_cl']:8.3f} {r['ratio']:10.2f} {r['ratio_best']:5.2f}"
+                     + (f" {v['tf32']:8.3f} {v['tf32_cl']:8.3f}" if tf32 else "") + f" {r['rel_err']:8.1e}")
     lines.append("-" * len(head))
     for pass_ in PASSES:
         rs = [r for r in records if r["pass"] == pass_]
         if rs:
-            lines.append(f"geometric mean ours/cuDNN {pass_:10s} {geomean(r['ratio'] for r in rs):6.2f}   "
+            tf = (f"; cuDNN TF32 {geomean(r['gflop'] / min(r['cudnn_ms_by_setting']['tf32'], r['cudnn_ms_by_setting']['tf32_cl']) for r in rs):6.2f} TFLOP/s"
+                  if tf32 else "")
+            lines.append(f"geometric mean ours/cuDNN {pass_:10s} {geomean(r['ratio'] for r in rs):6.2f}, "
+                         f"against cuDNN's better float32 layout {geomean(r['ratio_best'] for r in rs):5.2f}   "
                          f"(ours {geomean(r['ours_tflops'] for r in rs):6.2f} TFLOP/s, "
-                         f"cuDNN {geomean(r['cudnn_tflops'] for r in rs):6.2f} TFLOP/s)")
+                         f"cuDNN {geomean(r['cudnn_tflops'] for r in rs):6.2f} TFLOP/s{tf})")
     return "\n".join(lines)
+
+
+def dry_run(layers, args) -> int:
+    """The measurements a run makes, with each layer's shapes checked against the compiler's."""
+    for layer in layers:
+        node = node_for(layer)
+        p = out_size(layer["H"], layer["R"], layer["stride"], layer["pad"])
+        q = out_size(layer["W"], layer["S"], layer["stride"], layer["pad"])
+        if node.out_shape != (layer["K"], p, q):
+            print(f"gpu_conv: {layer['name']}: the compiler gives {node.out_shape}, PyTorch {(layer['K'], p, q)}",
+                  file=sys.stderr)
+            return 1
+        flop = 2.0 * layer["N"] * layer["K"] * p * q * layer["C"] * layer["R"] * layer["S"]
+        if abs(flop / 1e9 - layer["gflop"]) > 0.01 * layer["gflop"]:
+            print(f"gpu_conv: {layer['name']}: {flop / 1e9:.2f} GFLOP, the table says {layer['gflop']}", file=sys.stderr)
+            return 1
+        settings = [name for name, tf32, _ in CUDNN if not (tf32 and args.no_tf32)]
+        for pass_ in PASSES:
+            print(f"{layer['name']:16s} {pass_:10s} {flop / 1e9:7.2f} GFLOP  ours (autotune {args.autotune}) "
+                  f"against cuDNN {', '.join(settings)}")
+    print(f"{len(layers)} layers x {len(PASSES)} passes, {args.warmup} warm-up and {args.repeats} timed launches each")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -189,7 +232,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--no-tf32", action="store_true", help="skip the cuDNN TF32 column")
     ap.add_argument("--json", metavar="PATH", help="write the records as JSON (`-`: stdout)")
+    ap.add_argument("--dry-run", action="store_true", help="list the measurements and check the layer table; no GPU")
     args = ap.parse_args(argv)
+    layers = LAYERS
+    if args.layers:
+        wanted = args.layers.split(",")
+        unknown = set(wanted) - {lay["name"] for lay in LAYERS}
+        if unknown:
+            ap.error(f"unknown layers: {', '.join(sorted(unknown))}")
+        layers = [lay for lay in LAYERS if lay["name"] in wanted]
+    if args.dry_run:
+        return dry_run(layers, args)
 
     try:
         import torch
@@ -205,14 +258,6 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-
-    layers = LAYERS
-    if args.layers:
-        wanted = args.layers.split(",")
-        unknown = set(wanted) - {lay["name"] for lay in LAYERS}
-        if unknown:
-            ap.error(f"unknown layers: {', '.join(sorted(unknown))}")
-        layers = [lay for lay in LAYERS if lay["name"] in wanted]
 
     name = torch.cuda.get_device_name()
     print(f"gpu_conv: {name}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
@@ -234,7 +279,8 @@ def main(argv=None) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w", encoding="utf-8") as f:
                 f.write(text)
-    print(f"\n{name}: float32, cuDNN with TF32 off (cudnn.benchmark on); TF32 ms for reference\n"
+    print(f"\n{name}: ours float32 NCHW; cuDNN (cudnn.benchmark on) float32 NCHW and channels_last (CL), "
+          f"TF32 on tensor cores for reference\n"
           + table(records, not args.no_tf32))
     bad = [r for r in records if not r["rel_err"] <= 1e-4]
     if bad:
