@@ -62,9 +62,11 @@ class EventWriter:
     def __init__(self, run_dir: Path, first_step: int = 0):
         SummaryWriter = _summary_writer()
         try:
-            # a resumed run purges what a killed run logged after its checkpoint: steps from first_step + 1 on
+            # a resumed run purges what a killed run logged after its checkpoint: steps from first_step + 1 on.
+            # The file is named after the second it was opened: the suffix keeps a run resumed within the
+            # same second from overwriting the file before it.
             self.writer = SummaryWriter(logdir=str(run_dir), purge_step=first_step + 1 if first_step else None,
-                                        flush_secs=30)
+                                        flush_secs=30, filename_suffix=f".from-step-{first_step}")
         except OSError as exc:
             raise CnncError(f"cannot write TensorBoard event files to {run_dir}: {exc.strerror or exc}") from None
 

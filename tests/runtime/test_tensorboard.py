@@ -60,6 +60,7 @@ def test_resumed_run_appends_without_repeating_a_step(setup):
     assert run_cli("train", str(net), "--data", str(data), "-o", str(run), "--tensorboard", "--epochs", "2").code == 0
     r = run_cli("train", "--resume", str(run), "--tensorboard", "--epochs", "3")
     assert r.code == 0, r.err
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2  # one a session, even within one second
     scalars = _read(run)
     assert [s for s, _ in scalars["train/step_loss"]] == list(range(1, 13))
     assert [s for s, _ in scalars["test/loss"]] == [4, 8, 12]
