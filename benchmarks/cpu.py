@@ -1,20 +1,24 @@
-"""The NumPy backend against PyTorch on this CPU, both run in this process, same threads.
+"""The NumPy backend against PyTorch and onnxruntime on this CPU, all run in this process, same threads.
 
-Rows (goals as ratios to PyTorch measured in the same run):
+Rows (goals as ratios to the peer measured in the same run; issue 20's goals where it sets one):
   LeNet-5 training step, batch 64              our time / torch's time   goal ≤ 0.5
   ResNet-20 (CIFAR) training step, batch 128   our time / torch's time   goal ≤ 1.0
   conv 256→256 3×3, 56×56, batch 8, forward    our GFLOP/s / torch's     goal ≥ 0.8
   ResNet-50 inference (-O2), batch 1 and 16    our time / torch's time   reported
-  ResNet-50 inference vs onnxruntime, batch 1 and 16   our time / onnxruntime's   reported
-  MobileNetV2, EfficientNet-B0 (224×224):      our time / torch's time   goal ≤ 1.5
-    inference (-O2) batch 1, training step batch 32
-A training step is forward, cross-entropy, backward and an SGD-momentum update. This machine's
-load changes from second to second, so the two sides alternate: each round times ours, then
-PyTorch's, a few repeats each (median); the row's figure is the median over rounds of the
-per-round ratio. The onnxruntime rows time our ONNX export (`cnnc export`, -O0) in an
-onnxruntime CPU session with as many intra-op threads as cnnc has; their peer column is onnxruntime.
+  MobileNetV2, EfficientNet-B0 (224×224):      our time / torch's time
+    inference (-O2) batch 1 (goal ≤ 1.5), training step batch 32 (MobileNetV2 ≤ 1.0, EfficientNet-B0 ≤ 1.5)
+  ResNet-50 inference vs onnxruntime, batch 1 and 16             our time / onnxruntime's   goal ≤ 1.0
+  MobileNetV2, EfficientNet-B0 inference vs onnxruntime, batch 1   our time / onnxruntime's   goal ≤ 1.0
+  `cnnc train` LeNet-5, 15 epochs of MNIST-5k  our time / the plain path's   goal ≤ 0.5
+A training step is forward, cross-entropy, backward and an SGD-momentum update, on the training
+plan `cnnc train` runs. This machine's load changes from second to second, so the two sides
+alternate: each round times ours, then the peer's, a few repeats each (median); the row's figure
+is the median over rounds of the per-round ratio. The onnxruntime rows time our ONNX export
+(`cnnc export`, -O0) in an onnxruntime CPU session with as many intra-op threads as cnnc has;
+their peer column is onnxruntime. The `cnnc train` row runs whole trainings (one a round each
+side); its peer is the same training on the plain path: the plain training plan, CNNC_JIT=0.
 
-    python benchmarks/cpu.py                 # all rows, about 15 minutes on 2 cores
+    python benchmarks/cpu.py                 # all rows, about 20 minutes on 2 cores
     python benchmarks/cpu.py --rounds 3 --only lenet5,conv256
     python benchmarks/cpu.py --json results/cpu.json
 """
@@ -73,6 +77,31 @@ def onnxruntime_steps(name: str, batch: int):
     return lambda: compiled.executor.forward(xh, Ctx(), keep=False), lambda: sess.run(None, feed)
 
 
+def lenet5_trainings():
+    """(ours, the plain path's) callables that each run `cnnc train examples/lenet5.cnn` (its own
+    15 epochs of MNIST-5k) into a fresh run directory: the -O2 training plan with the compiled
+    loops as the environment allows, and the plain training plan with CNNC_JIT=0."""
+    import tempfile
+
+    from cnnc.runtime import api
+
+    def training(opt_level: int, jit: str | None):
+        def run():
+            saved = dict(os.environ)
+            if jit is not None:
+                os.environ["CNNC_JIT"] = jit
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    trainer, _ = api.prepare(EXAMPLES / "lenet5.cnn", run_dir=Path(tmp) / "run", progress=False,
+                                             opt_level=opt_level)
+                    api.run(trainer)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+        return run
+    return training(2, None), training(0, "0")
+
+
 def conv256_steps():
     """The 256→256 3×3 conv at 56×56, batch 8, forward only (no bias), ours and torch's."""
     import torch
@@ -106,16 +135,23 @@ ROWS = [  # key, label, kind, goal (ratio of times; for conv256 of GFLOP/s), how
     ("resnet50_b16", "ResNet-50 inference, batch 16", ("resnet50", 16, False), None, "time"),
     # depthwise-separable networks: depthwise convs, 1×1 convs, BatchNorm and activations
     ("mobilenet_v2_b1", "MobileNetV2 inference, batch 1", ("mobilenet_v2", 1, False), 1.5, "time ≤"),
-    ("mobilenet_v2_b32", "MobileNetV2 training step, batch 32", ("mobilenet_v2", 32, True), 1.5, "time ≤"),
+    ("mobilenet_v2_b32", "MobileNetV2 training step, batch 32", ("mobilenet_v2", 32, True), 1.0, "time ≤"),
     ("efficientnet_b0_b1", "EfficientNet-B0 inference, batch 1", ("efficientnet_b0", 1, False), 1.5, "time ≤"),
     ("efficientnet_b0_b32", "EfficientNet-B0 training step, batch 32", ("efficientnet_b0", 32, True), 1.5,
      "time ≤"),
     # the peer is onnxruntime on our ONNX export
     ("resnet50_ort_b1", "ResNet-50 inference vs onnxruntime, batch 1",
-     lambda: onnxruntime_steps("resnet50", 1), None, "time"),
+     lambda: onnxruntime_steps("resnet50", 1), 1.0, "time ≤"),
     ("resnet50_ort_b16", "ResNet-50 inference vs onnxruntime, batch 16",
-     lambda: onnxruntime_steps("resnet50", 16), None, "time"),
+     lambda: onnxruntime_steps("resnet50", 16), 1.0, "time ≤"),
+    ("mobilenet_v2_ort_b1", "MobileNetV2 inference vs ort, batch 1",
+     lambda: onnxruntime_steps("mobilenet_v2", 1), 1.0, "time ≤"),
+    ("efficientnet_b0_ort_b1", "EfficientNet-B0 inference vs ort, b1",
+     lambda: onnxruntime_steps("efficientnet_b0", 1), 1.0, "time ≤"),
+    # whole trainings, one a round each side; the peer is the plain path
+    ("lenet5_train", "cnnc train lenet5, 15 epochs (vs plain)", lenet5_trainings, 0.5, "time ≤"),
 ]
+ONE_SHOT = {"lenet5_train"}  # rows whose steps are whole runs: no warm-up, one repeat a round
 SLOW_STEP_MS = 1000  # rows whose steps take longer are timed with fewer repeats per round
 CONV256_FLOP = 2 * 8 * 56 * 56 * 256 * 256 * 9
 
@@ -128,10 +164,13 @@ def measure(key: str, spec, rounds: int, repeats: int) -> dict:
         note = f"max |ours − torch| {err:.1e}"
     else:
         ours, theirs = spec() if callable(spec) else network_steps(*spec)
-    for fn in (ours, theirs, ours, theirs):  # warm-up: allocations, thread pools, caches
-        fn()
-    if _median_ms(ours, 1, 0) > SLOW_STEP_MS:  # seconds-long training steps: rounds matter more than repeats
-        repeats = min(repeats, 2)
+    if key in ONE_SHOT:
+        repeats = 1
+    else:
+        for fn in (ours, theirs, ours, theirs):  # warm-up: allocations, thread pools, caches
+            fn()
+        if _median_ms(ours, 1, 0) > SLOW_STEP_MS:  # seconds-long training steps: rounds matter more than repeats
+            repeats = min(repeats, 2)
     ours_ms, theirs_ms, ratios = [], [], []
     for _ in range(rounds):
         a, b = _median_ms(ours, repeats, 0), _median_ms(theirs, repeats, 0)
@@ -200,7 +239,7 @@ def main() -> int:
         print(f"{r['label']:<38}{a:>12}{b:>12}{r['ratio']:>8.2f}  {spread:<13}{goal:<14}{verdict}")
         if r["note"]:
             print(f"{'':38}{r['note']}")
-    print("peer: PyTorch, or onnxruntime where the row says so; ratio: cnnc time / peer time (conv row: cnnc "
+    print("peer: PyTorch, or onnxruntime where the row says so (the plain path for cnnc train); ratio: cnnc time / peer time (conv row: cnnc "
           "GFLOP/s / PyTorch GFLOP/s); median over "
           f"{args.rounds} alternating rounds of {args.repeats} steps each "
           f"({min(args.repeats, 2)} where a step takes over {SLOW_STEP_MS / 1000:g} s)")

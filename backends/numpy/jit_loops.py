@@ -14,7 +14,9 @@ that kept LLVM from vectorising the loops (a depthwise 3×3 forward 1.9 → 1.4 
 
 What did not go here, measured against the NumPy kernels (benchmarks/NOTES-cpu.md): a direct
 convolution with the output channels innermost (LeNet-5 and ResNet-20 shapes 3–5× slower than
-im2col or shifted windows with BLAS) and one-pass pools (2× slower than NumPy's strided adds):
+im2col or shifted windows with BLAS), one-pass pools (2× slower than NumPy's strided adds), and a
+direct depthwise convolution that skips the padding (MobileNetV2's shapes: forward 1.0–1.7×
+and backward 1.5–2.3× depthwise.py's time, faster only at stride 1 on 56² maps and larger):
 without SIMD transcendentals (no SVML) and with LLVM vectorising only the simplest loops,
 a compiled loop wins where NumPy's cost is its number of passes, not where it calls BLAS or
 already streams through memory once.
@@ -104,3 +106,4 @@ def bn_grad_apply(g, x, k, bx, cc, dx):
         gr, xr, out = g[bi, ci], x[bi, ci], dx[bi, ci]
         for t in range(length):
             out[t] = kv * gr[t] + bv * xr[t] + cv
+
