@@ -1,6 +1,7 @@
 """The NumPy backend's compiled loops (backends/numpy/jit.py, jit_loops.py; Numba, the [jit] extra).
 
-Every kernel with a compiled path: float64 central finite differences on that path (the cases of
+Every kernel with a compiled path (BatchNorm; the gradients generated from the op table's formulas,
+alone and in the fused conv epilogue): float64 central finite differences on that path (the cases of
 test_numpy_grad.py), and the compiled path against the plain NumPy path in float32 and float64,
 at small sizes (one thread) and at sizes that split over two threads. `CNNC_JIT=0` and a missing
 Numba both give the plain path. The other backend tests run on whichever path the environment
@@ -17,12 +18,29 @@ import pytest
 
 pytest.importorskip("numba")
 
-from test_numpy_grad import BACKEND, CASES, ctx_for, make_leaves, make_node, make_params, rel  # noqa: E402
+from test_numpy_grad import BACKEND, CASES, Case, ctx_for, make_leaves, make_node, make_params, rel  # noqa: E402
 from test_numpy_grad import test_backward_matches_finite_differences as finite_differences  # noqa: E402
 
 from cnnc.backends.numpy import jit, parallel  # noqa: E402
 
-COMPILED = [c for c in CASES if c.op == "batchnorm"]  # the kernels with a compiled path
+from cnnc.compiler.ops import OPS  # noqa: E402
+
+
+def _compiled_gradient(op: str) -> bool:
+    f = OPS[op].formula
+    return f is not None and not jit._calls(f.grad) & jit._VECTOR_ONLY
+
+
+# the kernels with a compiled path: BatchNorm, the element-wise ops whose derivative is generated as
+# a loop, and the fused conv epilogue's gradient (activation read from the output or the input)
+COMPILED = [c for c in CASES if c.op == "batchnorm" or _compiled_gradient(c.op)] + [
+    Case("fused_conv-relu6-residual", "fused_conv", dict(filters=4, kernel=3, pad=1, activation="relu6",
+                                                         residual=True), [(3, 6, 6), (4, 6, 6)], scale=4.0),
+    Case("fused_conv-leaky_relu", "fused_conv", dict(filters=4, kernel=3, activation="leaky_relu",
+                                                     act_args=(0.2,)), [(3, 6, 6)]),
+    Case("fused_conv-hardswish-residual", "fused_conv", dict(filters=3, kernel=1, activation="hardswish",
+                                                             residual=True), [(3, 5, 5), (3, 5, 5)], scale=3.0),
+]
 
 
 @pytest.fixture
@@ -44,7 +62,8 @@ def _run(case, shapes, dtype, seed):
     rng = np.random.default_rng(seed)
     node, specs = make_node(case.op, case.kw, shapes)
     kernel = BACKEND.kernel(case.op)
-    leaves = [(3.0 + case.scale * rng.normal(size=(8, *s))).astype(dtype) for s in shapes]
+    offset = 3.0 if case.op == "batchnorm" else 0.0  # BatchNorm: a mean far from zero (cancellation)
+    leaves = [(offset + case.scale * rng.normal(size=(8, *s))).astype(dtype) for s in shapes]
     params = make_params(specs, rng, dtype)
     y, saved = kernel.forward(node, leaves, params, ctx_for(case))
     dy = rng.normal(size=y.shape).astype(dtype)
@@ -54,7 +73,8 @@ def _run(case, shapes, dtype, seed):
 
 # the compiled cases again at a size that splits over two threads (above parallel.MIN_WORK)
 LARGE = {"batchnorm-train-4d": [(16, 64, 64)], "batchnorm-eval-4d": [(16, 64, 64)],
-         "batchnorm-train-noaffine": [(24, 48, 48)]}
+         "batchnorm-train-noaffine": [(24, 48, 48)], "relu6": [(16, 96, 96)], "leaky_relu": [(16, 96, 96)],
+         "fused_conv-relu6-residual": [(3, 60, 60), (4, 60, 60)]}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
