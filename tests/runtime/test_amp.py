@@ -1,6 +1,6 @@
 """Reduced-precision training: the fp16 loss scaler follows torch.amp.GradScaler step for step, an
 fp16 run that overflows skips its steps and backs off, and resumes bit for bit with its scale;
-a bf16 run learns as the float32 run does."""
+LeNet-5 in bf16 learns as in float32."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cnnc.runtime import api
 from cnnc.runtime.amp import GradScaler, scaler_for
 from cnnc.runtime.checkpoint import read_npz
 
-from conftest import make_data
+from conftest import EXAMPLES, make_data
 
 torch = pytest.importorskip("torch")
 
@@ -100,13 +100,16 @@ def test_fp16_overflow_skips_steps_backs_off_and_resumes_bit_for_bit(setup):
     assert straight.test_loss == resumed.test_loss
 
 
-def test_bf16_run_learns_as_float32_does_and_differs_from_it(setup):
-    net, data, tmp = setup
-    runs = {p: api.train(net, data=str(data), run_dir=tmp / p, precision=p, progress=False) for p in ("fp32", "bf16")}
-    assert abs(runs["bf16"].test_accuracy - runs["fp32"].test_accuracy) <= 0.05
-    assert runs["bf16"].train_loss < 0.5 * runs["bf16"].initial_loss
-    w32, _ = read_npz(tmp / "fp32" / "checkpoint.npz")
-    w16, meta = read_npz(tmp / "bf16" / "checkpoint.npz")
+def test_lenet5_in_bf16_learns_as_float32_does_and_differs_from_it(tmp_path):
+    """One epoch of LeNet-5's recipe on MNIST-5k (the 15-epoch figures are in benchmarks/NOTES.md):
+    the bf16 run's test accuracy within a point of float32's, from float32 master weights that
+    the rounding has moved off float32's path."""
+    runs = {p: api.train(EXAMPLES / "lenet5.cnn", run_dir=tmp_path / p, epochs=1, precision=p, progress=False)
+            for p in ("fp32", "bf16")}
+    assert runs["fp32"].test_accuracy > 0.85
+    assert abs(runs["bf16"].test_accuracy - runs["fp32"].test_accuracy) <= 0.01
+    w32, _ = read_npz(tmp_path / "fp32" / "checkpoint.npz")
+    w16, meta = read_npz(tmp_path / "bf16" / "checkpoint.npz")
     assert meta["config"]["precision"] == "bf16" and "amp" not in meta
     assert all(w16[k].dtype == np.float32 for k in w16)  # float32 master weights
     assert any(not np.array_equal(w32[k], w16[k]) for k in w32 if k.startswith("param/"))
