@@ -67,9 +67,10 @@ show() {  # show NAME FILTER...: lines of a step's log (nothing in a dry run)
   fi
   step sanitize:repeat-vgg19 25 "$PY" benchmarks/gpu_sanitize.py --problems vgg19 --repeat 20
   show sanitize:repeat-vgg19 grep -E "WRONG|cases right"
-  # 3. VGG-19 parity at 64x64 (about 1 min): 3 runs tuner off, 3 runs tuner on, each tuning afresh
-  step parity_vgg19 75 "$PY" benchmarks/gpu_parity.py examples/vgg19.cnn --size 64x64 --runs 3 --modes off,fast
-  show parity_vgg19 grep -E "^tuner|first over|agree"
+  # 3. VGG-19 parity at 64x64 (about 1 min): whole network and layer by layer, 2 runs each tuner off and on,
+  # each tuning afresh (predicted: whole-network flags stage4.conv3, a ReLU kink; layer by layer agrees)
+  step parity_vgg19 75 "$PY" benchmarks/gpu_parity.py examples/vgg19.cnn --size 64x64 --runs 2 --modes off,fast --compare whole,layer
+  show parity_vgg19 grep -E "tuner (off|fast|full) run|first over|agree"
   # 4. training steps (about 1 min): float32 and PyTorch AMP (bf16 autocast + channels_last)
   step gpu_train 65 "$PY" benchmarks/gpu_train.py --steps 6
   show gpu_train tail -8
