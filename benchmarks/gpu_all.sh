@@ -3,9 +3,10 @@
 # over every conv kernel configuration on small problems (gpu_sanitize.py) and the determinism of
 # VGG-19's stage-4 layer; VGG-19 parity repeated with the tuner off and on (gpu_parity.py); the
 # training step against PyTorch float32 and AMP (gpu_train.py); the convolutions against cuDNN,
-# float32 with TF32 off and on, NCHW and channels_last (gpu_conv.py). Full logs go to $LOG_DIR
-# (default benchmarks/results/gpu-logs-<date>); a summary with the device name and date is saved
-# as $RESULTS_DIR/gpu-<device>-<date>.txt (default benchmarks/results) and printed as it goes.
+# float32 with TF32 off and on, NCHW and channels_last, and our TF32 forward against cuDNN TF32
+# (gpu_conv.py). Full logs go to $LOG_DIR (default benchmarks/results/gpu-logs-<date>); a summary
+# with the device name and date is saved as $RESULTS_DIR/gpu-<device>-<date>.txt (default
+# benchmarks/results) and printed as it goes.
 # Usage: bash benchmarks/gpu_all.sh  (from anywhere; STEPS="sanitize parity_vgg19" runs a subset;
 # DRY_RUN=1 prints each step's command and time limit instead of running it, no GPU needed)
 set -uo pipefail
@@ -22,7 +23,7 @@ dry="${DRY_RUN:-0}"
 # the test files that hold GPU tests; xdist (when installed) spreads the NVRTC compiles over cores
 xdist=""
 "$PY" -c "import xdist" 2>/dev/null && xdist="-n 14"
-all_steps="tests_conv tests_ops sanitize parity_vgg19 gpu_train gpu_conv"
+all_steps="tests_conv tests_ops sanitize parity_vgg19 gpu_train gpu_conv gpu_conv_tf32"
 steps="${STEPS:-$all_steps}"
 sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null \
             || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
@@ -43,7 +44,7 @@ show() {  # show NAME FILTER...: lines of a step's log (nothing in a dry run)
   echo "# gpu_all.sh on ${device:-no GPU}, ${stamp} (git $(git rev-parse --short HEAD 2>/dev/null))"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
   # 1. tests (about 3.5 min): conv kernels, then every op and zoo network (parallel workers)
-  step tests_conv 45 "$PY" -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider tests/backends/test_cuda_conv.py
+  step tests_conv 40 "$PY" -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider tests/backends/test_cuda_conv.py
   show tests_conv tail -4
   step tests_ops 140 "$PY" -m pytest -m gpu -v -rfE --tb=short -p no:cacheprovider $xdist \
     tests/backends/test_cuda_ops.py tests/backends/test_cuda_networks.py
@@ -52,9 +53,9 @@ show() {  # show NAME FILTER...: lines of a step's log (nothing in a dry run)
   # problems; then VGG-19's stage-4 layer under initcheck and 20 runs of each configuration bitwise equal
   # (the kernels are compiled first, outside the sanitizers)
   step sanitize:build 25 "$PY" benchmarks/gpu_sanitize.py --build-only
-  step sanitize:build-vgg19 25 "$PY" benchmarks/gpu_sanitize.py --build-only --problems vgg19
+  step sanitize:build-vgg19 15 "$PY" benchmarks/gpu_sanitize.py --build-only --problems vgg19
   if [ -n "$sanitizer" ] || [ "$dry" = 1 ]; then
-    for tool in memcheck:30 racecheck:40 initcheck:30; do
+    for tool in memcheck:25 racecheck:40 initcheck:25; do
       step sanitize:${tool%%:*} ${tool##*:} "${sanitizer:-compute-sanitizer}" --tool "${tool%%:*}" --error-exitcode 99 \
         "$PY" benchmarks/gpu_sanitize.py
       show sanitize:${tool%%:*} grep -E "WRONG|ERROR SUMMARY|cases right|Error"
@@ -69,13 +70,17 @@ show() {  # show NAME FILTER...: lines of a step's log (nothing in a dry run)
   show sanitize:repeat-vgg19 grep -E "WRONG|cases right"
   # 3. VGG-19 parity at 64x64 (about 1 min): whole network and layer by layer, 2 runs each tuner off and on,
   # each tuning afresh (predicted: whole-network flags stage4.conv3, a ReLU kink; layer by layer agrees)
-  step parity_vgg19 75 "$PY" benchmarks/gpu_parity.py examples/vgg19.cnn --size 64x64 --runs 2 --modes off,fast --compare whole,layer
+  step parity_vgg19 70 "$PY" benchmarks/gpu_parity.py examples/vgg19.cnn --size 64x64 --runs 2 --modes off,fast --compare whole,layer
   show parity_vgg19 grep -E "tuner (off|fast|full) run|first over|agree"
   # 4. training steps (about 1 min): float32 and PyTorch AMP (bf16 autocast + channels_last)
   step gpu_train 65 "$PY" benchmarks/gpu_train.py --steps 6
   show gpu_train tail -8
   # 5. convolutions against cuDNN (about 1 min)
-  step gpu_conv 65 "$PY" benchmarks/gpu_conv.py --repeats 8 --warmup 2
+  step gpu_conv 60 "$PY" benchmarks/gpu_conv.py --repeats 8 --warmup 2
   show gpu_conv tail -24
+  # 6. our TF32 tensor-core forward (off by default until this verifies it) against cuDNN TF32
+  step gpu_conv_tf32 30 "$PY" benchmarks/gpu_conv.py --tensor-cores --layers r50_l2_3x3,r50_l3_3x3,vgg16_conv3,vgg16_conv5 \
+    --repeats 5 --warmup 2
+  show gpu_conv_tf32 tail -9
 } 2>&1 | tee "$( [ "$dry" = 1 ] && echo /dev/null || echo "$out")"
 [ "$dry" = 1 ] || echo "saved $out (logs in $logs)"

@@ -2,8 +2,9 @@
 compute-sanitizer wraps (memcheck, racecheck, initcheck), and a run-to-run determinism check.
 
 Each case is one conv node (a problem of `PROBLEMS`) with one tile configuration for all three
-passes (forward, data gradient, weight gradient; split-K 1 and 3 for the weight gradient), or
-a depthwise node (its direct kernels, no configuration). A case runs forward and backward
+passes (forward, data gradient, weight gradient; split-K 1 and 3 for the weight gradient), a
+tensor-core forward configuration (conv_fwd_tf32.cu; its backward the cost model's, its output
+within TOL_TF32), or a depthwise node (its direct kernels, no configuration). A case runs forward and backward
 through `conv.KERNELS`, exactly as a network does (bias gradient, weight transpose, split
 reduction included), and its results are compared with the NumPy backend in float64. With
 `--repeat N` every case runs N times and each output must be bitwise equal to the first: the
@@ -31,6 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 TOL = 1e-5  # relative error norm against the float64 NumPy reference (tests/backends/test_cuda_conv.py)
+TOL_TF32 = 5e-3  # the tensor-core forward rounds its inputs to TF32 (10 mantissa bits)
 SPLITS = (1, 3)  # weight-gradient split-K counts: the direct store, and partials plus conv_reduce.cu
 
 
@@ -104,6 +106,7 @@ def cases(which: str = "small") -> list[Case]:
         for cfg in conv.CONFIGS:
             for splits in SPLITS:
                 out.append(Case(problem, replace(cfg, splits=splits)))
+        out += [Case(problem, cfg) for cfg in conv.TF32_CONFIGS]
     return out
 
 
@@ -190,7 +193,8 @@ def main(argv=None) -> int:
     bad = 0
     for c in todo:
         r = run_case(c, cp.asarray, cp.asnumpy, args.repeat)
-        wrong = {k: v for k, v in r["errors"].items() if not v <= TOL}
+        tf32 = c.config is not None and c.config.mma == "tf32"
+        wrong = {k: v for k, v in r["errors"].items() if not v <= (TOL_TF32 if tf32 and k == "y" else TOL)}
         ok = not wrong and not r["unstable"]
         bad += not ok
         errs = " ".join(f"{k} {v:.1e}" for k, v in r["errors"].items())

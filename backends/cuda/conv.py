@@ -7,6 +7,9 @@ argument, so one compiled kernel serves every batch size. The kernels (`kernels/
     conv_fwd.cu         forward, implicit GEMM (M = filters, N = batch*P*Q pixels, reduction
                         C/groups*R*S), with the bias / residual / activation epilogue that makes
                         it `fused_conv` too; a plain-GEMM path for 1x1 stride-1 unpadded convs
+    conv_fwd_tf32.cu    the same forward on the tensor cores (mma.sync m16n8k8, TF32 inputs, float32
+                        sums): configurations with mma="tf32", candidates only when TENSOR_CORES
+                        is on (CNNC_TENSOR_CORES=1), off by default until a GPU run verifies it
     conv_bwd_data.cu    dX, implicit GEMM over the stride phases (only the taps that land on the
                         stride grid), plus `conv_wt`, the weight transpose it reads
     conv_bwd_filter.cu  dW, implicit GEMM with split-K over batch*P*Q (partials, then
@@ -36,6 +39,7 @@ element of every output is written by a kernel.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -53,6 +57,7 @@ DEFAULT_BATCH = 32  # the batch the cost model assumes when it does not know the
 PASSES = ("fwd", "bwd_data", "bwd_filter")
 SMALL_THREADS = 256  # block size of the element-wise, bias, reduction and depthwise kernels
 MAX_SPLITS = 64
+TENSOR_CORES = os.environ.get("CNNC_TENSOR_CORES") == "1"  # TF32 forward candidates (conv_fwd_tf32.cu)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -65,7 +70,8 @@ def _cdiv(a: int, b: int) -> int:
 class Config:
     """A GEMM tile: BLOCK_M x BLOCK_N outputs per block, BLOCK_K reduction steps per shared tile,
     THREAD_M x THREAD_N outputs per thread; `splits` is the weight gradient's split-K (None: the
-    cost model's choice). The repr is stable: it keys the tuning cache."""
+    cost model's choice); `mma` "tf32" runs the forward on the tensor cores (conv_fwd_tf32.cu: 32 x 32
+    outputs per warp, thread_m and thread_n unused). The repr is stable: it keys the tuning cache."""
 
     block_m: int
     block_n: int
@@ -73,9 +79,12 @@ class Config:
     thread_m: int
     thread_n: int
     splits: int | None = None
+    mma: str = ""
 
     @property
     def threads(self) -> int:
+        if self.mma:
+            return (self.block_m // 32) * (self.block_n // 32) * 32
         return (self.block_m // self.thread_m) * (self.block_n // self.thread_n)
 
     @property
@@ -90,6 +99,16 @@ class Config:
 def check_config(cfg: Config) -> None:
     """The templates' static_asserts, checked early with a readable message."""
     bm, bn, bk, tm, tn = cfg.block_m, cfg.block_n, cfg.block_k, cfg.thread_m, cfg.thread_n
+    if cfg.mma:
+        problems = [(cfg.mma == "tf32", f"mma {cfg.mma!r}: only 'tf32'"),
+                    (bm % 32 == 0 and bn % 32 == 0 and bm > 0 and bn > 0, "tensor-core tiles are whole 32 x 32 warp tiles"),
+                    (bk > 0 and bk % 8 == 0, "block_k must be a multiple of 8 (the mma k-step)"),
+                    (32 <= cfg.threads <= 1024 and cfg.threads % bk == 0, f"{cfg.threads} threads"),
+                    (cfg.shared_bytes <= 48 * 1024, f"{cfg.shared_bytes} bytes of static shared memory")]
+        bad = [msg for ok, msg in problems if not ok]
+        if bad:
+            raise ValueError(f"{cfg!r}: " + "; ".join(bad))
+        return
     t = (bm // tm) * (bn // tn) if tm and tn else 0
     b_nt = min(bn, t) if t else 1
     problems = [
@@ -116,7 +135,12 @@ CONFIGS: tuple[Config, ...] = (
     Config(32, 64, 16, 4, 4),    # 128 threads: small and narrow
     Config(16, 64, 16, 4, 4),    # 64 threads: <= 16 filters per group (GoogLeNet's 5x5 reduce)
 )
-for _c in CONFIGS:
+# the tensor-core forward: 4 warps of 32 x 32 outputs; 8 warps
+TF32_CONFIGS: tuple[Config, ...] = (
+    Config(64, 64, 8, 0, 0, mma="tf32"),
+    Config(128, 64, 8, 0, 0, mma="tf32"),
+)
+for _c in CONFIGS + TF32_CONFIGS:
     check_config(_c)
 
 
@@ -300,7 +324,10 @@ def configs_for(prob: Problem, pass_: str = "fwd", batch: int | None = None) -> 
         cands = list(CONFIGS)
         cost = {c: _gemm_seconds(c, m, n, red, z) for c in cands}
     order = {c: i for i, c in enumerate(cands)}  # ties: the list's order
-    return sorted(cands, key=lambda c: (cost[c], order[c]))
+    ranked = sorted(cands, key=lambda c: (cost[c], order[c]))
+    if pass_ == "fwd" and TENSOR_CORES:  # no cost model for them yet: timed first by the tuner
+        return list(TF32_CONFIGS) + ranked
+    return ranked
 
 
 def _dw_splits(prob: Problem, batch: int = DEFAULT_BATCH) -> int:
@@ -324,7 +351,8 @@ REDUCE_SPEC = KernelSpec.make("conv_reduce.cu", ("reduce_splits",))
 
 
 def _fwd_spec(prob: Problem, epi: Epilogue, cfg: Config) -> KernelSpec:
-    return KernelSpec.make("conv_fwd.cu", ("conv_fwd",), **prob.defines(), **cfg.tile_defines(), **epi.defines())
+    template = "conv_fwd_tf32.cu" if cfg.mma == "tf32" else "conv_fwd.cu"
+    return KernelSpec.make(template, ("conv_fwd",), **prob.defines(), **cfg.tile_defines(), **epi.defines())
 
 
 def _bwd_data_spec(prob: Problem, cfg: Config) -> KernelSpec:
@@ -363,6 +391,8 @@ def _given(config, pass_: str, prob: Problem) -> Config | None:
         return None
     if not isinstance(cfg, Config):
         cfg = Config(**cfg)
+    if cfg.mma and pass_ != "fwd":  # the tensor-core kernel is a forward: the other passes' own choice
+        return None
     check_config(cfg)
     if pass_ == "bwd_filter" and cfg.splits is None:
         cfg = replace(cfg, splits=_best_splits(cfg, prob, DEFAULT_BATCH))

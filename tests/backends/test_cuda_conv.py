@@ -276,7 +276,7 @@ def test_nvcc_compiles_every_spec_for_sm90(tmp_path):
             default |= {s.key for s in found}
             specs += found
     for node in [make_node("conv", dict(filters=64, kernel=3, pad=1), (64, 28, 28))]:  # every config too
-        for cfg in conv.CONFIGS:
+        for cfg in conv.CONFIGS + conv.TF32_CONFIGS:  # the tensor-core forward (test_cuda_conv_tf32.py) too
             specs += conv.specs(node, True, config=cfg)
     unique = {s.key: s for s in specs}
     resources = nvcc.compile_cubin(source.translation_unit(list(unique.values())), tmp_path / "conv.cubin")

@@ -65,13 +65,15 @@ def test_sanitize_driver_enumerates_every_kernel_configuration(capsys):
             if not problem.tiled:
                 assert mine == [None]
                 continue
-            assert {(c.block_m, c.block_n, c.block_k, c.thread_m, c.thread_n) for c in mine} == \
+            simt = [c for c in mine if not c.mma]
+            assert {(c.block_m, c.block_n, c.block_k, c.thread_m, c.thread_n) for c in simt} == \
                 {(c.block_m, c.block_n, c.block_k, c.thread_m, c.thread_n) for c in conv.CONFIGS}
-            assert len(mine) == len(conv.CONFIGS) * len(sanitize.SPLITS)
-            assert {c.splits for c in mine} == set(sanitize.SPLITS)
+            assert len(simt) == len(conv.CONFIGS) * len(sanitize.SPLITS)
+            assert {c.splits for c in simt} == set(sanitize.SPLITS)
+            assert [c for c in mine if c.mma] == list(conv.TF32_CONFIGS)
     templates = {s.template for c in sanitize.cases("small") for s in sanitize.case_specs(c)}
-    assert templates == {"conv_fwd.cu", "conv_bwd_data.cu", "conv_bwd_filter.cu", "conv_bias.cu", "conv_reduce.cu",
-                         "conv_dw.cu"}
+    assert templates == {"conv_fwd.cu", "conv_fwd_tf32.cu", "conv_bwd_data.cu", "conv_bwd_filter.cu", "conv_bias.cu",
+                         "conv_reduce.cu", "conv_dw.cu"}
     vgg = sanitize.make_node(sanitize.PROBLEMS["vgg19"][0])
     assert conv.Problem.from_node(vgg) == conv.Problem(512, 8, 8, 512, 3, 3, 8, 8, 1, 1, 1, 1)
     assert sanitize.main(["--list"]) == 0
