@@ -10,13 +10,15 @@ by a percent. The whole-network floor moves each result by a few of its own ulps
 carries a value of 6e-6 across zero, so it cannot stand for this. Here a layer's inputs are the
 reference's, its ReLU masks are the reference's, and only its own rounding shows.
 
-The floor of a layer is the reference kernel's own distance from itself in float64 on the same
+A layer that draws random numbers (stochastic depth) draws from the random state the reference's
+layer drew from. The floor of a layer is the reference kernel's own distance from itself in float64 on the same
 inputs; a layer is over when a result differs by more than `tolerance` and more than
 FLOOR_FACTOR times that floor (the same rule as `cnnc parity`, relative to the largest value).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -53,8 +55,9 @@ def _recording(model: Model, log: dict) -> None:
         k = step.kernel
 
         def forward(node, xs, params, ctx):
+            rng = copy.deepcopy(ctx.rng)  # the random state this layer drew from (stochastic depth)
             y, saved = k.forward(node, xs, params, ctx)
-            log[node.name] = {"xs": [np.array(to_host(x)) for x in xs], "y": np.array(to_host(y))}
+            log[node.name] = {"xs": [np.array(to_host(x)) for x in xs], "y": np.array(to_host(y)), "rng": rng}
             return y, saved
 
         def backward(node, saved, dy, params, ctx):
@@ -95,13 +98,13 @@ def layer_parity(g, other: str, batch: int = 2, seed: int = 0, tolerance: float 
     for i, step in enumerate(oth.plan.steps):
         node, got = step.node, log[step.node.name]
         params = {local: oth.params[q] for local, q in oth.executor._local[i].items()}
-        step_ctx = Ctx(training=True, rng=np.random.default_rng(seed + 2 + i))
+        step_ctx = Ctx(training=True, rng=copy.deepcopy(got["rng"]))
         y, saved = step.kernel.forward(node, [oth.backend.to_device(v) for v in got["xs"]], params, step_ctx)
         # the floor: the reference kernel in float64 on the same inputs
         ref_kernel = numpy.kernel(node.op)
         p64 = {local: np.asarray(ref.params[q], np.float64) for local, q in ref.executor._local[i].items()}
         y64, saved64 = ref_kernel.forward(node, [v.astype(np.float64) for v in got["xs"]], p64,
-                                          Ctx(training=True, rng=np.random.default_rng(seed + 2 + i)))
+                                          Ctx(training=True, rng=copy.deepcopy(got["rng"])))
         fwd, floor = rel(oth.backend.to_host(y), got["y"]), rel(got["y"], y64)
         bwd = None
         bwd_bad = False
