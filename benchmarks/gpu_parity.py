@@ -1,7 +1,7 @@
 """`cnnc parity` of one network many times, with the tuner off and on: a fault that comes and goes
 (a race, a read of unwritten memory, one tuned configuration among several) shows as runs that
 disagree with each other. `--layerwise` judges each layer on the reference's own inputs and
-output gradient instead (tests/layer_parity.py, what the GPU zoo test runs): whole-network parity
+output gradient instead (`cnnc parity --local`, what the GPU zoo test runs): whole-network parity
 also flags ReLU masks that differ by rounding (VGG-19 at 64x64, see NOTES.md); both are printed
 when both are asked for (`--compare whole,layer`).
 
@@ -38,8 +38,7 @@ def configs_run() -> dict[str, str]:
 
 
 def layer_run(path: str, backends: tuple[str, str], size, batch: int, mode: str, tolerance: float) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from layer_parity import layer_parity, network
+    from cnnc.runtime.parity import local_parity, network
 
     if "cuda" in backends:
         from cnnc.backends.cuda import conv, tuner
@@ -48,7 +47,7 @@ def layer_run(path: str, backends: tuple[str, str], size, batch: int, mode: str,
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["CNNC_TUNING_CACHE"] = str(Path(tmp) / "tuning.json")
         t0 = time.perf_counter()
-        rows, first_bad = layer_parity(network(path, size), backends[1], batch=batch, tolerance=tolerance,
+        rows, first_bad = local_parity(network(path, size), backends[1], batch=batch, tolerance=tolerance,
                                        reference=backends[0])
         seconds = time.perf_counter() - t0
     worst = max(((max(r["forward"], r["backward"] or 0.0) / max(tolerance, 10 * r["floor"]), r["layer"])

@@ -203,6 +203,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--batch", type=_positive, default=2)
     q.add_argument("--size", help="run at a smaller input, HxW (e.g. 64x64)")
     q.add_argument("--tolerance", type=float, default=1e-4, help="relative difference that flags a layer")
+    q.add_argument("--local", action="store_true",
+                   help="each layer on the reference's own inputs and output gradient: its kernels alone, without "
+                        "the sign flips a ReLU makes of rounding differences in the whole network")
     q.set_defaults(run=_cmd_parity)
 
     v = sub.add_parser("viz", parents=[mem], help="draw a network's graph: SVG, PNG, PDF, DOT or an interactive HTML page",
@@ -522,7 +525,7 @@ def _bench_ranks(args) -> int:
 
 def _cmd_parity(args) -> int:
     from cnnc.dsl.errors import CnncError
-    from cnnc.runtime.parity import format_rows, parity
+    from cnnc.runtime.parity import format_local_rows, format_rows, local_parity, network, parity
 
     names = tuple(b.strip() for b in args.backends.split(","))
     if len(names) != 2:
@@ -534,8 +537,13 @@ def _cmd_parity(args) -> int:
             assert len(size) == 2
         except (ValueError, AssertionError):
             raise CnncError(f"--size takes HxW, like 64x64, got `{args.size}`") from None
-    rows, first_bad = parity(args.file, names, args.batch, input_size=size, tolerance=args.tolerance)
-    print(format_rows(rows, first_bad, names, args.tolerance))
+    if args.local:
+        rows, first_bad = local_parity(network(args.file, size), names[1], args.batch, tolerance=args.tolerance,
+                                       reference=names[0])
+        print(format_local_rows(rows, first_bad, names, args.tolerance))
+    else:
+        rows, first_bad = parity(args.file, names, args.batch, input_size=size, tolerance=args.tolerance)
+        print(format_rows(rows, first_bad, names, args.tolerance))
     return 0 if first_bad is None else 1
 
 

@@ -644,10 +644,10 @@ def _emulate_network(g, workdir: Path, monkeypatch) -> EmulatedDevice:
 @pytest.mark.slow  # 30 s: g++ builds LeNet-5's kernels
 def test_emulated_lenet5_layer_parity(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO / "tests"))
-    from layer_parity import layer_parity, network
+    from cnnc.runtime.parity import local_parity, network
     g = network(REPO / "examples" / "lenet5.cnn")
     _emulate_network(g, tmp_path, monkeypatch)
-    rows, first_bad = layer_parity(g, "cuda")
+    rows, first_bad = local_parity(g, "cuda")
     assert first_bad is None, [r for r in rows if r["bad"]]
 
 
@@ -657,11 +657,11 @@ def test_emulated_vgg19_whole_network_flags_a_relu_kink_layer_parity_agrees(tmp_
     stage4.conv3 (one stage4.relu3 mask element differs by rounding, benchmarks/NOTES.md), and
     layer-local parity finds every layer right."""
     sys.path.insert(0, str(REPO / "tests"))
-    from layer_parity import layer_parity, network
+    from cnnc.runtime.parity import local_parity, network
     from cnnc.runtime.parity import parity
     g = network(REPO / "examples" / "vgg19.cnn", (64, 64))
     _emulate_network(g, tmp_path, monkeypatch)
-    rows, first_bad = layer_parity(g, "cuda")
+    rows, first_bad = local_parity(g, "cuda")
     assert first_bad is None, [r for r in rows if r["bad"]]
     _, whole_first_bad = parity(REPO / "examples" / "vgg19.cnn", ("numpy", "cuda"), batch=2, input_size=(64, 64))
     assert whole_first_bad == "stage4.conv3"

@@ -2,7 +2,7 @@
 small input against the NumPy backend with the same weights, layer by layer, and LeNet-5 trained
 on the GPU to the accuracy it reaches on the CPU.
 
-Each layer runs on the NumPy reference's own inputs and output gradient (tests/layer_parity.py):
+Each layer runs on the NumPy reference's own inputs and output gradient (runtime/parity.py local_parity):
 whole-network parity flagged VGG-19 although every kernel was right, because one stage4.conv3
 pre-activation rounds to 6.1e-6 in NumPy and -1.1e-6 in CUDA and stage4.relu3 then passes a
 gradient in one backend and blocks it in the other (reproduced on the CPU emulator of the kernels;
@@ -16,7 +16,7 @@ import pytest
 from cnnc.backends.cuda import device
 
 from conftest import EXAMPLES
-from layer_parity import layer_parity, network
+from cnnc.runtime.parity import local_parity, network
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not device.gpu_available(), reason="needs an NVIDIA GPU and CuPy (cnnc[cuda])")]
@@ -30,7 +30,7 @@ def test_zoo_network_forward_and_backward_match_numpy(path):
     size = SMALL.get(path.stem, (64, 64))
     device.POISON = True
     try:
-        rows, first_bad = layer_parity(network(path, size), "cuda", batch=2, tolerance=1e-4)
+        rows, first_bad = local_parity(network(path, size), "cuda", batch=2, tolerance=1e-4)
     finally:
         device.POISON = False
     assert first_bad is None, [r for r in rows if r["bad"]][:3]

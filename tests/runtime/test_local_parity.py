@@ -1,4 +1,4 @@
-"""tests/layer_parity.py, the comparison the GPU zoo test makes, on the CPU: a backend whose conv
+"""runtime/parity.py local_parity, the comparison the GPU zoo test makes, on the CPU: a backend whose conv
 results differ from NumPy's by rounding alone (every output moved by two ulps of the layer's
 largest value, what another summation order does) is flagged by whole-network parity when a
 ReLU pre-activation lies between the two results (VGG-19's stage4.relu3 on the GPU: 6.1e-6 in
@@ -16,7 +16,7 @@ from cnnc.runtime.executor import Executor
 from cnnc.runtime.model import Model
 from cnnc.runtime.parity import FLOOR_FACTOR, FLOOR_RUNS, _with_rounding_noise, rel
 
-from layer_parity import layer_parity, network
+from cnnc.runtime.parity import local_parity, network
 
 KINK = """network kink
 input image: 2x3x3
@@ -71,7 +71,7 @@ def test_rounding_at_a_relu_kink_fools_whole_network_parity_not_layer_parity(tmp
     diff = rel(got["conv1.weight"], want["conv1.weight"])
     assert diff > max(1e-4, FLOOR_FACTOR * max(floors)), (diff, floors)
     # layer by layer: every layer agrees
-    rows, first_bad = layer_parity(g, "numpy", adjust=lambda m: _shift_conv_outputs(m, 2), reference_model=ref)
+    rows, first_bad = local_parity(g, "numpy", adjust=lambda m: _shift_conv_outputs(m, 2), reference_model=ref)
     assert first_bad is None, rows
     assert {r["layer"] for r in rows} == {"conv1", "relu1", "flatten1", "dense1"}
 
@@ -90,6 +90,16 @@ def test_layer_parity_flags_the_layer_with_a_wrong_kernel(tmp_path):
                             for s in model.plan.steps]
         model.executor = Executor(model.plan, model.backend, model.params)
 
-    rows, first_bad = layer_parity(g, "numpy", adjust=wrong_relu_backward)
+    rows, first_bad = local_parity(g, "numpy", adjust=wrong_relu_backward)
     assert first_bad == "relu1"
     assert [r["layer"] for r in rows if r["bad"]] == ["relu1"]
+
+
+def test_parity_local_command_numpy_against_itself():
+    from conftest import EXAMPLES, run_cli
+
+    r = run_cli("parity", str(EXAMPLES / "lenet5.cnn"), "--backends", "numpy,numpy", "--local")
+    assert r.code == 0, r.err
+    rows = [line for line in r.out.splitlines() if line.startswith(("conv", "relu", "pool", "dense"))]
+    assert rows and all(line.split()[2] == "0.00e+00" for line in rows)  # same kernels, same inputs: exact
+    assert "each layer on numpy's inputs and output gradient: all" in r.out and "layers agree" in r.out
