@@ -10,6 +10,8 @@ selects: `CNNC_JIT=0 python -m pytest tests/backends` and `CNNC_JIT=1 ...` run t
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import zlib
 
@@ -23,17 +25,10 @@ from test_numpy_grad import test_backward_matches_finite_differences as finite_d
 
 from cnnc.backends.numpy import jit, parallel  # noqa: E402
 
-from cnnc.compiler.ops import OPS  # noqa: E402
-
-
-def _compiled_gradient(op: str) -> bool:
-    f = OPS[op].formula
-    return f is not None and not jit._calls(f.grad) & jit._VECTOR_ONLY
-
 
 # the kernels with a compiled path: BatchNorm, the element-wise ops whose derivative is generated as
 # a loop, and the fused conv epilogue's gradient (activation read from the output or the input)
-COMPILED = [c for c in CASES if c.op == "batchnorm" or _compiled_gradient(c.op)] + [
+COMPILED = [c for c in CASES if c.op == "batchnorm" or jit.has_gradient_loop(c.op)] + [
     Case("fused_conv-relu6-residual", "fused_conv", dict(filters=4, kernel=3, pad=1, activation="relu6",
                                                          residual=True), [(3, 6, 6), (4, 6, 6)], scale=4.0),
     Case("fused_conv-leaky_relu", "fused_conv", dict(filters=4, kernel=3, activation="leaky_relu",
@@ -118,3 +113,26 @@ def test_jit_off_and_numba_missing_give_the_plain_path(monkeypatch):
     x = make_leaves(case, rng, np.float32)
     y, _ = BACKEND.kernel("batchnorm").forward(node, x, make_params(specs, rng, np.float32), ctx_for(case))
     assert np.isfinite(y).all() and abs(float(y.mean())) < 1.0
+
+
+def test_a_network_without_compiled_kernels_does_not_import_numba():
+    """LeNet-5 (tanh, average pools, no BatchNorm) has nothing a compiled loop speeds up: its
+    training step must not pay Numba's import (seconds on a busy machine) in `cnnc train`'s wall time."""
+    from conftest import EXAMPLES
+    code = f"""
+import sys
+import numpy as np
+from cnnc.backends.base import Ctx
+from cnnc.runtime.model import Model
+from cnnc.runtime.train import training_plan
+from cnnc.runtime.executor import Executor
+m = Model.load({str(EXAMPLES / "lenet5.cnn")!r})
+ex = Executor(training_plan(m, 4), m.backend, m.params)
+out = ex.forward(np.zeros((4, 1, 32, 32), np.float32), Ctx(training=True, rng=np.random.default_rng(0)))
+ex.backward(np.ones(out.shape, np.float32))
+print("numba" in sys.modules)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "CNNC_JIT": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
