@@ -84,6 +84,24 @@ def parse_ptxas(text: str) -> list[Resources]:
     return out
 
 
+def compile_specs(specs, folder: Path, chunks: int | None = None) -> list[Resources]:
+    """Compile kernel specs for sm_90 in parallel nvcc processes, one translation unit per chunk
+    (written into `folder`), and return ptxas's report of every kernel. One nvcc process uses one
+    core; a few hundred specialisations split over the cores take a fraction of its time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .source import translation_unit
+
+    unique = sorted({s.key: s for s in specs}.values(), key=lambda s: s.key)
+    n = max(1, min(chunks or len(os.sched_getaffinity(0)), len(unique)))
+    groups = [unique[i::n] for i in range(n)]
+    folder = Path(folder)
+    with ThreadPoolExecutor(n) as pool:
+        reports = list(pool.map(lambda ig: compile_cubin(translation_unit(ig[1]), folder / f"part{ig[0]}.cubin"),
+                                enumerate(groups)))
+    return [r for report in reports for r in report]
+
+
 def cache_dir() -> Path:
     """Where compiled cubins are kept between runs ($CNNC_CACHE_DIR, else ~/.cache/cnnc)."""
     root = os.environ.get("CNNC_CACHE_DIR") or Path.home() / ".cache" / "cnnc"

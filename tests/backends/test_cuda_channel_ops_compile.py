@@ -16,7 +16,6 @@ from test_numpy_grad import CASES, ctx_for, make_node, make_params, rel
 from cnnc.backends.cuda import KERNELS, channel_ops, device, nvcc, specs_for_graph
 from cnnc.backends.cuda import elementwise as ew
 from cnnc.backends.cuda import source
-from cnnc.backends.cuda.source import translation_unit
 from cnnc.compiler.ops import OPS
 from cnnc.backends.numpy import NumpyBackend
 from cnnc.compiler.pipeline import PassContext, check, optimize
@@ -64,7 +63,7 @@ def test_every_channel_op_spec_compiles_for_sm90(tmp_path):
                            ("mul", {}, [(512, 7, 7), (512, 1, 1)]), ("pad_channels", dict(to=64, stride=2),
                                                                       [(32, 16, 16)])]:
         specs += channel_ops.specs(make_node(op, kw, shapes)[0], True)  # network-sized problems too
-    resources = nvcc.compile_cubin(translation_unit(specs), tmp_path / "channel_ops.cubin")
+    resources = nvcc.compile_specs(specs, tmp_path)
     found = {r.kernel: r for r in resources}
     expected = {s.symbol(e) for s in specs for e in s.entries}
     assert expected <= set(found), sorted(expected - set(found))[:10]
@@ -97,7 +96,7 @@ def test_fused_mul_compiles_for_every_formula_op(tmp_path):
     for act in ELEMENTWISE:
         specs += channel_ops.specs(fused_mul_node(act), True)
     specs += channel_ops.specs(fused_mul_node("hardsigmoid", [(512, 7, 7), (512, 1, 1)]), True)
-    resources = nvcc.compile_cubin(translation_unit(specs), tmp_path / "fused_mul.cubin")
+    resources = nvcc.compile_specs(specs, tmp_path)
     found = {r.kernel: r for r in resources}
     expected = {s.symbol(e) for s in specs for e in s.entries}
     assert expected <= set(found), sorted(expected - set(found))[:10]

@@ -34,7 +34,7 @@ def zoo_specs():
 
 
 def _compile_and_check(specs, per_network, tmp_path):
-    resources = nvcc.compile_cubin(translation_unit(specs), tmp_path / "zoo.cubin")
+    resources = nvcc.compile_specs(specs, tmp_path)
     compiled = {r.kernel for r in resources}
     wanted = {s.key for s in specs}
     for (name, mode), found in per_network.items():
@@ -132,7 +132,7 @@ def test_every_formula_op_compiles_alone_chained_and_fused(tmp_path):
         assert save_pre == ({True, False} if "input" in OPS[op].formula.grad_reads else {False}), op
     source = translation_unit(specs)
     assert source.count("#define CNNC_ELEMENTWISE_CUH") == 1
-    compiled = {r.kernel for r in nvcc.compile_cubin(source, tmp_path / "formulas.cubin")}
+    compiled = {r.kernel for r in nvcc.compile_specs(specs, tmp_path)}
     for op, node_op, found in wanted:
         for spec in found:
             for entry in spec.entries:

@@ -279,7 +279,7 @@ def test_nvcc_compiles_every_spec_for_sm90(tmp_path):
         for cfg in conv.CONFIGS + conv.TF32_CONFIGS:  # the tensor-core forward (test_cuda_conv_tf32.py) too
             specs += conv.specs(node, True, config=cfg)
     unique = {s.key: s for s in specs}
-    resources = nvcc.compile_cubin(source.translation_unit(list(unique.values())), tmp_path / "conv.cubin")
+    resources = nvcc.compile_specs(list(unique.values()), tmp_path)
     by_symbol = {r.kernel: r for r in resources}
     rows, spilled = [], []
     for spec in unique.values():
