@@ -229,6 +229,9 @@ class MpiCommunicator(Communicator):
     def abort(self, message: str) -> None:
         sys.stderr.write(f"error: {message}\n")
         sys.stderr.flush()
+        # the launcher forwards a rank's stderr through its proxy, and Abort tears the proxies down: give
+        # it a moment to pass the message on, or the job ends without saying why (seen under MPICH's hydra)
+        time.sleep(1.0)
         self.comm.Abort(1)
 
     # ---- collectives
