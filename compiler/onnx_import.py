@@ -636,7 +636,8 @@ def _matmul(imp, node, i, ins, a):
 def _batchnorm(imp, node, i, ins, a):
     x = imp.tensor(node, ins[0])
     if a.get("training_mode", 0) or (imp.opset < 7 and not a.get("is_test", 0)):
-        raise imp.refuse(node, "in training mode", "export the model for inference (model.eval())")
+        raise imp.refuse(node, "in training mode",
+                         "export the model for inference (in PyTorch, switch it to eval mode before exporting)")
     if imp.opset < 9 and not a.get("spatial", 1):
         raise imp.refuse(node, "with spatial=0 (statistics per position)")
     scale, bias, mean, var = (imp.const(node, v, "its statistics") for v in ins[1:5])

@@ -98,20 +98,26 @@ def loads(text: str | bytes, where: str):
         raise CnncError(f"{where} is not valid JSON: {exc}") from None
 
 
-def read_json(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES):
-    """A JSON file that cnnc wrote, read back with every failure as a CnncError naming it."""
+def read_written(path: Path, what: str, max_bytes: int, missing: str | None = None) -> bytes:
+    """The bytes of a file that cnnc wrote (`what`: "a checkpoint", "the metrics cnnc train writes"),
+    with every failure as a CnncError naming it; `missing` replaces the message for an absent file."""
     path = Path(path)
     try:
         data = read_regular_file(path, max_bytes)
     except FileNotFoundError:
-        raise CnncError(f"{path} is missing: no {what}") from None
+        raise CnncError(missing or f"{path} is missing: no {what.removeprefix('a ')}") from None
     except NotARegularFile as exc:
-        raise CnncError(f"{path} is {exc.kind}: not a {what}") from None
+        raise CnncError(f"{path} is {exc.kind}: not {what}") from None
     except OSError as exc:
         raise os_error(exc, "read", path) from None
     if len(data) > max_bytes:
-        raise CnncError(f"{path} is larger than {max_bytes >> 20} MiB: not a {what}")
-    return loads(data, str(path))
+        raise CnncError(f"{path} is larger than {max_bytes >> 20} MiB: not {what}")
+    return data
+
+
+def read_json(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES):
+    """A JSON file that cnnc wrote, read back with every failure as a CnncError naming it."""
+    return loads(read_written(path, f"a {what}", max_bytes), str(path))
 
 
 def field_error(path: Path, exc, prefix: str = "", of: str = "") -> CnncError:

@@ -16,9 +16,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cnnc.dsl.errors import CnncError
-from cnnc.dsl.loader import NotARegularFile, read_regular_file
 
-from .files import field_error, loads, os_error, write_atomic
+from .files import field_error, loads, read_written, write_atomic
 from .train import METRICS, EpochRecord
 
 MAX_METRICS_BYTES = 64 << 20
@@ -55,17 +54,9 @@ def read_run(directory, name: str | None = None, status: str = "done") -> Run:
     if not directory.is_dir():
         raise CnncError(f"{directory} is not a run directory" + (": it does not exist" if not directory.exists()
                                                                   else ""))
-    try:
-        data = read_regular_file(path, MAX_METRICS_BYTES)
-    except FileNotFoundError:
-        raise CnncError(f"{directory} has no {METRICS}: not a run directory of cnnc train, or a run stopped "
-                        "before its first epoch") from None
-    except NotARegularFile as exc:
-        raise CnncError(f"{path} is {exc.kind}, not the metrics cnnc train writes") from None
-    except OSError as exc:
-        raise os_error(exc, "read", path) from None
-    if len(data) > MAX_METRICS_BYTES:
-        raise CnncError(f"{path} is larger than {MAX_METRICS_BYTES >> 20} MiB: not the metrics cnnc train writes")
+    data = read_written(path, "the metrics cnnc train writes", MAX_METRICS_BYTES,
+                        missing=f"{directory} has no {METRICS}: not a run directory of cnnc train, or a run "
+                                "stopped before its first epoch")
     history = []
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
