@@ -77,19 +77,22 @@ def bn_apply(x, a, b, y):
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST, error_model="numpy")
-def bn_grad_sums(x, g, zero, dsum, dxsum):
-    """Per channel: Σ g and Σ g·x over (N, L), per row in x's dtype, over rows in float64."""
+def bn_grad_sums(x, g, mx, zero, dsum, dxsum):
+    """Per channel: Σ g and Σ g·(x − μ) over (N, L), per row in x's dtype, over rows in float64
+    (`mx`: the channels' means in x's dtype). Centring inside the loop keeps Σ g·x̂ free of the
+    cancellation of Σ g·x − μ·Σ g, which float32 rows lose to when |μ| is many σ."""
     n, c, length = x.shape
     for ci in prange(c):
         s = 0.0
         sx = 0.0
+        m = mx[ci]
         for b in range(n):
             xr, gr = x[b, ci], g[b, ci]
             t = zero
             tx = zero
             for i in range(length):
                 t += gr[i]
-                tx += gr[i] * xr[i]
+                tx += gr[i] * (xr[i] - m)
             s += t
             sx += tx
         dsum[ci] = s

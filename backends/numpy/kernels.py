@@ -192,10 +192,10 @@ def batchnorm_backward(node, saved, dy, params, ctx):
     rows, grows = _bn_rows(x), _bn_rows(dy)
     width = rows.shape[1]
     compiled = jit.enabled()
-    if compiled:
-        db, dxs = np.empty(c), np.empty(c)
+    if compiled:  # Σ dy and Σ dy·(x − μ)
+        db, dxc = np.empty(c), np.empty(c)
         jit.loops(WORK_PER_ELEMENT * dy.size).bn_grad_sums(rows.reshape(n, c, width), grows.reshape(n, c, width),
-                                                           dtype.type(0), db, dxs)
+                                                           mean.astype(dtype), dtype.type(0), db, dxc)
     else:
         ones = np.ones(width, dtype=dtype)
         dsum = np.empty(n * c, dtype=dtype)
@@ -208,14 +208,14 @@ def batchnorm_backward(node, saved, dy, params, ctx):
 
         _row_blocks(n * c, width, sums)
         db = dsum.reshape(n, c).astype(np.float64).sum(axis=0)
-        dxs = dxsum.reshape(n, c).astype(np.float64).sum(axis=0)
-    # Σ dy·x̂ = σ⁻¹·(Σ dy·x − μ·Σ dy): the subtraction per channel, in float64
-    dw = (dxs - mean * db) * invstd
+        # Σ dy·(x − μ) = Σ dy·x − μ·Σ dy: the subtraction per channel, in float64
+        dxc = dxsum.reshape(n, c).astype(np.float64).sum(axis=0) - mean * db
+    dw = dxc * invstd  # Σ dy·x̂
     count = n * width
     if training and ctx.bn_reduce is not None:  # dx through the global batch's statistics (sync_bn)
-        total = ctx.bn_reduce(np.concatenate([[count], db, dxs]))
+        total = ctx.bn_reduce(np.concatenate([[count], db, dxc]))  # μ is the global batch's: the sums add
         count, gdb = total[0], total[1:c + 1]
-        gdw = (total[c + 1:] - mean * gdb) * invstd
+        gdw = total[c + 1:] * invstd
     else:
         gdb, gdw = db, dw  # the parameter gradients stay this batch's: the optimizer averages them
     k = invstd * params["weight"] if a.affine else invstd
