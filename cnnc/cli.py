@@ -45,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Run `cnnc COMMAND --help` for a command's options. Language reference: docs/language.md.")
     p.add_argument("--version", action="version", version=f"cnnc {__version__}")
     p.add_argument("--autotune", choices=("off", "fast", "full"),
-                   help="CUDA kernel tile tuning on first use: off (heuristic), fast (3 candidates, default), "
-                        "full (all); choices are cached on disk")
+                   help="kernel choice by timing on first use (CUDA tile configurations, NumPy convolution "
+                        "algorithms): off (heuristic), fast (3 candidates, default), full (all); choices are "
+                        "cached in ~/.cache/cnnc/tuning.json (CNNC_TUNING_CACHE)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     mem = _memory_parent()
 
@@ -710,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.autotune:
         import os
-        os.environ["CNNC_AUTOTUNE"] = args.autotune  # read by backends/cuda/tuner.py when it loads
+        os.environ["CNNC_AUTOTUNE"] = args.autotune  # read by backends/tuning.py (CUDA: when it loads)
     if not getattr(args, "run", None):
         parser.print_help()
         return 0

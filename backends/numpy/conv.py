@@ -14,6 +14,11 @@ the batch over worker threads (`parallel.py`). Depthwise convolutions (one group
 channel) have their own kernel, `depthwise.py`. Pools loop over kernel offsets too, never
 over pixels or batch items.
 
+Which algorithm a convolution runs (`algorithms`: im2col, shifted windows with the taps
+stacked into one gemm or one gemm per tap, Winograd F(2×2, 3×3)) is measured on first use
+by `tuner.py` and cached on disk; the thresholds below are the heuristic it starts from and
+what runs with `--autotune off` and for small problems.
+
 Output sizes always come from `node.out_shape` (it reflects `round`); the padded buffer is
 sized to hold exactly the windows used, so floor rounding crops the input's tail and
 ceil rounding adds an overhang (zeros for conv and avgpool, −inf for maxpool).
@@ -24,8 +29,10 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import depthwise, parallel, winograd
+from . import depthwise, parallel, tuner, winograd
 from .blas import gemm
+
+KERNELS_VERSION = 1  # part of the tuning cache's key: bump when an algorithm's speed changes
 
 
 # ---- shared helpers ------------------------------------------------------------------------
@@ -193,23 +200,32 @@ def _use_winograd(node, c: int) -> bool:
             and oh * ow >= WINOGRAD_MIN_POSITIONS)
 
 
-def _shifted_forward(node, x, weight, bias):
+def _stacking(method: str, c: int, k: int) -> tuple[bool, bool]:
+    """Whether the forward and the backward pass of a shifted-window method stack their taps."""
+    if method == "shifted_stacked":
+        return True, True
+    if method == "shifted_taps":
+        return False, False
+    return _stacked(c), _stacked(min(c, k))  # "shifted": the heuristic's, per direction
+
+
+def _shifted_forward(node, x, weight, bias, method: str):
     n, c, h, w = x.shape
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     top, _, left, _ = _pads(node)
-    wino = _use_winograd(node, c)
+    wino = method == "winograd"
     if wino:  # whole 4×4 tiles; the extra rows and columns are zeros and dropped outputs
         hp, wp = winograd.grid(oh, ow, hp, wp)
     offs = _offsets(kh, kw, dh, dw, wp)
     grid = n * hp * wp
     buf = _channel_major_padded(x, top, left, hp, wp, 0, offs[-1])
     # the backward pass reads the padded input again and the weight from its params
-    saved = ("shifted", buf, x.shape, hp, wp, "winograd" if wino else None)
+    saved = ("shifted", buf, x.shape, hp, wp, method)
     if wino:
         xg = buf[:, :grid].reshape(c, n, hp, wp)
         return winograd.conv3x3(xg, winograd.filter_transform(weight), oh, ow, bias), saved
     full = np.empty((k, grid), dtype=x.dtype)
-    stacked = _stacked(c)
+    stacked = _stacking(method, c, k)[0]
     if stacked:
         flat = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(k, kh * kw * c)  # [k, t·C + c]
     else:
@@ -272,7 +288,7 @@ def _shifted_backward(node, saved, dy, weight, has_bias: bool, need_dx: bool = T
     parallel.run(pack, parallel.chunks(k, dy.size))
     dfull = dpad[:, span:]
     dx_grid = np.empty((c, grid), dtype=dtype) if gemm_dx else None
-    stacked = _stacked(min(c, k))
+    stacked = _stacking(method, c, k)[1]
     taps = _taps(weight)
     back = [-off for off in offs]  # dX[:, q] = Σ_t W_tᵀ dY[:, q − off_t]
     flat_t = np.ascontiguousarray(taps.transpose(2, 0, 1)).reshape(c, ntaps * k) if stacked else None
@@ -319,19 +335,73 @@ def _shifted_backward(node, saved, dy, weight, has_bias: bool, need_dx: bool = T
     return [dx], dparams
 
 
+# ---- algorithm choice ------------------------------------------------------------------------
+
+def algorithms(node, c: int, training: bool) -> list[str]:
+    """The algorithms that compute this convolution (not depthwise) on a C-channel input, the
+    heuristic's choice first: im2col (any conv), shifted_taps and shifted_stacked (stride 1,
+    groups 1, a kernel larger than 1×1), winograd (3×3, stride 1, no dilation, groups 1);
+    "shifted" is the heuristic's own stacking when it differs between forward and backward."""
+    a = node.attrs
+    kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
+    if _use_winograd(node, c):
+        first = "winograd"
+    elif _use_shifted(node, c):
+        fwd, bwd = _stacking("shifted", c, k)
+        first = "shifted" if training and fwd != bwd else "shifted_stacked" if fwd else "shifted_taps"
+    else:
+        first = "im2col"
+    names = [first, "im2col"]
+    if a.groups == 1 and sh == sw == 1 and kh * kw > 1:
+        names += ["shifted_taps", "shifted_stacked"]
+        if (kh, kw, dh, dw) == (3, 3, 1, 1) and min(oh, ow) >= 2:
+            names.append("winograd")
+    return list(dict.fromkeys(names))
+
+
+def _algorithm(node, x, w, bias, ctx) -> str:
+    """The algorithm for this problem: timed by the tuner on first use (forward, and backward when
+    training), the heuristic's under `--autotune off` and for small problems."""
+    n, c, h, wd = x.shape
+    names = algorithms(node, c, ctx.training)
+    if len(names) == 1:
+        return names[0]
+    a = node.attrs
+    kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
+    macs = n * k * oh * ow * (c // a.groups) * kh * kw
+    problem = (f"conv{KERNELS_VERSION}|{n}x{c}x{h}x{wd}|{x.dtype}|k{k}|{kh}x{kw}|s{sh}x{sw}|d{dh}x{dw}"
+               f"|p{'x'.join(map(str, _pads(node)))}|g{a.groups}"
+               f"|{'train' if ctx.training else 'infer'}{'+dx' if ctx.training and ctx.need_input_grad else ''}")
+    dy = []  # an output gradient to time the backward with, made at the first timing only
+
+    def run(algo):
+        y, saved = _forward(node, algo, x, w, bias)
+        if ctx.training:
+            if not dy:
+                dy.append(np.random.default_rng(0).standard_normal(y.shape).astype(y.dtype))
+            _backward(node, saved, dy[0], w, bias is not None, ctx.need_input_grad)
+    return tuner.choose(problem, names, run, macs)
+
+
 def conv_forward(node, xs, params, ctx):
     (x,) = xs
     n, c = x.shape[:2]
     dtype = x.dtype
     w = params["weight"].astype(dtype, copy=False)
+    bias = params["bias"].astype(dtype, copy=False) if "bias" in params else None
     if n and depthwise.is_depthwise(node, c):
         y = depthwise.forward(node, x, w)
-        if "bias" in params:
-            y += params["bias"].astype(dtype, copy=False).reshape(1, -1, 1, 1)
+        if bias is not None:
+            y += bias.reshape(1, -1, 1, 1)
         return y, ("depthwise", x)
-    if n and (_use_shifted(node, c) or _use_winograd(node, c)):
-        bias = params["bias"].astype(dtype, copy=False) if "bias" in params else None
-        return _shifted_forward(node, x, w, bias)
+    return _forward(node, _algorithm(node, x, w, bias, ctx) if n else "im2col", x, w, bias)
+
+
+def _forward(node, algo: str, x, w, bias):
+    if algo != "im2col":
+        return _shifted_forward(node, x, w, bias, algo)
+    n, c = x.shape[:2]
+    dtype = x.dtype
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     top, _, left, _ = _pads(node)
     y = np.empty((n, k, oh, ow), dtype=dtype)
@@ -341,26 +411,27 @@ def conv_forward(node, xs, params, ctx):
         return _conv(x[lo:hi], w, node.attrs.groups, top, left, hp, wp, sh, sw, dh, dw, y[lo:hi])
 
     cols = parallel.run(part, slices)
-    if "bias" in params:
-        y += params["bias"].astype(dtype, copy=False).reshape(1, k, 1, 1)
+    if bias is not None:
+        y += bias.reshape(1, k, 1, 1)
     return y, (x if cols[0] is None else None, cols, slices, x.shape)
 
 
 def conv_backward(node, saved, dy, params, ctx):
+    weight = params["weight"].astype(dy.dtype, copy=False)
     if isinstance(saved[0], str) and saved[0] == "depthwise":
-        weight = params["weight"].astype(dy.dtype, copy=False)
         dx, dweight = depthwise.backward(node, saved[1], dy, weight, ctx.need_input_grad)
         dparams = {"weight": dweight}
         if "bias" in params:
             dparams["bias"] = dy.sum(axis=(0, 2, 3))
         return [dx], dparams
+    return _backward(node, saved, dy, weight, "bias" in params, ctx.need_input_grad)
+
+
+def _backward(node, saved, dy, weight, has_bias: bool, need_dx: bool):
     if isinstance(saved[0], str):  # ("shifted", ...)
-        weight = params["weight"].astype(dy.dtype, copy=False)
-        return _shifted_backward(node, saved, np.ascontiguousarray(dy), weight, "bias" in params,
-                                 ctx.need_input_grad)
+        return _shifted_backward(node, saved, np.ascontiguousarray(dy), weight, has_bias, need_dx)
     x, cols, slices, (n, c, h, w) = saved
     dtype = dy.dtype
-    weight = params["weight"].astype(dtype, copy=False)
     g = node.attrs.groups
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     top, _, left, _ = _pads(node)
@@ -392,7 +463,7 @@ def conv_backward(node, saved, dy, params, ctx):
                                 colsi.transpose(1, 0, 3, 2).reshape(g, m * p, crs))
         else:  # Σ_n dy[n]·cols[n]ᵀ per group, one gemm per image
             dw_part = np.matmul(dyg, colsi.transpose(0, 1, 3, 2)).sum(axis=0)
-        if not ctx.need_input_grad:
+        if not need_dx:
             pass
         elif pointwise:
             np.matmul(wm.transpose(0, 2, 1), dyg, out=dx[lo:hi].reshape(hi - lo, g, cg, h * w))
@@ -413,9 +484,9 @@ def conv_backward(node, saved, dy, params, ctx):
 
     dw_parts = parallel.run(part, slices)
     dparams = {"weight": sum(dw_parts[1:], dw_parts[0]).reshape(weight.shape)}
-    if "bias" in params:
+    if has_bias:
         dparams["bias"] = dy.sum(axis=(0, 2, 3))
-    return [dx if ctx.need_input_grad else None], dparams
+    return [dx if need_dx else None], dparams
 
 
 # ---- pools ---------------------------------------------------------------------------------

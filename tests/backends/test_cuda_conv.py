@@ -219,19 +219,6 @@ def test_configs_are_valid_and_ordered_per_problem():
     assert conv.configs_for(conv1, "bwd_filter", 64)[0].splits > 1
 
 
-def test_tuning_cache_survives_concurrent_writers(tmp_path, monkeypatch):
-    """Parallel test workers once crashed renaming each other's temporary file."""
-    monkeypatch.setenv("CNNC_TUNING_CACHE", str(tmp_path / "tuning.json"))
-
-    def write(i):
-        for j in range(50):
-            tuner._store({f"problem{i}": {"config": f"cfg{j}", "seconds": 1e-3, "mode": "fast"}})
-
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(write, range(4)))
-    assert len(tuner._load()) == 1 and not list(tmp_path.glob("*.tmp"))
-
-
 def test_specs_per_node():
     plain = make_node("conv", dict(filters=8, kernel=3, pad=1, bias=False), (4, 6, 6))
     assert [s.template for s in conv.specs(plain, False)] == ["conv_fwd.cu"]

@@ -448,34 +448,53 @@ SHIFTED = [c for c in CASES if c.id.startswith(("conv-shifted", "conv-winograd")
 
 
 @pytest.mark.parametrize("case", SHIFTED, ids=[c.id for c in SHIFTED])
-def test_shifted_path_is_taken_and_equals_im2col(case, monkeypatch):
-    """The shifted-window convolution (taken for these cases), with per-tap gemms or stacked taps,
-    gives im2col's results in float64, also when its columns come in many small blocks."""
+def test_shifted_path_is_the_heuristics_choice(case):
+    """The heuristic (what runs untuned) takes the shifted windows for these cases, and Winograd
+    for the conv-winograd ones."""
+    from cnnc.backends.numpy import conv
+
+    node, _ = make_node(case.op, case.kw, case.shapes)
+    first = conv.algorithms(node, case.shapes[0][0], training=True)[0]
+    assert first == ("winograd" if case.id.startswith("conv-winograd") else "shifted_stacked")
+
+
+# every conv case but the depthwise ones (one algorithm, depthwise.py), plus channel counts on either side of STACK_BELOW (the heuristic's "shifted", stacked
+# in one direction only) and a 5×5 kernel wider than the map's padding
+ALGORITHM_CASES = [c for c in CASES if c.op == "conv" and not c.id.startswith("conv-depthwise")] + [
+    Case("conv-64-to-8", "conv", dict(filters=8, kernel=3, pad=1), [(64, 5, 5)]),
+    Case("conv-8-to-64-dilated", "conv", dict(filters=64, kernel=3, pad=2, dilation=2), [(8, 6, 5)]),
+]
+
+
+@pytest.mark.parametrize("block", [9, 512], ids=["small-blocks", "one-block"])
+@pytest.mark.parametrize("case", ALGORITHM_CASES, ids=[c.id for c in ALGORITHM_CASES])
+def test_every_conv_algorithm_equals_im2col(case, block, monkeypatch):
+    """Each algorithm the tuner may choose gives im2col's output, input gradient and parameter
+    gradients in float64, also when its columns come in many small blocks (im2col's own
+    gradients are checked against finite differences above)."""
     from cnnc.backends.numpy import conv
 
     rng = np.random.default_rng(3)
     node, specs = make_node(case.op, case.kw, case.shapes)
-    assert conv._use_shifted(node, case.shapes[0][0])
+    c = case.shapes[0][0]
+    monkeypatch.setattr(conv, "MIN_BLOCK", block)
+    monkeypatch.setattr(conv, "BLOCK_BYTES", 1)
     params = make_params(specs, rng, np.float64)
+    w, bias = params["weight"], params.get("bias")
     x = rng.normal(size=(3, *case.shapes[0]))
-    results = []
-    # shifted in small blocks, per-tap gemms and stacked taps (Winograd where it applies); then im2col
-    wino = conv._use_winograd(node, case.shapes[0][0])
-    assert wino == case.id.startswith("conv-winograd")
-    for min_channels, block, stack_below in ((16, 9, 0), (16, 9, 10**9), (10**9, 512, 0)):
-        monkeypatch.setattr(conv, "SHIFTED_MIN_CHANNELS", min_channels)
-        monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 16 if min_channels == 16 else 10**9)
-        monkeypatch.setattr(conv, "STACK_BELOW", stack_below)
-        monkeypatch.setattr(conv, "MIN_BLOCK", block)
-        monkeypatch.setattr(conv, "BLOCK_BYTES", 1)
-        y, saved = conv.conv_forward(node, [x], params, Ctx(training=True))
-        assert (saved[0] == "shifted") == (min_channels == 16)
-        assert (saved[0] == "shifted" and saved[-1] is not None) == (wino and min_channels == 16)
-        (dx,), dps = conv.conv_backward(node, saved, np.sin(y), params, Ctx(training=True))
-        results.append([y, dx, *(dps[k] for k in sorted(dps))])
-    for other in results[:2]:
-        for a, b in zip(other, results[2]):
-            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    names = conv.algorithms(node, c, training=True)
+    assert "im2col" in names
+    results = {}
+    for algo in names:
+        y, saved = conv._forward(node, algo, x, w, bias)
+        assert isinstance(saved[0], str) == (algo != "im2col")  # ("shifted", …) or im2col's arrays
+        (dx,), dps = conv._backward(node, saved, np.sin(y), w, bias is not None, True)
+        results[algo] = [y, dx, *(dps[k] for k in sorted(dps))]
+    for algo, got in results.items():
+        for a, b in zip(got, results["im2col"]):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=algo)
+    if case.id == "conv-64-to-8":
+        assert names[0] == "shifted"  # the heuristic's: forward per tap, backward stacked
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.op == "conv"], ids=[c.id for c in CASES if c.op == "conv"])

@@ -1,0 +1,95 @@
+"""Convolution algorithm choice by measurement on this CPU, cached on disk (backends/tuning.py).
+
+The first time a training or inference step meets a convolution problem (input shape, filter
+geometry, dtype, training or not, thread count), each algorithm that computes it runs on the
+step's own input, forward and (in training) backward, and the fastest is kept for this process
+and in the cache. A CPU's choice depends on its caches and its BLAS, which is why the key
+names the CPU model, NumPy's version and its BLAS. Problems under MIN_MACS take the
+heuristic's choice untimed: their differences are microseconds, their timing would not be.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import time
+
+import numpy as np
+
+from .. import tuning
+from . import parallel
+
+MIN_MACS = 20_000_000  # multiply-adds of one forward pass below which the heuristic decides
+REPEATS = 5  # timed rounds after a warm-up; the median counts
+GIVE_UP = 3.0  # a candidate this many times slower than the fastest in the first round is not timed further
+
+_chosen: dict[str, object] = {}
+
+
+def mode() -> str:
+    return tuning.checked_mode(tuning.mode_from_env())
+
+
+@functools.lru_cache(maxsize=1)
+def _machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    try:
+        from numpy.__config__ import CONFIG
+        blas = CONFIG["Build Dependencies"]["blas"]
+        blas = f"{blas.get('name', '')}{blas.get('version', '')}"
+    except (ImportError, KeyError, TypeError, AttributeError):  # only a label: NumPy builds differ
+        blas = "blas?"
+    return f"cpu:{name}|numpy{np.__version__}|{blas}"
+
+
+def machine_key() -> str:
+    return f"{_machine()}|{parallel.get_threads()}t"
+
+
+def choose(problem: str, candidates: list, run_candidate, macs: float):
+    """The fastest of `candidates` for `problem`; `run_candidate(c)` computes the problem once with c.
+    The first candidate is the heuristic's (what mode `off` and small problems get)."""
+    m = mode()
+    if m == "off" or len(candidates) == 1 or macs < MIN_MACS:
+        return candidates[0]
+    key = f"{machine_key()}|{problem}"
+    memo = f"{m}|{key}"
+    if memo not in _chosen:
+        medians: dict = {}
+
+        def seconds(c):
+            if not medians:  # timed together on the first call, so that a change of load hits all alike
+                medians.update(time_round_robin(tuning.pool(candidates, m), run_candidate))
+            return medians[c]
+        _chosen[memo] = tuning.choose(key, candidates, seconds, m)
+    return _chosen[memo]
+
+
+def time_round_robin(candidates: list, run_candidate) -> dict:
+    """Median seconds of each candidate over REPEATS rounds that run every candidate once in turn,
+    after an untimed warm-up round (the first run of a problem pays for fresh memory). After the
+    first timed round, a candidate GIVE_UP times slower than the fastest keeps that one time and
+    leaves the rounds; one that raises is left out altogether."""
+    ok = []
+    for c in candidates:
+        try:
+            run_candidate(c)
+            ok.append(c)
+        except Exception:  # noqa: BLE001 - a candidate that cannot run this problem is not chosen
+            continue
+    times: dict = {c: [] for c in ok}
+    rounds = ok
+    for r in range(REPEATS if ok else 0):
+        for c in rounds:
+            t0 = time.perf_counter()
+            run_candidate(c)
+            times[c].append(time.perf_counter() - t0)
+        if r == 0:
+            fastest = min(times[c][0] for c in rounds)
+            rounds = [c for c in rounds if times[c][0] <= GIVE_UP * fastest]
+    return {c: sorted(t)[len(t) // 2] for c, t in times.items()}

@@ -1,0 +1,142 @@
+"""Convolution algorithm choice by measurement (backends/numpy/tuner.py, conv.algorithms): what is
+timed, what is kept, and that a slow algorithm loses. The algorithms' results are compared with
+im2col's in test_numpy_grad.py."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from cnnc.backends.base import Ctx
+from cnnc.backends.numpy import conv, parallel, tuner
+
+from conftest import run_cli
+from test_numpy_grad import make_node, make_params
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("CNNC_TUNING_CACHE", str(path))
+    monkeypatch.setenv("CNNC_AUTOTUNE", "full")
+    monkeypatch.setattr(tuner, "_chosen", {})
+    monkeypatch.setattr(tuner, "MIN_MACS", 0)
+    return path
+
+
+def problem(c=16, k=16, size=12, batch=4):
+    rng = np.random.default_rng(0)
+    node, specs = make_node("conv", dict(filters=k, kernel=3, pad=1), [(c, size, size)])
+    params = make_params(specs, rng, np.float32)
+    x = rng.normal(size=(batch, c, size, size)).astype(np.float32)
+    return node, params, x
+
+
+def entries(path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if k.startswith("cpu:")}
+
+
+def counting(monkeypatch) -> list:
+    calls = []
+    forward = conv._forward
+
+    def counted(node, algo, *args):
+        calls.append(algo)
+        return forward(node, algo, *args)
+    monkeypatch.setattr(conv, "_forward", counted)
+    return calls
+
+
+def test_every_candidate_is_timed_and_the_fastest_is_kept(cache):
+    node, params, x = problem()
+    names = conv.algorithms(node, 16, training=True)
+    assert names == ["im2col", "shifted_taps", "shifted_stacked", "winograd"]  # 12×12: im2col's heuristic
+    y, saved = conv.conv_forward(node, [x], params, Ctx(training=True))
+    (key, entry), = entries(cache).items()
+    assert f"|{parallel.get_threads()}t|" in key and "|4x16x12x12|float32|k16|3x3|" in key and key.endswith("|train+dx")
+    timed = {eval(c): s for c, s in entry["timed"].items()}  # noqa: S307 - the cache's repr of a name
+    assert set(timed) == set(names)
+    assert eval(entry["config"]) == min(timed, key=timed.get)  # noqa: S307
+    assert (saved[0] == "shifted") == (eval(entry["config"]) != "im2col")  # noqa: S307
+
+
+def test_a_slow_algorithm_is_not_chosen(cache, monkeypatch):
+    """The heuristic's own choice made 20 ms slower loses to the others, forward and backward timed."""
+    node, params, x = problem()
+    im2col = conv._conv
+
+    def slow(*args, **kw):
+        time.sleep(0.02)
+        return im2col(*args, **kw)
+    monkeypatch.setattr(conv, "_conv", slow)
+    conv.conv_forward(node, [x], params, Ctx(training=True))
+    (entry,) = entries(cache).values()
+    assert entry["config"] != "'im2col'" and entry["timed"]["'im2col'"] > 0.02
+
+
+def test_the_choice_is_read_back_untimed(cache, monkeypatch):
+    node, params, x = problem()
+    conv.conv_forward(node, [x], params, Ctx(training=True))
+    chosen = eval(next(iter(entries(cache).values()))["config"])  # noqa: S307
+    monkeypatch.setattr(tuner, "_chosen", {})  # a new process
+    calls = counting(monkeypatch)
+    conv.conv_forward(node, [x], params, Ctx(training=True))
+    assert calls == [chosen]
+
+
+def test_inference_times_the_forward_only_under_its_own_key(cache, monkeypatch):
+    node, params, x = problem()
+    backward = []
+    monkeypatch.setattr(conv, "_backward", lambda *a: backward.append(a))
+    conv.conv_forward(node, [x], params, Ctx(training=False))
+    (key,) = entries(cache)
+    assert key.endswith("|infer") and backward == []
+
+
+def test_off_and_small_problems_take_the_heuristics_choice_untimed(cache, monkeypatch):
+    node, params, x = problem(size=34)  # the shifted windows' heuristic
+    calls = counting(monkeypatch)
+    monkeypatch.setenv("CNNC_AUTOTUNE", "off")
+    conv.conv_forward(node, [x], params, Ctx(training=True))
+    monkeypatch.setenv("CNNC_AUTOTUNE", "full")
+    monkeypatch.setattr(tuner, "MIN_MACS", 4 * 16 * 34 * 34 * 16 * 9 + 1)
+    conv.conv_forward(node, [x], params, Ctx(training=True))
+    assert calls == ["shifted_stacked", "shifted_stacked"] and not cache.exists()
+
+
+def test_the_key_names_the_thread_count(cache):
+    node, params, x = problem()
+    before = parallel.get_threads()
+    try:
+        for threads in (1, 2):
+            parallel.set_threads(threads)
+            conv.conv_forward(node, [x], params, Ctx(training=True))
+    finally:
+        parallel.set_threads(before)
+    assert sorted(k.split("|")[3] for k in entries(cache)) == ["1t", "2t"]
+
+
+def test_one_algorithm_is_never_timed(cache, monkeypatch):
+    node, specs = make_node("conv", dict(filters=8, kernel=3, stride=2, pad=1, round="floor"), [(16, 12, 12)])
+    assert conv.algorithms(node, 16, training=True) == ["im2col"]
+    calls = counting(monkeypatch)
+    conv.conv_forward(node, [np.ones((4, 16, 12, 12), np.float32)], make_params(specs, np.random.default_rng(0),
+                                                                                 np.float32), Ctx(training=True))
+    assert calls == ["im2col"] and not cache.exists()
+
+
+def test_cnnc_autotune_full_tunes_a_training_step(tmp_path, monkeypatch):
+    """The command line's --autotune reaches the NumPy backend; the step's 3×3 convs are tuned."""
+    monkeypatch.setenv("CNNC_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setenv("CNNC_AUTOTUNE", "off")  # restored after the test: --autotune sets the variable
+    monkeypatch.setattr(tuner, "_chosen", {})
+    net = tmp_path / "net.cnn"
+    net.write_text("network n\ninput 32x32x32\nclasses 4\n\nlayers:\n    conv 32 3x3 pad=same -> relu\n"
+                   "    conv 32 3x3 pad=same -> relu\n    globalavgpool\n    dense classes\n", encoding="utf-8")
+    r = run_cli("--autotune", "full", "bench", str(net), "--train", "--batch", "4", "--repeats", "1")
+    assert r.code == 0, r.err
+    keys = list(entries(tmp_path / "tuning.json"))
+    assert len(keys) == 1 and "|4x32x32x32|float32|k32|3x3|" in keys[0]
