@@ -190,14 +190,18 @@ def measure(key: str, spec, rounds: int, repeats: int) -> dict:
 
 def machine() -> str:
     import torch
-    cpu = platform.processor() or "?"
+    cpu, flags = platform.processor() or "?", set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            lines = f.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
     except (OSError, StopIteration):
         pass
+    # "AMD EPYC" names several generations: the widest vector unit says which kernels both sides run
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2" if flags else "?"
     from cnnc.backends.numpy import parallel
-    return (f"{cpu}, {os.cpu_count()} CPUs, cnnc threads {parallel.get_threads()}, torch {torch.__version__} "
+    return (f"{cpu} ({simd}), {os.cpu_count()} CPUs, cnnc threads {parallel.get_threads()}, torch {torch.__version__} "
             f"threads {torch.get_num_threads()}, numpy {np.__version__}, Python {platform.python_version()}")
 
 
