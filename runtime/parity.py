@@ -258,15 +258,22 @@ def local_parity(g, other: str, batch: int = 2, seed: int = 0, tolerance: float 
     return rows, first_bad
 
 
-def format_local_rows(rows, first_bad, backends, tolerance) -> str:
+def _layer_table(rows, first_bad, columns) -> tuple[list[str], str]:
+    """The lines of a per-layer table (layer, op, then `columns`: (header, row key, width)) and
+    its verdict."""
     def num(v):
         return f"{v:.2e}" if v is not None else "-"
-    out = [f"{'layer':<40}{'op':<16}{'output':>10}{'gradients':>11}{'(floor)':>10}", "-" * 87]
+    head = f"{'layer':<40}{'op':<16}" + "".join(f"{h:>{w}}" for h, _, w in columns)
+    out = [head, "-" * len(head)]
     for r in rows:
         mark = "  <-- first over" if r["layer"] == first_bad else ("  over" if r["bad"] else "")
-        out.append(f"{r['layer']:<40}{r['op']:<16}{num(r['forward']):>10}{num(r['backward']):>11}{num(r['floor']):>10}"
-                   f"{mark}")
-    verdict = (f"all {len(rows)} layers agree" if first_bad is None else f"first layer over: {first_bad}")
+        out.append(f"{r['layer']:<40}{r['op']:<16}" + "".join(f"{num(r[k]):>{w}}" for _, k, w in columns) + mark)
+    return out, (f"all {len(rows)} layers agree" if first_bad is None else f"first layer over: {first_bad}")
+
+
+def format_local_rows(rows, first_bad, backends, tolerance) -> str:
+    out, verdict = _layer_table(rows, first_bad, [("output", "forward", 10), ("gradients", "backward", 11),
+                                                  ("(floor)", "floor", 10)])
     out.append(f"\n{backends[1]} against {backends[0]}, each layer on {backends[0]}'s inputs and output gradient: "
                f"{verdict} (relative to the largest value; a layer is over when a result differs by more than "
                f"{tolerance:g} and more than {FLOOR_FACTOR:g}× its floor: the {backends[0]} kernel's distance from "
@@ -275,14 +282,8 @@ def format_local_rows(rows, first_bad, backends, tolerance) -> str:
 
 
 def format_rows(rows, first_bad, backends, tolerance) -> str:
-    def num(v):
-        return f"{v:.2e}" if v is not None else "-"
-    out = [f"{'layer':<40}{'op':<16}{'output':>10}{'(floor)':>10}{'param grad':>12}{'(floor)':>10}", "-" * 98]
-    for r in rows:
-        mark = "  <-- first over" if r["layer"] == first_bad else ("  over" if r["bad"] else "")
-        out.append(f"{r['layer']:<40}{r['op']:<16}{num(r['forward']):>10}{num(r['forward_floor']):>10}"
-                   f"{num(r['grad']):>12}{num(r['grad_floor']):>10}{mark}")
-    verdict = (f"all {len(rows)} layers agree" if first_bad is None else f"first layer over: {first_bad}")
+    out, verdict = _layer_table(rows, first_bad, [("output", "forward", 10), ("(floor)", "forward_floor", 10),
+                                                  ("param grad", "grad", 12), ("(floor)", "grad_floor", 10)])
     if first_bad is not None:
         verdict += (" (after a ReLU a rounding difference can flip a value's sign and turn into a discrete one; "
                     "--local judges each layer on the reference's own inputs)")
