@@ -130,6 +130,28 @@ def _conv(x: np.ndarray, weight: np.ndarray, groups: int, top: int, left: int, h
     return cols
 
 
+def _conv_by_filters(x: np.ndarray, weight: np.ndarray, groups: int, top: int, left: int, hp: int, wp: int,
+                     sh: int, sw: int, dh: int, dw: int, out: np.ndarray):
+    """`_conv` for a batch smaller than the thread count (inference at batch 1): the columns built
+    once, each thread's gemm on its share of every group's filters. Returns the columns as _conv."""
+    n, c, h, w = x.shape
+    k, cg, kh, kw = weight.shape
+    _, _, oh, ow = out.shape
+    kg = k // groups
+    wm = weight.reshape(groups, kg, cg * kh * kw)
+    if _is_pointwise(kh, kw, sh, sw, top, left, hp, wp, h, w):
+        cols = None
+        src = np.ascontiguousarray(x).reshape(n, groups, cg, h * w)
+    else:
+        cols = src = _im2col(_pad(x, top, left, hp, wp), groups, kh, kw, dh, dw, oh, ow, sh, sw)
+    rows = out.reshape(n, groups, kg, oh * ow)
+
+    def part(k0, k1):
+        np.matmul(wm[:, k0:k1], src, out=rows[:, :, k0:k1])
+    parallel.run(part, parallel.chunks(kg, float("inf")))
+    return cols
+
+
 # ---- shifted windows (stride 1, groups 1) -----------------------------------------------------
 
 SHIFTED_MIN_CHANNELS = 16  # below, each gemm's inner dimension is too short for BLAS
@@ -405,12 +427,18 @@ def _forward(node, algo: str, x, w, bias):
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     top, _, left, _ = _pads(node)
     y = np.empty((n, k, oh, ow), dtype=dtype)
-    slices = parallel.chunks(n, n * k * oh * ow * (c // node.attrs.groups) * kh * kw)
+    groups = node.attrs.groups
+    work = n * k * oh * ow * (c // groups) * kh * kw
+    if n < parallel.get_threads() and k // groups > 1 and work >= parallel.MIN_WORK:
+        slices = [(0, n)]  # too few images to share out: the threads share the filters instead
+        cols = [_conv_by_filters(x, w, groups, top, left, hp, wp, sh, sw, dh, dw, y)]
+    else:
+        slices = parallel.chunks(n, work)
 
-    def part(lo, hi):
-        return _conv(x[lo:hi], w, node.attrs.groups, top, left, hp, wp, sh, sw, dh, dw, y[lo:hi])
+        def part(lo, hi):
+            return _conv(x[lo:hi], w, groups, top, left, hp, wp, sh, sw, dh, dw, y[lo:hi])
 
-    cols = parallel.run(part, slices)
+        cols = parallel.run(part, slices)
     if bias is not None:
         y += bias.reshape(1, k, 1, 1)
     return y, (x if cols[0] is None else None, cols, slices, x.shape)

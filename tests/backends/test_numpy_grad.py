@@ -415,9 +415,14 @@ THREADED = [  # kernels that split their work over threads: conv by batch, batch
 ]
 
 
+# a batch smaller than the thread count splits an im2col conv's filters instead of its images
+THREADED_BATCHES = [(c, 5) for c in THREADED] + [(c, b) for c in THREADED[:3] for b in (1, 2)] + [
+    (Case("conv-grouped-few-images", "conv", dict(filters=8, kernel=3, groups=2, pad=1), [(4, 5, 5)]), 1)]
+
+
 @pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("case", THREADED, ids=[c.id for c in THREADED])
-def test_threaded_kernels_agree(case, threads, monkeypatch):
+@pytest.mark.parametrize("case, batch", THREADED_BATCHES, ids=[f"{c.id}-b{b}" for c, b in THREADED_BATCHES])
+def test_threaded_kernels_agree(case, batch, threads, monkeypatch):
     """A kernel split over worker threads gives the unsplit result (forward, backward, buffers)."""
     from cnnc.backends.numpy import conv, parallel
 
@@ -429,7 +434,10 @@ def test_threaded_kernels_agree(case, threads, monkeypatch):
     node, specs = make_node(case.op, case.kw, case.shapes)
     kernel = BACKEND.kernel(case.op)
     params = make_params(specs, rng, np.float64)
-    x = rng.normal(size=(5, *case.shapes[0]))
+    x = rng.normal(size=(batch, *case.shapes[0]))
+    split = conv._conv_by_filters
+    by_filters = []
+    monkeypatch.setattr(conv, "_conv_by_filters", lambda *a: by_filters.append(1) or split(*a))
     results = []
     try:
         for t in (1, threads):
@@ -442,6 +450,8 @@ def test_threaded_kernels_agree(case, threads, monkeypatch):
         parallel.set_threads(before)
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    im2col = case.op == "conv" and conv.algorithms(node, case.shapes[0][0], True)[0] == "im2col"
+    assert bool(by_filters) == (im2col and batch < threads)
 
 
 SHIFTED = [c for c in CASES if c.id.startswith(("conv-shifted", "conv-winograd"))]
