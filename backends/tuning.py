@@ -57,9 +57,10 @@ def pool(candidates: list, mode: str) -> list:
     return candidates[:3] if mode == "fast" else candidates
 
 
-def choose(key: str, candidates: list, time_candidate, mode: str):
+def choose(key: str, candidates: list, time_candidate, mode: str, margin: float = 0.0):
     """The best of `candidates` for the problem `key` (machine included); `time_candidate(c)` returns
-    seconds. A candidate that raises is skipped (a configuration that does not fit the device)."""
+    seconds. A candidate that raises is skipped (a configuration that does not fit the device). The
+    first (the heuristic's) stays unless another is faster by more than `margin` (a fraction)."""
     if checked_mode(mode) == "off" or len(candidates) == 1:
         return candidates[0]
     data = load()
@@ -75,6 +76,9 @@ def choose(key: str, candidates: list, time_candidate, mode: str):
     if not timed:
         return candidates[0]
     seconds, best = min(timed, key=lambda t: t[0])
+    first = next((t for t in timed if t[1] == candidates[0]), None)
+    if first is not None and first[0] <= seconds * (1 + margin):
+        seconds, best = first
     data = load()  # another process may have stored choices while these were timed
     data[key] = {"config": repr(best), "seconds": seconds, "mode": mode,
                  "timed": {repr(c): s for s, c in timed}}

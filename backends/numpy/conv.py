@@ -381,11 +381,29 @@ def algorithms(node, c: int, training: bool) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _workspace_bytes(node, algo: str, x) -> int:
+    """The largest array an algorithm adds to its input and output (and, in training, keeps for the
+    backward): im2col's columns, the shifted windows' padded channel-major copy, Winograd's
+    transformed input and output tiles (16 values per 2×2 outputs)."""
+    n, c = x.shape[:2]
+    kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
+    top, _, left, _ = _pads(node)
+    if algo == "im2col":
+        pointwise = _is_pointwise(kh, kw, sh, sw, top, left, hp, wp, *x.shape[2:])
+        return 0 if pointwise else n * c * kh * kw * oh * ow * x.itemsize
+    if algo == "winograd":
+        return 4 * n * (c * hp * wp + k * oh * ow) * x.itemsize
+    return n * c * hp * wp * x.itemsize
+
+
 def _algorithm(node, x, w, bias, ctx) -> str:
     """The algorithm for this problem: timed by the tuner on first use (forward, and backward when
     training), the heuristic's under `--autotune off` and for small problems."""
     n, c, h, wd = x.shape
     names = algorithms(node, c, ctx.training)
+    if len(names) > 1:  # no candidate needs much more memory than the heuristic's own
+        limit = max(2 * _workspace_bytes(node, names[0], x), tuner.MAX_WORKSPACE_BYTES)
+        names = [names[0]] + [m for m in names[1:] if _workspace_bytes(node, m, x) <= limit]
     if len(names) == 1:
         return names[0]
     a = node.attrs
@@ -400,7 +418,7 @@ def _algorithm(node, x, w, bias, ctx) -> str:
         y, saved = _forward(node, algo, x, w, bias)
         if ctx.training:
             if not dy:
-                dy.append(np.random.default_rng(0).standard_normal(y.shape).astype(y.dtype))
+                dy.append(np.random.default_rng(0).standard_normal(y.shape, dtype=np.float32).astype(y.dtype))
             _backward(node, saved, dy[0], w, bias is not None, ctx.need_input_grad)
     return tuner.choose(problem, names, run, macs)
 

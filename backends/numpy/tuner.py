@@ -20,7 +20,13 @@ from .. import tuning
 from . import parallel
 
 MIN_MACS = 20_000_000  # multiply-adds of one forward pass below which the heuristic decides
+# another algorithm replaces the heuristic's only when this much faster: the timings move by 20–40%
+# from run to run here, and the heuristic's choice usually needs less memory in the real step
+MARGIN = 0.05
 REPEATS = 5  # timed rounds after a warm-up; the median counts
+# a candidate whose workspace exceeds both this and twice the heuristic's is not timed: it could take
+# memory the training step's estimate did not count
+MAX_WORKSPACE_BYTES = 128 << 20
 GIVE_UP = 3.0  # a candidate this many times slower than the fastest in the first round is not timed further
 
 _chosen: dict[str, object] = {}
@@ -66,7 +72,7 @@ def choose(problem: str, candidates: list, run_candidate, macs: float):
             if not medians:  # timed together on the first call, so that a change of load hits all alike
                 medians.update(time_round_robin(tuning.pool(candidates, m), run_candidate))
             return medians[c]
-        _chosen[memo] = tuning.choose(key, candidates, seconds, m)
+        _chosen[memo] = tuning.choose(key, candidates, seconds, m, MARGIN)
     return _chosen[memo]
 
 

@@ -79,3 +79,10 @@ def test_tuning_cache_survives_concurrent_writers(cache):
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(write, range(4)))
     assert len(tuning.load()) == 1 and not list(cache.parent.glob("*.tmp"))
+
+
+def test_the_first_candidate_stays_unless_another_beats_the_margin(cache):
+    seconds = {"a": 1.04, "b": 1.0, "c": 1.2}
+    assert tuning.choose("m|p", ["a", "b", "c"], timer(seconds, []), "full", margin=0.05) == "a"
+    assert tuning.choose("m|q", ["a", "b", "c"], timer({**seconds, "a": 1.06}, []), "full", margin=0.05) == "b"
+    assert tuning.choose("m|r", ["a", "b", "c"], timer(seconds, []), "full") == "b"
