@@ -545,33 +545,110 @@ def _pool_geometry(node):
     return kh, kw, sh, sw, oh, ow, (oh - 1) * sh + kh, (ow - 1) * sw + kw
 
 
+# a block of planes' padded copy and row-maximum workspace (max pool) stays in cache
+POOL_BLOCK_BYTES = 1 << 19
+
+
+def _plane_blocks(lo: int, hi: int, plane_bytes: int):
+    step = max(1, POOL_BLOCK_BYTES // plane_bytes)
+    for b0 in range(lo, hi, step):
+        yield b0, min(b0 + step, hi)
+
+
+class _PaddedPlanes:
+    """Blocks of x's (image, channel) planes on the padded grid, each block copied into a reused
+    workspace whose border was filled once (the same positions are written every block), so no
+    padded copy of the whole input is made."""
+
+    def __init__(self, x: np.ndarray, top: int, left: int, hp: int, wp: int, fill: float):
+        n, c, h, w = x.shape
+        self.planes = x.reshape(n * c, h, w)
+        self.place = _placement(h, w, top, left, hp, wp)
+        self.shape, self.fill = (hp, wp), fill
+        self.whole = (top, left, hp, wp) == (0, 0, h, w)  # no padding: the planes themselves
+        gr, gc, xr, xc = self.place
+        self.covers = (xr.stop - xr.start, xc.stop - xc.start) == (h, w)  # every input pixel lands
+
+    def workspace(self, rows: int):
+        return None if self.whole else np.full((rows, *self.shape), self.fill, dtype=self.planes.dtype)
+
+    def block(self, ws, b0: int, b1: int) -> np.ndarray:
+        if self.whole:
+            return self.planes[b0:b1]
+        gr, gc, xr, xc = self.place
+        out = ws[:b1 - b0]
+        out[:, gr, gc] = self.planes[b0:b1, xr, xc]
+        return out
+
+
 def maxpool_forward(node, xs, params, ctx):
+    """Separable: the maximum over each window's columns, then over its rows (kh + kw − 2 passes
+    instead of kh·kw − 1; max is exact, so the result is the windows' maximum to the bit), in
+    blocks of (image, channel) planes padded in a workspace and split over the threads."""
     (x,) = xs
+    n, c = x.shape[:2]
     kh, kw, sh, sw, oh, ow, hp, wp = _pool_geometry(node)
     top, _, left, _ = _pads(node)
-    xp = _pad(x, top, left, hp, wp, -np.inf)  # −inf: padding and ceil overhang never win
-    y = _window(xp, 0, 0, oh, ow, sh, sw).copy()
-    for i in range(kh):
-        for j in range(kw):
-            if i or j:
-                np.maximum(y, _window(xp, i, j, oh, ow, sh, sw), out=y)
+    padded = _PaddedPlanes(x, top, left, hp, wp, -np.inf)  # −inf: padding and ceil overhang never win
+    y = np.empty((n, c, oh, ow), dtype=x.dtype)
+    dst = y.reshape(n * c, oh, ow)
+    cols = [slice(j, j + (ow - 1) * sw + 1, sw) for j in range(kw)]
+    rows = [slice(i, i + (oh - 1) * sh + 1, sh) for i in range(kh)]
+
+    def part(lo, hi):
+        ws = r = None
+        for b0, b1 in _plane_blocks(lo, hi, hp * wp * x.itemsize):
+            if r is None:
+                ws, r = padded.workspace(b1 - b0), np.empty((b1 - b0, hp, ow), dtype=x.dtype)
+            blk, m, out = padded.block(ws, b0, b1), r[:b1 - b0], dst[b0:b1]
+            np.copyto(m, blk[:, :, cols[0]])
+            for cj in cols[1:]:
+                np.maximum(m, blk[:, :, cj], out=m)
+            np.copyto(out, m[:, rows[0]])
+            for ri in rows[1:]:
+                np.maximum(out, m[:, ri], out=out)
+
+    parallel.run(part, parallel.chunks(n * c, parallel.WORK_PER_ELEMENT * x.size))
     # no argmax here: masked writes are slow in NumPy, and evaluation never needs it
-    return y, (xp, y, x.shape)
+    return y, (x, y)
 
 
 def maxpool_backward(node, saved, dy, params, ctx):
-    xp, y, (n, c, h, w) = saved
+    """Each window's gradient goes to its first maximum in row-major order (PyTorch's ties), found
+    by comparing every offset's input with the output; block by block as the forward."""
+    x, y = saved
+    n, c, h, w = x.shape
     kh, kw, sh, sw, oh, ow, hp, wp = _pool_geometry(node)
     top, _, left, _ = _pads(node)
-    dxp = np.zeros((n, c, hp, wp), dtype=dy.dtype)
-    open_ = np.ones(y.shape, dtype=bool)  # windows whose maximum has not been found yet
-    for i in range(kh):
-        for j in range(kw):  # row-major offsets: ties go to the first maximum, as in PyTorch
-            hit = np.equal(_window(xp, i, j, oh, ow, sh, sw), y)
-            hit &= open_
-            open_ ^= hit
-            _window(dxp, i, j, oh, ow, sh, sw)[...] += dy * hit
-    return [_unpad(dxp, top, left, h, w)], {}
+    padded = _PaddedPlanes(x, top, left, hp, wp, -np.inf)
+    gr, gc, xr, xc = padded.place
+    ys, dys = y.reshape(n * c, oh, ow), np.ascontiguousarray(dy).reshape(n * c, oh, ow)
+    dx = (np.empty if padded.covers else np.zeros)((n, c, h, w), dtype=dy.dtype)
+    dst = dx.reshape(n * c, h, w)
+
+    def part(lo, hi):
+        ws = None
+        for b0, b1 in _plane_blocks(lo, hi, hp * wp * dy.itemsize):
+            shape = (b1 - b0, oh, ow)
+            if ws is None:
+                ws, grad = padded.workspace(b1 - b0), np.empty((b1 - b0, hp, wp), dtype=dy.dtype)
+                hit, share = np.empty(shape, dtype=bool), np.empty(shape, dtype=dy.dtype)
+            src, g = padded.block(ws, b0, b1), grad[:b1 - b0]
+            g[...] = 0.0
+            open_ = np.ones(shape, dtype=bool)  # windows whose maximum has not been found yet
+            h_, s_ = hit[:b1 - b0], share[:b1 - b0]
+            for i in range(kh):
+                for j in range(kw):  # row-major offsets: ties go to the first maximum, as in PyTorch
+                    win = (slice(None), slice(i, i + (oh - 1) * sh + 1, sh), slice(j, j + (ow - 1) * sw + 1, sw))
+                    np.equal(src[win], ys[b0:b1], out=h_)
+                    h_ &= open_
+                    open_ ^= h_
+                    np.multiply(dys[b0:b1], h_, out=s_)
+                    g[win] += s_
+            dst[b0:b1, xr, xc] = g[:, gr, gc]
+
+    parallel.run(part, parallel.chunks(n * c, parallel.WORK_PER_ELEMENT * kh * kw * dy.size))
+    return [dx], {}
 
 
 def _avg_divisor(node, h: int, w: int, dtype) -> np.ndarray:

@@ -412,6 +412,8 @@ THREADED = [  # kernels that split their work over threads: conv by batch, batch
     Case("bn-train", "batchnorm", {}, [(5, 3, 3)]),
     Case("bn-train-2d", "batchnorm", {}, [(7,)]),
     Case("bn-eval", "batchnorm", {}, [(5, 3, 3)], training=False),
+    Case("maxpool-pad-ceil", "maxpool", dict(kernel=3, stride=2, pad=1, round="ceil"), [(3, 8, 7)]),
+    Case("maxpool-floor-crop", "maxpool", dict(kernel=2, stride=3, round="floor"), [(2, 8, 7)]),
 ]
 
 
@@ -428,6 +430,7 @@ def test_threaded_kernels_agree(case, batch, threads, monkeypatch):
 
     monkeypatch.setattr(parallel, "MIN_WORK", 0)
     monkeypatch.setattr(conv, "MIN_BLOCK", 7)  # many column blocks per thread, ragged last one
+    monkeypatch.setattr(conv, "POOL_BLOCK_BYTES", 1)  # one plane a block
     monkeypatch.setattr(conv, "BLOCK_BYTES", 1)
     before = parallel.get_threads()
     rng = np.random.default_rng(9)
