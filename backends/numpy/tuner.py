@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import sys
 import time
 
 import numpy as np
@@ -20,6 +21,8 @@ from .. import tuning
 from . import parallel
 
 MIN_MACS = 20_000_000  # multiply-adds of one forward pass below which the heuristic decides
+ROUNDS_SECONDS = 2.0  # timed rounds stop after this long (at least one round runs)
+NOTICE_SECONDS = 1.0  # a warm-up round longer than this prints why the step is slow, once a process
 # another algorithm replaces the heuristic's only when this much faster: the timings move by 20–40%
 # from run to run here, and the heuristic's choice usually needs less memory in the real step
 MARGIN = 0.05
@@ -77,10 +80,12 @@ def choose(problem: str, candidates: list, run_candidate, macs: float):
 
 
 def time_round_robin(candidates: list, run_candidate) -> dict:
-    """Median seconds of each candidate over REPEATS rounds that run every candidate once in turn,
-    after an untimed warm-up round (the first run of a problem pays for fresh memory). After the
-    first timed round, a candidate GIVE_UP times slower than the fastest keeps that one time and
-    leaves the rounds; one that raises is left out altogether."""
+    """Median seconds of each candidate over up to REPEATS rounds that run every candidate once in
+    turn, after an untimed warm-up round (the first run of a problem pays for fresh memory). After
+    the first timed round, a candidate GIVE_UP times slower than the fastest keeps that one time and
+    leaves the rounds, and the rounds stop once they have taken ROUNDS_SECONDS (large problems get
+    one to three); a candidate that raises is left out altogether."""
+    start = time.perf_counter()
     ok = []
     for c in candidates:
         try:
@@ -88,8 +93,10 @@ def time_round_robin(candidates: list, run_candidate) -> dict:
             ok.append(c)
         except Exception:  # noqa: BLE001 - a candidate that cannot run this problem is not chosen
             continue
+    if time.perf_counter() - start > NOTICE_SECONDS:
+        _notice()
     times: dict = {c: [] for c in ok}
-    rounds = ok
+    rounds, timed_from = ok, time.perf_counter()
     for r in range(REPEATS if ok else 0):
         for c in rounds:
             t0 = time.perf_counter()
@@ -98,4 +105,18 @@ def time_round_robin(candidates: list, run_candidate) -> dict:
         if r == 0:
             fastest = min(times[c][0] for c in rounds)
             rounds = [c for c in rounds if times[c][0] <= GIVE_UP * fastest]
+        if time.perf_counter() - timed_from > ROUNDS_SECONDS:
+            break
     return {c: sorted(t)[len(t) // 2] for c, t in times.items()}
+
+
+_noticed = False
+
+
+def _notice() -> None:
+    """Say once per process why the first steps are slow: a silent minute of timing looks like a hang."""
+    global _noticed
+    if not _noticed:
+        _noticed = True
+        print(f"cnnc: timing convolution algorithms on their first use (kept in {tuning.cache_path()}; "
+              "`cnnc --autotune off` skips this)", file=sys.stderr, flush=True)

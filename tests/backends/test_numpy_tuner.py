@@ -155,3 +155,19 @@ def test_a_candidate_needing_far_more_memory_than_the_heuristic_is_not_timed(cac
     assert set(calls) == {"shifted_stacked", "shifted_taps"}
     (entry,) = entries(cache).values()
     assert set(entry["timed"]) == {"'shifted_stacked'", "'shifted_taps'"}
+
+
+def test_long_problems_get_fewer_rounds_and_say_why_once(monkeypatch, capsys):
+    runs = []
+
+    def run(c):
+        runs.append(c)
+        time.sleep(0.03)
+    monkeypatch.setattr(tuner, "ROUNDS_SECONDS", 0.1)
+    monkeypatch.setattr(tuner, "NOTICE_SECONDS", 0.05)
+    monkeypatch.setattr(tuner, "_noticed", False)
+    times = tuner.time_round_robin(["a", "b"], run)
+    assert set(times) == {"a", "b"} and 2 + 2 <= len(runs) < 2 + 2 * tuner.REPEATS  # warm-up, then 1-2 rounds
+    tuner.time_round_robin(["a", "b"], run)
+    err = capsys.readouterr().err
+    assert err.count("timing convolution algorithms on their first use") == 1 and "--autotune off" in err
