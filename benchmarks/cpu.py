@@ -39,25 +39,36 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def network_steps(name: str, batch: int, train: bool):
-    """(ours, torch's) step callables for a zoo network at this batch, same weights and data."""
-    from cnnc.backends.base import Ctx
+def network_inputs(name: str, batch: int):
+    """A zoo network, a batch of inputs and labels, and the training settings every peer uses."""
     from cnnc.compiler.train_config import TrainConfig
-    from cnnc.runtime.artifact import compile_model
-    from cnnc.runtime.bench import _train_step, torch_step
     from cnnc.runtime.model import Model
 
     model = Model.load(EXAMPLES / f"{name}.cnn")
     rng = np.random.default_rng(0)
     xh = rng.normal(size=(batch, *model.input_shape)).astype(np.float32)
     yh = rng.integers(0, int(model.classes), batch)
-    config = TrainConfig(optimizer="momentum", momentum=0.9, lr=0.001, batch=batch)
+    return model, xh, yh, TrainConfig(optimizer="momentum", momentum=0.9, lr=0.001, batch=batch)
+
+
+def our_step(model, xh, yh, train: bool, config):
+    """Our training step (the plan `cnnc train` runs) or -O2 inference, as a callable."""
+    from cnnc.backends.base import Ctx
+    from cnnc.runtime.artifact import compile_model
+    from cnnc.runtime.bench import _train_step
+
     if train:
-        ours = _train_step(model, xh, yh, config)
-    else:
-        compiled = compile_model(model, 2)
-        ours = lambda: compiled.executor.forward(xh, Ctx(), keep=False)  # noqa: E731
-    return ours, torch_step(model, xh, yh, train, config)
+        return _train_step(model, xh, yh, config)
+    compiled = compile_model(model, 2)
+    return lambda: compiled.executor.forward(xh, Ctx(), keep=False)
+
+
+def network_steps(name: str, batch: int, train: bool):
+    """(ours, torch's) step callables for a zoo network at this batch, same weights and data."""
+    from cnnc.runtime.bench import torch_step
+
+    model, xh, yh, config = network_inputs(name, batch)
+    return our_step(model, xh, yh, train, config), torch_step(model, xh, yh, train, config)
 
 
 def onnxruntime_steps(name: str, batch: int):
@@ -190,18 +201,8 @@ def measure(key: str, spec, rounds: int, repeats: int) -> dict:
 
 def machine() -> str:
     import torch
-    cpu, flags = platform.processor() or "?", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
-    except (OSError, StopIteration):
-        pass
-    # "AMD EPYC" names several generations: the widest vector unit says which kernels both sides run
-    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2" if flags else "?"
     from cnnc.backends.numpy import parallel
-    return (f"{cpu} ({simd}), {os.cpu_count()} CPUs, cnnc threads {parallel.get_threads()}, torch {torch.__version__} "
+    return (f"{parallel.cpu_model()}, {os.cpu_count()} CPUs, cnnc threads {parallel.get_threads()}, torch {torch.__version__} "
             f"threads {torch.get_num_threads()}, numpy {np.__version__}, Python {platform.python_version()}")
 
 

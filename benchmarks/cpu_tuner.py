@@ -20,29 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
+from cpu import network_inputs, our_step  # benchmarks/cpu.py: the same networks, inputs and steps
 ROWS = ["resnet20_cifar:128:train", "resnet50:1:infer", "resnet50:16:infer"]
 MODES = ("off", "fast", "full")
-
-
-def step_fn(net: str, batch: int, train: bool):
-    from cnnc.backends.base import Ctx
-    from cnnc.compiler.train_config import TrainConfig
-    from cnnc.runtime import bench
-    from cnnc.runtime.artifact import compile_model
-    from cnnc.runtime.model import Model
-
-    rng = np.random.default_rng(0)
-    model = Model.load(ROOT / "examples" / f"{net}.cnn", "numpy")
-    x = rng.normal(size=(batch, *model.input_shape)).astype(np.float32)
-    if train:
-        y = rng.integers(0, int(model.classes), batch)
-        config = TrainConfig(optimizer="momentum", momentum=0.9, lr=0.001, batch=batch)
-        return bench._train_step(model, x, y, config)
-    compiled = compile_model(model, 2)
-    return lambda: compiled.executor.forward(x, Ctx(), keep=False)
 
 
 def main() -> int:
@@ -56,7 +36,8 @@ def main() -> int:
     print(f"{'row':32} " + " ".join(f"{m:>10}" for m in MODES) + "   fast/off  full/off")
     for row in rows:
         net, batch, kind = row.split(":")
-        step = step_fn(net, int(batch), kind == "train")
+        model, xh, yh, config = network_inputs(net, int(batch))
+        step = our_step(model, xh, yh, kind == "train", config)
         times = {m: [] for m in MODES}
         for m in MODES:  # warm-up: the tuned modes time their candidates here
             os.environ["CNNC_AUTOTUNE"] = m

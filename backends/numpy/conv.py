@@ -113,27 +113,11 @@ def _is_pointwise(kh, kw, sh, sw, top, left, hp, wp, h, w) -> bool:
 
 
 def _conv(x: np.ndarray, weight: np.ndarray, groups: int, top: int, left: int, hp: int, wp: int,
-          sh: int, sw: int, dh: int, dw: int, out: np.ndarray):
+          sh: int, sw: int, dh: int, dw: int, out: np.ndarray, split_filters: bool = False):
     """Correlate x with weight into `out` (N, K, oh, ow), C-contiguous; returns the columns
-    (None for a pointwise conv, which reads the input as is)."""
-    n, c, h, w = x.shape
-    k, cg, kh, kw = weight.shape
-    _, _, oh, ow = out.shape
-    wm = weight.reshape(groups, k // groups, cg * kh * kw)
-    if _is_pointwise(kh, kw, sh, sw, top, left, hp, wp, h, w):
-        cols = None
-        src = np.ascontiguousarray(x).reshape(n, groups, cg, h * w)
-    else:
-        cols = src = _im2col(_pad(x, top, left, hp, wp), groups, kh, kw, dh, dw, oh, ow, sh, sw)
-    # (N, G, K/G, P): one BLAS gemm per batch item and group, straight into the output
-    np.matmul(wm, src, out=out.reshape(n, groups, k // groups, oh * ow))
-    return cols
-
-
-def _conv_by_filters(x: np.ndarray, weight: np.ndarray, groups: int, top: int, left: int, hp: int, wp: int,
-                     sh: int, sw: int, dh: int, dw: int, out: np.ndarray):
-    """`_conv` for a batch smaller than the thread count (inference at batch 1): the columns built
-    once, each thread's gemm on its share of every group's filters. Returns the columns as _conv."""
+    (None for a pointwise conv, which reads the input as is). With `split_filters` (fewer images
+    than threads: inference at batch 1) the columns are built once and each thread's gemm takes a
+    share of every group's filters."""
     n, c, h, w = x.shape
     k, cg, kh, kw = weight.shape
     _, _, oh, ow = out.shape
@@ -146,9 +130,12 @@ def _conv_by_filters(x: np.ndarray, weight: np.ndarray, groups: int, top: int, l
         cols = src = _im2col(_pad(x, top, left, hp, wp), groups, kh, kw, dh, dw, oh, ow, sh, sw)
     rows = out.reshape(n, groups, kg, oh * ow)
 
-    def part(k0, k1):
+    def gemm(k0, k1):  # (N, G, k1 − k0, P): one BLAS gemm per batch item and group, straight into the output
         np.matmul(wm[:, k0:k1], src, out=rows[:, :, k0:k1])
-    parallel.run(part, parallel.chunks(kg, float("inf")))
+    if split_filters:
+        parallel.run(gemm, parallel.chunks(kg, float("inf")))
+    else:
+        gemm(0, kg)
     return cols
 
 
@@ -400,15 +387,15 @@ def _algorithm(node, x, w, bias, ctx) -> str:
     """The algorithm for this problem: timed by the tuner on first use (forward, and backward when
     training), the heuristic's under `--autotune off` and for small problems."""
     n, c, h, wd = x.shape
-    names = algorithms(node, c, ctx.training)
-    if len(names) > 1:  # no candidate needs much more memory than the heuristic's own
-        limit = max(2 * _workspace_bytes(node, names[0], x), tuner.MAX_WORKSPACE_BYTES)
-        names = [names[0]] + [m for m in names[1:] if _workspace_bytes(node, m, x) <= limit]
-    if len(names) == 1:
-        return names[0]
     a = node.attrs
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     macs = n * k * oh * ow * (c // a.groups) * kh * kw
+    names = algorithms(node, c, ctx.training)
+    if len(names) == 1 or macs < tuner.MIN_MACS or tuner.mode() == "off":
+        return names[0]  # decided before any string is built: this runs at every conv call
+    # no candidate needs much more memory than the heuristic's own
+    limit = max(2 * _workspace_bytes(node, names[0], x), tuner.MAX_WORKSPACE_BYTES)
+    names = [names[0]] + [m for m in names[1:] if _workspace_bytes(node, m, x) <= limit]
     problem = (f"conv{KERNELS_VERSION}|{n}x{c}x{h}x{wd}|{x.dtype}|k{k}|{kh}x{kw}|s{sh}x{sw}|d{dh}x{dw}"
                f"|p{'x'.join(map(str, _pads(node)))}|g{a.groups}"
                f"|{'train' if ctx.training else 'infer'}{'+dx' if ctx.training and ctx.need_input_grad else ''}")
@@ -449,7 +436,7 @@ def _forward(node, algo: str, x, w, bias):
     work = n * k * oh * ow * (c // groups) * kh * kw
     if n < parallel.get_threads() and k // groups > 1 and work >= parallel.MIN_WORK:
         slices = [(0, n)]  # too few images to share out: the threads share the filters instead
-        cols = [_conv_by_filters(x, w, groups, top, left, hp, wp, sh, sw, dh, dw, y)]
+        cols = [_conv(x, w, groups, top, left, hp, wp, sh, sw, dh, dw, y, split_filters=True)]
     else:
         slices = parallel.chunks(n, work)
 

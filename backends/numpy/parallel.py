@@ -8,13 +8,31 @@ why the backend sets OpenBLAS to one thread. Small work runs inline: threads cos
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
 from concurrent.futures import ThreadPoolExecutor
 
 MIN_WORK = 4_000_000  # multiply-adds below which a kernel runs unsplit
 
 _threads = 1
 _pool: ThreadPoolExecutor | None = None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name and widest vector unit ("AMD EPYC (AVX-512)"): one model name covers
+    several generations, and the vector width decides which BLAS kernels run."""
+    name, flags = platform.processor() or platform.machine() or "?", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
+        flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    except OSError:
+        pass
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2" if flags else "?"
+    return f"{name} ({simd})"
 
 
 def available_cpus() -> int:

@@ -11,7 +11,6 @@ heuristic's choice untimed: their differences are microseconds, their timing wou
 from __future__ import annotations
 
 import functools
-import platform
 import sys
 import time
 
@@ -41,19 +40,13 @@ def mode() -> str:
 
 @functools.lru_cache(maxsize=1)
 def _machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
     try:
         from numpy.__config__ import CONFIG
         blas = CONFIG["Build Dependencies"]["blas"]
         blas = f"{blas.get('name', '')}{blas.get('version', '')}"
     except (ImportError, KeyError, TypeError, AttributeError):  # only a label: NumPy builds differ
         blas = "blas?"
-    return f"cpu:{name}|numpy{np.__version__}|{blas}"
+    return f"cpu:{parallel.cpu_model()}|numpy{np.__version__}|{blas}"
 
 
 def machine_key() -> str:
