@@ -286,6 +286,10 @@ class FusedDenseAttrs(DenseAttrs, Epilogue):
     pass
 
 
+class FusedBatchNormAttrs(BatchNormAttrs, Epilogue):
+    """BatchNorm (batch or running statistics) then an element-wise activation, in one pass each way."""
+
+
 class FusedMulAttrs(Epilogue):
     """x · act(g): input 0 the C×H×W tensor, input 1 the C×1×1 gate whose activation is applied first
     (fuse_gate puts the operands in this order whichever order the product had them in)."""
@@ -367,6 +371,9 @@ class OpDef:
     fused_as: str | None = None  # the fused op an epilogue fusion turns this op into
     # a broadcast product: the fused op it becomes with the element-wise activation of its C×1×1 gate (fuse_gate)
     gate_fused_as: str | None = None
+    # a per-channel op kept in the plan (BatchNorm in training): the fused op it becomes with the
+    # element-wise op that reads it (fuse_epilogue)
+    act_fused_as: str | None = None
     formula: Formula | None = None  # element-wise ops: y = f(x) and f', which every backend renders
     kind: str = "misc"  # what pictures draw it as: io conv dense pool norm act merge misc
     torch: str | None = None  # the PyTorch equivalent, an expression in F, torch, x and the attributes
@@ -690,6 +697,12 @@ def _torch_conv(T, a, node, xs, p, training):
     return _torch_epilogue(T, a, y)
 
 
+def _torch_fused_bn(T, a, node, xs, p, training):
+    y = T.F.batch_norm(xs[0], p["running_mean"], p["running_var"], p.get("weight"), p.get("bias"), training,
+                       a.momentum, a.eps)
+    return _torch_epilogue(T, a, y)
+
+
 def _torch_epilogue(T, a, y):
     act = a.act() if isinstance(a, Epilogue) else None
     return y if act is None else torch_elementwise(T, act[0], act[1], y)
@@ -983,6 +996,10 @@ def _onnx_batchnorm(E, a, node, xs):
                   epsilon=float(a.eps))
 
 
+def _onnx_fused_bn(E, a, node, xs):
+    return _onnx_epilogue(E, a, _onnx_batchnorm(E, a, node, xs))
+
+
 def _onnx_lrn(E, a, node, xs):
     """ONNX's LRN also divides alpha by size. For even sizes its window (⌊(n−1)/2⌋ channels before,
     ⌈(n−1)/2⌉ after) is the mirror of ours (PyTorch's: n//2 before, (n−1)//2 after), and onnxruntime
@@ -1182,7 +1199,11 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
           _bn_shape, Pattern.BROADCAST, params=_bn_params, aliases=("bn", "batch_norm"), grad_needs=IN, kind="norm",
           fold=_bn_fold, label="bn", params_doc="2C (0 if `affine=false`); buffers 2C", torch_doc="nn.BatchNorm2d",
           torch="F.batch_norm(x, p['running_mean'], p['running_var'], p.get('weight'), p.get('bias'), training, "
-                "a.momentum, a.eps)", onnx="BatchNormalization", onnx_export=_onnx_batchnorm),
+                "a.momentum, a.eps)", onnx="BatchNormalization", onnx_export=_onnx_batchnorm, act_fused_as="fused_bn"),
+    OpDef("fused_bn", "batchnorm with an activation in the same pass (training plans, and inference where the "
+          "BatchNorm could not fold into a conv).", FusedBatchNormAttrs, _bn_shape, Pattern.OPAQUE, params=_bn_params,
+          user=False, grad_needs=IN | OUT, kind="norm", torch=_torch_fused_bn, onnx="BatchNormalization",
+          onnx_export=_onnx_fused_bn, label="bn"),
     OpDef("lrn", "Local response normalisation across channels (AlexNet): x / (k + α/n·Σx²)^β.", LrnAttrs,
           _elementwise, Pattern.OPAQUE, positional=("size",), grad_needs=IN | OUT, kind="norm",
           torch="F.local_response_norm(x, a.size, a.alpha, a.beta, a.k)", onnx="LRN", onnx_export=_onnx_lrn,

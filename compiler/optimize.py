@@ -5,7 +5,8 @@ every fusion that was possible in shape but refused says why (two consumers, no 
 in the backend, ...). Fusion is decided from the op table: an op whose pattern is
 out-element-wise-fusable and that declares `fused_as` absorbs a following residual merge
 (`residual_fusable`) and an op with an element-wise formula; a broadcast product that declares
-`gate_fused_as` absorbs the element-wise op making its C×1×1 gate; runs of such ops fuse into one;
+`gate_fused_as` absorbs the element-wise op making its C×1×1 gate; an op that declares `act_fused_as`
+(BatchNorm, where it stays in the plan) absorbs a following element-wise op; runs of such ops fuse into one;
 the backend's capability query (`ctx.fusion_refusal`) may refuse any fusion, with its reason.
 The passes test no op names but those of the ops they create themselves (`CHAIN`, `LAYOUT`).
 
@@ -207,14 +208,16 @@ def fold_batchnorm(g, ctx):
 
 
 def fuse_epilogue(g, ctx):
-    """conv/dense [+ residual add] [+ element-wise activation] → one fused op, where the backend
-    runs it (its capability query, `ctx.fusion_refusal`)."""
+    """conv/dense [+ residual add] [+ element-wise activation] → one fused op, and a kept BatchNorm
+    (`act_fused_as`) + element-wise activation → one fused op, where the backend runs it (its
+    capability query, `ctx.fusion_refusal`)."""
     for n in sorted(g.nodes):
         if n not in g:
             continue
         d = g.nodes[n]
-        target = OPS[d["op"]].fused_as
-        if target is None or OPS[d["op"]].pattern is not Pattern.OUT_ELEMWISE_FUSABLE:
+        op = OPS[d["op"]]
+        target = (op.fused_as if op.pattern is Pattern.OUT_ELEMWISE_FUSABLE else None) or op.act_fused_as
+        if target is None:
             continue
         takes_residual = "residual" in OPS[target].attrs.model_fields
         group, cur, residual = [n], n, None

@@ -59,7 +59,7 @@ def specs_for_graph(g, training: bool = False) -> list:
 
 class CudaBackend(Backend):
     name = "cuda"
-    fused_ops = frozenset({"fused_conv", "fused_dense", "fused_mul", "elemwise_chain", "layout_transform"})
+    fused_ops = frozenset({"fused_conv", "fused_dense", "fused_bn", "fused_mul", "elemwise_chain", "layout_transform"})
     kernels = KERNELS
     elementwise = ops.ELEMENTWISE
     precisions = frozenset({"fp32"})  # tf32, bf16 and fp16 wait for the tensor-core kernels

@@ -199,6 +199,17 @@ def _roles_bn(node):
             "bwd": KernelSpec.make("bn.cu", ("bn_bwd",), BWD=1, **d)}
 
 
+def _roles_fused_bn(node):
+    """BatchNorm's kernels, then the activation's element-wise kernels on its output (a
+    composition: one pass more each way than the NumPy backend's single loop, the same values)."""
+    roles = dict(_roles_bn(node))
+    chain = _chain(node)
+    if chain:
+        vec = _vec(node.in_shapes[0])
+        roles.update(act_fwd=_eltwise(chain, False, vec), act_bwd=_eltwise(chain, True, vec))
+    return roles
+
+
 def _roles_softmax(node):
     shape = node.in_shapes[0]
     d = dict(C=shape[0], HW=_inner(shape))
@@ -250,7 +261,8 @@ _ROLES = {  # by op; every op with an element-wise formula takes _roles_act (see
     "maxpool": _roles_pool, "avgpool": _roles_pool, "globalavgpool": _roles_pool, "adaptive_avgpool": _roles_pool,
     "dense": _roles_dense, "fused_dense": _roles_dense,
     "elemwise_chain": _roles_act,
-    "softmax": _roles_softmax, "dropout": _roles_dropout, "batchnorm": _roles_bn, "lrn": _roles_lrn,
+    "softmax": _roles_softmax, "dropout": _roles_dropout, "batchnorm": _roles_bn, "fused_bn": _roles_fused_bn,
+    "lrn": _roles_lrn,
     "add": _roles_add, "concat": _roles_concat, "layout_transform": _roles_layout,
     "identity": lambda node: {}, "flatten": lambda node: {}, "split": lambda node: {},
 }
@@ -281,7 +293,7 @@ def specs(node, training: bool) -> list[KernelSpec]:
     """Every kernel specialisation `node` runs: forward, and in training its training-only
     forward work and its backward."""
     roles = _roles(node)
-    wanted = ("fwd", "train", "bwd") if training else ("fwd",)
+    wanted = ("fwd", "act_fwd", "train", "bwd", "act_bwd") if training else ("fwd", "act_fwd")
     out = []
     for role in wanted:
         spec = roles.get(role)
@@ -364,31 +376,37 @@ def identity_backward(node, saved, dy, params, ctx):
 
 # ---- element-wise ops and chains --------------------------------------------------------------------
 
-def act_forward(node, xs, params, ctx):
-    roles = _roles(node)
-    if not roles:  # an empty elemwise_chain
-        return xs[0], None
-    x = _f32(xs[0])
+def _act_apply(node, spec, x):
+    """The activation's forward kernel on x: (y, what its backward reads)."""
     y = device.empty(x.shape)
-    spec = roles["fwd"]
     n = x.size
     _launch(spec, "act_fwd", (_blocks(-(-n // 4) if spec.define("VEC") else n),), (THREADS,), x, y, _i64(n))
     keep = _reads(node, _chain(node))
     return y, (x if keep == "input" else y if keep == "output" else None)
 
 
-def act_backward(node, saved, dy, params, ctx):
-    roles = _roles(node)
-    if not roles:
-        return [dy], {}
+def _act_grad(node, spec, saved, dy):
     dy = _f32(dy)
     dx = device.empty(dy.shape)
-    spec = roles["bwd"]
     entry = "act_bwd_in" if _reads(node, _chain(node)) == "input" else "act_bwd_out"
     n = dy.size
     src = saved if saved is not None else dy  # a derivative that reads neither: any array
     _launch(spec, entry, (_blocks(-(-n // 4) if spec.define("VEC") else n),), (THREADS,), src, dy, dx, _i64(n))
-    return [dx], {}
+    return dx
+
+
+def act_forward(node, xs, params, ctx):
+    roles = _roles(node)
+    if not roles:  # an empty elemwise_chain
+        return xs[0], None
+    return _act_apply(node, roles["fwd"], _f32(xs[0]))
+
+
+def act_backward(node, saved, dy, params, ctx):
+    roles = _roles(node)
+    if not roles:
+        return [dy], {}
+    return [_act_grad(node, roles["bwd"], saved, dy)], {}
 
 
 ELEMENTWISE = Kernel(act_forward, act_backward)  # every op with an element-wise formula
@@ -479,6 +497,23 @@ def batchnorm_backward(node, saved, dy, params, ctx):
     dw, db = (device.empty((c,)), device.empty((c,))) if affine else (dx, dx)
     _launch(spec, "bn_bwd", (c,), (256,), x, dy, mean, invstd, w, dx, dw, db, _i32(dy.shape[0]), _i32(int(training)))
     return [dx], ({"weight": dw, "bias": db} if affine else {})
+
+
+def fused_bn_forward(node, xs, params, ctx):
+    y, saved = batchnorm_forward(node, xs, params, ctx)
+    roles = _roles(node)
+    if "act_fwd" not in roles:  # no activation
+        return y, (saved, None)
+    y, act_saved = _act_apply(node, roles["act_fwd"], y)
+    return y, (saved, act_saved)
+
+
+def fused_bn_backward(node, saved, dy, params, ctx):
+    bn_saved, act_saved = saved
+    roles = _roles(node)
+    if "act_bwd" in roles:
+        dy = _act_grad(node, roles["act_bwd"], act_saved, dy)
+    return batchnorm_backward(node, bn_saved, dy, params, ctx)
 
 
 # ---- lrn -------------------------------------------------------------------------------------------
@@ -650,6 +685,7 @@ KERNELS: dict[str, Kernel] = {
     "identity": Kernel(identity_forward, identity_backward),
     "split": Kernel(identity_forward, identity_backward),  # a pass-through; its parts are channel slices
     "batchnorm": Kernel(batchnorm_forward, batchnorm_backward),
+    "fused_bn": Kernel(fused_bn_forward, fused_bn_backward),
     "lrn": Kernel(lrn_forward, lrn_backward),
     "add": Kernel(add_forward, add_backward),
     "concat": Kernel(concat_forward, concat_backward),

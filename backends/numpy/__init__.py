@@ -38,7 +38,7 @@ class NumpyBackend(Backend):
     name = "numpy"
     kernels = KERNELS
     elementwise = ELEMENTWISE
-    fused_ops = frozenset({"fused_conv", "fused_dense", "fused_mul", "elemwise_chain", "layout_transform"})
+    fused_ops = frozenset({"fused_conv", "fused_dense", "fused_bn", "fused_mul", "elemwise_chain", "layout_transform"})
     precisions = frozenset(precision.FORMATS)  # tf32, bf16 and fp16 emulated (precision.py)
 
     def precision_plan(self, plan, precision_name: str):

@@ -2,6 +2,7 @@
 
     fused_conv        conv (+ bias) (+ residual input) (+ activation), one epilogue pass
     fused_dense       dense (+ bias) (+ activation)
+    (fused_bn, BatchNorm + activation, is BatchNorm's kernel in kernels.py with this epilogue)
     elemwise_chain    unary element-wise ops applied in order, in one pass
     layout_transform  NCHW ↔ NHWC memory order (the logical shape stays C×H×W)
 
@@ -47,7 +48,7 @@ def _reads(act) -> frozenset[str]:
     return frozenset() if act is None else OPS[act[0]].formula.grad_reads
 
 
-def _epilogue(y: np.ndarray, bias, residual, act):
+def epilogue(y: np.ndarray, bias, residual, act):
     """y (N, K, …), C-contiguous: z = y + bias (along axis 1) + residual, in place on y, then the
     activation `act` ((op, args) or None), block by block. Returns (output, pre-activation z where
     the activation's derivative reads its input, else None); the output is y itself unless z is kept."""
@@ -75,7 +76,7 @@ def _epilogue(y: np.ndarray, bias, residual, act):
     return out, (y if keep_pre else None)
 
 
-def _epilogue_grad(act, pre, y, dy: np.ndarray) -> np.ndarray:
+def epilogue_grad(act, pre, y, dy: np.ndarray) -> np.ndarray:
     """act'·dy as a new array (dy itself when there is no activation), from the kept
     pre-activation and/or output."""
     if act is None:
@@ -103,14 +104,14 @@ def fused_conv_forward(node, xs, params, ctx):
     act = a.act()
     # the conv without its bias: the epilogue adds it in the same pass as the rest
     y, conv_saved = _conv.conv_forward(node, [xs[0]], {"weight": params["weight"]}, ctx)
-    y, pre = _epilogue(y, params.get("bias"), xs[1] if a.residual else None, act)
+    y, pre = epilogue(y, params.get("bias"), xs[1] if a.residual else None, act)
     return y, (conv_saved, pre, y if "output" in _reads(act) else None)
 
 
 def fused_conv_backward(node, saved, dy, params, ctx):
     a = node.attrs
     conv_saved, pre, y = saved
-    dz = _epilogue_grad(a.act(), pre, y, dy)
+    dz = epilogue_grad(a.act(), pre, y, dy)
     (dx,), dparams = _conv.conv_backward(node, conv_saved, dz, params, ctx)  # bias: Σ dz
     return ([dx, dz] if a.residual else [dx]), dparams
 
@@ -120,13 +121,13 @@ def fused_conv_backward(node, saved, dy, params, ctx):
 def fused_dense_forward(node, xs, params, ctx):
     act = node.attrs.act()
     y, dense_saved = _dense.dense_forward(node, xs, params, ctx)  # (N, units), bias added
-    y, pre = _epilogue(y, None, None, act)
+    y, pre = epilogue(y, None, None, act)
     return y, (dense_saved, pre, y if "output" in _reads(act) else None)
 
 
 def fused_dense_backward(node, saved, dy, params, ctx):
     dense_saved, pre, y = saved
-    dz = _epilogue_grad(node.attrs.act(), pre, y, dy)
+    dz = epilogue_grad(node.attrs.act(), pre, y, dy)
     return _dense.dense_backward(node, dense_saved, dz, params, ctx)
 
 

@@ -27,8 +27,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-# reassociation lets LLVM vectorise the reductions (dot products over channels); nothing else is relaxed
-_FAST = {"reassoc", "contract"}
+# reassociation lets LLVM vectorise the reductions (dot products over channels); nothing else is
+# relaxed: no contraction into fused multiply-adds either, since fused_bn's generated loops
+# (jit.py) recompute the normalisation x·a + b inside a reassociating loop (Numba's flags reach
+# the row functions it inlines there), and a contracted x·a + b would not have bn_apply's bits
+_FAST = {"reassoc"}
 
 
 # ---- BatchNorm --------------------------------------------------------------------------------

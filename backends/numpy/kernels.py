@@ -126,7 +126,32 @@ def batchnorm_forward(node, xs, params, ctx):
     """Two passes over x in cache-sized blocks of (image, channel) rows, split over the threads:
     per-row sums and centred sums of squares (combined per channel in float64), then y = x·a + b
     per channel. Backward keeps x itself (the array exists anyway) rather than a new x̂."""
-    (x,) = xs
+    return _batchnorm_forward(node, xs[0], params, ctx, None)
+
+
+def fused_bn_forward(node, xs, params, ctx):
+    """BatchNorm then its activation (fused_bn). With a generated loop for the activation
+    (jit.has_bn_loop: relu, relu6, leaky_relu, hardsigmoid, hardswish) the normalisation and the
+    activation are one pass, y = f(x·a + b), and backward recomputes the pre-activation from x
+    instead of keeping it; otherwise the activation runs on the normalised output as a fused
+    conv's epilogue does (keeping the pre-activation where its derivative reads it)."""
+    return _batchnorm_forward(node, xs[0], params, ctx, node.attrs.act())
+
+
+class _BnSaved:
+    """What BatchNorm's backward reads: x, the batch's (or running) mean and σ⁻¹, whether the
+    statistics were the batch's; for fused_bn also the activation, its output, and either the
+    normalisation's per-channel scale and shift (the generated loops recompute x·a + b) or the
+    kept pre-activation (None where the derivative does not read it)."""
+
+    __slots__ = ("x", "mean", "invstd", "training", "act", "y", "scale", "shift", "pre")
+
+    def __init__(self, x, mean, invstd, training):
+        self.x, self.mean, self.invstd, self.training = x, mean, invstd, training
+        self.act = self.y = self.scale = self.shift = self.pre = None
+
+
+def _batchnorm_forward(node, x, params, ctx, act):
     a = node.attrs
     n, c = x.shape[:2]
     dtype = x.dtype
@@ -166,34 +191,62 @@ def batchnorm_forward(node, xs, params, ctx):
     scale = invstd * params["weight"] if a.affine else invstd
     shift = (params["bias"] - mean * scale) if a.affine else -mean * scale
     y = np.empty(x.shape, dtype=dtype)
+    saved = _BnSaved(x, mean, invstd, bool(ctx.training))
+    shape3 = (n, c, width)
+    if compiled and act is not None and jit.has_bn_loop(act[0]) and dtype in (np.float32, np.float64):
+        saved.act, saved.y = act, y
+        saved.scale, saved.shift = scale.astype(dtype), shift.astype(dtype)
+        forward = getattr(jit.bn_module(act[0]), f"forward_{dtype.name}")
+        jit.loops(WORK_PER_ELEMENT * x.size)  # Numba's threads for this size
+        forward(rows.reshape(shape3), saved.scale, saved.shift, y.reshape(shape3), *map(dtype.type, act[1]))
+        return y, saved
     if compiled:
-        jit.loops(WORK_PER_ELEMENT * x.size).bn_apply(rows.reshape(n, c, width), scale.astype(dtype),
-                                                      shift.astype(dtype), y.reshape(n, c, width))
-        return y, (x, mean, invstd, bool(ctx.training))
-    yrows, sr, br = y.reshape(n * c, width), _per_row(scale, n, dtype), _per_row(shift, n, dtype)
+        jit.loops(WORK_PER_ELEMENT * x.size).bn_apply(rows.reshape(shape3), scale.astype(dtype),
+                                                      shift.astype(dtype), y.reshape(shape3))
+    else:
+        yrows, sr, br = y.reshape(n * c, width), _per_row(scale, n, dtype), _per_row(shift, n, dtype)
 
-    def normalise(r0, r1):
-        yb = yrows[r0:r1]
-        np.multiply(rows[r0:r1], sr[r0:r1], out=yb)
-        yb += br[r0:r1]
+        def normalise(r0, r1):
+            yb = yrows[r0:r1]
+            np.multiply(rows[r0:r1], sr[r0:r1], out=yb)
+            yb += br[r0:r1]
 
-    _row_blocks(n * c, width, normalise)
-    return y, (x, mean, invstd, bool(ctx.training))
+        _row_blocks(n * c, width, normalise)
+    if act is None:
+        return y, saved
+    saved.act = act
+    saved.y, saved.pre = _fused.epilogue(y, None, None, act)
+    return saved.y, saved
 
 
 def batchnorm_backward(node, saved, dy, params, ctx):
     """dβ = Σ dy and dγ = Σ dy·x̂ in one blocked pass over dy and x (per-row sums and dot products),
     then, in training (through the batch statistics), dx = γσ⁻¹·(dy − mean(dy) − x̂·mean(dy·x̂))
-    in another, as k·dy + b·x + c with per-channel k, b, c: three NumPy calls a block."""
-    x, mean, invstd, training = saved
+    in another, as k·dy + b·x + c with per-channel k, b, c: three NumPy calls a block. After an
+    activation (fused_bn) its gradient g = dy·f' takes dy's place: with the generated loops, g is
+    written into dx's array a row at a time and summed while the row is in the cache, and the last
+    pass turns it into dx in place."""
+    x, mean, invstd, training = saved.x, saved.mean, saved.invstd, saved.training
     a = node.attrs
     n, c = dy.shape[:2]
     dtype = dy.dtype
-    rows, grows = _bn_rows(x), _bn_rows(dy)
+    rows = _bn_rows(x)
     width = rows.shape[1]
+    shape3 = (n, c, width)
     compiled = jit.enabled()
-    if compiled:  # Σ dy and Σ dy·(x − μ)
-        db, dxc = np.empty(c), np.empty(c)
+    dx = np.empty(dy.shape, dtype=dtype)
+    looped = saved.act is not None and saved.scale is not None  # fused_bn_forward's generated loops
+    if saved.act is not None and not looped:
+        dy = _fused.epilogue_grad(saved.act, saved.pre, saved.y, dy)
+    grows = dx.reshape(n * c, width) if looped else _bn_rows(dy)
+    db, dxc = np.empty(c), np.empty(c)
+    if looped:  # g = dy·f' into dx, Σ g and Σ g·(x − μ)
+        grad_sums = getattr(jit.bn_module(saved.act[0]), f"grad_sums_{dtype.name}")
+        jit.loops(WORK_PER_ELEMENT * dy.size)
+        grad_sums(rows.reshape(shape3), _bn_rows(saved.y).reshape(shape3), _bn_rows(dy).reshape(shape3),
+                  saved.scale, saved.shift, mean.astype(dtype), dtype.type(0), dx.reshape(shape3), db, dxc,
+                  *map(dtype.type, saved.act[1]))
+    elif compiled:  # Σ dy and Σ dy·(x − μ)
         jit.loops(WORK_PER_ELEMENT * dy.size).bn_grad_sums(rows.reshape(n, c, width), grows.reshape(n, c, width),
                                                            mean.astype(dtype), dtype.type(0), db, dxc)
     else:
@@ -219,7 +272,6 @@ def batchnorm_backward(node, saved, dy, params, ctx):
     else:
         gdb, gdw = db, dw  # the parameter gradients stay this batch's: the optimizer averages them
     k = invstd * params["weight"] if a.affine else invstd
-    dx = np.empty(dy.shape, dtype=dtype)
     dparams = {"weight": dw.astype(dtype), "bias": db.astype(dtype)} if a.affine else {}
     if compiled:
         p = k * invstd * gdw / count if training else np.zeros(c)
@@ -318,6 +370,7 @@ KERNELS: dict[str, Kernel] = {
     "identity": Kernel(identity_forward, identity_backward),
     "split": Kernel(identity_forward, identity_backward),  # a pass-through; its parts are channel slices
     "batchnorm": Kernel(batchnorm_forward, batchnorm_backward),
+    "fused_bn": Kernel(fused_bn_forward, batchnorm_backward),
     "lrn": Kernel(lrn_forward, lrn_backward),
     "add": Kernel(add_forward, add_backward),
     "concat": Kernel(concat_forward, concat_backward),

@@ -177,6 +177,11 @@ CASES = [
     C("batchnorm-eval-4d", "batchnorm", {}, [(33, 7, 7)], training=False),
     C("batchnorm-eval-2d", "batchnorm", {}, [(5,)], training=False),
     C("batchnorm-eval-noaffine", "batchnorm", dict(affine=False), [(3, 4, 4)], training=False),
+    # fused_bn: BatchNorm's kernels, then the activation's (output-read, input-read, none)
+    C("fused_bn-relu6", "fused_bn", dict(activation="relu6"), [(5, 7, 7)]),
+    C("fused_bn-hardswish-2d", "fused_bn", dict(activation="hardswish", momentum=0.3), [(37,)]),
+    C("fused_bn-silu-eval", "fused_bn", dict(activation="silu"), [(33, 7, 7)], training=False),
+    C("fused_bn-none-noaffine", "fused_bn", dict(affine=False), [(3, 13, 13)]),
     # lrn (PyTorch's LocalResponseNorm), odd and even windows
     C("lrn-default", "lrn", {}, [(7, 7, 7)]),
     C("lrn-strong", "lrn", dict(size=3, alpha=0.5, beta=0.75, k=2.0), [(6, 3, 3)]),

@@ -1,6 +1,7 @@
 """The NumPy backend's fused kernels against the composition of the unfused ones.
 
 fused_conv = conv → (add residual) → activation, fused_dense = dense → activation,
+fused_bn = batchnorm → activation (equal to the bit, compiled and plain; finite differences),
 elemwise_chain = its unary ops in order, fused_mul = activation of the C×1×1 gate → mul, each checked forward and backward (input, residual
 and parameter gradients) against the unfused kernels of `KERNELS` with the corresponding
 plain attributes, in float32 (1e-6 relative) and float64 (1e-12); finite differences in
@@ -446,8 +447,107 @@ def test_fused_mul_finite_differences(act):
     fd_check(node, [rng.normal(size=(BATCH, 3, 4, 5)), rng.normal(0, 2.0, size=(BATCH, 3, 1, 1))], {}, rng)
 
 
+# ---- fused_bn -----------------------------------------------------------------------------------
+
+def bn_inputs(shape, dtype, rng, affine=True):
+    """x far from zero mean (a float32 cancellation trap), γ and β that put the normalised values
+    past every activation's kinks (0, ±3, 6), dy; running statistics as make_params draws them."""
+    node, specs = make_node("batchnorm", dict(affine=affine), [shape])
+    params = make_params(specs, rng, dtype)
+    if affine:
+        params["weight"] = rng.uniform(2.0, 5.0, params["weight"].shape).astype(dtype) * rng.choice([-1, 1], shape[0])
+        params["bias"] = rng.uniform(-2.0, 4.0, params["bias"].shape).astype(dtype)
+    x = (3.0 + 2.0 * rng.normal(size=(BATCH * 4, *shape))).astype(dtype)
+    return x, params, rng.normal(size=x.shape).astype(dtype)
+
+
+def bn_then_act(act, args, x, params, dy, training, affine=True):
+    """batchnorm, then the activation's own kernel: y, dx, dparams, parameters after forward."""
+    ctx = Ctx(training=training)
+    p = {k: v.copy() for k, v in params.items()}
+    bn, _ = make_node("batchnorm", dict(affine=affine), [x.shape[1:]])
+    y, s_bn = KERNELS["batchnorm"].forward(bn, [x], p, ctx)
+    anode = act_nodes(act, args, x.shape[1:])
+    if anode is not None:
+        y, s_act = kernel(act).forward(anode, [y], {}, ctx)
+        (dy,), _ = kernel(act).backward(anode, s_act, dy, {}, ctx)
+    (dx,), dps = KERNELS["batchnorm"].backward(bn, s_bn, dy, p, ctx)
+    return y, dx, dps, p
+
+
+def fused_bn_run(act, args, x, params, dy, training, affine=True):
+    ctx = Ctx(training=training)
+    p = {k: v.copy() for k, v in params.items()}
+    node, _ = make_node("fused_bn", dict(affine=affine, **epilogue_attrs(act, args)), [x.shape[1:]])
+    originals = [v.copy() for v in (x, dy)]
+    y, saved = KERNELS["fused_bn"].forward(node, [x], p, ctx)
+    (dx,), dps = KERNELS["fused_bn"].backward(node, saved, dy, p, ctx)
+    for v, o in zip((x, dy), originals):
+        np.testing.assert_array_equal(v, o)  # x and dy are never written
+    return y, dx, dps, p
+
+
+@pytest.mark.parametrize("path", ["compiled", "plain"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("act", act_cases(), ids=act_id)
+def test_fused_bn_equals_batchnorm_then_activation_to_the_bit(act, dtype, training, path, monkeypatch):
+    """fused_bn gives the unfused kernels' bits: the forward values, dx, dγ, dβ and the running
+    statistics, on the compiled loops and on the plain NumPy path (the fused training plan of
+    `cnnc train` relies on this), at a size that splits over two threads."""
+    if path == "compiled":
+        pytest.importorskip("numba")
+    monkeypatch.setenv("CNNC_JIT", "1" if path == "compiled" else "0")
+    monkeypatch.setattr(parallel, "_threads", 2)
+    rng = seed("fused_bn", act, dtype.__name__, training)
+    x, params, dy = bn_inputs((6, 20, 24), dtype, rng)
+    got = fused_bn_run(*act, x, params, dy, training)
+    want = bn_then_act(*act, x, params, dy, training)
+    if act[0] == "relu6":
+        assert (got[0] == 6).any() and (got[0] == 0).any() and ((got[0] > 0) & (got[0] < 6)).any()
+    for what, a, b in zip(("y", "dx"), got[:2], want[:2]):
+        assert a.dtype == dtype, what
+        np.testing.assert_array_equal(a, b, err_msg=what)
+    for k in ("weight", "bias"):
+        np.testing.assert_array_equal(got[2][k], want[2][k], err_msg=f"d {k}")
+    for k in params:  # the running statistics, updated in place in training
+        np.testing.assert_array_equal(got[3][k], want[3][k], err_msg=k)
+
+
+@pytest.mark.parametrize("path", ["compiled", "plain"])
+@pytest.mark.parametrize("act", [("relu6", ()), ("relu", ()), ("hardswish", ()), ("hardsigmoid", ()),
+                                 ("leaky_relu", (-0.3,)), ("silu", ()), ("gelu", ()), ("none", ())], ids=act_id)
+def test_fused_bn_finite_differences(act, path, monkeypatch):
+    """float64 central differences through the batch statistics, past the activations' kinks."""
+    if path == "compiled":
+        pytest.importorskip("numba")
+    monkeypatch.setenv("CNNC_JIT", "1" if path == "compiled" else "0")
+    rng = seed("fused_bn-fd", act)
+    x, params, _ = bn_inputs((3, 4, 5), np.float64, rng)
+    x = x[:2]
+    node, _ = make_node("fused_bn", epilogue_attrs(*act), [x.shape[1:]])
+    k = KERNELS["fused_bn"]
+    ctx = Ctx(training=True)
+
+    def forward():
+        return k.forward(node, [x], {kk: v.copy() for kk, v in params.items()}, ctx)
+
+    y, saved = forward()
+    rr = rng.normal(size=y.shape)
+    (dx,), dps = k.backward(node, saved, rr.copy(), params, ctx)
+
+    def loss():
+        return float(np.sum(forward()[0] * rr))
+
+    err = rel(dx, _numeric(loss, x, 1e-6))
+    assert err <= 1e-6, f"dx: relative error {err:.2e}"
+    for name in ("weight", "bias"):
+        err = rel(dps[name], _numeric(loss, params[name], 1e-6))
+        assert err <= 1e-6, f"{name}: relative error {err:.2e}"
+
+
 def test_backend_offers_the_fused_ops():
-    fused_ops = {"fused_conv", "fused_dense", "fused_mul", "elemwise_chain", "layout_transform"}
+    fused_ops = {"fused_conv", "fused_dense", "fused_bn", "fused_mul", "elemwise_chain", "layout_transform"}
     assert NumpyBackend.fused_ops == fused_ops
     assert fused_ops <= set(NumpyBackend.kernels)
     assert all(not OPS[op].user for op in fused_ops)

@@ -120,6 +120,16 @@ CASES = [
     C("batchnorm-train-noaffine", "batchnorm", dict(affine=False), [(3, 4, 4)]),
     C("batchnorm-eval-4d", "batchnorm", {}, [(3, 4, 4)], training=False),
     C("batchnorm-eval-2d", "batchnorm", {}, [(5,)], training=False),
+    # BatchNorm with its activation (fused_bn): generated loops for piecewise activations (relu6 reads
+    # its output, hardswish and leaky_relu its input), the epilogue for the others (silu, sigmoid)
+    C("fused_bn-relu6", "fused_bn", dict(activation="relu6"), [(3, 4, 4)]),
+    C("fused_bn-hardswish", "fused_bn", dict(activation="hardswish"), [(3, 4, 4)]),
+    C("fused_bn-leaky_relu-noaffine", "fused_bn", dict(activation="leaky_relu", act_args=(0.2,), affine=False),
+      [(3, 4, 4)]),
+    C("fused_bn-silu", "fused_bn", dict(activation="silu"), [(3, 4, 4)]),
+    C("fused_bn-sigmoid", "fused_bn", dict(activation="sigmoid", momentum=0.3), [(3, 4, 4)]),
+    C("fused_bn-relu-eval", "fused_bn", dict(activation="relu"), [(3, 4, 4)], training=False),
+    C("fused_bn-none-2d", "fused_bn", dict(eps=1e-3), [(5,)]),
     C("lrn-default", "lrn", {}, [(7, 3, 3)]),
     C("lrn-strong", "lrn", dict(size=3, alpha=0.5, beta=0.75, k=2.0), [(6, 3, 3)]),
     C("lrn-even", "lrn", dict(size=4, alpha=0.3, beta=0.6, k=1.5), [(6, 3, 3)]),

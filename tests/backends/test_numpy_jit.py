@@ -28,7 +28,7 @@ from cnnc.backends.numpy import jit, parallel  # noqa: E402
 
 # the kernels with a compiled path: BatchNorm, the element-wise ops whose derivative is generated as
 # a loop, and the fused conv epilogue's gradient (activation read from the output or the input)
-COMPILED = [c for c in CASES if c.op == "batchnorm" or jit.has_gradient_loop(c.op)] + [
+COMPILED = [c for c in CASES if c.op in ("batchnorm", "fused_bn") or jit.has_gradient_loop(c.op)] + [
     Case("fused_conv-relu6-residual", "fused_conv", dict(filters=4, kernel=3, pad=1, activation="relu6",
                                                          residual=True), [(3, 6, 6), (4, 6, 6)], scale=4.0),
     Case("fused_conv-leaky_relu", "fused_conv", dict(filters=4, kernel=3, activation="leaky_relu",
@@ -57,7 +57,7 @@ def _run(case, shapes, dtype, seed):
     rng = np.random.default_rng(seed)
     node, specs = make_node(case.op, case.kw, shapes)
     kernel = BACKEND.kernel(case.op)
-    offset = 3.0 if case.op == "batchnorm" else 0.0  # BatchNorm: a mean far from zero (cancellation)
+    offset = 3.0 if case.op in ("batchnorm", "fused_bn") else 0.0  # BatchNorm: a mean far from zero (cancellation)
     leaves = [(offset + case.scale * rng.normal(size=(8, *s))).astype(dtype) for s in shapes]
     params = make_params(specs, rng, dtype)
     y, saved = kernel.forward(node, leaves, params, ctx_for(case))
@@ -69,7 +69,8 @@ def _run(case, shapes, dtype, seed):
 # the compiled cases again at a size that splits over two threads (above parallel.MIN_WORK)
 LARGE = {"batchnorm-train-4d": [(16, 64, 64)], "batchnorm-eval-4d": [(16, 64, 64)],
          "batchnorm-train-noaffine": [(24, 48, 48)], "relu6": [(16, 96, 96)], "leaky_relu": [(16, 96, 96)],
-         "fused_conv-relu6-residual": [(3, 60, 60), (4, 60, 60)]}
+         "fused_conv-relu6-residual": [(3, 60, 60), (4, 60, 60)], "fused_bn-relu6": [(16, 64, 64)],
+         "fused_bn-hardswish": [(16, 64, 64)], "fused_bn-silu": [(16, 64, 64)]}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -10,7 +10,7 @@ from cnnc.compiler.graph import inputs_of, verify
 from cnnc.compiler.pipeline import PassContext, optimize, run_pipeline
 from cnnc.dsl import load_text
 
-FUSED = frozenset({"fused_conv", "fused_dense", "fused_mul", "elemwise_chain", "layout_transform"})
+FUSED = frozenset({"fused_conv", "fused_dense", "fused_bn", "fused_mul", "elemwise_chain", "layout_transform"})
 
 
 def graph(body: str, header: str = "network t\ninput 3x8x8\n"):
@@ -131,6 +131,28 @@ def test_fuse_epilogue_refusals():
     assert ops(no_kernel) == ["conv", "relu"]
     assert "has no fused_conv kernel" in no_kernel.graph["report"][0].text
     assert two is not None
+
+
+def test_fuse_batchnorm_activation_where_batchnorm_stays():
+    """Training keeps BatchNorm (no folding): it takes the activation that reads it, its attributes
+    and name kept; at inference it folds into the conv first and the conv takes the activation."""
+    g = graph("    conv 4 3x3 pad=1 bias=false -> bn momentum=0.2 -> relu6 -> conv 4 1x1 -> bn -> add(in) -> relu\n",
+              header="network t\ninput 4x8x8\n")
+    trained = optimize(g, PassContext(mode="training", fused_ops=FUSED, verify=True), params_for(g))
+    assert ops(trained) == ["conv", "fused_bn", "conv", "batchnorm", "add", "relu"]
+    n = next(n for n in trained.nodes if trained.nodes[n]["op"] == "fused_bn")
+    d = trained.nodes[n]
+    assert d["name"] == "bn1" and d["attrs"].activation == "relu6" and d["attrs"].momentum == 0.2
+    assert [s.name for s in d["param_specs"]] == ["weight", "bias", "running_mean", "running_var"]
+    assert any("bn + relu6 → fused bn_relu6" in r.render() for r in trained.graph["report"])
+    inferred = optimize(g, PassContext(mode="inference", fused_ops=FUSED, verify=True), params_for(g))
+    assert ops(inferred) == ["fused_conv", "fused_conv"]
+    no_kernel = optimize(g, PassContext(mode="training", fused_ops=FUSED - {"fused_bn"}), params_for(g))
+    assert "batchnorm" in ops(no_kernel) and "relu6" in ops(no_kernel)
+    assert any("has no fused_bn kernel" in r.text and r.refused for r in no_kernel.graph["report"])
+    after_concat = graph("    a = conv 4 1x1\n    b = in -> conv 4 1x1\n    concat(a, b) -> bn -> relu\n")
+    inferred = optimize(after_concat, PassContext(mode="inference", fused_ops=FUSED), params_for(after_concat))
+    assert ops(inferred)[-1] == "fused_bn"  # not foldable: fused with its activation at inference too
 
 
 SE = "    x = conv 4 3x3 pad=1\n    gap -> conv 4 1x1 -> {act} -> mul(x)\n"

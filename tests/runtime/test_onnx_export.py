@@ -25,12 +25,14 @@ TOLERANCE = 1e-5
 # cifar_resnet20: residual adds, option-A pad_channels; modern_blocks: SE gate, split, shuffle,
 # layernorm, gelu, layer_scale, stochastic_depth, groupnorm, prelu; mobilenet_v2: relu6, dropout;
 # efficientnet_b0: silu, sigmoid gate; shufflenet: maxpool, channel slices; squeezenet: flatten,
-# concat; googlenet_2014: LRN, ceil-rounded pools; alexnet at -O2: adaptive_avgpool, fused dense).
+# concat; googlenet_2014: LRN, ceil-rounded pools; alexnet at -O2: adaptive_avgpool, fused dense;
+# densenet121 at -O2: BatchNorm after concat, fused with its relu).
 # The rest are minutes on a 2-core machine: CNNC_SLOW=1.
 FAST = {("lenet5", 0), ("lenet5", 2), ("cifar_resnet20", 0), ("cifar_resnet20", 2), ("resnet20_cifar", 2),
         ("modern_blocks", 0), ("modern_blocks", 2), ("mobilenet_v2", 0), ("mobilenet_v2", 2),
         ("efficientnet_b0", 0), ("efficientnet_b0", 2), ("shufflenet_v2_x1_0", 0), ("shufflenet_v2_x1_0", 2),
-        ("squeezenet1_1", 0), ("squeezenet1_1", 2), ("googlenet_2014", 0), ("googlenet_2014", 2), ("alexnet", 2)}
+        ("squeezenet1_1", 0), ("squeezenet1_1", 2), ("googlenet_2014", 0), ("googlenet_2014", 2), ("alexnet", 2),
+        ("densenet121", 2)}
 ZOO = sorted(p.stem for p in EXAMPLES.glob("*.cnn"))
 CASES = [pytest.param(name, level, id=f"{name}-O{level}",
                       marks=() if (name, level) in FAST else pytest.mark.slow)
@@ -131,11 +133,11 @@ NETWORKS = {
             h = in -> maxpool 3x3 stride=1 pad=same -> avgpool 3 pad=same -> dense 4 flatten=true
             concat(a, b, c, d, e, f, g, h)
     """,
-    # normalisation and channel ops
+    # normalisation and channel ops (-O2: the BatchNorm on the input takes its hardswish, fused_bn)
     "channels": """
         input 8x6x6
         layers:
-            x = in -> batchnorm -> lrn 4 alpha=0.01 beta=0.5 k=2
+            x = in -> batchnorm -> hardswish -> lrn 4 alpha=0.01 beta=0.5 k=2
             y = x -> lrn 3 -> batchnorm affine=false -> layernorm affine=false -> groupnorm 4 affine=false
             z = x -> channel_shuffle 4 -> pad_channels 12 stride=2 -> channel_slice 2 10
             w = x -> prelu shared=true -> layer_scale init=0.5 -> pad_channels 8
