@@ -1,4 +1,5 @@
-"""The NumPy backend's depthwise convolution (backends/numpy/depthwise.py).
+"""The NumPy backend's depthwise convolution (backends/numpy/depthwise.py; its compiled loops in
+jit_loops.py, every test on both paths).
 
 Every conv with one group per input channel takes it. Checked against PyTorch's grouped
 conv2d (output, input gradient, weight and bias gradients; float32 and float64) over strides
@@ -27,6 +28,16 @@ from cnnc.compiler.ops import OPS  # noqa: E402
 
 NumpyBackend()
 TOL = {np.float32: 2e-6, np.float64: 1e-12}
+
+
+@pytest.fixture(autouse=True, params=["compiled", "plain"])
+def path(request, monkeypatch):
+    """Every test on both paths: the compiled loops (jit_loops.py, one filter per channel) and
+    the NumPy kernel (the reference, and what channel multipliers always take)."""
+    if request.param == "compiled":
+        pytest.importorskip("numba")
+    monkeypatch.setenv("CNNC_JIT", "1" if request.param == "compiled" else "0")
+    return request.param
 
 # id: (conv attributes without filters and groups, input C×H×W, multiplier, batch)
 CASES = {
@@ -194,6 +205,35 @@ def test_blocks_and_threads_give_the_one_block_result(case, monkeypatch):
         parallel.set_threads(threads)
     for got, want, what in zip(split, whole, ["y", "dx", "d weight"]):
         assert rel(got, want) <= 1e-14, what
+
+
+@pytest.mark.parametrize("case", ["3x3-s1-pad1-b3", "3x3-s2-asym-floor", "5x5-s2-pad2-floor", "3x3-dil3-s2-floor"])
+def test_compiled_loops_split_over_threads_give_the_one_thread_result(case, path, monkeypatch):
+    """The compiled loops' planes in chunks over 2 threads: each plane is computed alone, so the
+    values equal one thread's to the bit."""
+    if path != "compiled":
+        pytest.skip("the compiled loops' chunks")
+    node, specs, _ = case_node(case)
+    rng = seed("chunks", case)
+    x = rng.normal(size=(5, *node.in_shapes[0]))
+    params = make_params(specs, rng, np.float64)
+    dy = rng.normal(size=(5, *node.out_shape))
+    k = KERNELS["conv"]
+    monkeypatch.setattr(parallel, "MIN_WORK", 0)
+    results = []
+    threads = parallel.get_threads()
+    try:
+        for t in (1, 2):
+            parallel.set_threads(t)
+            assert depthwise._Loops(depthwise.Geometry(node, *node.in_shapes[0][1:]), 5 * x.shape[1], 1.0).chunks \
+                == min(5 * x.shape[1], 4 * t)
+            y, saved = k.forward(node, [x], params, Ctx(training=True))
+            (dx,), dps = k.backward(node, saved, dy, params, Ctx(training=True))
+            results.append([y, dx, dps["weight"]])
+    finally:
+        parallel.set_threads(threads)
+    for got, want, what in zip(*results, ["y", "dx", "d weight"]):
+        np.testing.assert_array_equal(got, want, err_msg=what)
 
 
 @pytest.mark.parametrize("act", ["relu6", "silu", "none"])
