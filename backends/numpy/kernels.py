@@ -239,14 +239,15 @@ def batchnorm_backward(node, saved, dy, params, ctx):
     if saved.act is not None and not looped:
         dy = _fused.epilogue_grad(saved.act, saved.pre, saved.y, dy)
     grows = dx.reshape(n * c, width) if looped else _bn_rows(dy)
-    db, dxc = np.empty(c), np.empty(c)
     if looped:  # g = dy·f' into dx, Σ g and Σ g·(x − μ)
+        db, dxc = np.empty(c), np.empty(c)
         grad_sums = getattr(jit.bn_module(saved.act[0]), f"grad_sums_{dtype.name}")
         jit.loops(WORK_PER_ELEMENT * dy.size)
         grad_sums(rows.reshape(shape3), _bn_rows(saved.y).reshape(shape3), _bn_rows(dy).reshape(shape3),
                   saved.scale, saved.shift, mean.astype(dtype), dtype.type(0), dx.reshape(shape3), db, dxc,
                   *map(dtype.type, saved.act[1]))
     elif compiled:  # Σ dy and Σ dy·(x − μ)
+        db, dxc = np.empty(c), np.empty(c)
         jit.loops(WORK_PER_ELEMENT * dy.size).bn_grad_sums(rows.reshape(n, c, width), grows.reshape(n, c, width),
                                                            mean.astype(dtype), dtype.type(0), db, dxc)
     else:

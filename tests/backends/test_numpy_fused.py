@@ -487,23 +487,24 @@ def fused_bn_run(act, args, x, params, dy, training, affine=True):
     return y, dx, dps, p
 
 
+@pytest.mark.parametrize("shape", [(6, 20, 24), (37,)], ids=["4d", "flat"])
 @pytest.mark.parametrize("path", ["compiled", "plain"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("act", act_cases(), ids=act_id)
-def test_fused_bn_equals_batchnorm_then_activation_to_the_bit(act, dtype, training, path, monkeypatch):
+def test_fused_bn_equals_batchnorm_then_activation_to_the_bit(act, dtype, training, path, shape, monkeypatch):
     """fused_bn gives the unfused kernels' bits: the forward values, dx, dγ, dβ and the running
     statistics, on the compiled loops and on the plain NumPy path (the fused training plan of
-    `cnnc train` relies on this), at a size that splits over two threads."""
+    `cnnc train` relies on this), on N×C×H×W at a size that splits over two threads and on N×F."""
     if path == "compiled":
         pytest.importorskip("numba")
     monkeypatch.setenv("CNNC_JIT", "1" if path == "compiled" else "0")
     monkeypatch.setattr(parallel, "_threads", 2)
-    rng = seed("fused_bn", act, dtype.__name__, training)
-    x, params, dy = bn_inputs((6, 20, 24), dtype, rng)
+    rng = seed("fused_bn", act, dtype.__name__, training, shape)
+    x, params, dy = bn_inputs(shape, dtype, rng)
     got = fused_bn_run(*act, x, params, dy, training)
     want = bn_then_act(*act, x, params, dy, training)
-    if act[0] == "relu6":
+    if act[0] == "relu6" and len(shape) == 3:
         assert (got[0] == 6).any() and (got[0] == 0).any() and ((got[0] > 0) & (got[0] < 6)).any()
     for what, a, b in zip(("y", "dx"), got[:2], want[:2]):
         assert a.dtype == dtype, what
