@@ -2,20 +2,24 @@
 
 For each layer and pass (forward, data gradient, weight gradient): the median time over timed
 launches after warm-up (CUDA events around each launch), TFLOP/s, the share of the H100's
-66.9 TFLOP/s float32 peak, and cuDNN's time (cudnn.benchmark on) in four settings: float32 with
-TF32 off and on, each with NCHW and channels_last tensors. The like-for-like ratio is ours /
-cuDNN float32 NCHW (our kernels are NCHW float32); `best` is ours / the faster of cuDNN's two
-float32 layouts; the TF32 columns are cuDNN on tensor cores, the precision our float32 kernels
-do not use (the comparison a TF32 kernel of ours would face). Geometric means per pass. Our
-passes include what they launch: the data gradient its weight transpose, the weight gradient its
-split-K reduction; no bias. Each result is also checked against cuDNN's float32 output
-(relative error norm).
+peak in that precision (float32 66.9 TFLOP/s; dense tensor cores TF32 495, bf16 and fp16 989),
+and cuDNN's time (cudnn.benchmark on) in the same precision with NCHW and channels_last tensors;
+in float32 also with TF32 on (cuDNN on tensor cores, what a TF32 kernel of ours faces). The
+like-for-like ratio is ours / cuDNN NCHW in the same precision (our kernels are NCHW); `best`
+is ours / the faster of cuDNN's two layouts. Geometric means per pass. Our passes include what
+they launch: the data gradient its weight transpose, the weight gradient its split-K reduction;
+no bias.
+
+`--precision tf32|bf16|fp16` runs all three passes of ours on the tensor cores (conv.MMA_CONFIGS:
+float32 tensors, operands rounded in registers) against cuDNN with TF32 allowed, or on bf16 /
+fp16 tensors (what autocast runs; cuDNN also reads half the bytes). Each result is checked
+against cuDNN's float32 output (relative error norm, within the precision's tolerance).
 
     python benchmarks/gpu_conv.py                   # all 13 layers, tuner "fast"
     python benchmarks/gpu_conv.py --autotune off    # the cost model's first configuration
     python benchmarks/gpu_conv.py --layers r50_l1_3x3,vgg16_conv5 --json results/gpu_conv.json
     python benchmarks/gpu_conv.py --dry-run         # the measurements it would make; no GPU needed
-    python benchmarks/gpu_conv.py --tensor-cores    # our TF32 forward (conv_fwd_tf32.cu) against cuDNN TF32
+    python benchmarks/gpu_conv.py --precision bf16  # our tensor-core passes against cuDNN bf16
 
 Needs an NVIDIA GPU, CuPy and PyTorch with CUDA; says so and exits with status 2 otherwise.
 Not a test: timings vary. Prints the table last; `--json PATH` (or `-` for stdout) writes the
@@ -32,7 +36,8 @@ import statistics
 import sys
 import time
 
-PEAK_TFLOPS = 66.9  # H100 SXM float32 (non-tensor) peak
+PEAK_TFLOPS = {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}  # H100 SXM dense peaks
+TOLERANCE = {"fp32": 1e-4, "tf32": 5e-3, "bf16": 3e-2, "fp16": 5e-3}  # against cuDNN float32 (rounded operands)
 
 # from the project's shared reference/conv_layers.json: ResNet-50 and VGG-16 layers
 LAYERS = [
@@ -51,8 +56,19 @@ LAYERS = [
     dict(name="vgg16_conv5", N=32, C=512, H=14, W=14, K=512, R=3, S=3, stride=1, pad=1, gflop=29.6),
 ]
 PASSES = ("fwd", "bwd_data", "bwd_filter")
-# cuDNN's settings: (name, TF32 allowed, channels_last); the first is the like-for-like one
-CUDNN = (("fp32", False, False), ("fp32_cl", False, True), ("tf32", True, False), ("tf32_cl", True, True))
+# cuDNN's settings: (name, tensor dtype, TF32 allowed, channels_last); per precision, the first
+# is the like-for-like one
+CUDNN = {
+    "fp32": (("fp32", "float32", False, False), ("fp32_cl", "float32", False, True),
+             ("tf32", "float32", True, False), ("tf32_cl", "float32", True, True)),
+    "tf32": (("tf32", "float32", True, False), ("tf32_cl", "float32", True, True)),
+    "bf16": (("bf16", "bfloat16", False, False), ("bf16_cl", "bfloat16", False, True)),
+    "fp16": (("fp16", "float16", False, False), ("fp16_cl", "float16", False, True)),
+}
+
+
+def settings(args) -> tuple:
+    return tuple(c for c in CUDNN[args.precision] if not (args.precision == "fp32" and c[2] and args.no_tf32))
 
 
 def no_gpu(reason: str) -> None:
@@ -120,12 +136,14 @@ def bench_layer(layer: dict, args, cp, torch) -> list[dict]:
     # CuPy views of the same memory (both libraries on the legacy default stream)
     x, wgt, dy, y, dx, dw = (cp.asarray(t) for t in (x_t, w_t, dy_t, y_t, dx_t, dw_t))
 
-    layouts = {False: (x_t, w_t, dy_t)}
-    cl = torch.channels_last
-    layouts[True] = tuple(t.contiguous(memory_format=cl) for t in (x_t, w_t, dy_t))
+    layouts = {}
+    for dtype in {c[1] for c in CUDNN[args.precision]} | {"float32"}:
+        plain = tuple(t.to(getattr(torch, dtype)) for t in (x_t, w_t, dy_t))
+        layouts[dtype, False] = plain
+        layouts[dtype, True] = tuple(t.contiguous(memory_format=torch.channels_last) for t in plain)
 
-    def cudnn(pass_, channels_last=False):
-        xx, ww, dd = layouts[channels_last]
+    def cudnn(pass_, dtype="float32", channels_last=False):
+        xx, ww, dd = layouts[dtype, channels_last]
         if pass_ == "fwd":
             return lambda: torch.nn.functional.conv2d(xx, ww, stride=stride, padding=pad)
         mask = (True, False, False) if pass_ == "bwd_data" else (False, True, False)
@@ -142,9 +160,10 @@ def bench_layer(layer: dict, args, cp, torch) -> list[dict]:
     ours_arrays = {"fwd": (x, wgt, y), "bwd_data": (dy, wgt, dx), "bwd_filter": (x, dy, dw)}
     ours_out = {"fwd": y_t, "bwd_data": dx_t, "bwd_filter": dw_t}
     records = []
-    for pass_ in (("fwd",) if args.tensor_cores else PASSES):
+    peak = PEAK_TFLOPS[args.precision]
+    for pass_ in PASSES:
         t0 = time.perf_counter()
-        run, cfg = conv.launcher(node, pass_, ours_arrays[pass_])
+        run, cfg = conv.launcher(node, pass_, ours_arrays[pass_], precision=args.precision)
         tune_s = time.perf_counter() - t0
         set_tf32(False)
         ref = cudnn(pass_)()
@@ -153,20 +172,17 @@ def bench_layer(layer: dict, args, cp, torch) -> list[dict]:
         err = rel_err(ours_out[pass_], ref)
         ours_ms = median_ms(run, cupy_timer, args.warmup, args.repeats)
         variants = {}
-        for name, tf32, channels_last in CUDNN:
-            if tf32 and args.no_tf32:
-                continue
+        for name, dtype, tf32, channels_last in settings(args):
             set_tf32(tf32)
-            variants[name] = median_ms(cudnn(pass_, channels_last), torch_timer, args.warmup, args.repeats)
+            variants[name] = median_ms(cudnn(pass_, dtype, channels_last), torch_timer, args.warmup, args.repeats)
         set_tf32(False)
-        # like for like: float32 against float32, or with --tensor-cores TF32 against TF32
-        cudnn_ms = variants["tf32"] if args.tensor_cores else variants["fp32"]
-        best_fp32 = (min(variants["tf32"], variants["tf32_cl"]) if args.tensor_cores
-                     else min(variants["fp32"], variants["fp32_cl"]))
-        rec = dict(layer=layer["name"], **{'pass': pass_}, gflop=flop / 1e9, ours_ms=ours_ms,
-                   ours_tflops=flop / ours_ms / 1e9, ours_peak_pct=100 * flop / ours_ms / 1e9 / PEAK_TFLOPS,
+        # like for like: cuDNN in our precision, NCHW; best: its faster layout
+        first, second = settings(args)[0][0], settings(args)[1][0]
+        cudnn_ms, best = variants[first], min(variants[first], variants[second])
+        rec = dict(layer=layer["name"], **{'pass': pass_}, precision=args.precision, gflop=flop / 1e9,
+                   ours_ms=ours_ms, ours_tflops=flop / ours_ms / 1e9, ours_peak_pct=100 * flop / ours_ms / 1e9 / peak,
                    cudnn_ms=cudnn_ms, cudnn_tflops=flop / cudnn_ms / 1e9, ratio=ours_ms / cudnn_ms,
-                   ratio_best=ours_ms / best_fp32, cudnn_ms_by_setting=variants,
+                   ratio_best=ours_ms / best, cudnn_ms_by_setting=variants,
                    cudnn_tf32_ms=variants.get("tf32"), rel_err=err, config=repr(cfg), tune_s=tune_s)
         records.append(rec)
         print(f"  {layer['name']:16s} {pass_:10s} ours {ours_ms:8.3f} ms  cuDNN "
@@ -181,15 +197,19 @@ def geomean(values) -> float:
 
 
 def table(records: list[dict], tf32: bool) -> str:
+    """The records of one precision as a table; `tf32`: float32 records carry cuDNN's TF32 columns."""
+    precision = records[0].get("precision", "fp32") if records else "fp32"
+    tf32 = tf32 and precision == "fp32"
     head = (f"{'layer':16s} {'pass':10s} {'GFLOP':>7s} {'ours ms':>9s} {'TFLOP/s':>8s} {'%peak':>6s} "
             f"{'cuDNN ms':>9s} {'TFLOP/s':>8s} {'CL ms':>8s} {'ours/cuDNN':>10s} {'best':>5s}"
             + (f" {'TF32 ms':>8s} {'TF32 CL':>8s}" if tf32 else "") + f" {'rel err':>8s}")
     lines = [head, "-" * len(head)]
     for r in records:
         v = r["cudnn_ms_by_setting"]
+        cl = v[f"{precision}_cl"]
         lines.append(f"{r['layer']:16s} {r['pass']:10s} {r['gflop']:7.2f} {r['ours_ms']:9.3f} "
                      f"{r['ours_tflops']:8.2f} {r['ours_peak_pct']:6.1f} {r['cudnn_ms']:9.3f} "
-                     f"{r['cudnn_tflops']:8.2f} {v['fp32_cl']:8.3f} {r['ratio']:10.2f} {r['ratio_best']:5.2f}"
+                     f"{r['cudnn_tflops']:8.2f} {cl:8.3f} {r['ratio']:10.2f} {r['ratio_best']:5.2f}"
                      + (f" {v['tf32']:8.3f} {v['tf32_cl']:8.3f}" if tf32 else "") + f" {r['rel_err']:8.1e}")
     lines.append("-" * len(head))
     for pass_ in PASSES:
@@ -197,8 +217,8 @@ def table(records: list[dict], tf32: bool) -> str:
         if rs:
             tf = (f"; cuDNN TF32 {geomean(r['gflop'] / min(r['cudnn_ms_by_setting']['tf32'], r['cudnn_ms_by_setting']['tf32_cl']) for r in rs):6.2f} TFLOP/s"
                   if tf32 else "")
-            lines.append(f"geometric mean ours/cuDNN {pass_:10s} {geomean(r['ratio'] for r in rs):6.2f}, "
-                         f"against cuDNN's better float32 layout {geomean(r['ratio_best'] for r in rs):5.2f}   "
+            lines.append(f"geometric mean ours/cuDNN {precision} {pass_:10s} {geomean(r['ratio'] for r in rs):6.2f}, "
+                         f"against cuDNN's better layout {geomean(r['ratio_best'] for r in rs):5.2f}   "
                          f"(ours {geomean(r['ours_tflops'] for r in rs):6.2f} TFLOP/s, "
                          f"cuDNN {geomean(r['cudnn_tflops'] for r in rs):6.2f} TFLOP/s{tf})")
     return "\n".join(lines)
@@ -218,12 +238,12 @@ def dry_run(layers, args) -> int:
         if abs(flop / 1e9 - layer["gflop"]) > 0.01 * layer["gflop"]:
             print(f"gpu_conv: {layer['name']}: {flop / 1e9:.2f} GFLOP, the table says {layer['gflop']}", file=sys.stderr)
             return 1
-        settings = [name for name, tf32, _ in CUDNN if not (tf32 and args.no_tf32)]
-        for pass_ in (("fwd",) if args.tensor_cores else PASSES):
-            print(f"{layer['name']:16s} {pass_:10s} {flop / 1e9:7.2f} GFLOP  ours (autotune {args.autotune}) "
-                  f"against cuDNN {', '.join(settings)}")
-    passes = 1 if args.tensor_cores else len(PASSES)
-    print(f"{len(layers)} layers x {passes} passes, {args.warmup} warm-up and {args.repeats} timed launches each")
+        names = [c[0] for c in settings(args)]
+        for pass_ in PASSES:
+            print(f"{layer['name']:16s} {pass_:10s} {flop / 1e9:7.2f} GFLOP  ours {args.precision} "
+                  f"(autotune {args.autotune}) against cuDNN {', '.join(names)}")
+    print(f"{len(layers)} layers x {len(PASSES)} passes in {args.precision}, {args.warmup} warm-up and "
+          f"{args.repeats} timed launches each")
     return 0
 
 
@@ -234,12 +254,11 @@ def main(argv=None) -> int:
                     help="how our configuration is chosen (default fast: the cost model's first three, timed)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--no-tf32", action="store_true", help="skip the cuDNN TF32 column")
+    ap.add_argument("--no-tf32", action="store_true", help="float32: skip the cuDNN TF32 columns")
     ap.add_argument("--json", metavar="PATH", help="write the records as JSON (`-`: stdout)")
     ap.add_argument("--dry-run", action="store_true", help="list the measurements and check the layer table; no GPU")
-    ap.add_argument("--tensor-cores", action="store_true",
-                    help="the forward only, our TF32 tensor-core kernel among the tuner's candidates, against "
-                         "cuDNN TF32 (results within 5e-3 of float32)")
+    ap.add_argument("--precision", choices=tuple(PEAK_TFLOPS), default="fp32",
+                    help="what ours and cuDNN compute in (default fp32; tf32, bf16, fp16: ours on the tensor cores)")
     args = ap.parse_args(argv)
     layers = LAYERS
     if args.layers:
@@ -248,8 +267,6 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"unknown layers: {', '.join(sorted(unknown))}")
         layers = [lay for lay in LAYERS if lay["name"] in wanted]
-    if args.tensor_cores and args.no_tf32:
-        ap.error("--tensor-cores compares with cuDNN's TF32: it cannot go with --no-tf32")
     if args.dry_run:
         return dry_run(layers, args)
 
@@ -264,8 +281,6 @@ def main(argv=None) -> int:
         no_gpu("CuPy is missing or sees no GPU")
     cp = device.cupy()
     tuner.MODE = args.autotune
-    if args.tensor_cores:
-        conv.TENSOR_CORES = True
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -280,7 +295,8 @@ def main(argv=None) -> int:
         cp.get_default_memory_pool().free_all_blocks()
 
     result = dict(device=name, torch=torch.__version__, cudnn=torch.backends.cudnn.version(),
-                  autotune=args.autotune, peak_tflops=PEAK_TFLOPS, records=records,
+                  autotune=args.autotune, precision=args.precision, peak_tflops=PEAK_TFLOPS[args.precision],
+                  records=records,
                   geomean_ratio={p: geomean(r["ratio"] for r in records if r["pass"] == p) for p in PASSES})
     if args.json:
         text = json.dumps(result, indent=1)
@@ -290,12 +306,11 @@ def main(argv=None) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w", encoding="utf-8") as f:
                 f.write(text)
-    ours = "TF32 tensor cores (conv_fwd_tf32.cu among the candidates), ratio against cuDNN TF32" if args.tensor_cores \
-        else "float32"
-    print(f"\n{name}: ours {ours}, NCHW; cuDNN (cudnn.benchmark on) float32 NCHW and channels_last (CL), "
-          f"TF32 on tensor cores\n"
+    ours = "float32" if args.precision == "fp32" else f"{args.precision} on the tensor cores (float32 sums)"
+    print(f"\n{name}: ours {ours}, NCHW; cuDNN (cudnn.benchmark on) {args.precision} NCHW and channels_last (CL)"
+          + (", and TF32 on tensor cores" if args.precision == "fp32" and not args.no_tf32 else "") + "\n"
           + table(records, not args.no_tf32))
-    tol = 5e-3 if args.tensor_cores else 1e-4
+    tol = TOLERANCE[args.precision]
     bad = [r for r in records if not r["rel_err"] <= tol]
     if bad:
         print(f"\nWRONG RESULTS (relative error > {tol:g}): "

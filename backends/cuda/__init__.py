@@ -6,6 +6,7 @@ compiles them for sm_90 with nvcc ahead of time, on a machine with or without a 
 artifact (`kernels/kernels.cu`, `kernels/kernels.cubin`, `kernels/resources.json`); at run time
 kernels come from that cubin or, for plans built in the process, from NVRTC through CuPy.
 Convolutions never call cuDNN or cuBLAS; dense layers use cuBLAS through `cupy.matmul`.
+Plans compute in fp32, or in tf32, bf16 or fp16 (`precision.py`: convolutions on the tensor cores).
 CuPy is imported only when the backend is instantiated (`pip install 'cnnc[cuda]'`).
 """
 
@@ -21,6 +22,7 @@ from cnnc.compiler.ops import OPS
 from cnnc.compiler.graph import inputs_of
 
 from . import conv, device, nvcc, ops
+from . import precision as precision_mod
 from . import channel_ops
 from . import elementwise as ew
 from .source import translation_unit
@@ -39,13 +41,23 @@ def node_infos(g):
                        d.get("pads"))
 
 
-def specs_for_graph(g, training: bool = False) -> list:
+def train_precision(g) -> str:
+    """The precision the graph's `train:` section computes in (fp32 without one)."""
+    train = g.graph.get("train")
+    return getattr(train, "precision", "fp32") if train is not None else "fp32"
+
+
+def specs_for_graph(g, training: bool = False, precision: str | None = None) -> list:
     """Every kernel specialisation a plan of this graph runs (its losses and optimizer updates
-    too when training), deduplicated."""
+    too when training), deduplicated. A training plan in a reduced precision (`precision`, by
+    default the `train:` section's) also runs its matmuls' kernels in that precision."""
+    precision = precision or (train_precision(g) if training else "fp32")
     specs = []
     for node in node_infos(g):
         family = conv if node.op in conv.KERNELS else channel_ops if node.op in channel_ops.KERNELS else ops
         specs += family.specs(node, training)
+        if precision != "fp32" and OPS[node.op].kind in precision_mod.MATMUL_KINDS:
+            specs += precision_mod.specs(node, training, precision)
     if training:
         from . import optim
         specs += ops.loss_specs() + optim.specs()
@@ -62,7 +74,7 @@ class CudaBackend(Backend):
     fused_ops = frozenset({"fused_conv", "fused_dense", "fused_bn", "fused_mul", "elemwise_chain", "layout_transform"})
     kernels = KERNELS
     elementwise = ops.ELEMENTWISE
-    precisions = frozenset({"fp32"})  # tf32, bf16 and fp16 wait for the tensor-core kernels
+    precisions = frozenset({"fp32", *conv.MMA_CODES})  # reduced ones: precision.py
 
     @classmethod
     def fusion_refusal(cls, target: str, ops_: tuple[str, ...]) -> str | None:
@@ -103,6 +115,14 @@ class CudaBackend(Backend):
     def make_optimizer(config, params, lr_mult=None, decay_mult=None):
         from . import optim
         return optim.make_optimizer(config, params, lr_mult, decay_mult)
+
+    def precision_plan(self, plan, precision: str):
+        """The plan computing in `precision` (precision.py), its kernels compiled ahead of the
+        first step as `compile` does for float32."""
+        self.check_precision(precision)
+        if precision != "fp32" and plan.graph is not None:
+            device.prebuild(specs_for_graph(plan.graph, training=True, precision=precision))
+        return precision_mod.precision_plan(plan, precision)
 
     def compile(self, g):
         """Bind the plan, then compile every kernel it may launch (training ones too) ahead of

@@ -7,20 +7,30 @@ argument, so one compiled kernel serves every batch size. The kernels (`kernels/
     conv_fwd.cu         forward, implicit GEMM (M = filters, N = batch*P*Q pixels, reduction
                         C/groups*R*S), with the bias / residual / activation epilogue that makes
                         it `fused_conv` too; a plain-GEMM path for 1x1 stride-1 unpadded convs
-    conv_fwd_tf32.cu    the same forward on the tensor cores (mma.sync m16n8k8, TF32 inputs, float32
-                        sums): configurations with mma="tf32", candidates only when TENSOR_CORES
-                        is on (CNNC_TENSOR_CORES=1), off by default until a GPU run verifies it
+    conv_fwd_mma.cu     the same forward on the tensor cores (mma.sync, tensor_tile.cuh): operands
+                        rounded to tf32, bf16 or fp16 in registers, float32 sums
     conv_bwd_data.cu    dX, implicit GEMM over the stride phases (only the taps that land on the
                         stride grid), plus `conv_wt`, the weight transpose it reads
     conv_bwd_filter.cu  dW, implicit GEMM with split-K over batch*P*Q (partials, then
                         conv_reduce.cu: deterministic, no atomics)
+                        (both backward kernels: float32 FMAs, or with MMA the tensor cores)
     conv_bias.cu        the activation's gradient dy·f'(z, y) (fused) and dbias, one pass over dy
     conv_dw.cu          depthwise (groups == C == K): direct forward, data and weight gradients
     conv_reduce.cu      sums split partials in order
 
-`specs(node, training, config=None)` lists every KernelSpec a node needs (what `cnnc compile`
-builds ahead of time); `KERNELS` holds the forward/backward pairs of the kernel contract
-(backends/base.py). Tile configurations (`CONFIGS`) are ordered per problem by a small cost
+`specs(node, training, config=None, precision="fp32")` lists every KernelSpec a node needs (what
+`cnnc compile` builds ahead of time); `KERNELS` holds the forward/backward pairs of the kernel
+contract (backends/base.py), `kernels_in(precision)` the same computing in a precision.
+
+Precision: a float32 plan runs the FMA kernels (with CNNC_TENSOR_CORES=1 the TF32 forward
+configurations are tuner candidates too, as PyTorch's allow_tf32); a plan in tf32, bf16 or fp16
+(`train: precision=`) runs all three passes on the tensor cores, configurations MMA_CONFIGS of
+that precision, rounding what the matmuls read (x and the weight forward; dz, the weight and x
+backward) as the NumPy backend's emulation does. The output gradient is rounded on entry, as
+there (the bias gradient and a residual's read it rounded); the tensor cores round dz = dy·f'
+once more, which changes nothing without a fused activation or with relu.
+Depthwise problems run conv_dw.cu in every precision, in float32 on operands rounded first
+(rounding.round_to), the values the tensor cores would multiply. Tile configurations (`CONFIGS`) are ordered per problem by a small cost
 model (`configs_for`); with the tuner on (`tuner.MODE` != "off"), `tuner.choose` times the
 leading candidates on first use per problem and batch size and remembers the winner. The cost
 model assumes a batch of DEFAULT_BATCH when it cannot know the batch (ahead of time, and with
@@ -41,6 +51,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 
@@ -48,7 +59,7 @@ from cnnc.backends.base import Kernel
 from cnnc.compiler.ops import OPS
 from cnnc.dsl.errors import CnncError
 
-from . import device, tuner
+from . import device, rounding, tuner
 from . import elementwise as ew
 from .source import KernelSpec
 
@@ -57,7 +68,9 @@ DEFAULT_BATCH = 32  # the batch the cost model assumes when it does not know the
 PASSES = ("fwd", "bwd_data", "bwd_filter")
 SMALL_THREADS = 256  # block size of the element-wise, bias, reduction and depthwise kernels
 MAX_SPLITS = 64
-TENSOR_CORES = os.environ.get("CNNC_TENSOR_CORES") == "1"  # TF32 forward candidates (conv_fwd_tf32.cu)
+TENSOR_CORES = os.environ.get("CNNC_TENSOR_CORES") == "1"  # TF32 forward candidates in float32 plans
+MMA_CODES = rounding.CODES  # a configuration's `mma` → the kernels' MMA macro (1 tf32, 2 bf16, 3 fp16)
+MMA_KSTEP = {"tf32": 8, "bf16": 16, "fp16": 16}  # reduction per mma instruction
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -70,8 +83,9 @@ def _cdiv(a: int, b: int) -> int:
 class Config:
     """A GEMM tile: BLOCK_M x BLOCK_N outputs per block, BLOCK_K reduction steps per shared tile,
     THREAD_M x THREAD_N outputs per thread; `splits` is the weight gradient's split-K (None: the
-    cost model's choice); `mma` "tf32" runs the forward on the tensor cores (conv_fwd_tf32.cu: 32 x 32
-    outputs per warp, thread_m and thread_n unused). The repr is stable: it keys the tuning cache."""
+    cost model's choice); `mma` "tf32", "bf16" or "fp16" runs the pass on the tensor cores in that
+    precision (tensor_tile.cuh: 32 x 32 outputs per warp, thread_m and thread_n unused). The repr
+    is stable: it keys the tuning cache."""
 
     block_m: int
     block_n: int
@@ -93,16 +107,25 @@ class Config:
 
     def tile_defines(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-                    THREAD_M=self.thread_m, THREAD_N=self.thread_n)
+                    THREAD_M=self.thread_m, THREAD_N=self.thread_n, MMA=MMA_CODES.get(self.mma, 0))
+
+    @property
+    def precision(self) -> str:
+        """What the pass computes in: the mma precision, or fp32."""
+        return self.mma or "fp32"
 
 
 def check_config(cfg: Config) -> None:
     """The templates' static_asserts, checked early with a readable message."""
     bm, bn, bk, tm, tn = cfg.block_m, cfg.block_n, cfg.block_k, cfg.thread_m, cfg.thread_n
     if cfg.mma:
-        problems = [(cfg.mma == "tf32", f"mma {cfg.mma!r}: only 'tf32'"),
-                    (bm % 32 == 0 and bn % 32 == 0 and bm > 0 and bn > 0, "tensor-core tiles are whole 32 x 32 warp tiles"),
-                    (bk > 0 and bk % 8 == 0, "block_k must be a multiple of 8 (the mma k-step)"),
+        if cfg.mma not in MMA_CODES:
+            raise ValueError(f"{cfg!r}: mma {cfg.mma!r}: one of {', '.join(MMA_CODES)}")
+        step = MMA_KSTEP[cfg.mma]
+        problems = [(bm % 32 == 0 and bn % 32 == 0 and bm > 0 and bn > 0, "tensor-core tiles are whole 32 x 32 warp tiles"),
+                    (bk > 0 and bk % step == 0, f"block_k must be a multiple of {step} (the {cfg.mma} mma k-step)"),
+                    (bk % max(1, cfg.threads // max(1, min(bn, cfg.threads))) == 0, "B tile mapping (block_n vs threads)"),
+                    (cfg.splits is None or 1 <= cfg.splits <= 65535, "splits"),
                     (32 <= cfg.threads <= 1024 and cfg.threads % bk == 0, f"{cfg.threads} threads"),
                     (cfg.shared_bytes <= 48 * 1024, f"{cfg.shared_bytes} bytes of static shared memory")]
         bad = [msg for ok, msg in problems if not ok]
@@ -135,12 +158,12 @@ CONFIGS: tuple[Config, ...] = (
     Config(32, 64, 16, 4, 4),    # 128 threads: small and narrow
     Config(16, 64, 16, 4, 4),    # 64 threads: <= 16 filters per group (GoogLeNet's 5x5 reduce)
 )
-# the tensor-core forward: 4 warps of 32 x 32 outputs; 8 warps
-TF32_CONFIGS: tuple[Config, ...] = (
-    Config(64, 64, 8, 0, 0, mma="tf32"),
-    Config(128, 64, 8, 0, 0, mma="tf32"),
-)
-for _c in CONFIGS + TF32_CONFIGS:
+# the tensor-core kernels, per precision: 4 warps of 32 x 32 outputs; 8 warps, taller or wider
+MMA_CONFIGS: dict[str, tuple[Config, ...]] = {
+    p: (Config(64, 64, 16, 0, 0, mma=p), Config(128, 64, 16, 0, 0, mma=p), Config(64, 128, 16, 0, 0, mma=p))
+    for p in MMA_CODES}
+TF32_CONFIGS = MMA_CONFIGS["tf32"]  # float32 plans' forward candidates under TENSOR_CORES
+for _c in CONFIGS + sum(MMA_CONFIGS.values(), ()):
     check_config(_c)
 
 
@@ -312,20 +335,24 @@ def _best_splits(cfg: Config, prob: Problem, batch: int) -> int:
     return min(options, key=lambda s: (_filter_seconds(cfg, prob, batch, s), s))
 
 
-def configs_for(prob: Problem, pass_: str = "fwd", batch: int | None = None) -> list[Config]:
-    """CONFIGS ordered by the cost model for one pass of `prob` (best first); weight-gradient
+def configs_for(prob: Problem, pass_: str = "fwd", batch: int | None = None, precision: str = "fp32") -> list[Config]:
+    """The configurations that compute one pass of `prob` in `precision` (CONFIGS for fp32,
+    MMA_CONFIGS otherwise), ordered by the cost model (best first); weight-gradient
     configurations carry their split-K. `batch` None assumes DEFAULT_BATCH."""
     batch = batch or DEFAULT_BATCH
+    if precision != "fp32" and precision not in MMA_CONFIGS:
+        raise CnncError(f"the CUDA conv kernels compute in fp32, {', '.join(MMA_CONFIGS)}; not {precision}")
+    pool = CONFIGS if precision == "fp32" else MMA_CONFIGS[precision]
     if pass_ == "bwd_filter":
-        cands = [replace(c, splits=_best_splits(c, prob, batch)) for c in CONFIGS]
+        cands = [replace(c, splits=_best_splits(c, prob, batch)) for c in pool]
         cost = {c: _filter_seconds(c, prob, batch, c.splits) for c in cands}
     else:
         m, n, red, z = _gemm_shape(prob, pass_, batch)
-        cands = list(CONFIGS)
+        cands = list(pool)
         cost = {c: _gemm_seconds(c, m, n, red, z) for c in cands}
     order = {c: i for i, c in enumerate(cands)}  # ties: the list's order
     ranked = sorted(cands, key=lambda c: (cost[c], order[c]))
-    if pass_ == "fwd" and TENSOR_CORES:  # no cost model for them yet: timed first by the tuner
+    if pass_ == "fwd" and TENSOR_CORES and precision == "fp32":  # no cost model for them yet: timed first
         return list(TF32_CONFIGS) + ranked
     return ranked
 
@@ -351,7 +378,7 @@ REDUCE_SPEC = KernelSpec.make("conv_reduce.cu", ("reduce_splits",))
 
 
 def _fwd_spec(prob: Problem, epi: Epilogue, cfg: Config) -> KernelSpec:
-    template = "conv_fwd_tf32.cu" if cfg.mma == "tf32" else "conv_fwd.cu"
+    template = "conv_fwd_mma.cu" if cfg.mma else "conv_fwd.cu"
     return KernelSpec.make(template, ("conv_fwd",), **prob.defines(), **cfg.tile_defines(), **epi.defines())
 
 
@@ -381,9 +408,11 @@ def _dw_bwd_spec(prob: Problem, splits: int) -> KernelSpec:
                            SPLITS=int(splits), **prob.defines())
 
 
-def _given(config, pass_: str, prob: Problem) -> Config | None:
+def _given(config, pass_: str, prob: Problem, precision: str = "fp32") -> Config | None:
     """The configuration a caller fixed for a pass (a Config for every pass, or a dict by pass);
-    a weight-gradient split left None is the cost model's for DEFAULT_BATCH, as in `specs`."""
+    a weight-gradient split left None is the cost model's for DEFAULT_BATCH, as in `specs`. In a
+    reduced precision the configuration must compute in it; in fp32 a tensor-core one is the
+    caller's choice of TF32 (or bf16, fp16) for that pass."""
     if config is None:
         return None
     cfg = config.get(pass_) if isinstance(config, dict) else config
@@ -391,22 +420,23 @@ def _given(config, pass_: str, prob: Problem) -> Config | None:
         return None
     if not isinstance(cfg, Config):
         cfg = Config(**cfg)
-    if cfg.mma and pass_ != "fwd":  # the tensor-core kernel is a forward: the other passes' own choice
-        return None
+    if precision != "fp32" and cfg.precision != precision:
+        raise CnncError(f"conv configuration {cfg!r} computes in {cfg.precision}, the plan in {precision}",
+                        hint=f"give one of MMA_CONFIGS[{precision!r}] or leave the choice to the tuner")
     check_config(cfg)
     if pass_ == "bwd_filter" and cfg.splits is None:
         cfg = replace(cfg, splits=_best_splits(cfg, prob, DEFAULT_BATCH))
     return cfg
 
 
-def _static_config(pass_: str, prob: Problem, config=None) -> Config:
-    return _given(config, pass_, prob) or configs_for(prob, pass_)[0]
+def _static_config(pass_: str, prob: Problem, config=None, precision: str = "fp32") -> Config:
+    return _given(config, pass_, prob, precision) or configs_for(prob, pass_, precision=precision)[0]
 
 
-def specs(node, training: bool, config=None) -> list[KernelSpec]:
-    """Every kernel spec `node` (conv or fused_conv) runs: forward, and when training the data
-    and weight gradients, the bias/activation gradient and the split reduction. With config
-    None, the cost model's first choice (what runs when the tuner is off)."""
+def specs(node, training: bool, config=None, precision: str = "fp32") -> list[KernelSpec]:
+    """Every kernel spec `node` (conv or fused_conv) runs in `precision`: forward, and when
+    training the data and weight gradients, the bias/activation gradient and the split
+    reduction. With config None, the cost model's first choice (what runs when the tuner is off)."""
     prob = Problem.from_node(node)
     epi = _epilogue(node, training)
     # a training plan also runs forwards outside training (evaluation), without SAVE_PRE
@@ -417,15 +447,17 @@ def specs(node, training: bool, config=None) -> list[KernelSpec]:
         if training:
             out.append(_dw_bwd_spec(prob, _dw_splits(prob)))
     else:
-        cfg = _static_config("fwd", prob, config)
+        cfg = _static_config("fwd", prob, config, precision)
         out += [_fwd_spec(prob, e, cfg) for e in fwd_epis]
         if training:
-            out.append(_bwd_data_spec(prob, _static_config("bwd_data", prob, config)))
-            out.append(_bwd_filter_spec(prob, _static_config("bwd_filter", prob, config)))
+            out.append(_bwd_data_spec(prob, _static_config("bwd_data", prob, config, precision)))
+            out.append(_bwd_filter_spec(prob, _static_config("bwd_filter", prob, config, precision)))
     if training:
         if epi.act != "none" or epi.bias:
             out.append(_bias_spec(prob, epi))
         out.append(REDUCE_SPEC)
+    if precision != "fp32" and (training or prob.depthwise):  # dy on entry; a depthwise conv's operands
+        out.append(rounding.round_spec(precision))
     return out
 
 
@@ -459,18 +491,19 @@ def _i32(v: int):
 _chosen: dict[str, Config] = {}
 
 
-def _pick(pass_: str, prob: Problem, batch: int, config, time_fn) -> Config:
-    """The configuration of a pass: the caller's, else the tuner's (once per problem and batch),
-    else the cost model's first (tuner off: the one `specs` compiled ahead of time)."""
-    cfg = _given(config, pass_, prob)
+def _pick(pass_: str, prob: Problem, batch: int, config, time_fn, precision: str = "fp32") -> Config:
+    """The configuration of a pass in `precision`: the caller's, else the tuner's (once per
+    problem, batch and precision), else the cost model's first (tuner off: the one `specs`
+    compiled ahead of time)."""
+    cfg = _given(config, pass_, prob, precision)
     if cfg is not None:
         return cfg
     mode = tuner.MODE
     if mode == "off":
-        return configs_for(prob, pass_)[0]
-    key = f"conv_{pass_}|{prob.key}|n{batch}"
+        return configs_for(prob, pass_, precision=precision)[0]
+    key = f"conv_{pass_}|{prob.key}|n{batch}" + ("" if precision == "fp32" else f"|{precision}")
     if f"{mode}|{key}" not in _chosen:
-        _chosen[f"{mode}|{key}"] = tuner.choose(key, configs_for(prob, pass_, batch), time_fn, mode)
+        _chosen[f"{mode}|{key}"] = tuner.choose(key, configs_for(prob, pass_, batch, precision), time_fn, mode)
     return _chosen[f"{mode}|{key}"]
 
 
@@ -507,9 +540,9 @@ def _launch_bwd_filter(prob: Problem, cfg: Config, x, dz, dw, n: int) -> None:
         _reduce(out, dw, prob.k * crs, splits)
 
 
-def _forward(node, x, params, residual, config, training: bool):
-    """z = conv(x) + bias + residual, y = f(z) with the kernel's epilogue; returns (y, x, z), z
-    the pre-activation where the epilogue saved it (else None)."""
+def _forward(node, x, params, residual, config, training: bool, precision: str = "fp32"):
+    """z = conv(x) + bias + residual, y = f(z) with the kernel's epilogue, the GEMM in
+    `precision`; returns (y, x, z), z the pre-activation where the epilogue saved it (else None)."""
     prob = Problem.from_node(node)
     epi = _epilogue(node, training)
     x = _dev(x)
@@ -525,6 +558,8 @@ def _forward(node, x, params, residual, config, training: bool):
     if n == 0:
         return y, x, z
     if prob.depthwise:
+        if precision != "fp32":  # float32 FMAs on the values the format holds
+            x, w = rounding.round_to(x, precision), rounding.round_to(w, precision)  # x saved rounded
         fn = device.function(_dw_fwd_spec(prob, epi), "conv_dw_fwd")
         fn((_cdiv(prob.p * prob.q, SMALL_THREADS), prob.c, n), _block(SMALL_THREADS),
            (x, w, bias, res, y, pre, _i32(n)))
@@ -535,15 +570,15 @@ def _forward(node, x, params, residual, config, training: bool):
         return tuner.time_launches(lambda: _launch_fwd(prob, epi, cfg, x, w, bias, res, scratch,
                                                        device.empty(y.shape) if epi.save_pre else scratch, n))
 
-    cfg = _pick("fwd", prob, n, config, timed)
+    cfg = _pick("fwd", prob, n, config, timed, precision)
     _launch_fwd(prob, epi, cfg, x, w, bias, res, y, pre, n)
     return y, x, z
 
 
-def _backward(node, x, dy, params, y, z, config):
+def _backward(node, x, dy, params, y, z, config, precision: str = "fp32"):
     """(dx, dparams, dz): dz = f'(z, y)·dy (dy itself without activation), dbias = Σ dz,
-    dx and dW from dz. y and z: the forward's output and pre-activation, where the derivative
-    reads them."""
+    dx and dW from dz, their GEMMs in `precision`. y and z: the forward's output and
+    pre-activation, where the derivative reads them."""
     prob = Problem.from_node(node)
     epi = _epilogue(node, True)
     has_bias = epi.bias
@@ -553,7 +588,7 @@ def _backward(node, x, dy, params, y, z, config):
         if missing:
             raise CnncError(f"conv `{node.name}`: backward needs the activation's {' and '.join(missing)}, which a "
                             "forward outside training does not keep")
-    dy = _dev(dy)
+    dy = _dev(dy) if precision == "fp32" else rounding.round_to(dy, precision)  # autocast's dy arrives rounded
     x = _dev(x)
     w = _dev(params["weight"])
     n = int(dy.shape[0])
@@ -583,6 +618,8 @@ def _backward(node, x, dy, params, y, z, config):
         return dx, {"weight": dw, **dparams}, dz
 
     if prob.depthwise:
+        if precision != "fp32":  # (dz comes from the rounded dy, x is the forward's rounded one)
+            w = rounding.round_to(w, precision)
         splits = _dw_splits(prob)
         spec = _dw_bwd_spec(prob, splits)
         device.function(spec, "conv_dw_bwd_data")(
@@ -603,16 +640,16 @@ def _backward(node, x, dy, params, y, z, config):
         scratch = device.empty(dw.shape)
         return tuner.time_launches(lambda: _launch_bwd_filter(prob, cfg, x, dz, scratch, n))
 
-    _launch_bwd_data(prob, _pick("bwd_data", prob, n, config, timed_data), dz, w, dx, n)
-    _launch_bwd_filter(prob, _pick("bwd_filter", prob, n, config, timed_filter), x, dz, dw, n)
+    _launch_bwd_data(prob, _pick("bwd_data", prob, n, config, timed_data, precision), dz, w, dx, n)
+    _launch_bwd_filter(prob, _pick("bwd_filter", prob, n, config, timed_filter, precision), x, dz, dw, n)
     return dx, {"weight": dw, **dparams}, dz
 
 
-def launcher(node, pass_: str, arrays, config=None):
-    """(run, config): `run()` launches one pass of `node` (no bias, no epilogue) on preallocated
-    device arrays, for benchmarks and tests. Arrays by pass: fwd (x, w, y), bwd_data (dy, w, dx),
-    bwd_filter (x, dy, dw); the configuration is the caller's, the tuner's or the cost model's.
-    Depthwise problems have no tile configuration (config None)."""
+def launcher(node, pass_: str, arrays, config=None, precision: str = "fp32"):
+    """(run, config): `run()` launches one pass of `node` (no bias, no epilogue) in `precision` on
+    preallocated device arrays, for benchmarks and tests. Arrays by pass: fwd (x, w, y), bwd_data
+    (dy, w, dx), bwd_filter (x, dy, dw); the configuration is the caller's, the tuner's or the
+    cost model's. Depthwise problems have no tile configuration (config None)."""
     prob = Problem.from_node(node)
     a, b, out = arrays
     n = int(a.shape[0])
@@ -634,34 +671,34 @@ def launcher(node, pass_: str, arrays, config=None):
     def timed(cfg):
         return tuner.time_launches(run_with(cfg))
 
-    cfg = _pick(pass_, prob, n, config, timed)
+    cfg = _pick(pass_, prob, n, config, timed, precision)
     return run_with(cfg), cfg
 
 
 # ---- the kernel contract --------------------------------------------------------------------
 
-def conv_forward(node, xs, params, ctx, config=None):
-    y, x, _ = _forward(node, xs[0], params, None, config, bool(ctx.training))
+def conv_forward(node, xs, params, ctx, config=None, precision="fp32"):
+    y, x, _ = _forward(node, xs[0], params, None, config, bool(ctx.training), precision)
     return y, (x,)
 
 
-def conv_backward(node, saved, dy, params, ctx, config=None):
+def conv_backward(node, saved, dy, params, ctx, config=None, precision="fp32"):
     (x,) = saved
-    dx, dparams, _ = _backward(node, x, dy, params, None, None, config)
+    dx, dparams, _ = _backward(node, x, dy, params, None, None, config, precision)
     return [dx], dparams
 
 
-def fused_conv_forward(node, xs, params, ctx, config=None):
+def fused_conv_forward(node, xs, params, ctx, config=None, precision="fp32"):
     a = node.attrs
     residual = xs[1] if a.residual else None
-    y, x, z = _forward(node, xs[0], params, residual, config, bool(ctx.training))
+    y, x, z = _forward(node, xs[0], params, residual, config, bool(ctx.training), precision)
     keep_y = a.activation != "none" and "output" in ew.reads(a.activation)
     return y, (x, y if keep_y else None, z)
 
 
-def fused_conv_backward(node, saved, dy, params, ctx, config=None):
+def fused_conv_backward(node, saved, dy, params, ctx, config=None, precision="fp32"):
     x, y, z = saved
-    dx, dparams, dz = _backward(node, x, dy, params, y, z, config)
+    dx, dparams, dz = _backward(node, x, dy, params, y, z, config, precision)
     return ([dx, dz] if node.attrs.residual else [dx]), dparams
 
 
@@ -669,3 +706,12 @@ KERNELS = {
     "conv": Kernel(conv_forward, conv_backward),
     "fused_conv": Kernel(fused_conv_forward, fused_conv_backward),
 }
+
+
+def kernels_in(precision: str) -> dict[str, Kernel]:
+    """KERNELS computing their GEMMs on the tensor cores in `precision` (fp32: KERNELS)."""
+    if precision == "fp32":
+        return KERNELS
+    configs_for(Problem(1, 1, 1, 1, 1, 1, 1, 1), precision=precision)  # a clear error for an unknown precision
+    return {op: Kernel(partial(k.forward, precision=precision), partial(k.backward, precision=precision))
+            for op, k in KERNELS.items()}

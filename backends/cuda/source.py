@@ -11,9 +11,10 @@ kernel (or a changed op table) is never served from a stale cache. Nothing here 
 Shared headers: a template line `#include "cnnc/NAME"` names one of `SHARED` (the element-wise
 ops generated from the op table, `elementwise.py`; the GEMM register-tile loop,
 `kernels/gemm_tile.cuh`; the forward conv kernels' tile loaders and main loop,
-`kernels/conv_tiles.cuh`). Rendering drops the line from the spec's namespace and the
-translation unit holds each included header once, at file scope, before the specs; headers are
-self-contained and guarded, so the order of specs does not matter.
+`kernels/conv_tiles.cuh`; the tensor-core tile product, `kernels/tensor_tile.cuh`). Rendering
+drops the line from the spec's namespace and the translation unit holds each included header
+once, at file scope, before the specs; headers are self-contained and guarded, so the order of
+specs does not matter.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ SHARED = {
     "cnnc/elementwise.cuh": _elementwise_header,
     "cnnc/gemm_tile.cuh": lambda: template_text("gemm_tile.cuh"),
     "cnnc/conv_tiles.cuh": lambda: template_text("conv_tiles.cuh"),
+    "cnnc/tensor_tile.cuh": lambda: template_text("tensor_tile.cuh"),
 }
 _INCLUDE = re.compile(r'^[ \t]*#include[ \t]+"(cnnc/[^"]+)"[ \t]*$', re.M)
 

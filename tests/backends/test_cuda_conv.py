@@ -36,8 +36,9 @@ import numpy as np
 import pytest
 
 from cnnc.backends.base import Ctx, NodeInfo
-from cnnc.backends.cuda import conv, device, elementwise, nvcc, source, tuner
+from cnnc.backends.cuda import conv, device, elementwise, nvcc, rounding, source, tuner
 from cnnc.backends.numpy import NumpyBackend
+from cnnc.backends.numpy.precision import round_to
 from cnnc.compiler.graph import inputs_of
 from cnnc.compiler.ops import OPS, formula_args, resolve_pads
 from cnnc.compiler.pipeline import check
@@ -140,6 +141,19 @@ CONFIG_CASES = [(f"{pid}-cfg{i}", op, kw, shape, batch, replace(cfg, splits=spli
                 for pid, op, kw, shape, batch, splits in CONFIG_PROBLEMS for i, cfg in enumerate(conv.CONFIGS)]
 
 
+# the tensor-core passes: every precision and configuration on a pointwise (float4-loaded), a
+# gather problem with tails everywhere, and a fused stride-2 one (relu, residual), grouped
+MMA_PROBLEMS = [
+    ("1x1-vec", "conv", dict(filters=20, kernel=1), (12, 4, 4), 2, 1),
+    ("k33-gather", "conv", dict(filters=33, kernel=3, pad=1), (5, 7, 7), 3, 3),
+    ("fused-s2-relu-res-g2", "fused_conv", dict(filters=24, kernel=3, stride=2, pad=1, round="floor", groups=2,
+                                                activation="relu", residual=True), (8, 8, 8), 2, 2),
+]
+MMA_CASES = [(f"{pid}-{cfg.mma}-{cfg.block_m}x{cfg.block_n}", op, kw, shape, batch, replace(cfg, splits=splits))
+             for pid, op, kw, shape, batch, splits in MMA_PROBLEMS
+             for p in conv.MMA_CODES for cfg in conv.MMA_CONFIGS[p]]
+
+
 def odd_nodes() -> list[NodeInfo]:
     return [make_node(op, kw, shape) for _, op, kw, shape, _ in ODD]
 
@@ -151,10 +165,12 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def run_case(node: NodeInfo, batch: int, to_dev, to_host, config=None) -> dict[str, float]:
-    """Forward and backward of `node` with conv.KERNELS (on whatever `device` is) against the
-    NumPy backend in float64; returns relative errors by output. Also checks that the inputs
-    and dy are not written."""
+def run_case(node: NodeInfo, batch: int, to_dev, to_host, config=None, precision: str = "fp32") -> dict[str, float]:
+    """Forward and backward of `node` with conv.KERNELS (on whatever `device` is), or with
+    conv.kernels_in(precision), against the NumPy backend in float64 on the same operands rounded
+    to the precision (the input, the weight and dy: exact for a conv without activation or with
+    relu, whose derivative commutes with rounding); returns relative errors by output. Also checks
+    that the inputs and dy are not written."""
     op, a = node.op, node.attrs
     rng = np.random.default_rng(zlib.crc32(repr((node.attrs, node.in_shapes, batch)).encode()))
     specs = OPS[op].params(a, list(node.in_shapes[:1]))
@@ -165,14 +181,16 @@ def run_case(node: NodeInfo, batch: int, to_dev, to_host, config=None) -> dict[s
     d_params = {k: to_dev(v.astype(np.float32)) for k, v in params.items()}
     d_xs = [to_dev(v.astype(np.float32)) for v in xs]
     d_dy = to_dev(dy.astype(np.float32))
-    kernel = conv.KERNELS[op]
+    kernel = conv.kernels_in(precision)[op]
     y, saved = kernel.forward(node, d_xs, d_params, Ctx(training=True), config=config)
     dxs, dparams = kernel.backward(node, saved, d_dy, d_params, Ctx(training=True), config=config)
 
-    # the NumPy backend's own kernels for the same node, in float64
+    # the NumPy backend's own kernels for the same node, in float64, on the rounded operands
     ref = NUMPY.kernel(op)
-    y_ref, s_ref = ref.forward(node, xs, params, Ctx(training=True))
-    dxs_ref, dp_ref = ref.backward(node, s_ref, dy, params, Ctx(training=True))
+    rounded = lambda a: round_to(a.astype(np.float32), precision).astype(np.float64)  # noqa: E731
+    ref_params = {k: rounded(v) if k == "weight" else v for k, v in params.items()}
+    y_ref, s_ref = ref.forward(node, [rounded(xs[0]), *xs[1:]], ref_params, Ctx(training=True))
+    dxs_ref, dp_ref = ref.backward(node, s_ref, rounded(dy), ref_params, Ctx(training=True))
     errs = {"y": rel(to_host(y), y_ref)}
     assert len(dxs) == len(node.in_shapes) == len(dxs_ref)
     errs["dx"] = rel(to_host(dxs[0]), dxs_ref[0])
@@ -263,8 +281,9 @@ def test_nvcc_compiles_every_spec_for_sm90(tmp_path):
             default |= {s.key for s in found}
             specs += found
     for node in [make_node("conv", dict(filters=64, kernel=3, pad=1), (64, 28, 28))]:  # every config too
-        for cfg in conv.CONFIGS + conv.TF32_CONFIGS:  # the tensor-core forward (test_cuda_conv_tf32.py) too
-            specs += conv.specs(node, True, config=cfg)
+        for cfg in conv.CONFIGS + sum(conv.MMA_CONFIGS.values(), ()):  # the tensor-core passes too
+            specs += conv.specs(node, True, config=cfg, precision=cfg.precision)
+    specs += [rounding.round_spec(p) for p in conv.MMA_CODES]
     unique = {s.key: s for s in specs}
     resources = nvcc.compile_specs(list(unique.values()), tmp_path)
     by_symbol = {r.kernel: r for r in resources}
@@ -368,6 +387,74 @@ static void __syncthreads() {
     swapcontext(&emu::fibers[emu::cur].ctx, &emu::sched);
 }
 
+// the tensor cores (tensor_tile.cuh's six instructions), from the PTX ISA's fragment tables: each
+// lane posts its registers, a barrier, each lane computes its own accumulators from its warp's
+// posts (products exact, sums in double, rounded once to float), a barrier before the posts are
+// reused. Block-wide barriers stand in for the warp's: the kernels issue mma from every warp in
+// lockstep (a lane that did not would fail the launch as a diverged barrier).
+#define CNNC_EMULATOR 1
+static inline unsigned emu_bits(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+static inline unsigned cnnc_tf32(float v) {  // round to nearest even, 13 bits dropped; inf and NaN kept
+    unsigned u = emu_bits(v);
+    if ((u & 0x7F800000u) == 0x7F800000u) return u;
+    return (u + 0xFFFu + ((u >> 13) & 1u)) & 0xFFFFE000u;
+}
+static inline unsigned emu_bf16(float v) {
+    unsigned u = emu_bits(v);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u >> 16) | 0x40u;  // NaN: a quiet NaN
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+static inline unsigned emu_f16(float v) { _Float16 h = (_Float16)v; unsigned short b; memcpy(&b, &h, 2); return b; }
+static inline unsigned cnnc_pack_bf16(float lo, float hi) { return emu_bf16(lo) | (emu_bf16(hi) << 16); }
+static inline unsigned cnnc_pack_f16(float lo, float hi) { return emu_f16(lo) | (emu_f16(hi) << 16); }
+static inline float cnnc_f16_to_f32(unsigned short b) { _Float16 h; memcpy(&h, &b, 2); return (float)h; }
+namespace emu {
+struct MmaPost { unsigned a[4], b[2]; };
+static MmaPost posts[1024];
+}
+// KIND 1 tf32 m16n8k8, 2 bf16 m16n8k16, 3 fp16 m16n8k16
+template <int KIND>
+static void emu_mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    const int t = emu::cur;
+    for (int i = 0; i < 4; ++i) emu::posts[t].a[i] = a[i];
+    for (int i = 0; i < 2; ++i) emu::posts[t].b[i] = b[i];
+    __syncthreads();
+    const int w0 = t / 32 * 32, lane = t % 32;
+    double A[16][16] = {}, B[16][8] = {};
+    auto half = [](unsigned r, int h) -> double {
+        const unsigned short bits = (unsigned short)(r >> (16 * h));
+        if (KIND == 2) return (double)__uint_as_float((unsigned)bits << 16);
+        return (double)cnnc_f16_to_f32(bits);
+    };
+    for (int l = 0; l < 32; ++l) {
+        const int g = l / 4, q = l % 4;
+        const emu::MmaPost& p = emu::posts[w0 + l];
+        if (KIND == 1) {
+            for (int i = 0; i < 4; ++i) A[g + 8 * (i % 2)][q + 4 * (i / 2)] = __uint_as_float(p.a[i] & 0xFFFFE000u);
+            for (int i = 0; i < 2; ++i) B[q + 4 * i][g] = __uint_as_float(p.b[i] & 0xFFFFE000u);
+        } else {
+            for (int r = 0; r < 4; ++r)
+                for (int h = 0; h < 2; ++h) A[g + 8 * (r % 2)][2 * q + h + 8 * (r / 2)] = half(p.a[r], h);
+            for (int r = 0; r < 2; ++r)
+                for (int h = 0; h < 2; ++h) B[2 * q + h + 8 * r][g] = half(p.b[r], h);
+        }
+    }
+    const int kdim = KIND == 1 ? 8 : 16, gid = lane / 4, tig = lane % 4;
+    for (int c = 0; c < 4; ++c) {
+        const int row = gid + 8 * (c / 2), col = 2 * tig + c % 2;
+        double sum = d[c];
+        for (int k = 0; k < kdim; ++k) sum += A[row][k] * B[k][col];
+        d[c] = (float)sum;
+    }
+    __syncthreads();
+}
+static inline void cnnc_mma_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<1>(d, a, b); }
+template <bool BF16>
+static inline void cnnc_mma_16bit(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    emu_mma<BF16 ? 2 : 3>(d, a, b);
+}
+
 template <class... A, size_t... I>
 static void emu_call(void (*fn)(A...), void** args, std::index_sequence<I...>) {
     fn(*reinterpret_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
@@ -457,12 +544,14 @@ def _emu_build(specs, workdir: Path) -> ctypes.CDLL:
 
 class EmulatedDevice:
     """Stands in for backends/cuda/device.py: NumPy arrays, POISONed outputs, emulated kernels.
-    `missing` collects specs a kernel launched that the prebuilt set (conv.specs) lacked."""
+    `missing` collects specs a kernel launched that the prebuilt set (conv.specs) lacked,
+    `launched` every (template, entry, key) fetched for a launch."""
 
     def __init__(self, workdir: Path, specs):
         self.workdir = workdir
         self.libs: dict[str, ctypes.CDLL] = {}
         self.missing: list = []
+        self.launched: list = []
         self.seed = 0
         unique = list({s.key: s for s in specs}.values())
         jobs = max(1, min(os.cpu_count() or 1, 8))
@@ -479,6 +568,7 @@ class EmulatedDevice:
         return np.full(shape, np.nan, dtype=dtype)
 
     def function(self, spec, entry):
+        self.launched.append((spec.template, entry, spec.key))
         lib = self.libs.get(spec.key)
         if lib is None:
             self.missing.append((spec.template, entry, dict(spec.defines)))
@@ -535,8 +625,8 @@ def emulator(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed (the CPU emulator compiles the kernels with it)")
     specs = []
-    for _, op, kw, shape, _, config in EMU_CASES:
-        specs += conv.specs(make_node(op, kw, shape), True, config=config)
+    for _, op, kw, shape, _, config in EMU_CASES + MMA_CASES:
+        specs += conv.specs(make_node(op, kw, shape), True, config=config, precision=config.precision if config else "fp32")
     return EmulatedDevice(tmp_path_factory.mktemp("emu"), specs)
 
 
@@ -546,6 +636,7 @@ def on_emulator(emulator, monkeypatch):
         monkeypatch.setattr(device, name, getattr(emulator, name))
     monkeypatch.setattr(tuner, "MODE", "off")
     emulator.missing.clear()
+    emulator.launched.clear()
     return emulator
 
 
@@ -556,6 +647,19 @@ def test_emulated_kernels_match_numpy(case, on_emulator):
     errs = run_case(node, batch, lambda a: a, np.asarray, config=config)
     assert_close(errs, cid)
     assert not on_emulator.missing, f"kernels ran that conv.specs did not list: {on_emulator.missing}"
+
+
+@pytest.mark.parametrize("case", MMA_CASES, ids=[c[0] for c in MMA_CASES])
+def test_emulated_tensor_core_kernels_match_numpy_on_rounded_operands(case, on_emulator):
+    """conv_fwd_mma.cu, and the data and weight gradients built with MMA, run on the emulator's
+    tensor cores: equal to NumPy's float64 convolution of the operands rounded to the precision."""
+    cid, op, kw, shape, batch, config = case
+    node = make_node(op, kw, shape)
+    errs = run_case(node, batch, lambda a: a, np.asarray, config=config, precision=config.mma)
+    assert_close(errs, cid)
+    assert not on_emulator.missing, f"kernels ran that conv.specs did not list: {on_emulator.missing}"
+    templates = {t for t, _, _ in on_emulator.launched}
+    assert "conv_fwd_mma.cu" in templates and "conv_fwd.cu" not in templates
 
 
 UNWRITTEN_SHARED = r'''
@@ -613,11 +717,12 @@ class _NumpyAsCupy:
         return np.asarray(a)
 
 
-def _emulate_network(g, workdir: Path, monkeypatch) -> EmulatedDevice:
+def _emulate_network(g, workdir: Path, monkeypatch, precision: str | None = None) -> EmulatedDevice:
     """The whole CUDA backend on the emulator for graph g: every kernel a training plan launches
-    (the optimizer and loss kernels aside) compiled with g++, NumPy arrays in place of CuPy."""
+    (in `precision`, default the train section's; the optimizer and loss kernels aside) compiled
+    with g++, NumPy arrays in place of CuPy."""
     from cnnc.backends.cuda import specs_for_graph
-    emu = EmulatedDevice(workdir, [s for s in specs_for_graph(g, training=True)
+    emu = EmulatedDevice(workdir, [s for s in specs_for_graph(g, training=True, precision=precision)
                                    if s.template not in ("optim.cu", "loss.cu")])
     monkeypatch.setattr(device, "cupy", lambda: _NumpyAsCupy())
     monkeypatch.setattr(device, "function", emu.function)
@@ -672,8 +777,8 @@ def gpu_kernels():
     """Every kernel the GPU tests run, compiled ahead of time with nvcc in parallel chunks
     (NVRTC, one spec at a time, would take minutes); without nvcc, NVRTC compiles on demand."""
     specs = []
-    for _, op, kw, shape, _, config in EMU_CASES:
-        specs += conv.specs(make_node(op, kw, shape), True, config=config)
+    for _, op, kw, shape, _, config in EMU_CASES + MMA_CASES:
+        specs += conv.specs(make_node(op, kw, shape), True, config=config, precision=config.precision if config else "fp32")
     for _, node in NETWORK_CASES:
         specs += conv.specs(node, True)
     for _, op, kw, shape, _ in BIG:
@@ -697,6 +802,14 @@ def on_gpu(gpu_kernels, monkeypatch):
 def test_gpu_kernels_match_numpy(case, on_gpu):
     cid, op, kw, shape, batch, config = case
     assert_close(run_case(make_node(op, kw, shape), batch, *on_gpu, config=config), cid)
+
+
+@pytest.mark.parametrize("case", MMA_CASES, ids=[c[0] for c in MMA_CASES])
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_tensor_core_kernels_match_numpy_on_rounded_operands(case, on_gpu):
+    cid, op, kw, shape, batch, config = case
+    assert_close(run_case(make_node(op, kw, shape), batch, *on_gpu, config=config, precision=config.mma), cid)
 
 
 @pytest.mark.parametrize("case", NETWORK_CASES, ids=[c[0] for c in NETWORK_CASES])

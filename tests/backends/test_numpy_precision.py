@@ -188,11 +188,15 @@ def test_precision_plan_rounds_the_matmul_kinds_of_the_op_table_only():
         OPS[s.node.op].kind not in MATMUL_KINDS for s in plain.steps]
 
 
-def test_backends_declare_their_precisions_and_cuda_refuses_bf16_naming_the_setting():
+def test_backends_declare_their_precisions_and_one_without_bf16_refuses_it_naming_the_setting():
     assert NumpyBackend.precisions == {"fp32", "tf32", "bf16", "fp16"}
-    cuda = backend_class("cuda")  # the class only: no GPU needed
-    assert cuda.precisions == {"fp32"}
-    cuda.check_precision("fp32")
+    assert backend_class("cuda").precisions == {"fp32", "tf32", "bf16", "fp16"}  # the class only: no GPU needed
+
+    class Fp32Only(NumpyBackend):
+        name = "fp32only"
+        precisions = frozenset({"fp32"})
+
+    Fp32Only.check_precision("fp32")
     with pytest.raises(CnncError) as err:
-        cuda.check_precision("bf16", "net.cnn")
+        Fp32Only.check_precision("bf16", "net.cnn")
     assert "net.cnn" in err.value.message and "precision=bf16" in err.value.message and "fp32" in err.value.message

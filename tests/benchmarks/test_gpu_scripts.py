@@ -70,10 +70,15 @@ def test_sanitize_driver_enumerates_every_kernel_configuration(capsys):
                 {(c.block_m, c.block_n, c.block_k, c.thread_m, c.thread_n) for c in conv.CONFIGS}
             assert len(simt) == len(conv.CONFIGS) * len(sanitize.SPLITS)
             assert {c.splits for c in simt} == set(sanitize.SPLITS)
-            assert [c for c in mine if c.mma] == list(conv.TF32_CONFIGS)
+            every_mma = [cfg for configs in conv.MMA_CONFIGS.values() for cfg in configs]
+            plain = problem.kw.get("activation", "none") in ("none", "relu")
+            assert [c for c in mine if c.mma] == (every_mma if plain else [])
     templates = {s.template for c in sanitize.cases("small") for s in sanitize.case_specs(c)}
-    assert templates == {"conv_fwd.cu", "conv_fwd_tf32.cu", "conv_bwd_data.cu", "conv_bwd_filter.cu", "conv_bias.cu",
-                         "conv_reduce.cu", "conv_dw.cu"}
+    assert templates == {"conv_fwd.cu", "conv_fwd_mma.cu", "conv_bwd_data.cu", "conv_bwd_filter.cu", "conv_bias.cu",
+                         "conv_reduce.cu", "conv_dw.cu", "round.cu"}  # round.cu: dy on entry in a reduced precision
+    mma_specs = [s for c in sanitize.cases("small") if c.config is not None and c.config.mma
+                 for s in sanitize.case_specs(c)]
+    assert {s.define("MMA") for s in mma_specs if s.template.startswith("conv_bwd")} == {1, 2, 3}
     vgg = sanitize.make_node(sanitize.PROBLEMS["vgg19"][0])
     assert conv.Problem.from_node(vgg) == conv.Problem(512, 8, 8, 512, 3, 3, 8, 8, 1, 1, 1, 1)
     assert sanitize.main(["--list"]) == 0
@@ -93,8 +98,9 @@ def test_sanitize_driver_runs_its_cases_right_on_the_emulator(tmp_path, monkeypa
         pytest.skip("g++ is not installed (the CPU emulator compiles the kernels with it)")
     sanitize = load("gpu_sanitize")
     cases = [c for c in sanitize.cases("small") if c.problem.name == "gather-k33-tails"
-             and c.config.block_m == 32 and c.config.block_n == 64 and c.config.splits == 3]
-    assert len(cases) == 1
+             and ((c.config.block_m == 32 and c.config.block_n == 64 and c.config.splits == 3)
+                  or c.config == conv.MMA_CONFIGS["bf16"][0])]
+    assert len(cases) == 2
     emu = EmulatedDevice(tmp_path, [s for c in cases for s in sanitize.case_specs(c)])
     for name in ("cupy", "empty", "function"):
         monkeypatch.setattr(device, name, getattr(emu, name))
@@ -115,7 +121,10 @@ def test_gpu_conv_dry_run_checks_the_layer_table_and_formats_a_table(capsys):
                     cudnn_ms_by_setting={"fp32": 0.4, "fp32_cl": 0.35, "tf32": 0.2, "tf32_cl": 0.1}, rel_err=1e-7,
                     **{"pass": p}) for p in gpu_conv.PASSES]
     text = gpu_conv.table(records, tf32=True)
-    assert "geometric mean ours/cuDNN fwd" in text and "1.25" in text and "148.00 TFLOP/s" in text
+    assert "geometric mean ours/cuDNN fp32 fwd" in text and "1.25" in text and "148.00 TFLOP/s" in text
+    bf16 = [dict(r, precision="bf16", cudnn_ms_by_setting={"bf16": 0.1, "bf16_cl": 0.08}) for r in records]
+    text = gpu_conv.table(bf16, tf32=True)
+    assert "geometric mean ours/cuDNN bf16 fwd" in text and "TF32" not in text
 
 
 def test_gpu_train_dry_run(capsys):

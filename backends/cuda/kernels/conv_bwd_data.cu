@@ -25,13 +25,18 @@
 // blocks, float4 weight loads when CG % 4 == 0 (no transpose needed: As[k][c] = a wt row),
 // float4 stores when the stride is 1 and H*W % 4 == 0.
 //
+// MMA 1, 2, 3 (tf32, bf16, fp16): the same loaders and main loop with the tile product on the
+// tensor cores (tensor_tile.cuh: 32 x 32 outputs per warp, THREAD_M and THREAD_N unused) and
+// scalar stores of each lane's accumulators; MMA 0: float32 FMAs in THREAD_M x THREAD_N blocks.
+//
 // Macros: C H W K R S P Q STRIDE_H STRIDE_W PAD_T PAD_L DIL_H DIL_W GROUPS, BLOCK_M BLOCK_N
-// BLOCK_K THREAD_M THREAD_N.
+// BLOCK_K THREAD_M THREAD_N MMA.
 // Launches: conv_wt: grid (ceil(K*CG*R*S / 256)), block (256);
 //           conv_bwd_data: grid (ceil(N*HC*WC / BLOCK_N), ceil(CG / BLOCK_M), GROUPS*STRIDE_H*STRIDE_W),
 //           block (THREADS).
 
 #include "cnnc/gemm_tile.cuh"
+#include "cnnc/tensor_tile.cuh"
 
 constexpr int CG = C / GROUPS;
 constexpr int KG = K / GROUPS;
@@ -41,9 +46,9 @@ constexpr int PQ = P * Q;
 constexpr int HC = (H + STRIDE_H - 1) / STRIDE_H;  // rows of the largest phase class
 constexpr int WC = (W + STRIDE_W - 1) / STRIDE_W;
 constexpr int NPHASE = STRIDE_H * STRIDE_W;
-constexpr int TM_T = BLOCK_M / THREAD_M;
-constexpr int TN_T = BLOCK_N / THREAD_N;
-constexpr int THREADS = TM_T * TN_T;
+constexpr int TM_T = MMA ? 1 : BLOCK_M / THREAD_M;  // (FMA) threads along a tile's rows
+constexpr int TN_T = MMA ? 1 : BLOCK_N / THREAD_N;
+constexpr int THREADS = MMA ? (BLOCK_M / 32) * (BLOCK_N / 32) * 32 : TM_T * TN_T;
 // blocks per SM that __launch_bounds__ asks registers for: caps them at 128 for 256-thread
 // blocks (2 per SM), at 168 for smaller ones (3 blocks of 128 threads)
 constexpr int REG_CAP = THREADS >= 256 ? 128 : 168;
@@ -54,8 +59,9 @@ constexpr int BPAD = BLOCK_N + 4;
 constexpr int WT_THREADS = 256;
 
 static_assert(C % GROUPS == 0 && K % GROUPS == 0, "groups must divide channels and filters");
-static_assert(THREAD_M % 4 == 0 && THREAD_N % 4 == 0, "register tiles are read as float4s");
-static_assert(BLOCK_M % THREAD_M == 0 && BLOCK_N % THREAD_N == 0, "tile sizes");
+static_assert(MMA || (THREAD_M % 4 == 0 && THREAD_N % 4 == 0), "register tiles are read as float4s");
+static_assert(MMA ? BLOCK_M % 32 == 0 && BLOCK_N % 32 == 0 : BLOCK_M % THREAD_M == 0 && BLOCK_N % THREAD_N == 0,
+              "tile sizes");
 static_assert(BLOCK_K % 4 == 0, "BLOCK_K must be a multiple of 4");
 static_assert(THREADS % 32 == 0 && THREADS <= 1024, "whole warps");
 
@@ -76,6 +82,17 @@ static_assert(BLOCK_N % B_NT == 0 && THREADS % B_NT == 0 && BLOCK_K % B_RSTEP ==
 
 constexpr bool OUT_VEC = STRIDE_H == 1 && STRIDE_W == 1 && HW % 4 == 0;
 
+// the pixel (img, h, ww) of GEMM column n in the class (h0, w0); false past the batch or the image
+__device__ __forceinline__ bool column_pixel(int n, int ncols, int h0, int w0, int& img, int& h, int& ww) {
+    img = n / (HC * WC);
+    const int rem = n - img * (HC * WC);
+    const int ci = rem / WC;
+    const int cj = rem - ci * WC;
+    h = h0 + ci * STRIDE_H;
+    ww = w0 + cj * STRIDE_W;
+    return n < ncols && h < H && ww < W;
+}
+
 // wt[g][r*S + s][k][c] = w[g*KG + k][c][r][s]
 extern "C" __global__ void __launch_bounds__(WT_THREADS)
 KERNEL(conv_wt)(const float* __restrict__ w, float* __restrict__ wt) {
@@ -91,11 +108,15 @@ KERNEL(conv_wt)(const float* __restrict__ w, float* __restrict__ wt) {
     }
 }
 
+#if MMA
+using Tile = CnncTensorTile<MMA, BLOCK_K, APAD, BPAD, BLOCK_N / 32>;
+#else
 // BLOCK_K rank-1 updates of the thread's THREAD_M x THREAD_N accumulators (gemm_tile.cuh)
 __device__ __forceinline__ void mma_tile(const float (*as)[APAD], const float (*bs)[BPAD], int tm, int tn,
                                          float (&acc)[THREAD_M][THREAD_N]) {
     cnnc_mma_tile<BLOCK_K, THREAD_M, THREAD_N, TM_T, TN_T, APAD, BPAD>(as, bs, tm, tn, acc);
 }
+#endif
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 KERNEL(conv_bwd_data)(const float* __restrict__ dy, const float* __restrict__ wt, float* __restrict__ dx,
@@ -212,11 +233,15 @@ KERNEL(conv_bwd_data)(const float* __restrict__ dy, const float* __restrict__ wt
             for (int j = 0; j < B_COLS; ++j) bs[brow0 + i * B_RSTEP][bcol0 + j * B_NT] = br[i * B_COLS + j];
     };
 
+#if MMA
+    Tile tile(tid);
+#else
     float acc[THREAD_M][THREAD_N];
 #pragma unroll
     for (int i = 0; i < THREAD_M; ++i)
 #pragma unroll
         for (int j = 0; j < THREAD_N; ++j) acc[i][j] = 0.f;
+#endif
 
     if (nstages > 0) {  // uniform over the block
         load(0);
@@ -227,26 +252,43 @@ KERNEL(conv_bwd_data)(const float* __restrict__ dy, const float* __restrict__ wt
             const int cur = st & 1;
             const bool more = st + 1 < nstages;
             if (more) load(st + 1);
+#if MMA
+            tile.product(As[cur], Bs[cur]);
+#else
             mma_tile(As[cur], Bs[cur], tm, tn, acc);
+#endif
             if (more) store(As[cur ^ 1], Bs[cur ^ 1]);
             __syncthreads();
         }
     }
 
+#if MMA
+    // ---- epilogue: dx[img][g*CG + c][h][w], each accumulator where its lane's fragment puts it ---
+#pragma unroll
+    for (int j = 0; j < Tile::NI; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {  // the lane's two columns of mma tile j (c & 1)
+            int img, h, ww;
+            if (column_pixel(n0 + tile.col(j, e), ncols, h0, w0, img, h, ww)) {
+                const long long cofs = (long long)img * C * HW + h * W + ww;
+#pragma unroll
+                for (int i = 0; i < Tile::MI; ++i)
+#pragma unroll
+                    for (int hi = 0; hi < 2; ++hi) {  // rows gid and gid + 8 (c >= 2)
+                        const int c = m0 + tile.row(i, 2 * hi + e);
+                        if (c < CG) dx[cofs + (long long)(g * CG + c) * HW] = tile.acc[i][j][2 * hi + e];
+                    }
+            }
+        }
+#else
     // ---- epilogue: dx[img][g*CG + c][h][w], one column at a time (decoded once, then all rows) ---
 #pragma unroll
     for (int j = 0; j < THREAD_N; ++j) {
         // with OUT_VEC (stride 1, HC = H, WC = W, H*W % 4 == 0) a quad's 4 columns are 4
         // neighbouring pixels of one image, 16-byte aligned, and whole: only j % 4 == 0 stores
         if (OUT_VEC && j % 4 != 0) continue;
-        const int n = n0 + ((j / 4) * TN_T + tn) * 4 + (j % 4);
-        const int img = n / (HC * WC);
-        const int rem = n - img * (HC * WC);
-        const int ci = rem / WC;
-        const int cj = rem - ci * WC;
-        const int h = h0 + ci * STRIDE_H;
-        const int ww = w0 + cj * STRIDE_W;
-        if (n < ncols && h < H && ww < W) {
+        int img, h, ww;
+        if (column_pixel(n0 + ((j / 4) * TN_T + tn) * 4 + (j % 4), ncols, h0, w0, img, h, ww)) {
             const long long cofs = (long long)img * C * HW + h * W + ww;
 #pragma unroll
             for (int i = 0; i < THREAD_M; ++i) {
@@ -262,4 +304,5 @@ KERNEL(conv_bwd_data)(const float* __restrict__ dy, const float* __restrict__ wt
             }
         }
     }
+#endif
 }

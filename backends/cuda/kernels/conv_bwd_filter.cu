@@ -21,12 +21,17 @@
 // 16-byte aligned since the split ranges start at multiples of BLOCK_K); float4 stores when
 // CRS % 4 == 0.
 //
+// MMA 1, 2, 3 (tf32, bf16, fp16): the same loaders, split-K and main loop with the tile product
+// on the tensor cores (tensor_tile.cuh: 32 x 32 outputs per warp, THREAD_M and THREAD_N unused)
+// and scalar stores of each lane's accumulators; MMA 0: float32 FMAs in THREAD_M x THREAD_N blocks.
+//
 // Macros: C H W K R S P Q STRIDE_H STRIDE_W PAD_T PAD_L DIL_H DIL_W GROUPS, BLOCK_M BLOCK_N
-// BLOCK_K THREAD_M THREAD_N SPLITS.
+// BLOCK_K THREAD_M THREAD_N SPLITS MMA.
 // Launch: grid (ceil(CRS / BLOCK_N), ceil(KG / BLOCK_M), GROUPS * SPLITS), block (THREADS);
 // arguments (x, dy, out, N, per_split) with per_split = BLOCK_K * ceil(ceil(N*P*Q / BLOCK_K) / SPLITS).
 
 #include "cnnc/gemm_tile.cuh"
+#include "cnnc/tensor_tile.cuh"
 
 constexpr int CG = C / GROUPS;
 constexpr int KG = K / GROUPS;
@@ -34,9 +39,9 @@ constexpr int RS = R * S;
 constexpr int HW = H * W;
 constexpr int PQ = P * Q;
 constexpr int CRS = CG * RS;
-constexpr int TM_T = BLOCK_M / THREAD_M;
-constexpr int TN_T = BLOCK_N / THREAD_N;
-constexpr int THREADS = TM_T * TN_T;
+constexpr int TM_T = MMA ? 1 : BLOCK_M / THREAD_M;  // (FMA) threads along a tile's rows
+constexpr int TN_T = MMA ? 1 : BLOCK_N / THREAD_N;
+constexpr int THREADS = MMA ? (BLOCK_M / 32) * (BLOCK_N / 32) * 32 : TM_T * TN_T;
 // blocks per SM that __launch_bounds__ asks registers for: caps them at 128 for 256-thread
 // blocks (2 per SM), at 168 for smaller ones (3 blocks of 128 threads)
 constexpr int REG_CAP = THREADS >= 256 ? 128 : 168;
@@ -45,8 +50,9 @@ constexpr int APAD = BLOCK_M + 4;
 constexpr int BPAD = BLOCK_N + 4;
 
 static_assert(C % GROUPS == 0 && K % GROUPS == 0, "groups must divide channels and filters");
-static_assert(THREAD_M % 4 == 0 && THREAD_N % 4 == 0, "register tiles are read as float4s");
-static_assert(BLOCK_M % THREAD_M == 0 && BLOCK_N % THREAD_N == 0, "tile sizes");
+static_assert(MMA || (THREAD_M % 4 == 0 && THREAD_N % 4 == 0), "register tiles are read as float4s");
+static_assert(MMA ? BLOCK_M % 32 == 0 && BLOCK_N % 32 == 0 : BLOCK_M % THREAD_M == 0 && BLOCK_N % THREAD_N == 0,
+              "tile sizes");
 static_assert(BLOCK_K % 4 == 0, "BLOCK_K must be a multiple of 4");
 static_assert(THREADS % 32 == 0 && THREADS <= 1024, "whole warps");
 static_assert(SPLITS >= 1, "SPLITS");
@@ -71,11 +77,15 @@ static_assert(BLOCK_N % B_NT == 0 && THREADS % B_NT == 0 && BLOCK_K % B_RSTEP ==
 
 constexpr bool OUT_VEC = CRS % 4 == 0;
 
+#if MMA
+using Tile = CnncTensorTile<MMA, BLOCK_K, APAD, BPAD, BLOCK_N / 32>;
+#else
 // BLOCK_K rank-1 updates of the thread's THREAD_M x THREAD_N accumulators (gemm_tile.cuh)
 __device__ __forceinline__ void mma_tile(const float (*as)[APAD], const float (*bs)[BPAD], int tm, int tn,
                                          float (&acc)[THREAD_M][THREAD_N]) {
     cnnc_mma_tile<BLOCK_K, THREAD_M, THREAD_N, TM_T, TN_T, APAD, BPAD>(as, bs, tm, tn, acc);
 }
+#endif
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 KERNEL(conv_bwd_filter)(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out,
@@ -183,11 +193,15 @@ KERNEL(conv_bwd_filter)(const float* __restrict__ x, const float* __restrict__ d
             for (int j = 0; j < B_COLS; ++j) bs[brow0 + i * B_RSTEP][bcol0 + j * B_NT] = br[i * B_COLS + j];
     };
 
+#if MMA
+    Tile tile(tid);
+#else
     float acc[THREAD_M][THREAD_N];
 #pragma unroll
     for (int i = 0; i < THREAD_M; ++i)
 #pragma unroll
         for (int j = 0; j < THREAD_N; ++j) acc[i][j] = 0.f;
+#endif
 
     if (ntiles > 0) {  // uniform over the block
         load(0);
@@ -198,7 +212,11 @@ KERNEL(conv_bwd_filter)(const float* __restrict__ x, const float* __restrict__ d
             const int cur = kt & 1;
             const bool more = kt + 1 < ntiles;
             if (more) load(kt + 1);
+#if MMA
+            tile.product(As[cur], Bs[cur]);
+#else
             mma_tile(As[cur], Bs[cur], tm, tn, acc);
+#endif
             if (more) store(As[cur ^ 1], Bs[cur ^ 1]);
             __syncthreads();
         }
@@ -206,6 +224,11 @@ KERNEL(conv_bwd_filter)(const float* __restrict__ x, const float* __restrict__ d
 
     // ---- epilogue: out[split][g*KG + m][n] (out is dw itself when SPLITS == 1) -----------------
     float* __restrict__ o = out + (long long)split * K * CRS;
+#if MMA
+    tile.each(m0, n0, [&](int m, int n, float v) {
+        if (m < KG && n < CRS) o[(long long)(g * KG + m) * CRS + n] = v;
+    });
+#else
 #pragma unroll
     for (int i = 0; i < THREAD_M; ++i) {
         const int m = m0 + ((i / 4) * TM_T + tm) * 4 + (i % 4);
@@ -226,4 +249,5 @@ KERNEL(conv_bwd_filter)(const float* __restrict__ x, const float* __restrict__ d
             }
         }
     }
+#endif
 }

@@ -21,7 +21,7 @@
 // BLOCK_K at a time. Tiles of A (weights) and B (gathered input) go through registers into
 // double-buffered shared memory: the global loads of tile t+1 are issued before the FMAs of
 // tile t, and one __syncthreads per tile separates the buffers (the loaders and this main loop are
-// conv_tiles.cuh's, shared with conv_fwd_tf32.cu). Each thread accumulates
+// conv_tiles.cuh's, shared with conv_fwd_mma.cu). Each thread accumulates
 // THREAD_M x THREAD_N outputs in registers (2-D register blocking), reading float4s from
 // shared memory: its rows are m = (i/4 * TM_T + tm) * 4 + i%4, its columns likewise, so that
 // neighbouring threads read neighbouring float4s (no bank conflicts).

@@ -1,5 +1,5 @@
 // conv_tiles.cuh: the operand tiles shared by the implicit-GEMM forward conv kernels (conv_fwd.cu,
-// float32 FMAs; conv_fwd_tf32.cu, tensor cores), included once per translation unit at file scope
+// float32 FMAs; conv_fwd_mma.cu, tensor cores), included once per translation unit at file scope
 // (source.py) and instantiated by each spec with its problem and tile constants.
 //
 // With conv_fwd.cu's GEMM view: the weight tile A (BLOCK_M filters x BLOCK_K reduction indices)
