@@ -4,7 +4,7 @@ compute-sanitizer wraps (memcheck, racecheck, initcheck), and a run-to-run deter
 Each case is one conv node (a problem of `PROBLEMS`) with one tile configuration for all three
 passes (forward, data gradient, weight gradient; split-K 1 and 3 for the weight gradient), a
 tensor-core configuration of each precision (conv.MMA_CONFIGS: tf32, bf16, fp16, all three
-passes on the tensor cores), or a depthwise node (its direct kernels, no configuration). A case
+passes on the tensor cores), a Winograd forward (conv.WINO_CONFIGS, 3x3 stride 1), or a depthwise node (its direct kernels, no configuration). A case
 runs forward and backward through `conv.kernels_in(precision)`, exactly as a network does (bias
 gradient, weight transpose, split reduction included), and its results are compared with the
 NumPy backend in float64 on the operands rounded to the case's precision. With
@@ -94,9 +94,10 @@ def make_node(problem: Problem):
 
 
 def cases(which: str = "small") -> list[Case]:
-    """Every configuration of conv.CONFIGS with every split count per tiled problem, and every
+    """Every configuration of conv.CONFIGS with every split count per tiled problem, every
     tensor-core configuration of every precision where the reference's rounding of dy and the
-    kernels' of dz agree (no activation, relu); one case per depthwise problem."""
+    kernels' of dz agree (no activation, relu), and the Winograd forward's configurations on 3x3
+    stride-1 problems; one case per depthwise problem."""
     from cnnc.backends.cuda import conv
 
     out = []
@@ -109,6 +110,8 @@ def cases(which: str = "small") -> list[Case]:
                 out.append(Case(problem, replace(cfg, splits=splits)))
         if problem.kw.get("activation", "none") in ("none", "relu"):  # where rounding dy and dz agree
             out += [Case(problem, cfg) for configs in conv.MMA_CONFIGS.values() for cfg in configs]
+        if conv.Problem.from_node(make_node(problem)).winograd:  # the Winograd forward's four kernels
+            out += [Case(problem, cfg) for cfg in conv.WINO_CONFIGS]
     return out
 
 

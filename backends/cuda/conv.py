@@ -9,6 +9,9 @@ argument, so one compiled kernel serves every batch size. The kernels (`kernels/
                         it `fused_conv` too; a plain-GEMM path for 1x1 stride-1 unpadded convs
     conv_fwd_mma.cu     the same forward on the tensor cores (mma.sync, tensor_tile.cuh): operands
                         rounded to tf32, bf16 or fp16 in registers, float32 sums
+    conv_wino.cu        the forward of 3x3 stride-1 convs by Winograd F(2x2, 3x3): filter and
+                        input transforms, 16 GEMMs, output transform with the fused epilogue;
+                        configurations with algo="winograd", tuner candidates (WINO_CONFIGS)
     conv_bwd_data.cu    dX, implicit GEMM over the stride phases (only the taps that land on the
                         stride grid), plus `conv_wt`, the weight transpose it reads
     conv_bwd_filter.cu  dW, implicit GEMM with split-K over batch*P*Q (partials, then
@@ -84,8 +87,9 @@ class Config:
     """A GEMM tile: BLOCK_M x BLOCK_N outputs per block, BLOCK_K reduction steps per shared tile,
     THREAD_M x THREAD_N outputs per thread; `splits` is the weight gradient's split-K (None: the
     cost model's choice); `mma` "tf32", "bf16" or "fp16" runs the pass on the tensor cores in that
-    precision (tensor_tile.cuh: 32 x 32 outputs per warp, thread_m and thread_n unused). The repr
-    is stable: it keys the tuning cache."""
+    precision (tensor_tile.cuh: 32 x 32 outputs per warp, thread_m and thread_n unused); `algo`
+    "winograd" runs a 3x3 stride-1 forward by Winograd F(2x2, 3x3), the tile being its GEMMs'
+    (conv_wino.cu). The repr is stable: it keys the tuning cache."""
 
     block_m: int
     block_n: int
@@ -94,6 +98,7 @@ class Config:
     thread_n: int
     splits: int | None = None
     mma: str = ""
+    algo: str = ""
 
     @property
     def threads(self) -> int:
@@ -118,6 +123,8 @@ class Config:
 def check_config(cfg: Config) -> None:
     """The templates' static_asserts, checked early with a readable message."""
     bm, bn, bk, tm, tn = cfg.block_m, cfg.block_n, cfg.block_k, cfg.thread_m, cfg.thread_n
+    if cfg.algo not in ("", "winograd") or (cfg.algo and cfg.mma):
+        raise ValueError(f"{cfg!r}: algo {cfg.algo!r}: '' (implicit GEMM) or 'winograd' (float32 FMAs)")
     if cfg.mma:
         if cfg.mma not in MMA_CODES:
             raise ValueError(f"{cfg!r}: mma {cfg.mma!r}: one of {', '.join(MMA_CODES)}")
@@ -163,7 +170,14 @@ MMA_CONFIGS: dict[str, tuple[Config, ...]] = {
     p: (Config(64, 64, 16, 0, 0, mma=p), Config(128, 64, 16, 0, 0, mma=p), Config(64, 128, 16, 0, 0, mma=p))
     for p in MMA_CODES}
 TF32_CONFIGS = MMA_CONFIGS["tf32"]  # float32 plans' forward candidates under TENSOR_CORES
-for _c in CONFIGS + sum(MMA_CONFIGS.values(), ()):
+# Winograd F(2x2, 3x3) forwards, their GEMMs' tiles (K filters x tiles, reduction C)
+WINO_CONFIGS: tuple[Config, ...] = (
+    Config(128, 128, 8, 8, 8, algo="winograd"),
+    Config(64, 128, 8, 8, 8, algo="winograd"),
+    Config(64, 64, 16, 8, 4, algo="winograd"),
+)
+WINO_MAX_BYTES = 1 << 30  # its three workspaces at most (larger batches keep the implicit GEMM)
+for _c in CONFIGS + sum(MMA_CONFIGS.values(), ()) + WINO_CONFIGS:
     check_config(_c)
 
 
@@ -225,6 +239,22 @@ class Problem:
         return dict(C=self.c, H=self.h, W=self.w, K=self.k, R=self.r, S=self.s, P=self.p, Q=self.q,
                     STRIDE_H=self.stride_h, STRIDE_W=self.stride_w, PAD_T=self.pad_t, PAD_L=self.pad_l,
                     DIL_H=self.dil_h, DIL_W=self.dil_w, GROUPS=self.groups)
+
+    @property
+    def winograd(self) -> bool:
+        """A problem Winograd F(2x2, 3x3) computes: 3x3, stride 1, no dilation, one group."""
+        return (self.r == self.s == 3 and self.stride_h == self.stride_w == 1 and self.dil_h == self.dil_w == 1
+                and self.groups == 1)
+
+    def wino_tiles(self, batch: int) -> tuple[int, int]:
+        """(T, TS): the 2x2 output tiles of a batch, and T rounded up to 4 (the workspaces' rows)."""
+        t = batch * _cdiv(self.p, 2) * _cdiv(self.q, 2)
+        return t, _cdiv(t, 4) * 4
+
+    def wino_bytes(self, batch: int) -> int:
+        """Bytes of Winograd's workspaces U, V and M at `batch`."""
+        _, ts = self.wino_tiles(batch)
+        return 4 * 16 * (self.c * self.k + self.c * ts + self.k * ts)
 
     def flops(self, batch: int) -> int:
         """Multiply-adds x 2 of one pass (forward, data or weight gradient: the same count)."""
@@ -354,6 +384,12 @@ def configs_for(prob: Problem, pass_: str = "fwd", batch: int | None = None, pre
     ranked = sorted(cands, key=lambda c: (cost[c], order[c]))
     if pass_ == "fwd" and TENSOR_CORES and precision == "fp32":  # no cost model for them yet: timed first
         return list(TF32_CONFIGS) + ranked
+    if pass_ == "fwd" and precision == "fp32" and prob.winograd and prob.wino_bytes(batch) <= WINO_MAX_BYTES:
+        # Winograd's best GEMM tile second: the tuner times it (fast mode times the first three)
+        # against the implicit GEMM, which stays first, the choice with the tuner off
+        _, ts = prob.wino_tiles(batch)
+        wino = sorted(WINO_CONFIGS, key=lambda c: _gemm_seconds(c, prob.k, ts, prob.c, 16))
+        return ranked[:1] + wino[:1] + ranked[1:] + wino[1:]
     return ranked
 
 
@@ -377,7 +413,14 @@ def _bias_splits(k: int, batch: int, pq: int) -> tuple[int, int]:
 REDUCE_SPEC = KernelSpec.make("conv_reduce.cu", ("reduce_splits",))
 
 
+WINO_ENTRIES = ("wino_filter", "wino_input", "wino_gemm", "wino_output")
+
+
 def _fwd_spec(prob: Problem, epi: Epilogue, cfg: Config) -> KernelSpec:
+    if cfg.algo == "winograd":
+        if not prob.winograd:
+            raise CnncError(f"Winograd F(2x2, 3x3) computes 3x3 stride-1 convolutions, not {prob.key}")
+        return KernelSpec.make("conv_wino.cu", WINO_ENTRIES, **prob.defines(), **cfg.tile_defines(), **epi.defines())
     template = "conv_fwd_mma.cu" if cfg.mma else "conv_fwd.cu"
     return KernelSpec.make(template, ("conv_fwd",), **prob.defines(), **cfg.tile_defines(), **epi.defines())
 
@@ -423,6 +466,11 @@ def _given(config, pass_: str, prob: Problem, precision: str = "fp32") -> Config
     if precision != "fp32" and cfg.precision != precision:
         raise CnncError(f"conv configuration {cfg!r} computes in {cfg.precision}, the plan in {precision}",
                         hint=f"give one of MMA_CONFIGS[{precision!r}] or leave the choice to the tuner")
+    if cfg.algo == "winograd":
+        if pass_ != "fwd":  # a forward algorithm: the other passes are the cost model's
+            return None
+        if not prob.winograd:
+            raise CnncError(f"Winograd F(2x2, 3x3) computes 3x3 stride-1 convolutions of one group, not {prob.key}")
     check_config(cfg)
     if pass_ == "bwd_filter" and cfg.splits is None:
         cfg = replace(cfg, splits=_best_splits(cfg, prob, DEFAULT_BATCH))
@@ -512,7 +560,25 @@ def _reduce(partial, out, length: int, splits: int) -> None:
     fn((_cdiv(length, SMALL_THREADS), 1, 1), _block(SMALL_THREADS), (partial, out, _i32(length), _i32(splits)))
 
 
+def _launch_wino(prob: Problem, epi: Epilogue, cfg: Config, x, w, bias, res, y, pre, n: int) -> None:
+    spec = _fwd_spec(prob, epi, cfg)
+    t, ts = prob.wino_tiles(n)
+    u = device.empty((16, prob.c, prob.k))
+    v = device.empty((16, prob.c, ts))
+    m = device.empty((16, prob.k, ts))
+    small = (SMALL_THREADS, 1, 1)
+    device.function(spec, "wino_filter")((_cdiv(prob.c * prob.k, SMALL_THREADS), 1, 1), small, (w, u))
+    device.function(spec, "wino_input")((_cdiv(prob.c * ts, SMALL_THREADS), 1, 1), small, (x, v, _i32(n), _i32(ts)))
+    grid = (_cdiv(ts, cfg.block_n), _cdiv(prob.k, cfg.block_m), 16)
+    device.function(spec, "wino_gemm")(grid, _block(cfg.threads), (u, v, m, _i32(ts)))
+    device.function(spec, "wino_output")((_cdiv(prob.k * t, SMALL_THREADS), 1, 1), small,
+                                         (m, bias, res, y, pre, _i32(n), _i32(ts)))
+
+
 def _launch_fwd(prob: Problem, epi: Epilogue, cfg: Config, x, w, bias, res, y, pre, n: int) -> None:
+    if cfg.algo == "winograd":
+        _launch_wino(prob, epi, cfg, x, w, bias, res, y, pre, n)
+        return
     fn = device.function(_fwd_spec(prob, epi, cfg), "conv_fwd")
     grid = (_cdiv(n * prob.p * prob.q, cfg.block_n), _cdiv(prob.kg, cfg.block_m), prob.groups)
     fn(grid, _block(cfg.threads), (x, w, bias, res, y, pre, _i32(n)))

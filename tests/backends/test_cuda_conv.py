@@ -39,6 +39,7 @@ from cnnc.backends.base import Ctx, NodeInfo
 from cnnc.backends.cuda import conv, device, elementwise, nvcc, rounding, source, tuner
 from cnnc.backends.numpy import NumpyBackend
 from cnnc.backends.numpy.precision import round_to
+from cnnc.dsl.errors import CnncError
 from cnnc.compiler.graph import inputs_of
 from cnnc.compiler.ops import OPS, formula_args, resolve_pads
 from cnnc.compiler.pipeline import check
@@ -154,6 +155,20 @@ MMA_CASES = [(f"{pid}-{cfg.mma}-{cfg.block_m}x{cfg.block_n}", op, kw, shape, bat
              for p in conv.MMA_CODES for cfg in conv.MMA_CONFIGS[p]]
 
 
+# Winograd F(2x2, 3x3) forwards (the other passes the cost model's): odd output sizes (partial
+# tiles), K not a multiple of 4 (scalar U loads), valid padding, non-square, the fused epilogue
+WINO_PROBLEMS = [
+    ("k33-c5-7x7", "conv", dict(filters=33, kernel=3, pad=1), (5, 7, 7), 3),
+    ("valid-c12-6x6", "conv", dict(filters=8, kernel=3), (12, 6, 6), 2),
+    ("fused-relu-res-5x6", "fused_conv", dict(filters=16, kernel=3, pad=1, activation="relu", residual=True),
+     (6, 5, 6), 2),
+    ("fused-gelu-save-pre", "fused_conv", dict(filters=12, kernel=3, pad=1, activation="gelu", bias=False),
+     (4, 6, 6), 2),
+]
+WINO_CASES = [(f"wino-{pid}-{cfg.block_m}x{cfg.block_n}", op, kw, shape, batch, cfg)
+              for pid, op, kw, shape, batch in WINO_PROBLEMS for cfg in conv.WINO_CONFIGS]
+
+
 def odd_nodes() -> list[NodeInfo]:
     return [make_node(op, kw, shape) for _, op, kw, shape, _ in ODD]
 
@@ -229,7 +244,14 @@ def test_configs_are_valid_and_ordered_per_problem():
         for pass_ in conv.PASSES:
             for batch in (None, 1, 64):
                 order = conv.configs_for(prob, pass_, batch)
-                assert sorted(map(repr, [replace(c, splits=None) for c in order])) == sorted(map(repr, conv.CONFIGS))
+                gemm = [c for c in order if not c.algo]
+                assert sorted(map(repr, [replace(c, splits=None) for c in gemm])) == sorted(map(repr, conv.CONFIGS))
+                assert order[0] == gemm[0]  # the implicit GEMM first: what runs with the tuner off
+                wino = [c for c in order if c.algo]
+                assert sorted(wino, key=repr) == (sorted(conv.WINO_CONFIGS, key=repr)
+                                                  if pass_ == "fwd" and prob.winograd else [])
+                if wino:
+                    assert order[1] == wino[0]  # timed by the fast tuner
                 if pass_ == "bwd_filter":
                     assert all(1 <= c.splits <= conv.MAX_SPLITS for c in order)
     # a long reduction and few output tiles: the weight gradient splits
@@ -281,7 +303,7 @@ def test_nvcc_compiles_every_spec_for_sm90(tmp_path):
             default |= {s.key for s in found}
             specs += found
     for node in [make_node("conv", dict(filters=64, kernel=3, pad=1), (64, 28, 28))]:  # every config too
-        for cfg in conv.CONFIGS + sum(conv.MMA_CONFIGS.values(), ()):  # the tensor-core passes too
+        for cfg in conv.CONFIGS + sum(conv.MMA_CONFIGS.values(), ()) + conv.WINO_CONFIGS:  # tensor cores, Winograd
             specs += conv.specs(node, True, config=cfg, precision=cfg.precision)
     specs += [rounding.round_spec(p) for p in conv.MMA_CODES]
     unique = {s.key: s for s in specs}
@@ -625,7 +647,7 @@ def emulator(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed (the CPU emulator compiles the kernels with it)")
     specs = []
-    for _, op, kw, shape, _, config in EMU_CASES + MMA_CASES:
+    for _, op, kw, shape, _, config in EMU_CASES + MMA_CASES + WINO_CASES:
         specs += conv.specs(make_node(op, kw, shape), True, config=config, precision=config.precision if config else "fp32")
     return EmulatedDevice(tmp_path_factory.mktemp("emu"), specs)
 
@@ -660,6 +682,37 @@ def test_emulated_tensor_core_kernels_match_numpy_on_rounded_operands(case, on_e
     assert not on_emulator.missing, f"kernels ran that conv.specs did not list: {on_emulator.missing}"
     templates = {t for t, _, _ in on_emulator.launched}
     assert "conv_fwd_mma.cu" in templates and "conv_fwd.cu" not in templates
+
+
+def test_winograd_is_a_forward_candidate_of_3x3_stride1_problems_whose_workspaces_fit():
+    prob = conv.Problem(64, 56, 56, 64, 3, 3, 56, 56, 1, 1, 1, 1)
+    assert prob.winograd and prob.wino_tiles(3) == (3 * 28 * 28, 3 * 28 * 28)
+    assert conv.configs_for(prob, "fwd", 64)[1].algo == "winograd"
+    assert prob.wino_bytes(512) > conv.WINO_MAX_BYTES  # batch 512: 1.6 GB of workspaces
+    assert not any(c.algo for c in conv.configs_for(prob, "fwd", 512))
+    assert not any(c.algo for p in ("bwd_data", "bwd_filter") for c in conv.configs_for(prob, p, 64))
+    assert not any(c.algo for c in conv.configs_for(prob, "fwd", 64, precision="bf16"))
+    for shape in [dict(stride=2, pad=1), dict(dilation=2, pad=2), dict(groups=2, pad=1)]:
+        node = make_node("conv", dict(filters=8, kernel=3, **shape), (4, 9, 9))
+        assert not conv.Problem.from_node(node).winograd
+        with pytest.raises(CnncError, match="Winograd"):
+            conv.specs(node, False, config=conv.WINO_CONFIGS[0])
+    odd = make_node("conv", dict(filters=33, kernel=3, pad=1), (5, 7, 7))
+    assert conv.Problem.from_node(odd).wino_tiles(3) == (48, 48)
+    templates = [s.template for s in conv.specs(odd, True, config=conv.WINO_CONFIGS[0])]
+    assert templates[0] == "conv_wino.cu" and "conv_bwd_data.cu" in templates  # backward: the GEMM kernels
+
+
+@pytest.mark.parametrize("case", WINO_CASES, ids=[c[0] for c in WINO_CASES])
+def test_emulated_winograd_forward_matches_numpy(case, on_emulator):
+    """conv_wino.cu's four kernels on the emulator: within float32 rounding of NumPy's float64
+    convolution, fused epilogue and saved pre-activation included (its backward: the GEMM kernels)."""
+    cid, op, kw, shape, batch, config = case
+    errs = run_case(make_node(op, kw, shape), batch, lambda a: a, np.asarray, config=config)
+    assert_close(errs, cid)
+    assert not on_emulator.missing, f"kernels ran that conv.specs did not list: {on_emulator.missing}"
+    assert {e for t, e, _ in on_emulator.launched if t == "conv_wino.cu"} == set(conv.WINO_ENTRIES)
+    assert "conv_fwd.cu" not in {t for t, _, _ in on_emulator.launched}
 
 
 UNWRITTEN_SHARED = r'''
@@ -777,7 +830,7 @@ def gpu_kernels():
     """Every kernel the GPU tests run, compiled ahead of time with nvcc in parallel chunks
     (NVRTC, one spec at a time, would take minutes); without nvcc, NVRTC compiles on demand."""
     specs = []
-    for _, op, kw, shape, _, config in EMU_CASES + MMA_CASES:
+    for _, op, kw, shape, _, config in EMU_CASES + MMA_CASES + WINO_CASES:
         specs += conv.specs(make_node(op, kw, shape), True, config=config, precision=config.precision if config else "fp32")
     for _, node in NETWORK_CASES:
         specs += conv.specs(node, True)
@@ -804,12 +857,14 @@ def test_gpu_kernels_match_numpy(case, on_gpu):
     assert_close(run_case(make_node(op, kw, shape), batch, *on_gpu, config=config), cid)
 
 
-@pytest.mark.parametrize("case", MMA_CASES, ids=[c[0] for c in MMA_CASES])
+@pytest.mark.parametrize("case", MMA_CASES + WINO_CASES, ids=[c[0] for c in MMA_CASES + WINO_CASES])
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_tensor_core_kernels_match_numpy_on_rounded_operands(case, on_gpu):
+def test_gpu_tensor_core_and_winograd_kernels_match_numpy(case, on_gpu):
+    """The emulated cases on the GPU: tensor-core passes against NumPy on the rounded operands,
+    Winograd forwards against NumPy in float64."""
     cid, op, kw, shape, batch, config = case
-    assert_close(run_case(make_node(op, kw, shape), batch, *on_gpu, config=config, precision=config.mma), cid)
+    assert_close(run_case(make_node(op, kw, shape), batch, *on_gpu, config=config, precision=config.precision), cid)
 
 
 @pytest.mark.parametrize("case", NETWORK_CASES, ids=[c[0] for c in NETWORK_CASES])

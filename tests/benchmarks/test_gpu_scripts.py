@@ -65,7 +65,10 @@ def test_sanitize_driver_enumerates_every_kernel_configuration(capsys):
             if not problem.tiled:
                 assert mine == [None]
                 continue
-            simt = [c for c in mine if not c.mma]
+            simt = [c for c in mine if not c.mma and not c.algo]
+            wino = [c for c in mine if c.algo]
+            assert wino == (list(conv.WINO_CONFIGS) if conv.Problem.from_node(sanitize.make_node(problem)).winograd
+                            else [])
             assert {(c.block_m, c.block_n, c.block_k, c.thread_m, c.thread_n) for c in simt} == \
                 {(c.block_m, c.block_n, c.block_k, c.thread_m, c.thread_n) for c in conv.CONFIGS}
             assert len(simt) == len(conv.CONFIGS) * len(sanitize.SPLITS)
@@ -75,7 +78,8 @@ def test_sanitize_driver_enumerates_every_kernel_configuration(capsys):
             assert [c for c in mine if c.mma] == (every_mma if plain else [])
     templates = {s.template for c in sanitize.cases("small") for s in sanitize.case_specs(c)}
     assert templates == {"conv_fwd.cu", "conv_fwd_mma.cu", "conv_bwd_data.cu", "conv_bwd_filter.cu", "conv_bias.cu",
-                         "conv_reduce.cu", "conv_dw.cu", "round.cu"}  # round.cu: dy on entry in a reduced precision
+                         "conv_reduce.cu", "conv_dw.cu", "round.cu", "conv_wino.cu"}  # round.cu: dy on entry
+                                                                                       # in a reduced precision
     mma_specs = [s for c in sanitize.cases("small") if c.config is not None and c.config.mma
                  for s in sanitize.case_specs(c)]
     assert {s.define("MMA") for s in mma_specs if s.template.startswith("conv_bwd")} == {1, 2, 3}
