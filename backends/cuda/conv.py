@@ -108,6 +108,8 @@ class Config:
 
     @property
     def shared_bytes(self) -> int:
+        if self.mma in ("bf16", "fp16"):  # 16-bit rows [m][k], [n][k] of block_k + 8 elements
+            return 2 * (self.block_m + self.block_n) * (self.block_k + 8) * 2
         return 2 * self.block_k * (self.block_m + 4 + self.block_n + 4) * 4
 
     def tile_defines(self) -> dict:
@@ -165,9 +167,11 @@ CONFIGS: tuple[Config, ...] = (
     Config(32, 64, 16, 4, 4),    # 128 threads: small and narrow
     Config(16, 64, 16, 4, 4),    # 64 threads: <= 16 filters per group (GoogLeNet's 5x5 reduce)
 )
-# the tensor-core kernels, per precision: 4 warps of 32 x 32 outputs; 8 warps, taller or wider
+# the tensor-core kernels, per precision: 4 warps of 32 x 32 outputs; 8 warps, taller or wider.
+# bf16 and fp16 take 32 of the reduction per shared tile (16-bit rows of 64 bytes: two mma
+# k-steps per ldmatrix round), tf32 16 (float32 tiles)
 MMA_CONFIGS: dict[str, tuple[Config, ...]] = {
-    p: (Config(64, 64, 16, 0, 0, mma=p), Config(128, 64, 16, 0, 0, mma=p), Config(64, 128, 16, 0, 0, mma=p))
+    p: tuple(Config(bm, bn, 16 if p == "tf32" else 32, 0, 0, mma=p) for bm, bn in ((64, 64), (128, 64), (64, 128)))
     for p in MMA_CODES}
 TF32_CONFIGS = MMA_CONFIGS["tf32"]  # float32 plans' forward candidates under TENSOR_CORES
 # Winograd F(2x2, 3x3) forwards, their GEMMs' tiles (K filters x tiles, reduction C)

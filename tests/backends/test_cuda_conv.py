@@ -409,7 +409,7 @@ static void __syncthreads() {
     swapcontext(&emu::fibers[emu::cur].ctx, &emu::sched);
 }
 
-// the tensor cores (tensor_tile.cuh's six instructions), from the PTX ISA's fragment tables: each
+// the tensor cores (tensor_tile.cuh's seven instructions), from the PTX ISA's fragment tables: each
 // lane posts its registers, a barrier, each lane computes its own accumulators from its warp's
 // posts (products exact, sums in double, rounded once to float), a barrier before the posts are
 // reused. Block-wide barriers stand in for the warp's: the kernels issue mma from every warp in
@@ -472,6 +472,18 @@ static void emu_mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2
     __syncthreads();
 }
 static inline void cnnc_mma_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) { emu_mma<1>(d, a, b); }
+// ldmatrix .x4: lanes 8i..8i+7 post the rows of matrix i (16-byte aligned), then lane l takes
+// row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1 of each matrix
+namespace emu { static const unsigned short* ldm_posts[1024]; }
+static void cnnc_ldmatrix_x4(unsigned (&r)[4], const unsigned short* row) {
+    const int t = emu::cur;
+    if ((uintptr_t)row % 16) emu_error = 3;
+    emu::ldm_posts[t] = row;
+    __syncthreads();
+    const int w0 = t / 32 * 32, lane = t % 32;
+    for (int i = 0; i < 4; ++i) memcpy(&r[i], emu::ldm_posts[w0 + 8 * i + lane / 4] + 2 * (lane % 4), 4);
+    __syncthreads();
+}
 template <bool BF16>
 static inline void cnnc_mma_16bit(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
     emu_mma<BF16 ? 2 : 3>(d, a, b);
@@ -502,7 +514,7 @@ static int emu_launch(void (*fn)(A...), unsigned gx, unsigned gy, unsigned gz, u
     for (unsigned z = 0; z < gz; ++z) for (unsigned y = 0; y < gy; ++y) for (unsigned x = 0; x < gx; ++x) {
         blockIdx = {x, y, z};
         for (char* p = __start_emu_shared; p && p + 4 <= __stop_emu_shared; p += 4) {
-            const uint32_t nan = 0x7FC0BEEFu;
+            const uint32_t nan = 0x7FC07FC0u;  // NaN as float32, and each half as bf16 and fp16
             memcpy(p, &nan, 4);
         }
         for (unsigned t = 0; t < nt; ++t) {

@@ -121,8 +121,13 @@ __device__ __forceinline__ void mma_tile(const float (*as)[APAD], const float (*
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 KERNEL(conv_bwd_data)(const float* __restrict__ dy, const float* __restrict__ wt, float* __restrict__ dx,
                       int batch) {
+#if MMA >= 2  // bf16, fp16: 16-bit shared tiles As[c][k], Bs[n][k], rounded as they are stored
+    __shared__ __align__(16) unsigned short As[2][BLOCK_M][Tile::LD16];
+    __shared__ __align__(16) unsigned short Bs[2][BLOCK_N][Tile::LD16];
+#else
     __shared__ __align__(16) float As[2][BLOCK_K][APAD];
     __shared__ __align__(16) float Bs[2][BLOCK_K][BPAD];
+#endif
     __shared__ int taps[RS];
     __shared__ int ntaps_s;
 
@@ -213,24 +218,35 @@ KERNEL(conv_bwd_data)(const float* __restrict__ dy, const float* __restrict__ wt
             }
         }
     };
-    auto store = [&](float (*as)[APAD], float (*bs)[BPAD]) {
+    auto store = [&](auto as, auto bs) {  // MMA >= 2: as[c][k], bs[n][k] in 16 bits; else as[k][c], bs[k][n]
 #pragma unroll
         for (int i = 0; i < A_ITERS; ++i) {
             const int e = tid + i * THREADS;
             if (A_UNITS % THREADS == 0 || e < A_UNITS) {
                 const int kl = e / A_PER_ROW;
                 const int ml = (e % A_PER_ROW) * A_W;
+#if MMA >= 2
+#pragma unroll
+                for (int v = 0; v < A_W; ++v) as[ml + v][kl] = Tile::bits16(ar[A_W * i + v]);
+#else
                 if constexpr (A_VEC) {
                     *reinterpret_cast<float4*>(&as[kl][ml]) = make_float4(ar[4 * i], ar[4 * i + 1], ar[4 * i + 2], ar[4 * i + 3]);
                 } else {
                     as[kl][ml] = ar[i];
                 }
+#endif
             }
         }
 #pragma unroll
         for (int i = 0; i < B_ROWS; ++i)
 #pragma unroll
-            for (int j = 0; j < B_COLS; ++j) bs[brow0 + i * B_RSTEP][bcol0 + j * B_NT] = br[i * B_COLS + j];
+            for (int j = 0; j < B_COLS; ++j) {
+#if MMA >= 2
+                bs[bcol0 + j * B_NT][brow0 + i * B_RSTEP] = Tile::bits16(br[i * B_COLS + j]);
+#else
+                bs[brow0 + i * B_RSTEP][bcol0 + j * B_NT] = br[i * B_COLS + j];
+#endif
+            }
     };
 
 #if MMA
@@ -252,7 +268,9 @@ KERNEL(conv_bwd_data)(const float* __restrict__ dy, const float* __restrict__ wt
             const int cur = st & 1;
             const bool more = st + 1 < nstages;
             if (more) load(st + 1);
-#if MMA
+#if MMA >= 2
+            tile.product16(As[cur], Bs[cur]);
+#elif MMA
             tile.product(As[cur], Bs[cur]);
 #else
             mma_tile(As[cur], Bs[cur], tm, tn, acc);

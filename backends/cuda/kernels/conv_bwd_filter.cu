@@ -90,8 +90,13 @@ __device__ __forceinline__ void mma_tile(const float (*as)[APAD], const float (*
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 KERNEL(conv_bwd_filter)(const float* __restrict__ x, const float* __restrict__ dy, float* __restrict__ out,
                         int batch, int per_split) {
+#if MMA >= 2  // bf16, fp16: 16-bit shared tiles As[m][t], Bs[n][t], rounded as they are stored
+    __shared__ __align__(16) unsigned short As[2][BLOCK_M][Tile::LD16];
+    __shared__ __align__(16) unsigned short Bs[2][BLOCK_N][Tile::LD16];
+#else
     __shared__ __align__(16) float As[2][BLOCK_K][APAD];
     __shared__ __align__(16) float Bs[2][BLOCK_K][BPAD];
+#endif
 
     const int tid = threadIdx.x;
     const int tn = tid % TN_T;
@@ -178,19 +183,31 @@ KERNEL(conv_bwd_filter)(const float* __restrict__ x, const float* __restrict__ d
             }
         }
     };
-    auto store = [&](float (*as)[APAD], float (*bs)[BPAD]) {
+    auto store = [&](auto as, auto bs) {  // MMA >= 2: as[m][t], bs[n][t] in 16 bits; else as[t][m], bs[t][n]
 #pragma unroll
         for (int i = 0; i < A_ITERS; ++i) {
             const int ml = a_m0 + i * A_MSTEP;
             if (A_UNITS % THREADS == 0 || ml < BLOCK_M) {
 #pragma unroll
-                for (int v = 0; v < A_W; ++v) as[a_t + v][ml] = ar[A_W * i + v];
+                for (int v = 0; v < A_W; ++v) {
+#if MMA >= 2
+                    as[ml][a_t + v] = Tile::bits16(ar[A_W * i + v]);
+#else
+                    as[a_t + v][ml] = ar[A_W * i + v];
+#endif
+                }
             }
         }
 #pragma unroll
         for (int i = 0; i < B_ROWS; ++i)
 #pragma unroll
-            for (int j = 0; j < B_COLS; ++j) bs[brow0 + i * B_RSTEP][bcol0 + j * B_NT] = br[i * B_COLS + j];
+            for (int j = 0; j < B_COLS; ++j) {
+#if MMA >= 2
+                bs[bcol0 + j * B_NT][brow0 + i * B_RSTEP] = Tile::bits16(br[i * B_COLS + j]);
+#else
+                bs[brow0 + i * B_RSTEP][bcol0 + j * B_NT] = br[i * B_COLS + j];
+#endif
+            }
     };
 
 #if MMA
@@ -212,7 +229,9 @@ KERNEL(conv_bwd_filter)(const float* __restrict__ x, const float* __restrict__ d
             const int cur = kt & 1;
             const bool more = kt + 1 < ntiles;
             if (more) load(kt + 1);
-#if MMA
+#if MMA >= 2
+            tile.product16(As[cur], Bs[cur]);
+#elif MMA
             tile.product(As[cur], Bs[cur]);
 #else
             mma_tile(As[cur], Bs[cur], tm, tn, acc);

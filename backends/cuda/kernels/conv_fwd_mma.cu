@@ -7,6 +7,7 @@
 // conv_tiles.cuh. What changes is who computes which outputs: a block of WARPS_M x WARPS_N warps
 // covers BLOCK_M x BLOCK_N outputs, each warp a 32 x 32 tile (tensor_tile.cuh), and each lane
 // stores the pairs of neighbouring columns of two rows its accumulators hold (scalar stores).
+// In bf16 and fp16 the shared tiles are 16-bit rows, rounded as they are stored (run16).
 //
 // Runs where the plan computes in a reduced precision (`train: precision=tf32|bf16|fp16`), and
 // for float32 plans with CNNC_TENSOR_CORES=1 (TF32 candidates for the tuner, as PyTorch's
@@ -43,7 +44,14 @@ KERNEL(conv_fwd)(const float* __restrict__ x, const float* __restrict__ w, const
 
     Tiles tiles(x, n0, g, ng, tid);  // the thread's B columns, decoded once
     Tile tile(tid);
+#if MMA >= 2  // bf16, fp16: 16-bit shared tiles, ldmatrix fragments
+    tiles.run16<Tile::LD16>(w, g, m0, [](float v) { return Tile::bits16(v); },
+                             [&](const unsigned short (*as)[Tile::LD16], const unsigned short (*bs)[Tile::LD16]) {
+                                 tile.product16(as, bs);
+                             });
+#else
     tiles.run(w, g, m0, [&](const float (*as)[APAD], const float (*bs)[BPAD]) { tile.product(as, bs); });
+#endif
 
     // ---- epilogue: bias, residual, activation; y[img][g*KG + m][pq] ---------------------------
     tile.each(m0, n0, [&](int m, int n, float v) {

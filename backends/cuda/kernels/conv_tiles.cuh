@@ -120,7 +120,9 @@ struct CnncConvTiles {
         }
     }
 
-    __device__ __forceinline__ void store_a(float (*as)[APAD], const float (&ar)[A_REGS]) const {
+    // f(m, k, value) for each element of the weight tile the thread holds (m filter, k reduction)
+    template <class F>
+    __device__ __forceinline__ void each_a(const float (&ar)[A_REGS], F&& f) const {
 #pragma unroll
         for (int i = 0; i < A_ITERS; ++i) {
             const int e = tid + i * THREADS;
@@ -128,9 +130,13 @@ struct CnncConvTiles {
                 const int m = e / A_PER_ROW;
                 const int kl = (e % A_PER_ROW) * A_W;
 #pragma unroll
-                for (int v = 0; v < A_W; ++v) as[kl + v][m] = ar[A_W * i + v];
+                for (int v = 0; v < A_W; ++v) f(m, kl + v, ar[A_W * i + v]);
             }
         }
+    }
+
+    __device__ __forceinline__ void store_a(float (*as)[APAD], const float (&ar)[A_REGS]) const {
+        each_a(ar, [&](int m, int k, float v) { as[k][m] = v; });
     }
 
     // the input tile kt into registers (zeros outside the image, the columns and the reduction)
@@ -183,6 +189,57 @@ struct CnncConvTiles {
             for (int i = 0; i < B_ROWS; ++i)
 #pragma unroll
                 for (int j = 0; j < B_COLS; ++j) bs[brow0 + i * B_RSTEP][bcol0 + j * B_NT] = br[i * B_COLS + j];
+        }
+    }
+
+    // ---- the same tiles as 16-bit rows for the bf16 / fp16 tensor cores: as[m][k], bs[n][k]
+    // (LD elements a row), each value converted once by cvt (tensor_tile.cuh's bits16)
+    template <int LD, class Cvt>
+    __device__ __forceinline__ void store_a16(unsigned short (*as)[LD], const float (&ar)[A_REGS], Cvt cvt) const {
+        each_a(ar, [&](int m, int k, float v) { as[m][k] = cvt(v); });
+    }
+
+    template <int LD, class Cvt>
+    __device__ __forceinline__ void store_b16(unsigned short (*bs)[LD], const float (&br)[B_REGS], Cvt cvt) const {
+        if constexpr (B_VEC) {
+#pragma unroll
+            for (int i = 0; i < B4_ROWS; ++i)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) bs[bcol0 + q][brow0 + i * B4_RSTEP] = cvt(br[4 * i + q]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < B_ROWS; ++i)
+#pragma unroll
+                for (int j = 0; j < B_COLS; ++j) bs[bcol0 + j * B_NT][brow0 + i * B_RSTEP] = cvt(br[i * B_COLS + j]);
+        }
+    }
+
+    // `run` with 16-bit shared tiles (2 * (BLOCK_M + BLOCK_N) * LD * 2 bytes of shared memory)
+    template <int LD, class Cvt, class Mma>
+    __device__ __forceinline__ void run16(const float* __restrict__ w, int g, int m0, Cvt cvt, Mma&& mma) const {
+        const float* __restrict__ wg = w + (long long)g * KG * KRED;
+        __shared__ __align__(16) unsigned short As[2][BLOCK_M][LD];
+        __shared__ __align__(16) unsigned short Bs[2][BLOCK_N][LD];
+        float ar[A_REGS], br[B_REGS];
+        load_a(wg, m0, 0, ar);
+        load_b(0, br);
+        store_a16<LD>(As[0], ar, cvt);
+        store_b16<LD>(Bs[0], br, cvt);
+        __syncthreads();
+#pragma unroll 1
+        for (int kt = 0; kt < KTILES; ++kt) {
+            const int cur = kt & 1;
+            const bool more = kt + 1 < KTILES;
+            if (more) {
+                load_a(wg, m0, kt + 1, ar);
+                load_b(kt + 1, br);
+            }
+            mma(As[cur], Bs[cur]);
+            if (more) {
+                store_a16<LD>(As[cur ^ 1], ar, cvt);
+                store_b16<LD>(Bs[cur ^ 1], br, cvt);
+            }
+            __syncthreads();
         }
     }
 

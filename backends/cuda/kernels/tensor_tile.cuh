@@ -23,7 +23,12 @@
 // `row(i, c)` and `col(j, c)` give the block-tile coordinates of accumulator acc[i][j][c]; `each`
 // visits them all.
 //
-// The instructions are six small functions; the CPU emulator of the tests (tests/backends/
+// For bf16 and fp16 the kernels store their shared tiles already rounded, as 16-bit [m][k] and
+// [n][k] rows (LD16), and `product16` loads the fragments with ldmatrix: four per k-step of a
+// warp's 2 x 4 mma tiles, no conversions in the loop. `product` reads float32 tiles As[k][m],
+// Bs[k][n] (tf32, and the reference layout), one conversion per fragment element.
+//
+// The instructions are seven small functions; the CPU emulator of the tests (tests/backends/
 // test_cuda_conv.py, which defines CNNC_EMULATOR) supplies its own, written from the same ISA
 // tables, and runs these kernels unchanged.
 #ifndef CNNC_TENSOR_TILE_CUH
@@ -51,6 +56,14 @@ __device__ __forceinline__ void cnnc_mma_tf32(float (&d)[4], const unsigned (&a)
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// the four 8 x 8 matrices of 16-bit elements whose rows lanes 0-7, 8-15, 16-23, 24-31 address
+// (16 bytes each): r[i] of lane l holds row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1 of matrix i
+__device__ __forceinline__ void cnnc_ldmatrix_x4(unsigned (&r)[4], const unsigned short* row) {
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
 }
 __device__ __forceinline__ float cnnc_f16_to_f32(unsigned short h) {
     float f;
@@ -123,6 +136,41 @@ struct CnncTensorTile {
     static __device__ __forceinline__ unsigned pack(float lo, float hi) {
         if constexpr (PREC == 2) return cnnc_pack_bf16(lo, hi);
         else return cnnc_pack_f16(lo, hi);
+    }
+
+    // ---- 16-bit shared tiles (PREC 2, 3): as[m][k], bs[n][k], the operands rounded once as they
+    // are stored (bits16), rows of BK elements plus 16 bytes so that the eight 16-byte rows an
+    // ldmatrix reads fall in different banks; fragments come four 8 x 8 matrices per ldmatrix
+    static constexpr int LD16 = BK + 8;
+
+    static __device__ __forceinline__ unsigned short bits16(float v) {
+        return (unsigned short)(pack(v, 0.f) & 0xFFFFu);
+    }
+
+    __device__ __forceinline__ void product16(const unsigned short (*as)[LD16], const unsigned short (*bs)[LD16]) {
+        static_assert(PREC == 2 || PREC == 3, "16-bit tiles: bf16 or fp16");
+        const int lane = gid * 4 + tig;
+        const int r8 = lane % 8, q1 = (lane / 8) % 2, q2 = lane / 16;
+#pragma unroll
+        for (int k0 = 0; k0 < BK; k0 += KSTEP) {
+            unsigned a[MI][4], b[NI][2];
+#pragma unroll
+            for (int i = 0; i < MI; ++i)  // matrices: rows 0-7 / 8-15 (q1) x k 0-7 / 8-15 (q2) = a0..a3
+                cnnc_ldmatrix_x4(a[i], &as[wm * 32 + i * 16 + r8 + 8 * q1][k0 + 8 * q2]);
+#pragma unroll
+            for (int j = 0; j < NI; j += 2) {  // n 0-7 / 8-15 (q2) x k 0-7 / 8-15 (q1): b0, b1 of tiles j, j + 1
+                unsigned r[4];
+                cnnc_ldmatrix_x4(r, &bs[wn * 32 + j * 8 + r8 + 8 * q2][k0 + 8 * q1]);
+                b[j][0] = r[0];
+                b[j][1] = r[1];
+                b[j + 1][0] = r[2];
+                b[j + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int j = 0; j < NI; ++j) cnnc_mma_16bit<PREC == 2>(acc[i][j], a[i], b[j]);
+        }
     }
 
     // one pair of shared tiles: BK / KSTEP mma k-steps of the warp's MI x NI tiles
