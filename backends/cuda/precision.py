@@ -28,11 +28,10 @@ from . import conv, rounding
 from .source import KernelSpec
 
 MATMUL_KINDS = ("conv", "dense")  # op-table kinds whose kernels are matrix products
-round_spec, round_to = rounding.round_spec, rounding.round_to
 
 
 def _rounded_params(params: dict, precision: str) -> dict:
-    return {k: round_to(v, precision) if k == "weight" else v for k, v in params.items()}
+    return {k: rounding.round_to(v, precision) if k == "weight" else v for k, v in params.items()}
 
 
 def rounding_kernel(kernel: Kernel, precision: str) -> Kernel:
@@ -40,10 +39,11 @@ def rounding_kernel(kernel: Kernel, precision: str) -> Kernel:
     the weight in forward, the output gradient and the weight in backward."""
 
     def forward(node, xs, params, ctx):
-        return kernel.forward(node, [round_to(xs[0], precision), *xs[1:]], _rounded_params(params, precision), ctx)
+        return kernel.forward(node, [rounding.round_to(xs[0], precision), *xs[1:]], _rounded_params(params, precision),
+                              ctx)
 
     def backward(node, saved, dy, params, ctx):
-        return kernel.backward(node, saved, round_to(dy, precision), _rounded_params(params, precision), ctx)
+        return kernel.backward(node, saved, rounding.round_to(dy, precision), _rounded_params(params, precision), ctx)
 
     return Kernel(forward, backward)
 
@@ -69,4 +69,4 @@ def specs(node, training: bool, precision: str) -> list[KernelSpec]:
     layer's rounding kernel (besides its float32 ones)."""
     if OPS[node.op].kind == "conv":
         return conv.specs(node, training, precision=precision)
-    return [round_spec(precision)]
+    return [rounding.round_spec(precision)]

@@ -237,16 +237,13 @@ KERNEL(conv_bwd_data)(const float* __restrict__ dy, const float* __restrict__ wt
 #endif
             }
         }
-#pragma unroll
-        for (int i = 0; i < B_ROWS; ++i)
-#pragma unroll
-            for (int j = 0; j < B_COLS; ++j) {
+        cnnc_store_b<(MMA >= 2), B_ROWS, B_COLS, B_RSTEP, B_NT>(bs, br, brow0, bcol0, [](float v) {
 #if MMA >= 2
-                bs[bcol0 + j * B_NT][brow0 + i * B_RSTEP] = Tile::bits16(br[i * B_COLS + j]);
+            return Tile::bits16(v);
 #else
-                bs[brow0 + i * B_RSTEP][bcol0 + j * B_NT] = br[i * B_COLS + j];
+            return v;
 #endif
-            }
+        });
     };
 
 #if MMA

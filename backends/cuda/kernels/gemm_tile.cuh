@@ -39,4 +39,19 @@ __device__ __forceinline__ void cnnc_mma_tile(const float (*as)[AP], const float
     }
 }
 
+// A thread's ROWS x COLS loaded B-tile values (br[i * COLS + j] at reduction row brow0 + i * RSTEP,
+// column bcol0 + j * NT) into shared memory: float32 bs[k][n], or (HALF) 16-bit bs[n][k] through
+// cvt, the layout of the bf16 / fp16 tensor-core tiles (tensor_tile.cuh). Used by the backward
+// kernels, whose B tiles share this mapping.
+template <bool HALF, int ROWS, int COLS, int RSTEP, int NT, class T, int LD, class Cvt>
+__device__ __forceinline__ void cnnc_store_b(T (*bs)[LD], const float* br, int brow0, int bcol0, Cvt cvt) {
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i)
+#pragma unroll
+        for (int j = 0; j < COLS; ++j) {
+            if constexpr (HALF) bs[bcol0 + j * NT][brow0 + i * RSTEP] = cvt(br[i * COLS + j]);
+            else bs[brow0 + i * RSTEP][bcol0 + j * NT] = br[i * COLS + j];
+        }
+}
+
 #endif  // CNNC_GEMM_TILE_CUH
