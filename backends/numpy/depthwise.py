@@ -152,7 +152,7 @@ def _gather_taps(g: Geometry, planes: np.ndarray, ws: np.ndarray, cols: np.ndarr
 
 
 class _Loops:
-    """depthwise.Geometry as the arrays jit_loops' depthwise loops read, and their thread chunks."""
+    """depthwise.Geometry as the arrays jit_loops' depthwise loops read, and the work that splits them."""
 
     def __init__(self, g: Geometry, planes: int, work: float):
         self.place = np.array([(p, gr.start, gc.start, xr.start, xc.start, gr.stop - gr.start, gc.stop - gc.start)
@@ -160,9 +160,8 @@ class _Loops:
         self.tap_phase = np.array([p for p, _ in g.taps], dtype=np.int64)
         self.tap_off = np.array([o for _, o in g.taps], dtype=np.int64)
         self.length, self.grid = g.plane + g.reach, g.hq * g.wq
-        threads = parallel.get_threads() if work >= parallel.MIN_WORK else 1
-        self.chunks = min(planes, 4 * threads)  # a few chunks a thread: planes differ little in cost
-        self.module = jit.loops(work)
+        self.planes, self.work = planes, work
+        self.module = jit.loops()
 
 
 def _compiled(x: np.ndarray, m: int) -> bool:
@@ -179,9 +178,9 @@ def forward(node, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         y = np.empty((n, c, g.oh, g.ow), dtype=x.dtype)
         lp = _Loops(g, n * c, WORK_PER_ELEMENT * y.size * g.ntaps)
         sh, sw = node.attrs.stride
-        lp.module.depthwise_forward(xr, weight.astype(x.dtype, copy=False).reshape(c, g.ntaps), lp.place,
-                                    lp.tap_phase, lp.tap_off, len(g.phases), lp.length, lp.grid, g.wq, sh, sw,
-                                    lp.chunks, y.reshape(n * c, g.oh, g.ow))
+        jit.run(lp.module.depthwise_forward, lp.planes, lp.work, xr,
+                weight.astype(x.dtype, copy=False).reshape(c, g.ntaps), lp.place, lp.tap_phase, lp.tap_off,
+                len(g.phases), lp.length, lp.grid, g.wq, sh, sw, y.reshape(n * c, g.oh, g.ow))
         return y
     m, planes, t_ = g.k // c, n * c, g.ntaps
     xr = np.ascontiguousarray(x).reshape(planes, h, w)
@@ -218,11 +217,11 @@ def backward(node, x: np.ndarray, dy: np.ndarray, weight: np.ndarray, need_dx: b
         sh, sw = node.attrs.stride
         dw_planes = np.empty((planes, g.ntaps), dtype=dtype)
         dx = np.empty((n, c, h, w), dtype=dtype) if need_dx else np.empty((1, 1, 1), dtype=dtype)
-        lp.module.depthwise_backward(
-            np.ascontiguousarray(x, dtype=dtype).reshape(planes, h, w),
-            np.ascontiguousarray(dy).reshape(planes, g.oh, g.ow), weight.astype(dtype, copy=False).reshape(c, g.ntaps),
-            lp.place, lp.tap_phase, lp.tap_off, len(g.phases), lp.length, lp.grid, g.wq, g.reach, sh, sw, lp.chunks,
-            need_dx, g.unread is not None, dw_planes, dx.reshape(-1, h, w) if need_dx else dx)
+        jit.run(lp.module.depthwise_backward, lp.planes, lp.work,
+                np.ascontiguousarray(x, dtype=dtype).reshape(planes, h, w),
+                np.ascontiguousarray(dy).reshape(planes, g.oh, g.ow), weight.astype(dtype, copy=False).reshape(c, g.ntaps),
+                lp.place, lp.tap_phase, lp.tap_off, len(g.phases), lp.length, lp.grid, g.wq, g.reach, sh, sw, need_dx,
+                g.unread is not None, dw_planes, dx.reshape(-1, h, w) if need_dx else dx)
         return (dx if need_dx else None), dw_planes.reshape(n, c, g.ntaps).sum(axis=0).reshape(weight.shape)
     m, planes, t_ = g.k // c, n * c, g.ntaps
     dtype = dy.dtype

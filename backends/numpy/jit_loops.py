@@ -3,8 +3,9 @@
 Imported only through `jit.py`, which checks that Numba is installed and `CNNC_JIT` is not 0;
 the NumPy kernels stay the reference and the fallback. Every loop is generic over float32 and
 float64 (Numba compiles one version per argument types, cached on disk with `cache=True`, so a
-second process loads instead of compiling) and runs its outer loop over Numba's threads
-(`prange`). Arrays arrive C-contiguous. `error_model="numpy"` drops the division-by-zero checks
+second process loads instead of compiling) and runs a range [lo, hi) of its outer loop, serially,
+without the GIL (`nogil`): `jit.run` splits the range over the backend's own worker threads
+(`parallel.py`), the ones the NumPy kernels use. Arrays arrive C-contiguous. `error_model="numpy"` drops the division-by-zero checks
 that kept LLVM from vectorising the loops (a depthwise 3×3 forward 1.9 → 1.4 ns an output).
 
 - BatchNorm: per-channel statistics (each (image, channel) row summed in the input's dtype,
@@ -31,7 +32,7 @@ number of passes or its copies, not where it calls BLAS or already streams throu
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 # reassociation lets LLVM vectorise the reductions (dot products over channels); nothing else is
 # relaxed: no contraction into fused multiply-adds either, since fused_bn's generated loops
@@ -42,15 +43,15 @@ _FAST = {"reassoc"}
 
 # ---- BatchNorm --------------------------------------------------------------------------------
 
-@njit(parallel=True, cache=True, fastmath=_FAST, error_model="numpy")
-def bn_stats(x, zero, mx, mean, var):
+@njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
+def bn_stats(x, zero, mx, mean, var, lo, hi):
     """Per-channel mean and biased variance (float64) of x (N, C, L): each (image, channel) row
     summed in x's dtype (`zero` is a 0 of it; LLVM vectorises the sum into partial sums), the rows
     combined in float64; then the centred sum of squares the same way, about the mean in x's dtype
     (`mx`, (C,), a workspace): no cancellation of a one-pass sum of squares."""
     n, c, length = x.shape
     count = n * length
-    for ci in prange(c):
+    for ci in range(lo, hi):
         s = 0.0
         for b in range(n):
             row = x[b, ci]
@@ -73,11 +74,11 @@ def bn_stats(x, zero, mx, mean, var):
         var[ci] = m2 / count
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def bn_apply(x, a, b, y):
+@njit(nogil=True, cache=True, error_model="numpy")
+def bn_apply(x, a, b, y, lo, hi):
     """y (N, C, L) = x·a + b, a and b per channel (of x's dtype)."""
     n, c, length = x.shape
-    for pc in prange(n * c):
+    for pc in range(lo, hi):
         bi, ci = pc // c, pc % c
         av, bv = a[ci], b[ci]
         src, dst = x[bi, ci], y[bi, ci]
@@ -85,13 +86,13 @@ def bn_apply(x, a, b, y):
             dst[t] = src[t] * av + bv
 
 
-@njit(parallel=True, cache=True, fastmath=_FAST, error_model="numpy")
-def bn_grad_sums(x, g, mx, zero, dsum, dxsum):
+@njit(nogil=True, cache=True, fastmath=_FAST, error_model="numpy")
+def bn_grad_sums(x, g, mx, zero, dsum, dxsum, lo, hi):
     """Per channel: Σ g and Σ g·(x − μ) over (N, L), per row in x's dtype, over rows in float64
     (`mx`: the channels' means in x's dtype). Centring inside the loop keeps Σ g·x̂ free of the
     cancellation of Σ g·x − μ·Σ g, which float32 rows lose to when |μ| is many σ."""
     n, c, length = x.shape
-    for ci in prange(c):
+    for ci in range(lo, hi):
         s = 0.0
         sx = 0.0
         m = mx[ci]
@@ -108,11 +109,11 @@ def bn_grad_sums(x, g, mx, zero, dsum, dxsum):
         dxsum[ci] = sx
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def bn_grad_apply(g, x, k, bx, cc, dx):
+@njit(nogil=True, cache=True, error_model="numpy")
+def bn_grad_apply(g, x, k, bx, cc, dx, lo, hi):
     """dx (N, C, L) = k·g + bx·x + cc per channel (of x's dtype)."""
     n, c, length = x.shape
-    for pc in prange(n * c):
+    for pc in range(lo, hi):
         bi, ci = pc // c, pc % c
         kv, bv, cv = k[ci], bx[ci], cc[ci]
         gr, xr, out = g[bi, ci], x[bi, ci], dx[bi, ci]
@@ -199,31 +200,29 @@ def _dw_dots(gg, ws, tap_phase, tap_off, grid, out):
             t += 1
 
 
-@njit(parallel=True, cache=True, fastmath=_DW_FAST, error_model="numpy")
-def depthwise_forward(x, w, place, tap_phase, tap_off, phases, length, grid, wq, sh, sw, chunks, y):
+@njit(nogil=True, cache=True, fastmath=_DW_FAST, error_model="numpy")
+def depthwise_forward(x, w, place, tap_phase, tap_off, phases, length, grid, wq, sh, sw, y, lo, hi):
     """y (P, oh, ow) from planes x (P, H, W) and per-channel taps w (C, T), plane i's channel i % C."""
     planes, oh, ow = y.shape
     c, taps = w.shape
     every = np.arange(taps)
-    for ch in prange(chunks):
-        lo, hi = ch * planes // chunks, (ch + 1) * planes // chunks
-        ws = np.zeros((phases, length), x.dtype)
-        acc = np.empty(grid, x.dtype)
-        for pl in range(lo, hi):
-            _dw_pack(x[pl], ws, place, wq, sh, sw)
-            wc = w[pl % c]
-            _dw_taps(ws, wc, every, tap_phase, tap_off, grid, acc)
-            out = y[pl]
-            for i in range(oh):
-                src = acc[i * wq:i * wq + ow]
-                dst = out[i]
-                for j in range(ow):
-                    dst[j] = src[j]
+    ws = np.zeros((phases, length), x.dtype)
+    acc = np.empty(grid, x.dtype)
+    for pl in range(lo, hi):
+        _dw_pack(x[pl], ws, place, wq, sh, sw)
+        wc = w[pl % c]
+        _dw_taps(ws, wc, every, tap_phase, tap_off, grid, acc)
+        out = y[pl]
+        for i in range(oh):
+            src = acc[i * wq:i * wq + ow]
+            dst = out[i]
+            for j in range(ow):
+                dst[j] = src[j]
 
 
-@njit(parallel=True, cache=True, fastmath=_DW_FAST, error_model="numpy")
+@njit(nogil=True, cache=True, fastmath=_DW_FAST, error_model="numpy")
 def depthwise_backward(x, dy, w, place, tap_phase, tap_off, phases, length, grid, wq, reach, sh, sw,
-                       chunks, need_dx, unread, dw, dx):
+                       need_dx, unread, dw, dx, lo, hi):
     """dw (P, T): each plane's tap gradients (summed over the batch by the caller); dx (P, H, W)
     when need_dx: per phase, the correlation of dy's grid with the phase's taps flipped, unpacked;
     input positions no window reads (unread) get zero."""
@@ -238,36 +237,34 @@ def depthwise_backward(x, dy, w, place, tap_phase, tap_off, phases, length, grid
         phase_count[p] += 1
     back_off = reach - tap_off
     zeros = np.zeros(taps, np.int64)
-    for ch in prange(chunks):
-        lo, hi = ch * planes // chunks, (ch + 1) * planes // chunks
-        ws = np.zeros((phases, length), x.dtype)
-        g = np.zeros(reach + length, x.dtype)  # dy on the grid, `reach` zeros in front, zeros past ow
-        g2 = g.reshape(1, -1)
-        acc = np.empty(grid, x.dtype)
-        for pl in range(lo, hi):
-            _dw_pack(x[pl], ws, place, wq, sh, sw)
-            d = dy[pl]
-            gg = g[reach:reach + grid]
-            for i in range(oh):
-                gi = gg[i * wq:i * wq + ow]
-                for j in range(ow):
-                    gi[j] = d[i, j]
-            _dw_dots(gg, ws, tap_phase, tap_off, grid, dw[pl])
-            if not need_dx:
-                continue
-            wc = w[pl % c]
-            out = dx[pl]
-            if unread:
-                out[:, :] = 0
-            for p in range(phases):
-                _dw_taps(g2, wc, phase_taps[p, :phase_count[p]], zeros, back_off, grid, acc)
-                for q in range(place.shape[0]):
-                    pq, gr0, gc0, xr0, xc0, nr, nc = place[q]
-                    if pq != p:
-                        continue
-                    for u in range(nr):
-                        row = out[xr0 + u * sh, xc0:]
-                        base = (gr0 + u) * wq + gc0
-                        src = acc[base:base + nc]
-                        for v in range(nc):
-                            row[v * sw] = src[v]
+    ws = np.zeros((phases, length), x.dtype)
+    g = np.zeros(reach + length, x.dtype)  # dy on the grid, `reach` zeros in front, zeros past ow
+    g2 = g.reshape(1, -1)
+    acc = np.empty(grid, x.dtype)
+    for pl in range(lo, hi):
+        _dw_pack(x[pl], ws, place, wq, sh, sw)
+        d = dy[pl]
+        gg = g[reach:reach + grid]
+        for i in range(oh):
+            gi = gg[i * wq:i * wq + ow]
+            for j in range(ow):
+                gi[j] = d[i, j]
+        _dw_dots(gg, ws, tap_phase, tap_off, grid, dw[pl])
+        if not need_dx:
+            continue
+        wc = w[pl % c]
+        out = dx[pl]
+        if unread:
+            out[:, :] = 0
+        for p in range(phases):
+            _dw_taps(g2, wc, phase_taps[p, :phase_count[p]], zeros, back_off, grid, acc)
+            for q in range(place.shape[0]):
+                pq, gr0, gc0, xr0, xc0, nr, nc = place[q]
+                if pq != p:
+                    continue
+                for u in range(nr):
+                    row = out[xr0 + u * sh, xc0:]
+                    base = (gr0 + u) * wq + gc0
+                    src = acc[base:base + nc]
+                    for v in range(nc):
+                        row[v * sw] = src[v]

@@ -162,8 +162,8 @@ def _batchnorm_forward(node, x, params, ctx, act):
     compiled = jit.enabled()
     if ctx.training and compiled:
         mean, var = np.empty(c), np.empty(c)
-        jit.loops(WORK_PER_ELEMENT * x.size).bn_stats(rows.reshape(n, c, width), dtype.type(0),
-                                                      np.empty(c, dtype), mean, var)
+        jit.run(jit.loops().bn_stats, c, WORK_PER_ELEMENT * x.size, rows.reshape(n, c, width), dtype.type(0),
+                np.empty(c, dtype), mean, var)
     elif ctx.training:
         ones = np.ones(width, dtype=dtype)
         sums = np.empty(n * c, dtype=dtype)
@@ -197,12 +197,12 @@ def _batchnorm_forward(node, x, params, ctx, act):
         saved.act, saved.y = act, y
         saved.scale, saved.shift = scale.astype(dtype), shift.astype(dtype)
         forward = getattr(jit.bn_module(act[0]), f"forward_{dtype.name}")
-        jit.loops(WORK_PER_ELEMENT * x.size)  # Numba's threads for this size
-        forward(rows.reshape(shape3), saved.scale, saved.shift, y.reshape(shape3), *map(dtype.type, act[1]))
+        jit.run(forward, n * c, WORK_PER_ELEMENT * x.size, rows.reshape(shape3), saved.scale, saved.shift,
+                y.reshape(shape3), *map(dtype.type, act[1]))
         return y, saved
     if compiled:
-        jit.loops(WORK_PER_ELEMENT * x.size).bn_apply(rows.reshape(shape3), scale.astype(dtype),
-                                                      shift.astype(dtype), y.reshape(shape3))
+        jit.run(jit.loops().bn_apply, n * c, WORK_PER_ELEMENT * x.size, rows.reshape(shape3), scale.astype(dtype),
+                shift.astype(dtype), y.reshape(shape3))
     else:
         yrows, sr, br = y.reshape(n * c, width), _per_row(scale, n, dtype), _per_row(shift, n, dtype)
 
@@ -242,14 +242,13 @@ def batchnorm_backward(node, saved, dy, params, ctx):
     if looped:  # g = dy·f' into dx, Σ g and Σ g·(x − μ)
         db, dxc = np.empty(c), np.empty(c)
         grad_sums = getattr(jit.bn_module(saved.act[0]), f"grad_sums_{dtype.name}")
-        jit.loops(WORK_PER_ELEMENT * dy.size)
-        grad_sums(rows.reshape(shape3), _bn_rows(saved.y).reshape(shape3), _bn_rows(dy).reshape(shape3),
-                  saved.scale, saved.shift, mean.astype(dtype), dtype.type(0), dx.reshape(shape3), db, dxc,
-                  *map(dtype.type, saved.act[1]))
+        jit.run(grad_sums, c, WORK_PER_ELEMENT * dy.size, rows.reshape(shape3), _bn_rows(saved.y).reshape(shape3),
+                _bn_rows(dy).reshape(shape3), saved.scale, saved.shift, mean.astype(dtype), dtype.type(0),
+                dx.reshape(shape3), db, dxc, *map(dtype.type, saved.act[1]))
     elif compiled:  # Σ dy and Σ dy·(x − μ)
         db, dxc = np.empty(c), np.empty(c)
-        jit.loops(WORK_PER_ELEMENT * dy.size).bn_grad_sums(rows.reshape(n, c, width), grows.reshape(n, c, width),
-                                                           mean.astype(dtype), dtype.type(0), db, dxc)
+        jit.run(jit.loops().bn_grad_sums, c, WORK_PER_ELEMENT * dy.size, rows.reshape(n, c, width),
+                grows.reshape(n, c, width), mean.astype(dtype), dtype.type(0), db, dxc)
     else:
         ones = np.ones(width, dtype=dtype)
         dsum = np.empty(n * c, dtype=dtype)
@@ -277,9 +276,9 @@ def batchnorm_backward(node, saved, dy, params, ctx):
     if compiled:
         p = k * invstd * gdw / count if training else np.zeros(c)
         q = p * mean - k * gdb / count if training else np.zeros(c)
-        jit.loops(WORK_PER_ELEMENT * dy.size).bn_grad_apply(
-            grows.reshape(n, c, width), rows.reshape(n, c, width), k.astype(dtype), (-p).astype(dtype),
-            q.astype(dtype), dx.reshape(n, c, width))
+        jit.run(jit.loops().bn_grad_apply, n * c, WORK_PER_ELEMENT * dy.size, grows.reshape(n, c, width),
+                rows.reshape(n, c, width), k.astype(dtype), (-p).astype(dtype), q.astype(dtype),
+                dx.reshape(n, c, width))
         return [dx], dparams
     drows, kr = dx.reshape(n * c, width), _per_row(k, n, dtype)
     if training:

@@ -209,8 +209,8 @@ def test_blocks_and_threads_give_the_one_block_result(case, monkeypatch):
 
 @pytest.mark.parametrize("case", ["3x3-s1-pad1-b3", "3x3-s2-asym-floor", "5x5-s2-pad2-floor", "3x3-dil3-s2-floor"])
 def test_compiled_loops_split_over_threads_give_the_one_thread_result(case, path, monkeypatch):
-    """The compiled loops' planes in chunks over 2 threads: each plane is computed alone, so the
-    values equal one thread's to the bit."""
+    """The compiled loops' planes in chunks over 2 threads (the backend's pool): each plane is
+    computed alone, so the values equal one thread's to the bit."""
     if path != "compiled":
         pytest.skip("the compiled loops' chunks")
     node, specs, _ = case_node(case)
@@ -220,15 +220,16 @@ def test_compiled_loops_split_over_threads_give_the_one_thread_result(case, path
     dy = rng.normal(size=(5, *node.out_shape))
     k = KERNELS["conv"]
     monkeypatch.setattr(parallel, "MIN_WORK", 0)
-    results = []
-    threads = parallel.get_threads()
+    results, splits = [], []
+    threads, run = parallel.get_threads(), parallel.run
+    monkeypatch.setattr(parallel, "run", lambda fn, slices: (splits.append(len(slices)), run(fn, slices))[1])
     try:
         for t in (1, 2):
             parallel.set_threads(t)
-            assert depthwise._Loops(depthwise.Geometry(node, *node.in_shapes[0][1:]), 5 * x.shape[1], 1.0).chunks \
-                == min(5 * x.shape[1], 4 * t)
+            splits.clear()
             y, saved = k.forward(node, [x], params, Ctx(training=True))
             (dx,), dps = k.backward(node, saved, dy, params, Ctx(training=True))
+            assert splits == [t, t]  # the forward's and the backward's loops, a chunk a thread
             results.append([y, dx, dps["weight"]])
     finally:
         parallel.set_threads(threads)
