@@ -37,6 +37,8 @@ module's NumPy code stays the reference, and what channel multipliers take.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from . import jit, parallel
@@ -72,16 +74,27 @@ def _phase_slices(phase: int, pad: int, stride: int, grid: int, size: int):
     return slice(u0, u0 + count), slice(x0, x0 + (count - 1) * stride + 1, stride)
 
 
+def geometry(node, h: int, w: int) -> "Geometry":
+    """The Geometry of node's conv on h × w planes, made once per shape (it runs at every call)."""
+    a = node.attrs
+    pads = tuple(node.pads) if node.pads is not None else (0, 0, 0, 0)
+    return _geometry(tuple(a.kernel), tuple(a.stride), tuple(a.dilation), tuple(node.out_shape), pads, h, w)
+
+
+@lru_cache(maxsize=256)
+def _geometry(*key) -> "Geometry":
+    return Geometry(*key)
+
+
 class Geometry:
     """Where each tap reads in the phase workspace, and how planes are packed into it."""
 
-    def __init__(self, node, h: int, w: int):
-        a = node.attrs
-        kh, kw = a.kernel
-        sh, sw = a.stride
-        dh, dw = a.dilation
-        self.k, self.oh, self.ow = node.out_shape
-        top, _, left, _ = tuple(node.pads) if node.pads is not None else (0, 0, 0, 0)
+    def __init__(self, kernel, stride, dilation, out_shape, pads, h: int, w: int):
+        kh, kw = kernel
+        sh, sw = stride
+        dh, dw = dilation
+        self.k, self.oh, self.ow = out_shape
+        top, _, left, _ = pads
         self.h, self.w, self.ntaps = h, w, kh * kw
         di = [i * dh // sh for i in range(kh)]
         dj = [j * dw // sw for j in range(kw)]
@@ -106,6 +119,13 @@ class Geometry:
                 covered[rs[1], cs[1]] = True
         # input elements no window reads (floor rounding's tail, strides past the kernel): zero gradient
         self.unread = None if covered.all() else ~covered
+
+        # the same as arrays, for jit_loops' depthwise loops
+        self.place = np.array([(p, gr.start, gc.start, xr.start, xc.start, gr.stop - gr.start, gc.stop - gc.start)
+                               for p, gr, gc, xr, xc in self.placements], dtype=np.int64).reshape(-1, 7)
+        self.tap_phase = np.array([p for p, _ in self.taps], dtype=np.int64)
+        self.tap_off = np.array([o for _, o in self.taps], dtype=np.int64)
+        self.length, self.cells = self.plane + self.reach, self.hq * self.wq
 
     def block(self, rows_per_plane: int, itemsize: int) -> int:
         """Planes per block, for column workspaces of `rows_per_plane` runs."""
@@ -151,19 +171,6 @@ def _gather_taps(g: Geometry, planes: np.ndarray, ws: np.ndarray, cols: np.ndarr
         cols[t, :span] = ws[p, off:off + span]
 
 
-class _Loops:
-    """depthwise.Geometry as the arrays jit_loops' depthwise loops read, and the work that splits them."""
-
-    def __init__(self, g: Geometry, planes: int, work: float):
-        self.place = np.array([(p, gr.start, gc.start, xr.start, xc.start, gr.stop - gr.start, gc.stop - gc.start)
-                               for p, gr, gc, xr, xc in g.placements], dtype=np.int64).reshape(-1, 7)
-        self.tap_phase = np.array([p for p, _ in g.taps], dtype=np.int64)
-        self.tap_off = np.array([o for _, o in g.taps], dtype=np.int64)
-        self.length, self.grid = g.plane + g.reach, g.hq * g.wq
-        self.planes, self.work = planes, work
-        self.module = jit.loops()
-
-
 def _compiled(x: np.ndarray, m: int) -> bool:
     """The compiled loops run this depthwise conv: one filter per channel, float, Numba on."""
     return m == 1 and x.dtype in (np.float32, np.float64) and jit.enabled()
@@ -172,15 +179,14 @@ def _compiled(x: np.ndarray, m: int) -> bool:
 def forward(node, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """y (N, m·C, oh, ow): x (N, C, H, W) correlated with weight (m·C, 1, kh, kw), no bias."""
     n, c, h, w = x.shape
-    g = Geometry(node, h, w)
+    g = geometry(node, h, w)
     if _compiled(x, g.k // c):
         xr = np.ascontiguousarray(x).reshape(n * c, h, w)
         y = np.empty((n, c, g.oh, g.ow), dtype=x.dtype)
-        lp = _Loops(g, n * c, WORK_PER_ELEMENT * y.size * g.ntaps)
         sh, sw = node.attrs.stride
-        jit.run(lp.module.depthwise_forward, lp.planes, lp.work, xr,
-                weight.astype(x.dtype, copy=False).reshape(c, g.ntaps), lp.place, lp.tap_phase, lp.tap_off,
-                len(g.phases), lp.length, lp.grid, g.wq, sh, sw, y.reshape(n * c, g.oh, g.ow))
+        jit.run(jit.loops().depthwise_forward, n * c, WORK_PER_ELEMENT * y.size * g.ntaps, xr,
+                weight.astype(x.dtype, copy=False).reshape(c, g.ntaps), g.place, g.tap_phase, g.tap_off,
+                len(g.phases), g.length, g.cells, g.wq, sh, sw, y.reshape(n * c, g.oh, g.ow))
         return y
     m, planes, t_ = g.k // c, n * c, g.ntaps
     xr = np.ascontiguousarray(x).reshape(planes, h, w)
@@ -209,18 +215,17 @@ def forward(node, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
 def backward(node, x: np.ndarray, dy: np.ndarray, weight: np.ndarray, need_dx: bool = True):
     """(dx or None, dweight) of `forward` at x for the output gradient dy."""
     n, c, h, w = x.shape
-    g = Geometry(node, h, w)
+    g = geometry(node, h, w)
     if _compiled(dy, g.k // c):
         dtype = dy.dtype
         planes = n * c
-        lp = _Loops(g, planes, WORK_PER_ELEMENT * dy.size * g.ntaps * 2)
         sh, sw = node.attrs.stride
         dw_planes = np.empty((planes, g.ntaps), dtype=dtype)
         dx = np.empty((n, c, h, w), dtype=dtype) if need_dx else np.empty((1, 1, 1), dtype=dtype)
-        jit.run(lp.module.depthwise_backward, lp.planes, lp.work,
+        jit.run(jit.loops().depthwise_backward, planes, WORK_PER_ELEMENT * dy.size * g.ntaps * 2,
                 np.ascontiguousarray(x, dtype=dtype).reshape(planes, h, w),
                 np.ascontiguousarray(dy).reshape(planes, g.oh, g.ow), weight.astype(dtype, copy=False).reshape(c, g.ntaps),
-                lp.place, lp.tap_phase, lp.tap_off, len(g.phases), lp.length, lp.grid, g.wq, g.reach, sh, sw, need_dx,
+                g.place, g.tap_phase, g.tap_off, len(g.phases), g.length, g.cells, g.wq, g.reach, sh, sw, need_dx,
                 g.unread is not None, dw_planes, dx.reshape(-1, h, w) if need_dx else dx)
         return (dx if need_dx else None), dw_planes.reshape(n, c, g.ntaps).sum(axis=0).reshape(weight.shape)
     m, planes, t_ = g.k // c, n * c, g.ntaps

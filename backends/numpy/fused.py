@@ -27,6 +27,8 @@ table's formulas as `elementwise.py` renders them, so fused and unfused values a
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from cnnc.compiler.ops import OPS
@@ -45,7 +47,12 @@ def _flat(a: np.ndarray) -> np.ndarray:
 # ---- the shared epilogue ---------------------------------------------------------------------
 
 def _reads(act) -> frozenset[str]:
-    return frozenset() if act is None else OPS[act[0]].formula.grad_reads
+    return frozenset() if act is None else _grad_reads(act[0])
+
+
+@lru_cache(maxsize=None)
+def _grad_reads(op: str) -> frozenset[str]:  # walks the formula: cached, it runs at every call
+    return OPS[op].formula.grad_reads
 
 
 def epilogue(y: np.ndarray, bias, residual, act):

@@ -195,7 +195,7 @@ def test_blocks_and_threads_give_the_one_block_result(case, monkeypatch):
         whole = run()
         parallel.set_threads(2)
         monkeypatch.setattr(depthwise, "THREAD_MIN_BLOCKS", 1)
-        g = depthwise.Geometry(node, *node.in_shapes[0][1:])
+        g = depthwise.geometry(node, *node.in_shapes[0][1:])
         monkeypatch.setattr(depthwise, "BLOCK_BYTES", 3 * (g.ntaps + 1) * g.plane * 8)  # 3 planes a block
         assert g.block(g.ntaps + 1, 8) == 3
         planes = batch * node.in_shapes[0][0]
