@@ -29,10 +29,10 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import depthwise, parallel, tuner, winograd
+from . import depthwise, direct, parallel, tuner, winograd
 from .blas import gemm
 
-KERNELS_VERSION = 1  # part of the tuning cache's key: bump when an algorithm's speed changes
+KERNELS_VERSION = 2  # part of the tuning cache's key: bump when an algorithm's speed changes
 
 
 # ---- shared helpers ------------------------------------------------------------------------
@@ -151,6 +151,7 @@ WINOGRAD_MIN_CHANNELS = 128  # 3×3 stride 1 with this many input and output cha
 WINOGRAD_MIN_POSITIONS = 28 * 28  # …and output positions: Winograd F(2×2, 3×3)
 SHIFTED_MAX_CHANNELS = 255  # above, im2col's one gemm beats kh·kw gemms
 STACK_BELOW = 64  # channels under which the taps are stacked into one gemm (see _stacked)
+DIRECT_MAX_CHANNELS = 64  # input and output channels up to which the heuristic takes the direct conv
 MIN_BLOCK = 512  # columns: narrower gemms cost more in calls than they save in cache misses
 
 
@@ -346,10 +347,11 @@ def _shifted_backward(node, saved, dy, weight, has_bias: bool, need_dx: bool = T
 
 # ---- algorithm choice ------------------------------------------------------------------------
 
-def algorithms(node, c: int, training: bool) -> list[str]:
+def algorithms(node, c: int, training: bool, dtype=np.float32) -> list[str]:
     """The algorithms that compute this convolution (not depthwise) on a C-channel input, the
     heuristic's choice first: im2col (any conv), shifted_taps and shifted_stacked (stride 1,
-    groups 1, a kernel larger than 1×1), winograd (3×3, stride 1, no dilation, groups 1);
+    groups 1, a kernel larger than 1×1), winograd (3×3, stride 1, no dilation, groups 1), direct
+    (compiled C, `direct.py`: stride 1, no dilation, groups 1, where a C compiler is there);
     "shifted" is the heuristic's own stacking when it differs between forward and backward."""
     a = node.attrs
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
@@ -365,6 +367,11 @@ def algorithms(node, c: int, training: bool) -> list[str]:
         names += ["shifted_taps", "shifted_stacked"]
         if (kh, kw, dh, dw) == (3, 3, 1, 1) and min(oh, ow) >= 2:
             names.append("winograd")
+    if direct.applies(node, c, dtype) and direct.available():
+        # measured faster than every gemm-based algorithm on LeNet-5's and ResNet-20's layers
+        # (benchmarks/cpu_conv_algorithms.py); 1×1 convs are one gemm already
+        first_choice = kh * kw > 1 and max(c, k) <= DIRECT_MAX_CHANNELS
+        names.insert(0, "direct") if first_choice else names.append("direct")
     return list(dict.fromkeys(names))
 
 
@@ -380,7 +387,7 @@ def _workspace_bytes(node, algo: str, x) -> int:
         return 0 if pointwise else n * c * kh * kw * oh * ow * x.itemsize
     if algo == "winograd":
         return 4 * n * (c * hp * wp + k * oh * ow) * x.itemsize
-    return n * c * hp * wp * x.itemsize
+    return n * c * hp * wp * x.itemsize  # the padded input (shifted windows: channel-major; direct)
 
 
 def _algorithm(node, x, w, bias, ctx) -> str:
@@ -390,7 +397,7 @@ def _algorithm(node, x, w, bias, ctx) -> str:
     a = node.attrs
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     macs = n * k * oh * ow * (c // a.groups) * kh * kw
-    names = algorithms(node, c, ctx.training)
+    names = algorithms(node, c, ctx.training, x.dtype)
     if len(names) == 1 or macs < tuner.MIN_MACS or tuner.mode() == "off":
         return names[0]  # decided before any string is built: this runs at every conv call
     # no candidate needs much more memory than the heuristic's own
@@ -425,6 +432,8 @@ def conv_forward(node, xs, params, ctx):
 
 
 def _forward(node, algo: str, x, w, bias):
+    if algo == "direct":
+        return _direct_forward(node, x, w, bias)
     if algo != "im2col":
         return _shifted_forward(node, x, w, bias, algo)
     n, c = x.shape[:2]
@@ -460,7 +469,36 @@ def conv_backward(node, saved, dy, params, ctx):
     return _backward(node, saved, dy, weight, "bias" in params, ctx.need_input_grad)
 
 
+def _direct_forward(node, x, weight, bias):
+    kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
+    top, _, left, _ = _pads(node)
+    xp = _pad(x, top, left, hp, wp)
+    y = direct.conv(xp, weight, oh, ow)
+    if bias is not None:
+        y += bias.reshape(1, k, 1, 1)
+    return y, ("direct", xp, x.shape)
+
+
+def _direct_backward(node, saved, dy, weight, has_bias: bool, need_dx: bool):
+    """dW by the compiled kernel; dx as the direct forward of dy, padded by the kernel less one
+    less the forward's padding, with the filters flipped and the channel axes swapped."""
+    _, xp, (n, c, h, w) = saved
+    kh, kw = weight.shape[2:]
+    top, _, left, _ = _pads(node)
+    dy = np.ascontiguousarray(dy)
+    dparams = {"weight": direct.grad_weight(xp, dy, kh, kw)}
+    if has_bias:
+        dparams["bias"] = dy.sum(axis=(0, 2, 3))
+    dx = None
+    if need_dx:
+        flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        dx = direct.conv(_pad(dy, kh - 1 - top, kw - 1 - left, h + kh - 1, w + kw - 1), flipped, h, w)
+    return [dx], dparams
+
+
 def _backward(node, saved, dy, weight, has_bias: bool, need_dx: bool):
+    if isinstance(saved[0], str) and saved[0] == "direct":
+        return _direct_backward(node, saved, dy, weight, has_bias, need_dx)
     if isinstance(saved[0], str):  # ("shifted", ...)
         return _shifted_backward(node, saved, np.ascontiguousarray(dy), weight, has_bias, need_dx)
     x, cols, slices, (n, c, h, w) = saved

@@ -29,8 +29,10 @@ BACKEND = NumpyBackend()
 def shifted_convs_at_small_sizes(monkeypatch):
     """The shifted-window conv and Winograd are chosen for large maps (and Winograd for many
     channels) only; these small cases take them whenever they have 16+ channels, so that finite
-    differences check them too."""
+    differences check them too. The direct conv (the heuristic's choice for few channels where a
+    C compiler is there) has its own finite differences, test_numpy_direct.py."""
     from cnnc.backends.numpy import conv
+    monkeypatch.setattr(conv, "DIRECT_MAX_CHANNELS", 0)
     monkeypatch.setattr(conv, "SHIFTED_MAX_GRID", 4.0)
     monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 16)
     monkeypatch.setattr(conv, "WINOGRAD_MIN_POSITIONS", 1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnnc.backends.base import Ctx
-from cnnc.backends.numpy import conv, parallel, tuner
+from cnnc.backends.numpy import conv, direct, parallel, tuner
 
 from conftest import run_cli
 from test_numpy_grad import make_node, make_params
@@ -24,6 +24,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNC_AUTOTUNE", "full")
     monkeypatch.setattr(tuner, "_chosen", {})
     monkeypatch.setattr(tuner, "MIN_MACS", 0)
+    monkeypatch.setattr(conv, "DIRECT_MAX_CHANNELS", 0)  # the gemm-based heuristic these tests are written for
     return path
 
 
@@ -53,7 +54,8 @@ def counting(monkeypatch) -> list:
 def test_every_candidate_is_timed_and_the_fastest_is_kept(cache):
     node, params, x = problem()
     names = conv.algorithms(node, 16, training=True)
-    assert names == ["im2col", "shifted_taps", "shifted_stacked", "winograd"]  # 12×12: im2col's heuristic
+    compiled = ["direct"] if direct.available() else []  # the C kernel, where a compiler is there
+    assert names == ["im2col", "shifted_taps", "shifted_stacked", "winograd", *compiled]  # 12×12: im2col's heuristic
     y, saved = conv.conv_forward(node, [x], params, Ctx(training=True))
     (key, entry), = entries(cache).items()
     assert f"|{parallel.get_threads()}t|" in key and "|4x16x12x12|float32|k16|3x3|" in key and key.endswith("|train+dx")
@@ -62,7 +64,7 @@ def test_every_candidate_is_timed_and_the_fastest_is_kept(cache):
     fastest = min(timed, key=timed.get)
     kept = names[0] if timed[names[0]] <= timed[fastest] * (1 + tuner.MARGIN) else fastest
     assert eval(entry["config"]) == kept  # noqa: S307
-    assert (saved[0] == "shifted") == (eval(entry["config"]) != "im2col")  # noqa: S307
+    assert isinstance(saved[0], str) == (eval(entry["config"]) != "im2col")  # noqa: S307
 
 
 def test_a_slow_algorithm_is_not_chosen(cache, monkeypatch):
@@ -146,15 +148,17 @@ def test_cnnc_autotune_full_tunes_a_training_step(tmp_path, monkeypatch):
 
 def test_a_candidate_needing_far_more_memory_than_the_heuristic_is_not_timed(cache, monkeypatch):
     """im2col's columns are kh·kw times the input; with the shifted windows chosen by the heuristic
-    and a small cap, neither im2col nor Winograd's tiles are tried."""
+    and a small cap, neither im2col nor Winograd's tiles are tried (the shifted windows' and the
+    direct conv's padded input are)."""
     node, params, x = problem(size=34)  # the heuristic: shifted windows, stacked taps
     assert conv._workspace_bytes(node, "im2col", x) > 8 * conv._workspace_bytes(node, "shifted_stacked", x)
     monkeypatch.setattr(tuner, "MAX_WORKSPACE_BYTES", 0)
     calls = counting(monkeypatch)
     conv.conv_forward(node, [x], params, Ctx(training=True))
-    assert set(calls) == {"shifted_stacked", "shifted_taps"}
+    compiled = {"direct"} if direct.available() else set()
+    assert set(calls) == {"shifted_stacked", "shifted_taps"} | compiled
     (entry,) = entries(cache).values()
-    assert set(entry["timed"]) == {"'shifted_stacked'", "'shifted_taps'"}
+    assert set(entry["timed"]) == {repr(name) for name in {"shifted_stacked", "shifted_taps"} | compiled}
 
 
 def test_long_problems_get_fewer_rounds_and_say_why_once(monkeypatch, capsys):

@@ -1,0 +1,140 @@
+"""The NumPy backend's direct convolution (backends/numpy/direct.py: C generated per shape, built
+with the system C compiler): float64 central finite differences on that path, im2col's results
+in float32 and float64 split over two threads, where it applies, and what happens without a
+compiler or with CNNC_JIT=0 (the plain NumPy algorithms only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from test_numpy_grad import Case, make_node, make_params
+from test_numpy_grad import test_backward_matches_finite_differences as finite_differences
+
+from cnnc.backends.base import Ctx
+from cnnc.backends.numpy import conv, direct, parallel
+
+if not direct.available():
+    pytest.skip("no C compiler (cc) on this machine: the direct convolution is not built", allow_module_level=True)
+
+# vector widths (8 float32, 4 float64 outputs) with and without a partial last block; blocks of 8,
+# 6, 4 and 1 (a prime K) output channels; padding wider than the kernel's reach (dx pads negatively)
+CASES = [
+    Case("direct-3x3-same", "conv", dict(filters=8, kernel=3, pad=1), [(3, 6, 6)]),
+    Case("direct-5x5-valid-k6", "conv", dict(filters=6, kernel=5), [(2, 9, 10)]),
+    Case("direct-1x3-asym-k4", "conv", dict(filters=4, kernel=(1, 3), pad=(0, 0, 1, 2)), [(5, 3, 5)]),
+    Case("direct-3x3-bigpad-k17", "conv", dict(filters=17, kernel=3, pad=(3, 0, 1, 2), bias=False), [(2, 4, 5)]),
+    Case("direct-2x2-k12", "conv", dict(filters=12, kernel=2, pad=(1, 0, 0, 1)), [(3, 5, 7)]),
+    Case("direct-fused-relu", "fused_conv", dict(filters=8, kernel=3, pad=1, activation="relu", residual=True),
+         [(4, 5, 6), (8, 5, 6)]),
+]
+
+
+@pytest.fixture
+def direct_path(monkeypatch):
+    """Every conv takes the direct algorithm (it applies to all CASES)."""
+    monkeypatch.setattr(conv, "_algorithm", lambda node, x, w, bias, ctx: "direct")
+    calls = []
+    forward = direct.conv
+    monkeypatch.setattr(direct, "conv", lambda *a: calls.append(a[0].shape) or forward(*a))
+    return calls
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_direct_backward_matches_finite_differences(case, direct_path):
+    node, _ = make_node(case.op, case.kw, case.shapes)
+    assert direct.applies(node, case.shapes[0][0], np.float64)
+    finite_differences(case)
+    assert direct_path  # the compiled kernels ran
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(5, 16, 16, 12, 3, 1), (4, 1, 6, 16, 5, 0), (3, 6, 16, 10, 5, 2),
+                                   (2, 64, 64, 8, 3, 1)], ids=["16c", "lenet-c1", "lenet-c3-pad", "64c"])
+def test_direct_equals_im2col_split_over_threads(shape, dtype, monkeypatch):
+    """Output, input gradient, weight and bias gradients equal im2col's (float32 to 2e-6, float64 to
+    1e-13), on one thread and with the batch split over two."""
+    n, c, k, size, kernel, pad = shape
+    node, specs = make_node("conv", dict(filters=k, kernel=kernel, pad=pad), [(c, size, size)])
+    rng = np.random.default_rng(sum(shape))
+    params = make_params(specs, rng, dtype)
+    w, b = params["weight"], params["bias"]
+    x = rng.normal(size=(n, c, size, size)).astype(dtype)
+    y0, s0 = conv._forward(node, "im2col", x, w, b)
+    dy = rng.normal(size=y0.shape).astype(dtype)
+    (dx0,), p0 = conv._backward(node, s0, dy, w, True, True)
+    monkeypatch.setattr(parallel, "MIN_WORK", 0)
+    before = parallel.get_threads()
+    tol = 2e-6 if dtype == np.float32 else 1e-13
+    try:
+        for threads in (1, 2):
+            parallel.set_threads(threads)
+            y1, s1 = conv._forward(node, "direct", x, w, b)
+            assert s1[0] == "direct" and y1.dtype == dtype
+            (dx1,), p1 = conv._backward(node, s1, dy, w, True, True)
+            for got, want in [(y1, y0), (dx1, dx0), (p1["weight"], p0["weight"]), (p1["bias"], p0["bias"])]:
+                assert got.dtype == dtype
+                assert float(np.abs(got - want).max() / np.abs(want).max()) <= tol
+    finally:
+        parallel.set_threads(before)
+
+
+def test_where_it_applies():
+    def node(**kw):
+        return make_node("conv", dict(filters=8, kernel=3, **kw), [(4, 12, 12)])[0]
+    assert direct.applies(node(pad=1), 4, np.float32)
+    assert not direct.applies(node(stride=2, pad=1, round="floor"), 4, np.float32)
+    assert not direct.applies(node(dilation=2), 4, np.float32)
+    assert not direct.applies(make_node("conv", dict(filters=8, kernel=3, groups=2), [(4, 12, 12)])[0], 4, np.float32)
+    narrow = make_node("conv", dict(filters=8, kernel=3), [(4, 9, 9)])[0]  # 7 outputs a row
+    assert not direct.applies(narrow, 4, np.float32) and direct.applies(narrow, 4, np.float64)
+    assert "direct" in conv.algorithms(node(pad=1), 4, True)
+    assert "direct" not in conv.algorithms(node(stride=2, pad=1, round="floor"), 4, True)
+
+
+def test_without_a_compiler_or_with_jit_off_the_numpy_algorithms_remain(monkeypatch):
+    node = make_node("conv", dict(filters=8, kernel=3, pad=1), [(4, 12, 12)])[0]
+    monkeypatch.setenv("CNNC_JIT", "0")
+    assert not direct.available() and "direct" not in conv.algorithms(node, 4, True)
+    monkeypatch.setenv("CNNC_JIT", "1")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    direct._compiler.cache_clear()
+    try:
+        assert not direct.available() and "direct" not in conv.algorithms(node, 4, True)
+    finally:
+        monkeypatch.delenv("CC")
+        direct._compiler.cache_clear()
+    assert direct.available()
+
+
+def test_the_library_is_built_once_per_shape_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path))
+    direct.kernels.cache_clear()
+    x = np.ones((2, 3, 10, 10), np.float32)
+    w = np.ones((4, 3, 3, 3), np.float32)
+    try:
+        y = direct.conv(x, w, 8, 8)
+        libs = sorted((tmp_path / "c").glob("*.so"))
+        assert len(libs) == 1 and not list((tmp_path / "c").glob(".*"))  # no temporaries left
+        mtime = libs[0].stat().st_mtime_ns
+        direct.kernels.cache_clear()
+        np.testing.assert_array_equal(direct.conv(x, w, 8, 8), y)
+        assert libs[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+        np.testing.assert_array_equal(y, np.full((2, 4, 8, 8), 27.0, np.float32))
+    finally:
+        direct.kernels.cache_clear()
+
+
+def test_a_training_step_runs_the_direct_path_when_the_tuner_picks_it(monkeypatch):
+    """conv_forward / conv_backward through the kernel table with the algorithm chosen as direct."""
+    from test_numpy_grad import BACKEND
+    monkeypatch.setattr(conv, "_algorithm", lambda node, x, w, bias, ctx: "direct")
+    node, specs = make_node("conv", dict(filters=8, kernel=3, pad=1), [(4, 12, 12)])
+    rng = np.random.default_rng(0)
+    params = make_params(specs, rng, np.float32)
+    x = rng.normal(size=(2, 4, 12, 12)).astype(np.float32)
+    k = BACKEND.kernel("conv")
+    y, saved = k.forward(node, [x], params, Ctx(training=True))
+    assert saved[0] == "direct"
+    (dx,), dps = k.backward(node, saved, np.ones_like(y), params, Ctx(training=True, need_input_grad=False))
+    assert dx is None and sorted(dps) == ["bias", "weight"]
