@@ -18,9 +18,10 @@ if not direct.available():
     pytest.skip("no C compiler (cc) on this machine: the direct convolution is not built", allow_module_level=True)
 
 # vector widths (8 float32, 4 float64 outputs) with and without a partial last block; blocks of 8,
-# 6, 4 and 1 (a prime K) output channels; padding wider than the kernel's reach (dx pads negatively)
+# 6, 4 and 1 (a prime K) output channels, weight-gradient blocks of 1 and 4; padding wider than the kernel's reach (dx pads negatively)
 CASES = [
     Case("direct-3x3-same", "conv", dict(filters=8, kernel=3, pad=1), [(3, 6, 6)]),
+    Case("direct-3x3-wide", "conv", dict(filters=8, kernel=3, pad=1), [(2, 3, 10)]),  # dW in blocks of 4 filters
     Case("direct-5x5-valid-k6", "conv", dict(filters=6, kernel=5), [(2, 9, 10)]),
     Case("direct-1x3-asym-k4", "conv", dict(filters=4, kernel=(1, 3), pad=(0, 0, 1, 2)), [(5, 3, 5)]),
     Case("direct-3x3-bigpad-k17", "conv", dict(filters=17, kernel=3, pad=(3, 0, 1, 2), bias=False), [(2, 4, 5)]),
