@@ -1,4 +1,4 @@
-"""Each convolution algorithm of the NumPy backend on LeNet-5's and ResNet-20's stride-1 layers,
+"""Each convolution algorithm of the NumPy backend on LeNet-5's and ResNet-20's layers,
 against PyTorch's conv2d on the same arrays, forward and backward (input and weight gradients),
 in one process, same threads, alternating rounds (the machine's load hits every side alike).
 
@@ -15,22 +15,25 @@ import time
 
 import numpy as np
 
-LAYERS = {  # key: (batch, C, K, map size, kernel, padding)
-    "lenet_c1": (64, 1, 6, 32, 5, 0),
-    "lenet_c3": (64, 6, 16, 14, 5, 0),
-    "resnet20_16": (128, 16, 16, 32, 3, 1),
-    "resnet20_32": (128, 32, 32, 16, 3, 1),
-    "resnet20_64": (128, 64, 64, 8, 3, 1),
+LAYERS = {  # key: (batch, C, K, map size, kernel, padding, stride)
+    "lenet_c1": (64, 1, 6, 32, 5, 0, 1),
+    "lenet_c3": (64, 6, 16, 14, 5, 0, 1),
+    "resnet20_16": (128, 16, 16, 32, 3, 1, 1),
+    "resnet20_32": (128, 32, 32, 16, 3, 1, 1),
+    "resnet20_64": (128, 64, 64, 8, 3, 1, 1),
+    "resnet20_down16": (128, 16, 32, 32, 3, 1, 2),
+    "resnet20_down32": (128, 32, 64, 16, 3, 1, 2),
+    "resnet20_shortcut16": (128, 16, 32, 32, 1, 0, 2),
 }
 
 
-def layer(batch, c, k, size, kernel, pad):
+def layer(batch, c, k, size, kernel, pad, stride):
     from cnnc.backends.base import NodeInfo
     from cnnc.compiler.ops import OPS, resolve_pads
 
-    attrs = OPS["conv"].attrs(filters=k, kernel=kernel, pad=pad, bias=False)
+    attrs = OPS["conv"].attrs(filters=k, kernel=kernel, pad=pad, stride=stride, bias=False, round="floor")
     pads = resolve_pads(attrs.pad, size, size, attrs.kernel, attrs.stride)
-    out = size + pads[0] + pads[1] - kernel + 1
+    out = (size + pads[0] + pads[1] - kernel) // stride + 1
     node = NodeInfo(1, "conv", "conv", attrs, ((c, size, size),), (k, out, out), pads)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, c, size, size)).astype(np.float32)
@@ -45,8 +48,8 @@ def steps(key):
 
     from cnnc.backends.numpy import conv
 
-    batch, c, k, size, kernel, pad = LAYERS[key]
-    node, x, w, dy = layer(batch, c, k, size, kernel, pad)
+    batch, c, k, size, kernel, pad, stride = LAYERS[key]
+    node, x, w, dy = layer(batch, c, k, size, kernel, pad, stride)
     out = {}
     for algo in conv.algorithms(node, c, training=True):
         state = {}
@@ -64,7 +67,7 @@ def steps(key):
     tstate = {}
 
     def tfwd():
-        tstate["y"] = torch.nn.functional.conv2d(xt, wt, padding=pad)
+        tstate["y"] = torch.nn.functional.conv2d(xt, wt, padding=pad, stride=stride)
 
     def tbwd():
         tstate["y"].backward(dyt)
@@ -87,8 +90,8 @@ def main() -> int:
     print(f"machine: {parallel.cpu_model()}, {threads} threads each side; ms forward / backward, median of "
           f"{args.rounds} rounds; GFLOP/s of forward + backward counted as direct convolution")
     for key in args.only.split(","):
-        batch, c, k, size, kernel, pad = LAYERS[key]
-        out = size + 2 * pad - kernel + 1
+        batch, c, k, size, kernel, pad, stride = LAYERS[key]
+        out = (size + 2 * pad - kernel) // stride + 1
         macs = batch * k * c * kernel * kernel * out * out
         passes = 2 if key == "lenet_c1" else 3  # forward, weight gradient (and input gradient)
         sides = steps(key)
@@ -105,7 +108,7 @@ def main() -> int:
                 t2 = time.perf_counter()
                 times[name][0].append(t1 - t0)
                 times[name][1].append(t2 - t1)
-        print(f"\n{key}: batch {batch}, {c}→{k}, {kernel}×{kernel} pad {pad} on {size}×{size}")
+        print(f"\n{key}: batch {batch}, {c}→{k}, {kernel}×{kernel} pad {pad} stride {stride} on {size}×{size}")
         theirs = sum(statistics.median(t) for t in times["torch"])
         for name, (tf, tb) in times.items():
             f, b = statistics.median(tf) * 1e3, statistics.median(tb) * 1e3

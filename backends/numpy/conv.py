@@ -351,7 +351,7 @@ def algorithms(node, c: int, training: bool, dtype=np.float32) -> list[str]:
     """The algorithms that compute this convolution (not depthwise) on a C-channel input, the
     heuristic's choice first: im2col (any conv), shifted_taps and shifted_stacked (stride 1,
     groups 1, a kernel larger than 1×1), winograd (3×3, stride 1, no dilation, groups 1), direct
-    (compiled C, `direct.py`: stride 1, no dilation, groups 1, where a C compiler is there);
+    (compiled C, `direct.py`: no dilation, groups 1, where a C compiler is there);
     "shifted" is the heuristic's own stacking when it differs between forward and backward."""
     a = node.attrs
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
@@ -368,9 +368,11 @@ def algorithms(node, c: int, training: bool, dtype=np.float32) -> list[str]:
         if (kh, kw, dh, dw) == (3, 3, 1, 1) and min(oh, ow) >= 2:
             names.append("winograd")
     if direct.applies(node, c, dtype) and direct.available():
-        # measured faster than every gemm-based algorithm on LeNet-5's and ResNet-20's layers
-        # (benchmarks/cpu_conv_algorithms.py); 1×1 convs are one gemm already
-        first_choice = kh * kw > 1 and max(c, k) <= DIRECT_MAX_CHANNELS
+        # measured faster than every gemm-based algorithm on LeNet-5's and ResNet-20's stride-1
+        # layers (benchmarks/cpu_conv_algorithms.py); 1×1 convs are one gemm already, and strided
+        # ones pay for NumPy's copies into phases (ResNet-20's 3×3 stride 2: 2.4× PyTorch's time
+        # against im2col's 1.1-1.4×), so there only the tuner takes it, where it measures faster
+        first_choice = kh * kw > 1 and sh == sw == 1 and max(c, k) <= DIRECT_MAX_CHANNELS
         names.insert(0, "direct") if first_choice else names.append("direct")
     return list(dict.fromkeys(names))
 
@@ -472,27 +474,31 @@ def conv_backward(node, saved, dy, params, ctx):
 def _direct_forward(node, x, weight, bias):
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     top, _, left, _ = _pads(node)
-    xp = _pad(x, top, left, hp, wp)
-    y = direct.conv(xp, weight, oh, ow)
+    xq = direct.phases(_pad(x, top, left, hp, wp), kh, kw, sh, sw)
+    y = direct.conv(xq, weight, oh, ow, (sh, sw))
     if bias is not None:
         y += bias.reshape(1, k, 1, 1)
-    return y, ("direct", xp, x.shape)
+    return y, ("direct", xq, x.shape)
 
 
 def _direct_backward(node, saved, dy, weight, has_bias: bool, need_dx: bool):
-    """dW by the compiled kernel; dx as the direct forward of dy, padded by the kernel less one
-    less the forward's padding, with the filters flipped and the channel axes swapped."""
-    _, xp, (n, c, h, w) = saved
-    kh, kw = weight.shape[2:]
+    """dW by the compiled kernel; dx at stride 1 as the direct forward of dy, padded by the kernel
+    less one less the forward's padding, with the filters flipped and the channel axes swapped,
+    at larger strides one such conv per stride phase (direct.grad_input_padded)."""
+    _, xq, (n, c, h, w) = saved
+    kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     top, _, left, _ = _pads(node)
     dy = np.ascontiguousarray(dy)
-    dparams = {"weight": direct.grad_weight(xp, dy, kh, kw)}
+    dparams = {"weight": direct.grad_weight(xq, dy, kh, kw, (sh, sw))}
     if has_bias:
         dparams["bias"] = dy.sum(axis=(0, 2, 3))
     dx = None
-    if need_dx:
+    if need_dx and sh == sw == 1:
         flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        dx = direct.conv(_pad(dy, kh - 1 - top, kw - 1 - left, h + kh - 1, w + kw - 1), flipped, h, w)
+        dyp = _pad(dy, kh - 1 - top, kw - 1 - left, h + kh - 1, w + kw - 1)
+        dx = direct.conv(direct.phases(dyp, kh, kw, 1, 1), flipped, h, w)
+    elif need_dx:
+        dx = _unpad(direct.grad_input_padded(dy, weight, hp, wp, (sh, sw)), top, left, h, w)
     return [dx], dparams
 
 

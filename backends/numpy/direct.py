@@ -15,16 +15,20 @@ bytes: AVX2's registers, and what the compiler splits on narrower machines.
 - forward: y[n, k] = Σ_c,r,s w[k, c, r, s]·xp[n, c, oy + r, ox + s] on the padded input xp. A
   row's (the rows') last block overlaps the one before (computed twice, stored the same), so any
   output width of at least one vector works without a scalar tail.
-- input gradient (stride 1): the forward of dy, padded by the kernel less one less the forward's
+- strides: the padded input is copied into its stride phases (rows ≡ a, columns ≡ b), in which
+  every tap reads a contiguous run, so the same loops serve any stride (`phases`).
+- input gradient: at stride 1 the forward of dy, padded by the kernel less one less the forward's
   padding, with the filters flipped and the channel axes swapped, which is another shape's
-  forward.
+  forward; at larger strides one such conv per stride phase, with that phase's taps.
 - weight gradient: per image, each (k, c) pair's kh·kw taps as vector partial sums of dy's rows
   times the input's shifted rows, accumulated over the thread's images in a (K, C, taps, lanes)
   array; the lanes and threads are summed at the end.
 
-Stride 1, no dilation, one group, outputs at least one vector wide; `available()` says whether a C
-compiler is there (and `CNNC_JIT` is not 0: the plain NumPy path is the reference). The tuner
-(`tuner.py`) times this against the gemm-based algorithms; it is never the only choice.
+No dilation, one group, outputs (and stride phases) at least one vector wide; `available()` says
+whether a C compiler is there (and `CNNC_JIT` is not 0: the plain NumPy path is the reference).
+The tuner (`tuner.py`) times this against the gemm-based algorithms; it is never the only choice.
+The phase copies are NumPy's strided copies, slow (13 ms for ResNet-20's first stride-2 input at
+batch 128, against 9.5 for the conv itself), which is why strided convs are left to the tuner.
 """
 
 from __future__ import annotations
@@ -50,12 +54,17 @@ typedef T vecu __attribute__((vector_size(VB), aligned(sizeof(T))));
 #define VL (VB / (int)sizeof(T))
 static inline vec ld(const T *p) { return *(const vecu *)p; }
 static inline void st(T *p, vec v) { *(vecu *)p = v; }
+/* the input is in stride phases, xq (N, C, PH, HQ, WQ): phase PHASE[r][s] holds the padded rows
+   ≡ r and columns ≡ s (mod the strides), so that tap (r, s) reads a contiguous run of it at row
+   oy + r / SH, column ox + s / SW; at stride 1 it is the padded input itself */
+static const int PHASE[KH][KW] = PHASE_TABLE;
+#define TAP(x, r, s, row, col) ((x) + (PHASE[r][s] * HQ + (row) + (r) / SH) * WQ + (col) + (s) / SW)
 
-/* y (N, K, OH, OW) for images [n0, n1) of xp (N, C, HP, WP); w (K, C, KH, KW). A block is KB
-   filters × RB rows × one vector of a row's outputs: each weight broadcast serves RB rows and each
-   input vector KB filters. The last block of a row (of the rows) overlaps the one before: computed
-   twice, stored the same, so any size of at least one vector (RB rows) needs no scalar tail. */
-void forward(const T *restrict xp, const T *restrict w, T *restrict y, long n0, long n1) {
+/* y (N, K, OH, OW) for images [n0, n1); w (K, C, KH, KW). A block is KB filters × RB rows × one
+   vector of a row's outputs: each weight broadcast serves RB rows and each input vector KB
+   filters. The last block of a row (of the rows) overlaps the one before: computed twice, stored
+   the same, so any size of at least one vector (RB rows) needs no scalar tail. */
+void forward(const T *restrict xq, const T *restrict w, T *restrict y, long n0, long n1) {
     for (long n = n0; n < n1; n++)
     for (int kb = 0; kb < K; kb += KB)
     for (int oy = 0; oy < OH; oy += RB)
@@ -65,12 +74,12 @@ void forward(const T *restrict xp, const T *restrict w, T *restrict y, long n0, 
         vec acc[KB][RB];
         for (int k = 0; k < KB; k++) for (int i = 0; i < RB; i++) acc[k][i] = (vec){0};
         for (int c = 0; c < C; c++) {
-            const T *xr = xp + ((n * C + c) * HP + q) * WP + o;
+            const T *xc = xq + (n * C + c) * (long)(PH * HQ * WQ);
             const T *wr = w + ((long)kb * C + c) * (KH * KW);
             for (int r = 0; r < KH; r++)
             for (int s = 0; s < KW; s++) {
                 vec xv[RB];
-                for (int i = 0; i < RB; i++) xv[i] = ld(xr + (r + i) * WP + s);
+                for (int i = 0; i < RB; i++) xv[i] = ld(TAP(xc, r, s, q + i, o));
                 for (int k = 0; k < KB; k++) {
                     T wv = wr[(long)k * C * KH * KW + r * KW + s];
                     for (int i = 0; i < RB; i++) acc[k][i] += wv * xv[i];
@@ -82,10 +91,10 @@ void forward(const T *restrict xp, const T *restrict w, T *restrict y, long n0, 
     }
 }
 
-/* acc (K, C, KH·KW, VL) += per-lane Σ over images [n0, n1) of dy (N, K, OH, OW) times xp's shifted
-   rows; per kernel row r, a block of KG filters × KW taps in registers: each input vector loaded
-   serves KG filters, each dy vector KW taps */
-void grad_weight(const T *restrict xp, const T *restrict dy, T *restrict acc, long n0, long n1) {
+/* acc (K, C, KH·KW, VL) += per-lane Σ over images [n0, n1) of dy (N, K, OH, OW) times the input's
+   shifted runs; per kernel row r, a block of KG filters × KW taps in registers: each input vector
+   loaded serves KG filters, each dy vector KW taps */
+void grad_weight(const T *restrict xq, const T *restrict dy, T *restrict acc, long n0, long n1) {
     for (long n = n0; n < n1; n++)
     for (int kb = 0; kb < K; kb += KG)
     for (int c = 0; c < C; c++)
@@ -94,12 +103,12 @@ void grad_weight(const T *restrict xp, const T *restrict dy, T *restrict acc, lo
         T tail[KG][KW];
         for (int k = 0; k < KG; k++) for (int s = 0; s < KW; s++) { a[k][s] = (vec){0}; tail[k][s] = 0; }
         const T *d = dy + (n * K + kb) * (long)(OH * OW);
-        const T *x = xp + (n * C + c) * (long)(HP * WP) + r * WP;
+        const T *xc = xq + (n * C + c) * (long)(PH * HQ * WQ);
         for (int oy = 0; oy < OH; oy++) {
             int ox = 0;
             for (; ox + VL <= OW; ox += VL) {
                 vec xv[KW];
-                for (int s = 0; s < KW; s++) xv[s] = ld(x + oy * WP + ox + s);
+                for (int s = 0; s < KW; s++) xv[s] = ld(TAP(xc, r, s, oy, ox));
                 for (int k = 0; k < KG; k++) {
                     vec dv = ld(d + k * (long)(OH * OW) + oy * OW + ox);
                     for (int s = 0; s < KW; s++) a[k][s] += dv * xv[s];
@@ -108,7 +117,7 @@ void grad_weight(const T *restrict xp, const T *restrict dy, T *restrict acc, lo
             for (; ox < OW; ox++)
                 for (int k = 0; k < KG; k++) {
                     T dv = d[k * (long)(OH * OW) + oy * OW + ox];
-                    for (int s = 0; s < KW; s++) tail[k][s] += dv * x[oy * WP + ox + s];
+                    for (int s = 0; s < KW; s++) tail[k][s] += dv * *TAP(xc, r, s, oy, ox);
                 }
         }
         for (int k = 0; k < KG; k++) {
@@ -134,12 +143,18 @@ def _compiler() -> str | None:
 
 
 def applies(node, c: int, dtype) -> bool:
-    """Whether this conv is one the direct kernels compute: stride 1, no dilation, one group, an
-    output row at least one vector wide, float32 or float64."""
+    """Whether this conv is one the direct kernels compute: no dilation, one group, float32 or
+    float64, an output row at least one vector wide, and with a stride the input's phases too
+    (the input gradient is a stride-1 conv per phase)."""
     a = node.attrs
+    if a.groups != 1 or tuple(a.dilation) != (1, 1) or np.dtype(dtype) not in (np.float32, np.float64):
+        return False
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    kh, kw = a.kernel
+    sh, sw = a.stride
     ow = node.out_shape[2]
-    return (a.groups == 1 and tuple(a.stride) == (1, 1) and tuple(a.dilation) == (1, 1)
-            and np.dtype(dtype) in (np.float32, np.float64) and ow >= VECTOR_BYTES // np.dtype(dtype).itemsize)
+    wp = (ow - 1) * sw + kw
+    return ow >= lanes and (sw == 1 or -(-wp // sw) >= lanes)
 
 
 FORWARD_BLOCK = (6, 2)  # the forward block: at most this many filters × rows (measured: 2 rows 0.7-0.9× the time of 1)
@@ -162,12 +177,15 @@ def _block(k: int, most: int) -> int:
 class _Kernels:
     """The compiled library of one shape: forward and grad_weight as ctypes functions."""
 
-    def __init__(self, dtype, c, k, oh, ow, kh, kw, hp, wp):
-        self.dtype, self.c, self.k, self.kh, self.kw = np.dtype(dtype), c, k, kh, kw
+    def __init__(self, dtype, c, k, oh, ow, kh, kw, hq, wq, sh, sw):
+        self.dtype = np.dtype(dtype)
         self.lanes = VECTOR_BYTES // self.dtype.itemsize
-        ctype = "float" if self.dtype == np.float32 else "double"
-        defines = dict(T=ctype, VB=VECTOR_BYTES, C=c, K=k, KB=_block(k, FORWARD_BLOCK[0]), RB=min(FORWARD_BLOCK[1], oh), KG=_grad_block(k, kw, ow, self.lanes),
-                       OH=oh, OW=ow, KH=kh, KW=kw, HP=hp, WP=wp)
+        self.phases = phase_table(kh, kw, sh, sw)
+        table = "{" + ", ".join("{" + ", ".join(map(str, row)) + "}" for row in self.phases) + "}"
+        defines = dict(T="float" if self.dtype == np.float32 else "double", VB=VECTOR_BYTES, C=c, K=k,
+                       KB=_block(k, FORWARD_BLOCK[0]), RB=min(FORWARD_BLOCK[1], oh),
+                       KG=_grad_block(k, kw, ow, self.lanes), OH=oh, OW=ow, KH=kh, KW=kw, SH=sh, SW=sw,
+                       PH=max(map(max, self.phases)) + 1, HQ=hq, WQ=wq, PHASE_TABLE=table)
         source = "".join(f"#define {key} {value}\n" for key, value in defines.items()) + _SOURCE
         lib = ctypes.CDLL(str(_build(source)))
         self.forward, self.grad_weight = lib.forward, lib.grad_weight
@@ -177,8 +195,15 @@ class _Kernels:
 
 
 @lru_cache(maxsize=None)
-def kernels(dtype: str, c: int, k: int, oh: int, ow: int, kh: int, kw: int, hp: int, wp: int) -> _Kernels:
-    return _Kernels(dtype, c, k, oh, ow, kh, kw, hp, wp)
+def kernels(dtype: str, c: int, k: int, oh: int, ow: int, kh: int, kw: int, hq: int, wq: int,
+            sh: int = 1, sw: int = 1) -> _Kernels:
+    return _Kernels(dtype, c, k, oh, ow, kh, kw, hq, wq, sh, sw)
+
+
+def phase_table(kh: int, kw: int, sh: int, sw: int) -> list[list[int]]:
+    """Per tap (r, s), the index of its stride phase among those some tap reads."""
+    used = sorted({(r % sh, s % sw) for r in range(kh) for s in range(kw)})
+    return [[used.index((r % sh, s % sw)) for s in range(kw)] for r in range(kh)]
 
 
 def _cache_dir() -> Path:
@@ -218,28 +243,67 @@ def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
-def conv(xp: np.ndarray, weight: np.ndarray, oh: int, ow: int) -> np.ndarray:
-    """y (N, K, oh, ow): xp (N, C, hp, wp), already padded, correlated with weight (K, C, kh, kw)."""
+def phases(xp: np.ndarray, kh: int, kw: int, sh: int, sw: int) -> np.ndarray:
+    """The padded input xp (N, C, hp, wp) as the kernels read it: (N, C, phases, hq, wq), the
+    phases some tap reads, each the rows ≡ a and columns ≡ b (mod the strides), zero past the
+    input; at stride 1, xp itself (a view)."""
     n, c, hp, wp = xp.shape
+    if sh == sw == 1:
+        return np.ascontiguousarray(xp).reshape(n, c, 1, hp, wp)
+    used = sorted({(r % sh, s % sw) for r in range(kh) for s in range(kw)})
+    hq, wq = -(-hp // sh), -(-wp // sw)
+    xq = np.zeros((n, c, len(used), hq, wq), dtype=xp.dtype)
+    for p, (a, b) in enumerate(used):
+        part = xp[:, :, a::sh, b::sw]
+        xq[:, :, p, :part.shape[2], :part.shape[3]] = part
+    return xq
+
+
+def conv(xq: np.ndarray, weight: np.ndarray, oh: int, ow: int, stride=(1, 1)) -> np.ndarray:
+    """y (N, K, oh, ow): the padded input in its phases (`phases`) correlated with weight (K, C, kh, kw)."""
+    n, c, _, hq, wq = xq.shape
     k, _, kh, kw = weight.shape
-    xp = np.ascontiguousarray(xp)
-    w = np.ascontiguousarray(weight, dtype=xp.dtype)
-    kern = kernels(xp.dtype.name, c, k, oh, ow, kh, kw, hp, wp)
-    y = np.empty((n, k, oh, ow), dtype=xp.dtype)
-    parallel.run(lambda lo, hi: kern.forward(_ptr(xp), _ptr(w), _ptr(y), lo, hi),
+    w = np.ascontiguousarray(weight, dtype=xq.dtype)
+    kern = kernels(xq.dtype.name, c, k, oh, ow, kh, kw, hq, wq, *stride)
+    y = np.empty((n, k, oh, ow), dtype=xq.dtype)
+    parallel.run(lambda lo, hi: kern.forward(_ptr(xq), _ptr(w), _ptr(y), lo, hi),
                  parallel.chunks(n, n * k * c * kh * kw * oh * ow))
     return y
 
 
-def grad_weight(xp: np.ndarray, dy: np.ndarray, kh: int, kw: int) -> np.ndarray:
-    """dW (K, C, kh, kw) = Σ_n,oy,ox dy[n, k, oy, ox]·xp[n, c, oy + r, ox + s], in dy's dtype."""
-    n, c, hp, wp = xp.shape
+def grad_weight(xq: np.ndarray, dy: np.ndarray, kh: int, kw: int, stride=(1, 1)) -> np.ndarray:
+    """dW (K, C, kh, kw) = Σ_n,oy,ox dy[n, k, oy, ox]·xp[n, c, oy·sh + r, ox·sw + s], in dy's dtype."""
+    n, c, _, hq, wq = xq.shape
     _, k, oh, ow = dy.shape
-    xp = np.ascontiguousarray(xp)
-    dy = np.ascontiguousarray(dy, dtype=xp.dtype)
-    kern = kernels(xp.dtype.name, c, k, oh, ow, kh, kw, hp, wp)
+    dy = np.ascontiguousarray(dy, dtype=xq.dtype)
+    kern = kernels(xq.dtype.name, c, k, oh, ow, kh, kw, hq, wq, *stride)
     slices = parallel.chunks(n, n * k * c * kh * kw * oh * ow)
-    parts = [np.zeros((k, c, kh * kw, kern.lanes), dtype=xp.dtype) for _ in slices]
+    parts = [np.zeros((k, c, kh * kw, kern.lanes), dtype=xq.dtype) for _ in slices]
     jobs = dict(zip(slices, parts))
-    parallel.run(lambda lo, hi: kern.grad_weight(_ptr(xp), _ptr(dy), _ptr(jobs[lo, hi]), lo, hi), slices)
+    parallel.run(lambda lo, hi: kern.grad_weight(_ptr(xq), _ptr(dy), _ptr(jobs[lo, hi]), lo, hi), slices)
     return sum(parts[1:], parts[0]).sum(axis=3).reshape(k, c, kh, kw)
+
+
+def grad_input_padded(dy: np.ndarray, weight: np.ndarray, hp: int, wp: int, stride) -> np.ndarray:
+    """The gradient of the padded input (N, C, hp, wp) of a conv with this stride. Per stride phase
+    (a, b) of the padded grid, its rows u·sh + a and columns v·sw + b receive Σ_j,l dy[u − j, v − l]
+    ·w[a + sh·j, b + sw·l]: a stride-1 correlation of dy, padded by the phase's taps less one, with
+    the phase's taps flipped and the channel axes swapped (at stride 1, the one phase is the whole
+    kernel)."""
+    n, k, oh, ow = dy.shape
+    _, c, kh, kw = weight.shape
+    sh, sw = stride
+    hq, wq = -(-hp // sh), -(-wp // sw)
+    dxp = np.zeros((n, c, hp, wp), dtype=dy.dtype)
+    for a in range(min(sh, kh)):
+        for b in range(min(sw, kw)):
+            sub = weight[:, :, a::sh, b::sw]  # (K, C, J, L): taps a + sh·j, b + sw·l
+            j, l = sub.shape[2:]
+            flipped = np.ascontiguousarray(sub[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+            dyp = np.zeros((n, k, hq + j - 1, wq + l - 1), dtype=dy.dtype)
+            rows, cols = min(oh, hq), min(ow, wq)
+            dyp[:, :, j - 1:j - 1 + rows, l - 1:l - 1 + cols] = dy[:, :, :rows, :cols]
+            phase = conv(phases(dyp, j, l, 1, 1), flipped, hq, wq)
+            target = dxp[:, :, a::sh, b::sw]
+            target[...] = phase[:, :, :target.shape[2], :target.shape[3]]
+    return dxp

@@ -26,6 +26,11 @@ CASES = [
     Case("direct-1x3-asym-k4", "conv", dict(filters=4, kernel=(1, 3), pad=(0, 0, 1, 2)), [(5, 3, 5)]),
     Case("direct-3x3-bigpad-k17", "conv", dict(filters=17, kernel=3, pad=(3, 0, 1, 2), bias=False), [(2, 4, 5)]),
     Case("direct-2x2-k12", "conv", dict(filters=12, kernel=2, pad=(1, 0, 0, 1)), [(3, 5, 7)]),
+    # strides: the input in phases, dx one stride-1 conv per phase (a 1×1 kernel reads one phase only)
+    Case("direct-3x3-s2", "conv", dict(filters=8, kernel=3, stride=2, pad=1), [(3, 9, 17)]),
+    Case("direct-1x1-s2-floor", "conv", dict(filters=4, kernel=1, stride=2, round="floor"), [(5, 6, 16)]),
+    Case("direct-5x5-s3-asym", "conv", dict(filters=6, kernel=5, stride=(3, 2), pad=(2, 1, 0, 2), round="floor"),
+         [(2, 11, 12)]),
     Case("direct-fused-relu", "fused_conv", dict(filters=8, kernel=3, pad=1, activation="relu", residual=True),
          [(4, 5, 6), (8, 5, 6)]),
 ]
@@ -50,13 +55,15 @@ def test_direct_backward_matches_finite_differences(case, direct_path):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(5, 16, 16, 12, 3, 1), (4, 1, 6, 16, 5, 0), (3, 6, 16, 10, 5, 2),
-                                   (2, 64, 64, 8, 3, 1)], ids=["16c", "lenet-c1", "lenet-c3-pad", "64c"])
+@pytest.mark.parametrize("shape", [(5, 16, 16, 12, 3, 1, 1), (4, 1, 6, 16, 5, 0, 1), (3, 6, 16, 10, 5, 2, 1),
+                                   (2, 64, 64, 8, 3, 1, 1), (3, 16, 32, 32, 3, 1, 2), (2, 32, 64, 16, 1, 0, 2)],
+                         ids=["16c", "lenet-c1", "lenet-c3-pad", "64c", "down-3x3-s2", "shortcut-1x1-s2"])
 def test_direct_equals_im2col_split_over_threads(shape, dtype, monkeypatch):
     """Output, input gradient, weight and bias gradients equal im2col's (float32 to 2e-6, float64 to
     1e-13), on one thread and with the batch split over two."""
-    n, c, k, size, kernel, pad = shape
-    node, specs = make_node("conv", dict(filters=k, kernel=kernel, pad=pad), [(c, size, size)])
+    n, c, k, size, kernel, pad, stride = shape
+    node, specs = make_node("conv", dict(filters=k, kernel=kernel, pad=pad, stride=stride, round="floor"),
+                            [(c, size, size)])
     rng = np.random.default_rng(sum(shape))
     params = make_params(specs, rng, dtype)
     w, b = params["weight"], params["bias"]
@@ -84,7 +91,9 @@ def test_where_it_applies():
     def node(**kw):
         return make_node("conv", dict(filters=8, kernel=3, **kw), [(4, 12, 12)])[0]
     assert direct.applies(node(pad=1), 4, np.float32)
-    assert not direct.applies(node(stride=2, pad=1, round="floor"), 4, np.float32)
+    wide = make_node("conv", dict(filters=8, kernel=3, stride=2, pad=1, round="floor"), [(4, 12, 17)])[0]  # 9 wide
+    assert direct.applies(wide, 4, np.float32)
+    assert not direct.applies(node(stride=2, pad=1, round="floor"), 4, np.float32)  # 6 outputs a row
     assert not direct.applies(node(dilation=2), 4, np.float32)
     assert not direct.applies(make_node("conv", dict(filters=8, kernel=3, groups=2), [(4, 12, 12)])[0], 4, np.float32)
     narrow = make_node("conv", dict(filters=8, kernel=3), [(4, 9, 9)])[0]  # 7 outputs a row
@@ -111,7 +120,7 @@ def test_without_a_compiler_or_with_jit_off_the_numpy_algorithms_remain(monkeypa
 def test_the_library_is_built_once_per_shape_and_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path))
     direct.kernels.cache_clear()
-    x = np.ones((2, 3, 10, 10), np.float32)
+    x = direct.phases(np.ones((2, 3, 10, 10), np.float32), 3, 3, 1, 1)
     w = np.ones((4, 3, 3, 3), np.float32)
     try:
         y = direct.conv(x, w, 8, 8)
