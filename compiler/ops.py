@@ -287,7 +287,10 @@ class FusedDenseAttrs(DenseAttrs, Epilogue):
 
 
 class FusedBatchNormAttrs(BatchNormAttrs, Epilogue):
-    """BatchNorm (batch or running statistics) then an element-wise activation, in one pass each way."""
+    """BatchNorm (batch or running statistics) (+ residual input) then an element-wise activation,
+    in one pass each way."""
+
+    residual: Flag = False  # a second input added before the activation (a residual block's bn → add → relu)
 
 
 class FusedMulAttrs(Epilogue):
@@ -618,6 +621,13 @@ def _bn_shape(a, ins):
     return _need_rank(ins, "batchnorm", (3, 1))
 
 
+def _fused_bn_shape(a: FusedBatchNormAttrs, ins: list[Shape]) -> Shape:
+    out = _bn_shape(a, ins[:1])
+    if a.residual and tuple(ins[1]) != tuple(out):
+        raise CnncError(f"fused residual of shape {fmt_shape(ins[1])} does not match {fmt_shape(out)}")
+    return out
+
+
 def _bn_params(a: BatchNormAttrs, ins) -> list[ParamSpec]:
     c = ins[0][0]
     ps = [ParamSpec("weight", (c,), init=1.0), ParamSpec("bias", (c,))] if a.affine else []
@@ -700,6 +710,8 @@ def _torch_conv(T, a, node, xs, p, training):
 def _torch_fused_bn(T, a, node, xs, p, training):
     y = T.F.batch_norm(xs[0], p["running_mean"], p["running_var"], p.get("weight"), p.get("bias"), training,
                        a.momentum, a.eps)
+    if a.residual:
+        y = y + xs[1]
     return _torch_epilogue(T, a, y)
 
 
@@ -997,7 +1009,10 @@ def _onnx_batchnorm(E, a, node, xs):
 
 
 def _onnx_fused_bn(E, a, node, xs):
-    return _onnx_epilogue(E, a, _onnx_batchnorm(E, a, node, xs))
+    y = _onnx_batchnorm(E, a, node, xs[:1])
+    if a.residual:
+        y = E.node("Add", [y, xs[1]])
+    return _onnx_epilogue(E, a, y)
 
 
 def _onnx_lrn(E, a, node, xs):
@@ -1200,8 +1215,9 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
           fold=_bn_fold, label="bn", params_doc="2C (0 if `affine=false`); buffers 2C", torch_doc="nn.BatchNorm2d",
           torch="F.batch_norm(x, p['running_mean'], p['running_var'], p.get('weight'), p.get('bias'), training, "
                 "a.momentum, a.eps)", onnx="BatchNormalization", onnx_export=_onnx_batchnorm, act_fused_as="fused_bn"),
-    OpDef("fused_bn", "batchnorm with an activation in the same pass (training plans, and inference where the "
-          "BatchNorm could not fold into a conv).", FusedBatchNormAttrs, _bn_shape, Pattern.OPAQUE, params=_bn_params,
+    OpDef("fused_bn", "batchnorm (+ a residual input) with an activation in the same pass (training plans, and "
+          "inference where the BatchNorm could not fold into a conv).", FusedBatchNormAttrs, _fused_bn_shape,
+          Pattern.OPAQUE, inputs=(1, 2), params=_bn_params,
           user=False, grad_needs=IN | OUT, kind="norm", torch=_torch_fused_bn, onnx="BatchNormalization",
           onnx_export=_onnx_fused_bn, label="bn"),
     OpDef("lrn", "Local response normalisation across channels (AlexNet): x / (k + α/n·Σx²)^β.", LrnAttrs,

@@ -87,6 +87,8 @@ class CudaBackend(Backend):
             why = ew.refusal(op)
             if why is not None:
                 return why
+        if target == "fused_bn" and any(op in OPS and OPS[op].residual_fusable for op in ops_):
+            return "the CUDA fused_bn kernels take no residual input"
         return super().fusion_refusal(target, ops_)
 
     def __init__(self) -> None:

@@ -161,50 +161,59 @@ def _gradient_source(op: str) -> str:
 
 
 def _bn_source(op: str) -> str:
-    """fused_bn's loops for activation op, per dtype t: forward_t, y = f(x·a + b) per channel, and
-    grad_sums_t, g = dy·f'(z, y) with z = x·a + b, then Σ g and Σ g·(x − μ) per channel. The
-    per-element work is in row functions compiled without fast-math, so z, y and g have the bits
-    of the unfused kernels (bn_apply, the activation, the gradient loop); the sums are
-    jit_loops.bn_grad_sums' loop, with its flags, over each row of g while it is in the cache."""
+    """fused_bn's loops for activation op, per dtype t: forward_t, y = f(x·a + b (+ r)) per channel,
+    and grad_sums_t, g = dy·f'(z, y) with z = x·a + b (+ r), then Σ g and Σ g·(x − μ) per channel;
+    `mode` 1 adds the residual r. The per-element work is in row functions compiled without
+    fast-math, so z, y and g have the bits of the unfused kernels (bn_apply, the add, the
+    activation, the gradient loop); the sums are jit_loops.bn_grad_sums' loop, with its flags, over
+    each row of g while it is in the cache."""
     f = OPS[op].formula
 
     def loops(t, params, render):
-        return ['@njit(cache=True, error_model="numpy")',
-                f"def _forward_row_{t}(src, dst, av, bv{params}):",
-                "    for i in range(dst.size):",
-                "        xv = src[i] * av + bv",
-                f"        dst[i] = {render(f.fwd)}", "",
-                '@njit(nogil=True, cache=True, error_model="numpy")',
-                f"def forward_{t}(x, a, b, y{params}, lo, hi):",
-                "    n, c, length = x.shape",
-                "    for pc in range(lo, hi):",
-                "        bi, ci = pc // c, pc % c",
-                f"        _forward_row_{t}(x[bi, ci], y[bi, ci], a[ci], b[ci]{params})", "",
-                '@njit(cache=True, error_model="numpy")',
-                f"def _grad_row_{t}(xr, yr, dr, gr, av, bv{params}):",
-                "    for i in range(gr.size):",
-                "        xv = xr[i] * av + bv",
-                "        yv = yr[i]",
-                f"        gr[i] = dr[i] * {render(f.grad)}", "",
-                '@njit(nogil=True, cache=True, fastmath={"reassoc"}, error_model="numpy")',
-                f"def grad_sums_{t}(x, y, dy, a, b, mx, zero, g, dsum, dxsum{params}, lo, hi):",
-                "    n, c, length = x.shape",
-                "    for ci in range(lo, hi):",
-                "        s = 0.0",
-                "        sx = 0.0",
-                "        m = mx[ci]",
-                "        for bi in range(n):",
-                "            xr, gr = x[bi, ci], g[bi, ci]",
-                f"            _grad_row_{t}(xr, y[bi, ci], dy[bi, ci], gr, a[ci], b[ci]{params})",
-                "            t = zero",
-                "            tx = zero",
-                "            for i in range(length):",
-                "                t += gr[i]",
-                "                tx += gr[i] * (xr[i] - m)",
-                "            s += t",
-                "            sx += tx",
-                "        dsum[ci] = s",
-                "        dxsum[ci] = sx", ""]
+        lines = []
+        for mode in (0, 1):
+            z = ["        xv = src[i] * av + bv"] + (["        xv = xv + rr[i]"] if mode else [])
+            lines += ['@njit(cache=True, error_model="numpy")',
+                      f"def _forward_row{mode}_{t}(src, dst, rr, av, bv{params}):",
+                      "    for i in range(dst.size):", *z,
+                      f"        dst[i] = {render(f.fwd)}", "",
+                      '@njit(cache=True, error_model="numpy")',
+                      f"def _grad_row{mode}_{t}(src, yr, dr, gr, rr, av, bv{params}):",
+                      "    for i in range(gr.size):", *z,
+                      "        yv = yr[i]",
+                      f"        gr[i] = dr[i] * {render(f.grad)}", ""]
+        return lines + [
+            '@njit(nogil=True, cache=True, error_model="numpy")',
+            f"def forward_{t}(x, a, b, y, res, mode{params}, lo, hi):",
+            "    n, c, length = x.shape",
+            "    for pc in range(lo, hi):",
+            "        bi, ci = pc // c, pc % c",
+            "        if mode:",
+            f"            _forward_row1_{t}(x[bi, ci], y[bi, ci], res[bi, ci], a[ci], b[ci]{params})",
+            "        else:",
+            f"            _forward_row0_{t}(x[bi, ci], y[bi, ci], x[bi, ci], a[ci], b[ci]{params})", "",
+            '@njit(nogil=True, cache=True, fastmath={"reassoc"}, error_model="numpy")',
+            f"def grad_sums_{t}(x, y, dy, a, b, res, mode, mx, zero, g, dsum, dxsum{params}, lo, hi):",
+            "    n, c, length = x.shape",
+            "    for ci in range(lo, hi):",
+            "        s = 0.0",
+            "        sx = 0.0",
+            "        m = mx[ci]",
+            "        for bi in range(n):",
+            "            xr, gr = x[bi, ci], g[bi, ci]",
+            "            if mode:",
+            f"                _grad_row1_{t}(xr, y[bi, ci], dy[bi, ci], gr, res[bi, ci], a[ci], b[ci]{params})",
+            "            else:",
+            f"                _grad_row0_{t}(xr, y[bi, ci], dy[bi, ci], gr, xr, a[ci], b[ci]{params})",
+            "            t = zero",
+            "            tx = zero",
+            "            for i in range(length):",
+            "                t += gr[i]",
+            "                tx += gr[i] * (xr[i] - m)",
+            "            s += t",
+            "            sx += tx",
+            "        dsum[ci] = s",
+            "        dxsum[ci] = sx", ""]
 
     return _source(op, loops)
 

@@ -130,28 +130,32 @@ def batchnorm_forward(node, xs, params, ctx):
 
 
 def fused_bn_forward(node, xs, params, ctx):
-    """BatchNorm then its activation (fused_bn). With a generated loop for the activation
-    (jit.has_bn_loop: relu, relu6, leaky_relu, hardsigmoid, hardswish) the normalisation and the
-    activation are one pass, y = f(x·a + b), and backward recomputes the pre-activation from x
-    instead of keeping it; otherwise the activation runs on the normalised output as a fused
-    conv's epilogue does (keeping the pre-activation where its derivative reads it)."""
-    return _batchnorm_forward(node, xs[0], params, ctx, node.attrs.act())
+    """BatchNorm (+ the residual input) then its activation (fused_bn). With a generated loop for
+    the activation (jit.has_bn_loop: relu, relu6, leaky_relu, hardsigmoid, hardswish) the
+    normalisation, the residual add and the activation are one pass, y = f(x·a + b + r), and
+    backward recomputes the pre-activation from x (and r) instead of keeping it; otherwise the
+    residual and the activation run on the normalised output as a fused conv's epilogue does
+    (keeping the pre-activation where its derivative reads it). The residual's gradient is the
+    activation's, g = dy·f'."""
+    residual = xs[1] if node.attrs.residual else None
+    return _batchnorm_forward(node, xs[0], params, ctx, node.attrs.act(), residual)
 
 
 class _BnSaved:
     """What BatchNorm's backward reads: x, the batch's (or running) mean and σ⁻¹, whether the
     statistics were the batch's; for fused_bn also the activation, its output, and either the
-    normalisation's per-channel scale and shift (the generated loops recompute x·a + b) or the
-    kept pre-activation (None where the derivative does not read it)."""
+    normalisation's per-channel scale and shift and the residual input (the generated loops
+    recompute x·a + b + r) or the kept pre-activation (None where the derivative does not read it)."""
 
-    __slots__ = ("x", "mean", "invstd", "training", "act", "y", "scale", "shift", "pre")
+    __slots__ = ("x", "mean", "invstd", "training", "act", "y", "scale", "shift", "pre", "res", "fused")
 
     def __init__(self, x, mean, invstd, training):
         self.x, self.mean, self.invstd, self.training = x, mean, invstd, training
-        self.act = self.y = self.scale = self.shift = self.pre = None
+        self.act = self.y = self.scale = self.shift = self.pre = self.res = None
+        self.fused = False  # fused_bn: an activation and/or a residual after the normalisation
 
 
-def _batchnorm_forward(node, x, params, ctx, act):
+def _batchnorm_forward(node, x, params, ctx, act, residual=None):
     a = node.attrs
     n, c = x.shape[:2]
     dtype = x.dtype
@@ -192,13 +196,17 @@ def _batchnorm_forward(node, x, params, ctx, act):
     shift = (params["bias"] - mean * scale) if a.affine else -mean * scale
     y = np.empty(x.shape, dtype=dtype)
     saved = _BnSaved(x, mean, invstd, bool(ctx.training))
+    saved.fused = act is not None or residual is not None
     shape3 = (n, c, width)
+    if residual is not None:
+        residual = np.ascontiguousarray(residual, dtype=dtype)
     if compiled and act is not None and jit.has_bn_loop(act[0]) and dtype in (np.float32, np.float64):
-        saved.act, saved.y = act, y
+        saved.act, saved.y, saved.res = act, y, residual
         saved.scale, saved.shift = scale.astype(dtype), shift.astype(dtype)
         forward = getattr(jit.bn_module(act[0]), f"forward_{dtype.name}")
+        res, mode = (rows, 0) if residual is None else (_bn_rows(residual), 1)
         jit.run(forward, n * c, WORK_PER_ELEMENT * x.size, rows.reshape(shape3), saved.scale, saved.shift,
-                y.reshape(shape3), *map(dtype.type, act[1]))
+                y.reshape(shape3), res.reshape(shape3), mode, *map(dtype.type, act[1]))
         return y, saved
     if compiled:
         jit.run(jit.loops().bn_apply, n * c, WORK_PER_ELEMENT * x.size, rows.reshape(shape3), scale.astype(dtype),
@@ -212,10 +220,10 @@ def _batchnorm_forward(node, x, params, ctx, act):
             yb += br[r0:r1]
 
         _row_blocks(n * c, width, normalise)
-    if act is None:
+    if not saved.fused:
         return y, saved
     saved.act = act
-    saved.y, saved.pre = _fused.epilogue(y, None, None, act)
+    saved.y, saved.pre = _fused.epilogue(y, None, residual, act)
     return saved.y, saved
 
 
@@ -236,15 +244,18 @@ def batchnorm_backward(node, saved, dy, params, ctx):
     compiled = jit.enabled()
     dx = np.empty(dy.shape, dtype=dtype)
     looped = saved.act is not None and saved.scale is not None  # fused_bn_forward's generated loops
-    if saved.act is not None and not looped:
+    if saved.fused and not looped:
         dy = _fused.epilogue_grad(saved.act, saved.pre, saved.y, dy)
-    grows = dx.reshape(n * c, width) if looped else _bn_rows(dy)
-    if looped:  # g = dy·f' into dx, Σ g and Σ g·(x − μ)
+    # with a residual, g = dy·f' is also the residual's gradient: its own array, not dx's
+    g = None if not looped else dx if saved.res is None else np.empty(dy.shape, dtype=dtype)
+    grows = g.reshape(n * c, width) if looped else _bn_rows(dy)
+    if looped:  # g = dy·f', Σ g and Σ g·(x − μ)
         db, dxc = np.empty(c), np.empty(c)
         grad_sums = getattr(jit.bn_module(saved.act[0]), f"grad_sums_{dtype.name}")
+        res, mode = (rows, 0) if saved.res is None else (_bn_rows(saved.res), 1)
         jit.run(grad_sums, c, WORK_PER_ELEMENT * dy.size, rows.reshape(shape3), _bn_rows(saved.y).reshape(shape3),
-                _bn_rows(dy).reshape(shape3), saved.scale, saved.shift, mean.astype(dtype), dtype.type(0),
-                dx.reshape(shape3), db, dxc, *map(dtype.type, saved.act[1]))
+                _bn_rows(dy).reshape(shape3), saved.scale, saved.shift, res.reshape(shape3), mode, mean.astype(dtype),
+                dtype.type(0), g.reshape(shape3), db, dxc, *map(dtype.type, saved.act[1]))
     elif compiled:  # Σ dy and Σ dy·(x − μ)
         db, dxc = np.empty(c), np.empty(c)
         jit.run(jit.loops().bn_grad_sums, c, WORK_PER_ELEMENT * dy.size, rows.reshape(n, c, width),
@@ -279,7 +290,7 @@ def batchnorm_backward(node, saved, dy, params, ctx):
         jit.run(jit.loops().bn_grad_apply, n * c, WORK_PER_ELEMENT * dy.size, grows.reshape(n, c, width),
                 rows.reshape(n, c, width), k.astype(dtype), (-p).astype(dtype), q.astype(dtype),
                 dx.reshape(n, c, width))
-        return [dx], dparams
+        return _with_residual(node, [dx], g if looped else dy), dparams
     drows, kr = dx.reshape(n * c, width), _per_row(k, n, dtype)
     if training:
         # dx = k·dy − p·(x − μ) − q = k·dy + b·x + c per channel, b and c in float64
@@ -297,7 +308,12 @@ def batchnorm_backward(node, saved, dy, params, ctx):
             np.multiply(grows[r0:r1], kr[r0:r1], out=drows[r0:r1])
 
     _row_blocks(n * c, width, grad)
-    return [dx], dparams
+    return _with_residual(node, [dx], dy), dparams
+
+
+def _with_residual(node, dxs: list, g) -> list:
+    """fused_bn with a residual input: its gradient g (the activation's) after x's."""
+    return dxs + [g] if node.attrs.get("residual") else dxs
 
 
 def _channel_window_sum(a: np.ndarray, before: int, after: int) -> np.ndarray:

@@ -132,6 +132,12 @@ CASES = [
     C("fused_bn-sigmoid", "fused_bn", dict(activation="sigmoid", momentum=0.3), [(3, 4, 4)]),
     C("fused_bn-relu-eval", "fused_bn", dict(activation="relu"), [(3, 4, 4)], training=False),
     C("fused_bn-none-2d", "fused_bn", dict(eps=1e-3), [(5,)]),
+    # a residual block's bn → add → activation: the shortcut as the second input
+    C("fused_bn-relu-residual", "fused_bn", dict(activation="relu", residual=True), [(3, 4, 4), (3, 4, 4)]),
+    C("fused_bn-hardswish-residual", "fused_bn", dict(activation="hardswish", residual=True), [(3, 4, 4), (3, 4, 4)]),
+    C("fused_bn-silu-residual-eval", "fused_bn", dict(activation="silu", residual=True), [(2, 3, 5), (2, 3, 5)],
+      training=False),
+    C("fused_bn-none-residual", "fused_bn", dict(residual=True, affine=False), [(3, 4, 4), (3, 4, 4)]),
     C("lrn-default", "lrn", {}, [(7, 3, 3)]),
     C("lrn-strong", "lrn", dict(size=3, alpha=0.5, beta=0.75, k=2.0), [(6, 3, 3)]),
     C("lrn-even", "lrn", dict(size=4, alpha=0.3, beta=0.6, k=1.5), [(6, 3, 3)]),

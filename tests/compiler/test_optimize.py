@@ -139,12 +139,23 @@ def test_fuse_batchnorm_activation_where_batchnorm_stays():
     g = graph("    conv 4 3x3 pad=1 bias=false -> bn momentum=0.2 -> relu6 -> conv 4 1x1 -> bn -> add(in) -> relu\n",
               header="network t\ninput 4x8x8\n")
     trained = optimize(g, PassContext(mode="training", fused_ops=FUSED, verify=True), params_for(g))
-    assert ops(trained) == ["conv", "fused_bn", "conv", "batchnorm", "add", "relu"]
-    n = next(n for n in trained.nodes if trained.nodes[n]["op"] == "fused_bn")
-    d = trained.nodes[n]
+    assert ops(trained) == ["conv", "fused_bn", "conv", "fused_bn"]
+    first, last = sorted(n for n in trained.nodes if trained.nodes[n]["op"] == "fused_bn")
+    d = trained.nodes[first]
     assert d["name"] == "bn1" and d["attrs"].activation == "relu6" and d["attrs"].momentum == 0.2
+    assert not d["attrs"].residual
     assert [s.name for s in d["param_specs"]] == ["weight", "bias", "running_mean", "running_var"]
     assert any("bn + relu6 → fused bn_relu6" in r.render() for r in trained.graph["report"])
+    # a residual block's bn → add → relu: one fused_bn, the shortcut its second input
+    d = trained.nodes[last]
+    assert d["name"] == "bn2" and d["attrs"].residual and d["attrs"].activation == "relu"
+    assert [trained.nodes[u]["op"] for u in inputs_of(trained, last)] == ["conv", "input"]
+    assert any("bn + add + relu → fused bn_add_relu" in r.render() for r in trained.graph["report"])
+    from cnnc.backends.cuda import CudaBackend  # its fused_bn kernels take no residual: the add stays
+    refused = optimize(g, PassContext(mode="training", fused_ops=FUSED, fusion_check=CudaBackend.fusion_refusal),
+                       params_for(g))
+    assert ops(refused) == ["conv", "fused_bn", "conv", "batchnorm", "add", "relu"]
+    assert any("take no residual input" in r.text and r.refused for r in refused.graph["report"])
     inferred = optimize(g, PassContext(mode="inference", fused_ops=FUSED, verify=True), params_for(g))
     assert ops(inferred) == ["fused_conv", "fused_conv"]
     no_kernel = optimize(g, PassContext(mode="training", fused_ops=FUSED - {"fused_bn"}), params_for(g))

@@ -133,7 +133,8 @@ NETWORKS = {
             h = in -> maxpool 3x3 stride=1 pad=same -> avgpool 3 pad=same -> dense 4 flatten=true
             concat(a, b, c, d, e, f, g, h)
     """,
-    # normalisation and channel ops (-O2: the BatchNorm on the input takes its hardswish, fused_bn)
+    # normalisation and channel ops (-O2: the BatchNorm on the input takes its hardswish, fused_bn,
+    # and another its residual add and relu)
     "channels": """
         input 8x6x6
         layers:
@@ -142,7 +143,8 @@ NETWORKS = {
             z = x -> channel_shuffle 4 -> pad_channels 12 stride=2 -> channel_slice 2 10
             w = x -> prelu shared=true -> layer_scale init=0.5 -> pad_channels 8
             g = x -> gap -> hardsigmoid
-            add(y, w, x) -> maxpool 2 -> mul(z) -> mul(g) -> softmax
+            r = in -> batchnorm -> add(x) -> relu
+            add(y, w, x, r) -> maxpool 2 -> mul(z) -> mul(g) -> softmax
     """,
     # flat tensors: dense, layernorm, groupnorm, prelu, layer_scale, batchnorm on N×F
     "flat": """

@@ -313,13 +313,24 @@ def test_image_transforms_on_array_data_are_refused_not_skipped(setup):
     assert "imagefolder:DIR" in r.err and not (tmp / "r").exists()
 
 
-def test_fused_training_plan_trains_the_plain_plans_weights_bit_for_bit(setup):
-    """cnnc train runs the -O2 training plan (conv + add fused, its epilogue in one pass); after two
-    epochs of a conv + bn + relu network with a residual add its weights, BatchNorm buffers and
-    optimizer state are those of the plain plan, to the bit."""
+# a residual block whose shortcut joins after the BatchNorm: bn + add + relu fuse into one fused_bn
+NET_BN_RESIDUAL = NET.replace("""    conv 6 3x3 pad=1 -> bn -> relu -> maxpool 2x2
+    x = relu
+    conv 6 3x3 pad=1 -> add(x) -> dropout 0.25 -> gap -> dense classes""", """    x = conv 6 3x3 pad=1 -> bn -> relu -> maxpool 2x2
+    conv 6 3x3 pad=1 bias=false -> bn -> add(x) -> relu -> gap -> dense classes""")
+
+
+@pytest.mark.parametrize("body,fused_op", [(NET, "fused_conv"), (NET_BN_RESIDUAL, "fused_bn")],
+                         ids=["conv-residual", "bn-residual"])
+def test_fused_training_plan_trains_the_plain_plans_weights_bit_for_bit(setup, body, fused_op):
+    """cnnc train runs the -O2 training plan (conv + add, or bn + add + relu, fused: the epilogue in
+    one pass); after two epochs of a conv + bn + relu network with a residual add its weights,
+    BatchNorm buffers and optimizer state are those of the plain plan, to the bit."""
     net, data, tmp = setup
+    assert (body == NET) == (fused_op == "fused_conv")  # the replacement above took place
+    net.write_text(body)
     fused, _ = api.prepare(net, data=str(data), run_dir=tmp / "fused", progress=False, epochs=2)
-    assert any(s.node.op == "fused_conv" and s.node.attrs.residual for s in fused.plan.steps)
+    assert any(s.node.op == fused_op and s.node.attrs.residual for s in fused.plan.steps)
     api.run(fused)
     plain, _ = api.prepare(net, data=str(data), run_dir=tmp / "plain", progress=False, epochs=2, opt_level=0)
     assert not any(s.node.op.startswith("fused") for s in plain.plan.steps)
