@@ -110,15 +110,30 @@ def bn_grad_sums(x, g, mx, zero, dsum, dxsum, lo, hi):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def bn_grad_apply(g, x, k, bx, cc, dx, lo, hi):
-    """dx (N, C, L) = k·g + bx·x + cc per channel (of x's dtype)."""
+def bn_grad_apply(g, x, k, bx, cc, dx, in_place, lo, hi):
+    """dx (N, C, L) = k·g + bx·x + cc per channel (of x's dtype); in_place: g is dx itself."""
     n, c, length = x.shape
     for pc in range(lo, hi):
         bi, ci = pc // c, pc % c
         kv, bv, cv = k[ci], bx[ci], cc[ci]
-        gr, xr, out = g[bi, ci], x[bi, ci], dx[bi, ci]
-        for t in range(length):
-            out[t] = kv * gr[t] + bv * xr[t] + cv
+        if in_place:
+            _grad_apply_row_in_place(dx[bi, ci], x[bi, ci], kv, bv, cv)
+        else:
+            _grad_apply_row(g[bi, ci], x[bi, ci], dx[bi, ci], kv, bv, cv)
+
+
+@njit(cache=True, error_model="numpy")
+def _grad_apply_row(gr, xr, out, kv, bv, cv):
+    for t in range(out.size):
+        out[t] = kv * gr[t] + bv * xr[t] + cv
+
+
+@njit(cache=True, error_model="numpy")
+def _grad_apply_row_in_place(row, xr, kv, bv, cv):
+    """One array argument for g and dx: given two that overlap, LLVM's run-time alias check sends
+    the loop to its scalar version (jit.py's epilogue says the same)."""
+    for t in range(row.size):
+        row[t] = kv * row[t] + bv * xr[t] + cv
 
 
 

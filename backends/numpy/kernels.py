@@ -289,7 +289,7 @@ def batchnorm_backward(node, saved, dy, params, ctx):
         q = p * mean - k * gdb / count if training else np.zeros(c)
         jit.run(jit.loops().bn_grad_apply, n * c, WORK_PER_ELEMENT * dy.size, grows.reshape(n, c, width),
                 rows.reshape(n, c, width), k.astype(dtype), (-p).astype(dtype), q.astype(dtype),
-                dx.reshape(n, c, width))
+                dx.reshape(n, c, width), g is dx)
         return _with_residual(node, [dx], g if looped else dy), dparams
     drows, kr = dx.reshape(n * c, width), _per_row(k, n, dtype)
     if training:
