@@ -347,12 +347,14 @@ def _shifted_backward(node, saved, dy, weight, has_bias: bool, need_dx: bool = T
 
 # ---- algorithm choice ------------------------------------------------------------------------
 
-def algorithms(node, c: int, training: bool, dtype=np.float32) -> list[str]:
+def algorithms(node, c: int, training: bool, dtype=np.float32, batch: int | None = None) -> list[str]:
     """The algorithms that compute this convolution (not depthwise) on a C-channel input, the
     heuristic's choice first: im2col (any conv), shifted_taps and shifted_stacked (stride 1,
     groups 1, a kernel larger than 1×1), winograd (3×3, stride 1, no dilation, groups 1), direct
     (compiled C, `direct.py`: no dilation, groups 1, where a C compiler is there);
-    "shifted" is the heuristic's own stacking when it differs between forward and backward."""
+    "shifted" is the heuristic's own stacking when it differs between forward and backward.
+    `batch`, where known, keeps the direct conv from being the heuristic's choice for fewer images
+    than threads (ResNet-50 at batch 1, tuner off: 143.5 ms without it first, 150.6 with)."""
     a = node.attrs
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     if _use_winograd(node, c):
@@ -372,7 +374,8 @@ def algorithms(node, c: int, training: bool, dtype=np.float32) -> list[str]:
         # layers (benchmarks/cpu_conv_algorithms.py); 1×1 convs are one gemm already, and strided
         # ones pay for NumPy's copies into phases (ResNet-20's 3×3 stride 2: 2.4× PyTorch's time
         # against im2col's 1.1-1.4×), so there only the tuner takes it, where it measures faster
-        first_choice = kh * kw > 1 and sh == sw == 1 and max(c, k) <= DIRECT_MAX_CHANNELS
+        first_choice = (kh * kw > 1 and sh == sw == 1 and max(c, k) <= DIRECT_MAX_CHANNELS
+                        and (batch is None or batch >= parallel.get_threads()))
         names.insert(0, "direct") if first_choice else names.append("direct")
     return list(dict.fromkeys(names))
 
@@ -399,7 +402,7 @@ def _algorithm(node, x, w, bias, ctx) -> str:
     a = node.attrs
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     macs = n * k * oh * ow * (c // a.groups) * kh * kw
-    names = algorithms(node, c, ctx.training, x.dtype)
+    names = algorithms(node, c, ctx.training, x.dtype, n)
     if len(names) == 1 or macs < tuner.MIN_MACS or tuner.mode() == "off":
         return names[0]  # decided before any string is built: this runs at every conv call
     # no candidate needs much more memory than the heuristic's own

@@ -60,13 +60,13 @@ static inline void st(T *p, vec v) { *(vecu *)p = v; }
 static const int PHASE[KH][KW] = PHASE_TABLE;
 #define TAP(x, r, s, row, col) ((x) + (PHASE[r][s] * HQ + (row) + (r) / SH) * WQ + (col) + (s) / SW)
 
-/* y (N, K, OH, OW) for images [n0, n1); w (K, C, KH, KW). A block is KB filters × RB rows × one
+/* y (N, K, OH, OW) for images [n0, n1) and filters [k0, k1) (multiples of KB); w (K, C, KH, KW). A block is KB filters × RB rows × one
    vector of a row's outputs: each weight broadcast serves RB rows and each input vector KB
    filters. The last block of a row (of the rows) overlaps the one before: computed twice, stored
    the same, so any size of at least one vector (RB rows) needs no scalar tail. */
-void forward(const T *restrict xq, const T *restrict w, T *restrict y, long n0, long n1) {
+void forward(const T *restrict xq, const T *restrict w, T *restrict y, long n0, long n1, long k0, long k1) {
     for (long n = n0; n < n1; n++)
-    for (int kb = 0; kb < K; kb += KB)
+    for (int kb = k0; kb < k1; kb += KB)
     for (int oy = 0; oy < OH; oy += RB)
     for (int ox = 0; ox < OW; ox += VL) {
         int o = ox + VL <= OW ? ox : OW - VL;
@@ -189,9 +189,10 @@ class _Kernels:
         source = "".join(f"#define {key} {value}\n" for key, value in defines.items()) + _SOURCE
         lib = ctypes.CDLL(str(_build(source)))
         self.forward, self.grad_weight = lib.forward, lib.grad_weight
-        for fn in (self.forward, self.grad_weight):
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
-            fn.restype = None
+        self.block = defines["KB"]
+        self.forward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4
+        self.grad_weight.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
+        self.forward.restype = self.grad_weight.restype = None
 
 
 @lru_cache(maxsize=None)
@@ -266,8 +267,14 @@ def conv(xq: np.ndarray, weight: np.ndarray, oh: int, ow: int, stride=(1, 1)) ->
     w = np.ascontiguousarray(weight, dtype=xq.dtype)
     kern = kernels(xq.dtype.name, c, k, oh, ow, kh, kw, hq, wq, *stride)
     y = np.empty((n, k, oh, ow), dtype=xq.dtype)
-    parallel.run(lambda lo, hi: kern.forward(_ptr(xq), _ptr(w), _ptr(y), lo, hi),
-                 parallel.chunks(n, n * k * c * kh * kw * oh * ow))
+    work = n * k * c * kh * kw * oh * ow
+    if n >= parallel.get_threads() or work < parallel.MIN_WORK:  # the threads split the batch
+        parallel.run(lambda lo, hi: kern.forward(_ptr(xq), _ptr(w), _ptr(y), lo, hi, 0, k),
+                     parallel.chunks(n, work))
+    else:  # fewer images than threads (inference at batch 1): they split the filters, in whole blocks
+        b = kern.block
+        parallel.run(lambda lo, hi: kern.forward(_ptr(xq), _ptr(w), _ptr(y), 0, n, lo * b, hi * b),
+                     parallel.chunks(k // b, work))
     return y
 
 
