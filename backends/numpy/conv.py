@@ -437,8 +437,13 @@ def conv_forward(node, xs, params, ctx):
 
 
 def _forward(node, algo: str, x, w, bias):
+    if algo == "direct" and direct.available():
+        try:
+            return _direct_forward(node, x, w, bias)
+        except direct.BuildError as e:  # no working C compiler after all: the NumPy algorithms
+            direct.give_up(e)
     if algo == "direct":
-        return _direct_forward(node, x, w, bias)
+        algo = "im2col"
     if algo != "im2col":
         return _shifted_forward(node, x, w, bias, algo)
     n, c = x.shape[:2]

@@ -38,6 +38,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -132,9 +133,26 @@ void grad_weight(const T *restrict xq, const T *restrict dy, T *restrict acc, lo
 """
 
 
+class BuildError(RuntimeError):
+    """The C compiler failed on a generated kernel (or could not run): the direct conv is then off
+    for the process and the NumPy algorithms compute the conv."""
+
+
+_broken: str | None = None  # why the compiler failed, once it has
+
+
 def available() -> bool:
-    """A C compiler is on the PATH ($CC, else cc) and CNNC_JIT is not 0."""
-    return os.environ.get("CNNC_JIT", "1").strip() != "0" and _compiler() is not None
+    """A C compiler is on the PATH ($CC, else cc), it has not failed in this process, and CNNC_JIT
+    is not 0."""
+    return os.environ.get("CNNC_JIT", "1").strip() != "0" and _broken is None and _compiler() is not None
+
+
+def give_up(err: BuildError) -> None:
+    """Turn the direct conv off for this process, saying why once."""
+    global _broken
+    if _broken is None:
+        _broken = str(err)
+        print(f"cnnc: {err}; the convolutions use the NumPy algorithms instead", file=sys.stderr)
 
 
 @lru_cache(maxsize=1)
@@ -187,7 +205,10 @@ class _Kernels:
                        KG=_grad_block(k, kw, ow, self.lanes), OH=oh, OW=ow, KH=kh, KW=kw, SH=sh, SW=sw,
                        PH=max(map(max, self.phases)) + 1, HQ=hq, WQ=wq, PHASE_TABLE=table)
         source = "".join(f"#define {key} {value}\n" for key, value in defines.items()) + _SOURCE
-        lib = ctypes.CDLL(str(_build(source)))
+        try:
+            lib = ctypes.CDLL(str(_build(source)))
+        except OSError as e:  # a library the loader refuses (another machine's cache, a broken file)
+            raise BuildError(f"a direct conv kernel did not load: {e}") from e
         self.forward, self.grad_weight = lib.forward, lib.grad_weight
         self.block = defines["KB"]
         self.forward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4
@@ -228,11 +249,14 @@ def _build(source: str) -> Path:
     tmp = folder / f".{name}.{os.getpid()}.so"
     src.write_text(source, encoding="utf-8")
     try:
-        r = subprocess.run([_compiler(), *FLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True,
-                           timeout=120)
+        try:
+            r = subprocess.run([_compiler(), *FLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True,
+                               timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise BuildError(f"the C compiler {_compiler()} could not build a direct conv kernel: {e}") from e
         if r.returncode != 0:
-            raise RuntimeError(f"internal error: the C compiler failed on a generated direct conv kernel "
-                               f"({src}):\n{r.stderr[-2000:]}")
+            last = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise BuildError(f"the C compiler {_compiler()} failed on a direct conv kernel: {last}")
         os.replace(tmp, lib)  # atomic: another process may be building the same library
     finally:
         src.unlink(missing_ok=True)

@@ -119,6 +119,37 @@ def test_without_a_compiler_or_with_jit_off_the_numpy_algorithms_remain(monkeypa
     assert direct.available()
 
 
+def test_a_failing_compiler_turns_the_direct_conv_off_with_one_message(tmp_path, monkeypatch, capsys):
+    """A C compiler that is there but fails (a broken toolchain): the conv still computes, by im2col,
+    and the process says once why."""
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\necho 'cc: fatal error: no input files' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(direct, "_broken", None)
+    direct._compiler.cache_clear()
+    direct.kernels.cache_clear()
+    try:
+        node, specs = make_node("conv", dict(filters=8, kernel=3, pad=1), [(4, 12, 12)])
+        params = make_params(specs, np.random.default_rng(0), np.float32)
+        x = np.random.default_rng(1).normal(size=(2, 4, 12, 12)).astype(np.float32)
+        assert direct.available() and conv.algorithms(node, 4, True)[0] == "direct"
+        y, saved = conv._forward(node, "direct", x, params["weight"], params["bias"])
+        y2, _ = conv._forward(node, "direct", x, params["weight"], params["bias"])
+        want, _ = conv._forward(node, "im2col", x, params["weight"], params["bias"])
+        np.testing.assert_array_equal(y, want)
+        np.testing.assert_array_equal(y2, want)
+        assert not isinstance(saved[0], str)  # im2col's, so its backward runs too
+        assert not direct.available() and "direct" not in conv.algorithms(node, 4, True)
+        err = capsys.readouterr().err
+        assert err.count("failed on a direct conv kernel: cc: fatal error: no input files") == 1
+        assert "use the NumPy algorithms instead" in err
+    finally:
+        direct._compiler.cache_clear()
+        direct.kernels.cache_clear()
+
+
 def test_the_library_is_built_once_per_shape_and_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path))
     direct.kernels.cache_clear()
