@@ -3,14 +3,15 @@
 For few channels (ResNet-20's 16-64, LeNet-5's 1-16) the gemm-based algorithms run OpenBLAS on
 thin matrices at a fraction of its peak. A direct convolution holds a block of outputs in vector
 registers instead: KB output channels × RB rows × one vector of consecutive outputs along a row,
-summed over the input channels and taps, each weight broadcast once per block and tap. Loops with bounds known
-at compile time are what lets the C compiler keep that block in registers, so the source is
-generated for each shape (channels, output size, kernel, padded size; the batch is an argument),
-compiled with `cc -O3 -march=native` at first use into a shared library named by a hash of its
-text (the CPU model included: -march=native code is this machine's), cached under
+summed over the input channels and taps, each weight broadcast once per block and tap. Loops
+with bounds known at compile time are what lets the C compiler keep that block in registers, so
+the source is generated for each shape (channels, output size, kernel, padded size; the batch is
+an argument), compiled with `cc -O3 -march=native` at first use into a shared library named by a
+hash of its text (the CPU model included: -march=native code is this machine's), cached under
 `~/.cache/cnnc/c`, and called through ctypes, which drops the GIL: the backend's worker threads
-(`parallel.py`) split the batch. Vectors are GCC's vector extensions (clang has them too), 32
-bytes: AVX2's registers, and what the compiler splits on narrower machines.
+(`parallel.py`) split the batch, or the filters when there are fewer images than threads.
+Vectors are GCC's vector extensions (clang has them too), 32 bytes: AVX2's registers, and what
+the compiler splits on narrower machines.
 
 - forward: y[n, k] = Σ_c,r,s w[k, c, r, s]·xp[n, c, oy + r, ox + s] on the padded input xp. A
   row's (the rows') last block overlaps the one before (computed twice, stored the same), so any
@@ -65,7 +66,8 @@ static const int PHASE[KH][KW] = PHASE_TABLE;
    vector of a row's outputs: each weight broadcast serves RB rows and each input vector KB
    filters. The last block of a row (of the rows) overlaps the one before: computed twice, stored
    the same, so any size of at least one vector (RB rows) needs no scalar tail. */
-void forward(const T *restrict xq, const T *restrict w, T *restrict y, long n0, long n1, long k0, long k1) {
+void forward(const T *restrict xq, const T *restrict w, T *restrict y,
+             long n0, long n1, long k0, long k1) {
     for (long n = n0; n < n1; n++)
     for (int kb = k0; kb < k1; kb += KB)
     for (int oy = 0; oy < OH; oy += RB)
@@ -175,7 +177,7 @@ def applies(node, c: int, dtype) -> bool:
     return ow >= lanes and (sw == 1 or -(-wp // sw) >= lanes)
 
 
-FORWARD_BLOCK = (6, 2)  # the forward block: at most this many filters × rows (measured: 2 rows 0.7-0.9× the time of 1)
+FORWARD_BLOCK = (6, 2)  # the forward's block, at most filters × rows (measured: 2 rows 0.7-0.9× the time of 1)
 GRAD_BLOCK = 12  # the weight gradient's accumulators: filters × taps of a kernel row
 
 

@@ -10,8 +10,9 @@ cost 0.1–1 ms a launch (a batch-1 depthwise conv of 0.3 ms took 1.0–1.2 ms i
 OpenMP layer's threads spin between calls and took the cores from the backend's threads.
 
 Generated here from the op table's formulas, for the piecewise activations: each one's gradient
-loop, and fused_bn's loops (BatchNorm's normalisation with the activation in one pass forward,
-its gradient with BatchNorm's sums in one pass backward).
+loop, fused_bn's loops (BatchNorm's normalisation, the residual and the activation in one pass
+forward, the gradient with BatchNorm's sums in one pass backward), and the fused conv epilogue
+(bias, residual and activation in one pass, for any activation without exp or tanh).
 """
 
 from __future__ import annotations

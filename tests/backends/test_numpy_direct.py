@@ -15,10 +15,12 @@ from cnnc.backends.base import Ctx
 from cnnc.backends.numpy import conv, direct, parallel
 
 if not direct.available():
-    pytest.skip("no C compiler (cc) on this machine: the direct convolution is not built", allow_module_level=True)
+    pytest.skip("no C compiler (cc) on this machine: the direct convolution is not built",
+                allow_module_level=True)
 
-# vector widths (8 float32, 4 float64 outputs) with and without a partial last block; blocks of 8,
-# 6, 4 and 1 (a prime K) output channels, weight-gradient blocks of 1 and 4; padding wider than the kernel's reach (dx pads negatively)
+# vector widths (8 float32, 4 float64 outputs) with and without a partial last block; blocks of 6,
+# 4 and 1 (a prime K) output channels, weight-gradient blocks of 1 and 4; padding wider than the
+# kernel's reach (dx pads negatively)
 CASES = [
     Case("direct-3x3-same", "conv", dict(filters=8, kernel=3, pad=1), [(3, 6, 6)]),
     Case("direct-3x3-wide", "conv", dict(filters=8, kernel=3, pad=1), [(2, 3, 10)]),  # dW in blocks of 4 filters
