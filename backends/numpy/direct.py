@@ -21,9 +21,9 @@ the compiler splits on narrower machines.
 - input gradient: at stride 1 the forward of dy, padded by the kernel less one less the forward's
   padding, with the filters flipped and the channel axes swapped, which is another shape's
   forward; at larger strides one such conv per stride phase, with that phase's taps.
-- weight gradient: per image, each (k, c) pair's kh·kw taps as vector partial sums of dy's rows
-  times the input's shifted rows, accumulated over the thread's images in a (K, C, taps, lanes)
-  array; the lanes and threads are summed at the end.
+- weight gradient: per block of images (as many as stay in L2 together), each (k, c) pair's
+  kh·kw taps as vector partial sums of dy's rows times the input's shifted rows, accumulated over
+  the thread's images in a (K, C, taps, lanes) array; the lanes and threads are summed at the end.
 
 No dilation, one group, outputs (and stride phases) at least one vector wide; `available()` says
 whether a C compiler is there (and `CNNC_JIT` is not 0: the plain NumPy path is the reference).
@@ -98,13 +98,14 @@ void forward(const T *restrict xq, const T *restrict w, T *restrict y,
    shifted runs; per kernel row r, a block of KG filters × KW taps in registers: each input vector
    loaded serves KG filters, each dy vector KW taps */
 void grad_weight(const T *restrict xq, const T *restrict dy, T *restrict acc, long n0, long n1) {
-    for (long n = n0; n < n1; n++)
+    for (long nb = n0; nb < n1; nb += NB)  /* NB images a pass: small maps share a block's set-up */
     for (int kb = 0; kb < K; kb += KG)
     for (int c = 0; c < C; c++)
     for (int r = 0; r < KH; r++) {
         vec a[KG][KW];
         T tail[KG][KW];
         for (int k = 0; k < KG; k++) for (int s = 0; s < KW; s++) { a[k][s] = (vec){0}; tail[k][s] = 0; }
+        for (long n = nb; n < (nb + NB < n1 ? nb + NB : n1); n++) {
         const T *d = dy + (n * K + kb) * (long)(OH * OW);
         const T *xc = xq + (n * C + c) * (long)(PH * HQ * WQ);
         for (int oy = 0; oy < OH; oy++) {
@@ -122,6 +123,7 @@ void grad_weight(const T *restrict xq, const T *restrict dy, T *restrict acc, lo
                     T dv = d[k * (long)(OH * OW) + oy * OW + ox];
                     for (int s = 0; s < KW; s++) tail[k][s] += dv * *TAP(xc, r, s, oy, ox);
                 }
+        }
         }
         for (int k = 0; k < KG; k++) {
             T *out = acc + (((long)(kb + k) * C + c) * (KH * KW) + r * KW) * VL;
@@ -181,12 +183,23 @@ FORWARD_BLOCK = (6, 2)  # the forward's block, at most filters × rows (measured
 GRAD_BLOCK = 12  # the weight gradient's accumulators: filters × taps of a kernel row
 
 
-def _grad_block(k: int, kw: int, ow: int, lanes: int) -> int:
+def _grad_block(k: int, kw: int) -> int:
     """Filters per weight-gradient block. Measured (2 threads, batch 64-128, A/B in one process):
     blocks of 4 filters × 3 taps took 0.64-0.73× the time of one filter on 32- and 16-wide maps,
-    1.09× on 8-wide ones (one vector a row: the blocks' set-up dominates) and 1.4-1.6× for 5×5
-    kernels (2 filters × 5 taps: the registers spill)."""
-    return _block(k, GRAD_BLOCK // kw) if kw <= 3 and ow >= 2 * lanes else 1
+    and on 8-wide ones 0.5-0.6× once a block runs over several images (_grad_images; 1.09× when it
+    ran over one, the block's set-up then dominating); for 5×5 kernels 1.07-1.6× (2 or 4 filters ×
+    5 taps: the registers spill), so those keep one filter a block."""
+    return _block(k, GRAD_BLOCK // kw) if kw <= 3 else 1
+
+
+GRAD_IMAGES_BYTES = 1 << 18  # an image block's input and dy planes stay in L2 (512 KiB here) over its passes
+
+
+def _grad_images(c: int, k: int, oh: int, ow: int, phases: int, hq: int, wq: int, itemsize: int) -> int:
+    """Images a weight-gradient block runs over before its partial sums go to memory: as many as
+    fit GRAD_IMAGES_BYTES (ResNet-20's 64@8² at batch 128: 6, its weight gradient 20.0 → 9.6 ms
+    with 4-filter blocks; 32² maps: 1)."""
+    return max(1, GRAD_IMAGES_BYTES // ((c * phases * hq * wq + k * oh * ow) * itemsize))
 
 
 def _block(k: int, most: int) -> int:
@@ -201,11 +214,13 @@ class _Kernels:
         self.dtype = np.dtype(dtype)
         self.lanes = VECTOR_BYTES // self.dtype.itemsize
         self.phases = phase_table(kh, kw, sh, sw)
+        nphases = max(map(max, self.phases)) + 1
         table = "{" + ", ".join("{" + ", ".join(map(str, row)) + "}" for row in self.phases) + "}"
         defines = dict(T="float" if self.dtype == np.float32 else "double", VB=VECTOR_BYTES, C=c, K=k,
                        KB=_block(k, FORWARD_BLOCK[0]), RB=min(FORWARD_BLOCK[1], oh),
-                       KG=_grad_block(k, kw, ow, self.lanes), OH=oh, OW=ow, KH=kh, KW=kw, SH=sh, SW=sw,
-                       PH=max(map(max, self.phases)) + 1, HQ=hq, WQ=wq, PHASE_TABLE=table)
+                       KG=_grad_block(k, kw), NB=_grad_images(c, k, oh, ow, nphases, hq, wq, self.dtype.itemsize),
+                       OH=oh, OW=ow, KH=kh, KW=kw, SH=sh, SW=sw,
+                       PH=nphases, HQ=hq, WQ=wq, PHASE_TABLE=table)
         source = "".join(f"#define {key} {value}\n" for key, value in defines.items()) + _SOURCE
         try:
             lib = ctypes.CDLL(str(_build(source)))

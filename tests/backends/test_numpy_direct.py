@@ -59,9 +59,9 @@ def test_direct_backward_matches_finite_differences(case, direct_path):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(5, 16, 16, 12, 3, 1, 1), (4, 1, 6, 16, 5, 0, 1), (3, 6, 16, 10, 5, 2, 1),
                                    (2, 64, 64, 8, 3, 1, 1), (3, 16, 32, 32, 3, 1, 2), (2, 32, 64, 16, 1, 0, 2),
-                                   (1, 16, 16, 12, 3, 1, 1), (1, 3, 17, 10, 3, 1, 1)],
+                                   (1, 16, 16, 12, 3, 1, 1), (1, 3, 17, 10, 3, 1, 1), (13, 64, 32, 8, 3, 1, 1)],
                          ids=["16c", "lenet-c1", "lenet-c3-pad", "64c", "down-3x3-s2", "shortcut-1x1-s2",
-                              "batch1-filters-split", "batch1-k17"])
+                              "batch1-filters-split", "batch1-k17", "dw-image-blocks"])
 def test_direct_equals_im2col_split_over_threads(shape, dtype, monkeypatch):
     """Output, input gradient, weight and bias gradients equal im2col's (float32 to 2e-6, float64 to
     1e-13), on one thread and with the batch (one image: the filters) split over two."""
