@@ -5,6 +5,7 @@ table, one forward and one backward kernel; the runtime drives them (autodiff, t
 
     Backend.name                  what `--backend NAME` selects
     Backend.fused_ops             fused kernels the fusion passes may ask for
+    Backend.fused_without_residual  those of them that take no residual (shortcut) input
     Backend.fusion_refusal(target, ops)
                                   the capability query: None when the backend runs `target`
                                   (fused_conv, fused_dense, fused_mul, elemwise_chain) made of the op-table
@@ -107,6 +108,7 @@ class Backend(abc.ABC):
 
     name = "base"
     fused_ops: frozenset[str] = frozenset()
+    fused_without_residual: frozenset[str] = frozenset()  # fused kernels that take no residual input
     layouts: dict[str, str] = {}  # op → the layout its kernel reads (default NCHW)
     kernels: dict[str, Kernel] = {}
     elementwise: Kernel | None = None
@@ -135,6 +137,8 @@ class Backend(abc.ABC):
         epilogues render)."""
         if target not in cls.fused_ops:
             return f"backend `{cls.name}` has no {target} kernel"
+        if target in cls.fused_without_residual and any(op in OPS and OPS[op].residual_fusable for op in ops):
+            return f"backend `{cls.name}`'s {target} kernels take no residual input"
         return None
 
     @classmethod

@@ -72,6 +72,7 @@ def specs_for_graph(g, training: bool = False, precision: str | None = None) -> 
 class CudaBackend(Backend):
     name = "cuda"
     fused_ops = frozenset({"fused_conv", "fused_dense", "fused_bn", "fused_mul", "elemwise_chain", "layout_transform"})
+    fused_without_residual = frozenset({"fused_bn"})  # its BatchNorm and activation kernels, no add
     kernels = KERNELS
     elementwise = ops.ELEMENTWISE
     precisions = frozenset({"fp32", *conv.MMA_CODES})  # reduced ones: precision.py
@@ -87,8 +88,6 @@ class CudaBackend(Backend):
             why = ew.refusal(op)
             if why is not None:
                 return why
-        if target == "fused_bn" and any(op in OPS and OPS[op].residual_fusable for op in ops_):
-            return "the CUDA fused_bn kernels take no residual input"
         return super().fusion_refusal(target, ops_)
 
     def __init__(self) -> None:

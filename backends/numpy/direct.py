@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import parallel
+from . import jit, parallel
 
 VECTOR_BYTES = 32
 
@@ -148,7 +148,7 @@ _broken: str | None = None  # why the compiler failed, once it has
 def available() -> bool:
     """A C compiler is on the PATH ($CC, else cc), it has not failed in this process, and CNNC_JIT
     is not 0."""
-    return os.environ.get("CNNC_JIT", "1").strip() != "0" and _broken is None and _compiler() is not None
+    return jit.allowed() and _broken is None and _compiler() is not None
 
 
 def give_up(err: BuildError) -> None:
@@ -239,15 +239,19 @@ def kernels(dtype: str, c: int, k: int, oh: int, ow: int, kh: int, kw: int, hq: 
     return _Kernels(dtype, c, k, oh, ow, kh, kw, hq, wq, sh, sw)
 
 
+def _used_phases(kh: int, kw: int, sh: int, sw: int) -> list[tuple[int, int]]:
+    """The stride phases (row, column mod the strides) some tap reads, in order."""
+    return sorted({(r % sh, s % sw) for r in range(kh) for s in range(kw)})
+
+
 def phase_table(kh: int, kw: int, sh: int, sw: int) -> list[list[int]]:
-    """Per tap (r, s), the index of its stride phase among those some tap reads."""
-    used = sorted({(r % sh, s % sw) for r in range(kh) for s in range(kw)})
+    """Per tap (r, s), the index of its stride phase among _used_phases."""
+    used = _used_phases(kh, kw, sh, sw)
     return [[used.index((r % sh, s % sw)) for s in range(kw)] for r in range(kh)]
 
 
 def _cache_dir() -> Path:
-    root = Path(os.environ.get("CNNC_CACHE_DIR") or Path.home() / ".cache" / "cnnc")
-    return root / "c"
+    return jit.cache_root() / "c"
 
 
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC"]
@@ -292,7 +296,7 @@ def phases(xp: np.ndarray, kh: int, kw: int, sh: int, sw: int) -> np.ndarray:
     n, c, hp, wp = xp.shape
     if sh == sw == 1:
         return np.ascontiguousarray(xp).reshape(n, c, 1, hp, wp)
-    used = sorted({(r % sh, s % sw) for r in range(kh) for s in range(kw)})
+    used = _used_phases(kh, kw, sh, sw)
     hq, wq = -(-hp // sh), -(-wp // sw)
     xq = np.zeros((n, c, len(used), hq, wq), dtype=xp.dtype)
     for p, (a, b) in enumerate(used):
@@ -301,14 +305,18 @@ def phases(xp: np.ndarray, kh: int, kw: int, sh: int, sw: int) -> np.ndarray:
     return xq
 
 
+def _problem(xq: np.ndarray, k: int, oh: int, ow: int, kh: int, kw: int, stride):
+    """(the shape's compiled kernels, images, multiply-adds) of a conv of xq (N, C, phases, hq, wq)."""
+    n, c, _, hq, wq = xq.shape
+    return kernels(xq.dtype.name, c, k, oh, ow, kh, kw, hq, wq, *stride), n, n * k * c * kh * kw * oh * ow
+
+
 def conv(xq: np.ndarray, weight: np.ndarray, oh: int, ow: int, stride=(1, 1)) -> np.ndarray:
     """y (N, K, oh, ow): the padded input in its phases (`phases`) correlated with weight (K, C, kh, kw)."""
-    n, c, _, hq, wq = xq.shape
     k, _, kh, kw = weight.shape
+    kern, n, work = _problem(xq, k, oh, ow, kh, kw, stride)
     w = np.ascontiguousarray(weight, dtype=xq.dtype)
-    kern = kernels(xq.dtype.name, c, k, oh, ow, kh, kw, hq, wq, *stride)
     y = np.empty((n, k, oh, ow), dtype=xq.dtype)
-    work = n * k * c * kh * kw * oh * ow
     if n >= parallel.get_threads() or work < parallel.MIN_WORK:  # the threads split the batch
         parallel.run(lambda lo, hi: kern.forward(_ptr(xq), _ptr(w), _ptr(y), lo, hi, 0, k),
                      parallel.chunks(n, work))
@@ -321,11 +329,11 @@ def conv(xq: np.ndarray, weight: np.ndarray, oh: int, ow: int, stride=(1, 1)) ->
 
 def grad_weight(xq: np.ndarray, dy: np.ndarray, kh: int, kw: int, stride=(1, 1)) -> np.ndarray:
     """dW (K, C, kh, kw) = Σ_n,oy,ox dy[n, k, oy, ox]·xp[n, c, oy·sh + r, ox·sw + s], in dy's dtype."""
-    n, c, _, hq, wq = xq.shape
     _, k, oh, ow = dy.shape
+    kern, n, work = _problem(xq, k, oh, ow, kh, kw, stride)
     dy = np.ascontiguousarray(dy, dtype=xq.dtype)
-    kern = kernels(xq.dtype.name, c, k, oh, ow, kh, kw, hq, wq, *stride)
-    slices = parallel.chunks(n, n * k * c * kh * kw * oh * ow)
+    slices = parallel.chunks(n, work)
+    c = xq.shape[1]
     parts = [np.zeros((k, c, kh * kw, kern.lanes), dtype=xq.dtype) for _ in slices]
     jobs = dict(zip(slices, parts))
     parallel.run(lambda lo, hi: kern.grad_weight(_ptr(xq), _ptr(dy), _ptr(jobs[lo, hi]), lo, hi), slices)

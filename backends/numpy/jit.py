@@ -34,9 +34,14 @@ from . import parallel
 _loops = None  # the jit_loops module once imported; False when Numba is missing
 
 
+def allowed() -> bool:
+    """CNNC_JIT is not 0: the compiled paths (these loops, direct.py's C) may run."""
+    return os.environ.get("CNNC_JIT", "1").strip() != "0"
+
+
 def enabled() -> bool:
     """CNNC_JIT is not 0 and Numba can be imported."""
-    return os.environ.get("CNNC_JIT", "1").strip() != "0" and _module() is not None
+    return allowed() and _module() is not None
 
 
 def _module():
@@ -125,10 +130,14 @@ def _scalar(e: Expr, t: str) -> str:
     raise KeyError(e.name)
 
 
+def cache_root() -> Path:
+    """Where generated code and its compiled forms live: $CNNC_CACHE_DIR, else ~/.cache/cnnc."""
+    return Path(os.environ.get("CNNC_CACHE_DIR") or Path.home() / ".cache" / "cnnc")
+
+
 def _cache_dir() -> Path:
-    """Where generated loop modules and Numba's cache of them live ($CNNC_CACHE_DIR, else ~/.cache/cnnc)."""
-    root = Path(os.environ.get("CNNC_CACHE_DIR") or Path.home() / ".cache" / "cnnc")
-    return root / "numba"
+    """Where generated loop modules and Numba's cache of them live."""
+    return cache_root() / "numba"
 
 
 # NumPy's clip and its one-sided forms (np.clip(v, c, None)) keep a NaN and, on a tie, return the
