@@ -20,17 +20,28 @@ _pool: ThreadPoolExecutor | None = None
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """The CPU's model name and widest vector unit ("AMD EPYC (AVX-512)"): one model name covers
-    several generations, and the vector width decides which BLAS kernels run."""
-    name, flags = platform.processor() or platform.machine() or "?", set()
+def _cpuinfo() -> tuple[str, frozenset]:
+    """The CPU's model name and feature flags, from /proc/cpuinfo where there is one."""
+    name, flags = platform.processor() or platform.machine() or "?", frozenset()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             lines = f.read().splitlines()
         name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
-        flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+        flags = frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     except OSError:
         pass
+    return name, flags
+
+
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags ("avx2", "avx512f", ...); empty where the system does not say."""
+    return _cpuinfo()[1]
+
+
+def cpu_model() -> str:
+    """The CPU's model name and widest vector unit ("AMD EPYC (AVX-512)"): one model name covers
+    several generations, and the vector width decides which BLAS kernels run."""
+    name, flags = _cpuinfo()
     simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2" if flags else "?"
     return f"{name} ({simd})"
 

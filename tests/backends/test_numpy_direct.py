@@ -62,9 +62,13 @@ def test_direct_backward_matches_finite_differences(case, direct_path):
                                    (1, 16, 16, 12, 3, 1, 1), (1, 3, 17, 10, 3, 1, 1), (13, 64, 32, 8, 3, 1, 1)],
                          ids=["16c", "lenet-c1", "lenet-c3-pad", "64c", "down-3x3-s2", "shortcut-1x1-s2",
                               "batch1-filters-split", "batch1-k17", "dw-image-blocks"])
-def test_direct_equals_im2col_split_over_threads(shape, dtype, monkeypatch):
+@pytest.mark.parametrize("avx512", [False, True], ids=["avx2-blocks", "avx512-blocks"])
+def test_direct_equals_im2col_split_over_threads(shape, dtype, avx512, monkeypatch):
     """Output, input gradient, weight and bias gradients equal im2col's (float32 to 2e-6, float64 to
-    1e-13), on one thread and with the batch (one image: the filters) split over two."""
+    1e-13), on one thread and with the batch (one image: the filters) split over two; with AVX2's
+    and AVX-512's vectors and blocks (the compiler splits 64-byte vectors where the CPU has no
+    AVX-512, so both run on any machine)."""
+    monkeypatch.setattr(direct, "_avx512", lambda: avx512)
     n, c, k, size, kernel, pad, stride = shape
     node, specs = make_node("conv", dict(filters=k, kernel=kernel, pad=pad, stride=stride, round="floor"),
                             [(c, size, size)])
