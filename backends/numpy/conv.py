@@ -32,7 +32,7 @@ from numpy.lib.stride_tricks import as_strided
 from . import depthwise, direct, parallel, tuner, winograd
 from .blas import gemm
 
-KERNELS_VERSION = 3  # part of the tuning cache's key: bump when an algorithm's speed changes
+KERNELS_VERSION = 4  # part of the tuning cache's key: bump when an algorithm's speed changes
 
 
 # ---- shared helpers ------------------------------------------------------------------------
@@ -482,31 +482,23 @@ def conv_backward(node, saved, dy, params, ctx):
 def _direct_forward(node, x, weight, bias):
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     top, _, left, _ = _pads(node)
-    xq = direct.phases(_pad(x, top, left, hp, wp), kh, kw, sh, sw)
-    y = direct.conv(xq, weight, oh, ow, (sh, sw))
+    packed = direct.pack(x, k, kh, kw, (oh, ow), (sh, sw), top, left)
+    y = direct.conv(packed, weight)
     if bias is not None:
         y += bias.reshape(1, k, 1, 1)
-    return y, ("direct", xq, x.shape)
+    return y, ("direct", packed, x.shape)
 
 
 def _direct_backward(node, saved, dy, weight, has_bias: bool, need_dx: bool):
-    """dW by the compiled kernel; dx at stride 1 as the direct forward of dy, padded by the kernel
-    less one less the forward's padding, with the filters flipped and the channel axes swapped,
-    at larger strides one such conv per stride phase (direct.grad_input_padded)."""
-    _, xq, (n, c, h, w) = saved
+    """dW and dx by the compiled kernels (direct.grad_weight, direct.grad_input)."""
+    _, packed, (n, c, h, w) = saved
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     top, _, left, _ = _pads(node)
     dy = np.ascontiguousarray(dy)
-    dparams = {"weight": direct.grad_weight(xq, dy, kh, kw, (sh, sw))}
+    dparams = {"weight": direct.grad_weight(packed, dy, kh, kw)}
     if has_bias:
         dparams["bias"] = dy.sum(axis=(0, 2, 3))
-    dx = None
-    if need_dx and sh == sw == 1:
-        flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        dyp = _pad(dy, kh - 1 - top, kw - 1 - left, h + kh - 1, w + kw - 1)
-        dx = direct.conv(direct.phases(dyp, kh, kw, 1, 1), flipped, h, w)
-    elif need_dx:
-        dx = _unpad(direct.grad_input_padded(dy, weight, hp, wp, (sh, sw)), top, left, h, w)
+    dx = direct.grad_input(dy, weight, (h, w), (sh, sw), top, left) if need_dx else None
     return [dx], dparams
 
 

@@ -14,11 +14,14 @@ Vectors are GCC's vector extensions (clang has them too): 64 bytes where the CPU
 the output rows are at least that wide, else 32 (AVX2's registers; the compiler splits them on
 narrower machines); AVX-512's 32 vector registers also hold larger blocks than AVX2's 16.
 
-- forward: y[n, k] = Σ_c,r,s w[k, c, r, s]·xp[n, c, oy + r, ox + s] on the padded input xp. A
-  row's (the rows') last block overlaps the one before (computed twice, stored the same), so any
-  output width of at least one vector works without a scalar tail.
-- strides: the padded input is copied into its stride phases (rows ≡ a, columns ≡ b), in which
-  every tap reads a contiguous run, so the same loops serve any stride (`phases`).
+- planes (`pack`, in C, from the unpadded input): the kernels read the input in planes in which
+  every tap reads a contiguous run. Row layout: the padded input in its stride phases (rows ≡ a,
+  columns ≡ b; at stride 1, the padded input itself). Flat layout (narrow maps, `flat_layout`):
+  per row phase and kernel column, the rows shifted by that column and cut to the output's width,
+  so an image's outputs are one run of oh·ow that fills whole vectors (8×8 maps: four of 16).
+- forward: y[n, k] = Σ_c,r,s w[k, c, r, s]·xp[n, c, oy + r, ox + s]. A row's (the rows', the
+  run's) last block overlaps the one before (computed twice, stored the same), so any output
+  width of at least one vector works without a scalar tail.
 - input gradient: at stride 1 the forward of dy, padded by the kernel less one less the forward's
   padding, with the filters flipped and the channel axes swapped, which is another shape's
   forward; at larger strides one such conv per stride phase, with that phase's taps.
@@ -26,11 +29,9 @@ narrower machines); AVX-512's 32 vector registers also hold larger blocks than A
   kh·kw taps as vector partial sums of dy's rows times the input's shifted rows, accumulated over
   the thread's images in a (K, C, taps, lanes) array; the lanes and threads are summed at the end.
 
-No dilation, one group, outputs (and stride phases) at least one vector wide; `available()` says
-whether a C compiler is there (and `CNNC_JIT` is not 0: the plain NumPy path is the reference).
-The tuner (`tuner.py`) times this against the gemm-based algorithms; it is never the only choice.
-The phase copies are NumPy's strided copies, slow (13 ms for ResNet-20's first stride-2 input at
-batch 128, against 9.5 for the conv itself), which is why strided convs are left to the tuner.
+No dilation, one group, output rows at least one (AVX2) vector wide; `available()` says whether
+a C compiler is there (and `CNNC_JIT` is not 0: the plain NumPy path is the reference). The
+tuner (`tuner.py`) times this against the gemm-based algorithms; it is never the only choice.
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from cnnc.dsl.errors import InternalError
 from . import jit, parallel
 
 NARROW_VECTOR_BYTES, WIDE_VECTOR_BYTES = 32, 64
@@ -69,24 +72,67 @@ typedef T vecu __attribute__((vector_size(VB), aligned(sizeof(T))));
 #define VL (VB / (int)sizeof(T))
 static inline vec ld(const T *p) { return *(const vecu *)p; }
 static inline void st(T *p, vec v) { *(vecu *)p = v; }
-/* the input is in stride phases, xq (N, C, PH, HQ, WQ): phase PHASE[r][s] holds the padded rows
-   ≡ r and columns ≡ s (mod the strides), so that tap (r, s) reads a contiguous run of it at row
-   oy + r / SH, column ox + s / SW; at stride 1 it is the padded input itself */
+/* the first j ≥ 0 with j·stride + off ≥ 0 */
+static inline long j_first(long off, long stride) { return off >= 0 ? 0 : (-off + stride - 1) / stride; }
+/* the input is in planes, xq (N, C, PH, HQ, WQ) (`pack`). Row layout: plane PHASE[r][s] holds
+   the padded rows ≡ r and columns ≡ s (mod the strides), so that tap (r, s) reads a contiguous
+   run of it at row oy + r / SH, column ox + s / SW (at stride 1, the padded input itself). Flat
+   layout (FLAT): plane PHASE[r][s] holds the rows ≡ r (mod SH), each shifted by the tap's column
+   s and OW (the real width, WQ here) wide, so the image's outputs are one run of OH·OW (OW here,
+   OH 1) and every tap reads a contiguous run of a plane at the output's own offset plus r / SH
+   rows: narrow maps then fill whole vectors. */
 static const int PHASE[KH][KW] = PHASE_TABLE;
-#define TAP(x, r, s, row, col) ((x) + (PHASE[r][s] * HQ + (row) + (r) / SH) * WQ + (col) + (s) / SW)
+#if FLAT
+#define COL(s) 0
+#define UNIT_X VL /* a block's units: consecutive vectors of the run */
+#define UNIT_Y VL
+#define SPAN (RB * VL)
+#define RSTEP OH
+#else
+#define COL(s) ((s) / SW)
+#define UNIT_X WQ /* a block's units: consecutive rows */
+#define UNIT_Y OW
+#define SPAN VL
+#define RSTEP RB
+#endif
+#define TAP(x, r, s, row, col) ((x) + (PHASE[r][s] * HQ + (row) + (r) / SH) * WQ + (col) + COL(s))
 
-/* y (N, K, OH, OW) for images [n0, n1) and filters [k0, k1) (multiples of KB); w (K, C, KH, KW). A block is KB filters × RB rows × one
-   vector of a row's outputs: each weight broadcast serves RB rows and each input vector KB
-   filters. The last block of a row (of the rows) overlaps the one before: computed twice, stored
-   the same, so any size of at least one vector (RB rows) needs no scalar tail. */
+/* xq's planes from x (N, C, h, w), unpadded: plane p's row i, column j is x[i·SH + PA[p] − top,
+   j·SW + PB[p] − left], zero outside x; images [n0, n1) */
+static const int PA[PH] = PLANE_ROWS, PB[PH] = PLANE_COLS;
+void pack(const T *restrict x, T *restrict xq, long n0, long n1, long h, long w, long top, long left) {
+    for (long n = n0; n < n1; n++)
+    for (int c = 0; c < C; c++) {
+        const T *xc = x + (n * C + c) * h * w;
+        for (int p = 0; p < PH; p++)
+        for (int i = 0; i < HQ; i++) {
+            T *out = xq + (((n * C + c) * PH + p) * HQ + i) * (long)WQ;
+            long row = (long)i * SH + PA[p] - top;
+            if (row < 0 || row >= h) { for (int j = 0; j < WQ; j++) out[j] = 0; continue; }
+            const T *in = xc + row * w;
+            long first = (long)j_first(PB[p] - left, SW), last = (long)j_first(PB[p] - left - w, SW);
+            if (first > WQ) first = WQ;
+            if (last > WQ) last = WQ;
+            for (long j = 0; j < first; j++) out[j] = 0;
+            for (long j = first; j < last; j++) out[j] = in[j * SW + PB[p] - left];
+            for (long j = last > first ? last : first; j < WQ; j++) out[j] = 0;
+        }
+    }
+}
+
+/* y (N, K, OH, OW) for images [n0, n1) and filters [k0, k1) (multiples of KB); w (K, C, KH, KW). A
+   block is KB filters × RB units × one vector: rows of outputs, or in the flat layout consecutive
+   vectors of the run. Each weight broadcast serves RB units and each input vector KB filters. The
+   last block of a row (of the rows) overlaps the one before: computed twice, stored the same, so
+   any size of at least one vector (RB units) needs no scalar tail. */
 void forward(const T *restrict xq, const T *restrict w, T *restrict y,
              long n0, long n1, long k0, long k1) {
     for (long n = n0; n < n1; n++)
     for (int kb = k0; kb < k1; kb += KB)
-    for (int oy = 0; oy < OH; oy += RB)
-    for (int ox = 0; ox < OW; ox += VL) {
-        int o = ox + VL <= OW ? ox : OW - VL;
-        int q = oy + RB <= OH ? oy : OH - RB;
+    for (int oy = 0; oy < OH; oy += RSTEP)
+    for (int ox = 0; ox < OW; ox += SPAN) {
+        int o = ox + SPAN <= OW ? ox : OW - SPAN;
+        int q = oy + RB <= OH || FLAT ? oy : OH - RB;
         vec acc[KB][RB];
         for (int k = 0; k < KB; k++) for (int i = 0; i < RB; i++) acc[k][i] = (vec){0};
         for (int c = 0; c < C; c++) {
@@ -95,7 +141,7 @@ void forward(const T *restrict xq, const T *restrict w, T *restrict y,
             for (int r = 0; r < KH; r++)
             for (int s = 0; s < KW; s++) {
                 vec xv[RB];
-                for (int i = 0; i < RB; i++) xv[i] = ld(TAP(xc, r, s, q + i, o));
+                for (int i = 0; i < RB; i++) xv[i] = ld(TAP(xc, r, s, q, o) + i * UNIT_X);
                 for (int k = 0; k < KB; k++) {
                     T wv = wr[(long)k * C * KH * KW + r * KW + s];
                     for (int i = 0; i < RB; i++) acc[k][i] += wv * xv[i];
@@ -103,7 +149,7 @@ void forward(const T *restrict xq, const T *restrict w, T *restrict y,
             }
         }
         for (int k = 0; k < KB; k++)
-            for (int i = 0; i < RB; i++) st(y + ((n * K + kb + k) * OH + q + i) * OW + o, acc[k][i]);
+            for (int i = 0; i < RB; i++) st(y + ((n * K + kb + k) * OH + q) * OW + o + i * UNIT_Y, acc[k][i]);
     }
 }
 
@@ -216,11 +262,11 @@ def _grad_block(k: int, kw: int, registers: int) -> int:
 GRAD_IMAGES_BYTES = 1 << 18  # an image block's input and dy planes stay in L2 (512 KiB here) over its passes
 
 
-def _grad_images(c: int, k: int, oh: int, ow: int, phases: int, hq: int, wq: int, itemsize: int) -> int:
+def _grad_images(c: int, k: int, oh: int, ow: int, planes: int, hq: int, wq: int, itemsize: int) -> int:
     """Images a weight-gradient block runs over before its partial sums go to memory: as many as
     fit GRAD_IMAGES_BYTES (ResNet-20's 64@8² at batch 128: 6, its weight gradient 20.0 → 9.6 ms
     with 4-filter blocks; 32² maps: 1)."""
-    return max(1, GRAD_IMAGES_BYTES // ((c * phases * hq * wq + k * oh * ow) * itemsize))
+    return max(1, GRAD_IMAGES_BYTES // ((c * planes * hq * wq + k * oh * ow) * itemsize))
 
 
 def _block(k: int, most: int) -> int:
@@ -228,48 +274,79 @@ def _block(k: int, most: int) -> int:
     return max(b for b in range(1, max(most, 1) + 1) if k % b == 0)
 
 
-class _Kernels:
-    """The compiled library of one shape: forward and grad_weight as ctypes functions."""
+FLAT = "auto"  # the flat layout: "auto" (flat_layout's rule), "always" or "never" (tests run both)
+FLAT_MIN_USES = 64  # multiply-adds per packed input value (filters × kernel rows) that pay for the planes
 
-    def __init__(self, dtype, c, k, oh, ow, kh, kw, hq, wq, sh, sw, vb, registers):
+
+def flat_layout(dtype, oh: int, ow: int, k: int, kh: int) -> bool:
+    """Whether a conv runs on the flat layout: on AVX-512 where the rows are narrower than its
+    vectors but the image's outputs fill one, and each packed value (the planes hold about kernel
+    width × the input) serves enough multiply-adds. Measured at batch 128 (64) on AVX-512, rows →
+    flat, ms: ResNet-20's 64@8² forward 6.2 → 2.9, input gradient 7.1 → 5.0 (its planes 1.4 ms),
+    32→64 stride 2 forward 3.2 → 2.5 (LeNet-5's C3 forward 0.42 → 0.18, weight gradient 0.90 →
+    0.50); C3's input gradient (6 filters × 5 rows a value) 0.71 → 0.85, 32@16² (rows fill
+    vectors) 2.8 → 3.4."""
+    if FLAT != "auto":
+        return FLAT == "always" and oh * ow >= NARROW_VECTOR_BYTES // np.dtype(dtype).itemsize
+    wide = WIDE_VECTOR_BYTES // np.dtype(dtype).itemsize
+    return _avx512() and ow < wide <= oh * ow and k * kh >= FLAT_MIN_USES
+
+
+def _planes(kh: int, kw: int, sh: int, sw: int, flat: bool) -> list[tuple[int, int]]:
+    """The input's planes some tap reads, as (row phase, column phase or shift), in order: rows ≡ a
+    and columns ≡ b (mod the strides), or in the flat layout rows ≡ a shifted by the tap's column."""
+    return sorted({(r % sh, s if flat else s % sw) for r in range(kh) for s in range(kw)})
+
+
+def plane_table(kh: int, kw: int, sh: int, sw: int, flat: bool) -> list[list[int]]:
+    """Per tap (r, s), the index of the plane it reads among _planes."""
+    used = _planes(kh, kw, sh, sw, flat)
+    return [[used.index((r % sh, s if flat else s % sw)) for s in range(kw)] for r in range(kh)]
+
+
+def _c_list(values) -> str:
+    return "{" + ", ".join(map(str, values)) + "}"
+
+
+class _Kernels:
+    """The compiled library of one shape and layout: pack, forward and grad_weight as ctypes
+    functions, and the planes' size."""
+
+    def __init__(self, dtype, c, k, oh, ow, kh, kw, sh, sw, flat, vb, registers):
         self.dtype = np.dtype(dtype)
         self.lanes = vb // self.dtype.itemsize
+        self.flat = flat
+        planes = _planes(kh, kw, sh, sw, flat)
+        self.planes = len(planes)
+        self.hq = oh + (kh - 1) // sh
+        self.wq = ow if flat else ow + (kw - 1) // sw
         kb, rb = FORWARD_BLOCK[registers]
-        self.phases = phase_table(kh, kw, sh, sw)
-        nphases = max(map(max, self.phases)) + 1
-        table = "{" + ", ".join("{" + ", ".join(map(str, row)) + "}" for row in self.phases) + "}"
+        run = oh * ow if flat else ow  # the outputs of one row of the kernels' loops
         defines = dict(T="float" if self.dtype == np.float32 else "double", VB=vb, C=c, K=k,
-                       KB=_block(k, kb), RB=min(rb, oh),
-                       KG=_grad_block(k, kw, registers), NB=_grad_images(c, k, oh, ow, nphases, hq, wq, self.dtype.itemsize),
-                       OH=oh, OW=ow, KH=kh, KW=kw, SH=sh, SW=sw,
-                       PH=nphases, HQ=hq, WQ=wq, PHASE_TABLE=table)
+                       KB=_block(k, kb), RB=min(rb, run // self.lanes if flat else oh),
+                       KG=_grad_block(k, kw, registers),
+                       NB=_grad_images(c, k, oh, ow, self.planes, self.hq, self.wq, self.dtype.itemsize),
+                       FLAT=int(flat), OH=1 if flat else oh, OW=run, KH=kh, KW=kw, SH=sh, SW=sw,
+                       PH=self.planes, HQ=self.hq, WQ=self.wq,
+                       PHASE_TABLE=_c_list(_c_list(row) for row in plane_table(kh, kw, sh, sw, flat)),
+                       PLANE_ROWS=_c_list(a for a, _ in planes), PLANE_COLS=_c_list(b for _, b in planes))
         source = "".join(f"#define {key} {value}\n" for key, value in defines.items()) + _SOURCE
         try:
             lib = ctypes.CDLL(str(_build(source)))
         except OSError as e:  # a library the loader refuses (another machine's cache, a broken file)
             raise BuildError(f"a direct conv kernel did not load: {e}") from e
-        self.forward, self.grad_weight = lib.forward, lib.grad_weight
+        self.pack, self.forward, self.grad_weight = lib.pack, lib.forward, lib.grad_weight
         self.block = defines["KB"]
+        self.pack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 6
         self.forward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4
         self.grad_weight.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
-        self.forward.restype = self.grad_weight.restype = None
+        self.pack.restype = self.forward.restype = self.grad_weight.restype = None
 
 
 @lru_cache(maxsize=None)
-def kernels(dtype: str, c: int, k: int, oh: int, ow: int, kh: int, kw: int, hq: int, wq: int,
-            sh: int, sw: int, vb: int, registers: int) -> _Kernels:
-    return _Kernels(dtype, c, k, oh, ow, kh, kw, hq, wq, sh, sw, vb, registers)
-
-
-def _used_phases(kh: int, kw: int, sh: int, sw: int) -> list[tuple[int, int]]:
-    """The stride phases (row, column mod the strides) some tap reads, in order."""
-    return sorted({(r % sh, s % sw) for r in range(kh) for s in range(kw)})
-
-
-def phase_table(kh: int, kw: int, sh: int, sw: int) -> list[list[int]]:
-    """Per tap (r, s), the index of its stride phase among _used_phases."""
-    used = _used_phases(kh, kw, sh, sw)
-    return [[used.index((r % sh, s % sw)) for s in range(kw)] for r in range(kh)]
+def kernels(dtype: str, c: int, k: int, oh: int, ow: int, kh: int, kw: int, sh: int, sw: int,
+            flat: bool, vb: int, registers: int) -> _Kernels:
+    return _Kernels(dtype, c, k, oh, ow, kh, kw, sh, sw, flat, vb, registers)
 
 
 def _cache_dir() -> Path:
@@ -311,33 +388,44 @@ def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
-def phases(xp: np.ndarray, kh: int, kw: int, sh: int, sw: int) -> np.ndarray:
-    """The padded input xp (N, C, hp, wp) as the kernels read it: (N, C, phases, hq, wq), the
-    phases some tap reads, each the rows ≡ a and columns ≡ b (mod the strides), zero past the
-    input; at stride 1, xp itself (a view)."""
-    n, c, hp, wp = xp.shape
-    if sh == sw == 1:
-        return np.ascontiguousarray(xp).reshape(n, c, 1, hp, wp)
-    used = _used_phases(kh, kw, sh, sw)
-    hq, wq = -(-hp // sh), -(-wp // sw)
-    xq = np.zeros((n, c, len(used), hq, wq), dtype=xp.dtype)
-    for p, (a, b) in enumerate(used):
-        part = xp[:, :, a::sh, b::sw]
-        xq[:, :, p, :part.shape[2], :part.shape[3]] = part
-    return xq
+class Packed(NamedTuple):
+    """An input as the kernels of one conv read it: its planes (N, C, planes, hq, wq) and those kernels."""
+    planes: np.ndarray
+    kernels: _Kernels
+    out: tuple[int, int]
 
 
-def _problem(xq: np.ndarray, k: int, oh: int, ow: int, kh: int, kw: int, stride):
-    """(the shape's compiled kernels, images, multiply-adds) of a conv of xq (N, C, phases, hq, wq)."""
-    n, c, _, hq, wq = xq.shape
-    kern = kernels(xq.dtype.name, c, k, oh, ow, kh, kw, hq, wq, *stride, vector_bytes(xq.dtype, ow), _registers())
-    return kern, n, n * k * c * kh * kw * oh * ow
+def pack(x: np.ndarray, k: int, kh: int, kw: int, out: tuple[int, int], stride=(1, 1), top: int = 0,
+         left: int = 0) -> Packed:
+    """x (N, C, H, W) in the planes of a conv with k filters of kh × kw, this stride and output
+    size, and padding top and left (negative: x cropped; the bottom and right are zero as far as
+    the kernel reads), in C: NumPy's strided copies took longer than the conv at stride 2."""
+    x = np.ascontiguousarray(x)
+    n, c, h, w = x.shape
+    oh, ow = out
+    sh, sw = stride
+    lanes = NARROW_VECTOR_BYTES // x.dtype.itemsize
+    if oh * ow < lanes:
+        raise InternalError(f"a direct conv with {oh}×{ow} outputs, less than one vector")
+    flat = flat_layout(x.dtype, oh, ow, k, kh) or ow < lanes  # rows narrower than a vector: the run fills it
+    kern = kernels(x.dtype.name, c, k, oh, ow, kh, kw, sh, sw, flat, vector_bytes(x.dtype, oh * ow if flat else ow),
+                   _registers())
+    xq = np.empty((n, c, kern.planes, kern.hq, kern.wq), dtype=x.dtype)
+    parallel.run(lambda lo, hi: kern.pack(_ptr(x), _ptr(xq), lo, hi, h, w, top, left),
+                 parallel.chunks(n, xq.size * 8))
+    return Packed(xq, kern, out)
 
 
-def conv(xq: np.ndarray, weight: np.ndarray, oh: int, ow: int, stride=(1, 1)) -> np.ndarray:
-    """y (N, K, oh, ow): the padded input in its phases (`phases`) correlated with weight (K, C, kh, kw)."""
+def _work(packed: Packed, kh: int, kw: int) -> int:
+    n, c = packed.planes.shape[:2]
+    return n * c * kh * kw * packed.out[0] * packed.out[1]
+
+
+def conv(packed: Packed, weight: np.ndarray) -> np.ndarray:
+    """y (N, K, oh, ow): the packed input correlated with weight (K, C, kh, kw)."""
     k, _, kh, kw = weight.shape
-    kern, n, work = _problem(xq, k, oh, ow, kh, kw, stride)
+    xq, kern, (oh, ow) = packed
+    n, work = xq.shape[0], _work(packed, kh, kw) * k
     w = np.ascontiguousarray(weight, dtype=xq.dtype)
     y = np.empty((n, k, oh, ow), dtype=xq.dtype)
     if n >= parallel.get_threads() or work < parallel.MIN_WORK:  # the threads split the batch
@@ -350,39 +438,41 @@ def conv(xq: np.ndarray, weight: np.ndarray, oh: int, ow: int, stride=(1, 1)) ->
     return y
 
 
-def grad_weight(xq: np.ndarray, dy: np.ndarray, kh: int, kw: int, stride=(1, 1)) -> np.ndarray:
+def grad_weight(packed: Packed, dy: np.ndarray, kh: int, kw: int) -> np.ndarray:
     """dW (K, C, kh, kw) = Σ_n,oy,ox dy[n, k, oy, ox]·xp[n, c, oy·sh + r, ox·sw + s], in dy's dtype."""
-    _, k, oh, ow = dy.shape
-    kern, n, work = _problem(xq, k, oh, ow, kh, kw, stride)
+    xq, kern, _ = packed
+    k = dy.shape[1]
+    n, c = xq.shape[:2]
     dy = np.ascontiguousarray(dy, dtype=xq.dtype)
-    slices = parallel.chunks(n, work)
-    c = xq.shape[1]
+    slices = parallel.chunks(n, _work(packed, kh, kw) * k)
     parts = [np.zeros((k, c, kh * kw, kern.lanes), dtype=xq.dtype) for _ in slices]
     jobs = dict(zip(slices, parts))
     parallel.run(lambda lo, hi: kern.grad_weight(_ptr(xq), _ptr(dy), _ptr(jobs[lo, hi]), lo, hi), slices)
     return sum(parts[1:], parts[0]).sum(axis=3).reshape(k, c, kh, kw)
 
 
-def grad_input_padded(dy: np.ndarray, weight: np.ndarray, hp: int, wp: int, stride) -> np.ndarray:
-    """The gradient of the padded input (N, C, hp, wp) of a conv with this stride. Per stride phase
-    (a, b) of the padded grid, its rows u·sh + a and columns v·sw + b receive Σ_j,l dy[u − j, v − l]
-    ·w[a + sh·j, b + sw·l]: a stride-1 correlation of dy, padded by the phase's taps less one, with
-    the phase's taps flipped and the channel axes swapped (at stride 1, the one phase is the whole
-    kernel)."""
+def grad_input(dy: np.ndarray, weight: np.ndarray, out: tuple[int, int], stride=(1, 1), top: int = 0,
+               left: int = 0) -> np.ndarray:
+    """dx (N, C, h, w) of a conv with this stride and top/left padding. At stride 1 the forward of
+    dy, padded by the kernel less one less the forward's padding, with the filters flipped and the
+    channel axes swapped. At larger strides, per stride phase (a, b) of the padded grid its rows
+    u·sh + a and columns v·sw + b receive Σ_j,l dy[u − j, v − l]·w[a + sh·j, b + sw·l]: a stride-1
+    correlation of dy, padded by the phase's taps less one, with those taps flipped and the
+    channel axes swapped; the padded gradient's window at (top, left) is dx."""
     n, k, oh, ow = dy.shape
     _, c, kh, kw = weight.shape
+    h, w = out
     sh, sw = stride
+    if sh == sw == 1:
+        flipped = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+        return conv(pack(dy, c, kh, kw, out, (1, 1), kh - 1 - top, kw - 1 - left), flipped)
+    hp, wp = h + top, w + left  # the padded grid as far as dx reaches
     hq, wq = -(-hp // sh), -(-wp // sw)
-    dxp = np.zeros((n, c, hp, wp), dtype=dy.dtype)
+    dxp = np.zeros((n, c, hq * sh, wq * sw), dtype=dy.dtype)
     for a in range(min(sh, kh)):
         for b in range(min(sw, kw)):
             sub = weight[:, :, a::sh, b::sw]  # (K, C, J, L): taps a + sh·j, b + sw·l
             j, l = sub.shape[2:]
-            flipped = np.ascontiguousarray(sub[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-            dyp = np.zeros((n, k, hq + j - 1, wq + l - 1), dtype=dy.dtype)
-            rows, cols = min(oh, hq), min(ow, wq)
-            dyp[:, :, j - 1:j - 1 + rows, l - 1:l - 1 + cols] = dy[:, :, :rows, :cols]
-            phase = conv(phases(dyp, j, l, 1, 1), flipped, hq, wq)
-            target = dxp[:, :, a::sh, b::sw]
-            target[...] = phase[:, :, :target.shape[2], :target.shape[3]]
-    return dxp
+            flipped = sub[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+            dxp[:, :, a::sh, b::sw] = conv(pack(dy, c, j, l, (hq, wq), (1, 1), j - 1, l - 1), flipped)
+    return dxp[:, :, top:top + h, left:left + w]

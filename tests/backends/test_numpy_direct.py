@@ -38,13 +38,14 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def direct_path(monkeypatch):
-    """Every conv takes the direct algorithm (it applies to all CASES)."""
+@pytest.fixture(params=["never", "always"], ids=["rows", "flat"])
+def direct_path(request, monkeypatch):
+    """Every conv takes the direct algorithm (it applies to all CASES), on either layout."""
     monkeypatch.setattr(conv, "_algorithm", lambda node, x, w, bias, ctx: "direct")
+    monkeypatch.setattr(direct, "FLAT", request.param)
     calls = []
     forward = direct.conv
-    monkeypatch.setattr(direct, "conv", lambda *a: calls.append(a[0].shape) or forward(*a))
+    monkeypatch.setattr(direct, "conv", lambda *a: calls.append(a[0].planes.shape) or forward(*a))
     return calls
 
 
@@ -63,12 +64,14 @@ def test_direct_backward_matches_finite_differences(case, direct_path):
                          ids=["16c", "lenet-c1", "lenet-c3-pad", "64c", "down-3x3-s2", "shortcut-1x1-s2",
                               "batch1-filters-split", "batch1-k17", "dw-image-blocks"])
 @pytest.mark.parametrize("avx512", [False, True], ids=["avx2-blocks", "avx512-blocks"])
-def test_direct_equals_im2col_split_over_threads(shape, dtype, avx512, monkeypatch):
+@pytest.mark.parametrize("layout", ["never", "always"], ids=["rows", "flat"])
+def test_direct_equals_im2col_split_over_threads(shape, dtype, avx512, layout, monkeypatch):
     """Output, input gradient, weight and bias gradients equal im2col's (float32 to 2e-6, float64 to
     1e-13), on one thread and with the batch (one image: the filters) split over two; with AVX2's
     and AVX-512's vectors and blocks (the compiler splits 64-byte vectors where the CPU has no
     AVX-512, so both run on any machine)."""
     monkeypatch.setattr(direct, "_avx512", lambda: avx512)
+    monkeypatch.setattr(direct, "FLAT", layout)
     n, c, k, size, kernel, pad, stride = shape
     node, specs = make_node("conv", dict(filters=k, kernel=kernel, pad=pad, stride=stride, round="floor"),
                             [(c, size, size)])
@@ -159,15 +162,15 @@ def test_a_failing_compiler_turns_the_direct_conv_off_with_one_message(tmp_path,
 def test_the_library_is_built_once_per_shape_and_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path))
     direct.kernels.cache_clear()
-    x = direct.phases(np.ones((2, 3, 10, 10), np.float32), 3, 3, 1, 1)
+    x = np.ones((2, 3, 10, 10), np.float32)
     w = np.ones((4, 3, 3, 3), np.float32)
     try:
-        y = direct.conv(x, w, 8, 8)
+        y = direct.conv(direct.pack(x, 4, 3, 3, (8, 8)), w)
         libs = sorted((tmp_path / "c").glob("*.so"))
         assert len(libs) == 1 and not list((tmp_path / "c").glob(".*"))  # no temporaries left
         mtime = libs[0].stat().st_mtime_ns
         direct.kernels.cache_clear()
-        np.testing.assert_array_equal(direct.conv(x, w, 8, 8), y)
+        np.testing.assert_array_equal(direct.conv(direct.pack(x, 4, 3, 3, (8, 8)), w), y)
         assert libs[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
         np.testing.assert_array_equal(y, np.full((2, 4, 8, 8), 27.0, np.float32))
     finally:
@@ -187,3 +190,16 @@ def test_a_training_step_runs_the_direct_path_when_the_tuner_picks_it(monkeypatc
     assert saved[0] == "direct"
     (dx,), dps = k.backward(node, saved, np.ones_like(y), params, Ctx(training=True, need_input_grad=False))
     assert dx is None and sorted(dps) == ["bias", "weight"]
+
+
+def test_the_flat_layout_is_chosen_for_narrow_maps_on_avx512(monkeypatch):
+    """Rows narrower than AVX-512's 16 floats with enough multiply-adds per packed value go flat;
+    AVX2 keeps rows (its 8-float vectors fill them), as does any row of 16 or more."""
+    monkeypatch.setattr(direct, "_avx512", lambda: True)
+    assert direct.flat_layout(np.float32, 8, 8, 64, 3)  # ResNet-20's 64@8²
+    assert direct.flat_layout(np.float32, 10, 10, 16, 5)  # LeNet-5's C3
+    assert not direct.flat_layout(np.float32, 14, 14, 6, 5)  # C3's input gradient: 30 per value
+    assert not direct.flat_layout(np.float32, 16, 16, 32, 3)  # rows fill a vector
+    assert direct.flat_layout(np.float64, 4, 4, 64, 3) and not direct.flat_layout(np.float64, 8, 8, 64, 3)
+    monkeypatch.setattr(direct, "_avx512", lambda: False)
+    assert not direct.flat_layout(np.float32, 8, 8, 64, 3)
