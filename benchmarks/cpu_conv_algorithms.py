@@ -101,6 +101,7 @@ def main() -> int:
                 f(), b()
         for _ in range(args.rounds):
             for name, (f, b) in sides.items():
+                f(), b()  # untimed: the side before leaves its threads spinning (PyTorch's OpenMP) a while
                 t0 = time.perf_counter()
                 f()
                 t1 = time.perf_counter()
