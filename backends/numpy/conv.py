@@ -32,7 +32,7 @@ from numpy.lib.stride_tricks import as_strided
 from . import depthwise, direct, parallel, tuner, winograd
 from .blas import gemm
 
-KERNELS_VERSION = 4  # part of the tuning cache's key: bump when an algorithm's speed changes
+KERNELS_VERSION = 5  # part of the tuning cache's key: bump when an algorithm's speed changes
 
 
 # ---- shared helpers ------------------------------------------------------------------------
@@ -371,19 +371,21 @@ def algorithms(node, c: int, training: bool, dtype=np.float32, batch: int | None
             names.append("winograd")
     if direct.applies(node, c, dtype) and direct.available():
         # measured faster than every gemm-based algorithm on LeNet-5's and ResNet-20's stride-1
-        # layers (benchmarks/cpu_conv_algorithms.py); 1×1 convs are one gemm already, and strided
-        # ones pay for NumPy's copies into phases (ResNet-20's 3×3 stride 2: 2.4× PyTorch's time
-        # against im2col's 1.1-1.4×), so there only the tuner takes it, where it measures faster
+        # layers (benchmarks/cpu_conv_algorithms.py); 1×1 convs are one gemm already, and at
+        # stride 2 it is about even with im2col. Where it is not the first choice it is the
+        # second, so that the tuner's fast mode (the first three) times it: on AVX-512 it also
+        # took half of the best gemm-based time on ResNet-50's 3×3 layers at batch 1 and beat
+        # Winograd on 256→256 at 56×56 (78.7 against 86.2 ms at batch 8).
         first_choice = (kh * kw > 1 and sh == sw == 1 and max(c, k) <= DIRECT_MAX_CHANNELS
                         and (batch is None or batch >= parallel.get_threads()))
-        names.insert(0, "direct") if first_choice else names.append("direct")
+        names.insert(0 if first_choice else 1, "direct")
     return list(dict.fromkeys(names))
 
 
 def _workspace_bytes(node, algo: str, x) -> int:
     """The largest array an algorithm adds to its input and output (and, in training, keeps for the
     backward): im2col's columns, the shifted windows' padded channel-major copy, Winograd's
-    transformed input and output tiles (16 values per 2×2 outputs)."""
+    transformed input and output tiles (16 values per 2×2 outputs), the direct conv's planes."""
     n, c = x.shape[:2]
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     top, _, left, _ = _pads(node)
@@ -392,7 +394,9 @@ def _workspace_bytes(node, algo: str, x) -> int:
         return 0 if pointwise else n * c * kh * kw * oh * ow * x.itemsize
     if algo == "winograd":
         return 4 * n * (c * hp * wp + k * oh * ow) * x.itemsize
-    return n * c * hp * wp * x.itemsize  # the padded input (shifted windows: channel-major; direct)
+    if algo == "direct":
+        return direct.planes_bytes(n, c, k, oh, ow, kh, kw, sh, sw, x.dtype)
+    return n * c * hp * wp * x.itemsize  # the padded input, channel-major
 
 
 def _algorithm(node, x, w, bias, ctx) -> str:

@@ -225,17 +225,19 @@ def _compiler() -> str | None:
 
 def applies(node, c: int, dtype) -> bool:
     """Whether this conv is one the direct kernels compute: no dilation, one group, float32 or
-    float64, an output row at least one vector wide, and with a stride the input's phases too
-    (the input gradient is a stride-1 conv per phase)."""
+    float64, and an image's outputs at least one vector (rows narrower than that run on the flat
+    layout), as are the stride phases' of the padded input where there is a stride (the input
+    gradient is a stride-1 conv per phase)."""
     a = node.attrs
     if a.groups != 1 or tuple(a.dilation) != (1, 1) or np.dtype(dtype) not in (np.float32, np.float64):
         return False
     lanes = NARROW_VECTOR_BYTES // np.dtype(dtype).itemsize
-    kh, kw = a.kernel
     sh, sw = a.stride
-    ow = node.out_shape[2]
-    wp = (ow - 1) * sw + kw
-    return ow >= lanes and (sw == 1 or -(-wp // sw) >= lanes)
+    _, oh, ow = node.out_shape
+    _, h, w = node.in_shapes[0]
+    top, _, left, _ = node.pads or (0, 0, 0, 0)
+    phase_grid = -(-(h + top) // sh) * -(-(w + left) // sw)
+    return oh * ow >= lanes and (sh == sw == 1 or phase_grid >= lanes)
 
 
 # The forward's block, at most filters × rows, and the weight gradient's accumulators (filters ×
@@ -302,6 +304,14 @@ def plane_table(kh: int, kw: int, sh: int, sw: int, flat: bool) -> list[list[int
     """Per tap (r, s), the index of the plane it reads among _planes."""
     used = _planes(kh, kw, sh, sw, flat)
     return [[used.index((r % sh, s if flat else s % sw)) for s in range(kw)] for r in range(kh)]
+
+
+def planes_bytes(n: int, c: int, k: int, oh: int, ow: int, kh: int, kw: int, sh: int, sw: int, dtype) -> int:
+    """The size of `pack`'s planes for this conv (what it adds to the input, and keeps in training)."""
+    flat = flat_layout(dtype, oh, ow, k, kh) or ow < NARROW_VECTOR_BYTES // np.dtype(dtype).itemsize
+    planes = len(_planes(kh, kw, sh, sw, flat))
+    wq = ow if flat else ow + (kw - 1) // sw
+    return n * c * planes * (oh + (kh - 1) // sh) * wq * np.dtype(dtype).itemsize
 
 
 def _c_list(values) -> str:

@@ -60,9 +60,10 @@ def test_direct_backward_matches_finite_differences(case, direct_path):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(5, 16, 16, 12, 3, 1, 1), (4, 1, 6, 16, 5, 0, 1), (3, 6, 16, 10, 5, 2, 1),
                                    (2, 64, 64, 8, 3, 1, 1), (3, 16, 32, 32, 3, 1, 2), (2, 32, 64, 16, 1, 0, 2),
-                                   (1, 16, 16, 12, 3, 1, 1), (1, 3, 17, 10, 3, 1, 1), (13, 64, 32, 8, 3, 1, 1)],
+                                   (1, 16, 16, 12, 3, 1, 1), (1, 3, 17, 10, 3, 1, 1), (13, 64, 32, 8, 3, 1, 1),
+                                   (2, 24, 16, 7, 3, 1, 1), (2, 8, 16, 7, 3, 1, 2)],
                          ids=["16c", "lenet-c1", "lenet-c3-pad", "64c", "down-3x3-s2", "shortcut-1x1-s2",
-                              "batch1-filters-split", "batch1-k17", "dw-image-blocks"])
+                              "batch1-filters-split", "batch1-k17", "dw-image-blocks", "7x7-flat", "7x7-s2-flat"])
 @pytest.mark.parametrize("avx512", [False, True], ids=["avx2-blocks", "avx512-blocks"])
 @pytest.mark.parametrize("layout", ["never", "always"], ids=["rows", "flat"])
 def test_direct_equals_im2col_split_over_threads(shape, dtype, avx512, layout, monkeypatch):
@@ -104,13 +105,13 @@ def test_where_it_applies():
     assert direct.applies(node(pad=1), 4, np.float32)
     wide = make_node("conv", dict(filters=8, kernel=3, stride=2, pad=1, round="floor"), [(4, 12, 17)])[0]  # 9 wide
     assert direct.applies(wide, 4, np.float32)
-    assert not direct.applies(node(stride=2, pad=1, round="floor"), 4, np.float32)  # 6 outputs a row
+    assert direct.applies(node(stride=2, pad=1, round="floor"), 4, np.float32)  # 6 a row: the flat layout
     assert not direct.applies(node(dilation=2), 4, np.float32)
     assert not direct.applies(make_node("conv", dict(filters=8, kernel=3, groups=2), [(4, 12, 12)])[0], 4, np.float32)
-    narrow = make_node("conv", dict(filters=8, kernel=3), [(4, 9, 9)])[0]  # 7 outputs a row
-    assert not direct.applies(narrow, 4, np.float32) and direct.applies(narrow, 4, np.float64)
-    assert "direct" in conv.algorithms(node(pad=1), 4, True)
-    assert "direct" not in conv.algorithms(node(stride=2, pad=1, round="floor"), 4, True)
+    tiny = make_node("conv", dict(filters=8, kernel=3), [(4, 4, 5)])[0]  # 2×3 outputs
+    assert not direct.applies(tiny, 4, np.float32) and direct.applies(tiny, 4, np.float64)
+    assert conv.algorithms(node(pad=1), 4, True)[0] == "direct"
+    assert conv.algorithms(node(stride=2, pad=1, round="floor"), 4, True)[1] == "direct"  # timed in fast mode
 
 
 def test_without_a_compiler_or_with_jit_off_the_numpy_algorithms_remain(monkeypatch):
