@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import depthwise, direct, parallel, tuner, winograd
+from . import cpool, depthwise, direct, parallel, tuner, winograd
 from .blas import gemm
 
 KERNELS_VERSION = 6  # part of the tuning cache's key: bump when an algorithm's speed changes
@@ -707,13 +707,19 @@ def avgpool_forward(node, xs, params, ctx):
     n, c, h, w = x.shape
     kh, kw, sh, sw, oh, ow, hp, wp = _pool_geometry(node)
     top, _, left, _ = _pads(node)
+    div = _avg_divisor(node, h, w, x.dtype)
+    if cpool.available(x.dtype):  # one pass in C, no padded copy (cpool.py)
+        try:
+            return cpool.avgpool_forward(np.ascontiguousarray(x), div, (kh, kw), (sh, sw), top, left, (oh, ow)), x.shape
+        except direct.BuildError as e:  # no working C compiler after all: NumPy's passes below
+            direct.give_up(e)
     xp = _pad(x, top, left, hp, wp)
     y = _window(xp, 0, 0, oh, ow, sh, sw).copy()
     for i in range(kh):
         for j in range(kw):
             if i or j:
                 y += _window(xp, i, j, oh, ow, sh, sw)
-    y /= _avg_divisor(node, h, w, x.dtype)
+    y /= div
     return y, x.shape
 
 
@@ -721,7 +727,13 @@ def avgpool_backward(node, saved, dy, params, ctx):
     n, c, h, w = saved
     kh, kw, sh, sw, oh, ow, hp, wp = _pool_geometry(node)
     top, _, left, _ = _pads(node)
-    g = dy / _avg_divisor(node, h, w, dy.dtype)
+    div = _avg_divisor(node, h, w, dy.dtype)
+    if cpool.available(dy.dtype):
+        try:
+            return [cpool.avgpool_backward(dy, div, (kh, kw), (sh, sw), top, left, saved)], {}
+        except direct.BuildError as e:
+            direct.give_up(e)
+    g = dy / div
     dxp = np.zeros((n, c, hp, wp), dtype=dy.dtype)
     for i in range(kh):
         for j in range(kw):

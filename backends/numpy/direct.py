@@ -358,7 +358,7 @@ class _Kernels:
                        PLANE_ROWS=_c_list(a for a, _ in planes), PLANE_COLS=_c_list(b for _, b in planes))
         source = "".join(f"#define {key} {value}\n" for key, value in defines.items()) + _SOURCE
         try:
-            lib = ctypes.CDLL(str(_build(source)))
+            lib = ctypes.CDLL(str(build(source)))
         except OSError as e:  # a library the loader refuses (another machine's cache, a broken file)
             raise BuildError(f"a direct conv kernel did not load: {e}") from e
         self.pack, self.forward, self.grad_weight = lib.pack, lib.forward, lib.grad_weight
@@ -382,8 +382,9 @@ def _cache_dir() -> Path:
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC"]
 
 
-def _build(source: str) -> Path:
-    """The shared library of `source`, compiled once per text, compiler flags and CPU."""
+def build(source: str) -> Path:
+    """The shared library of C `source`, compiled once per text, compiler flags and CPU (cached
+    by that hash under the cache root; raises BuildError where the compiler fails)."""
     key = "\n".join([source, " ".join(FLAGS), parallel.cpu_model(), _compiler() or ""])
     name = f"cnnc_direct_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     folder = _cache_dir()
