@@ -201,9 +201,10 @@ def measure(key: str, spec, rounds: int, repeats: int) -> dict:
 
 def machine() -> str:
     import torch
-    from cnnc.backends.numpy import parallel
+    from cnnc.backends.numpy import blas, parallel
     return (f"{parallel.cpu_model()}, {os.cpu_count()} CPUs, cnnc threads {parallel.get_threads()}, torch {torch.__version__} "
-            f"threads {torch.get_num_threads()}, numpy {np.__version__}, Python {platform.python_version()}")
+            f"threads {torch.get_num_threads()}, numpy {np.__version__} (OpenBLAS kernels {blas.core_name()}), "
+            f"Python {platform.python_version()}")
 
 
 def main() -> int:

@@ -57,6 +57,18 @@ def _symbol(names):
     return None
 
 
+_CORENAMES = ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename")
+
+
+def core_name() -> str:
+    """The kernels OpenBLAS chose for this CPU ("SkylakeX", "Haswell", ...), or "?" where it does not say."""
+    fn = _symbol(_CORENAMES)
+    if fn is None:
+        return "?"
+    fn.restype = ctypes.c_char_p
+    return (fn() or b"?").decode(errors="replace")
+
+
 def get_threads() -> int | None:
     """OpenBLAS's current thread count, or None when it cannot be read."""
     fn = _symbol(_GETTERS)

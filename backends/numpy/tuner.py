@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from .. import tuning
+from . import blas as _blas
 from . import parallel
 
 MIN_MACS = 20_000_000  # multiply-adds of one forward pass below which the heuristic decides
@@ -46,7 +47,9 @@ def _machine() -> str:
         blas = f"{blas.get('name', '')}{blas.get('version', '')}"
     except (ImportError, KeyError, TypeError, AttributeError):  # only a label: NumPy builds differ
         blas = "blas?"
-    return f"cpu:{parallel.cpu_model()}|numpy{np.__version__}|{blas}"
+    # OpenBLAS's kernels for this CPU too: OPENBLAS_CORETYPE can pick others (on an AVX-512 AMD
+    # EPYC, its Haswell kernels ran sgemm at half the speed of its SkylakeX ones)
+    return f"cpu:{parallel.cpu_model()}|numpy{np.__version__}|{blas}-{_blas.core_name()}"
 
 
 def machine_key() -> str:

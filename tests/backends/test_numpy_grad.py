@@ -399,6 +399,22 @@ def test_blas_thread_control_round_trips():
     assert blas.get_threads() == before
 
 
+def test_blas_names_its_kernels_and_the_tuner_key_holds_them():
+    """OpenBLAS's kernels for the CPU (OPENBLAS_CORETYPE can choose others, at twice the gemm time)
+    are part of the machine the tuner's timings belong to."""
+    import os
+
+    from cnnc.backends.numpy import blas, tuner
+
+    if blas.get_threads() is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS")
+    name = blas.core_name()
+    assert name and name != "?"
+    if os.environ.get("OPENBLAS_CORETYPE", "").lower() == "haswell":
+        assert name == "Haswell"
+    assert tuner._machine().endswith(f"-{name}")
+
+
 def test_backend_threads(monkeypatch):
     from cnnc.backends.numpy import blas, parallel
 
