@@ -437,6 +437,8 @@ def pack(x: np.ndarray, k: int, kh: int, kw: int, out: tuple[int, int], stride=(
     flat = flat_layout(x.dtype, oh, ow, k, kh) or ow < lanes  # rows narrower than a vector: the run fills it
     kern = kernels(x.dtype.name, c, k, oh, ow, kh, kw, sh, sw, flat, vector_bytes(x.dtype, oh * ow if flat else ow),
                    _registers())
+    if kern.planes == 1 and (kern.hq, kern.wq, top, left) == (h, w, 0, 0):  # a 1×1 conv: x is its own plane
+        return Packed(x.reshape(n, c, 1, h, w), kern, out)
     xq = np.empty((n, c, kern.planes, kern.hq, kern.wq), dtype=x.dtype)
     parallel.run(lambda lo, hi: kern.pack(_ptr(x), _ptr(xq), lo, hi, h, w, top, left),
                  parallel.chunks(n, xq.size * 8))
