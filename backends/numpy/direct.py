@@ -16,7 +16,7 @@ narrower machines); AVX-512's 32 vector registers also hold larger blocks than A
 
 - planes (`pack`, in C, from the unpadded input): the kernels read the input in planes in which
   every tap reads a contiguous run. Row layout: the padded input in its stride phases (rows ≡ a,
-  columns ≡ b; at stride 1, the padded input itself). Flat layout (narrow maps, `flat_layout`):
+  columns ≡ b; at stride 1, the padded input itself). Flat layout (narrow maps, `layout`):
   per row phase and kernel column, the rows shifted by that column and cut to the output's width,
   so an image's outputs are one run of oh·ow that fills whole vectors (8×8 maps: four of 16).
 - forward: y[n, k] = Σ_c,r,s w[k, c, r, s]·xp[n, c, oy + r, ox + s]. A row's (the rows', the
@@ -133,14 +133,18 @@ void pack(const T *restrict x, T *restrict xq, long n0, long n1, long h, long w,
    block is KB filters × RB units × one vector: rows of outputs, or in the flat layout consecutive
    vectors of the run. Each weight broadcast serves RB units and each input vector KB filters. The
    last block of a row (of the rows) overlaps the one before: computed twice, stored the same, so
-   any size of at least one vector (RB units) needs no scalar tail. */
+   any size of at least one vector (RB units) needs no scalar tail. SPILL: rows narrower than the
+   vector (12-15 of 16), one vector a row, whose lanes past the row run into the next one's
+   inputs and outputs; the rows are stored in order, so the next row's store puts its own values
+   there, and a plane's last row stores its own lanes only (the input planes have a vector of
+   slack after them for the reads). */
 void forward(const T *restrict xq, const T *restrict w, T *restrict y,
              long n0, long n1, long k0, long k1) {
     for (long n = n0; n < n1; n++)
     for (int kb = k0; kb < k1; kb += KB)
     for (int oy = 0; oy < OH; oy += RSTEP)
     for (int ox = 0; ox < OW; ox += SPAN) {
-        int o = ox + SPAN <= OW ? ox : OW - SPAN;
+        int o = SPILL ? 0 : ox + SPAN <= OW ? ox : OW - SPAN;
         int q = oy + RB <= OH || FLAT ? oy : OH - RB;
         vec acc[KB][RB];
         for (int k = 0; k < KB; k++) for (int i = 0; i < RB; i++) acc[k][i] = (vec){0};
@@ -158,7 +162,13 @@ void forward(const T *restrict xq, const T *restrict w, T *restrict y,
             }
         }
         for (int k = 0; k < KB; k++)
-            for (int i = 0; i < RB; i++) st(y + ((n * K + kb + k) * OH + q) * OW + o + i * UNIT_Y, acc[k][i]);
+            for (int i = 0; i < RB; i++) {
+                T *out = y + ((n * K + kb + k) * OH + q) * OW + o + i * UNIT_Y;
+                if (SPILL && q + i == OH - 1)  /* a plane's last row: its own outputs only */
+                    for (int l = 0; l < OW; l++) out[l] = acc[k][i][l];
+                else
+                    st(out, acc[k][i]);
+            }
     }
 }
 
@@ -291,22 +301,33 @@ def _block(k: int, most: int) -> int:
     return max(b for b in range(1, max(most, 1) + 1) if k % b == 0)
 
 
-FLAT = "auto"  # the flat layout: "auto" (flat_layout's rule), "always" or "never" (tests run both)
+LAYOUT = "auto"  # "auto" (layout()'s rule), or "rows", "flat", "spill" wherever they can run (tests run each)
 FLAT_MIN_USES = 64  # multiply-adds per packed input value (filters × kernel rows) that pay for the planes
 
 
-def flat_layout(dtype, oh: int, ow: int, k: int, kh: int) -> bool:
-    """Whether a conv runs on the flat layout: on AVX-512 where the rows are narrower than its
-    vectors but the image's outputs fill one, and each packed value (the planes hold about kernel
-    width × the input) serves enough multiply-adds. Measured at batch 128 (64) on AVX-512, rows →
-    flat, ms: ResNet-20's 64@8² forward 6.2 → 2.9, input gradient 7.1 → 5.0 (its planes 1.4 ms),
-    32→64 stride 2 forward 3.2 → 2.5 (LeNet-5's C3 forward 0.42 → 0.18, weight gradient 0.90 →
-    0.50); C3's input gradient (6 filters × 5 rows a value) 0.71 → 0.85, 32@16² (rows fill
-    vectors) 2.8 → 3.4."""
-    if FLAT != "auto":
-        return FLAT == "always" and oh * ow >= NARROW_VECTOR_BYTES // np.dtype(dtype).itemsize
+def layout(dtype, oh: int, ow: int, k: int, kh: int, kw: int) -> str:
+    """The input's layout for a conv: "rows", "flat" or "spill" (rows narrower than the vector).
+
+    flat: on AVX-512 where the rows are narrower than its vectors but the image's outputs fill
+    one, and each packed value (the planes hold about kernel width × the input) serves enough
+    multiply-adds. Measured at batch 128 (64) on AVX-512, rows → flat, ms: ResNet-20's 64@8²
+    forward 6.2 → 2.9, input gradient 7.1 → 5.0 (its planes 1.4 ms), 32→64 stride 2 forward 3.2 →
+    2.5 (LeNet-5's C3 forward 0.42 → 0.18, weight gradient 0.90 → 0.50); C3's input gradient (6
+    filters × 5 rows a value) 0.71 → 0.85, 32@16² (rows fill vectors) 2.8 → 3.4.
+    spill: on AVX-512, rows of at least 3/4 of its vector (12-15 float32 outputs) and a kernel
+    wider than 1 (a 1×1 conv's flat planes are its input, no copy). Measured (AVX-512, ms, rows →
+    flat → spill): LeNet-5's C3 input gradient (14 wide, batch 64) 0.71 → 0.85 → 0.42; ResNet-50's
+    256@14² 3×3 at batch 16 17.97 → 9.8 → 9.3; its 1×1 1024→256 at 14² 8.9 → 4.6 → 5.2. Rows
+    narrower than an AVX2 vector always take the flat layout."""
+    narrow = NARROW_VECTOR_BYTES // np.dtype(dtype).itemsize
     wide = WIDE_VECTOR_BYTES // np.dtype(dtype).itemsize
-    return _avx512() and ow < wide <= oh * ow and k * kh >= FLAT_MIN_USES
+    if ow < narrow:
+        return "flat"
+    if LAYOUT != "auto":
+        return "rows" if LAYOUT == "spill" and ow >= wide else LAYOUT
+    if _avx512() and 4 * ow >= 3 * wide and ow < wide and kw > 1:
+        return "spill"
+    return "flat" if _avx512() and ow < wide <= oh * ow and k * kh >= FLAT_MIN_USES else "rows"
 
 
 def _planes(kh: int, kw: int, sh: int, sw: int, flat: bool) -> list[tuple[int, int]]:
@@ -323,7 +344,7 @@ def plane_table(kh: int, kw: int, sh: int, sw: int, flat: bool) -> list[list[int
 
 def planes_bytes(n: int, c: int, k: int, oh: int, ow: int, kh: int, kw: int, sh: int, sw: int, dtype) -> int:
     """The size of `pack`'s planes for this conv (what it adds to the input, and keeps in training)."""
-    flat = flat_layout(dtype, oh, ow, k, kh) or ow < NARROW_VECTOR_BYTES // np.dtype(dtype).itemsize
+    flat = layout(dtype, oh, ow, k, kh, kw) == "flat"
     planes = len(_planes(kh, kw, sh, sw, flat))
     wq = ow if flat else ow + (kw - 1) // sw
     return n * c * planes * (oh + (kh - 1) // sh) * wq * np.dtype(dtype).itemsize
@@ -337,10 +358,10 @@ class _Kernels:
     """The compiled library of one shape and layout: pack, forward and grad_weight as ctypes
     functions, and the planes' size."""
 
-    def __init__(self, dtype, c, k, oh, ow, kh, kw, sh, sw, flat, vb, registers):
+    def __init__(self, dtype, c, k, oh, ow, kh, kw, sh, sw, flat, spill, vb, registers):
         self.dtype = np.dtype(dtype)
         self.lanes = vb // self.dtype.itemsize
-        self.flat = flat
+        self.flat, self.spill = flat, spill
         planes = _planes(kh, kw, sh, sw, flat)
         self.planes = len(planes)
         self.hq = oh + (kh - 1) // sh
@@ -352,7 +373,7 @@ class _Kernels:
                        KB=_block(k, kb), RB=min(rb, run // self.lanes if flat else oh),
                        KG=_grad_block(k, kw, registers),
                        NB=_grad_images(c, k, oh, ow, self.planes, self.hq, self.wq, self.dtype.itemsize),
-                       FLAT=int(flat), OH=1 if flat else oh, OW=run, KH=kh, KW=kw, SH=sh, SW=sw,
+                       FLAT=int(flat), SPILL=int(spill), OH=1 if flat else oh, OW=run, KH=kh, KW=kw, SH=sh, SW=sw,
                        PH=self.planes, HQ=self.hq, WQ=self.wq,
                        PHASE_TABLE=_c_list(_c_list(row) for row in plane_table(kh, kw, sh, sw, flat)),
                        PLANE_ROWS=_c_list(a for a, _ in planes), PLANE_COLS=_c_list(b for _, b in planes))
@@ -371,8 +392,8 @@ class _Kernels:
 
 @lru_cache(maxsize=None)
 def kernels(dtype: str, c: int, k: int, oh: int, ow: int, kh: int, kw: int, sh: int, sw: int,
-            flat: bool, vb: int, registers: int) -> _Kernels:
-    return _Kernels(dtype, c, k, oh, ow, kh, kw, sh, sw, flat, vb, registers)
+            flat: bool, spill: bool, vb: int, registers: int) -> _Kernels:
+    return _Kernels(dtype, c, k, oh, ow, kh, kw, sh, sw, flat, spill, vb, registers)
 
 
 def _cache_dir() -> Path:
@@ -416,10 +437,13 @@ def _ptr(a: np.ndarray) -> int:
 
 
 class Packed(NamedTuple):
-    """An input as the kernels of one conv read it: its planes (N, C, planes, hq, wq) and those kernels."""
+    """An input as the kernels of one conv read it: its planes (N, C, planes, hq, wq), the forward's
+    kernels, the output size, and the weight gradient's kernels (with spilling rows, another
+    library on the same planes with vectors that fit a row)."""
     planes: np.ndarray
     kernels: _Kernels
     out: tuple[int, int]
+    grad_kernels: _Kernels
 
 
 def pack(x: np.ndarray, k: int, kh: int, kw: int, out: tuple[int, int], stride=(1, 1), top: int = 0,
@@ -434,15 +458,19 @@ def pack(x: np.ndarray, k: int, kh: int, kw: int, out: tuple[int, int], stride=(
     lanes = NARROW_VECTOR_BYTES // x.dtype.itemsize
     if oh * ow < lanes:
         raise InternalError(f"a direct conv with {oh}×{ow} outputs, less than one vector")
-    flat = flat_layout(x.dtype, oh, ow, k, kh) or ow < lanes  # rows narrower than a vector: the run fills it
-    kern = kernels(x.dtype.name, c, k, oh, ow, kh, kw, sh, sw, flat, vector_bytes(x.dtype, oh * ow if flat else ow),
-                   _registers())
-    if kern.planes == 1 and (kern.hq, kern.wq, top, left) == (h, w, 0, 0):  # a 1×1 conv: x is its own plane
-        return Packed(x.reshape(n, c, 1, h, w), kern, out)
-    xq = np.empty((n, c, kern.planes, kern.hq, kern.wq), dtype=x.dtype)
+    kind = layout(x.dtype, oh, ow, k, kh, kw)
+    flat, spill = kind == "flat", kind == "spill"
+    vb = WIDE_VECTOR_BYTES if spill else vector_bytes(x.dtype, oh * ow if flat else ow)
+    kern = kernels(x.dtype.name, c, k, oh, ow, kh, kw, sh, sw, flat, spill, vb, _registers())
+    grad = kernels(x.dtype.name, c, k, oh, ow, kh, kw, sh, sw, False, False, vector_bytes(x.dtype, ow),
+                   _registers()) if spill else kern
+    if kern.planes == 1 and (kern.hq, kern.wq, top, left) == (h, w, 0, 0) and not spill:
+        return Packed(x.reshape(n, c, 1, h, w), kern, out, grad)  # a 1×1 conv: x is its own plane
+    size = n * c * kern.planes * kern.hq * kern.wq
+    xq = np.empty(size + kern.lanes, dtype=x.dtype)[:size].reshape(n, c, kern.planes, kern.hq, kern.wq)
     parallel.run(lambda lo, hi: kern.pack(_ptr(x), _ptr(xq), lo, hi, h, w, top, left),
                  parallel.chunks(n, xq.size * 8))
-    return Packed(xq, kern, out)
+    return Packed(xq, kern, out, grad)
 
 
 def _work(packed: Packed, kh: int, kw: int) -> int:
@@ -453,7 +481,7 @@ def _work(packed: Packed, kh: int, kw: int) -> int:
 def conv(packed: Packed, weight: np.ndarray) -> np.ndarray:
     """y (N, K, oh, ow): the packed input correlated with weight (K, C, kh, kw)."""
     k, _, kh, kw = weight.shape
-    xq, kern, (oh, ow) = packed
+    xq, kern, (oh, ow), _ = packed
     n, work = xq.shape[0], _work(packed, kh, kw) * k
     w = np.ascontiguousarray(weight, dtype=xq.dtype)
     y = np.empty((n, k, oh, ow), dtype=xq.dtype)
@@ -469,7 +497,7 @@ def conv(packed: Packed, weight: np.ndarray) -> np.ndarray:
 
 def grad_weight(packed: Packed, dy: np.ndarray, kh: int, kw: int) -> np.ndarray:
     """dW (K, C, kh, kw) = Σ_n,oy,ox dy[n, k, oy, ox]·xp[n, c, oy·sh + r, ox·sw + s], in dy's dtype."""
-    xq, kern, _ = packed
+    xq, _, _, kern = packed
     k = dy.shape[1]
     n, c = xq.shape[:2]
     dy = np.ascontiguousarray(dy, dtype=xq.dtype)

@@ -38,11 +38,11 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["never", "always"], ids=["rows", "flat"])
+@pytest.fixture(params=["rows", "flat", "spill"])
 def direct_path(request, monkeypatch):
     """Every conv takes the direct algorithm (it applies to all CASES), on either layout."""
     monkeypatch.setattr(conv, "_algorithm", lambda node, x, w, bias, ctx: "direct")
-    monkeypatch.setattr(direct, "FLAT", request.param)
+    monkeypatch.setattr(direct, "LAYOUT", request.param)
     calls = []
     forward = direct.conv
     monkeypatch.setattr(direct, "conv", lambda *a: calls.append(a[0].planes.shape) or forward(*a))
@@ -65,14 +65,14 @@ def test_direct_backward_matches_finite_differences(case, direct_path):
                          ids=["16c", "lenet-c1", "lenet-c3-pad", "64c", "down-3x3-s2", "shortcut-1x1-s2",
                               "batch1-filters-split", "batch1-k17", "dw-image-blocks", "7x7-flat", "7x7-s2-flat"])
 @pytest.mark.parametrize("avx512", [False, True], ids=["avx2-blocks", "avx512-blocks"])
-@pytest.mark.parametrize("layout", ["never", "always"], ids=["rows", "flat"])
+@pytest.mark.parametrize("layout", ["rows", "flat", "spill"])
 def test_direct_equals_im2col_split_over_threads(shape, dtype, avx512, layout, monkeypatch):
     """Output, input gradient, weight and bias gradients equal im2col's (float32 to 2e-6, float64 to
     1e-13), on one thread and with the batch (one image: the filters) split over two; with AVX2's
     and AVX-512's vectors and blocks (the compiler splits 64-byte vectors where the CPU has no
     AVX-512, so both run on any machine)."""
     monkeypatch.setattr(direct, "_avx512", lambda: avx512)
-    monkeypatch.setattr(direct, "FLAT", layout)
+    monkeypatch.setattr(direct, "LAYOUT", layout)
     n, c, k, size, kernel, pad, stride = shape
     node, specs = make_node("conv", dict(filters=k, kernel=kernel, pad=pad, stride=stride, round="floor"),
                             [(c, size, size)])
@@ -193,14 +193,19 @@ def test_a_training_step_runs_the_direct_path_when_the_tuner_picks_it(monkeypatc
     assert dx is None and sorted(dps) == ["bias", "weight"]
 
 
-def test_the_flat_layout_is_chosen_for_narrow_maps_on_avx512(monkeypatch):
-    """Rows narrower than AVX-512's 16 floats with enough multiply-adds per packed value go flat;
-    AVX2 keeps rows (its 8-float vectors fill them), as does any row of 16 or more."""
+def test_the_layout_for_narrow_maps_on_avx512(monkeypatch):
+    """Rows of 12-15 floats spill over on AVX-512; narrower ones with enough multiply-adds per
+    packed value go flat; AVX2 keeps rows (its 8-float vectors fill them), as does any row of 16
+    or more; rows narrower than 8 are always flat."""
     monkeypatch.setattr(direct, "_avx512", lambda: True)
-    assert direct.flat_layout(np.float32, 8, 8, 64, 3)  # ResNet-20's 64@8²
-    assert direct.flat_layout(np.float32, 10, 10, 16, 5)  # LeNet-5's C3
-    assert not direct.flat_layout(np.float32, 14, 14, 6, 5)  # C3's input gradient: 30 per value
-    assert not direct.flat_layout(np.float32, 16, 16, 32, 3)  # rows fill a vector
-    assert direct.flat_layout(np.float64, 4, 4, 64, 3) and not direct.flat_layout(np.float64, 8, 8, 64, 3)
+    assert direct.layout(np.float32, 8, 8, 64, 3, 3) == "flat"  # ResNet-20's 64@8²
+    assert direct.layout(np.float32, 10, 10, 16, 5, 5) == "flat"  # LeNet-5's C3
+    assert direct.layout(np.float32, 14, 14, 6, 5, 5) == "spill"  # C3's input gradient
+    assert direct.layout(np.float32, 10, 10, 6, 5, 5) == "rows"  # 30 multiply-adds a packed value
+    assert direct.layout(np.float32, 16, 16, 32, 3, 3) == "rows"  # rows fill a vector
+    assert direct.layout(np.float64, 4, 4, 64, 3, 3) == "flat" and direct.layout(np.float64, 6, 6, 64, 3, 3) == "spill"
+    assert direct.layout(np.float32, 7, 7, 8, 3, 3) == "flat"
+    assert direct.layout(np.float32, 14, 14, 256, 1, 1) == "flat"  # 1×1: flat planes are the input
     monkeypatch.setattr(direct, "_avx512", lambda: False)
-    assert not direct.flat_layout(np.float32, 8, 8, 64, 3)
+    assert direct.layout(np.float32, 8, 8, 64, 3, 3) == "rows" and direct.layout(np.float32, 14, 14, 6, 5, 5) == "rows"
+    assert direct.layout(np.float32, 7, 7, 8, 3, 3) == "flat"
