@@ -69,6 +69,9 @@ CASES = [
     C("conv-depthwise-x2", "conv", dict(filters=8, kernel=3, groups=4, pad=1), [(4, 6, 6)]),
     C("conv-1x3-nobias", "conv", dict(filters=4, kernel=(1, 3), bias=False, pad=(0, 0, 1, 1)), [(3, 5, 6)]),
     C("conv-1x1", "conv", dict(filters=5, kernel=1), [(3, 5, 5)]),
+    # one window, the whole input (LeNet-5's C5): im2col's one gemm for the batch
+    C("conv-covers-input", "conv", dict(filters=7, kernel=(3, 4)), [(3, 3, 4)]),
+    C("conv-covers-input-nobias", "conv", dict(filters=2, kernel=5, bias=False), [(2, 5, 5)]),
     C("conv-1x1-groups", "conv", dict(filters=4, kernel=1, groups=2), [(4, 5, 5)]),
     C("conv-1x1-stride2", "conv", dict(filters=4, kernel=1, stride=2, round="floor"), [(3, 6, 6)]),
     # 16+ channels, stride 1: the shifted-window path (checked to be taken in test_shifted_path_*)
@@ -539,7 +542,8 @@ def test_every_conv_algorithm_equals_im2col(case, block, monkeypatch):
     results = {}
     for algo in names:
         y, saved = conv._forward(node, algo, x, w, bias)
-        assert isinstance(saved[0], str) == (algo != "im2col")  # ("shifted", …) or im2col's arrays
+        tagged = algo != "im2col" or conv._covers_input(node, x.shape)  # ("shifted", …), ("whole", x)
+        assert isinstance(saved[0], str) == tagged  # or im2col's arrays
         (dx,), dps = conv._backward(node, saved, np.sin(y), w, bias is not None, True)
         results[algo] = [y, dx, *(dps[k] for k in sorted(dps))]
     for algo, got in results.items():
