@@ -61,9 +61,11 @@ def test_direct_backward_matches_finite_differences(case, direct_path):
 @pytest.mark.parametrize("shape", [(5, 16, 16, 12, 3, 1, 1), (4, 1, 6, 16, 5, 0, 1), (3, 6, 16, 10, 5, 2, 1),
                                    (2, 64, 64, 8, 3, 1, 1), (3, 16, 32, 32, 3, 1, 2), (2, 32, 64, 16, 1, 0, 2),
                                    (1, 16, 16, 12, 3, 1, 1), (1, 3, 17, 10, 3, 1, 1), (13, 64, 32, 8, 3, 1, 1),
-                                   (2, 24, 16, 7, 3, 1, 1), (2, 8, 16, 7, 3, 1, 2)],
+                                   (2, 24, 16, 7, 3, 1, 1), (2, 8, 16, 7, 3, 1, 2), (2, 8, 16, 27, 3, 1, 2),
+                                   (3, 16, 24, 14, 1, 0, 1)],
                          ids=["16c", "lenet-c1", "lenet-c3-pad", "64c", "down-3x3-s2", "shortcut-1x1-s2",
-                              "batch1-filters-split", "batch1-k17", "dw-image-blocks", "7x7-flat", "7x7-s2-flat"])
+                              "batch1-filters-split", "batch1-k17", "dw-image-blocks", "7x7-flat", "7x7-s2-flat",
+                              "14-wide-s2", "1x1-input-as-plane"])
 @pytest.mark.parametrize("avx512", [False, True], ids=["avx2-blocks", "avx512-blocks"])
 @pytest.mark.parametrize("layout", ["rows", "flat", "spill"])
 def test_direct_equals_im2col_split_over_threads(shape, dtype, avx512, layout, monkeypatch):
@@ -209,3 +211,14 @@ def test_the_layout_for_narrow_maps_on_avx512(monkeypatch):
     monkeypatch.setattr(direct, "_avx512", lambda: False)
     assert direct.layout(np.float32, 8, 8, 64, 3, 3) == "rows" and direct.layout(np.float32, 14, 14, 6, 5, 5) == "rows"
     assert direct.layout(np.float32, 7, 7, 8, 3, 3) == "flat"
+
+
+def test_a_1x1_conv_reads_its_input_as_its_plane(monkeypatch):
+    """No copy where the planes would equal the input; a copy wherever a layout reads past it."""
+    x = np.random.default_rng(0).normal(size=(2, 8, 14, 14)).astype(np.float32)
+    for layout in ("rows", "flat"):
+        monkeypatch.setattr(direct, "LAYOUT", layout)
+        assert np.shares_memory(direct.pack(x, 16, 1, 1, (14, 14)).planes, x)
+    monkeypatch.setattr(direct, "LAYOUT", "spill")  # its reads run a vector past the planes
+    assert not np.shares_memory(direct.pack(x, 16, 1, 1, (14, 14)).planes, x)
+    assert not np.shares_memory(direct.pack(x, 16, 1, 1, (7, 7), (2, 2)).planes, x)  # strided: a phase
