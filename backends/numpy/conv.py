@@ -32,7 +32,7 @@ from numpy.lib.stride_tricks import as_strided
 from . import cpool, depthwise, direct, parallel, tuner, winograd
 from .blas import gemm
 
-KERNELS_VERSION = 8  # part of the tuning cache's key: bump when an algorithm's speed changes
+KERNELS_VERSION = 9  # part of the tuning cache's key: bump when an algorithm's speed changes
 
 
 # ---- shared helpers ------------------------------------------------------------------------

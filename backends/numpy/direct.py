@@ -141,9 +141,15 @@ void pack(const T *restrict x, T *restrict xq, long n0, long n1, long h, long w,
 void forward(const T *restrict xq, const T *restrict w, T *restrict y,
              long n0, long n1, long k0, long k1) {
     for (long n = n0; n < n1; n++)
+#if PIXELS_OUTER  /* an image's planes larger than the filters: each block of outputs' inputs stays in cache over the filters */
+    for (int oy = 0; oy < OH; oy += RSTEP)
+    for (int ox = 0; ox < OW; ox += SPAN)
+    for (int kb = k0; kb < k1; kb += KB) {
+#else  /* the filters larger: each block of filters stays in cache over the image */
     for (int kb = k0; kb < k1; kb += KB)
     for (int oy = 0; oy < OH; oy += RSTEP)
     for (int ox = 0; ox < OW; ox += SPAN) {
+#endif
         int o = SPILL ? 0 : ox + SPAN <= OW ? ox : OW - SPAN;
         int q = oy + RB <= OH || FLAT ? oy : OH - RB;
         vec acc[KB][RB];
@@ -301,6 +307,7 @@ def _block(k: int, most: int) -> int:
     return max(b for b in range(1, max(most, 1) + 1) if k % b == 0)
 
 
+PIXELS_OUTER = True  # the forward's loop order by which is larger, the image's planes or the filters (False: filters outer)
 LAYOUT = "auto"  # "auto" (layout()'s rule), or "rows", "flat", "spill" wherever they can run (tests run each)
 FLAT_MIN_USES = 64  # multiply-adds per packed input value (filters × kernel rows) that pay for the planes
 
@@ -368,12 +375,13 @@ class _Kernels:
         self.wq = ow if flat else ow + (kw - 1) // sw
         kb, rb = FORWARD_BLOCK[registers]
         run = oh * ow if flat else ow  # the outputs of one row of the kernels' loops
+        pixels_outer = PIXELS_OUTER and c * self.planes * self.hq * self.wq > k * c * kh * kw
         defines = dict(T="float" if self.dtype == np.float32 else "double",
                        I="int" if self.dtype == np.float32 else "long long", VB=vb, C=c, K=k,
                        KB=_block(k, kb), RB=min(rb, run // self.lanes if flat else oh),
                        KG=_grad_block(k, kw, registers),
                        NB=_grad_images(c, k, oh, ow, self.planes, self.hq, self.wq, self.dtype.itemsize),
-                       FLAT=int(flat), SPILL=int(spill), OH=1 if flat else oh, OW=run, KH=kh, KW=kw, SH=sh, SW=sw,
+                       FLAT=int(flat), SPILL=int(spill), PIXELS_OUTER=int(pixels_outer), OH=1 if flat else oh, OW=run, KH=kh, KW=kw, SH=sh, SW=sw,
                        PH=self.planes, HQ=self.hq, WQ=self.wq,
                        PHASE_TABLE=_c_list(_c_list(row) for row in plane_table(kh, kw, sh, sw, flat)),
                        PLANE_ROWS=_c_list(a for a, _ in planes), PLANE_COLS=_c_list(b for _, b in planes))
