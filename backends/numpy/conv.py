@@ -732,11 +732,9 @@ def avgpool_forward(node, xs, params, ctx):
     kh, kw, sh, sw, oh, ow, hp, wp = _pool_geometry(node)
     top, _, left, _ = _pads(node)
     div = _avg_divisor(node, h, w, x.dtype)
-    if cpool.available(x.dtype):  # one pass in C, no padded copy (cpool.py)
-        try:
-            return cpool.avgpool_forward(np.ascontiguousarray(x), div, (kh, kw), (sh, sw), top, left, (oh, ow)), x.shape
-        except direct.BuildError as e:  # no working C compiler after all: NumPy's passes below
-            direct.give_up(e)
+    y = cpool.avgpool_forward(x, div, (kh, kw), (sh, sw), top, left, (oh, ow)) if cpool.available(x.dtype) else None
+    if y is not None:  # one pass in C
+        return y, x.shape
     xp = _pad(x, top, left, hp, wp)
     y = _window(xp, 0, 0, oh, ow, sh, sw).copy()
     for i in range(kh):
@@ -752,11 +750,9 @@ def avgpool_backward(node, saved, dy, params, ctx):
     kh, kw, sh, sw, oh, ow, hp, wp = _pool_geometry(node)
     top, _, left, _ = _pads(node)
     div = _avg_divisor(node, h, w, dy.dtype)
-    if cpool.available(dy.dtype):
-        try:
-            return [cpool.avgpool_backward(dy, div, (kh, kw), (sh, sw), top, left, saved)], {}
-        except direct.BuildError as e:
-            direct.give_up(e)
+    dx = cpool.avgpool_backward(dy, div, (kh, kw), (sh, sw), top, left, saved) if cpool.available(dy.dtype) else None
+    if dx is not None:
+        return [dx], {}
     g = dy / div
     dxp = np.zeros((n, c, hp, wp), dtype=dy.dtype)
     for i in range(kh):

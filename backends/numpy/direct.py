@@ -141,7 +141,7 @@ void pack(const T *restrict x, T *restrict xq, long n0, long n1, long h, long w,
 void forward(const T *restrict xq, const T *restrict w, T *restrict y,
              long n0, long n1, long k0, long k1) {
     for (long n = n0; n < n1; n++)
-#if PIXELS_OUTER  /* an image's planes larger than the filters: each block of outputs' inputs stays in cache over the filters */
+#if PIXELS_OUTER  /* planes larger than the filters: a block of outputs' inputs stays in cache over the filters */
     for (int oy = 0; oy < OH; oy += RSTEP)
     for (int ox = 0; ox < OW; ox += SPAN)
     for (int kb = k0; kb < k1; kb += KB) {
@@ -307,7 +307,7 @@ def _block(k: int, most: int) -> int:
     return max(b for b in range(1, max(most, 1) + 1) if k % b == 0)
 
 
-PIXELS_OUTER = True  # the forward's loop order by which is larger, the image's planes or the filters (False: filters outer)
+PIXELS_OUTER = True  # the forward's loop order by which is larger, planes or filters (False: filters outer)
 LAYOUT = "auto"  # "auto" (layout()'s rule), or "rows", "flat", "spill" wherever they can run (tests run each)
 FLAT_MIN_USES = 64  # multiply-adds per packed input value (filters × kernel rows) that pay for the planes
 
@@ -349,12 +349,15 @@ def plane_table(kh: int, kw: int, sh: int, sw: int, flat: bool) -> list[list[int
     return [[used.index((r % sh, s if flat else s % sw)) for s in range(kw)] for r in range(kh)]
 
 
+def _plane_shape(oh: int, ow: int, kh: int, kw: int, sh: int, sw: int, flat: bool) -> tuple[int, int, int]:
+    """(planes, rows, columns) of an image channel's planes: the rows and columns the taps reach."""
+    return len(_planes(kh, kw, sh, sw, flat)), oh + (kh - 1) // sh, ow if flat else ow + (kw - 1) // sw
+
+
 def planes_bytes(n: int, c: int, k: int, oh: int, ow: int, kh: int, kw: int, sh: int, sw: int, dtype) -> int:
     """The size of `pack`'s planes for this conv (what it adds to the input, and keeps in training)."""
-    flat = layout(dtype, oh, ow, k, kh, kw) == "flat"
-    planes = len(_planes(kh, kw, sh, sw, flat))
-    wq = ow if flat else ow + (kw - 1) // sw
-    return n * c * planes * (oh + (kh - 1) // sh) * wq * np.dtype(dtype).itemsize
+    planes, hq, wq = _plane_shape(oh, ow, kh, kw, sh, sw, layout(dtype, oh, ow, k, kh, kw) == "flat")
+    return n * c * planes * hq * wq * np.dtype(dtype).itemsize
 
 
 def _c_list(values) -> str:
@@ -368,11 +371,8 @@ class _Kernels:
     def __init__(self, dtype, c, k, oh, ow, kh, kw, sh, sw, flat, spill, vb, registers):
         self.dtype = np.dtype(dtype)
         self.lanes = vb // self.dtype.itemsize
-        self.flat, self.spill = flat, spill
         planes = _planes(kh, kw, sh, sw, flat)
-        self.planes = len(planes)
-        self.hq = oh + (kh - 1) // sh
-        self.wq = ow if flat else ow + (kw - 1) // sw
+        self.planes, self.hq, self.wq = _plane_shape(oh, ow, kh, kw, sh, sw, flat)
         kb, rb = FORWARD_BLOCK[registers]
         run = oh * ow if flat else ow  # the outputs of one row of the kernels' loops
         pixels_outer = PIXELS_OUTER and c * self.planes * self.hq * self.wq > k * c * kh * kw
@@ -381,7 +381,8 @@ class _Kernels:
                        KB=_block(k, kb), RB=min(rb, run // self.lanes if flat else oh),
                        KG=_grad_block(k, kw, registers),
                        NB=_grad_images(c, k, oh, ow, self.planes, self.hq, self.wq, self.dtype.itemsize),
-                       FLAT=int(flat), SPILL=int(spill), PIXELS_OUTER=int(pixels_outer), OH=1 if flat else oh, OW=run, KH=kh, KW=kw, SH=sh, SW=sw,
+                       FLAT=int(flat), SPILL=int(spill), PIXELS_OUTER=int(pixels_outer), OH=1 if flat else oh,
+                       OW=run, KH=kh, KW=kw, SH=sh, SW=sw,
                        PH=self.planes, HQ=self.hq, WQ=self.wq,
                        PHASE_TABLE=_c_list(_c_list(row) for row in plane_table(kh, kw, sh, sw, flat)),
                        PLANE_ROWS=_c_list(a for a, _ in planes), PLANE_COLS=_c_list(b for _, b in planes))
