@@ -30,9 +30,9 @@ backward's; broadcast multiply-adds of the shifted runs times the per-plane weig
 Against grouped im2col, MobileNetV2's ten depthwise shapes at batch 32 went from 380 to 190 ms
 forward and 850 to 470 ms backward (PyTorch: 85 and 180 ms).
 
-With Numba (the `[jit]` extra, `CNNC_JIT` not 0) and one filter per channel, the same layout runs
-as compiled loops a plane at a time (jit_loops.depthwise_forward and depthwise_backward); this
-module's NumPy code stays the reference, and what channel multipliers take.
+With a C compiler (`CNNC_JIT` not 0) and one filter per channel, the same layout runs as C a plane
+at a time (cdepthwise.py); this module's NumPy code stays the reference, and what channel
+multipliers take.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import jit, parallel
-from .parallel import WORK_PER_ELEMENT
+from . import cdepthwise, parallel
 
 # One block's column workspace. 4 MiB measured best on 2 cores, 1.8× faster than 1 MiB although
 # L2 is 512 KiB: with two threads, NumPy calls shorter than ~100 µs mostly wait for the GIL
@@ -93,6 +92,7 @@ class Geometry:
         kh, kw = kernel
         sh, sw = stride
         dh, dw = dilation
+        self.stride = stride
         self.k, self.oh, self.ow = out_shape
         top, _, left, _ = pads
         self.h, self.w, self.ntaps = h, w, kh * kw
@@ -172,8 +172,8 @@ def _gather_taps(g: Geometry, planes: np.ndarray, ws: np.ndarray, cols: np.ndarr
 
 
 def _compiled(x: np.ndarray, m: int) -> bool:
-    """The compiled loops run this depthwise conv: one filter per channel, float, Numba on."""
-    return m == 1 and x.dtype in (np.float32, np.float64) and jit.enabled()
+    """The C kernels (cdepthwise.py) run this depthwise conv: one filter per channel, float, a C compiler."""
+    return m == 1 and cdepthwise.available(x.dtype)
 
 
 def forward(node, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -181,13 +181,9 @@ def forward(node, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     n, c, h, w = x.shape
     g = geometry(node, h, w)
     if _compiled(x, g.k // c):
-        xr = np.ascontiguousarray(x).reshape(n * c, h, w)
-        y = np.empty((n, c, g.oh, g.ow), dtype=x.dtype)
-        sh, sw = node.attrs.stride
-        jit.run(jit.loops().depthwise_forward, n * c, WORK_PER_ELEMENT * y.size * g.ntaps, xr,
-                weight.astype(x.dtype, copy=False).reshape(c, g.ntaps), g.place, g.tap_phase, g.tap_off,
-                len(g.phases), g.length, g.cells, g.wq, sh, sw, y.reshape(n * c, g.oh, g.ow))
-        return y
+        y = cdepthwise.forward(g, x, weight)
+        if y is not None:
+            return y
     m, planes, t_ = g.k // c, n * c, g.ntaps
     xr = np.ascontiguousarray(x).reshape(planes, h, w)
     wr = _plane_weights(weight, n, c, x.dtype)
@@ -217,17 +213,9 @@ def backward(node, x: np.ndarray, dy: np.ndarray, weight: np.ndarray, need_dx: b
     n, c, h, w = x.shape
     g = geometry(node, h, w)
     if _compiled(dy, g.k // c):
-        dtype = dy.dtype
-        planes = n * c
-        sh, sw = node.attrs.stride
-        dw_planes = np.empty((planes, g.ntaps), dtype=dtype)
-        dx = np.empty((n, c, h, w), dtype=dtype) if need_dx else np.empty((1, 1, 1), dtype=dtype)
-        jit.run(jit.loops().depthwise_backward, planes, WORK_PER_ELEMENT * dy.size * g.ntaps * 2,
-                np.ascontiguousarray(x, dtype=dtype).reshape(planes, h, w),
-                np.ascontiguousarray(dy).reshape(planes, g.oh, g.ow), weight.astype(dtype, copy=False).reshape(c, g.ntaps),
-                g.place, g.tap_phase, g.tap_off, len(g.phases), g.length, g.cells, g.wq, g.reach, sh, sw, need_dx,
-                g.unread is not None, dw_planes, dx.reshape(-1, h, w) if need_dx else dx)
-        return (dx if need_dx else None), dw_planes.reshape(n, c, g.ntaps).sum(axis=0).reshape(weight.shape)
+        got = cdepthwise.backward(g, x, dy, weight, need_dx)
+        if got is not None:
+            return got
     m, planes, t_ = g.k // c, n * c, g.ntaps
     dtype = dy.dtype
     xr = np.ascontiguousarray(x).reshape(planes, h, w)

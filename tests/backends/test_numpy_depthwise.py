@@ -1,5 +1,5 @@
-"""The NumPy backend's depthwise convolution (backends/numpy/depthwise.py; its compiled loops in
-jit_loops.py, every test on both paths).
+"""The NumPy backend's depthwise convolution (backends/numpy/depthwise.py; its C kernels in
+cdepthwise.py, every test on both paths).
 
 Every conv with one group per input channel takes it. Checked against PyTorch's grouped
 conv2d (output, input gradient, weight and bias gradients; float32 and float64) over strides
@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 from test_numpy_grad import _numeric, make_node, make_params, rel  # noqa: E402
 
 from cnnc.backends.base import Ctx  # noqa: E402
-from cnnc.backends.numpy import NumpyBackend, depthwise, parallel  # noqa: E402
+from cnnc.backends.numpy import NumpyBackend, cdepthwise, depthwise, direct, parallel  # noqa: E402
 from cnnc.backends.numpy.kernels import KERNELS  # noqa: E402
 from cnnc.compiler.ops import OPS  # noqa: E402
 
@@ -32,11 +32,11 @@ TOL = {np.float32: 2e-6, np.float64: 1e-12}
 
 @pytest.fixture(autouse=True, params=["compiled", "plain"])
 def path(request, monkeypatch):
-    """Every test on both paths: the compiled loops (jit_loops.py, one filter per channel) and
-    the NumPy kernel (the reference, and what channel multipliers always take)."""
-    if request.param == "compiled":
-        pytest.importorskip("numba")
+    """Every test on both paths: the C kernels (cdepthwise.py, one filter per channel) and the
+    NumPy kernel (the reference, and what channel multipliers always take)."""
     monkeypatch.setenv("CNNC_JIT", "1" if request.param == "compiled" else "0")
+    if request.param == "compiled" and not direct.available():
+        pytest.skip("no C compiler for the depthwise kernels")
     return request.param
 
 # id: (conv attributes without filters and groups, input C×H×W, multiplier, batch)
@@ -109,6 +109,24 @@ def test_depthwise_nodes_take_the_depthwise_path():
         x = rng.normal(size=(2, *shape)).astype(np.float32)
         _, saved = KERNELS["conv"].forward(node, [x], make_params(specs, rng, np.float32), Ctx())
         assert (isinstance(saved[0], str) and saved[0] == "depthwise") == depthwise_, kw
+
+
+def test_the_c_kernels_run_where_the_path_says(path, monkeypatch):
+    """One filter per channel takes the C kernels on the compiled path (forward and backward) and
+    never on the plain one; a channel multiplier never does."""
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(cdepthwise, name)
+        monkeypatch.setattr(cdepthwise, name, lambda *a, _f=real, _n=name: (calls.append(_n), _f(*a))[1])
+    for case, want in [("3x3-s2-floor", path == "compiled"), ("x2-3x3-pad1", False)]:
+        calls.clear()
+        node, specs, batch = case_node(case)
+        rng = seed("which", case)
+        x = rng.normal(size=(batch, *node.in_shapes[0])).astype(np.float32)
+        w = rng.normal(size=(node.out_shape[0], 1, *node.attrs.kernel)).astype(np.float32)
+        y = depthwise.forward(node, x, w)
+        depthwise.backward(node, x, np.ones_like(y), w)
+        assert calls == (["forward", "backward"] if want else []), case
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -208,11 +226,11 @@ def test_blocks_and_threads_give_the_one_block_result(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["3x3-s1-pad1-b3", "3x3-s2-asym-floor", "5x5-s2-pad2-floor", "3x3-dil3-s2-floor"])
-def test_compiled_loops_split_over_threads_give_the_one_thread_result(case, path, monkeypatch):
-    """The compiled loops' planes in chunks over 2 threads (the backend's pool): each plane is
+def test_c_kernels_split_over_threads_give_the_one_thread_result(case, path, monkeypatch):
+    """The C kernels' planes in chunks over 2 threads (the backend's pool): each plane is
     computed alone, so the values equal one thread's to the bit."""
     if path != "compiled":
-        pytest.skip("the compiled loops' chunks")
+        pytest.skip("the C kernels' chunks")
     node, specs, _ = case_node(case)
     rng = seed("chunks", case)
     x = rng.normal(size=(5, *node.in_shapes[0]))
