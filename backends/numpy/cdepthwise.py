@@ -44,6 +44,11 @@ typedef T vecu __attribute__((vector_size(VB), aligned(sizeof(T))));
 #define U ((NV + PASSES - 1) / PASSES)       /* grid vectors a pass */
 static inline vec ld(const T *p) { return *(const vecu *)p; }
 static inline void st(T *p, vec v) { *(vecu *)p = v; }
+/* Between a workspace's vector stores and its scalar reads, and the other way round: GCC 12.2 at
+   -O3 with 256-bit preferred vectors (-march=native on Ice Lake and later Xeons) forwarded the
+   vector stores into the scalar reads that follow and got lanes wrong (one output of a float64
+   3x3 conv on 8x7 planes); the barrier keeps them apart. */
+#define FENCE() __asm__ volatile("" ::: "memory")
 
 static const int TAP_PHASE[TAPS] = TAP_PHASES, TAP_OFF[TAPS] = TAP_OFFSETS;
 /* placements: (phase, grid row, grid column, input row, input column, rows, columns) */
@@ -80,9 +85,11 @@ void forward(const T *restrict x, const T *restrict w, T *restrict y, long p0, l
             }
             for (int u = 0; u < U; u++) st(grid + (v + u) * VL, a[u]);
         }
+        FENCE();
         T *out = y + p * (long)(OH * OW);
         for (int i = 0; i < OH; i++)
             for (int j = 0; j < OW; j++) out[i * OW + j] = grid[i * WQ + j];
+        FENCE();
     }
     free(ws);
 }
@@ -104,6 +111,7 @@ void backward(const T *restrict x, const T *restrict dy, const T *restrict w, T 
         const T *d = dy + p * (long)(OH * OW);
         for (int i = 0; i < OH; i++)
             for (int j = 0; j < OW; j++) gg[i * WQ + j] = d[i * OW + j];
+        FENCE();
         long c = p % C;
         for (int t0 = 0; t0 < TAPS; t0 += TG) {  /* TG taps a pass: each dy vector loaded serves them all */
             vec a[TG];
@@ -137,11 +145,13 @@ void backward(const T *restrict x, const T *restrict dy, const T *restrict w, T 
                     }
                     st(dq + v * VL, a);
                 }
+                FENCE();
                 for (int u = 0; u < pl[5]; u++) {
                     T *row = dp + (long)(pl[3] + u * SH) * W + pl[4];
                     const T *src = dq + (pl[1] + u) * WQ + pl[2];
                     for (int v = 0; v < pl[6]; v++) row[v * SW] = src[v];
                 }
+                FENCE();
             }
         }
     }

@@ -155,6 +155,45 @@ def test_matches_torch(case, dtype):
         close(dps[name], g.numpy(), dtype, f"d {name}")
 
 
+def random_cases(count: int):
+    """(id, conv attributes, input C×H×W, batch) of `count` shapes drawn with a fixed seed:
+    kernels 1-7, strides 1-3, dilations 1-3, padding, planes 1-29 wide."""
+    rng = seed("random shapes")
+    cases = []
+    while len(cases) < count:
+        k, s, d = int(rng.choice([1, 3, 5, 7])), int(rng.integers(1, 4)), int(rng.choice([1, 1, 2, 3]))
+        h, w = (int(rng.integers(1 + (k - 1) * d, 30)) for _ in range(2))
+        kw = dict(kernel=k, stride=s, dilation=d, pad=int(rng.integers(0, k)), round="floor")
+        cases.append((f"k{k}-s{s}-d{d}-{h}x{w}", kw, (int(rng.integers(2, 6)), h, w), int(rng.integers(1, 3))))
+    return cases
+
+
+@pytest.mark.parametrize("vector_bytes", [direct.NARROW_VECTOR_BYTES, direct.WIDE_VECTOR_BYTES])
+def test_random_shapes_match_torch(vector_bytes, path, monkeypatch):
+    """Forty drawn shapes in float64 against PyTorch, on the compiled path in both vector sizes
+    (a compiler once got lanes of one size wrong on some shapes only)."""
+    if path == "compiled":
+        monkeypatch.setattr(cdepthwise, "_vector_bytes", lambda dtype: vector_bytes)
+    elif vector_bytes != direct.NARROW_VECTOR_BYTES:
+        pytest.skip("the plain path has no vector size")
+    k = KERNELS["conv"]
+    for cid, kw, shape, batch in random_cases(40):
+        node, specs = make_node("conv", dict(kw, filters=shape[0], groups=shape[0]), [shape])
+        rng = seed("random", cid)
+        x = rng.normal(size=(batch, *shape))
+        params = make_params(specs, rng, np.float64)
+        dy = rng.normal(size=(batch, *node.out_shape))
+        y, saved = k.forward(node, [x], params, Ctx(training=True))
+        (dx,), dps = k.backward(node, saved, dy, params, Ctx(training=True))
+        tt = {name: torch.tensor(v, requires_grad=True) for name, v in params.items()}
+        xt = torch.tensor(x, requires_grad=True)
+        yt = torch_conv(node, xt, tt["weight"], tt.get("bias"))
+        grads = torch.autograd.grad(yt, [xt, *tt.values()], torch.tensor(dy))
+        checks = [(y, yt.detach(), "y"), (dx, grads[0], "dx")] + [(dps[n], g, f"d {n}") for n, g in zip(tt, grads[1:])]
+        for got, want, what in checks:
+            close(got, want.numpy(), np.float64, f"{cid}: {what}")
+
+
 @pytest.mark.parametrize("case", SMALL)
 def test_finite_differences(case):
     node, specs, batch = case_node(case)
