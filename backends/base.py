@@ -21,6 +21,7 @@ table, one forward and one backward kernel; the runtime drives them (autodiff, t
                                   `elementwise` for an op the table gives a formula)
     Backend.loss(name) -> fn      "cross_entropy" or "mse": fn(out, target) -> (loss, d out)
     Backend.compile(graph)        -> Plan: ordered steps over the graph
+    Backend.pass_scope(batch)     the context each forward or backward pass runs in (default: none)
 
 A kernel's forward takes `(node, xs, params, ctx)` and returns `(y, saved)`; its backward
 takes `(node, saved, dy, params, ctx)` and returns `(dxs, dparams)`: one input gradient per
@@ -35,6 +36,7 @@ register a zero-argument factory under the entry-point group `cnnc.backends`.
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable
@@ -113,6 +115,12 @@ class Backend(abc.ABC):
     kernels: dict[str, Kernel] = {}
     elementwise: Kernel | None = None
     precisions: frozenset[str] = frozenset({"fp32"})
+
+    def pass_scope(self, batch: int):
+        """The context one forward or backward pass over `batch` images runs in (the executor
+        enters it): nothing by default; the NumPy backend hands its threads to BLAS for batches
+        smaller than its thread count."""
+        return contextlib.nullcontext()
 
     @classmethod
     def check_precision(cls, precision: str, where: str = "") -> None:

@@ -50,7 +50,10 @@ class Executor:
         """Run the network on a batch. With `keep` (default: ctx.training) save for backward;
         with a `trace` dict, also copy every node's output there (host arrays, by node name);
         `on_step(step, "forward", seconds)` after each step's kernel."""
-        keep = ctx.training if keep is None else keep
+        with self.backend.pass_scope(len(x)):
+            return self._forward(x, ctx, ctx.training if keep is None else keep, trace, on_step)
+
+    def _forward(self, x, ctx: Ctx, keep: bool, trace: dict | None, on_step: OnStep | None):
         values = {self.plan.input: x}
         saved: dict[int, object] = {}
         for i, step in enumerate(self.plan.steps):
@@ -79,6 +82,10 @@ class Executor:
         `on_step(step, "backward", seconds)` after each step's kernel."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() that kept its saved tensors")
+        with self.backend.pass_scope(len(dy)):
+            return self._backward(dy, on_step)
+
+    def _backward(self, dy, on_step: OnStep | None) -> dict:
         grads = {self.plan.output: dy}
         pgrads: dict = {}
         for i in range(len(self.plan.steps) - 1, -1, -1):

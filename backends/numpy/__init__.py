@@ -52,6 +52,9 @@ class NumpyBackend(Backend):
         if os.environ.get("CNNC_KEEP_MEMORY", "1").strip() != "0":
             memory.keep_freed_memory()
 
+    def pass_scope(self, batch: int):
+        return parallel.blas_threads_for(batch)
+
     def to_device(self, host) -> np.ndarray:
         a = np.asarray(host)
         if a.dtype.kind in "iub":  # labels and masks keep their type

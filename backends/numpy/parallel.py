@@ -8,14 +8,18 @@ why the backend sets OpenBLAS to one thread. Small work runs inline: threads cos
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
 from concurrent.futures import ThreadPoolExecutor
 
+from . import blas
+
 MIN_WORK = 4_000_000  # multiply-adds below which a kernel runs unsplit
 
 _threads = 1
+_blas_scope = False  # inside `blas_threads_for`: our kernels run unsplit, BLAS uses the threads
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -64,12 +68,35 @@ def set_threads(n: int) -> None:
 
 
 def get_threads() -> int:
-    return _threads
+    """The threads the kernels split their work over (1 inside `blas_threads_for`)."""
+    return 1 if _blas_scope else _threads
+
+
+@contextlib.contextmanager
+def blas_threads_for(batch: int):
+    """Around one pass over a batch of fewer images than threads (inference at batch 1): the
+    threads go to BLAS (OpenBLAS's own, which split each gemm's pixels and share its packed
+    weights) and the backend's kernels run unsplit. Measured on 2 cores of an AVX-512 Xeon, batch
+    1, ms: MobileNetV2 17.6 → 11.6-12.4, EfficientNet-B0 36.9 → 27.8-29.6, ResNet-50 70.6 →
+    61.7-62.6. Our kernels split the filters there, giving OpenBLAS gemms of half the rows, which
+    it runs at half its speed, and each split waits ~90 µs for the worker thread on that machine.
+    A no-op where BLAS's thread count cannot be set, for batches of at least as many images as
+    threads, and when nested."""
+    global _blas_scope
+    if _blas_scope or batch >= _threads or blas.get_threads() is None:
+        yield
+        return
+    _blas_scope = True
+    try:
+        with blas.threads(_threads):
+            yield
+    finally:
+        _blas_scope = False
 
 
 def chunks(n: int, work: float) -> list[tuple[int, int]]:
     """Contiguous [lo, hi) slices of a batch of n, one per thread, or one slice for small work."""
-    parts = min(_threads, n) if work >= MIN_WORK else 1
+    parts = min(get_threads(), n) if work >= MIN_WORK else 1
     bounds = [n * i // parts for i in range(parts + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(parts)]
 

@@ -53,7 +53,10 @@ def _machine() -> str:
 
 
 def machine_key() -> str:
-    return f"{_machine()}|{parallel.get_threads()}t"
+    """The machine and the threads: ours, and BLAS's where it has more (a batch of one image hands
+    the threads to BLAS: parallel.blas_threads_for)."""
+    ours, theirs = parallel.get_threads(), _blas.get_threads() or 1
+    return f"{_machine()}|{ours}t" + (f"+blas{theirs}t" if theirs > ours else "")
 
 
 def choose(problem: str, candidates: list, run_candidate, macs: float):

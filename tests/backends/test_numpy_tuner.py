@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnnc.backends.base import Ctx
-from cnnc.backends.numpy import conv, direct, parallel, tuner
+from cnnc.backends.numpy import blas, conv, direct, parallel, tuner
 
 from conftest import run_cli
 from test_numpy_grad import make_node, make_params
@@ -118,9 +118,13 @@ def test_the_key_names_the_thread_count(cache):
         for threads in (1, 2):
             parallel.set_threads(threads)
             conv.conv_forward(node, [x], params, Ctx(training=True))
+        if blas.get_threads() == 1:  # a batch of one: our kernels unsplit, BLAS on the two threads
+            with parallel.blas_threads_for(1):
+                conv.conv_forward(node, [x], params, Ctx(training=True))
     finally:
         parallel.set_threads(before)
-    assert sorted(k.split("|")[3] for k in entries(cache)) == ["1t", "2t"]
+    want = ["1t", "1t+blas2t", "2t"] if blas.get_threads() == 1 else ["1t", "2t"]
+    assert sorted(k.split("|")[3] for k in entries(cache)) == want
 
 
 def test_one_algorithm_is_never_timed(cache, monkeypatch):
