@@ -7,9 +7,9 @@ summed over the input channels and taps, each weight broadcast once per block an
 with bounds known at compile time are what lets the C compiler keep that block in registers, so
 the source is generated for each shape (channels, output size, kernel, padded size; the batch is
 an argument), compiled with `cc -O3 -march=native` at first use into a shared library named by a
-hash of its text (the CPU model included: -march=native code is this machine's), cached under
-`~/.cache/cnnc/c`, and called through ctypes, which drops the GIL: the backend's worker threads
-(`parallel.py`) split the batch, or the filters when there are fewer images than threads.
+hash of its text (the CPU model included: -march=native code is this machine's; `cc.py`), cached
+under `~/.cache/cnnc/c`, and called through ctypes; the C worker threads (`cthreads.py`) split
+the batch, or the filters when there are fewer images than threads.
 Vectors are GCC's vector extensions (clang has them too): 64 bytes where the CPU has AVX-512 and
 the output rows are at least that wide, else 32 (AVX2's registers; the compiler splits them on
 narrower machines); AVX-512's 32 vector registers also hold larger blocks than AVX2's 16.
@@ -49,7 +49,8 @@ from typing import NamedTuple
 import numpy as np
 
 from cnnc.dsl.errors import InternalError
-from . import jit, parallel
+from . import cthreads, jit, parallel
+from .cc import BuildError, _compiler, available, build, give_up  # noqa: F401  (direct.available etc.)
 
 NARROW_VECTOR_BYTES, WIDE_VECTOR_BYTES = 32, 64
 
@@ -226,33 +227,6 @@ void grad_weight(const T *restrict xq, const T *restrict dy, T *restrict acc, lo
 """
 
 
-class BuildError(RuntimeError):
-    """The C compiler failed on a generated kernel (or could not run): the direct conv is then off
-    for the process and the NumPy algorithms compute the conv."""
-
-
-_broken: str | None = None  # why the compiler failed, once it has
-
-
-def available() -> bool:
-    """A C compiler is on the PATH ($CC, else cc), it has not failed in this process, and CNNC_JIT
-    is not 0."""
-    return jit.allowed() and _broken is None and _compiler() is not None
-
-
-def give_up(err: BuildError) -> None:
-    """Turn the direct conv off for this process, saying why once."""
-    global _broken
-    if _broken is None:
-        _broken = str(err)
-        print(f"cnnc: {err}; the convolutions use the NumPy algorithms instead", file=sys.stderr)
-
-
-@lru_cache(maxsize=1)
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC") or "cc")
-
-
 def applies(node, c: int, dtype) -> bool:
     """Whether this conv is one the direct kernels compute: no dilation, one group, float32 or
     float64, and an image's outputs at least one vector (rows narrower than that run on the flat
@@ -364,6 +338,11 @@ def _c_list(values) -> str:
     return "{" + ", ".join(map(str, values)) + "}"
 
 
+# each kernel's task for cthreads.run: over images, or (the forward at batch 1) over filters
+_TASKS = {"pack": ("pack", "ppLHllll"), "forward_images": ("forward", "pppLHll"),
+          "forward_filters": ("forward", "pppllLH"), "grad_weight": ("grad_weight", "pppLH")}
+
+
 class _Kernels:
     """The compiled library of one shape and layout: pack, forward and grad_weight as ctypes
     functions, and the planes' size."""
@@ -386,12 +365,14 @@ class _Kernels:
                        PH=self.planes, HQ=self.hq, WQ=self.wq,
                        PHASE_TABLE=_c_list(_c_list(row) for row in plane_table(kh, kw, sh, sw, flat)),
                        PLANE_ROWS=_c_list(a for a, _ in planes), PLANE_COLS=_c_list(b for _, b in planes))
-        source = "".join(f"#define {key} {value}\n" for key, value in defines.items()) + _SOURCE
+        source = ("".join(f"#define {key} {value}\n" for key, value in defines.items()) + _SOURCE
+                  + cthreads.tasks(*_TASKS.values()))
         try:
             lib = ctypes.CDLL(str(build(source)))
         except OSError as e:  # a library the loader refuses (another machine's cache, a broken file)
             raise BuildError(f"a direct conv kernel did not load: {e}") from e
         self.pack, self.forward, self.grad_weight = lib.pack, lib.forward, lib.grad_weight
+        self.tasks = {key: cthreads.task(lib, name, kinds) for key, (name, kinds) in _TASKS.items()}
         self.block = defines["KB"]
         self.pack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 6
         self.forward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4
@@ -403,42 +384,6 @@ class _Kernels:
 def kernels(dtype: str, c: int, k: int, oh: int, ow: int, kh: int, kw: int, sh: int, sw: int,
             flat: bool, spill: bool, vb: int, registers: int) -> _Kernels:
     return _Kernels(dtype, c, k, oh, ow, kh, kw, sh, sw, flat, spill, vb, registers)
-
-
-def _cache_dir() -> Path:
-    return jit.cache_root() / "c"
-
-
-FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC"]
-
-
-def build(source: str) -> Path:
-    """The shared library of C `source`, compiled once per text, compiler flags and CPU (cached
-    by that hash under the cache root; raises BuildError where the compiler fails)."""
-    key = "\n".join([source, " ".join(FLAGS), parallel.cpu_model(), _compiler() or ""])
-    name = f"cnnc_direct_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    folder = _cache_dir()
-    lib = folder / f"{name}.so"
-    if lib.exists():
-        return lib
-    folder.mkdir(parents=True, exist_ok=True)
-    src = folder / f".{name}.{os.getpid()}.c"
-    tmp = folder / f".{name}.{os.getpid()}.so"
-    src.write_text(source, encoding="utf-8")
-    try:
-        try:
-            r = subprocess.run([_compiler(), *FLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True,
-                               timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise BuildError(f"the C compiler {_compiler()} could not build a direct conv kernel: {e}") from e
-        if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
-            raise BuildError(f"the C compiler {_compiler()} failed on a direct conv kernel: {last}")
-        os.replace(tmp, lib)  # atomic: another process may be building the same library
-    finally:
-        src.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
-    return lib
 
 
 def _ptr(a: np.ndarray) -> int:
@@ -477,8 +422,7 @@ def pack(x: np.ndarray, k: int, kh: int, kw: int, out: tuple[int, int], stride=(
         return Packed(x.reshape(n, c, 1, h, w), kern, out, grad)  # a 1×1 conv: x is its own plane
     size = n * c * kern.planes * kern.hq * kern.wq
     xq = np.empty(size + kern.lanes, dtype=x.dtype)[:size].reshape(n, c, kern.planes, kern.hq, kern.wq)
-    parallel.run(lambda lo, hi: kern.pack(_ptr(x), _ptr(xq), lo, hi, h, w, top, left),
-                 parallel.chunks(n, xq.size * 8))
+    cthreads.run(kern.tasks["pack"], [_ptr(x), _ptr(xq), h, w, top, left], parallel.chunks(n, xq.size * 8))
     return Packed(xq, kern, out, grad)
 
 
@@ -495,12 +439,11 @@ def conv(packed: Packed, weight: np.ndarray) -> np.ndarray:
     w = np.ascontiguousarray(weight, dtype=xq.dtype)
     y = np.empty((n, k, oh, ow), dtype=xq.dtype)
     if n >= parallel.get_threads() or work < parallel.MIN_WORK:  # the threads split the batch
-        parallel.run(lambda lo, hi: kern.forward(_ptr(xq), _ptr(w), _ptr(y), lo, hi, 0, k),
-                     parallel.chunks(n, work))
+        cthreads.run(kern.tasks["forward_images"], [_ptr(xq), _ptr(w), _ptr(y), 0, k], parallel.chunks(n, work))
     else:  # fewer images than threads (inference at batch 1): they split the filters, in whole blocks
         b = kern.block
-        parallel.run(lambda lo, hi: kern.forward(_ptr(xq), _ptr(w), _ptr(y), 0, n, lo * b, hi * b),
-                     parallel.chunks(k // b, work))
+        cthreads.run(kern.tasks["forward_filters"], [_ptr(xq), _ptr(w), _ptr(y), 0, n],
+                     [(lo * b, hi * b) for lo, hi in parallel.chunks(k // b, work)])
     return y
 
 
@@ -513,7 +456,7 @@ def grad_weight(packed: Packed, dy: np.ndarray, kh: int, kw: int) -> np.ndarray:
     slices = parallel.chunks(n, _work(packed, kh, kw) * k)
     parts = [np.zeros((k, c, kh * kw, kern.lanes), dtype=xq.dtype) for _ in slices]
     jobs = dict(zip(slices, parts))
-    parallel.run(lambda lo, hi: kern.grad_weight(_ptr(xq), _ptr(dy), _ptr(jobs[lo, hi]), lo, hi), slices)
+    cthreads.run(kern.tasks["grad_weight"], [[_ptr(xq), _ptr(dy), _ptr(jobs[s])] for s in slices], slices)
     return sum(parts[1:], parts[0]).sum(axis=3).reshape(k, c, kh, kw)
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 from test_numpy_grad import _numeric, make_node, make_params, rel  # noqa: E402
 
 from cnnc.backends.base import Ctx  # noqa: E402
-from cnnc.backends.numpy import NumpyBackend, cdepthwise, depthwise, direct, parallel  # noqa: E402
+from cnnc.backends.numpy import NumpyBackend, cdepthwise, cthreads, depthwise, direct, parallel  # noqa: E402
 from cnnc.backends.numpy.kernels import KERNELS  # noqa: E402
 from cnnc.compiler.ops import OPS  # noqa: E402
 
@@ -266,7 +266,7 @@ def test_blocks_and_threads_give_the_one_block_result(case, monkeypatch):
 
 @pytest.mark.parametrize("case", ["3x3-s1-pad1-b3", "3x3-s2-asym-floor", "5x5-s2-pad2-floor", "3x3-dil3-s2-floor"])
 def test_c_kernels_split_over_threads_give_the_one_thread_result(case, path, monkeypatch):
-    """The C kernels' planes in chunks over 2 threads (the backend's pool): each plane is
+    """The C kernels' planes in chunks over 2 threads (cthreads.py's workers): each plane is
     computed alone, so the values equal one thread's to the bit."""
     if path != "compiled":
         pytest.skip("the C kernels' chunks")
@@ -278,8 +278,8 @@ def test_c_kernels_split_over_threads_give_the_one_thread_result(case, path, mon
     k = KERNELS["conv"]
     monkeypatch.setattr(parallel, "MIN_WORK", 0)
     results, splits = [], []
-    threads, run = parallel.get_threads(), parallel.run
-    monkeypatch.setattr(parallel, "run", lambda fn, slices: (splits.append(len(slices)), run(fn, slices))[1])
+    threads, run = parallel.get_threads(), cthreads.run
+    monkeypatch.setattr(cthreads, "run", lambda fn, args, slices: (splits.append(len(slices)), run(fn, args, slices))[1])
     try:
         for t in (1, 2):
             parallel.set_threads(t)

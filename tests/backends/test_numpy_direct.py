@@ -12,7 +12,7 @@ from test_numpy_grad import Case, make_node, make_params
 from test_numpy_grad import test_backward_matches_finite_differences as finite_differences
 
 from cnnc.backends.base import Ctx
-from cnnc.backends.numpy import conv, direct, parallel
+from cnnc.backends.numpy import cc, conv, direct, parallel
 
 if not direct.available():
     pytest.skip("no C compiler (cc) on this machine: the direct convolution is not built",
@@ -139,7 +139,7 @@ def test_a_failing_compiler_turns_the_direct_conv_off_with_one_message(tmp_path,
     failing.chmod(0o755)
     monkeypatch.setenv("CC", str(failing))
     monkeypatch.setenv("CNNC_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(direct, "_broken", None)
+    monkeypatch.setattr(cc, "_broken", None)
     direct._compiler.cache_clear()
     direct.kernels.cache_clear()
     try:
@@ -155,8 +155,8 @@ def test_a_failing_compiler_turns_the_direct_conv_off_with_one_message(tmp_path,
         assert not isinstance(saved[0], str)  # im2col's, so its backward runs too
         assert not direct.available() and "direct" not in conv.algorithms(node, 4, True)
         err = capsys.readouterr().err
-        assert err.count("failed on a direct conv kernel: cc: fatal error: no input files") == 1
-        assert "use the NumPy algorithms instead" in err
+        assert err.count("failed on a generated kernel: cc: fatal error: no input files") == 1
+        assert "the NumPy kernels run instead" in err
     finally:
         direct._compiler.cache_clear()
         direct.kernels.cache_clear()

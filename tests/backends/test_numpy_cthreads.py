@@ -1,0 +1,126 @@
+"""The C kernels' worker threads (backends/numpy/cthreads.py), on a small task compiled here:
+every slice computed once with its own arguments, on another thread than the caller's, with
+more slices than threads, from two Python threads at once, and in a forked child."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from cnnc.backends.numpy import cc, cthreads, parallel
+
+SOURCE = r"""
+#include <pthread.h>
+/* out[i] = base + i for i in [lo, hi), and who[lo] = the thread that ran the slice */
+void fill(long *out, long *who, long lo, long hi, long base) {
+    for (long i = lo; i < hi; i++) out[i] = base + i;
+    who[lo] = (long)pthread_self();
+}
+long self(void) { return (long)pthread_self(); }
+"""
+
+
+@pytest.fixture(scope="module")
+def lib():
+    if not cc.available():
+        pytest.skip("no C compiler")
+    lib = ctypes.CDLL(str(cc.build(SOURCE + cthreads.tasks(("fill", "ppLHl")))))
+    lib.self.restype = ctypes.c_long
+    return lib
+
+
+@pytest.fixture
+def two_threads():
+    before = parallel.get_threads()
+    parallel.set_threads(2)
+    yield
+    parallel.set_threads(before)
+
+
+def fill(lib, n: int, slices, base=7):
+    out, who = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    args = ([[out.ctypes.data, who.ctypes.data, b] for b in base] if isinstance(base, list)
+            else [out.ctypes.data, who.ctypes.data, base])
+    cthreads.run(cthreads.task(lib, "fill", "ppLHl"), args, slices)
+    return out, who
+
+
+def test_each_slice_runs_once_on_its_own_thread(lib, two_threads):
+    slices = parallel.chunks(1000, float("inf"))
+    assert slices == [(0, 500), (500, 1000)]
+    out, who = fill(lib, 1000, slices)
+    np.testing.assert_array_equal(out, 7 + np.arange(1000))
+    assert who[0] == lib.self() and who[500] not in (0, lib.self())  # the caller's slice, a worker's
+
+
+def test_slices_take_their_own_arguments(lib, two_threads):
+    out, _ = fill(lib, 10, [(0, 4), (4, 10)], base=[100, 200])
+    np.testing.assert_array_equal(out, np.r_[100 + np.arange(4), 200 + np.arange(4, 10)])
+
+
+def test_more_slices_than_threads_and_a_single_slice(lib, two_threads):
+    slices = [(0, 3), (3, 5), (5, 9), (9, 12), (12, 20)]
+    out, _ = fill(lib, 20, slices)
+    np.testing.assert_array_equal(out, 7 + np.arange(20))
+    out, who = fill(lib, 20, [(0, 20)])
+    np.testing.assert_array_equal(out, 7 + np.arange(20))
+    assert who[0] == lib.self()  # one slice: the caller's thread, no hand-off
+
+
+def test_two_python_threads_at_once(lib, two_threads):
+    """A run that finds the workers busy computes its slices itself: no deadlock, nothing lost."""
+    bad = []
+
+    def many():
+        for _ in range(300):
+            out, _ = fill(lib, 64, [(0, 32), (32, 64)])
+            if not (out == 7 + np.arange(64)).all():
+                bad.append(out)
+
+    runners = [threading.Thread(target=many) for _ in range(2)]
+    for r in runners:
+        r.start()
+    for r in runners:
+        r.join(timeout=60)
+    assert not any(r.is_alive() for r in runners) and not bad
+
+
+def test_workers_sleep_when_idle_and_wake_for_the_next_run(lib, two_threads):
+    fill(lib, 100, [(0, 50), (50, 100)])
+    time.sleep(3 * cthreads.SPIN_US / 1e6 + 0.05)  # past the spin: the worker waits on its condition
+    out, who = fill(lib, 100, [(0, 50), (50, 100)])
+    np.testing.assert_array_equal(out, 7 + np.arange(100))
+    assert who[50] not in (0, lib.self())
+
+
+def test_a_forked_child_starts_its_own_workers(lib, two_threads):
+    fill(lib, 100, [(0, 50), (50, 100)])  # the parent's workers exist
+    pid = os.fork()
+    if pid == 0:  # the child: its parent's threads are not here
+        try:
+            out, who = fill(lib, 100, [(0, 50), (50, 100)])
+            os._exit(0 if (out == 7 + np.arange(100)).all() and who[50] not in (0, lib.self()) else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's run did not finish")
+
+
+def test_without_the_workers_library_python_threads_run_the_slices(lib, two_threads, monkeypatch):
+    monkeypatch.setattr(cthreads, "_pool_or_none", lambda: None)
+    out, who = fill(lib, 30, [(0, 10), (10, 30)], base=[1, 2])
+    np.testing.assert_array_equal(out, np.r_[1 + np.arange(10), 2 + np.arange(10, 30)])
+    assert who[10] not in (0, lib.self())  # parallel.py's worker thread
