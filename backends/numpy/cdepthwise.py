@@ -217,7 +217,7 @@ def forward(g, x: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
     y = np.empty((n, c, g.oh, g.ow), dtype=x.dtype)
     ptr = [a.ctypes.data for a in (x, wt, y)]
     cthreads.run(cthreads.task(lib, "forward", "pppLH"), ptr,
-                 parallel.chunks(n * c, parallel.WORK_PER_ELEMENT * y.size * g.ntaps))
+                 cthreads.chunks(n * c, parallel.WORK_PER_ELEMENT * y.size * g.ntaps))
     return y
 
 
@@ -236,5 +236,5 @@ def backward(g, x: np.ndarray, dy: np.ndarray, weight: np.ndarray, need_dx: bool
     dw = np.empty((n, c, g.ntaps), dtype=dtype)
     ptr = [a.ctypes.data for a in (x, dy, wt, dw)] + [dx.ctypes.data if need_dx else None]
     cthreads.run(cthreads.task(lib, "backward", "pppppLH"), ptr,
-                 parallel.chunks(n * c, parallel.WORK_PER_ELEMENT * dy.size * g.ntaps * 2))
+                 cthreads.chunks(n * c, parallel.WORK_PER_ELEMENT * dy.size * g.ntaps * 2))
     return dx, (dw[0] if n == 1 else dw.sum(axis=0)).reshape(weight.shape)

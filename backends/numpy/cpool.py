@@ -126,7 +126,7 @@ def _library(dtype: str, kernel: tuple[int, int], stride: tuple[int, int]):
 
 def _run(lib, name: str, src, dst, planes: int, geometry: tuple, work: float) -> None:
     cthreads.run(cthreads.task(lib, name, "ppLHllllll"), [src.ctypes.data, dst.ctypes.data, *geometry],
-                 parallel.chunks(planes, work))
+                 cthreads.chunks(planes, work))
 
 
 def _library_or_none(dtype, kernel, stride):

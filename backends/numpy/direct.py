@@ -422,7 +422,7 @@ def pack(x: np.ndarray, k: int, kh: int, kw: int, out: tuple[int, int], stride=(
         return Packed(x.reshape(n, c, 1, h, w), kern, out, grad)  # a 1×1 conv: x is its own plane
     size = n * c * kern.planes * kern.hq * kern.wq
     xq = np.empty(size + kern.lanes, dtype=x.dtype)[:size].reshape(n, c, kern.planes, kern.hq, kern.wq)
-    cthreads.run(kern.tasks["pack"], [_ptr(x), _ptr(xq), h, w, top, left], parallel.chunks(n, xq.size * 8))
+    cthreads.run(kern.tasks["pack"], [_ptr(x), _ptr(xq), h, w, top, left], cthreads.chunks(n, xq.size * 8))
     return Packed(xq, kern, out, grad)
 
 
@@ -438,12 +438,12 @@ def conv(packed: Packed, weight: np.ndarray) -> np.ndarray:
     n, work = xq.shape[0], _work(packed, kh, kw) * k
     w = np.ascontiguousarray(weight, dtype=xq.dtype)
     y = np.empty((n, k, oh, ow), dtype=xq.dtype)
-    if n >= parallel.get_threads() or work < parallel.MIN_WORK:  # the threads split the batch
-        cthreads.run(kern.tasks["forward_images"], [_ptr(xq), _ptr(w), _ptr(y), 0, k], parallel.chunks(n, work))
+    if n >= parallel.get_threads() or work < cthreads.MIN_WORK:  # the threads split the batch
+        cthreads.run(kern.tasks["forward_images"], [_ptr(xq), _ptr(w), _ptr(y), 0, k], cthreads.chunks(n, work))
     else:  # fewer images than threads (inference at batch 1): they split the filters, in whole blocks
         b = kern.block
         cthreads.run(kern.tasks["forward_filters"], [_ptr(xq), _ptr(w), _ptr(y), 0, n],
-                     [(lo * b, hi * b) for lo, hi in parallel.chunks(k // b, work)])
+                     [(lo * b, hi * b) for lo, hi in cthreads.chunks(k // b, work)])
     return y
 
 
@@ -453,7 +453,7 @@ def grad_weight(packed: Packed, dy: np.ndarray, kh: int, kw: int) -> np.ndarray:
     k = dy.shape[1]
     n, c = xq.shape[:2]
     dy = np.ascontiguousarray(dy, dtype=xq.dtype)
-    slices = parallel.chunks(n, _work(packed, kh, kw) * k)
+    slices = cthreads.chunks(n, _work(packed, kh, kw) * k)
     parts = [np.zeros((k, c, kh * kw, kern.lanes), dtype=xq.dtype) for _ in slices]
     jobs = dict(zip(slices, parts))
     cthreads.run(kern.tasks["grad_weight"], [[_ptr(xq), _ptr(dy), _ptr(jobs[s])] for s in slices], slices)

@@ -94,9 +94,10 @@ def blas_threads_for(batch: int):
         _blas_scope = False
 
 
-def chunks(n: int, work: float) -> list[tuple[int, int]]:
-    """Contiguous [lo, hi) slices of a batch of n, one per thread, or one slice for small work."""
-    parts = min(get_threads(), n) if work >= MIN_WORK else 1
+def chunks(n: int, work: float, minimum: float | None = None) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) slices of a batch of n, one per thread, or one slice for work under
+    `minimum` (default MIN_WORK)."""
+    parts = min(get_threads(), n) if work >= (MIN_WORK if minimum is None else minimum) else 1
     bounds = [n * i // parts for i in range(parts + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(parts)]
 

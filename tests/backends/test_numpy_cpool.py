@@ -11,7 +11,7 @@ from test_numpy_grad import CASES, make_node
 from test_numpy_grad import test_backward_matches_finite_differences as finite_differences
 
 from cnnc.backends.base import Ctx
-from cnnc.backends.numpy import conv, cpool, parallel
+from cnnc.backends.numpy import conv, cpool, cthreads, parallel
 
 if not cpool.available(np.float32):
     pytest.skip("no C compiler (cc) on this machine: the pools stay on NumPy", allow_module_level=True)
@@ -50,6 +50,7 @@ def test_c_pool_equals_numpys_to_the_bit(geometry, dtype, threads, monkeypatch, 
     rng = np.random.default_rng(len(str(geometry)))
     x = rng.normal(size=(6, 5, 17, 14)).astype(dtype)
     monkeypatch.setattr(parallel, "MIN_WORK", 0)
+    monkeypatch.setattr(cthreads, "MIN_WORK", 0)
     before = parallel.get_threads()
     try:
         parallel.set_threads(threads)

@@ -277,6 +277,7 @@ def test_c_kernels_split_over_threads_give_the_one_thread_result(case, path, mon
     dy = rng.normal(size=(5, *node.out_shape))
     k = KERNELS["conv"]
     monkeypatch.setattr(parallel, "MIN_WORK", 0)
+    monkeypatch.setattr(cthreads, "MIN_WORK", 0)
     results, splits = [], []
     threads, run = parallel.get_threads(), cthreads.run
     monkeypatch.setattr(cthreads, "run", lambda fn, args, slices: (splits.append(len(slices)), run(fn, args, slices))[1])

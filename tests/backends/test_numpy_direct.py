@@ -12,7 +12,7 @@ from test_numpy_grad import Case, make_node, make_params
 from test_numpy_grad import test_backward_matches_finite_differences as finite_differences
 
 from cnnc.backends.base import Ctx
-from cnnc.backends.numpy import cc, conv, direct, parallel
+from cnnc.backends.numpy import cc, conv, cthreads, direct, parallel
 
 if not direct.available():
     pytest.skip("no C compiler (cc) on this machine: the direct convolution is not built",
@@ -86,6 +86,7 @@ def test_direct_equals_im2col_split_over_threads(shape, dtype, avx512, layout, m
     dy = rng.normal(size=y0.shape).astype(dtype)
     (dx0,), p0 = conv._backward(node, s0, dy, w, True, True)
     monkeypatch.setattr(parallel, "MIN_WORK", 0)
+    monkeypatch.setattr(cthreads, "MIN_WORK", 0)
     before = parallel.get_threads()
     tol = 2e-6 if dtype == np.float32 else 1e-13
     try:

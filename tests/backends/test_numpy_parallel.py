@@ -24,6 +24,7 @@ def test_chunks_split_the_batch_only_for_enough_work(two_threads):
     assert parallel.chunks(5, parallel.MIN_WORK) == [(0, 2), (2, 5)]
     assert parallel.chunks(5, parallel.MIN_WORK - 1) == [(0, 5)]
     assert parallel.chunks(1, float("inf")) == [(0, 1)]
+    assert parallel.chunks(5, 10, minimum=10) == [(0, 2), (2, 5)]  # the C kernels' own threshold
 
 
 def test_a_batch_smaller_than_the_threads_hands_them_to_blas(two_threads):
