@@ -12,7 +12,8 @@ Rows (goals as ratios to the peer measured in the same run; issue 20's goals whe
   `cnnc train` LeNet-5, 15 epochs of MNIST-5k  our time / the plain path's   goal ≤ 0.5
 A training step is forward, cross-entropy, backward and an SGD-momentum update, on the training
 plan `cnnc train` runs. This machine's load changes from second to second, so the two sides
-alternate: each round times ours, then the peer's, a few repeats each (median); the row's figure
+alternate: each round times ours, then the peer's, a few repeats each (median), each side after a
+pause that lets the other's spinning threads go quiet (SETTLE_S); the row's figure
 is the median over rounds of the per-round ratio. The onnxruntime rows time our ONNX export
 (`cnnc export`, -O0) in an onnxruntime CPU session with as many intra-op threads as cnnc has;
 their peer column is onnxruntime. The `cnnc train` row runs whole trainings (one a round each
@@ -31,6 +32,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +166,12 @@ ROWS = [  # key, label, kind, goal (ratio of times; for conv256 of GFLOP/s), how
 ]
 ONE_SHOT = {"lenet5_train"}  # rows whose steps are whole runs: no warm-up, one repeat a round
 SLOW_STEP_MS = 1000  # rows whose steps take longer are timed with fewer repeats per round
+# Each side's timing starts this long after the other's: both leave threads spinning after their
+# calls (OpenBLAS's for ~0.1 s once cnnc has given it two threads at batch 1, onnxruntime's and
+# PyTorch's OpenMP ones), which took the cores from the side timed next. MobileNetV2 at batch 1 in
+# onnxruntime, median of 5 right after 5 of ours, 3 rounds: 4.2-7.9 ms with no pause, 6.8-14.9
+# after 10 and 50 ms, 3.4-3.8 after 0.2 and 0.5 s (ours after onnxruntime: 12.0-14.0 against 11.7).
+SETTLE_S = 0.25
 CONV256_FLOP = 2 * 8 * 56 * 56 * 256 * 256 * 9
 
 
@@ -184,7 +192,10 @@ def measure(key: str, spec, rounds: int, repeats: int) -> dict:
             repeats = min(repeats, 2)
     ours_ms, theirs_ms, ratios = [], [], []
     for _ in range(rounds):
-        a, b = _median_ms(ours, repeats, 0), _median_ms(theirs, repeats, 0)
+        time.sleep(SETTLE_S)
+        a = _median_ms(ours, repeats, 0)
+        time.sleep(SETTLE_S)
+        b = _median_ms(theirs, repeats, 0)
         ours_ms.append(a)
         theirs_ms.append(b)
         ratios.append(a / b)
