@@ -97,3 +97,19 @@ def tiny_net(optimizer: str = "momentum momentum=0.9", lr: str = "0.05 policy=pl
     return (f"network tiny\ninput 1x8x8\nclasses 4\nlayers:\n"
             f"    conv 4 3x3 pad=1 -> bn -> relu -> maxpool 2x2 -> gap -> dense classes\n"
             f"train:\n    optimizer {optimizer}\n    lr {lr}\n    batch 16\n    epochs {epochs}\n    seed {seed}\n")
+
+
+@pytest.fixture
+def two_threads():
+    """The NumPy backend on two threads of its own and OpenBLAS on one (its default split), restored
+    after; skipped where OpenBLAS's thread count cannot be set."""
+    from cnnc.backends.numpy import blas, parallel
+
+    if blas.get_threads() is None:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS whose thread count can be set")
+    threads, blas_threads = parallel.get_threads(), blas.get_threads()
+    parallel.set_threads(2)
+    blas.set_threads(1)
+    yield
+    parallel.set_threads(threads)
+    blas.set_threads(blas_threads)

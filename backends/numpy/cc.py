@@ -9,6 +9,7 @@ false for the process (saying why once: `give_up`) and the kernels' NumPy paths 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -81,3 +82,14 @@ def build(source: str) -> Path:
         src.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
     return lib
+
+
+def load(defines: dict, source: str, what: str) -> ctypes.CDLL:
+    """The library of `source` after a #define line per entry of `defines`, built (`build`) and
+    loaded; BuildError where the compiler fails or the loader refuses the file (another machine's
+    cache, a broken file), naming `what` ("the pooling kernels")."""
+    text = "".join(f"#define {key} {value}\n" for key, value in defines.items()) + source
+    try:
+        return ctypes.CDLL(str(build(text)))
+    except OSError as e:
+        raise BuildError(f"{what} did not load: {e}") from e

@@ -181,12 +181,8 @@ def _library(dtype: str, c: int, h: int, w: int, g, vb: int):
                    PLACEMENTS=_c_list(_c_list(row) for row in g.place.tolist()) if len(g.placements) else "{{0}}",
                    PHASE_COUNTS=_c_list(len(t) for t in by_phase),
                    PHASE_TAP_LISTS=_c_list(_c_list(t + [0] * (g.ntaps - len(t))) for t in by_phase))
-    source = ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
-              + cthreads.tasks(("forward", "pppLH"), ("backward", "pppppLH")))
-    try:
-        lib = ctypes.CDLL(str(cc.build(source)))
-    except OSError as e:
-        raise cc.BuildError(f"the depthwise conv kernels did not load: {e}") from e
+    lib = cc.load(defines, _SOURCE + cthreads.tasks(("forward", "pppLH"), ("backward", "pppppLH")),
+                  "the depthwise conv kernels")
     lib.forward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
     lib.backward.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2
     lib.forward.restype = lib.backward.restype = None

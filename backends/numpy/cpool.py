@@ -112,12 +112,8 @@ def available(dtype) -> bool:
 def _library(dtype: str, kernel: tuple[int, int], stride: tuple[int, int]):
     defines = dict(T="float" if dtype == "float32" else "double", KH=kernel[0], KW=kernel[1], SH=stride[0],
                    SW=stride[1])
-    source = ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
-              + cthreads.tasks(("window_sums", "ppLHllllll"), ("window_shares", "ppLHllllll")))
-    try:
-        lib = ctypes.CDLL(str(cc.build(source)))
-    except OSError as e:
-        raise cc.BuildError(f"the pooling kernels did not load: {e}") from e
+    lib = cc.load(defines, _SOURCE + cthreads.tasks(("window_sums", "ppLHllllll"), ("window_shares", "ppLHllllll")),
+                  "the pooling kernels")
     for f in (lib.window_sums, lib.window_shares):
         f.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 8
         f.restype = None

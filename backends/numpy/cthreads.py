@@ -199,7 +199,7 @@ _failed = False  # the workers' library did not build: parallel.py's threads run
 
 @lru_cache(maxsize=1)
 def _pool():
-    lib = ctypes.CDLL(str(cc.build(f"#define SPIN_NS {SPIN_US * 1000}L\n" + _SOURCE)))
+    lib = cc.load({"SPIN_NS": f"{SPIN_US * 1000}L"}, _SOURCE, "the C kernels' worker threads")
     lib.run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
     lib.run.restype = None
     return lib

@@ -37,20 +37,15 @@ tuner (`tuner.py`) times this against the gemm-based algorithms; it is never the
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
 from functools import lru_cache
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from cnnc.dsl.errors import InternalError
-from . import cthreads, jit, parallel
-from .cc import BuildError, _compiler, available, build, give_up  # noqa: F401  (direct.available etc.)
+from . import cc, cthreads, parallel
+# the compiler driver's names conv.py and the tests reach through this module
+from .cc import BuildError, _compiler, available, give_up  # noqa: F401
 
 NARROW_VECTOR_BYTES, WIDE_VECTOR_BYTES = 32, 64
 
@@ -365,12 +360,7 @@ class _Kernels:
                        PH=self.planes, HQ=self.hq, WQ=self.wq,
                        PHASE_TABLE=_c_list(_c_list(row) for row in plane_table(kh, kw, sh, sw, flat)),
                        PLANE_ROWS=_c_list(a for a, _ in planes), PLANE_COLS=_c_list(b for _, b in planes))
-        source = ("".join(f"#define {key} {value}\n" for key, value in defines.items()) + _SOURCE
-                  + cthreads.tasks(*_TASKS.values()))
-        try:
-            lib = ctypes.CDLL(str(build(source)))
-        except OSError as e:  # a library the loader refuses (another machine's cache, a broken file)
-            raise BuildError(f"a direct conv kernel did not load: {e}") from e
+        lib = cc.load(defines, _SOURCE + cthreads.tasks(*_TASKS.values()), "a direct conv kernel")
         self.pack, self.forward, self.grad_weight = lib.pack, lib.forward, lib.grad_weight
         self.tasks = {key: cthreads.task(lib, name, kinds) for key, (name, kinds) in _TASKS.items()}
         self.block = defines["KB"]

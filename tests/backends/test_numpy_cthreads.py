@@ -34,14 +34,6 @@ def lib():
     return lib
 
 
-@pytest.fixture
-def two_threads():
-    before = parallel.get_threads()
-    parallel.set_threads(2)
-    yield
-    parallel.set_threads(before)
-
-
 def fill(lib, n: int, slices, base=7):
     out, who = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     args = ([[out.ctypes.data, who.ctypes.data, b] for b in base] if isinstance(base, list)

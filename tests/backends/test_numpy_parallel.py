@@ -3,21 +3,9 @@ pass over fewer images than threads hands the threads to BLAS."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from cnnc.backends.numpy import blas, parallel
-
-@pytest.fixture
-def two_threads():
-    if blas.get_threads() is None:
-        pytest.skip("NumPy's BLAS is not an OpenBLAS whose thread count can be set")
-    threads, blas_threads = parallel.get_threads(), blas.get_threads()
-    parallel.set_threads(2)
-    blas.set_threads(1)
-    yield
-    parallel.set_threads(threads)
-    blas.set_threads(blas_threads)
 
 
 def test_chunks_split_the_batch_only_for_enough_work(two_threads):

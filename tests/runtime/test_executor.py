@@ -7,25 +7,12 @@ import contextlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from cnnc.backends.base import Ctx
 from cnnc.backends.numpy import NumpyBackend, blas, parallel
 from cnnc.runtime.model import Model
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-@pytest.fixture
-def two_threads():
-    if blas.get_threads() is None:
-        pytest.skip("NumPy's BLAS is not an OpenBLAS whose thread count can be set")
-    threads, blas_threads = parallel.get_threads(), blas.get_threads()
-    parallel.set_threads(2)
-    blas.set_threads(1)
-    yield
-    parallel.set_threads(threads)
-    blas.set_threads(blas_threads)
 
 
 def test_the_executor_runs_batch_1_in_the_scope_with_the_same_outputs(two_threads, monkeypatch):
