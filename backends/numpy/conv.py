@@ -382,12 +382,16 @@ def algorithms(node, c: int, training: bool, dtype=np.float32, batch: int | None
             names.append("winograd")
     if direct.applies(node, c, dtype) and direct.available():
         # measured faster than every gemm-based algorithm on LeNet-5's and ResNet-20's stride-1
-        # layers (benchmarks/cpu_conv_algorithms.py); 1×1 convs are one gemm already, and at
-        # stride 2 it is about even with im2col. Where it is not the first choice it is the
-        # second, so that the tuner's fast mode (the first three) times it: on AVX-512 it also
-        # took half of the best gemm-based time on ResNet-50's 3×3 layers at batch 1 and beat
-        # Winograd on 256→256 at 56×56 (78.7 against 86.2 ms at batch 8).
-        first_choice = (kh * kw > 1 and sh == sw == 1 and max(c, k) <= DIRECT_MAX_CHANNELS
+        # layers (benchmarks/cpu_conv_algorithms.py); 1×1 stride-1 convs are one gemm already.
+        # At stride 2 (about even with im2col on an AMD EPYC with AVX2), on an AVX-512 Xeon, ms
+        # forward / backward, im2col → direct: ResNet-20's 1×1 shortcuts 16→32 at batch 128
+        # 1.30 / 1.92 → 0.44 / 1.48, 32→64 0.72 / 1.29 → 0.27 / 1.02; its 3×3 16→32 3.74 / 10.35 →
+        # 1.86 / 8.27; MobileNetV2's 3→32 stem at batch 1 0.37 → 0.24 (OpenBLAS on two threads,
+        # the direct conv on one). Where it is not the first choice it is the second, so that the
+        # tuner's fast mode (the first three) times it: on AVX-512 it also took half of the best
+        # gemm-based time on ResNet-50's 3×3 layers at batch 1 and beat Winograd on 256→256 at
+        # 56×56 (78.7 against 86.2 ms at batch 8).
+        first_choice = ((kh * kw > 1 or sh * sw > 1) and max(c, k) <= DIRECT_MAX_CHANNELS
                         and (batch is None or batch >= parallel.get_threads()))
         names.insert(0 if first_choice else 1, "direct")
     return list(dict.fromkeys(names))

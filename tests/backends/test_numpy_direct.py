@@ -114,7 +114,13 @@ def test_where_it_applies():
     tiny = make_node("conv", dict(filters=8, kernel=3), [(4, 4, 5)])[0]  # 2×3 outputs
     assert not direct.applies(tiny, 4, np.float32) and direct.applies(tiny, 4, np.float64)
     assert conv.algorithms(node(pad=1), 4, True)[0] == "direct"
-    assert conv.algorithms(node(stride=2, pad=1, round="floor"), 4, True)[1] == "direct"  # timed in fast mode
+    assert conv.algorithms(node(stride=2, pad=1, round="floor"), 4, True)[0] == "direct"
+    pointwise = make_node("conv", dict(filters=8, kernel=1), [(4, 12, 12)])[0]
+    assert conv.algorithms(pointwise, 4, True)[1] == "direct"  # one gemm already; timed in fast mode
+    shortcut = make_node("conv", dict(filters=8, kernel=1, stride=2, round="floor"), [(4, 12, 12)])[0]
+    assert conv.algorithms(shortcut, 4, True)[0] == "direct"
+    many = make_node("conv", dict(filters=128, kernel=3, stride=2, pad=1, round="floor"), [(64, 12, 12)])[0]
+    assert conv.algorithms(many, 64, True)[1] == "direct"  # above DIRECT_MAX_CHANNELS
 
 
 def test_without_a_compiler_or_with_jit_off_the_numpy_algorithms_remain(monkeypatch):
