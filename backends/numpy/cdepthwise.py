@@ -22,7 +22,6 @@ CNNC_JIT not 0); the NumPy kernel in depthwise.py is the reference.
 
 from __future__ import annotations
 
-import ctypes
 from functools import lru_cache
 
 import numpy as np
@@ -181,12 +180,8 @@ def _library(dtype: str, c: int, h: int, w: int, g, vb: int):
                    PLACEMENTS=_c_list(_c_list(row) for row in g.place.tolist()) if len(g.placements) else "{{0}}",
                    PHASE_COUNTS=_c_list(len(t) for t in by_phase),
                    PHASE_TAP_LISTS=_c_list(_c_list(t + [0] * (g.ntaps - len(t))) for t in by_phase))
-    lib = cc.load(defines, _SOURCE + cthreads.tasks(("forward", "pppLH"), ("backward", "pppppLH")),
-                  "the depthwise conv kernels")
-    lib.forward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
-    lib.backward.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2
-    lib.forward.restype = lib.backward.restype = None
-    return lib
+    return cthreads.load(defines, _SOURCE, "the depthwise conv kernels",
+                         {"forward": ("forward", "pppLH"), "backward": ("backward", "pppppLH")})
 
 
 def _vector_bytes(dtype) -> int:
@@ -205,14 +200,14 @@ def forward(g, x: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
     """y (N, C, oh, ow): x (N, C, H, W) correlated with weight (C, 1, kh, kw) on g's geometry.
     None where the compiler fails after all (the caller's other kernels then run)."""
     n, c, h, w = x.shape
-    lib = _library_or_none(x.dtype, c, h, w, g)
-    if lib is None:
+    tasks = _library_or_none(x.dtype, c, h, w, g)
+    if tasks is None:
         return None
     x = np.ascontiguousarray(x)
     wt = np.ascontiguousarray(weight, dtype=x.dtype).reshape(c, g.ntaps)
     y = np.empty((n, c, g.oh, g.ow), dtype=x.dtype)
     ptr = [a.ctypes.data for a in (x, wt, y)]
-    cthreads.run(cthreads.task(lib, "forward", "pppLH"), ptr,
+    cthreads.run(tasks["forward"], ptr,
                  cthreads.chunks(n * c, parallel.WORK_PER_ELEMENT * y.size * g.ntaps))
     return y
 
@@ -221,8 +216,8 @@ def backward(g, x: np.ndarray, dy: np.ndarray, weight: np.ndarray, need_dx: bool
     """(dx or None, dweight) of `forward` at x for the output gradient dy; None where the
     compiler fails."""
     n, c, h, w = x.shape
-    lib = _library_or_none(dy.dtype, c, h, w, g)
-    if lib is None:
+    tasks = _library_or_none(dy.dtype, c, h, w, g)
+    if tasks is None:
         return None
     dtype = dy.dtype
     x = np.ascontiguousarray(x, dtype=dtype)
@@ -231,6 +226,6 @@ def backward(g, x: np.ndarray, dy: np.ndarray, weight: np.ndarray, need_dx: bool
     dx = np.empty((n, c, h, w), dtype=dtype) if need_dx else None
     dw = np.empty((n, c, g.ntaps), dtype=dtype)
     ptr = [a.ctypes.data for a in (x, dy, wt, dw)] + [dx.ctypes.data if need_dx else None]
-    cthreads.run(cthreads.task(lib, "backward", "pppppLH"), ptr,
+    cthreads.run(tasks["backward"], ptr,
                  cthreads.chunks(n * c, parallel.WORK_PER_ELEMENT * dy.size * g.ntaps * 2))
     return dx, (dw[0] if n == 1 else dw.sum(axis=0)).reshape(weight.shape)

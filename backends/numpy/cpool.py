@@ -13,7 +13,6 @@ Used where `available()` (a C compiler, CNNC_JIT not 0); the NumPy kernel is the
 
 from __future__ import annotations
 
-import ctypes
 from functools import lru_cache
 
 import numpy as np
@@ -112,22 +111,17 @@ def available(dtype) -> bool:
 def _library(dtype: str, kernel: tuple[int, int], stride: tuple[int, int]):
     defines = dict(T="float" if dtype == "float32" else "double", KH=kernel[0], KW=kernel[1], SH=stride[0],
                    SW=stride[1])
-    lib = cc.load(defines, _SOURCE + cthreads.tasks(("window_sums", "ppLHllllll"), ("window_shares", "ppLHllllll")),
-                  "the pooling kernels")
-    for f in (lib.window_sums, lib.window_shares):
-        f.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 8
-        f.restype = None
-    return lib
+    return cthreads.load(defines, _SOURCE, "the pooling kernels",
+                         {name: (name, "ppLHllllll") for name in ("window_sums", "window_shares")})
 
 
-def _run(lib, name: str, src, dst, planes: int, geometry: tuple, work: float) -> None:
-    cthreads.run(cthreads.task(lib, name, "ppLHllllll"), [src.ctypes.data, dst.ctypes.data, *geometry],
-                 cthreads.chunks(planes, work))
+def _run(task, src, dst, planes: int, geometry: tuple, work: float) -> None:
+    cthreads.run(task, [src.ctypes.data, dst.ctypes.data, *geometry], cthreads.chunks(planes, work))
 
 
 def _library_or_none(dtype, kernel, stride):
-    """The pools' library for this dtype, window and stride; None where its compiler fails (which
-    turns the C path off for the process, saying why once: cc.give_up)."""
+    """The pools' tasks (cthreads.load) for this dtype, window and stride; None where its compiler
+    fails (which turns the C path off for the process, saying why once: cc.give_up)."""
     try:
         return _library(np.dtype(dtype).name, tuple(kernel), tuple(stride))
     except cc.BuildError as e:
@@ -138,27 +132,27 @@ def _library_or_none(dtype, kernel, stride):
 def avgpool_forward(x: np.ndarray, div: np.ndarray, kernel, stride, top: int, left: int, out) -> np.ndarray | None:
     """y (N, C, oh, ow) of x (N, C, H, W): window sums over the input ÷ div (oh, ow). Call where
     `available`; None where the compiler fails after all (the caller's NumPy kernel then runs)."""
-    lib = _library_or_none(x.dtype, kernel, stride)
-    if lib is None:
+    tasks = _library_or_none(x.dtype, kernel, stride)
+    if tasks is None:
         return None
     x = np.ascontiguousarray(x)
     n, c, h, w = x.shape
     oh, ow = out
     y = np.empty((n, c, oh, ow), dtype=x.dtype)
-    _run(lib, "window_sums", x, y, n * c, (h, w, oh, ow, top, left), parallel.WORK_PER_ELEMENT * x.size)
+    _run(tasks["window_sums"], x, y, n * c, (h, w, oh, ow, top, left), parallel.WORK_PER_ELEMENT * x.size)
     y /= div  # NumPy's division, vectorised (in the loop above one scalar division an output: 2× the time)
     return y
 
 
 def avgpool_backward(dy: np.ndarray, div: np.ndarray, kernel, stride, top: int, left: int, shape) -> np.ndarray | None:
     """dx (N, C, H, W) of an average pool's output gradient dy (N, C, oh, ow); as avgpool_forward."""
-    lib = _library_or_none(dy.dtype, kernel, stride)
-    if lib is None:
+    tasks = _library_or_none(dy.dtype, kernel, stride)
+    if tasks is None:
         return None
     n, c, h, w = shape
     _, _, oh, ow = dy.shape
     share = np.ascontiguousarray(dy / div)  # each window's share, as NumPy's kernel computes it
     dx = np.empty(shape, dtype=dy.dtype)
-    _run(lib, "window_shares", share, dx, n * c, (h, w, oh, ow, top, left),
+    _run(tasks["window_shares"], share, dx, n * c, (h, w, oh, ow, top, left),
          parallel.WORK_PER_ELEMENT * kernel[0] * kernel[1] * dy.size)
     return dx

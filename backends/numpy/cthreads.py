@@ -194,6 +194,13 @@ def task(lib, name: str, kinds: str):
     return fn
 
 
+def load(defines: dict, source: str, what: str, kernel_tasks: dict[str, tuple[str, str]]) -> dict:
+    """A kernel library (cc.load) with its tasks: kernel_tasks maps a key to (kernel name, argument
+    kinds); returns key → the task's ctypes function, for `run`."""
+    lib = cc.load(defines, source + tasks(*kernel_tasks.values()), what)
+    return {key: task(lib, name, kinds) for key, (name, kinds) in kernel_tasks.items()}
+
+
 _failed = False  # the workers' library did not build: parallel.py's threads run the slices
 
 
@@ -210,7 +217,7 @@ def _pool_or_none():
     if not _failed:
         try:
             return _pool()
-        except (cc.BuildError, OSError) as e:
+        except cc.BuildError as e:
             _failed = True
             print(f"cnnc: the C kernels' worker threads did not build ({e}); Python threads run them",
                   file=sys.stderr)

@@ -36,14 +36,13 @@ tuner (`tuner.py`) times this against the gemm-based algorithms; it is never the
 
 from __future__ import annotations
 
-import ctypes
 from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
 
 from cnnc.dsl.errors import InternalError
-from . import cc, cthreads, parallel
+from . import cthreads, parallel
 # the compiler driver's names conv.py and the tests reach through this module
 from .cc import BuildError, _compiler, available, give_up  # noqa: F401
 
@@ -339,8 +338,8 @@ _TASKS = {"pack": ("pack", "ppLHllll"), "forward_images": ("forward", "pppLHll")
 
 
 class _Kernels:
-    """The compiled library of one shape and layout: pack, forward and grad_weight as ctypes
-    functions, and the planes' size."""
+    """The compiled library of one shape and layout: its tasks (pack, forward over images or
+    filters, grad_weight: `_TASKS`), and the planes' size."""
 
     def __init__(self, dtype, c, k, oh, ow, kh, kw, sh, sw, flat, spill, vb, registers):
         self.dtype = np.dtype(dtype)
@@ -360,14 +359,8 @@ class _Kernels:
                        PH=self.planes, HQ=self.hq, WQ=self.wq,
                        PHASE_TABLE=_c_list(_c_list(row) for row in plane_table(kh, kw, sh, sw, flat)),
                        PLANE_ROWS=_c_list(a for a, _ in planes), PLANE_COLS=_c_list(b for _, b in planes))
-        lib = cc.load(defines, _SOURCE + cthreads.tasks(*_TASKS.values()), "a direct conv kernel")
-        self.pack, self.forward, self.grad_weight = lib.pack, lib.forward, lib.grad_weight
-        self.tasks = {key: cthreads.task(lib, name, kinds) for key, (name, kinds) in _TASKS.items()}
+        self.tasks = cthreads.load(defines, _SOURCE, "a direct conv kernel", _TASKS)
         self.block = defines["KB"]
-        self.pack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 6
-        self.forward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4
-        self.grad_weight.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
-        self.pack.restype = self.forward.restype = self.grad_weight.restype = None
 
 
 @lru_cache(maxsize=None)
