@@ -55,10 +55,12 @@ def _cache_dir() -> Path:
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC"]
 
 
-def build(source: str) -> Path:
-    """The shared library of C `source`, compiled once per text, compiler flags and CPU (cached
-    by that hash under the cache root; raises BuildError where the compiler fails)."""
-    key = "\n".join([source, " ".join(FLAGS), parallel.cpu_model(), _compiler() or ""])
+def build(source: str, flags: tuple[str, ...] = ()) -> Path:
+    """The shared library of C `source`, compiled once per text, compiler flags (FLAGS, then
+    `flags`) and CPU (cached by that hash under the cache root; raises BuildError where the
+    compiler fails)."""
+    every = [*FLAGS, *flags]
+    key = "\n".join([source, " ".join(every), parallel.cpu_model(), _compiler() or ""])
     name = f"cnnc_direct_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     folder = _cache_dir()
     lib = folder / f"{name}.so"
@@ -70,7 +72,7 @@ def build(source: str) -> Path:
     src.write_text(source, encoding="utf-8")
     try:
         try:
-            r = subprocess.run([_compiler(), *FLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True,
+            r = subprocess.run([_compiler(), *every, "-o", str(tmp), str(src)], capture_output=True, text=True,
                                timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise BuildError(f"the C compiler {_compiler()} could not build a generated kernel: {e}") from e
@@ -84,12 +86,13 @@ def build(source: str) -> Path:
     return lib
 
 
-def load(defines: dict, source: str, what: str) -> ctypes.CDLL:
-    """The library of `source` after a #define line per entry of `defines`, built (`build`) and
+def load(defines: dict, source: str, what: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The library of `source` after a #define line per entry of `defines`, built (`build`, with
+    the extra compiler `flags`) and
     loaded; BuildError where the compiler fails or the loader refuses the file (another machine's
     cache, a broken file), naming `what` ("the pooling kernels")."""
     text = "".join(f"#define {key} {value}\n" for key, value in defines.items()) + source
     try:
-        return ctypes.CDLL(str(build(text)))
+        return ctypes.CDLL(str(build(text, tuple(flags))))
     except OSError as e:
         raise BuildError(f"{what} did not load: {e}") from e

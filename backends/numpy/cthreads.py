@@ -194,10 +194,11 @@ def task(lib, name: str, kinds: str):
     return fn
 
 
-def load(defines: dict, source: str, what: str, kernel_tasks: dict[str, tuple[str, str]]) -> dict:
-    """A kernel library (cc.load) with its tasks: kernel_tasks maps a key to (kernel name, argument
-    kinds); returns key → the task's ctypes function, for `run`."""
-    lib = cc.load(defines, source + tasks(*kernel_tasks.values()), what)
+def load(defines: dict, source: str, what: str, kernel_tasks: dict[str, tuple[str, str]],
+         flags: tuple[str, ...] = ()) -> dict:
+    """A kernel library (cc.load, with extra compiler `flags`) with its tasks: kernel_tasks maps a
+    key to (kernel name, argument kinds); returns key → the task's ctypes function, for `run`."""
+    lib = cc.load(defines, source + tasks(*kernel_tasks.values()), what, flags)
     return {key: task(lib, name, kinds) for key, (name, kinds) in kernel_tasks.items()}
 
 

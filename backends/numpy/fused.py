@@ -34,10 +34,11 @@ import numpy as np
 from cnnc.compiler.ops import OPS
 from cnnc.dsl.errors import CnncError
 
+from . import celementwise as _cew
 from . import conv as _conv
 from . import dense as _dense
 from . import elementwise as _ew
-from . import jit, parallel
+from . import parallel
 
 def _flat(a: np.ndarray) -> np.ndarray:
     """A 1-D view of a C-contiguous array."""
@@ -67,8 +68,11 @@ def epilogue(y: np.ndarray, bias, residual, act):
     yf = _flat(y)
     out = np.empty_like(y) if keep_pre else y
     of = _flat(out)
-    if jit.epilogue(y, bias, residual, act, out):  # one compiled pass (jit.py), where it has one
+    done = _cew.epilogue(y, bias, residual, act, out)  # one C pass (celementwise.py), where it has one
+    if done == "all" or (done == "affine" and act is None):
         return out, (y if keep_pre else None)
+    if done == "affine":  # the bias and residual are in y: the activation is NumPy's
+        bias = residual = None
     brows = None if bias is None else np.tile(bias.astype(y.dtype, copy=False), n)[:, None]
     rf = None if residual is None else _flat(np.ascontiguousarray(residual, dtype=y.dtype))
 
@@ -92,7 +96,7 @@ def epilogue_grad(act, pre, y, dy: np.ndarray) -> np.ndarray:
         return dy
     dy = np.ascontiguousarray(dy)
     dz = np.empty(dy.shape, dtype=dy.dtype)
-    if jit.gradient(act[0], act[1], pre, y, dy, dz):  # one compiled pass (jit.py), where it has one
+    if _cew.gradient(act[0], act[1], pre, y, dy, dz):  # one C pass (celementwise.py), where it has one
         return dz
     pf = None if pre is None else _flat(pre)
     yf = None if y is None else _flat(y)

@@ -9,10 +9,10 @@ compiled ones share one pool. Numba's parallel loops had a pool of their own: it
 cost 0.1–1 ms a launch (a batch-1 depthwise conv of 0.3 ms took 1.0–1.2 ms in a network), its
 OpenMP layer's threads spin between calls and took the cores from the backend's threads.
 
-Generated here from the op table's formulas, for the piecewise activations: each one's gradient
-loop, fused_bn's loops (BatchNorm's normalisation, the residual and the activation in one pass
-forward, the gradient with BatchNorm's sums in one pass backward), and the fused conv epilogue
-(bias, residual and activation in one pass, for any activation without exp or tanh).
+Generated here from the op table's formulas, for the piecewise activations: fused_bn's loops
+(BatchNorm's normalisation, the residual and the activation in one pass forward, the gradient with
+BatchNorm's sums in one pass backward). The activations' own gradients and the fused conv
+epilogue are C loops (celementwise.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import os
 import sys
 from functools import lru_cache
 from pathlib import Path
-
-import numpy as np
 
 from cnnc.compiler.formula import Expr
 from cnnc.compiler.ops import OPS
@@ -68,7 +66,7 @@ def run(kernel, n: int, work: float, *args) -> None:
     parallel.run(lambda lo, hi: kernel(*args, lo, hi), parallel.chunks(n, work))
 
 
-# ---- element-wise gradients and fused_bn, generated from the op table's formulas ---------------
+# ---- fused_bn, generated from the op table's formulas ------------------------------------------
 
 # Functions whose formulas stay on NumPy: its SIMD exp, tanh and log are 3–5× faster than the scalar
 # libm calls Numba makes without SVML (a tanh over 300K float32: 4.8 against 1.0 ms).
@@ -91,18 +89,12 @@ _PIECEWISE = {">", "<", ">=", "<=", "where", "min", "max", "clip", "abs"}
 
 
 @lru_cache(maxsize=None)
-def has_gradient_loop(op: str) -> bool:
-    """Whether op's gradient runs as a generated loop: a piecewise derivative without exp, tanh & co."""
-    f = OPS[op].formula
-    calls = set() if f is None else _calls(f.grad)
-    return f is not None and bool(calls & _PIECEWISE) and not calls & _VECTOR_ONLY
-
-
-@lru_cache(maxsize=None)
 def has_bn_loop(op: str) -> bool:
-    """Whether BatchNorm followed by op runs as generated loops (fused_bn): a gradient loop, and a
-    forward formula without exp, tanh & co."""
-    return has_gradient_loop(op) and not _calls(OPS[op].formula.fwd) & _VECTOR_ONLY
+    """Whether BatchNorm followed by op runs as generated loops (fused_bn): a piecewise derivative
+    and a forward formula, neither with exp, tanh & co."""
+    f = OPS[op].formula
+    calls = set() if f is None else _calls(f.grad) | _calls(f.fwd)
+    return f is not None and bool(_calls(f.grad) & _PIECEWISE) and not calls & _VECTOR_ONLY
 
 
 def _scalar(e: Expr, t: str) -> str:
@@ -157,17 +149,6 @@ def _source(op: str, loops) -> str:
     for t in ("float32", "float64"):
         lines += loops(t, params, lambda e, t=t: _scalar(e, "np." + t))
     return "\n".join(lines)
-
-
-def _gradient_source(op: str) -> str:
-    grad = OPS[op].formula.grad
-    return _source(op, lambda t, params, render: [
-        '@njit(nogil=True, cache=True, error_model="numpy")',
-        f"def grad_{t}(x, y, g, out{params}, lo, hi):",
-        "    for i in range(lo, hi):",
-        "        xv = x[i]",
-        "        yv = y[i]",
-        f"        out[i] = g[i] * {render(grad)}", ""])
 
 
 def _bn_source(op: str) -> str:
@@ -228,85 +209,6 @@ def _bn_source(op: str) -> str:
     return _source(op, loops)
 
 
-def _epilogue_source(op: str | None) -> str:
-    """The fused conv epilogue's loop for activation op (None: no activation), per dtype t:
-    epilogue_t over rows r of y (N·K, L): z = y + bias[r % K] (mode bit 1) + residual (bit 2), in
-    NumPy's order, then out = f(z), z kept in y when `keep` (the derivative reads the input). One
-    row function per mode and keep, so no test sits in the element loop; in place (out is y) the
-    row is one array argument: given two that overlap, LLVM's run-time alias check sends the loop
-    to its scalar version (a bias add 0.68 against 0.15 ms over 96×112×112 float32)."""
-    fwd = None if op is None else OPS[op].formula.fwd
-
-    def loops(t, params, render):
-        lines = []
-        for mode in range(4):
-            for keep in (0, 1):
-                src, dst = ("src", "dst") if keep else ("row", "row")
-                z = f"{src}[i]" + (" + bv" if mode & 1 else "")
-                body = [f"        xv = {z}"] + (["        xv = xv + rr[i]"] if mode & 2 else [])
-                body += [f"        {src}[i] = xv"] if keep else []
-                body += [f"        {dst}[i] = {'xv' if fwd is None else render(fwd)}"]
-                lines += ['@njit(cache=True, error_model="numpy")',
-                          f"def _row_{mode}{keep}_{t}({'src, dst' if keep else 'row'}, bv, rr{params}):",
-                          f"    for i in range({dst}.size):", *body, ""]
-        calls = [f"        {'if' if m == 0 else 'elif'} mode == {m} and keep == {k}:\n"
-                 f"            _row_{m}{k}_{t}({'y[r], out[r]' if k else 'y[r]'}, bv, rr{params})"
-                 for m in range(4) for k in (0, 1)]
-        return lines + ['@njit(nogil=True, cache=True, error_model="numpy")',
-                        f"def epilogue_{t}(y, bias, res, out, mode, keep{params}, lo, hi):",
-                        "    k = bias.size",
-                        "    for r in range(lo, hi):",
-                        "        bv = bias[r % k]",
-                        "        rr = res[r % res.shape[0]]",
-                        *calls, ""]
-
-    if op is None:
-        lines = list(_HEADER)
-        for t in ("float32", "float64"):
-            lines += loops(t, "", None)
-        return "\n".join(lines)
-    return _source(op, loops)
-
-
-@lru_cache(maxsize=None)
-def has_epilogue_loop(op: str | None) -> bool:
-    """Whether the fused epilogue with activation op (None: none) runs as a generated loop: its
-    forward without exp, tanh & co (NumPy's SIMD versions of those beat a scalar loop)."""
-    return op is None or not _calls(OPS[op].formula.fwd) & _VECTOR_ONLY
-
-
-@lru_cache(maxsize=None)
-def _epilogue_module(op: str | None):
-    return _generated("epilogue", op or "none", _epilogue_source(op))
-
-
-def epilogue(y, bias, residual, act, out) -> bool:
-    """fused.epilogue through a compiled loop: z = y + bias + residual, out = act(z), z left in y
-    when out is not y; for C-contiguous float arrays of one dtype with rows of 8 or more elements
-    and an activation with has_epilogue_loop. False (nothing done) otherwise."""
-    n, k = y.shape[:2]
-    rows = n * k
-    op = None if act is None else act[0]
-    if (not has_epilogue_loop(op) or y.dtype not in (np.float32, np.float64) or not enabled()
-            or not y.flags.c_contiguous or not out.flags.c_contiguous or y.size < 8 * rows
-            or (residual is not None and residual.shape != y.shape)):
-        return False
-    dtype = y.dtype
-    shape = (rows, y.size // rows)
-    b = np.zeros(1, dtype) if bias is None else bias.astype(dtype, copy=False)
-    r = np.zeros((1, shape[1]), dtype) if residual is None else np.ascontiguousarray(residual, dtype).reshape(shape)
-    fn = getattr(_epilogue_module(op), f"epilogue_{dtype.name}")
-    run(fn, rows, parallel.WORK_PER_ELEMENT * y.size, y.reshape(shape), b, r, out.reshape(shape),
-        (bias is not None) + 2 * (residual is not None), int(out is not y),
-        *(dtype.type(v) for v in (act[1] if act else ())))
-    return True
-
-
-@lru_cache(maxsize=None)
-def _gradient_module(op: str):
-    return _generated("grad", op, _gradient_source(op))
-
-
 @lru_cache(maxsize=None)
 def bn_module(op: str):
     """fused_bn's generated loops for activation op (has_bn_loop); call where enabled() said yes."""
@@ -329,17 +231,3 @@ def _generated(kind: str, op: str, source: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def gradient(op: str, args: tuple[float, ...], x, y, dy, out) -> bool:
-    """out = dy · f'(x, y) through a compiled loop, for C-contiguous float arrays of one dtype and an
-    op with has_gradient_loop; False (nothing done) otherwise."""
-    arrays = [a for a in (x, y) if a is not None] + [dy, out]
-    if (not has_gradient_loop(op) or not enabled() or dy.dtype not in (np.float32, np.float64)
-            or any(a.dtype != dy.dtype or a.shape != dy.shape or not a.flags.c_contiguous for a in arrays)):
-        return False
-    g = dy.reshape(-1)
-    fn = getattr(_gradient_module(op), f"grad_{dy.dtype.name}")
-    run(fn, dy.size, parallel.WORK_PER_ELEMENT * dy.size, g if x is None else x.reshape(-1),
-        g if y is None else y.reshape(-1), g, out.reshape(-1), *(dy.dtype.type(v) for v in args))
-    return True

@@ -1,11 +1,12 @@
 """The NumPy backend's compiled loops (backends/numpy/jit.py, jit_loops.py; Numba, the [jit] extra).
 
-Every kernel with a compiled path (BatchNorm; the gradients generated from the op table's formulas,
-alone and in the fused conv epilogue): float64 central finite differences on that path (the cases of
-test_numpy_grad.py), and the compiled path against the plain NumPy path in float32 and float64,
-at small sizes (one thread) and at sizes that split over two threads. `CNNC_JIT=0` and a missing
-Numba both give the plain path. The other backend tests run on whichever path the environment
-selects: `CNNC_JIT=0 python -m pytest tests/backends` and `CNNC_JIT=1 ...` run them on each.
+Every kernel with a Numba path (BatchNorm, fused_bn with the activations of its generated loops):
+float64 central finite differences on that path (the cases of test_numpy_grad.py), and the
+compiled path against the plain NumPy path in float32 and float64, at small sizes (one thread)
+and at sizes that split over two threads. `CNNC_JIT=0` and a missing Numba both give the plain
+path. The other backend tests run on whichever path the environment selects:
+`CNNC_JIT=0 python -m pytest tests/backends` and `CNNC_JIT=1 ...` run them on each. The C
+element-wise loops are test_numpy_celementwise.py's.
 """
 
 from __future__ import annotations
@@ -20,26 +21,14 @@ import pytest
 
 pytest.importorskip("numba")
 
-from test_numpy_grad import BACKEND, CASES, Case, ctx_for, make_leaves, make_node, make_params, rel  # noqa: E402
+from test_numpy_grad import BACKEND, CASES, ctx_for, make_leaves, make_node, make_params, rel  # noqa: E402
 from test_numpy_grad import test_backward_matches_finite_differences as finite_differences  # noqa: E402
 
 from cnnc.backends.numpy import jit, parallel  # noqa: E402
 
 
-# the kernels with a compiled path: BatchNorm, the element-wise ops whose derivative is generated as
-# a loop, and the fused conv epilogue's gradient (activation read from the output or the input)
-COMPILED = [c for c in CASES if c.op in ("batchnorm", "fused_bn") or jit.has_gradient_loop(c.op)] + [
-    Case("fused_conv-relu6-residual", "fused_conv", dict(filters=4, kernel=3, pad=1, activation="relu6",
-                                                         residual=True), [(3, 6, 6), (4, 6, 6)], scale=4.0),
-    Case("fused_conv-leaky_relu", "fused_conv", dict(filters=4, kernel=3, activation="leaky_relu",
-                                                     act_args=(0.2,)), [(3, 6, 6)]),
-    Case("fused_conv-hardswish-residual", "fused_conv", dict(filters=3, kernel=1, activation="hardswish",
-                                                             residual=True), [(3, 5, 5), (3, 5, 5)], scale=3.0),
-    Case("fused_conv-relu-nobias", "fused_conv", dict(filters=4, kernel=3, pad=1, activation="relu", bias=False),
-         [(3, 6, 6)]),
-    Case("fused_conv-residual-nobias", "fused_conv", dict(filters=4, kernel=1, residual=True, bias=False),
-         [(3, 6, 6), (4, 6, 6)]),
-]
+# the kernels with a Numba path: BatchNorm and fused_bn
+COMPILED = [c for c in CASES if c.op in ("batchnorm", "fused_bn")]
 
 
 @pytest.fixture
@@ -72,8 +61,7 @@ def _run(case, shapes, dtype, seed):
 
 # the compiled cases again at a size that splits over two threads (above parallel.MIN_WORK)
 LARGE = {"batchnorm-train-4d": [(16, 64, 64)], "batchnorm-eval-4d": [(16, 64, 64)],
-         "batchnorm-train-noaffine": [(24, 48, 48)], "relu6": [(16, 96, 96)], "leaky_relu": [(16, 96, 96)],
-         "fused_conv-relu6-residual": [(3, 60, 60), (4, 60, 60)], "fused_bn-relu6": [(16, 64, 64)],
+         "batchnorm-train-noaffine": [(24, 48, 48)], "fused_bn-relu6": [(16, 64, 64)],
          "fused_bn-hardswish": [(16, 64, 64)], "fused_bn-silu": [(16, 64, 64)]}
 
 
@@ -120,50 +108,9 @@ def test_jit_off_and_numba_missing_give_the_plain_path(monkeypatch):
     assert np.isfinite(y).all() and abs(float(y.mean())) < 1.0
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("bias,residual", [(True, False), (False, True), (True, True), (False, False)])
-@pytest.mark.parametrize("act", [("relu6", ()), ("leaky_relu", (0.2,)), ("hardswish", ()), ("relu", ()), None],
-                         ids=["relu6", "leaky_relu", "hardswish", "relu", "none"])
-def test_compiled_epilogue_equals_numpys_to_the_bit(act, bias, residual, threads, dtype, use_jit, monkeypatch):
-    """The fused conv epilogue's generated loop (each bias/residual combination; in place, and with
-    the pre-activation kept where the derivative reads it) gives the NumPy blocks' values exactly,
-    on one thread and split over two; with values at the activations' kinks and a NaN."""
-    from cnnc.backends.numpy import fused
-    if not (bias or residual or act):
-        pytest.skip("nothing to do: the epilogue returns y")
-    monkeypatch.setattr(parallel, "_threads", threads)
-    monkeypatch.setattr(parallel, "MIN_WORK", 0 if threads > 1 else parallel.MIN_WORK)
-    rng = np.random.default_rng(zlib.crc32(f"{act}{bias}{residual}".encode()))
-    y0 = (rng.normal(size=(3, 5, 7, 9)) * 4).astype(dtype)
-    y0.reshape(-1)[:6] = [0.0, -0.0, 6.0, -3.0, 3.0, np.nan]
-    b = rng.normal(size=5).astype(dtype) if bias else None
-    r = rng.normal(size=y0.shape).astype(dtype) if residual else None
-    results, ran = [], []
-    epilogue = jit.epilogue
-    monkeypatch.setattr(jit, "epilogue", lambda *a: ran.append(epilogue(*a)) or ran[-1])
-    for on in (False, True):
-        use_jit(on)
-        y = y0.copy()
-        out, pre = fused.epilogue(y, b, r, act)
-        results.append((out, pre))
-    assert ran == [False, True]  # the plain blocks, then the loop
-    (out0, pre0), (out1, pre1) = results
-    np.testing.assert_array_equal(out1, out0)
-    assert (pre0 is None) == (pre1 is None) == ("input" not in fused._reads(act))
-    if pre0 is not None:
-        np.testing.assert_array_equal(pre1, pre0)
-
-
-def test_epilogues_with_exp_stay_on_numpy():
-    """silu, gelu, sigmoid and tanh: NumPy's SIMD exp and tanh beat a scalar loop; no generated epilogue."""
-    assert jit.has_epilogue_loop(None) and jit.has_epilogue_loop("relu6") and jit.has_epilogue_loop("leaky_relu")
-    assert not any(jit.has_epilogue_loop(op) for op in ("silu", "gelu", "sigmoid", "tanh"))
-
-
 def test_a_network_without_compiled_kernels_does_not_import_numba():
-    """LeNet-5 (tanh, average pools, no BatchNorm) has nothing a compiled loop speeds up: its
-    training step must not pay Numba's import (seconds on a busy machine) in `cnnc train`'s wall time."""
+    """LeNet-5 (tanh, average pools, no BatchNorm) has nothing Numba's loops serve (its tanh
+    gradients are C loops): its training step must not pay Numba's import (seconds on a busy machine) in `cnnc train`'s wall time."""
     from conftest import EXAMPLES
     code = f"""
 import sys
