@@ -1,68 +1,193 @@
-"""Element-wise loops in C, generated from the op table's formulas: the activations' gradients and
-the fused conv/dense epilogue (bias, residual, activation in one pass), on the C worker threads.
+"""Element-wise loops in C, generated from the op table's formulas: activations forward and backward
+and the fused conv/dense epilogue (bias, residual, activation in one pass), on the C worker threads.
 
 NumPy evaluates a formula one operation per pass over memory: tanh's gradient dy·(1 − y²) is three
-passes and a temporary (0.23 ms at LeNet-5's 64×6×28×28, on the Python threads' blocks), the
-epilogue's bias add one more. Here each formula is one loop that GCC vectorises, split over
-cthreads' workers. The loops compute the formula's tree in its order, operation by operation,
-in the dtype (built with -ffp-contract=off, so no multiply-add is fused): every value has the bits
-of the NumPy rendering in elementwise.py, which the fused-equals-unfused guarantees rest on.
-min/max/clip keep a NaN and, on a tie, give the second operand, as NumPy's do.
+passes and a temporary (0.23 ms at LeNet-5's 64×6×28×28, on the Python threads' blocks), silu
+x·σ(x) five. Here a formula is one generated function that walks its input in blocks of BLOCK
+elements (L1-sized): a call to a function NumPy computes with its own SIMD code (exp, tanh, log,
+expm1, log1p, sqrt; sigmoid as NumPy's 1/(1 + e^−x); softplus as logaddexp(0, x); erf from SciPy's
+ufunc where SciPy is there) fills a block-sized temporary with its argument and runs NumPy's own
+inner loop of that ufunc over it, found in the ufunc object (its C struct, checked against what
+the ufunc says of itself); the arithmetic around it is C that GCC vectorises, computing the tree
+in its order, operation by operation, in the dtype (built with -ffp-contract=off, so no multiply-add
+is fused). So every value has the bits of the NumPy rendering in elementwise.py, which the
+fused-equals-unfused guarantees rest on; except where NumPy promotes a derivative to float64 (a
+mask over a Python number: hardsigmoid's /6, leaky_relu's slope): the loops stay in the dtype, as
+fused_bn's Numba loops do, within an ulp of NumPy. min/max/clip keep a NaN and, on a tie, give the
+second operand, as NumPy's do.
 
-Functions NumPy computes with its own SIMD code (exp, tanh, log, erf, sigmoid & co: `VECTOR_ONLY`)
-would not have its bits in C, so a formula calling one is not rendered: its gradient stays on
-NumPy, and its epilogue does the bias and residual here and the activation in NumPy. One library
-per formula and dtype, built at first use (cc.py) and cached; where no C compiler works (or with
-CNNC_JIT=0) the callers' NumPy paths run.
+One library per formula and dtype, built at first use (cc.py) and cached; where no C compiler works
+(or with CNNC_JIT=0), or a ufunc's loop is not found, the callers' NumPy paths run.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
-from cnnc.compiler.formula import Expr, render
+from cnnc.compiler.formula import Expr
 from cnnc.compiler.ops import OPS
 
 from . import cc, cthreads, parallel
 
-# NumPy's SIMD implementations: a C rendering would round differently
-VECTOR_ONLY = frozenset({"exp", "expm1", "log", "log1p", "sqrt", "tanh", "erf", "sigmoid", "softplus"})
 EXACT_FLAGS = ("-ffp-contract=off",)  # a*b + c stays two roundings, as in NumPy
+BLOCK = 512  # elements a generated function takes at a time: its temporaries stay in L1
+# arrays below this many elements stay on NumPy in `forward`: a C call costs ~8 us of Python around
+# it, NumPy's tanh over 64x84 floats takes 2. The epilogue (several NumPy passes in one) and the
+# gradients take C at any size: where NumPy promotes a derivative to float64 (leaky_relu's slope)
+# the loops' bits are fused_bn's, not NumPy's, and the two paths must not mix
+MIN_ELEMENTS = 16384
+
+# ---- NumPy's inner loops -----------------------------------------------------------------------
+
+# formula function → (ufunc, how the C uses it): "unary" f(t) in place; "sigmoid" NumPy's
+# 1/(1 + exp(−t)) (elementwise._sigmoid); "logaddexp0" logaddexp(0, t)
+_UFUNC_CALLS = {"exp": ("exp", "unary"), "expm1": ("expm1", "unary"), "log": ("log", "unary"),
+                "log1p": ("log1p", "unary"), "sqrt": ("sqrt", "unary"), "tanh": ("tanh", "unary"),
+                "sigmoid": ("exp", "sigmoid"), "softplus": ("logaddexp", "logaddexp0"), "erf": ("erf", "unary")}
+_TYPENUM = {"float32": 11, "float64": 12}  # NPY_FLOAT, NPY_DOUBLE
 
 
-def _calls(e: Expr) -> set[str]:
-    found = {e.name} if e.kind == "call" else set()
-    for a in e.args:
-        found |= _calls(a)
-    return found
+_HEAD_OFFSET = object.__basicsize__  # PyObject_HEAD's size: where the ufunc's own fields start
 
 
-def renderable(e: Expr | None) -> bool:
-    """Whether a formula is rendered in C: it calls none of NumPy's SIMD functions."""
-    return e is not None and not _calls(e) & VECTOR_ONLY
+class _UFuncHead(ctypes.Structure):
+    """The start of NumPy's PyUFuncObject (numpy/ufuncobject.h), after PyObject_HEAD."""
+    _fields_ = [("nin", ctypes.c_int), ("nout", ctypes.c_int), ("nargs", ctypes.c_int), ("identity", ctypes.c_int),
+                ("functions", ctypes.c_void_p), ("data", ctypes.c_void_p), ("ntypes", ctypes.c_int),
+                ("reserved1", ctypes.c_int), ("name", ctypes.c_char_p), ("types", ctypes.c_void_p)]
 
+
+def _ufunc(name: str):
+    if name == "erf":  # NumPy has none: elementwise.py's comes from SciPy where it is installed
+        try:
+            from scipy.special import erf
+        except ImportError:
+            return None
+        return erf
+    return getattr(np, name)
+
+
+@lru_cache(maxsize=None)
+def numpy_loop(name: str, dtype: str) -> tuple[int, int] | None:
+    """(function, data) pointers of ufunc `name`'s inner loop for dtype's arrays, the loop NumPy
+    runs for them, or None where it cannot be read: the struct is checked against the ufunc's own
+    nin, nout, name and type signatures first."""
+    uf = _ufunc(name)
+    if not isinstance(uf, np.ufunc):
+        return None
+    head = _UFuncHead.from_address(id(uf) + _HEAD_OFFSET)
+    if (head.nin, head.nout, head.nargs, head.ntypes) != (uf.nin, uf.nout, uf.nin + uf.nout, uf.ntypes) \
+            or head.name != uf.__name__.encode() or not head.functions or not head.types:
+        return None
+    types = ctypes.string_at(head.types, head.ntypes * head.nargs)
+    for i, sig in enumerate(uf.types):  # e.g. "ff->f"; the struct's typenums must say the same
+        row = types[i * head.nargs:(i + 1) * head.nargs]
+        if [np.dtype(c).num for c in sig.replace("->", "")] != list(row):
+            return None
+    want = _TYPENUM[dtype]
+    for i in range(head.ntypes):
+        if all(t == want for t in types[i * head.nargs:(i + 1) * head.nargs]):
+            function = (ctypes.c_void_p * head.ntypes).from_address(head.functions)[i]
+            data = (ctypes.c_void_p * head.ntypes).from_address(head.data)[i] if head.data else None
+            return (function, data or 0) if function else None
+    return None
+
+
+# ---- rendering ---------------------------------------------------------------------------------
 
 _OPS = {"neg": "(-{0})", "bin": "({0} {name} {1})", "cmp": "((T)({0} {name} {1}))"}  # a mask is 1 or 0
 _FUNCTIONS = {"min": "_min({0}, {1})", "max": "_max({0}, {1})", "clip": "_min(_max({0}, {1}), {2})",
               "abs": "ABS({0})", "where": "({0} != 0 ? {1} : {2})"}
 
 
-def _c(e: Expr) -> str:
-    """e as a C expression of type T over xv, yv and p_<parameter> (formula.render's four parts)."""
-    return render(e, var=lambda name: {"x": "xv", "y": "yv"}.get(name, f"p_{name}"),
-                  num=lambda v: "((T)INFINITY)" if v == math.inf else f"((T){v!r})",
-                  call=lambda name, args: _FUNCTIONS[name].format(*args),
-                  op=lambda kind, name, args: _OPS[kind].format(*args, name=name))
+def _ufunc_names(e: Expr) -> set[str]:
+    found = {_UFUNC_CALLS[e.name][0]} if e.kind == "call" and e.name in _UFUNC_CALLS else set()
+    for a in e.args:
+        found |= _ufunc_names(a)
+    return found
+
+
+def renderable(e: Expr | None, dtype: str = "float32") -> bool:
+    """Whether a formula is rendered in C for dtype: every NumPy function it calls has a loop found."""
+    return e is not None and all(numpy_loop(u, dtype) is not None for u in _ufunc_names(e))
+
+
+class _Program:
+    """A formula as C over a block of n elements: `lines` fill the temporaries (one per call to a
+    NumPy loop, distinct subexpressions once), `expr(e)` is e's value at element i. Variables read
+    `xb[i]` and `yb[i]`; the loops are the `L` table's entries, in `self.loops` order."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.temps: dict[Expr, str] = {}
+        self.loops: list[str] = []
+
+    def _loop(self, ufunc: str) -> int:
+        if ufunc not in self.loops:
+            self.loops.append(ufunc)
+        return self.loops.index(ufunc)
+
+    def expr(self, e: Expr, into: str | None = None) -> str | None:
+        """e's value at element i; with `into` (a pointer to the block's output), a root that is a
+        plain NumPy loop writes there itself and None is returned."""
+        def call(name, args, node):
+            if name not in _UFUNC_CALLS:
+                return _FUNCTIONS[name].format(*args)
+            ufunc, how = _UFUNC_CALLS[name]
+            if node not in self.temps:
+                t = into if node is e and how == "unary" and into else f"t{len(self.temps)}"
+                self.temps[node] = t
+                j = self._loop(ufunc)
+                arg = node.args[0]
+                if how == "unary" and arg.kind == "var":  # the loop reads the input block itself
+                    src = {"x": "xb", "y": "yb"}[arg.name]
+                else:
+                    src = t
+                    self.lines.append(f"for (long i = 0; i < n; i++) {t}[i] = "
+                                      f"{'-' + args[0] if how == 'sigmoid' else args[0]};")
+                self.lines.append(f"ucall2(L, {j}, &zero, {src}, {t}, n);" if how == "logaddexp0"
+                                  else f"ucall1(L, {j}, {src}, {t}, n);")
+            t = self.temps[node]
+            if t == into:
+                return None
+            return f"((T)1.0 / ({t}[i] + (T)1))" if how == "sigmoid" else f"{t}[i]"
+
+        def walk(n: Expr) -> str:
+            if n.kind == "num":
+                return "((T)INFINITY)" if n.value == math.inf else f"((T){n.value!r})"
+            if n.kind == "var":
+                return {"x": "xb[i]", "y": "yb[i]"}.get(n.name, f"p_{n.name}")
+            args = [walk(a) for a in n.args]
+            return call(n.name, args, n) if n.kind == "call" else _OPS[n.kind].format(*args, name=n.name)
+        return walk(e)
+
+    def declarations(self) -> str:
+        return "".join(f"    T {t}[BLOCK];\n" for t in self.temps.values() if t.startswith("t"))
 
 
 _HEADER = r"""
 /* generated by cnnc.backends.numpy.celementwise from the op table's formula; safe to delete */
 #include <math.h>
+typedef void (*uloop_t)(char **args, const long *dims, const long *steps, void *data);
 static inline T _max(T a, T b) { return (a != a || a > b) ? a : b; }
 static inline T _min(T a, T b) { return (a != a || a < b) ? a : b; }
+/* NumPy's inner loop j of L (function, data pairs) over n elements: dst = f(src) */
+static inline void ucall1(const long *L, int j, const T *src, T *dst, long n) {
+    char *args[2] = {(char *)src, (char *)dst};
+    long dims[1] = {n}, steps[2] = {sizeof(T), sizeof(T)};
+    ((uloop_t)L[2 * j])(args, dims, steps, (void *)L[2 * j + 1]);
+}
+/* the binary loop j with a scalar first operand (stride 0): dst = f(*s, src) */
+static inline void ucall2(const long *L, int j, const T *s, const T *src, T *dst, long n) {
+    char *args[3] = {(char *)s, (char *)src, (char *)dst};
+    long dims[1] = {n}, steps[3] = {0, sizeof(T), sizeof(T)};
+    ((uloop_t)L[2 * j])(args, dims, steps, (void *)L[2 * j + 1]);
+}
 """
 
 
@@ -71,112 +196,173 @@ def _params(op: str | None) -> str:
     return "".join(f"    const T p_{p} = P[{i}];\n" for i, p in enumerate(names))
 
 
-def _gradient_source(op: str) -> str:
+def _block_loop(body: str, prog: _Program, whole: str = "1") -> str:
+    """The loop over blocks of [lo, hi), `body` then the program's lines in each. Without
+    temporaries (and where the C condition `whole` holds) the block is the whole range: blocks of
+    512 cost NumPy's tanh loop 15% (LeNet-5's 64x6x28x28: 106 against 92 us)."""
+    block = f"(({whole}) ? hi - lo : BLOCK)" if not any(t.startswith("t") for t in prog.temps.values()) else "BLOCK"
+    return (f"    const long block = {block} > 0 ? {block} : 1;\n"
+            f"    for (long base = lo; base < hi; base += block) {{\n"
+            f"        const long n = hi - base < block ? hi - base : block;\n{body}"
+            + "".join(f"        {line}\n" for line in prog.lines))
+
+
+def _gradient_source(op: str) -> tuple[str, list[str]]:
+    prog = _Program()
+    d = prog.expr(OPS[op].formula.grad)
+    body = ("        const T *xb = x + base, *yb = y + base, *gb = g + base;\n"
+            "        T *ob = out + base;\n        (void)xb; (void)yb;\n")
     return _HEADER + f"""
 /* out[i] = g[i] * f'(x[i], y[i]) over [lo, hi); x and y may be g where f' does not read them */
-void grad(const T *restrict x, const T *restrict y, const T *restrict g, T *restrict out,
-          const T *restrict P, long lo, long hi) {{
-{_params(op)}    for (long i = lo; i < hi; i++) {{
-        const T xv = x[i], yv = y[i];
-        (void)xv; (void)yv;
-        out[i] = g[i] * {_c(OPS[op].formula.grad)};
+void grad(const T *x, const T *y, const T *g, T *out, const T *P, const long *L, long lo, long hi) {{
+    const T zero = 0; (void)zero; (void)L;
+{_params(op)}{prog.declarations()}{_block_loop(body, prog)}        for (long i = 0; i < n; i++) ob[i] = gb[i] * {d};
     }}
 }}
-"""
+""", prog.loops
 
 
-def _epilogue_source(op: str | None) -> str:
-    """Rows r of y (rows, inner): z = y + bias[r % k] (mode bit 1) + res (bit 2), then out = f(z)
-    in place, or (keep) z left in y and f(z) written to out; f is the identity for op None."""
-    f = "xv" if op is None else _c(OPS[op].formula.fwd)
-    variants, calls = [], []
-    for mode in range(4):
-        for keep in (0, 1):
-            z = ["const T xv0 = yr[i];", f"const T xv1 = {'xv0 + bv' if mode & 1 else 'xv0'};",
-                 f"const T xv = {'xv1 + rr[i]' if mode & 2 else 'xv1'};"]
-            store = ["yr[i] = xv;", f"outr[i] = {f};"] if keep else [f"yr[i] = {f};"]
-            out_arg = ", T *restrict out" if keep else ""
-            variants.append(f"""
-static void rows_{mode}{keep}(T *restrict y{out_arg}, const T *restrict bias, const T *restrict res,
-                      const T *restrict P, long k, long inner, long lo, long hi) {{
-{_params(op)}    for (long r = lo; r < hi; r++) {{
-        T *restrict yr = y + r * inner;
-        {'T *restrict outr = out + r * inner;' if keep else ''}
-        const T *restrict rr = res + r * inner;
-        const T bv = bias[r % k];
-        (void)rr; (void)bv;
-        for (long i = 0; i < inner; i++) {{
-            {' '.join(z + store)}
+def _forward_source(op: str | None) -> tuple[str, list[str]]:
+    """Elements [lo, hi) of y (rows of `inner`): z = y + bias[row % k] (has_b) + res (has_r), kept in
+    y when keep, and out = f(z) (f the identity for op None); out may be y when not keep."""
+    prog = _Program()
+    f = "xb[i]" if op is None else prog.expr(OPS[op].formula.fwd, into="ob")
+    body = ("        T z[BLOCK];\n"
+            "        const T *xb = z, *yb = z; (void)yb;\n"
+            "        T *ob = out + base; (void)ob;\n"
+            "        if (has_b || has_r || keep) affine(y, bias, res, z, k, inner, base, n, has_b, has_r, keep);\n"
+            "        else xb = y + base;  /* z is y itself: read in place */\n")
+    return _HEADER + f"""
+/* z[0, n) = y + bias + res over [base, base + n), run by run of one row (one bias value) */
+static inline __attribute__((always_inline)) void affine(
+        T *restrict y, const T *restrict bias, const T *restrict res, T *restrict z, long k, long inner,
+        long base, long n, const int has_b, const int has_r, const int keep) {{
+    const long row = base / inner;
+    long col = base - row * inner, ch = row % k;  /* counted on: a division a run cost 10 ns */
+    for (long pos = base, end = base + n; pos < end;) {{
+        const long run = inner - col < end - pos ? inner - col : end - pos;
+        const T bv = has_b ? bias[ch] : 0;
+        T *restrict zr = z + (pos - base);
+        const T *restrict yr = y + pos, *restrict rr = res + pos;
+        for (long i = 0; i < run; i++) {{
+            T v = yr[i];
+            if (has_b) v = v + bv;
+            if (has_r) v = v + rr[i];
+            zr[i] = v;
         }}
+        if (keep) for (long i = 0; i < run; i++) y[pos + i] = zr[i];
+        pos += run;
+        col = 0;
+        if (++ch == k) ch = 0;
     }}
-}}""")
-            calls.append(f"    if (mode == {mode} && keep == {keep}) "
-                         f"rows_{mode}{keep}(y{', out' if keep else ''}, bias, res, P, k, inner, lo, hi);")
-    return _HEADER + "".join(variants) + f"""
-
-void epilogue(T *y, const T *bias, const T *res, T *out, const T *P, long k, long inner, long mode,
-              long keep, long lo, long hi) {{
-{chr(10).join(calls)}
 }}
-"""
+
+#define VARIANT(NAME, HAS_B, HAS_R, KEEP) \\
+static void NAME(T *y, const T *bias, const T *res, T *out, const T *P, const long *L, long k, \\
+                 long inner, long lo, long hi) {{ \\
+    const int has_b = HAS_B, has_r = HAS_R, keep = KEEP; \\
+    BODY \\
+}}
+#define BODY forward_body(y, bias, res, out, P, L, k, inner, lo, hi, has_b, has_r, keep);
+
+static inline __attribute__((always_inline)) void forward_body(
+        T *y, const T *bias, const T *res, T *out, const T *P, const long *L, long k, long inner,
+        long lo, long hi, const int has_b, const int has_r, const int keep) {{
+    const T zero = 0; (void)zero; (void)L;
+{_params(op)}{prog.declarations()}{_block_loop(body, prog, "!has_b && !has_r && !keep")}{'' if f is None else f"        for (long i = 0; i < n; i++) ob[i] = {f};{chr(10)}"}    }}
+}}
+VARIANT(v000, 0, 0, 0) VARIANT(v100, 1, 0, 0) VARIANT(v010, 0, 1, 0) VARIANT(v110, 1, 1, 0)
+VARIANT(v001, 0, 0, 1) VARIANT(v101, 1, 0, 1) VARIANT(v011, 0, 1, 1) VARIANT(v111, 1, 1, 1)
+
+void forward(T *y, const T *bias, const T *res, T *out, const T *P, const long *L, long k, long inner,
+             long mode, long lo, long hi) {{
+    static void (*const variants[8])(T *, const T *, const T *, T *, const T *, const long *, long, long,
+                                     long, long) = {{v000, v100, v010, v110, v001, v101, v011, v111}};
+    variants[mode & 7](y, bias, res, out, P, L, k, inner, lo, hi);
+}}
+""", prog.loops
 
 
 def _defines(dtype: str) -> dict:
-    return dict(T="float" if dtype == "float32" else "double",
+    return dict(T="float" if dtype == "float32" else "double", BLOCK=BLOCK,
                 ABS="__builtin_fabsf" if dtype == "float32" else "__builtin_fabs")
 
 
-@lru_cache(maxsize=None)
-def _gradient_task(op: str, dtype: str):
-    return cthreads.load(_defines(dtype), _gradient_source(op), f"the gradient loop of {op}",
-                         {"grad": ("grad", "pppppLH")}, flags=EXACT_FLAGS)["grad"]
+_DTYPES = {"f": "float32", "d": "float64"}  # by dtype.char: dtype.name costs 1.6 us a call
+
+
+class _Kernel(NamedTuple):
+    task: object  # the cthreads task
+    table: np.ndarray  # NumPy's loops, (function, data) pairs
+    table_ptr: int
+    zero: np.ndarray  # one element 0: the bias, the parameters where there are none
+    zero_ptr: int
+
+
+def _table(loops: list[str], dtype: str) -> np.ndarray:
+    """The (function, data) pointer pairs of the program's NumPy loops, as the C reads them."""
+    pairs = [numpy_loop(u, dtype) for u in loops]
+    return np.array([v for p in pairs for v in p] or [0], dtype=np.int64)
 
 
 @lru_cache(maxsize=None)
-def _epilogue_task(op: str | None, dtype: str):
-    return cthreads.load(_defines(dtype), _epilogue_source(op), "the fused epilogue loop",
-                         {"epilogue": ("epilogue", "pppppllllLH")}, flags=EXACT_FLAGS)["epilogue"]
-
-
-def _task(make, *key):
-    """The task, or None where the compiler fails (which turns the C kernels off, saying why)."""
+def _kernel(kind: str, op: str | None, char: str) -> _Kernel | None:
+    """The compiled loop of kind "grad" (op's derivative) or "forward" (the epilogue with op's
+    activation, None: none) for dtype char; None where a NumPy loop it calls is not found or the
+    compiler fails (which turns the C kernels off, saying why)."""
+    dtype = _DTYPES[char]
+    f = None if op is None else OPS[op].formula
+    if f is not None and not renderable(f.grad if kind == "grad" else f.fwd, dtype):
+        return None
+    source, loops = _gradient_source(op) if kind == "grad" else _forward_source(op)
+    kinds = "ppppppLH" if kind == "grad" else "pppppplllLH"
     try:
-        return make(*key)
+        task = cthreads.load(_defines(dtype), source, f"the {kind} loop of {op or 'the epilogue'}",
+                             {kind: (kind, kinds)}, flags=EXACT_FLAGS)[kind]
     except cc.BuildError as e:
         cc.give_up(e)
         return None
+    table, zero = _table(loops, dtype), np.zeros(1, dtype)
+    return _Kernel(task, table, table.ctypes.data, zero, zero.ctypes.data)
 
 
-@lru_cache(maxsize=None)
-def has_gradient_loop(op: str) -> bool:
-    """Whether op's gradient has a C loop: a formula whose derivative calls none of VECTOR_ONLY."""
+def has_gradient_loop(op: str, dtype: str = "float32") -> bool:
+    """Whether op's gradient has a C loop (for dtype): a formula whose NumPy functions' loops are found."""
     f = OPS[op].formula
-    return f is not None and renderable(f.grad)
+    return f is not None and renderable(f.grad, dtype)
 
 
-def _float(*arrays) -> bool:
-    dtype = arrays[0].dtype
-    return dtype in (np.float32, np.float64) and all(a.dtype == dtype and a.flags.c_contiguous for a in arrays)
+def _ready(*arrays) -> str | None:
+    """The dtype char of these arrays where the C loops take them: C-contiguous, one float dtype,
+    and the C kernels on; else None."""
+    char = arrays[0].dtype.char
+    if char not in _DTYPES or not all(a.dtype.char == char and a.flags.c_contiguous for a in arrays):
+        return None
+    return char if cc.available() else None
 
 
-def _args_array(values, dtype) -> np.ndarray:
-    return np.array(list(values) or [0], dtype=dtype)
+def _params_ptr(kernel: _Kernel, args, char: str) -> tuple[np.ndarray | None, int]:
+    if not args:
+        return None, kernel.zero_ptr
+    p = np.array(args, dtype=char)
+    return p, p.ctypes.data
 
 
 def gradient(op: str, args: tuple[float, ...], x, y, dy, out) -> bool:
     """out = dy · f'(x, y) in one C pass, for C-contiguous float arrays of one dtype and shape and an
     op with has_gradient_loop; False (nothing done) where that does not hold or no compiler works."""
     arrays = [a for a in (x, y) if a is not None] + [dy, out]
-    if (not has_gradient_loop(op) or not cc.available() or not _float(*arrays)
-            or any(a.shape != dy.shape for a in arrays)):
+    char = _ready(*arrays)
+    if char is None or any(a.shape != dy.shape for a in arrays):
         return False
-    task = _task(_gradient_task, op, dy.dtype.name)
-    if task is None:
+    kernel = _kernel("grad", op, char)
+    if kernel is None:
         return False
-    p = _args_array(args, dy.dtype)
+    p, p_ptr = _params_ptr(kernel, args, char)
     g = dy.ctypes.data
-    cthreads.run(task, [g if x is None else x.ctypes.data, g if y is None else y.ctypes.data, g,
-                        out.ctypes.data, p.ctypes.data], cthreads.chunks(dy.size, parallel.WORK_PER_ELEMENT * dy.size))
+    cthreads.run(kernel.task, [g if x is None else x.ctypes.data, g if y is None else y.ctypes.data, g,
+                               out.ctypes.data, p_ptr, kernel.table_ptr],
+                 cthreads.chunks(dy.size, parallel.WORK_PER_ELEMENT * dy.size))
     return True
 
 
@@ -186,31 +372,48 @@ def epilogue(y, bias, residual, act, out) -> str | None:
     activation ran too, "affine" where only the bias and residual did (in place on y: the caller
     applies the activation), None where nothing ran (no compiler, other dtypes, a broadcast
     residual)."""
-    op = None if act is None else act[0]
-    whole = op is None or renderable(OPS[op].formula.fwd)
-    if not whole and bias is None and residual is None:
+    if y.size == 0:
         return None
+    char = _ready(y, out) if residual is None else _ready(y, out, residual)
     n, k = y.shape[:2]
-    rows = n * k
-    arrays = [y, out] + ([] if residual is None else [residual])
-    if (not cc.available() or y.size == 0 or not _float(*arrays)
-            or (residual is not None and residual.shape != y.shape)
-            or (bias is not None and bias.shape != (k,))):
+    if char is None or (residual is not None and residual.shape != y.shape) \
+            or (bias is not None and bias.shape != (k,)):
         return None
-    task = _task(_epilogue_task, op if whole else None, y.dtype.name)
-    if task is None:
-        return None
-    dtype = y.dtype
-    b = np.zeros(1, dtype) if bias is None else np.ascontiguousarray(bias, dtype)
-    p = _args_array(act[1] if (act and whole) else (), dtype)
+    kernel = _kernel("forward", None if act is None else act[0], char)
+    whole = kernel is not None
+    if not whole:  # the activation is NumPy's: the bias and residual here, if any
+        kernel = _kernel("forward", None, char) if (bias is not None or residual is not None) else None
+        if kernel is None:
+            return None
+    b = None if bias is None else np.ascontiguousarray(bias, y.dtype)
+    p, p_ptr = _params_ptr(kernel, act[1] if (act and whole) else (), char)
     keep = int(whole and out is not y)
-    res = y if residual is None else residual
-    target = out if keep else y
-    cthreads.run(task, [y.ctypes.data, b.ctypes.data, res.ctypes.data, target.ctypes.data, p.ctypes.data,
-                        k if bias is not None else 1, y.size // rows,
-                        (bias is not None) + 2 * (residual is not None), keep],
+    y_ptr = y.ctypes.data
+    mode = (bias is not None) + 2 * (residual is not None) + 4 * keep
+    cthreads.run(kernel.task, [y_ptr, kernel.zero_ptr if b is None else b.ctypes.data,
+                               y_ptr if residual is None else residual.ctypes.data,
+                               out.ctypes.data if keep else y_ptr, p_ptr, kernel.table_ptr,
+                               # without a bias the rows do not matter: one row, one run a block
+                               k if bias is not None else 1, y.size // (n * k) if bias is not None else y.size,
+                               mode],
                  # unsplit where NumPy's activation follows on this thread: the other core's half of
                  # y, moved to this one's cache, cost more than the split gained (LeNet-5's C1, bias
                  # and tanh: 0.18 ms split, 0.13 unsplit)
-                 cthreads.chunks(rows, parallel.WORK_PER_ELEMENT * y.size) if whole else [(0, rows)])
+                 cthreads.chunks(y.size, parallel.WORK_PER_ELEMENT * y.size) if whole else [(0, y.size)])
     return "all" if whole else "affine"
+
+
+def forward(op: str, args: tuple[float, ...], x, out) -> bool:
+    """out = f(x) in one C pass (an element-wise op on its own), where op's formula is rendered for
+    these C-contiguous arrays of one float dtype; False (nothing done) otherwise."""
+    char = _ready(x, out)
+    if char is None or x.size < MIN_ELEMENTS or x.shape != out.shape:
+        return False
+    kernel = _kernel("forward", op, char)
+    if kernel is None:
+        return False
+    p, p_ptr = _params_ptr(kernel, args, char)
+    x_ptr = x.ctypes.data  # z = x (no bias, no residual, not kept): x is only read
+    cthreads.run(kernel.task, [x_ptr, kernel.zero_ptr, x_ptr, out.ctypes.data, p_ptr, kernel.table_ptr, 1, x.size, 0],
+                 cthreads.chunks(x.size, parallel.WORK_PER_ELEMENT * x.size))
+    return True

@@ -53,9 +53,8 @@ def test_gradient_loop_equals_numpy(op, dtype, threads, monkeypatch):
     an ulp where NumPy promotes it."""
     monkeypatch.setenv("CNNC_JIT", "1")
     f = OPS[op].formula
-    if not celementwise.has_gradient_loop(op):
-        assert not celementwise.renderable(f.grad)  # a NumPy SIMD function: NumPy computes it
-        pytest.skip(f"{op}'s derivative calls one of NumPy's SIMD functions")
+    if not celementwise.has_gradient_loop(op, dtype.__name__):
+        pytest.skip(f"{op}: not rendered here (erf without SciPy)")
     shape = (7, 5, 40, 41)  # 57,400 elements: split over two threads
     seed = zlib.crc32(f"{op}{dtype.__name__}".encode())
     x = _values(shape, dtype, seed)
@@ -83,15 +82,17 @@ def test_gradient_loop_equals_numpy(op, dtype, threads, monkeypatch):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("bias,residual", [(True, False), (False, True), (True, True), (False, False)],
                          ids=["bias", "residual", "both", "neither"])
+@pytest.mark.parametrize("shape", [(6, 5, 30, 31), (37, 5), (9, 5, 1, 1)], ids=["maps", "dense", "1x1"])
 @pytest.mark.parametrize("op", FORMULA_OPS + [None])
-def test_epilogue_equals_numpys_blocks_to_the_bit(op, bias, residual, dtype, threads, monkeypatch):
-    """fused.epilogue with the C pass against the plain NumPy blocks: the activation in C where it is
-    rendered, after the C bias and residual in NumPy where it calls NumPy's SIMD functions."""
+def test_epilogue_equals_numpys_blocks_to_the_bit(op, shape, bias, residual, dtype, threads, monkeypatch):
+    """fused.epilogue with the C pass against the plain NumPy blocks (the activation in C wherever
+    NumPy's loops are found; else the bias and residual in C, the activation in NumPy), on maps,
+    dense rows and 1x1 maps (a bias value an element)."""
     act = None if op is None else (op, _args(op))
     if not (bias or residual or act):
         pytest.skip("nothing to do: the epilogue returns y")
-    seed = zlib.crc32(f"{op}{bias}{residual}{dtype.__name__}".encode())
-    y0 = _values((6, 5, 30, 31), dtype, seed)
+    seed = zlib.crc32(f"{op}{bias}{residual}{dtype.__name__}{shape}".encode())
+    y0 = _values(shape, dtype, seed)
     rng = np.random.default_rng(seed)
     b = rng.normal(size=5).astype(dtype) if bias else None
     r = rng.normal(size=y0.shape).astype(dtype) if residual else None
@@ -102,7 +103,7 @@ def test_epilogue_equals_numpys_blocks_to_the_bit(op, bias, residual, dtype, thr
         monkeypatch.setenv("CNNC_JIT", on)
         with np.errstate(all="ignore"):
             results.append(fused.epilogue(y0.copy(), b, r, act))
-    whole = op is None or celementwise.renderable(OPS[op].formula.fwd)
+    whole = op is None or celementwise.renderable(OPS[op].formula.fwd, np.dtype(dtype).name)
     assert ran == [None, "all" if whole else "affine" if bias or residual else None]
     (out0, pre0), (out1, pre1) = results
     np.testing.assert_array_equal(out1, out0)
@@ -111,13 +112,53 @@ def test_epilogue_equals_numpys_blocks_to_the_bit(op, bias, residual, dtype, thr
         np.testing.assert_array_equal(pre1, pre0)
 
 
-def test_rendered_formulas_cover_the_piecewise_and_arithmetic_ones():
-    """tanh's and sigmoid's derivatives (1 − y², y·(1 − y)) and the piecewise ones run in C; silu's and
-    gelu's, which call NumPy's exp and erf, do not."""
-    for op in ("tanh", "sigmoid", "relu", "relu6", "leaky_relu", "hardswish", "hardsigmoid"):
-        assert celementwise.has_gradient_loop(op), op
-    for op in ("silu", "gelu"):
-        assert not celementwise.has_gradient_loop(op), op
+def test_every_formula_is_rendered_with_numpys_loops():
+    """Every formula op's forward and derivative run in C, NumPy's SIMD functions through NumPy's own
+    inner loops (erf through SciPy's, where SciPy is installed)."""
+    for op in FORMULA_OPS:
+        f = OPS[op].formula
+        for dtype in ("float32", "float64"):
+            if "erf" in f.forward + f.derivative and celementwise._ufunc("erf") is None:
+                continue
+            assert celementwise.renderable(f.fwd, dtype) and celementwise.has_gradient_loop(op, dtype), (op, dtype)
+    for name in ("exp", "expm1", "log", "log1p", "sqrt", "tanh", "logaddexp"):
+        assert celementwise.numpy_loop(name, "float32") is not None, name
+
+
+def test_a_ufunc_struct_that_disagrees_is_not_read(monkeypatch):
+    """The loop pointers are read from the ufunc's C struct only where it agrees with what the
+    ufunc says of itself (here, read 8 bytes off): then tanh is not rendered, and the epilogue
+    leaves the activation to NumPy, with NumPy's values."""
+    monkeypatch.setenv("CNNC_JIT", "1")
+    celementwise.numpy_loop.cache_clear()
+    celementwise._kernel.cache_clear()
+    monkeypatch.setattr(celementwise, "_HEAD_OFFSET", celementwise._HEAD_OFFSET + 8)
+    try:
+        assert celementwise.numpy_loop("tanh", "float32") is None
+        assert not celementwise.renderable(OPS["tanh"].formula.fwd)
+        y = _values((4, 3, 9, 9), np.float32, 5)
+        b = np.arange(3, dtype=np.float32)
+        want = np.tanh(y + b.reshape(1, 3, 1, 1))
+        assert celementwise.epilogue(y, b, None, ("tanh", ()), y) == "affine"
+        out, _ = fused.epilogue(_values((4, 3, 9, 9), np.float32, 5), b, None, ("tanh", ()))
+        np.testing.assert_array_equal(out, want)
+    finally:
+        celementwise.numpy_loop.cache_clear()
+        celementwise._kernel.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("op", FORMULA_OPS)
+def test_forward_loop_equals_numpy_to_the_bit(op, dtype, threads, monkeypatch):
+    """An element-wise op on its own: the C pass against NumPy's rendering, both split and not."""
+    monkeypatch.setenv("CNNC_JIT", "1")
+    x = _values((7, 5, 40, 41), dtype, zlib.crc32(f"fwd{op}{dtype.__name__}".encode()))
+    args = _args(op)
+    out = np.full(x.shape, 7.0, dtype)
+    if not celementwise.forward(op, args, x, out):
+        pytest.skip(f"{op}: not rendered here (erf without SciPy)")
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(out, ew.apply(op, args, x))
 
 
 # the fused conv's epilogue gradient on the compiled path: float64 central finite differences
@@ -145,12 +186,26 @@ def test_compiled_fused_conv_matches_finite_differences(case, monkeypatch):
 
 
 def test_jit_off_or_no_compiler_leaves_it_to_numpy(monkeypatch):
-    y = np.ones((2, 3, 4, 4), np.float32)
+    y = np.ones((4, 8, 32, 32), np.float32)
     out = np.empty_like(y)
+    bias = np.ones(8, np.float32)
+    monkeypatch.setenv("CNNC_JIT", "1")
+    assert celementwise.gradient("tanh", (), None, y, y, out) and celementwise.forward("tanh", (), y, out)
+    assert celementwise.epilogue(y, bias, None, ("relu", ()), y) == "all"
     monkeypatch.setenv("CNNC_JIT", "0")
-    assert not celementwise.gradient("tanh", (), None, y, y, out)
-    assert celementwise.epilogue(y, np.ones(3, np.float32), None, ("relu", ()), y) is None
+    assert not celementwise.gradient("tanh", (), None, y, y, out) and not celementwise.forward("tanh", (), y, out)
+    assert celementwise.epilogue(y, bias, None, ("relu", ()), y) is None
     monkeypatch.setenv("CNNC_JIT", "1")
     monkeypatch.setattr(cc, "_broken", "the compiler failed")
-    assert not celementwise.gradient("tanh", (), None, y, y, out)
-    assert celementwise.epilogue(y, np.ones(3, np.float32), None, ("relu", ()), y) is None
+    assert not celementwise.gradient("tanh", (), None, y, y, out) and not celementwise.forward("tanh", (), y, out)
+    assert celementwise.epilogue(y, bias, None, ("relu", ()), y) is None
+
+
+def test_small_arrays_stay_on_numpy(monkeypatch):
+    """Under MIN_ELEMENTS a C call's Python costs more than NumPy's pass: forward declines (the
+    gradient does not: its bits must be fused_bn's at every size)."""
+    monkeypatch.setenv("CNNC_JIT", "1")
+    y = np.ones((64, 84), np.float32)
+    assert y.size < celementwise.MIN_ELEMENTS
+    assert not celementwise.forward("tanh", (), y, np.empty_like(y))
+    assert celementwise.gradient("leaky_relu", (0.2,), y, None, y, np.empty_like(y))
