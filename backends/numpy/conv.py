@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import cpool, depthwise, direct, parallel, tuner, winograd
+from . import celementwise, cpool, depthwise, direct, parallel, tuner, winograd
 from .blas import gemm
 
 KERNELS_VERSION = 9  # part of the tuning cache's key: bump when an algorithm's speed changes
@@ -340,7 +340,7 @@ def _shifted_backward(node, saved, dy, weight, has_bias: bool, need_dx: bool = T
     dflat = sum(parts[1:], parts[0])
     dparams = {"weight": np.ascontiguousarray(dflat.reshape(k, kh, kw, c).transpose(0, 3, 1, 2))}
     if has_bias:
-        dparams["bias"] = dy.sum(axis=(0, 2, 3))
+        dparams["bias"] = celementwise.channel_sums(dy)
     if not need_dx:
         return [None], dparams
     if not gemm_dx:
@@ -498,7 +498,7 @@ def conv_backward(node, saved, dy, params, ctx):
         dx, dweight = depthwise.backward(node, saved[1], dy, weight, ctx.need_input_grad)
         dparams = {"weight": dweight}
         if "bias" in params:
-            dparams["bias"] = dy.sum(axis=(0, 2, 3))
+            dparams["bias"] = celementwise.channel_sums(dy)
         return [dx], dparams
     return _backward(node, saved, dy, weight, "bias" in params, ctx.need_input_grad)
 
@@ -521,7 +521,7 @@ def _direct_backward(node, saved, dy, weight, has_bias: bool, need_dx: bool):
     dy = np.ascontiguousarray(dy)
     dparams = {"weight": direct.grad_weight(packed, dy, kh, kw)}
     if has_bias:
-        dparams["bias"] = dy.sum(axis=(0, 2, 3))
+        dparams["bias"] = celementwise.channel_sums(dy)
     dx = direct.grad_input(dy, weight, (h, w), (sh, sw), top, left) if need_dx else None
     return [dx], dparams
 
@@ -594,7 +594,7 @@ def _backward(node, saved, dy, weight, has_bias: bool, need_dx: bool):
     dw_parts = parallel.run(part, slices)
     dparams = {"weight": sum(dw_parts[1:], dw_parts[0]).reshape(weight.shape)}
     if has_bias:
-        dparams["bias"] = dy.sum(axis=(0, 2, 3))
+        dparams["bias"] = celementwise.channel_sums(dy)
     return [dx if need_dx else None], dparams
 
 

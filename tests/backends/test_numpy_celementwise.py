@@ -209,3 +209,21 @@ def test_small_arrays_stay_on_numpy(monkeypatch):
     assert y.size < celementwise.MIN_ELEMENTS
     assert not celementwise.forward("tanh", (), y, np.empty_like(y))
     assert celementwise.gradient("leaky_relu", (0.2,), y, None, y, np.empty_like(y))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(64, 6, 28, 28), (5, 3, 7, 3), (9, 120, 1, 1)], ids=["lenet-c1", "odd", "1x1"])
+def test_channel_sums_are_the_bias_gradient_on_any_thread_count(shape, dtype, monkeypatch):
+    """The bias gradient's sums: within rounding of float64 sums, and the same bits on one thread
+    and on two (the order depends on the shape only)."""
+    monkeypatch.setenv("CNNC_JIT", "1")
+    dy = np.random.default_rng(3).normal(size=shape).astype(dtype)
+    got = []
+    for threads in (1, 2):
+        monkeypatch.setattr(parallel, "_threads", threads)
+        got.append(celementwise.channel_sums(dy))
+    np.testing.assert_array_equal(got[0], got[1])
+    want = dy.astype(np.float64).sum(axis=(0, 2, 3))
+    assert got[0].dtype == dtype and got[0].shape == (shape[1],)
+    np.testing.assert_allclose(got[0], want, rtol=1e-5 if dtype == np.float32 else 1e-13,
+                               atol=1e-5 * np.abs(dy).sum(axis=(0, 2, 3)).max() if dtype == np.float32 else 0)
