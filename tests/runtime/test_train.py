@@ -340,3 +340,23 @@ def test_fused_training_plan_trains_the_plain_plans_weights_bit_for_bit(setup, b
     assert set(a) == set(b) and any(k.startswith("param/") for k in a)
     for k in a:
         assert np.array_equal(a[k], b[k]), k
+
+
+def test_training_evaluates_with_its_fused_plan_in_cache_sized_batches(setup):
+    """The evaluation after each epoch runs the training's -O2 plan (its forward is the plain plan's
+    to the bit) in batches whose largest activation is about EVAL_CACHE_BYTES: the same loss and
+    confusion as `evaluate` on the plain plan in those batches."""
+    from cnnc.runtime.model import Model
+    from cnnc.runtime.train import EVAL_BATCH, eval_batch, evaluate
+    lenet = Model.load(EXAMPLES / "lenet5.cnn")
+    assert eval_batch(lenet.graph, 64) == 222  # C1's 6x28x28 float32 outputs, 18,816 bytes a digit: 4 MiB
+    assert eval_batch(lenet.graph, 300) == 300  # never fewer than a training batch
+    net, data, tmp = setup
+    trainer, _ = api.prepare(net, data=str(data), run_dir=tmp / "run", progress=False)
+    assert trainer.eval_batch == EVAL_BATCH  # the tiny network's 8x8 maps: every test image in one batch
+    trainer.eval_batch = 7  # several batches and a partial one
+    ev = trainer._evaluate()
+    plain = evaluate(trainer.model, trainer.data.test_x, trainer.data.test_y, 7)
+    assert trainer.plan is not trainer.model.plan and ev.images == plain.images == len(trainer.data.test_y)
+    assert ev.loss == plain.loss
+    np.testing.assert_array_equal(ev.confusion, plain.confusion)
