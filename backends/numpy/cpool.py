@@ -2,12 +2,14 @@
 
 NumPy's kernel pads the input, then adds kh·kw strided windows and divides: five passes over
 LeNet-5's 2×2 pools, 18% of its training step. Here each output's window is summed where it
-overlaps the input (padding adds zeros) in one pass, then divided by NumPy; the backward divides
-dy by NumPy, then adds every window's share to its inputs tap by tap (windows that tile the input
-write it, no zeroing). The additions run in NumPy's order (the window's rows, then its columns;
-the backward's taps in its order), so both directions have the NumPy kernel's bits. One library
-per dtype, window and stride (the window's loops unrolled; with them as arguments the forward
-took 2.2× NumPy's time), the sizes as arguments, called through ctypes on the backend's threads.
+overlaps the input (padding adds zeros) and divided by its divisor in one pass; the backward
+divides each dy by its divisor and adds that share to the window's inputs tap by tap (windows that
+tile the input write it, no zeroing: row by row, each share written kw times side by side, which
+GCC vectorises). The additions run in NumPy's order (the window's rows, then its columns; the
+backward's taps in its order) and the divisions are IEEE's, so both directions have the NumPy
+kernel's bits. One library per dtype, window and stride (the window's loops unrolled; with them as
+arguments the forward took 2.2× NumPy's time), the sizes as arguments, called through ctypes on
+the backend's threads.
 Used where `available()` (a C compiler, CNNC_JIT not 0); the NumPy kernel is the reference.
 """
 
@@ -43,8 +45,8 @@ static inline T clipped_sum(const T *xp, long h, long w, long r0, long c0) {
     return s;
 }
 
-/* y (P, OH, OW) = the window sums of x (P, H, W), planes [p0, p1) */
-void window_sums(const T *restrict x, T *restrict y, long p0, long p1,
+/* y (P, OH, OW) = the window sums of x (P, H, W) ÷ div (OH, OW), planes [p0, p1) */
+void window_sums(const T *restrict x, T *restrict y, const T *restrict div, long p0, long p1,
                  long h, long w, long oh, long ow, long top, long left) {
     long ilo, ihi, jlo, jhi;
     inside(oh, h, KH, SH, top, &ilo, &ihi);
@@ -55,7 +57,7 @@ void window_sums(const T *restrict x, T *restrict y, long p0, long p1,
             T *out = y + (p * oh + i) * ow;
             long r0 = i * SH - top;
             if (i < ilo || i >= ihi) {
-                for (long j = 0; j < ow; j++) out[j] = clipped_sum(xp, h, w, r0, j * SW - left);
+                for (long j = 0; j < ow; j++) out[j] = clipped_sum(xp, h, w, r0, j * SW - left) / div[i * ow + j];
                 continue;
             }
             for (long j = 0; j < jlo; j++) out[j] = clipped_sum(xp, h, w, r0, j * SW - left);
@@ -67,20 +69,32 @@ void window_sums(const T *restrict x, T *restrict y, long p0, long p1,
                 out[j] = s;
             }
             for (long j = jhi; j < ow; j++) out[j] = clipped_sum(xp, h, w, r0, j * SW - left);
+            for (long j = 0; j < ow; j++) out[j] = out[j] / div[i * ow + j];
         }
     }
 }
 
-/* dx (P, H, W): each window's share g (P, OH, OW) added to its inputs, tap by tap, planes
-   [p0, p1); windows that tile the input write their share (0 + v is v) */
-void window_shares(const T *restrict share, T *restrict dx, long p0, long p1,
+/* dx (P, H, W): each window's share dy ÷ div (P, OH, OW; OH, OW) added to its inputs, tap by tap,
+   planes [p0, p1); windows that tile the input write their share (0 + v is v) */
+void window_shares(const T *restrict dy, T *restrict dx, const T *restrict div, long p0, long p1,
                    long h, long w, long oh, long ow, long top, long left) {
     int covered = TILES && KH == SH && KW == SW && top == 0 && left == 0 && oh * SH == h && ow * SW == w;
+    T g[ow > 0 ? ow : 1];
     for (long p = p0; p < p1; p++) {
-        const T *g = share + p * oh * ow;
         T *dp = dx + p * h * w;
-        if (!covered)
-            for (long e = 0; e < h * w; e++) dp[e] = 0;
+        if (covered) {  /* each share written KH x KW times: rows of KW copies side by side */
+            for (long i = 0; i < oh; i++) {
+                const T *gi = dy + (p * oh + i) * ow, *di = div + i * ow;
+                for (long j = 0; j < ow; j++) g[j] = gi[j] / di[j];
+                for (int a = 0; a < KH; a++) {
+                    T *row = dp + (i * SH + a) * w;
+                    for (long j = 0; j < ow; j++)
+                        for (int b = 0; b < KW; b++) row[j * KW + b] = g[j];
+                }
+            }
+            continue;
+        }
+        for (long e = 0; e < h * w; e++) dp[e] = 0;
         for (int a = 0; a < KH; a++)
         for (int b = 0; b < KW; b++) {
             /* the outputs whose tap (a, b) column j·SW + b − left lies in [0, w) */
@@ -91,11 +105,8 @@ void window_shares(const T *restrict share, T *restrict dx, long p0, long p1,
                 long r = i * SH + a - top;
                 if (r < 0 || r >= h) continue;
                 T *row = dp + r * w + b - left;
-                const T *gi = g + i * ow;
-                if (TILES)
-                    for (long j = jlo; j < jhi; j++) row[j * SW] = gi[j];
-                else
-                    for (long j = jlo; j < jhi; j++) row[j * SW] += gi[j];
+                const T *gi = dy + (p * oh + i) * ow, *di = div + i * ow;
+                for (long j = jlo; j < jhi; j++) row[j * SW] += gi[j] / di[j];
             }
         }
     }
@@ -112,11 +123,12 @@ def _library(dtype: str, kernel: tuple[int, int], stride: tuple[int, int]):
     defines = dict(T="float" if dtype == "float32" else "double", KH=kernel[0], KW=kernel[1], SH=stride[0],
                    SW=stride[1])
     return cthreads.load(defines, _SOURCE, "the pooling kernels",
-                         {name: (name, "ppLHllllll") for name in ("window_sums", "window_shares")})
+                         {name: (name, "pppLHllllll") for name in ("window_sums", "window_shares")})
 
 
-def _run(task, src, dst, planes: int, geometry: tuple, work: float) -> None:
-    cthreads.run(task, [src.ctypes.data, dst.ctypes.data, *geometry], cthreads.chunks(planes, work))
+def _run(task, src, dst, div, planes: int, geometry: tuple, work: float) -> None:
+    div = np.ascontiguousarray(div, dtype=src.dtype)
+    cthreads.run(task, [src.ctypes.data, dst.ctypes.data, div.ctypes.data, *geometry], cthreads.chunks(planes, work))
 
 
 def _library_or_none(dtype, kernel, stride):
@@ -139,8 +151,7 @@ def avgpool_forward(x: np.ndarray, div: np.ndarray, kernel, stride, top: int, le
     n, c, h, w = x.shape
     oh, ow = out
     y = np.empty((n, c, oh, ow), dtype=x.dtype)
-    _run(tasks["window_sums"], x, y, n * c, (h, w, oh, ow, top, left), parallel.WORK_PER_ELEMENT * x.size)
-    y /= div  # NumPy's division, vectorised (in the loop above one scalar division an output: 2× the time)
+    _run(tasks["window_sums"], x, y, div, n * c, (h, w, oh, ow, top, left), parallel.WORK_PER_ELEMENT * x.size)
     return y
 
 
@@ -151,8 +162,7 @@ def avgpool_backward(dy: np.ndarray, div: np.ndarray, kernel, stride, top: int, 
         return None
     n, c, h, w = shape
     _, _, oh, ow = dy.shape
-    share = np.ascontiguousarray(dy / div)  # each window's share, as NumPy's kernel computes it
     dx = np.empty(shape, dtype=dy.dtype)
-    _run(tasks["window_shares"], share, dx, n * c, (h, w, oh, ow, top, left),
+    _run(tasks["window_shares"], np.ascontiguousarray(dy), dx, div, n * c, (h, w, oh, ow, top, left),
          parallel.WORK_PER_ELEMENT * kernel[0] * kernel[1] * dy.size)
     return dx
