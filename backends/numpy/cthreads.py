@@ -231,10 +231,12 @@ def run(fn, args, slices: list[tuple[int, int]]) -> None:
     null one, and longs), one list for all slices or one per slice. The caller keeps the arrays
     behind the pointers alive. Where the workers' library does not build, parallel.py's threads
     run the slices."""
-    per_slice = bool(args) and isinstance(args[0], (list, tuple))
-    rows = [list(a) for a in args] if per_slice else [list(args)] * len(slices)
-    nargs = max(len(rows[0]), 1)
-    flat = (ctypes.c_long * (nargs * len(slices)))(*[v or 0 for r in rows for v in (r or [0])])
+    if args and isinstance(args[0], (list, tuple)):  # per slice: the pool steps through them
+        nargs = max(len(args[0]), 1)
+        flat = (ctypes.c_long * (nargs * len(slices)))(*[v or 0 for r in args for v in (r or [0])])
+    else:  # one list for all: every slice reads it (a stride of 0)
+        nargs = 0
+        flat = (ctypes.c_long * max(len(args), 1))(*([v or 0 for v in args] or [0]))
     if len(slices) == 1:
         fn(flat, *slices[0])
         return
@@ -244,4 +246,7 @@ def run(fn, args, slices: list[tuple[int, int]]) -> None:
         parallel.run(lambda lo, hi: fn(ctypes.byref(flat, slices.index((lo, hi)) * size), lo, hi), slices)
         return
     bounds = (ctypes.c_long * (len(slices) + 1))(*[lo for lo, _ in slices], slices[-1][1])
-    pool.run(ctypes.cast(fn, ctypes.c_void_p), flat, nargs, bounds, len(slices))
+    address = getattr(fn, "cnnc_address", None)  # kept on the task: ctypes.cast costs a µs a call
+    if address is None:
+        address = fn.cnnc_address = ctypes.cast(fn, ctypes.c_void_p).value
+    pool.run(address, flat, nargs, bounds, len(slices))
