@@ -440,7 +440,19 @@ def grad_weight(packed: Packed, dy: np.ndarray, kh: int, kw: int) -> np.ndarray:
     parts = [np.zeros((k, c, kh * kw, kern.lanes), dtype=xq.dtype) for _ in slices]
     jobs = dict(zip(slices, parts))
     cthreads.run(kern.tasks["grad_weight"], [[_ptr(xq), _ptr(dy), _ptr(jobs[s])] for s in slices], slices)
-    return sum(parts[1:], parts[0]).sum(axis=3).reshape(k, c, kh, kw)
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    # the lanes' partial sums added by a product with ones (BLAS): NumPy's sum over the short last
+    # axis took 42 us at LeNet-5's C3 (16x6x25 sums of 16 lanes), the product 5
+    return (total.reshape(-1, kern.lanes) @ _ones(kern.lanes, xq.dtype.char)).reshape(k, c, kh, kw)
+
+
+@lru_cache(maxsize=None)
+def _ones(n: int, char: str) -> np.ndarray:
+    ones = np.ones(n, dtype=char)
+    ones.flags.writeable = False
+    return ones
 
 
 def grad_input(dy: np.ndarray, weight: np.ndarray, out: tuple[int, int], stride=(1, 1), top: int = 0,
