@@ -88,6 +88,15 @@ class Optimizer:
         self.state: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in self.STATE}
 
     def step(self, grads: dict[str, np.ndarray], lr: float) -> None:
+        for name, p, g, eta, wd in self.updates(grads, lr):
+            if wd != 0.0 and not self.decoupled_decay:
+                g = g + wd * p  # torch: grad.add(param, alpha=weight_decay), a new tensor
+            self._update(name, p, g, eta, wd)
+
+    def updates(self, grads: dict[str, np.ndarray], lr: float) -> list[tuple]:
+        """(name, parameter, float32 gradient, η, λ) of each parameter this step moves (η ≠ 0), the
+        gradients checked against the parameters."""
+        out = []
         for name, g in grads.items():
             if name not in self.params:
                 raise KeyError(f"gradient for unknown parameter `{name}`")
@@ -97,12 +106,9 @@ class Optimizer:
             if g.shape != p.shape:
                 raise ValueError(f"gradient for `{name}` has shape {g.shape}, parameter {p.shape}")
             eta = float(lr) * self.lr_mult[name]
-            if eta == 0.0:
-                continue
-            wd = self.weight_decay * self.decay_mult[name]
-            if wd != 0.0 and not self.decoupled_decay:
-                g = g + wd * p  # torch: grad.add(param, alpha=weight_decay), a new tensor
-            self._update(name, p, g, eta, wd)
+            if eta != 0.0:
+                out.append((name, p, g, eta, self.weight_decay * self.decay_mult[name]))
+        return out
 
     def _update(self, name: str, p: np.ndarray, g: np.ndarray, lr: float, wd: float) -> None:
         """One optimizer's rule: each subclass defines it."""

@@ -68,6 +68,12 @@ class NumpyBackend(Backend):
     def zeros(self, shape, dtype="float32") -> np.ndarray:
         return np.zeros(shape, dtype=dtype)
 
+    @staticmethod
+    def make_optimizer(config, params, lr_mult=None, decay_mult=None):
+        """optim_rules' optimizer for config; the SGD family's update runs in C (coptim.py)."""
+        from . import coptim
+        return coptim.make_optimizer(config, params, lr_mult, decay_mult)
+
     def loss(self, name: str):
         try:
             return LOSSES[name]
