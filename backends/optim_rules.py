@@ -88,7 +88,11 @@ class Optimizer:
         self.state: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in self.STATE}
 
     def step(self, grads: dict[str, np.ndarray], lr: float) -> None:
-        for name, p, g, eta, wd in self.updates(grads, lr):
+        self.apply(self.updates(grads, lr))
+
+    def apply(self, updates: list[tuple]) -> None:
+        """The rule over `updates` (what `updates` returns): L2 weight decay, then each update."""
+        for name, p, g, eta, wd in updates:
             if wd != 0.0 and not self.decoupled_decay:
                 g = g + wd * p  # torch: grad.add(param, alpha=weight_decay), a new tensor
             self._update(name, p, g, eta, wd)

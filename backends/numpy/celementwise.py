@@ -34,7 +34,6 @@ from cnnc.compiler.ops import OPS
 
 from . import cc, cthreads, parallel
 
-EXACT_FLAGS = ("-ffp-contract=off",)  # a*b + c stays two roundings, as in NumPy
 # AVX-512's whole vectors where the CPU has them (GCC prefers 256-bit ones for -march=native): relu6
 # with a bias over 96x112x112 float32 in place, one thread, 292 -> 222 us
 WIDE_FLAGS = ("-mprefer-vector-width=512",)
@@ -254,57 +253,25 @@ def _forward_source(op: str | None) -> tuple[str, list[str]]:
     body = ("        T z[BLOCK];\n"
             "        const T *xb = z, *yb = z; (void)yb;\n"
             "        T *ob = out + base; (void)ob;\n"
-            "        if (has_b || has_r || keep) affine(y, bias, res, z, k, inner, base, n, has_b, has_r, keep);\n"
+            "        if (has_b || has_r || keep) runs(y, bias, res, z, base, P, k, inner, base, base + n, has_b, has_r, keep);\n"
             "        else xb = y + base;  /* z is y itself: read in place */\n")
     return _HEADER + f"""
-/* z[0, n) = y + bias + res over [base, base + n), run by run of one row (one bias value) */
-static inline __attribute__((always_inline)) void affine(
-        T *restrict y, const T *restrict bias, const T *restrict res, T *restrict z, long k, long inner,
-        long base, long n, const int has_b, const int has_r, const int keep) {{
-    const long row = base / inner;
-    long col = base - row * inner, ch = row % k;  /* counted on: a division a run cost 10 ns */
-    if (inner == 1 && has_b) {{  /* 1x1 maps (LeNet-5's C5): a bias value an element */
-        for (long i = 0; i < n; i++) {{
-            T v = y[base + i] + bias[ch];
-            if (has_r) v = v + res[base + i];
-            z[i] = v;
-            if (keep) y[base + i] = v;
-            if (++ch == k) ch = 0;
-        }}
-        return;
-    }}
-    for (long pos = base, end = base + n; pos < end;) {{
-        const long run = inner - col < end - pos ? inner - col : end - pos;
-        const T bv = has_b ? bias[ch] : 0;
-        T *restrict zr = z + (pos - base);
-        const T *restrict yr = y + pos, *restrict rr = res + pos;
-        for (long i = 0; i < run; i++) {{
-            T v = yr[i];
-            if (has_b) v = v + bv;
-            if (has_r) v = v + rr[i];
-            zr[i] = v;
-        }}
-        if (keep) for (long i = 0; i < run; i++) y[pos + i] = zr[i];
-        pos += run;
-        col = 0;
-        if (++ch == k) ch = 0;
-    }}
-}}
-
-/* DIRECT: out = f(y + bias + res) over [lo, hi) in one pass, run by run of one row (y and out may
-   be one array: each element is read before it is written) */
+/* out[i − out0] = F(y + bias + res) over [lo, hi), run by run of one row (one bias value), v kept in
+   y when keep. F is the formula where it has no NumPy loops (DIRECT: the whole epilogue in this one
+   pass, out the output, which may be y: each element is read before it is written), else the
+   identity (out the block's z, out0 its start) */
 #define DIRECT {int(direct)}
-static inline __attribute__((always_inline)) void direct_runs(
-        T *y, const T *restrict bias, const T *restrict res, T *out, const T *P, long k, long inner,
-        long lo, long hi, const int has_b, const int has_r, const int keep) {{
-{_params(op)}    const long row = lo / inner;
-    long col = lo - row * inner, ch = row % k;
-    if (inner == 1 && has_b) {{
+static inline __attribute__((always_inline)) void runs(
+        T *y, const T *restrict bias, const T *restrict res, T *out, long out0, const T *P, long k,
+        long inner, long lo, long hi, const int has_b, const int has_r, const int keep) {{
+{_params(op) if direct else ""}    const long row = lo / inner;
+    long col = lo - row * inner, ch = row % k;  /* counted on: a division a run cost 10 ns */
+    if (inner == 1 && has_b) {{  /* 1x1 maps (LeNet-5's C5): a bias value an element */
         for (long i = lo; i < hi; i++) {{
             T v = y[i] + bias[ch];
             if (has_r) v = v + res[i];
             if (keep) y[i] = v;
-            out[i] = {fv};
+            out[i - out0] = {fv};
             if (++ch == k) ch = 0;
         }}
         return;
@@ -325,7 +292,7 @@ static inline __attribute__((always_inline)) void direct_runs(
                 yr[i] = {fv};
             }}
         else {{
-            T *restrict outr = out + pos;
+            T *restrict outr = out + (pos - out0);
             for (long i = 0; i < run; i++) {{
                 T v = yr[i];
                 if (has_b) v = v + bv;
@@ -352,7 +319,7 @@ static inline __attribute__((always_inline)) void forward_body(
         T *y, const T *bias, const T *res, T *out, const T *P, const long *L, long k, long inner,
         long lo, long hi, const int has_b, const int has_r, const int keep) {{
     if (DIRECT) {{
-        direct_runs(y, bias, res, out, P, k, inner, lo, hi, has_b, has_r, keep);
+        runs(y, bias, res, out, 0, P, k, inner, lo, hi, has_b, has_r, keep);
         return;
     }}
     const T zero = 0; (void)zero; (void)L;
@@ -371,7 +338,7 @@ void forward(T *y, const T *bias, const T *res, T *out, const T *P, const long *
 
 
 def _flags() -> tuple[str, ...]:
-    return EXACT_FLAGS + (WIDE_FLAGS if "avx512f" in parallel.cpu_flags() else ())
+    return cc.EXACT_FLAGS + (WIDE_FLAGS if "avx512f" in parallel.cpu_flags() else ())
 
 
 def _defines(dtype: str) -> dict:

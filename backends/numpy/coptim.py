@@ -56,7 +56,7 @@ def _task():
     defines = dict(WEIGHT_DECAY=WEIGHT_DECAY, MOMENTUM=MOMENTUM, FIRST=FIRST, NESTEROV=NESTEROV)
     try:
         return cthreads.load(defines, _SOURCE, "the SGD update", {"sgd": ("sgd", "ppplLH")},
-                             flags=("-ffp-contract=off",))["sgd"]
+                             flags=cc.EXACT_FLAGS)["sgd"]
     except cc.BuildError as e:
         cc.give_up(e)
         return None
@@ -65,13 +65,16 @@ def _task():
 class CompiledSGD(optim_rules.SGD):
     """optim_rules.SGD whose step runs in C (same state, same values)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._addresses: dict[tuple, tuple[np.ndarray, int]] = {}
+
     def _address(self, key: tuple, a: np.ndarray) -> int:
         """a's data pointer, remembered under key for the parameters and buffers, which live across
         steps (a.ctypes.data costs about a µs); a new array under the key (load_state_dict) gets its own."""
-        cache = self.__dict__.setdefault("_addresses", {})
-        hit = cache.get(key)
+        hit = self._addresses.get(key)
         if hit is None or hit[0] is not a:
-            hit = cache[key] = (a, a.ctypes.data)
+            hit = self._addresses[key] = (a, a.ctypes.data)
         return hit[1]
 
     def step(self, grads: dict[str, np.ndarray], lr: float) -> None:
@@ -79,10 +82,7 @@ class CompiledSGD(optim_rules.SGD):
         task = _task() if cc.available() else None
         if task is None or not all(p.dtype == np.float32 and p.flags.c_contiguous and g.flags.c_contiguous
                                    for _, p, g, _, _ in work):
-            for name, p, g, eta, wd in work:
-                if wd != 0.0:
-                    g = g + wd * p
-                self._update(name, p, g, eta, wd)
+            self.apply(work)
             return
         bufs = self.state["momentum_buffer"]
         rows, scal, offs = [], [], [0]

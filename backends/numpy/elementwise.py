@@ -268,13 +268,13 @@ def eltwise_forward(node, xs, params, ctx):
     (x,) = xs
     reads = OPS[node.op].formula.grad_reads
     args = _node_args(node)
-    y = np.empty_like(x) if x.flags.c_contiguous else None
-    if y is not None and celementwise.forward(node.op, args, x, y):  # one C pass, where it has one
-        pass
-    elif _large(x):
-        y = _blockwise(lambda v, o: apply_into(node.op, args, v, o), np.empty_like(x), [x])
-    else:
-        y = apply(node.op, args, x)
+    y = None
+    if x.size >= celementwise.MIN_ELEMENTS and x.flags.c_contiguous:  # one C pass, where it has one
+        out = np.empty_like(x)
+        y = out if celementwise.forward(node.op, args, x, out) else None
+    if y is None:
+        y = (_blockwise(lambda v, o: apply_into(node.op, args, v, o), np.empty_like(x), [x]) if _large(x)
+             else apply(node.op, args, x))
     return y, (x if "input" in reads else None, y if "output" in reads else None)
 
 

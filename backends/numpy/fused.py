@@ -69,7 +69,7 @@ def epilogue(y: np.ndarray, bias, residual, act):
     out = np.empty_like(y) if keep_pre else y
     of = _flat(out)
     done = _cew.epilogue(y, bias, residual, act, out)  # one C pass (celementwise.py), where it has one
-    if done == "all" or (done == "affine" and act is None):
+    if done == "all":
         return out, (y if keep_pre else None)
     if done == "affine":  # the bias and residual are in y: the activation is NumPy's
         bias = residual = None

@@ -167,7 +167,7 @@ def _tasks(char: str):
         defines = {"T": "float" if char == "f" else "double", "I": "int" if char == "f" else "long long", "VB": 64}
         return cthreads.load(defines, _INPUT_SOURCE, "the Winograd transforms",
                              {"input": ("input_transform", "pplllllllLH"),
-                              "output": ("output_transform", "ppplllllLH")}, flags=("-ffp-contract=off",))
+                              "output": ("output_transform", "ppplllllLH")}, flags=cc.EXACT_FLAGS)
     except cc.BuildError as e:
         cc.give_up(e)
         return None
@@ -176,7 +176,7 @@ def _tasks(char: str):
 def input_transform(xg: np.ndarray, th: int, tw: int) -> np.ndarray:
     """xg (C, N, Hg, Wg) zero-padded grid → V (16, C, N·th·tw): in C where the compiled kernels
     are on (the same additions: the same bits), else in NumPy's strided slices. 256 channels of
-    8 images at 56×56 (2 cores): NumPy 29.8 ms, C see the commit."""
+    8 images at 56×56 (2 cores): NumPy 29.8 ms, C 23.6."""
     c, n = xg.shape[:2]
     t = n * th * tw
     v = np.empty((16, c, t), dtype=xg.dtype)
