@@ -15,6 +15,7 @@ Each rank runs with one BLAS/OpenMP thread; every launch has its own timeout.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -212,8 +213,13 @@ def test_a_dead_or_stuck_rank_ends_the_job_naming_it(work, how):
     if how == "stuck":  # our timeout: rank 0 names the rank that never arrived, or arrived and fell silent
         assert ("rank 1 never reached it (dead or stuck)" in said
                 or "rank 1 reached it but has been silent" in said), said[-2000:]
-    else:  # MPICH's launcher sees the death at once and names the process by that pid
-        assert "BAD TERMINATION" in said and f"PID {victim} " in said, said[-2000:]
+    else:  # MPICH's launcher sees the death at once and names a process of the job by its pid
+        assert "BAD TERMINATION" in said and "Killed (signal 9)" in said, said[-2000:]
+        named = int(re.search(r"PID (\d+) RUNNING AT", said).group(1))
+        # it names the first process, in rank order, whose end its cleanup did not cause; under load its
+        # cleanup's SIGKILL can reach the survivor before the survivor's exit is seen, and then it is the one
+        # named: either way the job's first line says which rank that pid was
+        assert f"pid {named} on " in said, said[-2000:]
 
 
 def test_bench_ranks_splits_the_step_and_allreduces_every_gradient(work):
