@@ -1,6 +1,8 @@
 """The C kernels' worker threads (backends/numpy/cthreads.py), on a small task compiled here:
-every slice computed once with its own arguments, on another thread than the caller's, with
-more slices than threads, from two Python threads at once, and in a forked child."""
+every slice computed once with its own arguments, on another thread than the caller's once the
+worker is awake (before that the caller may take its slice), exactly once when the caller and a
+waking worker race for it, with more slices than threads, from two Python threads at once, and
+in a forked child."""
 
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ void fill(long *out, long *who, long lo, long hi, long base) {
     for (long i = lo; i < hi; i++) out[i] = base + i;
     who[lo] = (long)pthread_self();
 }
+/* out[i] += 1 for i in [lo, hi): a slice run twice shows */
+void bump(long *out, long lo, long hi) {
+    for (long i = lo; i < hi; i++) out[i] += 1;
+}
 long self(void) { return (long)pthread_self(); }
 """
 
@@ -29,7 +35,7 @@ long self(void) { return (long)pthread_self(); }
 def lib():
     if not cc.available():
         pytest.skip("no C compiler")
-    lib = ctypes.CDLL(str(cc.build(SOURCE + cthreads.tasks(("fill", "ppLHl")))))
+    lib = ctypes.CDLL(str(cc.build(SOURCE + cthreads.tasks(("fill", "ppLHl"), ("bump", "pLH")))))
     lib.self.restype = ctypes.c_long
     return lib
 
@@ -42,12 +48,35 @@ def fill(lib, n: int, slices, base=7):
     return out, who
 
 
+def on_a_worker(lib, tries: int = 40) -> bool:
+    """fill over two halves until the second half runs on a worker; each run's output right. A
+    worker still waking, or waiting for a core, when the caller is done with its half leaves that
+    half to the caller: the halves grow from ~10 µs to ~10 ms until a worker claims one."""
+    for n in (1 << 16, 1 << 19, 1 << 22):
+        for _ in range(tries):
+            out, who = fill(lib, n, [(0, n // 2), (n // 2, n)])
+            np.testing.assert_array_equal(out, 7 + np.arange(n))
+            assert who[0] == lib.self()  # the caller's slice
+            if who[n // 2] not in (0, lib.self()):
+                return True
+    return False
+
+
 def test_each_slice_runs_once_on_its_own_thread(lib, two_threads):
     slices = parallel.chunks(1000, float("inf"))
     assert slices == [(0, 500), (500, 1000)]
-    out, who = fill(lib, 1000, slices)
-    np.testing.assert_array_equal(out, 7 + np.arange(1000))
-    assert who[0] == lib.self() and who[500] not in (0, lib.self())  # the caller's slice, a worker's
+    assert on_a_worker(lib)
+
+
+def test_a_slice_runs_once_when_the_caller_and_a_waking_worker_race_for_it(lib, two_threads):
+    out = np.zeros(4096, dtype=np.int64)
+    task = cthreads.task(lib, "bump", "pLH")
+    runs = 0
+    for pause in (0.0, 0.0005, 0.001, 0.002, 0.003, 0.005) * 5:  # around the spin's end: asleep or not
+        time.sleep(pause * cthreads.SPIN_US / 2000)
+        cthreads.run(task, [out.ctypes.data], [(0, 2048), (2048, 4096)])
+        runs += 1
+        assert (out == runs).all(), f"run {runs}: {np.unique(out)}"
 
 
 def test_slices_take_their_own_arguments(lib, two_threads):
@@ -85,9 +114,7 @@ def test_two_python_threads_at_once(lib, two_threads):
 def test_workers_sleep_when_idle_and_wake_for_the_next_run(lib, two_threads):
     fill(lib, 100, [(0, 50), (50, 100)])
     time.sleep(3 * cthreads.SPIN_US / 1e6 + 0.05)  # past the spin: the worker waits on its condition
-    out, who = fill(lib, 100, [(0, 50), (50, 100)])
-    np.testing.assert_array_equal(out, 7 + np.arange(100))
-    assert who[50] not in (0, lib.self())
+    assert on_a_worker(lib)
 
 
 def test_a_forked_child_starts_its_own_workers(lib, two_threads):
@@ -95,8 +122,7 @@ def test_a_forked_child_starts_its_own_workers(lib, two_threads):
     pid = os.fork()
     if pid == 0:  # the child: its parent's threads are not here
         try:
-            out, who = fill(lib, 100, [(0, 50), (50, 100)])
-            os._exit(0 if (out == 7 + np.arange(100)).all() and who[50] not in (0, lib.self()) else 1)
+            os._exit(0 if on_a_worker(lib) else 1)
         finally:
             os._exit(2)
     deadline = time.monotonic() + 30
