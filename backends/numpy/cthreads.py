@@ -29,7 +29,11 @@ from functools import lru_cache
 
 from . import cc, parallel
 
-SPIN_US = 500  # a worker's spin after its last slice: a network's kernels follow each other closer
+# a worker's spin after its last slice: a network's kernels follow each other closer. LeNet-5's
+# C5, F6 and output layers and the loss run ~0.5 ms on BLAS alone, and a worker woken after them
+# ran S4's backward at 130 µs instead of 50; training step at batch 64, 10 alternating rounds of 60
+# steps in one process: 500 µs 2.88 ms, 2000 µs 2.73, 5000 µs 2.75
+SPIN_US = 2000
 # work (parallel.chunks' units) below which a C kernel runs unsplit: parallel.MIN_WORK (4M) pays
 # for parallel.py's ~90 µs hand-off; here a run costs a few µs. LeNet-5's training step at batch
 # 64 (cnnc bench, two runs each): 4M 3.88 / 4.11 ms, 1M 3.74 / 3.68, 250K 3.58 / 3.70, 62.5K
