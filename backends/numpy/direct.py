@@ -177,6 +177,10 @@ void forward(const T *restrict xq, const T *restrict w, T *restrict y,
    shifted runs; per kernel row r, a block of KG filters × KW taps in registers: each input vector
    loaded serves KG filters, each dy vector KW taps */
 void grad_weight(const T *restrict xq, const T *restrict dy, T *restrict acc, long n0, long n1) {
+    if (n1 <= n0) {  /* no images: the partial sums are zero */
+        for (long i = 0; i < (long)K * C * KH * KW * VL; i++) acc[i] = 0;
+        return;
+    }
     /* a row's last OW mod VL outputs: the row's last vector with the lanes before them zeroed in
        both factors (zero times zero: no inf·0 from a value the vector before already counted) */
     ivec tail;
@@ -214,7 +218,8 @@ void grad_weight(const T *restrict xq, const T *restrict dy, T *restrict acc, lo
         }
         for (int k = 0; k < KG; k++) {
             T *out = acc + (((long)(kb + k) * C + c) * (KH * KW) + r * KW) * VL;
-            for (int s = 0; s < KW; s++) st(out + s * VL, ld(out + s * VL) + a[k][s]);
+            /* the first block starts the partial sums (0 + a, as a zeroed array would give) */
+            for (int s = 0; s < KW; s++) st(out + s * VL, (nb == n0 ? (vec){0} : ld(out + s * VL)) + a[k][s]);
         }
     }
 }
@@ -392,21 +397,31 @@ def pack(x: np.ndarray, k: int, kh: int, kw: int, out: tuple[int, int], stride=(
     n, c, h, w = x.shape
     oh, ow = out
     sh, sw = stride
-    lanes = NARROW_VECTOR_BYTES // x.dtype.itemsize
-    if oh * ow < lanes:
-        raise InternalError(f"a direct conv with {oh}×{ow} outputs, less than one vector")
-    kind = layout(x.dtype, oh, ow, k, kh, kw)
-    flat, spill = kind == "flat", kind == "spill"
-    vb = WIDE_VECTOR_BYTES if spill else vector_bytes(x.dtype, oh * ow if flat else ow)
-    kern = kernels(x.dtype.name, c, k, oh, ow, kh, kw, sh, sw, flat, spill, vb, _registers())
-    grad = kernels(x.dtype.name, c, k, oh, ow, kh, kw, sh, sw, False, False, vector_bytes(x.dtype, ow),
-                   _registers()) if spill else kern
-    if kern.planes == 1 and (kern.hq, kern.wq, top, left) == (h, w, 0, 0) and not spill:
+    kern, grad = _pack_kernels(x.dtype.char, c, k, oh, ow, kh, kw, sh, sw, LAYOUT, _avx512())
+    if kern.planes == 1 and (kern.hq, kern.wq, top, left) == (h, w, 0, 0) and grad is kern:  # not spilling
         return Packed(x.reshape(n, c, 1, h, w), kern, out, grad)  # a 1×1 conv: x is its own plane
     size = n * c * kern.planes * kern.hq * kern.wq
     xq = np.empty(size + kern.lanes, dtype=x.dtype)[:size].reshape(n, c, kern.planes, kern.hq, kern.wq)
     cthreads.run(kern.tasks["pack"], [_ptr(x), _ptr(xq), h, w, top, left], cthreads.chunks(n, xq.size * 8))
     return Packed(xq, kern, out, grad)
+
+
+@lru_cache(maxsize=None)
+def _pack_kernels(char: str, c: int, k: int, oh: int, ow: int, kh: int, kw: int, sh: int, sw: int,
+                  layout_rule: str, avx512: bool) -> tuple[_Kernels, _Kernels]:
+    """(the forward's kernels, the weight gradient's) for this dtype (by its char) and conv shape:
+    chosen once per shape (the layout, vector size and registers), not on every pack; keyed by
+    what the choice reads (LAYOUT and the CPU's AVX-512, which tests set)."""
+    dtype = np.dtype(char)
+    if oh * ow < NARROW_VECTOR_BYTES // dtype.itemsize:
+        raise InternalError(f"a direct conv with {oh}×{ow} outputs, less than one vector")
+    kind = layout(dtype, oh, ow, k, kh, kw)
+    flat, spill = kind == "flat", kind == "spill"
+    vb = WIDE_VECTOR_BYTES if spill else vector_bytes(dtype, oh * ow if flat else ow)
+    kern = kernels(dtype.name, c, k, oh, ow, kh, kw, sh, sw, flat, spill, vb, _registers())
+    grad = kernels(dtype.name, c, k, oh, ow, kh, kw, sh, sw, False, False, vector_bytes(dtype, ow),
+                   _registers()) if spill else kern
+    return kern, grad
 
 
 def _work(packed: Packed, kh: int, kw: int) -> int:
@@ -437,7 +452,7 @@ def grad_weight(packed: Packed, dy: np.ndarray, kh: int, kw: int) -> np.ndarray:
     n, c = xq.shape[:2]
     dy = np.ascontiguousarray(dy, dtype=xq.dtype)
     slices = cthreads.chunks(n, _work(packed, kh, kw) * k)
-    parts = [np.zeros((k, c, kh * kw, kern.lanes), dtype=xq.dtype) for _ in slices]
+    parts = [np.empty((k, c, kh * kw, kern.lanes), dtype=xq.dtype) for _ in slices]  # the kernel starts them
     jobs = dict(zip(slices, parts))
     cthreads.run(kern.tasks["grad_weight"], [[_ptr(xq), _ptr(dy), _ptr(jobs[s])] for s in slices], slices)
     total = parts[0]
