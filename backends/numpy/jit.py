@@ -32,9 +32,20 @@ from . import parallel
 _loops = None  # the jit_loops module once imported; False when Numba is missing
 
 
+# os.environ's own mapping (encoded keys and values), read directly: allowed() runs before every
+# compiled kernel (19 times in LeNet-5's training step), and os.environ.get's four Python calls cost
+# ~0.1 ms a step there (2.68 against 2.59 ms with the check made a constant, alternating runs)
+_ENVIRON = getattr(os.environ, "_data", None)
+_JIT_KEY = os.environ.encodekey("CNNC_JIT") if _ENVIRON is not None else None
+_ZERO = os.environ.encodevalue("0") if _ENVIRON is not None else None
+
+
 def allowed() -> bool:
     """CNNC_JIT is not 0: the compiled paths (these loops, direct.py's C) may run."""
-    return os.environ.get("CNNC_JIT", "1").strip() != "0"
+    if _ENVIRON is None:
+        return os.environ.get("CNNC_JIT", "1").strip() != "0"
+    value = _ENVIRON.get(_JIT_KEY)
+    return value is None or value.strip() != _ZERO
 
 
 def enabled() -> bool:
