@@ -206,7 +206,7 @@ def forward(g, x: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
     x = np.ascontiguousarray(x)
     wt = np.ascontiguousarray(weight, dtype=x.dtype).reshape(c, g.ntaps)
     y = np.empty((n, c, g.oh, g.ow), dtype=x.dtype)
-    ptr = [a.ctypes.data for a in (x, wt, y)]
+    ptr = [cthreads.address(a) for a in (x, wt, y)]
     cthreads.run(tasks["forward"], ptr,
                  cthreads.chunks(n * c, parallel.WORK_PER_ELEMENT * y.size * g.ntaps))
     return y
@@ -225,7 +225,7 @@ def backward(g, x: np.ndarray, dy: np.ndarray, weight: np.ndarray, need_dx: bool
     wt = np.ascontiguousarray(weight, dtype=dtype).reshape(c, g.ntaps)
     dx = np.empty((n, c, h, w), dtype=dtype) if need_dx else None
     dw = np.empty((n, c, g.ntaps), dtype=dtype)
-    ptr = [a.ctypes.data for a in (x, dy, wt, dw)] + [dx.ctypes.data if need_dx else None]
+    ptr = [cthreads.address(a) for a in (x, dy, wt, dw)] + [cthreads.address(dx) if need_dx else None]
     cthreads.run(tasks["backward"], ptr,
                  cthreads.chunks(n * c, parallel.WORK_PER_ELEMENT * dy.size * g.ntaps * 2))
     return dx, (dw[0] if n == 1 else dw.sum(axis=0)).reshape(weight.shape)

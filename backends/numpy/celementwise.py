@@ -403,7 +403,7 @@ def _params_ptr(kernel: _Kernel, args, char: str) -> tuple[np.ndarray | None, in
     if not args:
         return None, kernel.zero_ptr
     p = np.array(args, dtype=char)
-    return p, p.ctypes.data
+    return p, cthreads.address(p)
 
 
 def gradient(op: str, args: tuple[float, ...], x, y, dy, out) -> bool:
@@ -417,9 +417,10 @@ def gradient(op: str, args: tuple[float, ...], x, y, dy, out) -> bool:
     if kernel is None:
         return False
     p, p_ptr = _params_ptr(kernel, args, char)
-    g = dy.ctypes.data
-    cthreads.run(kernel.task, [g if x is None else x.ctypes.data, g if y is None else y.ctypes.data, g,
-                               out.ctypes.data, p_ptr, kernel.table_ptr],
+    g = cthreads.address(dy)
+    address = cthreads.address
+    cthreads.run(kernel.task, [g if x is None else address(x), g if y is None else address(y), g, address(out), p_ptr,
+                               kernel.table_ptr],
                  cthreads.chunks(dy.size, parallel.WORK_PER_ELEMENT * dy.size))
     return True
 
@@ -446,11 +447,11 @@ def epilogue(y, bias, residual, act, out) -> str | None:
     b = None if bias is None else np.ascontiguousarray(bias, y.dtype)
     p, p_ptr = _params_ptr(kernel, act[1] if (act and whole) else (), char)
     keep = int(whole and out is not y)
-    y_ptr = y.ctypes.data
+    y_ptr = cthreads.address(y)
     mode = (bias is not None) + 2 * (residual is not None) + 4 * keep
-    cthreads.run(kernel.task, [y_ptr, kernel.zero_ptr if b is None else b.ctypes.data,
-                               y_ptr if residual is None else residual.ctypes.data,
-                               out.ctypes.data if keep else y_ptr, p_ptr, kernel.table_ptr,
+    cthreads.run(kernel.task, [y_ptr, kernel.zero_ptr if b is None else cthreads.address(b),
+                               y_ptr if residual is None else cthreads.address(residual),
+                               cthreads.address(out) if keep else y_ptr, p_ptr, kernel.table_ptr,
                                # without a bias the rows do not matter: one row, one run a block
                                k if bias is not None else 1, y.size // (n * k) if bias is not None else y.size,
                                mode],
@@ -471,8 +472,9 @@ def forward(op: str, args: tuple[float, ...], x, out) -> bool:
     if kernel is None:
         return False
     p, p_ptr = _params_ptr(kernel, args, char)
-    x_ptr = x.ctypes.data  # z = x (no bias, no residual, not kept): x is only read
-    cthreads.run(kernel.task, [x_ptr, kernel.zero_ptr, x_ptr, out.ctypes.data, p_ptr, kernel.table_ptr, 1, x.size, 0],
+    x_ptr = cthreads.address(x)  # z = x (no bias, no residual, not kept): x is only read
+    cthreads.run(kernel.task,
+                 [x_ptr, kernel.zero_ptr, x_ptr, cthreads.address(out), p_ptr, kernel.table_ptr, 1, x.size, 0],
                  cthreads.chunks(x.size, parallel.WORK_PER_ELEMENT * x.size))
     return True
 
@@ -523,6 +525,6 @@ def channel_sums(dy: np.ndarray) -> np.ndarray:
     if task is None:
         return dy.sum(axis=tuple(i for i in range(dy.ndim) if i != 1))
     sums = np.empty((n, k), dtype=dy.dtype)
-    cthreads.run(task, [dy.ctypes.data, sums.ctypes.data, inner],
+    cthreads.run(task, [cthreads.address(dy), cthreads.address(sums), inner],
                  cthreads.chunks(n * k, parallel.WORK_PER_ELEMENT * dy.size))
     return sums.sum(axis=0)

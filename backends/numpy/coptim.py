@@ -95,7 +95,7 @@ class CompiledSGD(optim_rules.SGD):
                 if buf is None:  # torch starts the buffer at the first gradient: written by the pass
                     buf = bufs[name] = np.empty_like(p)
                     flags |= FIRST
-            rows += [self._address(("p", name), p), g.ctypes.data,
+            rows += [self._address(("p", name), p), cthreads.address(g),
                      0 if buf is None else self._address(("buf", name), buf), p.size, flags]
             scal += [-eta, wd, self.momentum]
             offs.append(offs[-1] + p.size)
@@ -105,7 +105,7 @@ class CompiledSGD(optim_rules.SGD):
         scalars = np.array(scal, dtype=np.float32)  # as NumPy casts a Python float against float32
         starts = np.array(offs, dtype=np.int64)
         total = offs[-1]
-        cthreads.run(task, [table.ctypes.data, scalars.ctypes.data, starts.ctypes.data, len(work)],
+        cthreads.run(task, [cthreads.address(table), cthreads.address(scalars), cthreads.address(starts), len(work)],
                      cthreads.chunks(total, parallel.WORK_PER_ELEMENT * total))
 
 

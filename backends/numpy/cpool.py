@@ -129,7 +129,8 @@ def _library(char: str, kernel: tuple[int, int], stride: tuple[int, int]):
 
 def _run(task, src, dst, div, planes: int, geometry: tuple, work: float) -> None:
     div = np.ascontiguousarray(div, dtype=src.dtype)
-    cthreads.run(task, [src.ctypes.data, dst.ctypes.data, div.ctypes.data, *geometry], cthreads.chunks(planes, work))
+    address = cthreads.address
+    cthreads.run(task, [address(src), address(dst), address(div), *geometry], cthreads.chunks(planes, work))
 
 
 def _library_or_none(dtype, kernel, stride):

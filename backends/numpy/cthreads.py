@@ -27,6 +27,8 @@ import ctypes
 import sys
 from functools import lru_cache
 
+import numpy as np
+
 from . import cc, parallel
 
 # a worker's spin after its last slice: a network's kernels follow each other closer. LeNet-5's
@@ -173,6 +175,30 @@ void run(task_t fn, const long *args, long nargs, const long *bounds, int parts)
     pthread_mutex_unlock(&run_mu);
 }
 """
+
+
+def _data_offset() -> int | None:
+    """Where an ndarray keeps its data pointer in its object (NumPy's PyArrayObject_fields: `data`
+    right after the object header), found by probing arrays and views against `.ctypes.data`;
+    None where no offset fits them all."""
+    base = np.arange(64, dtype=np.float32)
+    probes = [base, base[5:], base.reshape(8, 8)[2:, 1:], np.zeros((3, 4)).T, np.empty(7, dtype=np.int64)]
+    for offset in range(8, 65, 8):  # within the object's header fields, whatever it holds there
+        if all(ctypes.c_void_p.from_address(id(p) + offset).value == p.ctypes.data for p in probes):
+            return offset
+    return None
+
+
+_DATA_OFFSET = _data_offset()
+_WORD = ctypes.c_void_p.from_address
+
+
+def address(a: np.ndarray) -> int:
+    """a's data pointer for a kernel's arguments: read from the array object (0.12 µs) where
+    _data_offset found it, else a.ctypes.data (0.85 µs, two Python calls: ~70 a LeNet-5 step)."""
+    if _DATA_OFFSET is None or type(a) is not np.ndarray:  # a subclass may keep more before its data
+        return a.ctypes.data
+    return _WORD(id(a) + _DATA_OFFSET).value or 0
 
 
 def chunks(n: int, work: float) -> list[tuple[int, int]]:

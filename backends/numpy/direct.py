@@ -375,7 +375,7 @@ def kernels(dtype: str, c: int, k: int, oh: int, ow: int, kh: int, kw: int, sh: 
 
 
 def _ptr(a: np.ndarray) -> int:
-    return a.ctypes.data
+    return cthreads.address(a)
 
 
 class Packed(NamedTuple):

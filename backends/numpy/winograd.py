@@ -186,7 +186,8 @@ def input_transform(xg: np.ndarray, th: int, tw: int) -> np.ndarray:
     inner = xg.strides[1:] == (hg * wg * item, wg * item, item) and xg.strides[0] % item == 0
     tasks = _tasks(xg.dtype.char) if xg.dtype.char in "fd" and inner and cc.available() else None
     if tasks is not None:
-        cthreads.run(tasks["input"], [xg.ctypes.data, v.ctypes.data, n, hg, wg, th, tw, c, xg.strides[0] // item],
+        cthreads.run(tasks["input"],
+                     [cthreads.address(xg), cthreads.address(v), n, hg, wg, th, tw, c, xg.strides[0] // item],
                      cthreads.chunks(c, 40 * c * t))
         return v
     vv = v.reshape(16, c, n, th, tw)
@@ -232,8 +233,9 @@ def output_transform(m: np.ndarray, n: int, th: int, tw: int, oh: int, ow: int, 
     tasks = _tasks(m.dtype.char) if m.dtype.char in "fd" and m.flags.c_contiguous and cc.available() else None
     if tasks is not None:  # in C: the same additions, the same bits
         b = None if bias is None else np.ascontiguousarray(bias, dtype=m.dtype)
-        cthreads.run(tasks["output"], [m.ctypes.data, y.ctypes.data, 0 if b is None else b.ctypes.data, n, th, tw,
-                                       k, int(b is not None)], cthreads.chunks(k, 30 * k * n * th * tw))
+        address = cthreads.address
+        cthreads.run(tasks["output"], [address(m), address(y), 0 if b is None else address(b), n, th, tw, k,
+                                       int(b is not None)], cthreads.chunks(k, 30 * k * n * th * tw))
         return y if (2 * th, 2 * tw) == (oh, ow) else np.ascontiguousarray(y[:, :, :oh, :ow])
     mm = m.reshape(16, k, n, th, tw)
     yk = y.transpose(1, 0, 2, 3)  # (K, N, 2th, 2tw) view

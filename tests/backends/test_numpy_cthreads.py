@@ -2,7 +2,7 @@
 every slice computed once with its own arguments, on another thread than the caller's once the
 worker is awake (before that the caller may take its slice), exactly once when the caller and a
 waking worker race for it, with more slices than threads, from two Python threads at once, and
-in a forked child."""
+in a forked child; and `address`, the data pointer the kernels are given."""
 
 from __future__ import annotations
 
@@ -142,3 +142,18 @@ def test_without_the_workers_library_python_threads_run_the_slices(lib, two_thre
     out, who = fill(lib, 30, [(0, 10), (10, 30)], base=[1, 2])
     np.testing.assert_array_equal(out, np.r_[1 + np.arange(10), 2 + np.arange(10, 30)])
     assert who[10] not in (0, lib.self())  # parallel.py's worker thread
+
+
+@pytest.mark.parametrize("make", [
+    lambda: np.zeros(10, dtype=np.float32),
+    lambda: np.arange(100, dtype=np.float64).reshape(10, 10)[3:, 2:],  # a view inside another array
+    lambda: np.zeros((4, 5)).T,
+    lambda: np.empty(0, dtype=np.float32),
+    lambda: np.zeros(3).view(np.recarray),  # a subclass: .ctypes.data
+], ids=["array", "view", "transposed", "empty", "subclass"])
+def test_address_is_the_arrays_data_pointer(make, monkeypatch):
+    a = make()
+    assert cthreads._DATA_OFFSET is not None  # found on this NumPy
+    assert cthreads.address(a) == a.ctypes.data
+    monkeypatch.setattr(cthreads, "_DATA_OFFSET", None)  # where no offset fits: .ctypes.data
+    assert cthreads.address(a) == a.ctypes.data
