@@ -116,6 +116,14 @@ class Backend(abc.ABC):
     elementwise: Kernel | None = None
     precisions: frozenset[str] = frozenset({"fp32"})
 
+    @staticmethod
+    def make_optimizer(config, params: dict, lr_mult: dict | None = None, decay_mult: dict | None = None):
+        """The optimizer a training loop steps over these parameters (the backend's arrays): the
+        rule of optim_rules.make_optimizer, on NumPy arrays; a backend overrides it to run the
+        update on its device (CUDA) or in compiled code (the NumPy backend's C SGD)."""
+        from .optim_rules import make_optimizer
+        return make_optimizer(config, params, lr_mult, decay_mult)
+
     def pass_scope(self, batch: int):
         """The context one forward or backward pass over `batch` images runs in (the executor
         enters it): nothing by default; the NumPy backend hands its threads to BLAS for batches

@@ -28,7 +28,6 @@ from .artifact import compile_model
 from .budget import run_estimate
 from .executor import Executor
 from .model import Model
-from .optim import make_optimizer
 from .train import training_plan
 
 
@@ -73,8 +72,7 @@ def _training(model: Model, batch: int) -> SimpleNamespace:
 def _train_step(model: Model, x, y, config: TrainConfig):
     executor = _training(model, len(x)).executor
     trainable = {k for k, t in model.trainable().items() if t}
-    make = getattr(model.backend, "make_optimizer", None) or make_optimizer
-    opt = make(config, {k: model.params[k] for k in sorted(trainable)})
+    opt = model.backend.make_optimizer(config, {k: model.params[k] for k in sorted(trainable)})
     loss_fn = model.backend.loss("cross_entropy")
     ctx = Ctx(training=True, rng=np.random.default_rng(0))
 
@@ -229,8 +227,7 @@ def ranks_bench(path, backend: str = "numpy", batch: int = 64, repeats: int = 10
     y = be.to_device(rng.integers(0, int(model.classes), local))
     config = TrainConfig(optimizer="momentum", momentum=0.9, lr=0.001, batch=batch)
     trainable = {k for k, t in model.trainable().items() if t}
-    make = getattr(be, "make_optimizer", None) or make_optimizer
-    opt = make(config, {k: model.params[k] for k in sorted(trainable)})
+    opt = be.make_optimizer(config, {k: model.params[k] for k in sorted(trainable)})
     loss_fn = be.loss("cross_entropy")
     ctx = Ctx(training=True, rng=np.random.default_rng(0))
     parts: dict[str, list[float]] = {"compute": [], "waiting": [], "allreduce": [], "update": []}

@@ -46,7 +46,7 @@ from .data import Augment, Dataset, _augment, batches
 from .distributed import Communicator, ranks_line, world
 from .executor import Executor
 from .model import Model
-from .optim import make_optimizer, state_arrays
+from .optim import state_arrays
 from .schedules import make_schedule
 
 CHECKPOINT = "checkpoint.npz"
@@ -299,8 +299,8 @@ class Trainer:
         self.loss_fn = model.backend.loss(config.loss)
         self.trainable = {k for k, t in model.trainable().items() if t}
         lr_mult, decay_mult = model.multipliers()
-        make = getattr(model.backend, "make_optimizer", None) or make_optimizer  # device-side updates
-        self.optimizer = make(config, {k: model.params[k] for k in sorted(self.trainable)}, lr_mult, decay_mult)
+        self.optimizer = model.backend.make_optimizer(config, {k: model.params[k] for k in sorted(self.trainable)},
+                                                      lr_mult, decay_mult)
         n = len(data.train_y)
         self.batches_per_epoch = math.ceil(n / config.batch)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.accumulate)
