@@ -22,8 +22,11 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray, label_smoothing: float
     labels = np.asarray(labels)
     if labels.shape != (n,) or labels.dtype.kind not in "iu":
         raise CnncError(f"cross_entropy needs {n} integer labels, got shape {labels.shape} of {labels.dtype}")
-    if n and (labels.min() < 0 or labels.max() >= c):
-        raise CnncError(f"cross_entropy labels must lie in 0…{c - 1}, got {labels.min()}…{labels.max()}")
+    # the ufuncs' reductions called directly: ndarray.min/max/mean go through NumPy's Python wrappers,
+    # a few µs a call in a training step where each Python call counts (the same values)
+    low, high = (int(np.minimum.reduce(labels)), int(np.maximum.reduce(labels))) if n else (0, 0)
+    if low < 0 or high >= c:
+        raise CnncError(f"cross_entropy labels must lie in 0…{c - 1}, got {low}…{high}")
     eps = float(label_smoothing)
     if not 0.0 <= eps <= 1.0:
         raise CnncError(f"label_smoothing must lie in [0, 1], got {eps}")
@@ -34,12 +37,13 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray, label_smoothing: float
     per_sample = -(1.0 - eps) * logp[rows, labels]
     if eps:
         per_sample -= eps * logp.mean(axis=1)
-    loss = float(per_sample.mean(dtype=np.float64))
+    loss = float(np.add.reduce(per_sample, dtype=np.float64) / n) if n else float("nan")  # = mean(dtype=float64)
     grad = np.exp(logp)  # softmax − target, over the batch
     grad[rows, labels] -= 1.0 - eps
     if eps:
         grad -= eps / c
-    grad *= 1.0 / n
+    if n:
+        grad *= 1.0 / n
     return loss, grad
 
 
