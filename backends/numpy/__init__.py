@@ -4,12 +4,15 @@ Threads: the convolutions split their batch over `CNNC_NUM_THREADS` worker threa
 the CPUs this process may use), and constructing the backend makes NumPy's OpenBLAS
 single-threaded, process-wide: OpenBLAS's own threads, woken for each of the convolutions'
 many mid-sized gemms, ran them up to 10× slower on a two-core machine. An explicit
-`OPENBLAS_NUM_THREADS` in the environment leaves OpenBLAS as it is. It also tunes glibc's
+`OPENBLAS_NUM_THREADS` in the environment leaves OpenBLAS as it is. A pass over fewer images
+than threads (inference at batch 1) splits each gemm over the C worker threads (`cgemm.py`),
+or, where those are off, hands the threads to OpenBLAS for the pass. It also tunes glibc's
 malloc to keep freed memory for reuse (`memory.py`; `CNNC_KEEP_MEMORY=0` turns that off).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -17,7 +20,7 @@ import numpy as np
 from cnnc.backends.base import Backend
 from cnnc.dsl.errors import CnncError
 
-from . import blas, memory, parallel, precision
+from . import blas, cgemm, memory, parallel, precision
 from .kernels import ELEMENTWISE, KERNELS
 from .losses import LOSSES
 
@@ -53,6 +56,10 @@ class NumpyBackend(Backend):
             memory.keep_freed_memory()
 
     def pass_scope(self, batch: int):
+        # where the C workers split the gemms (cgemm.py) every kernel shares them, at any batch;
+        # else a pass over fewer images than threads hands the threads to OpenBLAS
+        if cgemm.available():
+            return contextlib.nullcontext()
         return parallel.blas_threads_for(batch)
 
     def to_device(self, host) -> np.ndarray:

@@ -31,7 +31,7 @@ from functools import lru_cache
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import celementwise, cpool, depthwise, direct, parallel, tuner, winograd
+from . import celementwise, cgemm, cpool, depthwise, direct, parallel, tuner, winograd
 from .blas import gemm
 
 KERNELS_VERSION = 9  # part of the tuning cache's key: bump when an algorithm's speed changes
@@ -129,8 +129,9 @@ def _conv(x: np.ndarray, weight: np.ndarray, groups: int, top: int, left: int, h
           sh: int, sw: int, dh: int, dw: int, out: np.ndarray, split_filters: bool = False):
     """Correlate x with weight into `out` (N, K, oh, ow), C-contiguous; returns the columns
     (None for a pointwise conv, which reads the input as is). With `split_filters` (fewer images
-    than threads: inference at batch 1) the columns are built once and each thread's gemm takes a
-    share of every group's filters."""
+    than threads: inference at batch 1) the columns are built once and each gemm is split over the
+    C workers (cgemm.py), or where that is off each Python thread's gemm takes a share of every
+    group's filters."""
     n, c, h, w = x.shape
     k, cg, kh, kw = weight.shape
     _, _, oh, ow = out.shape
@@ -145,10 +146,10 @@ def _conv(x: np.ndarray, weight: np.ndarray, groups: int, top: int, left: int, h
 
     def gemm(k0, k1):  # (N, G, k1 − k0, P): one BLAS gemm per batch item and group, straight into the output
         np.matmul(wm[:, k0:k1], src, out=rows[:, :, k0:k1])
-    if split_filters:
-        parallel.run(gemm, parallel.chunks(kg, float("inf")))
-    else:
+    if not split_filters:
         gemm(0, kg)
+    elif not all(cgemm.matmul(wm[g], src[i, g], rows[i, g]) for i in range(n) for g in range(groups)):
+        parallel.run(gemm, parallel.chunks(kg, float("inf")))  # cgemm off: Python threads share the filters
     return cols
 
 

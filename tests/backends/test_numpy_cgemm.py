@@ -1,0 +1,92 @@
+"""Matrix products split over the C workers (backends/numpy/cgemm.py): equal to NumPy's within
+rounding, split by columns or rows, on views with other leading dimensions, on one thread or
+two; refused (False, nothing written) for what it does not take; off where OpenBLAS runs more
+than one thread or CNNC_JIT is 0."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnnc.backends.numpy import NumpyBackend, blas, cc, cgemm, cthreads, parallel
+
+pytestmark = pytest.mark.skipif(not cc.available(), reason="no C compiler (cc) on this machine")
+
+
+@pytest.fixture(autouse=True)
+def _backend():
+    NumpyBackend()  # OpenBLAS single-threaded, as the backend runs it
+
+
+# MobileNetV2's and ResNet-50's batch-1 gemms (1×1 and im2col), wide and tall, and tiny ones
+SHAPES = [(96, 16, 12544), (24, 96, 3136), (256, 2304, 196), (512, 4608, 49), (1000, 64, 17), (7, 5, 3), (1, 9, 1)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_the_split_product_is_numpys_within_rounding(m, k, n, dtype, threads, monkeypatch):
+    monkeypatch.setattr(parallel, "_threads", threads)
+    rng = np.random.default_rng(m * k + n)
+    a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+    out = np.full((m, n), np.nan, dtype=dtype)
+    shares = []
+    run = cthreads.run
+    monkeypatch.setattr(cthreads, "run", lambda fn, args, slices: (shares.append(slices), run(fn, args, slices)))
+    assert cgemm.matmul(a, b, out)
+    ref = a @ b
+    eps = np.finfo(dtype).eps
+    assert np.abs(out - ref).max() <= 8 * eps * k * np.abs(a).max() * np.abs(b).max()
+    (slices,) = shares
+    total = n if n >= m else m
+    assert slices[0][0] == 0 and slices[-1][1] == total and all(s[1] == t[0] for s, t in zip(slices, slices[1:]))
+    if threads == 1 or m * n * k < cthreads.MIN_WORK:
+        assert len(slices) == 1
+    else:
+        assert len(slices) == 2
+
+
+def test_views_with_their_own_leading_dimensions_and_the_output_in_place():
+    rng = np.random.default_rng(0)
+    big_a = rng.standard_normal((300, 200)).astype(np.float32)
+    big_b = rng.standard_normal((150, 4000)).astype(np.float32)
+    a, b = big_a[10:138, 5:105], big_b[20:120, 100:3100]  # (128, 100) by (100, 3000), strided rows
+    big_out = np.zeros((140, 3100), dtype=np.float32)
+    out = big_out[3:131, 50:3050]
+    assert cgemm.matmul(a, b, out)
+    np.testing.assert_allclose(out, a @ b, rtol=1e-5, atol=1e-4)
+    outside = big_out.copy()
+    outside[3:131, 50:3050] = 0
+    assert not outside.any()  # nothing written outside the view
+
+
+@pytest.mark.parametrize("case", ["transposed a", "transposed b", "ints", "mixed dtypes", "shapes", "empty"])
+def test_what_it_does_not_take_is_left_to_numpy(case):
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((40, 30)).astype(np.float32), rng.standard_normal((30, 50)).astype(np.float32)
+    out = np.zeros((40, 50), dtype=np.float32)
+    if case == "transposed a":
+        a = np.ascontiguousarray(a.T).T
+    elif case == "transposed b":
+        b = np.ascontiguousarray(b.T).T
+    elif case == "ints":
+        a, b, out = a.astype(np.int32), b.astype(np.int32), out.astype(np.int32)
+    elif case == "mixed dtypes":
+        b = b.astype(np.float64)
+    elif case == "shapes":
+        b = b[:20]
+    else:
+        a, out = a[:0], out[:0]
+    assert not cgemm.matmul(a, b, out)
+    assert not out.any()
+
+
+def test_off_where_openblas_has_threads_of_its_own_or_the_compiled_kernels_are_off(monkeypatch):
+    assert cgemm.available()
+    with blas.threads(2):
+        if blas.get_threads() == 2:  # OpenBLAS's count can be set: each share would start its threads
+            assert not cgemm.available()
+    monkeypatch.setenv("CNNC_JIT", "0")
+    assert not cgemm.available()
+    a = np.ones((64, 64), dtype=np.float32)
+    assert not cgemm.matmul(a, a, np.empty_like(a))
