@@ -1,7 +1,8 @@
 """Matrix products split over the C workers (backends/numpy/cgemm.py): equal to NumPy's within
 rounding, split by columns or rows, on views with other leading dimensions, on one thread or
 two; refused (False, nothing written) for what it does not take; off where OpenBLAS runs more
-than one thread or CNNC_JIT is 0."""
+than one thread or CNNC_JIT is 0; and float64 finite differences of a batch-1 conv whose forward
+runs through it."""
 
 from __future__ import annotations
 
@@ -90,3 +91,40 @@ def test_off_where_openblas_has_threads_of_its_own_or_the_compiled_kernels_are_o
     assert not cgemm.available()
     a = np.ones((64, 64), dtype=np.float32)
     assert not cgemm.matmul(a, a, np.empty_like(a))
+
+
+@pytest.mark.parametrize("kw,shape", [
+    (dict(filters=64, kernel=3, pad=1), (32, 24, 24)),  # im2col's columns by the filters
+    (dict(filters=256, kernel=1), (256, 14, 14)),  # a 1×1 conv: the input is its own columns
+], ids=["3x3", "1x1"])
+def test_a_batch_1_conv_through_the_split_gemm_matches_finite_differences(kw, shape, two_threads, monkeypatch):
+    """float64, batch 1, the gemm-based conv (the split gemm in its forward): the analytic gradients
+    of sum(y · R) against central differences of the forward along random directions."""
+    from cnnc.backends.base import Ctx
+    from cnnc.backends.numpy import conv
+    from test_numpy_grad import make_node
+    monkeypatch.setenv("CNNC_AUTOTUNE", "off")
+    monkeypatch.setattr(conv, "SHIFTED_MAX_GRID", 0.0)  # im2col, not the shifted windows
+    node, _ = make_node("conv", kw, [shape])
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, *shape))
+    params = {"weight": rng.normal(0, 0.1, (kw["filters"], shape[0], kw["kernel"], kw["kernel"])),
+              "bias": rng.normal(0, 0.1, kw["filters"])}
+    calls = []
+    split = cgemm.matmul
+    monkeypatch.setattr(cgemm, "matmul", lambda a, b, out: calls.append(a.dtype) or split(a, b, out))
+    ctx = Ctx(training=True)
+    y, saved = conv.conv_forward(node, [x], params, ctx)
+    assert calls and calls[0] == np.float64  # the split gemm computed it
+    r = rng.standard_normal(y.shape)
+    (dx,), dparams = conv.conv_backward(node, saved, r, params, ctx)
+
+    def loss(x_, weight):
+        return float(np.sum(conv.conv_forward(node, [x_], {**params, "weight": weight}, ctx)[0] * r))
+
+    h = 1e-6
+    for _ in range(3):
+        v, u = rng.standard_normal(x.shape), rng.standard_normal(params["weight"].shape)
+        numeric = (loss(x + h * v, params["weight"] + h * u) - loss(x - h * v, params["weight"] - h * u)) / (2 * h)
+        analytic = float(np.sum(dx * v) + np.sum(dparams["weight"] * u))
+        assert abs(numeric - analytic) <= 1e-7 * max(abs(analytic), 1.0), (numeric, analytic)
