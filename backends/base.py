@@ -127,7 +127,7 @@ class Backend(abc.ABC):
     def pass_scope(self, batch: int):
         """The context one forward or backward pass over `batch` images runs in (the executor
         enters it): nothing by default; the NumPy backend hands its threads to BLAS for batches
-        smaller than its thread count."""
+        smaller than its thread count where its split gemms (cgemm.py) are off."""
         return contextlib.nullcontext()
 
     @classmethod

@@ -53,8 +53,8 @@ def _machine() -> str:
 
 
 def machine_key() -> str:
-    """The machine and the threads: ours, and BLAS's where it has more (a batch of one image hands
-    the threads to BLAS: parallel.blas_threads_for)."""
+    """The machine and the threads: ours, and BLAS's where it has more (where the split gemms are
+    off, a batch of one image hands the threads to BLAS: parallel.blas_threads_for)."""
     ours, theirs = parallel.get_threads(), _blas.get_threads() or 1
     return f"{_machine()}|{ours}t" + (f"+blas{theirs}t" if theirs > ours else "")
 
