@@ -48,6 +48,8 @@ from cnnc.compiler.ops import OPS
 from cnnc.compiler.train_config import PRECISIONS
 from cnnc.dsl.errors import CnncError
 
+from . import optim_rules
+
 ENTRY_POINT_GROUP = "cnnc.backends"
 
 
@@ -121,8 +123,7 @@ class Backend(abc.ABC):
         """The optimizer a training loop steps over these parameters (the backend's arrays): the
         rule of optim_rules.make_optimizer, on NumPy arrays; a backend overrides it to run the
         update on its device (CUDA) or in compiled code (the NumPy backend's C SGD)."""
-        from .optim_rules import make_optimizer
-        return make_optimizer(config, params, lr_mult, decay_mult)
+        return optim_rules.make_optimizer(config, params, lr_mult, decay_mult)
 
     def pass_scope(self, batch: int):
         """The context one forward or backward pass over `batch` images runs in (the executor

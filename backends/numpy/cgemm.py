@@ -83,10 +83,9 @@ def available(dtype=np.float32) -> bool:
 
 
 def _rows(a: np.ndarray) -> int | None:
-    """The leading dimension of a 2-D array whose rows are unit-strided, else None."""
-    if a.ndim != 2 or (a.shape[1] > 1 and a.strides[1] != a.itemsize) or a.strides[0] % a.itemsize:
-        return None
-    return max(a.strides[0] // a.itemsize, a.shape[1], 1)
+    """The leading dimension of a 2-D array whose rows are unit-strided (blas._rows, not transposed), else None."""
+    found = blas._rows(a) if a.ndim == 2 else None
+    return None if found is None or found[0] else found[1]
 
 
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> bool:

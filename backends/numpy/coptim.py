@@ -65,18 +65,6 @@ def _task():
 class CompiledSGD(optim_rules.SGD):
     """optim_rules.SGD whose step runs in C (same state, same values)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._addresses: dict[tuple, tuple[np.ndarray, int]] = {}
-
-    def _address(self, key: tuple, a: np.ndarray) -> int:
-        """a's data pointer, remembered under key for the parameters and buffers, which live across
-        steps (a.ctypes.data costs about a µs); a new array under the key (load_state_dict) gets its own."""
-        hit = self._addresses.get(key)
-        if hit is None or hit[0] is not a:
-            hit = self._addresses[key] = (a, a.ctypes.data)
-        return hit[1]
-
     def step(self, grads: dict[str, np.ndarray], lr: float) -> None:
         work = self.updates(grads, lr)
         task = _task() if cc.available() else None
@@ -95,8 +83,8 @@ class CompiledSGD(optim_rules.SGD):
                 if buf is None:  # torch starts the buffer at the first gradient: written by the pass
                     buf = bufs[name] = np.empty_like(p)
                     flags |= FIRST
-            rows += [self._address(("p", name), p), cthreads.address(g),
-                     0 if buf is None else self._address(("buf", name), buf), p.size, flags]
+            rows += [cthreads.address(p), cthreads.address(g), 0 if buf is None else cthreads.address(buf), p.size,
+                     flags]
             scal += [-eta, wd, self.momentum]
             offs.append(offs[-1] + p.size)
         if not work:

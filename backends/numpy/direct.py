@@ -45,6 +45,7 @@ from cnnc.dsl.errors import InternalError
 from . import cthreads, parallel
 # the compiler driver's names conv.py and the tests reach through this module
 from .cc import BuildError, _compiler, available, give_up  # noqa: F401
+from .cthreads import address
 
 NARROW_VECTOR_BYTES, WIDE_VECTOR_BYTES = 32, 64
 
@@ -374,10 +375,6 @@ def kernels(dtype: str, c: int, k: int, oh: int, ow: int, kh: int, kw: int, sh: 
     return _Kernels(dtype, c, k, oh, ow, kh, kw, sh, sw, flat, spill, vb, registers)
 
 
-def _ptr(a: np.ndarray) -> int:
-    return cthreads.address(a)
-
-
 class Packed(NamedTuple):
     """An input as the kernels of one conv read it: its planes (N, C, planes, hq, wq), the forward's
     kernels, the output size, and the weight gradient's kernels (with spilling rows, another
@@ -402,7 +399,7 @@ def pack(x: np.ndarray, k: int, kh: int, kw: int, out: tuple[int, int], stride=(
         return Packed(x.reshape(n, c, 1, h, w), kern, out, grad)  # a 1×1 conv: x is its own plane
     size = n * c * kern.planes * kern.hq * kern.wq
     xq = np.empty(size + kern.lanes, dtype=x.dtype)[:size].reshape(n, c, kern.planes, kern.hq, kern.wq)
-    cthreads.run(kern.tasks["pack"], [_ptr(x), _ptr(xq), h, w, top, left], cthreads.chunks(n, xq.size * 8))
+    cthreads.run(kern.tasks["pack"], [address(x), address(xq), h, w, top, left], cthreads.chunks(n, xq.size * 8))
     return Packed(xq, kern, out, grad)
 
 
@@ -437,10 +434,11 @@ def conv(packed: Packed, weight: np.ndarray) -> np.ndarray:
     w = np.ascontiguousarray(weight, dtype=xq.dtype)
     y = np.empty((n, k, oh, ow), dtype=xq.dtype)
     if n >= parallel.get_threads() or work < cthreads.MIN_WORK:  # the threads split the batch
-        cthreads.run(kern.tasks["forward_images"], [_ptr(xq), _ptr(w), _ptr(y), 0, k], cthreads.chunks(n, work))
+        cthreads.run(kern.tasks["forward_images"], [address(xq), address(w), address(y), 0, k],
+                     cthreads.chunks(n, work))
     else:  # fewer images than threads (inference at batch 1): they split the filters, in whole blocks
         b = kern.block
-        cthreads.run(kern.tasks["forward_filters"], [_ptr(xq), _ptr(w), _ptr(y), 0, n],
+        cthreads.run(kern.tasks["forward_filters"], [address(xq), address(w), address(y), 0, n],
                      [(lo * b, hi * b) for lo, hi in cthreads.chunks(k // b, work)])
     return y
 
@@ -454,7 +452,7 @@ def grad_weight(packed: Packed, dy: np.ndarray, kh: int, kw: int) -> np.ndarray:
     slices = cthreads.chunks(n, _work(packed, kh, kw) * k)
     parts = [np.empty((k, c, kh * kw, kern.lanes), dtype=xq.dtype) for _ in slices]  # the kernel starts them
     jobs = dict(zip(slices, parts))
-    cthreads.run(kern.tasks["grad_weight"], [[_ptr(xq), _ptr(dy), _ptr(jobs[s])] for s in slices], slices)
+    cthreads.run(kern.tasks["grad_weight"], [[address(xq), address(dy), address(jobs[s])] for s in slices], slices)
     total = parts[0]
     for part in parts[1:]:
         total += part
