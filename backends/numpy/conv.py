@@ -648,13 +648,17 @@ class _PaddedPlanes:
 
 
 def maxpool_forward(node, xs, params, ctx):
-    """Separable: the maximum over each window's columns, then over its rows (kh + kw − 2 passes
-    instead of kh·kw − 1; max is exact, so the result is the windows' maximum to the bit), in
-    blocks of (image, channel) planes padded in a workspace and split over the threads."""
+    """In C where cpool is available (one pass); else separable: the maximum over each window's
+    columns, then over its rows (kh + kw − 2 passes instead of kh·kw − 1; max is exact, so the
+    result is the windows' maximum to the bit), in blocks of (image, channel) planes padded in a
+    workspace and split over the threads."""
     (x,) = xs
     n, c = x.shape[:2]
     kh, kw, sh, sw, oh, ow, hp, wp = _pool_geometry(node)
     top, _, left, _ = _pads(node)
+    y = cpool.maxpool_forward(x, (kh, kw), (sh, sw), top, left, (oh, ow)) if cpool.available(x.dtype) else None
+    if y is not None:  # one pass in C
+        return y, (x, y)
     padded = _PaddedPlanes(x, top, left, hp, wp, -np.inf)  # −inf: padding and ceil overhang never win
     y = np.empty((n, c, oh, ow), dtype=x.dtype)
     dst = y.reshape(n * c, oh, ow)
