@@ -361,14 +361,12 @@ def _shifted_backward(node, saved, dy, weight, has_bias: bool, need_dx: bool = T
 
 # ---- algorithm choice ------------------------------------------------------------------------
 
-def algorithms(node, c: int, training: bool, dtype=np.float32, batch: int | None = None) -> list[str]:
+def algorithms(node, c: int, training: bool, dtype=np.float32) -> list[str]:
     """The algorithms that compute this convolution (not depthwise) on a C-channel input, the
     heuristic's choice first: im2col (any conv), shifted_taps and shifted_stacked (stride 1,
     groups 1, a kernel larger than 1×1), winograd (3×3, stride 1, no dilation, groups 1), direct
     (compiled C, `direct.py`: no dilation, groups 1, where a C compiler is there);
-    "shifted" is the heuristic's own stacking when it differs between forward and backward.
-    `batch`, where known, keeps the direct conv from being the heuristic's choice for fewer images
-    than threads (ResNet-50 at batch 1, tuner off: 143.5 ms without it first, 150.6 with)."""
+    "shifted" is the heuristic's own stacking when it differs between forward and backward."""
     a = node.attrs
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     if _use_winograd(node, c):
@@ -389,13 +387,15 @@ def algorithms(node, c: int, training: bool, dtype=np.float32, batch: int | None
         # At stride 2 (about even with im2col on an AMD EPYC with AVX2), on an AVX-512 Xeon, ms
         # forward / backward, im2col → direct: ResNet-20's 1×1 shortcuts 16→32 at batch 128
         # 1.30 / 1.92 → 0.44 / 1.48, 32→64 0.72 / 1.29 → 0.27 / 1.02; its 3×3 16→32 3.74 / 10.35 →
-        # 1.86 / 8.27; MobileNetV2's 3→32 stem at batch 1 0.37 → 0.24 (OpenBLAS on two threads,
-        # the direct conv on one). Where it is not the first choice it is the second, so that the
-        # tuner's fast mode (the first three) times it: on AVX-512 it also took half of the best
-        # gemm-based time on ResNet-50's 3×3 layers at batch 1 and beat Winograd on 256→256 at
-        # 56×56 (78.7 against 86.2 ms at batch 8).
-        first_choice = ((kh * kw > 1 or sh * sw > 1) and max(c, k) <= DIRECT_MAX_CHANNELS
-                        and (batch is None or batch >= parallel.get_threads()))
+        # 1.86 / 8.27. At batch 1 too, now that both split over the C workers (the direct conv by
+        # filters, the gemm by cgemm), on an AMD EPYC with AVX-512, ms, im2col → direct:
+        # MobileNetV2's and EfficientNet-B0's 3→32 stem 0.42 → 0.24 (10.8M multiply-adds: under
+        # the tuner's MIN_MACS, so the heuristic decides), ResNet-50's 7×7 stem 2.75 → 1.36 and
+        # its 64→64 3×3 1.99 → 1.40 (the tuner's timings). Where it is not the first choice it is
+        # the second, so that the tuner's fast mode (the first three) times it: on AVX-512 it also
+        # took half of the best gemm-based time on ResNet-50's 3×3 layers at batch 1 and beat
+        # Winograd on 256→256 at 56×56 (78.7 against 86.2 ms at batch 8).
+        first_choice = (kh * kw > 1 or sh * sw > 1) and max(c, k) <= DIRECT_MAX_CHANNELS
         names.insert(0 if first_choice else 1, "direct")
     return list(dict.fromkeys(names))
 
@@ -424,7 +424,7 @@ def _algorithm(node, x, w, bias, ctx) -> str:
     a = node.attrs
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)
     macs = n * k * oh * ow * (c // a.groups) * kh * kw
-    names = algorithms(node, c, ctx.training, x.dtype, n)
+    names = algorithms(node, c, ctx.training, x.dtype)
     if len(names) == 1 or macs < tuner.MIN_MACS or tuner.mode() == "off":
         return names[0]  # decided before any string is built: this runs at every conv call
     # no candidate needs much more memory than the heuristic's own
