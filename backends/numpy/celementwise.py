@@ -425,12 +425,10 @@ def gradient(op: str, args: tuple[float, ...], x, y, dy, out) -> bool:
     return True
 
 
-def epilogue(y, bias, residual, act, out) -> str | None:
-    """fused.epilogue's pass in C over y (N, K, …): z = y + bias + residual, then out = act(z) where
-    the activation is rendered (out may be y; otherwise z stays in y). Returns "all" where the
-    activation ran too, "affine" where only the bias and residual did (in place on y: the caller
-    applies the activation), None where nothing ran (no compiler, other dtypes, a broadcast
-    residual)."""
+def _epilogue_call(y, bias, residual, act, out, whole_only: bool):
+    """(task, its arguments, "all" or "affine", the arrays those point into) for the epilogue's C
+    pass over y; None where it does not run (see epilogue), or with whole_only where the
+    activation would be NumPy's."""
     if y.size == 0:
         return None
     char = _ready(y, out) if residual is None else _ready(y, out, residual)
@@ -441,6 +439,8 @@ def epilogue(y, bias, residual, act, out) -> str | None:
     kernel = _kernel("forward", None if act is None else act[0], char)
     whole = kernel is not None
     if not whole:  # the activation is NumPy's: the bias and residual here, if any
+        if whole_only:
+            return None
         kernel = _kernel("forward", None, char) if (bias is not None or residual is not None) else None
         if kernel is None:
             return None
@@ -449,17 +449,49 @@ def epilogue(y, bias, residual, act, out) -> str | None:
     keep = int(whole and out is not y)
     y_ptr = cthreads.address(y)
     mode = (bias is not None) + 2 * (residual is not None) + 4 * keep
-    cthreads.run(kernel.task, [y_ptr, kernel.zero_ptr if b is None else cthreads.address(b),
-                               y_ptr if residual is None else cthreads.address(residual),
-                               cthreads.address(out) if keep else y_ptr, p_ptr, kernel.table_ptr,
-                               # without a bias the rows do not matter: one row, one run a block
-                               k if bias is not None else 1, y.size // (n * k) if bias is not None else y.size,
-                               mode],
-                 # unsplit where NumPy's activation follows on this thread: the other core's half of
-                 # y, moved to this one's cache, cost more than the split gained (LeNet-5's C1, bias
-                 # and tanh: 0.18 ms split, 0.13 unsplit)
-                 cthreads.chunks(y.size, parallel.WORK_PER_ELEMENT * y.size) if whole else [(0, y.size)])
-    return "all" if whole else "affine"
+    args = [y_ptr, kernel.zero_ptr if b is None else cthreads.address(b),
+            y_ptr if residual is None else cthreads.address(residual),
+            cthreads.address(out) if keep else y_ptr, p_ptr, kernel.table_ptr,
+            # without a bias the rows do not matter: one row, one run a block
+            k if bias is not None else 1, y.size // (n * k) if bias is not None else y.size, mode]
+    return kernel.task, args, "all" if whole else "affine", (b, p, kernel)
+
+
+def epilogue(y, bias, residual, act, out) -> str | None:
+    """fused.epilogue's pass in C over y (N, K, …): z = y + bias + residual, then out = act(z) where
+    the activation is rendered (out may be y; otherwise z stays in y). Returns "all" where the
+    activation ran too, "affine" where only the bias and residual did (in place on y: the caller
+    applies the activation), None where nothing ran (no compiler, other dtypes, a broadcast
+    residual)."""
+    call = _epilogue_call(y, bias, residual, act, out, whole_only=False)
+    if call is None:
+        return None
+    task, args, done, _ = call
+    # unsplit where NumPy's activation follows on this thread: the other core's half of y, moved
+    # to this one's cache, cost more than the split gained (LeNet-5's C1, bias and tanh: 0.18 ms
+    # split, 0.13 unsplit)
+    cthreads.run(task, args, cthreads.chunks(y.size, parallel.WORK_PER_ELEMENT * y.size) if done == "all"
+                 else [(0, y.size)])
+    return done
+
+
+class Deferred(NamedTuple):
+    """The epilogue's C pass as a task a kernel runs itself over ranges of y's elements (cgemm's
+    shares, block by block right after each block's gemm): the task, its argument array, and the
+    arrays that array points into (kept alive with it)."""
+    task: object
+    args: ctypes.Array
+    keep: tuple
+
+
+def deferred_epilogue(y, bias, residual, act, out) -> Deferred | None:
+    """epilogue()'s whole pass (the activation rendered: "all"), not run but handed over; None
+    where epilogue() would not run it whole."""
+    call = _epilogue_call(y, bias, residual, act, out, whole_only=True)
+    if call is None:
+        return None
+    task, args, _, keep = call
+    return Deferred(task, (ctypes.c_long * len(args))(*[v or 0 for v in args]), (y, out, residual, *keep))
 
 
 def forward(op: str, args: tuple[float, ...], x, out) -> bool:

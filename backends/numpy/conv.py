@@ -126,12 +126,14 @@ def _is_pointwise(kh, kw, sh, sw, top, left, hp, wp, h, w) -> bool:
 
 
 def _conv(x: np.ndarray, weight: np.ndarray, groups: int, top: int, left: int, hp: int, wp: int,
-          sh: int, sw: int, dh: int, dw: int, out: np.ndarray, split_filters: bool = False):
+          sh: int, sw: int, dh: int, dw: int, out: np.ndarray, split_filters: bool = False, after=None):
     """Correlate x with weight into `out` (N, K, oh, ow), C-contiguous; returns the columns
     (None for a pointwise conv, which reads the input as is). With `split_filters` (fewer images
     than threads: inference at batch 1) the columns are built once and each gemm is split over the
     C workers (cgemm.py), or where that is off each Python thread's gemm takes a share of every
-    group's filters."""
+    group's filters. `after` (one image, one group): the caller's epilogue, which the split gemm
+    runs on each block of out as it is computed where `after.deferred(out)` hands it over (then
+    `after.done()` is called)."""
     n, c, h, w = x.shape
     k, cg, kh, kw = weight.shape
     _, _, oh, ow = out.shape
@@ -148,6 +150,10 @@ def _conv(x: np.ndarray, weight: np.ndarray, groups: int, top: int, left: int, h
         np.matmul(wm[:, k0:k1], src, out=rows[:, :, k0:k1])
     if not split_filters:
         gemm(0, kg)
+        return cols
+    then = after.deferred(out) if after is not None and n == groups == 1 else None
+    if then is not None and cgemm.matmul(wm[0], src[0, 0], rows[0, 0], (then.task, then.args)):
+        after.done()
     elif not all(cgemm.matmul(wm[g], src[i, g], rows[i, g]) for i in range(n) for g in range(groups)):
         parallel.run(gemm, parallel.chunks(kg, float("inf")))  # cgemm off: Python threads share the filters
     return cols
@@ -444,7 +450,9 @@ def _algorithm(node, x, w, bias, ctx) -> str:
     return tuner.choose(problem, names, run, macs)
 
 
-def conv_forward(node, xs, params, ctx):
+def conv_forward(node, xs, params, ctx, after=None):
+    """The conv (kernels.py's contract); `after`: an epilogue the conv may run itself (fused.py's
+    fused_conv, without a bias here: see _conv), which then says it ran."""
     (x,) = xs
     n, c = x.shape[:2]
     dtype = x.dtype
@@ -455,10 +463,11 @@ def conv_forward(node, xs, params, ctx):
         if bias is not None:
             y += bias.reshape(1, -1, 1, 1)
         return y, ("depthwise", x)
-    return _forward(node, _algorithm(node, x, w, bias, ctx) if n else "im2col", x, w, bias)
+    return _forward(node, _algorithm(node, x, w, bias, ctx) if n else "im2col", x, w, bias,
+                    after if bias is None else None)
 
 
-def _forward(node, algo: str, x, w, bias):
+def _forward(node, algo: str, x, w, bias, after=None):
     if algo == "direct" and direct.available():
         try:
             return _direct_forward(node, x, w, bias)
@@ -482,7 +491,7 @@ def _forward(node, algo: str, x, w, bias):
     work = n * k * oh * ow * (c // groups) * kh * kw
     if n < parallel.get_threads() and k // groups > 1 and work >= parallel.MIN_WORK:
         slices = [(0, n)]  # too few images to share out: the threads share the filters instead
-        cols = [_conv(x, w, groups, top, left, hp, wp, sh, sw, dh, dw, y, split_filters=True)]
+        cols = [_conv(x, w, groups, top, left, hp, wp, sh, sw, dh, dw, y, split_filters=True, after=after)]
     else:
         slices = parallel.chunks(n, work)
 

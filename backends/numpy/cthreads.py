@@ -288,7 +288,13 @@ def run(fn, args, slices: list[tuple[int, int]]) -> None:
         parallel.run(lambda lo, hi: fn(ctypes.byref(flat, slices.index((lo, hi)) * size), lo, hi), slices)
         return
     bounds = (ctypes.c_long * (len(slices) + 1))(*[lo for lo, _ in slices], slices[-1][1])
-    address = getattr(fn, "cnnc_address", None)  # kept on the task: ctypes.cast costs a µs a call
+    pool.run(task_address(fn), flat, nargs, bounds, len(slices))
+
+
+def task_address(fn) -> int:
+    """A task's C address (for the pool, or a kernel that calls it: cgemm's epilogue), kept on
+    the task: ctypes.cast costs a µs a call."""
+    address = getattr(fn, "cnnc_address", None)
     if address is None:
         address = fn.cnnc_address = ctypes.cast(fn, ctypes.c_void_p).value
-    pool.run(address, flat, nargs, bounds, len(slices))
+    return address

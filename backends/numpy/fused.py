@@ -112,12 +112,37 @@ def epilogue_grad(act, pre, y, dy: np.ndarray) -> np.ndarray:
 
 # ---- fused_conv ----------------------------------------------------------------------------
 
+class _AfterGemm:
+    """fused_conv's epilogue handed to the conv: where its gemm is split over the C workers (batch
+    1), each share runs the epilogue's C pass on a block of the output right after computing it,
+    while the block is in cache (cgemm.matmul's `after`), not in a pass of its own over memory."""
+
+    def __init__(self, bias, residual, act):
+        self.bias, self.residual, self.act = bias, residual, act
+        self.result = self._pending = None
+
+    def deferred(self, y):
+        keep_pre = "input" in _reads(self.act)
+        out = np.empty_like(y) if keep_pre else y
+        then = _cew.deferred_epilogue(y, self.bias, self.residual, self.act, out)
+        self._pending = (out, y if keep_pre else None)
+        return then
+
+    def done(self):
+        self.result = self._pending
+
+
 def fused_conv_forward(node, xs, params, ctx):
     a = node.attrs
     act = a.act()
+    bias, residual = params.get("bias"), xs[1] if a.residual else None
+    after = None if bias is None and residual is None and act is None else _AfterGemm(bias, residual, act)
     # the conv without its bias: the epilogue adds it in the same pass as the rest
-    y, conv_saved = _conv.conv_forward(node, [xs[0]], {"weight": params["weight"]}, ctx)
-    y, pre = epilogue(y, params.get("bias"), xs[1] if a.residual else None, act)
+    y, conv_saved = _conv.conv_forward(node, [xs[0]], {"weight": params["weight"]}, ctx, after=after)
+    if after is not None and after.result is not None:  # the split gemm ran it
+        y, pre = after.result
+    else:
+        y, pre = epilogue(y, bias, residual, act)
     return y, (conv_saved, pre, y if "output" in _reads(act) else None)
 
 

@@ -131,3 +131,122 @@ def test_a_batch_1_conv_through_the_split_gemm_matches_finite_differences(kw, sh
         numeric = (loss(x + h * v, params["weight"] + h * u) - loss(x - h * v, params["weight"] - h * u)) / (2 * h)
         analytic = float(np.sum(dx * v) + np.sum(dparams["weight"] * u))
         assert abs(numeric - analytic) <= 1e-7 * max(abs(analytic), 1.0), (numeric, analytic)
+
+
+# ---- an epilogue run by the shares, block by block (fused_conv at batch 1) ----------------------
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,k,n", [(96, 16, 12544), (24, 96, 3136), (384, 64, 196), (1000, 64, 17)],
+                         ids=["columns", "columns-narrow", "rows", "rows-tiny"])
+def test_an_epilogue_after_each_block_covers_every_element_once(m, k, n, dtype, threads, monkeypatch):
+    """A bias added after each block (twice on an element, or not at all, would show): out = a @ b
+    + bias within the product's rounding; the bias's addition itself is exact in its order."""
+    from cnnc.backends.numpy import celementwise
+    monkeypatch.setattr(parallel, "_threads", threads)
+    monkeypatch.setattr(cgemm, "AFTER_BLOCK_BYTES", 4096)  # many blocks a share
+    monkeypatch.setattr(cgemm, "AFTER_MIN_COLUMNS", 48)
+    rng = np.random.default_rng(m + k + n)
+    a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+    bias = rng.standard_normal(m).astype(dtype)
+    out = np.full((m, n), np.nan, dtype=dtype)
+    y = out.reshape(1, m, n)  # a conv's output at batch 1: the rows are its channels
+    then = celementwise.deferred_epilogue(y, bias, None, None, y)
+    assert then is not None
+    assert cgemm.matmul(a, b, out, (then.task, then.args))
+    ref = a @ b + bias[:, None]
+    eps = np.finfo(dtype).eps
+    assert np.abs(out - ref).max() <= 8 * eps * k * np.abs(a).max() * np.abs(b).max() + 4 * eps * np.abs(bias).max()
+
+
+def test_an_epilogue_needs_a_contiguous_output():
+    from cnnc.backends.numpy import celementwise
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((32, 8)).astype(np.float32), rng.standard_normal((8, 100)).astype(np.float32)
+    big = np.zeros((32, 128), np.float32)
+    then = celementwise.deferred_epilogue(big.reshape(1, 32, 128), np.ones(32, np.float32), None, None,
+                                          big.reshape(1, 32, 128))
+    assert not cgemm.matmul(a, b, big[:, :100], (then.task, then.args))
+    assert not big.any()
+
+
+ACTS = [None, ("relu6", ()), ("silu", ()), ("leaky_relu", (0.1,))]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a[0] if a else "none")
+@pytest.mark.parametrize("shape,filters", [((16, 56, 56), 96), ((64, 14, 14), 384)], ids=["columns", "rows"])
+def test_a_batch_1_fused_conv_with_its_epilogue_in_the_gemm_equals_the_separate_pass(shape, filters, act, residual,
+                                                                                     two_threads, monkeypatch):
+    """fused_conv at batch 1: the split gemm runs the epilogue after each block; against the conv
+    followed by the epilogue's own pass, within the gemm's rounding (the blocks are smaller
+    products, which OpenBLAS may sum in another order), the kept pre-activation too."""
+    from cnnc.backends.base import Ctx
+    from cnnc.backends.numpy import fused
+    from test_numpy_grad import make_node
+    monkeypatch.setenv("CNNC_AUTOTUNE", "off")
+    attrs = dict(filters=filters, kernel=1, activation=act[0] if act else "none", residual=residual)
+    if act and act[1]:
+        attrs["act_args"] = act[1]
+    node, _ = make_node("fused_conv", attrs, [shape] + ([(filters, *shape[1:])] if residual else []))
+    rng = np.random.default_rng(filters)
+    x = rng.standard_normal((1, *shape)).astype(np.float32)
+    xs = [x] + ([rng.standard_normal((1, filters, *shape[1:])).astype(np.float32)] if residual else [])
+    params = {"weight": rng.normal(0, 0.2, (filters, shape[0], 1, 1)).astype(np.float32),
+              "bias": rng.normal(0, 0.2, filters).astype(np.float32)}
+    results = {}
+    deferred = fused._AfterGemm.deferred
+    for way in ("in the gemm", "separate"):
+        ran = []
+        if way == "separate":
+            monkeypatch.setattr(fused._AfterGemm, "deferred", lambda self, y: None)
+        else:
+            monkeypatch.setattr(fused._AfterGemm, "done", lambda self: ran.append(1) or setattr(self, "result",
+                                                                                               self._pending))
+        y, (_, pre, _) = fused.fused_conv_forward(node, xs, params, Ctx())
+        assert ran == ([1] if way == "in the gemm" else [])
+        results[way] = (y.copy(), None if pre is None else pre.copy())
+        monkeypatch.setattr(fused._AfterGemm, "deferred", deferred)
+    (y1, pre1), (y0, pre0) = results["in the gemm"], results["separate"]
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+    assert (pre1 is None) == (pre0 is None)
+    if pre0 is not None:
+        np.testing.assert_allclose(pre1, pre0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", [("silu", ()), ("relu", ())], ids=["silu", "relu"])
+def test_a_batch_1_fused_conv_with_its_epilogue_in_the_gemm_matches_finite_differences(act, two_threads, monkeypatch):
+    """float64, batch 1, fused_conv (bias, residual, activation) whose epilogue the split gemm ran:
+    the analytic gradients of sum(y · R) against central differences along random directions."""
+    from cnnc.backends.base import Ctx
+    from cnnc.backends.numpy import fused
+    from test_numpy_grad import make_node
+    monkeypatch.setenv("CNNC_AUTOTUNE", "off")
+    shape, filters = (32, 32, 32), 128  # 4.2M multiply-adds: the filters split (parallel.MIN_WORK)
+    node, _ = make_node("fused_conv", dict(filters=filters, kernel=1, activation=act[0], residual=True),
+                        [shape, (filters, *shape[1:])])
+    rng = np.random.default_rng(7)
+    x, res = rng.standard_normal((1, *shape)), rng.standard_normal((1, filters, *shape[1:]))
+    params = {"weight": rng.normal(0, 0.2, (filters, shape[0], 1, 1)), "bias": rng.normal(0, 0.2, filters)}
+    done = []
+    real_done = fused._AfterGemm.done
+    monkeypatch.setattr(fused._AfterGemm, "done", lambda self: done.append(1) or real_done(self))
+    ctx = Ctx(training=True)
+    y, saved = fused.fused_conv_forward(node, [x, res], params, ctx)
+    assert done and y.dtype == np.float64  # the gemm ran the epilogue
+    r = rng.standard_normal(y.shape)
+    (dx, dres), dparams = fused.fused_conv_backward(node, saved, r, params, ctx)
+
+    def loss(x_, res_, weight, bias):
+        out, _ = fused.fused_conv_forward(node, [x_, res_], {"weight": weight, "bias": bias}, ctx)
+        return float(np.sum(out * r))
+
+    h = 1e-6
+    for _ in range(3):
+        v, s = rng.standard_normal(x.shape), rng.standard_normal(res.shape)
+        u, t = rng.standard_normal(params["weight"].shape), rng.standard_normal(filters)
+        numeric = (loss(x + h * v, res + h * s, params["weight"] + h * u, params["bias"] + h * t)
+                   - loss(x - h * v, res - h * s, params["weight"] - h * u, params["bias"] - h * t)) / (2 * h)
+        analytic = float(np.sum(dx * v) + np.sum(dres * s) + np.sum(dparams["weight"] * u)
+                         + np.sum(dparams["bias"] * t))
+        assert abs(numeric - analytic) <= 1e-7 * max(abs(analytic), 1.0), (numeric, analytic)
