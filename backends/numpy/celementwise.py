@@ -10,11 +10,20 @@ ufunc where SciPy is there) fills a block-sized temporary with its argument and 
 inner loop of that ufunc over it, found in the ufunc object (its C struct, checked against what
 the ufunc says of itself); the arithmetic around it is C that GCC vectorises, computing the tree
 in its order, operation by operation, in the dtype (built with -ffp-contract=off, so no multiply-add
-is fused). So every value has the bits of the NumPy rendering in elementwise.py, which the
-fused-equals-unfused guarantees rest on; except where NumPy promotes a derivative to float64 (a
+is fused). So every value has the bits of the NumPy rendering in elementwise.py (but for
+FAST_EXP, below, in inference), which the fused-equals-unfused guarantees rest on; except where NumPy promotes a derivative to float64 (a
 mask over a Python number: hardsigmoid's /6, leaky_relu's slope): the loops stay in the dtype, as
 fused_bn's Numba loops do, within an ulp of NumPy. min/max/clip keep a NaN and, on a tie, give the
 second operand, as NumPy's do.
+
+FAST_EXP: an inference epilogue (fused.epilogue's `fast`, a fused conv's forward outside
+training) in float32 takes exp and sigmoid (sigmoid and silu) by its own inline polynomial,
+fast_exp, which GCC vectorises, instead of NumPy's exp loop over a block: within 2 ulps of the
+float64 sigmoid over its range, within 4 of NumPy's silu and sigmoid, the same infinities and
+NaNs. On an AMD EPYC (AVX-512, 2 threads), silu with a bias over 96×112×112 took 1.18 → 0.78 ms
+(NumPy's exp loop alone is 0.51-0.54 ns an element on one thread, fast_exp 0.24), and
+EfficientNet-B0's inference at batch 1 0.90× the time (10 alternating rounds in one process).
+Training keeps NumPy's bits, so that the fused training plan's gradients are the plain plan's.
 
 One library per formula and dtype, built at first use (cc.py) and cached; where no C compiler works
 (or with CNNC_JIT=0), or a ufunc's loop is not found, the callers' NumPy paths run.
@@ -52,6 +61,8 @@ _UFUNC_CALLS = {"exp": ("exp", "unary"), "expm1": ("expm1", "unary"), "log": ("l
                 "log1p": ("log1p", "unary"), "sqrt": ("sqrt", "unary"), "tanh": ("tanh", "unary"),
                 "sigmoid": ("exp", "sigmoid"), "softplus": ("logaddexp", "logaddexp0"), "erf": ("erf", "unary")}
 _TYPENUM = {"float32": 11, "float64": 12}  # NPY_FLOAT, NPY_DOUBLE
+# exp and sigmoid in a fast forward (float32 inference epilogues): fast_exp inline, no NumPy loop
+_FAST_CALLS = {"exp": "fast_exp({0})", "sigmoid": "((T)1.0 / (fast_exp(-({0})) + (T)1))"}
 
 
 _HEAD_OFFSET = object.__basicsize__  # PyObject_HEAD's size: where the ufunc's own fields start
@@ -139,11 +150,12 @@ class _Program:
     NumPy loop, distinct subexpressions once), `expr(e)` is e's value at element i. Variables read
     `xb[i]` and `yb[i]`; the loops are the `L` table's entries, in `self.loops` order."""
 
-    def __init__(self, x: str = "xb[i]", y: str = "yb[i]"):
+    def __init__(self, x: str = "xb[i]", y: str = "yb[i]", fast: bool = False):
         self.vars = {"x": x, "y": y}
         self.lines: list[str] = []
         self.temps: dict[Expr, str] = {}
         self.loops: list[str] = []
+        self.fast = fast  # exp and sigmoid by FAST_EXP inline, not NumPy's loop (see FAST_EXP)
 
     def _loop(self, ufunc: str) -> int:
         if ufunc not in self.loops:
@@ -158,6 +170,8 @@ class _Program:
                 return _bounds(name, args, [a.kind == "num" for a in node.args])
             if name not in _UFUNC_CALLS:
                 return _FUNCTIONS[name].format(*args)
+            if self.fast and name in _FAST_CALLS:
+                return _FAST_CALLS[name].format(*args)
             ufunc, how = _UFUNC_CALLS[name]
             if node not in self.temps:
                 t = into if node is e and how == "unary" and into else f"t{len(self.temps)}"
@@ -196,6 +210,32 @@ _HEADER = r"""
 typedef void (*uloop_t)(char **args, const long *dims, const long *steps, void *data);
 static inline T _max(T a, T b) { return (a != a || a > b) ? a : b; }
 static inline T _min(T a, T b) { return (a != a || a < b) ? a : b; }
+#if FAST
+/* e^x in float32 (FAST_EXP): 2^k · e^r with k = rint(x / ln 2), r = x − k·ln 2 (ln 2 in two parts),
+   e^r by its Taylor polynomial to r^7 (|r| ≤ 0.35: 5e-9 relative), 2^k as two powers of two built
+   from exponent bits (each in range: the product overflows to inf, underflows through subnormals
+   to 0, as e^x does); NaN stays NaN. GCC vectorises it: no branches, no calls */
+static inline float fast_exp(float x) {
+    const float xc = x < -150.0f ? -150.0f : (x > 100.0f ? 100.0f : x);
+    const float k = __builtin_rintf(xc * 1.44269504088896341f);
+    const float r = (xc - k * 0.693145751953125f) - k * 1.42860682030941723e-6f;
+    float p = 1.98412698e-4f;
+    p = p * r + 1.38888889e-3f;
+    p = p * r + 8.33333333e-3f;
+    p = p * r + 4.16666667e-2f;
+    p = p * r + 1.66666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int ki = (int)k, k1 = ki / 2, k2 = ki - k1;
+    const int b1 = (k1 + 127) << 23, b2 = (k2 + 127) << 23;
+    float s1, s2;
+    __builtin_memcpy(&s1, &b1, 4);
+    __builtin_memcpy(&s2, &b2, 4);
+    const float e = p * s1 * s2;
+    return x != x ? x : e;
+}
+#endif
 /* NumPy's inner loop j of L (function, data pairs) over n elements: dst = f(src) */
 static inline void ucall1(const long *L, int j, const T *src, T *dst, long n) {
     char *args[2] = {(char *)src, (char *)dst};
@@ -242,14 +282,15 @@ void grad(const T *x, const T *y, const T *g, T *restrict out, const T *P, const
 """, prog.loops
 
 
-def _forward_source(op: str | None) -> tuple[str, list[str]]:
+def _forward_source(op: str | None, fast: bool = False) -> tuple[str, list[str]]:
     """Elements [lo, hi) of y (rows of `inner`): z = y + bias[row % k] (has_b) + res (has_r), kept in
-    y when keep, and out = f(z) (f the identity for op None); out may be y when not keep."""
-    prog = _Program()
+    y when keep, and out = f(z) (f the identity for op None); out may be y when not keep. `fast`:
+    exp and sigmoid by fast_exp (FAST_EXP)."""
+    prog = _Program(fast=fast)
     f = "xb[i]" if op is None else prog.expr(OPS[op].formula.fwd, into="ob")
     # a formula without NumPy's loops runs in the bias's pass itself, element by element
     direct = not prog.temps
-    fv = "v" if op is None or not direct else _Program(x="v").expr(OPS[op].formula.fwd)
+    fv = "v" if op is None or not direct else _Program(x="v", fast=fast).expr(OPS[op].formula.fwd)
     body = ("        T z[BLOCK];\n"
             "        const T *xb = z, *yb = z; (void)yb;\n"
             "        T *ob = out + base; (void)ob;\n"
@@ -341,8 +382,8 @@ def _flags() -> tuple[str, ...]:
     return cc.EXACT_FLAGS + (WIDE_FLAGS if "avx512f" in parallel.cpu_flags() else ())
 
 
-def _defines(dtype: str) -> dict:
-    return dict(T="float" if dtype == "float32" else "double", BLOCK=BLOCK,
+def _defines(dtype: str, fast: bool = False) -> dict:
+    return dict(T="float" if dtype == "float32" else "double", BLOCK=BLOCK, FAST=int(fast),
                 ABS="__builtin_fabsf" if dtype == "float32" else "__builtin_fabs")
 
 
@@ -363,19 +404,36 @@ def _table(loops: list[str], dtype: str) -> np.ndarray:
     return np.array([v for p in pairs for v in p] or [0], dtype=np.int64)
 
 
+def fast_applies(op: str | None, char: str) -> bool:
+    """Whether a fast forward (FAST_EXP) differs from the exact one for op and dtype char: float32,
+    and op's formula calls exp or sigmoid."""
+    return char == "f" and op is not None and _calls(OPS[op].formula.fwd) & set(_FAST_CALLS) != set()
+
+
+def _calls(e: Expr) -> set[str]:
+    found = {e.name} if e.kind == "call" else set()
+    for a in e.args:
+        found |= _calls(a)
+    return found
+
+
 @lru_cache(maxsize=None)
-def _kernel(kind: str, op: str | None, char: str) -> _Kernel | None:
+def _kernel(kind: str, op: str | None, char: str, fast: bool = False) -> _Kernel | None:
     """The compiled loop of kind "grad" (op's derivative) or "forward" (the epilogue with op's
-    activation, None: none) for dtype char; None where a NumPy loop it calls is not found or the
-    compiler fails (which turns the C kernels off, saying why)."""
+    activation, None: none) for dtype char (`fast`: a forward with FAST_EXP, where fast_applies);
+    None where a NumPy loop it calls is not found or the compiler fails (which turns the C kernels
+    off, saying why)."""
     dtype = _DTYPES[char]
     f = None if op is None else OPS[op].formula
-    if f is not None and not renderable(f.grad if kind == "grad" else f.fwd, dtype):
+    fast = fast and kind == "forward" and fast_applies(op, char)
+    if f is not None and not fast and not renderable(f.grad if kind == "grad" else f.fwd, dtype):
         return None
-    source, loops = _gradient_source(op) if kind == "grad" else _forward_source(op)
+    source, loops = _gradient_source(op) if kind == "grad" else _forward_source(op, fast)
+    if fast and not all(numpy_loop(u, dtype) is not None for u in loops):  # erf & co. beside exp
+        return None
     kinds = "ppppppLH" if kind == "grad" else "pppppplllLH"
     try:
-        task = cthreads.load(_defines(dtype), source, f"the {kind} loop of {op or 'the epilogue'}",
+        task = cthreads.load(_defines(dtype, fast), source, f"the {kind} loop of {op or 'the epilogue'}",
                              {kind: (kind, kinds)}, flags=_flags())[kind]
     except cc.BuildError as e:
         cc.give_up(e)
@@ -425,7 +483,7 @@ def gradient(op: str, args: tuple[float, ...], x, y, dy, out) -> bool:
     return True
 
 
-def _epilogue_call(y, bias, residual, act, out, whole_only: bool):
+def _epilogue_call(y, bias, residual, act, out, whole_only: bool, fast: bool = False):
     """(task, its arguments, "all" or "affine", the arrays those point into) for the epilogue's C
     pass over y; None where it does not run (see epilogue), or with whole_only where the
     activation would be NumPy's."""
@@ -436,7 +494,7 @@ def _epilogue_call(y, bias, residual, act, out, whole_only: bool):
     if char is None or (residual is not None and residual.shape != y.shape) \
             or (bias is not None and bias.shape != (k,)):
         return None
-    kernel = _kernel("forward", None if act is None else act[0], char)
+    kernel = _kernel("forward", None if act is None else act[0], char, fast)
     whole = kernel is not None
     if not whole:  # the activation is NumPy's: the bias and residual here, if any
         if whole_only:
@@ -457,13 +515,13 @@ def _epilogue_call(y, bias, residual, act, out, whole_only: bool):
     return kernel.task, args, "all" if whole else "affine", (b, p, kernel)
 
 
-def epilogue(y, bias, residual, act, out) -> str | None:
+def epilogue(y, bias, residual, act, out, fast: bool = False) -> str | None:
     """fused.epilogue's pass in C over y (N, K, …): z = y + bias + residual, then out = act(z) where
     the activation is rendered (out may be y; otherwise z stays in y). Returns "all" where the
     activation ran too, "affine" where only the bias and residual did (in place on y: the caller
     applies the activation), None where nothing ran (no compiler, other dtypes, a broadcast
-    residual)."""
-    call = _epilogue_call(y, bias, residual, act, out, whole_only=False)
+    residual). `fast`: exp and sigmoid by FAST_EXP in float32 (inference)."""
+    call = _epilogue_call(y, bias, residual, act, out, whole_only=False, fast=fast)
     if call is None:
         return None
     task, args, done, _ = call
@@ -484,10 +542,10 @@ class Deferred(NamedTuple):
     keep: tuple
 
 
-def deferred_epilogue(y, bias, residual, act, out) -> Deferred | None:
+def deferred_epilogue(y, bias, residual, act, out, fast: bool = False) -> Deferred | None:
     """epilogue()'s whole pass (the activation rendered: "all"), not run but handed over; None
     where epilogue() would not run it whole."""
-    call = _epilogue_call(y, bias, residual, act, out, whole_only=True)
+    call = _epilogue_call(y, bias, residual, act, out, whole_only=True, fast=fast)
     if call is None:
         return None
     task, args, _, keep = call

@@ -56,10 +56,12 @@ def _grad_reads(op: str) -> frozenset[str]:  # walks the formula: cached, it run
     return OPS[op].formula.grad_reads
 
 
-def epilogue(y: np.ndarray, bias, residual, act):
+def epilogue(y: np.ndarray, bias, residual, act, fast: bool = False):
     """y (N, K, …), C-contiguous: z = y + bias (along axis 1) + residual, in place on y, then the
     activation `act` ((op, args) or None), block by block. Returns (output, pre-activation z where
-    the activation's derivative reads its input, else None); the output is y itself unless z is kept."""
+    the activation's derivative reads its input, else None); the output is y itself unless z is kept.
+    `fast` (inference): the C pass may take exp and sigmoid by its own polynomial (celementwise's
+    FAST_EXP, float32), within a few ulps of NumPy's values rather than equal to them."""
     if y.size == 0 or (bias is None and residual is None and act is None):
         return y, None
     keep_pre = "input" in _reads(act)
@@ -68,7 +70,7 @@ def epilogue(y: np.ndarray, bias, residual, act):
     yf = _flat(y)
     out = np.empty_like(y) if keep_pre else y
     of = _flat(out)
-    done = _cew.epilogue(y, bias, residual, act, out)  # one C pass (celementwise.py), where it has one
+    done = _cew.epilogue(y, bias, residual, act, out, fast)  # one C pass (celementwise.py), where it has one
     if done == "all":
         return out, (y if keep_pre else None)
     if done == "affine":  # the bias and residual are in y: the activation is NumPy's
@@ -117,14 +119,14 @@ class _AfterGemm:
     1), each share runs the epilogue's C pass on a block of the output right after computing it,
     while the block is in cache (cgemm.matmul's `after`), not in a pass of its own over memory."""
 
-    def __init__(self, bias, residual, act):
-        self.bias, self.residual, self.act = bias, residual, act
+    def __init__(self, bias, residual, act, fast: bool):
+        self.bias, self.residual, self.act, self.fast = bias, residual, act, fast
         self.result = self._pending = None
 
     def deferred(self, y):
         keep_pre = "input" in _reads(self.act)
         out = np.empty_like(y) if keep_pre else y
-        then = _cew.deferred_epilogue(y, self.bias, self.residual, self.act, out)
+        then = _cew.deferred_epilogue(y, self.bias, self.residual, self.act, out, self.fast)
         self._pending = (out, y if keep_pre else None)
         return then
 
@@ -136,13 +138,16 @@ def fused_conv_forward(node, xs, params, ctx):
     a = node.attrs
     act = a.act()
     bias, residual = params.get("bias"), xs[1] if a.residual else None
-    after = None if bias is None and residual is None and act is None else _AfterGemm(bias, residual, act)
+    # inference's epilogue may take exp and sigmoid by the C pass's own polynomial (FAST_EXP); a
+    # training step keeps NumPy's values, so that its fused plan's gradients are the plain one's
+    fast = not ctx.training
+    after = None if bias is None and residual is None and act is None else _AfterGemm(bias, residual, act, fast)
     # the conv without its bias: the epilogue adds it in the same pass as the rest
     y, conv_saved = _conv.conv_forward(node, [xs[0]], {"weight": params["weight"]}, ctx, after=after)
     if after is not None and after.result is not None:  # the split gemm ran it
         y, pre = after.result
     else:
-        y, pre = epilogue(y, bias, residual, act)
+        y, pre = epilogue(y, bias, residual, act, fast)
     return y, (conv_saved, pre, y if "output" in _reads(act) else None)
 
 

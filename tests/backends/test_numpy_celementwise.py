@@ -227,3 +227,89 @@ def test_channel_sums_are_the_bias_gradient_on_any_thread_count(shape, dtype, mo
     assert got[0].dtype == dtype and got[0].shape == (shape[1],)
     np.testing.assert_allclose(got[0], want, rtol=1e-5 if dtype == np.float32 else 1e-13,
                                atol=1e-5 * np.abs(dy).sum(axis=(0, 2, 3)).max() if dtype == np.float32 else 0)
+
+
+# ---- the fast forward: exp and sigmoid by the C pass's own polynomial (inference, float32) -------
+
+FAST_OPS = [op for op in FORMULA_OPS if celementwise.fast_applies(op, "f")]
+
+
+def _within_ulps(got, want, ulps: int) -> None:
+    """Equal where not finite; else |got − want| ≤ ulps spacings of want (subnormals included)."""
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
+    err = np.abs(got[finite].astype(np.float64) - want[finite].astype(np.float64))
+    bound = ulps * np.spacing(np.abs(want[finite])).astype(np.float64)
+    assert (err <= bound).all(), (err / bound).max()
+
+
+def test_the_fast_ops_are_the_ones_that_call_exp_or_sigmoid():
+    assert set(FAST_OPS) == {"sigmoid", "silu"}
+    assert not any(celementwise.fast_applies(op, "d") for op in FORMULA_OPS)  # float64 keeps NumPy's
+
+
+def test_the_fast_sigmoid_is_within_two_ulps_of_float64s_over_its_whole_range(monkeypatch):
+    """Every x from −110 to 110 in steps of 1/64 (and where e^−x overflows, underflows to
+    subnormals and to 0), against 1 / (1 + e^−x) in float64 rounded to float32, e^−x infinite
+    where it is beyond float32's range (as NumPy's float32 exp gives it: the sigmoid is then 0)."""
+    monkeypatch.setenv("CNNC_JIT", "1")
+    x = np.concatenate([np.arange(-110 * 64, 110 * 64 + 1) / 64, [-88.72, -87.34, 87.34, 88.72, 103.9]])
+    x = x.astype(np.float32).reshape(1, 1, -1)
+    out = np.empty_like(x)
+    assert celementwise.epilogue(x.copy(), None, None, ("sigmoid", ()), out, fast=True) == "all"
+    e = np.exp(-x.astype(np.float64))
+    e[e > np.finfo(np.float32).max] = np.inf
+    want = (1 / (1 + e)).astype(np.float32)
+    _within_ulps(out, want, 2)
+
+
+@pytest.mark.parametrize("bias,residual", [(True, False), (True, True), (False, False)], ids=["bias", "both", "neither"])
+@pytest.mark.parametrize("op", FAST_OPS)
+def test_the_fast_epilogue_is_within_four_ulps_of_numpys(op, bias, residual, threads, monkeypatch):
+    """The inference epilogue (fast) against the exact one (NumPy's bits), float32, with the
+    special values: non-finite results equal, finite ones within 4 ulps; pre-activation equal."""
+    monkeypatch.setenv("CNNC_JIT", "1")
+    shape = (3, 5, 40, 41)
+    y0 = _values(shape, np.float32, zlib.crc32(op.encode()))
+    y0.reshape(-1)[10:16] = [88.0, -88.0, 89.0, -89.0, 104.0, -104.0]
+    rng = np.random.default_rng(1)
+    b = rng.normal(size=5).astype(np.float32) if bias else None
+    r = rng.normal(size=shape).astype(np.float32) if residual else None
+    act = (op, _args(op))
+    with np.errstate(all="ignore"):
+        exact, pre0 = fused.epilogue(y0.copy(), b, r, act)
+        fast, pre1 = fused.epilogue(y0.copy(), b, r, act, fast=True)
+    assert not np.array_equal(fast, exact, equal_nan=True)  # the fast pass ran
+    _within_ulps(fast, exact, 4)
+    assert (pre0 is None) == (pre1 is None)
+    if pre0 is not None:
+        np.testing.assert_array_equal(pre1, pre0)
+
+
+def test_a_fast_float64_epilogue_is_numpys(monkeypatch):
+    monkeypatch.setenv("CNNC_JIT", "1")
+    y0 = _values((4, 5, 30, 31), np.float64, 3)
+    with np.errstate(all="ignore"):
+        exact, _ = fused.epilogue(y0.copy(), None, None, ("silu", ()))
+        fast, _ = fused.epilogue(y0.copy(), None, None, ("silu", ()), fast=True)
+    np.testing.assert_array_equal(fast, exact)
+
+
+def test_a_fused_conv_is_fast_in_inference_and_numpys_in_training(monkeypatch):
+    """fused_conv with silu: its training forward has NumPy's values (the fused training plan's
+    gradients are the plain plan's), its inference forward the fast pass's, within a few ulps."""
+    from cnnc.backends.base import Ctx
+    from test_numpy_grad import make_node
+    monkeypatch.setenv("CNNC_JIT", "1")
+    monkeypatch.setenv("CNNC_AUTOTUNE", "off")
+    node, _ = make_node("fused_conv", dict(filters=8, kernel=3, pad=1, activation="silu"), [(4, 12, 12)])
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 12, 12)).astype(np.float32) * 3
+    params = {"weight": rng.normal(0, 0.5, (8, 4, 3, 3)).astype(np.float32),
+              "bias": rng.normal(0, 0.5, 8).astype(np.float32)}
+    y_train, (_, pre, _) = fused.fused_conv_forward(node, [x], params, Ctx(training=True))
+    y_infer, _ = fused.fused_conv_forward(node, [x], params, Ctx())
+    np.testing.assert_array_equal(y_train, ew.apply("silu", (), pre))
+    _within_ulps(y_infer, y_train, 4)
+    assert not np.array_equal(y_infer, y_train)
