@@ -11,9 +11,10 @@ inner loop of that ufunc over it, found in the ufunc object (its C struct, check
 the ufunc says of itself); the arithmetic around it is C that GCC vectorises, computing the tree
 in its order, operation by operation, in the dtype (built with -ffp-contract=off, so no multiply-add
 is fused). So every value has the bits of the NumPy rendering in elementwise.py (but for
-FAST_EXP, below, in inference), which the fused-equals-unfused guarantees rest on; except where NumPy promotes a derivative to float64 (a
-mask over a Python number: hardsigmoid's /6, leaky_relu's slope): the loops stay in the dtype, as
-fused_bn's Numba loops do, within an ulp of NumPy. min/max/clip keep a NaN and, on a tie, give the
+FAST_EXP, below, in inference), which the fused-equals-unfused guarantees rest on; except where
+NumPy promotes a derivative to float64 (a mask over a Python number: hardsigmoid's /6,
+leaky_relu's slope): the loops stay in the dtype, as fused_bn's Numba loops do, within an ulp of
+NumPy. min/max/clip keep a NaN and, on a tie, give the
 second operand, as NumPy's do.
 
 FAST_EXP: an inference epilogue (fused.epilogue's `fast`, a fused conv's forward outside
