@@ -264,7 +264,8 @@ def test_the_fast_sigmoid_is_within_two_ulps_of_float64s_over_its_whole_range(mo
     _within_ulps(out, want, 2)
 
 
-@pytest.mark.parametrize("bias,residual", [(True, False), (True, True), (False, False)], ids=["bias", "both", "neither"])
+@pytest.mark.parametrize("bias,residual", [(True, False), (True, True), (False, False)],
+                         ids=["bias", "both", "neither"])
 @pytest.mark.parametrize("op", FAST_OPS)
 def test_the_fast_epilogue_is_within_four_ulps_of_numpys(op, bias, residual, threads, monkeypatch):
     """The inference epilogue (fast) against the exact one (NumPy's bits), float32, with the
