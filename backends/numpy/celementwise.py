@@ -604,18 +604,27 @@ def _sums_task(char: str):
         return None
 
 
-def channel_sums(dy: np.ndarray) -> np.ndarray:
-    """Σ over the batch and the map of dy (N, K, …) per channel: a conv's bias gradient. Each image's
-    channel map summed in C (lanes of partial sums, split over the threads by rows), then the images
-    by NumPy; NumPy's dy.sum(axis=(0, 2, 3)) where the C kernels are off or the maps are under a
-    vector (the two differ in rounding only). 64 µs → 15 at LeNet-5's 64×6×28×28."""
-    n, k = dy.shape[:2]
-    inner = dy.size // max(n * k, 1)
-    char = _ready(dy) if inner >= 16 else None
+def map_sums(x: np.ndarray) -> np.ndarray | None:
+    """Σ over each (image, channel) map of x (N, K, …), as (N, K): in C, lanes of partial sums,
+    split over the threads by rows; None where the C kernels are off or the maps are under a
+    vector (the callers' NumPy sums then run; the two differ in rounding only)."""
+    n, k = x.shape[:2]
+    inner = x.size // max(n * k, 1)
+    char = _ready(x) if inner >= 16 else None
     task = None if char is None else _sums_task(char)
     if task is None:
+        return None
+    sums = np.empty((n, k), dtype=x.dtype)
+    cthreads.run(task, [cthreads.address(x), cthreads.address(sums), inner],
+                 cthreads.chunks(n * k, parallel.WORK_PER_ELEMENT * x.size))
+    return sums
+
+
+def channel_sums(dy: np.ndarray) -> np.ndarray:
+    """Σ over the batch and the map of dy (N, K, …) per channel: a conv's bias gradient. Each image's
+    channel map summed in C (map_sums), then the images by NumPy; NumPy's dy.sum(axis=(0, 2, 3))
+    where map_sums does not run. 64 µs → 15 at LeNet-5's 64×6×28×28."""
+    sums = map_sums(dy)
+    if sums is None:
         return dy.sum(axis=tuple(i for i in range(dy.ndim) if i != 1))
-    sums = np.empty((n, k), dtype=dy.dtype)
-    cthreads.run(task, [cthreads.address(dy), cthreads.address(sums), inner],
-                 cthreads.chunks(n * k, parallel.WORK_PER_ELEMENT * dy.size))
     return sums.sum(axis=0)

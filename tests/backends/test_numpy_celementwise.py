@@ -229,6 +229,30 @@ def test_channel_sums_are_the_bias_gradient_on_any_thread_count(shape, dtype, mo
                                atol=1e-5 * np.abs(dy).sum(axis=(0, 2, 3)).max() if dtype == np.float32 else 0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(1, 96, 56, 56), (1, 1152, 7, 7), (3, 5, 4, 5), (2, 7, 3, 3)],
+                         ids=["se-56", "se-7", "odd", "under-a-vector"])
+def test_the_global_average_pool_sums_its_maps_in_c(shape, dtype, monkeypatch):
+    """globalavgpool's forward: each map's sum in C ÷ its size, within rounding of float64's mean,
+    the same on one thread and two; maps under a vector (9 values) take NumPy's mean."""
+    from cnnc.backends.base import Ctx
+    from cnnc.backends.numpy import conv
+    monkeypatch.setenv("CNNC_JIT", "1")
+    x = np.random.default_rng(4).normal(size=shape).astype(dtype)
+    sums, real = [], celementwise.map_sums
+    monkeypatch.setattr(celementwise, "map_sums", lambda a: sums.append(real(a)) or sums[-1])
+    got = []
+    for threads in (1, 2):
+        monkeypatch.setattr(parallel, "_threads", threads)
+        y, saved = conv.globalavgpool_forward(None, [x], {}, Ctx())
+        got.append(y)
+    np.testing.assert_array_equal(got[0], got[1])
+    assert got[0].dtype == dtype and got[0].shape == (*shape[:2], 1, 1) and saved == shape
+    assert all(v is None for v in sums) == (shape[2] * shape[3] < 16)
+    want = x.astype(np.float64).mean(axis=(2, 3), keepdims=True)
+    np.testing.assert_allclose(got[0], want, rtol=0, atol=(1e-6 if dtype == np.float32 else 1e-14))
+
+
 # ---- the fast forward: exp and sigmoid by the C pass's own polynomial (inference, float32) -------
 
 FAST_OPS = [op for op in FORMULA_OPS if celementwise.fast_applies(op, "f")]
