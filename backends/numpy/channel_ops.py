@@ -14,6 +14,7 @@ import numpy as np
 
 from cnnc.compiler.ops import pad_channels_split
 
+from . import celementwise as _cew
 from . import elementwise as _ew
 from .dense import _cast
 
@@ -54,7 +55,8 @@ def fused_mul_forward(node, xs, params, ctx):
     x, g = xs
     act = node.attrs.act()
     a = g if act is None else _ew.apply(act[0], act[1], g)
-    return x * a, (x, g, a)
+    y = _cew.scale_maps(x, a)  # each map by its gate in C on the threads, where it runs
+    return (x * a if y is None else y), (x, g, a)
 
 
 def fused_mul_backward(node, saved, dy, params, ctx):

@@ -253,6 +253,26 @@ def test_the_global_average_pool_sums_its_maps_in_c(shape, dtype, monkeypatch):
     np.testing.assert_allclose(got[0], want, rtol=0, atol=(1e-6 if dtype == np.float32 else 1e-14))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(1, 96, 56, 56), (4, 1152, 7, 7), (3, 5, 1, 1), (2, 7, 3, 5)],
+                         ids=["se-56", "se-7", "1x1", "odd"])
+def test_maps_scaled_by_their_gates_are_numpys_product(shape, dtype, threads, monkeypatch):
+    """scale_maps (fused_mul's x · act(g)): NumPy's x * s to the bit, split or not; refused (None)
+    for a gate that is not one value a map, a non-contiguous input, another dtype."""
+    monkeypatch.setenv("CNNC_JIT", "1")
+    rng = np.random.default_rng(6)
+    x = _values(shape, dtype, 6)
+    s = rng.normal(size=(*shape[:2], 1, 1)).astype(dtype)
+    out = celementwise.scale_maps(x, s)
+    assert out is not None and out.dtype == dtype
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(out, x * s)
+    assert celementwise.scale_maps(x, s[:, :1]) is None
+    assert celementwise.scale_maps(x, s.astype(np.float32 if dtype == np.float64 else np.float64)) is None
+    if shape[-1] > 1:
+        assert celementwise.scale_maps(x[..., ::2], s) is None
+
+
 # ---- the fast forward: exp and sigmoid by the C pass's own polynomial (inference, float32) -------
 
 FAST_OPS = [op for op in FORMULA_OPS if celementwise.fast_applies(op, "f")]
