@@ -47,6 +47,13 @@ class Expr:
             out |= a.names()
         return out
 
+    def functions(self) -> set[str]:
+        """Every function the expression calls."""
+        out: set[str] = {self.name} if self.kind == "call" else set()
+        for a in self.args:
+            out |= a.functions()
+        return out
+
 
 def parse(text: str, params: tuple[str, ...], allowed: tuple[str, ...], where: str) -> Expr:
     """The tree of `text`, which may read the variables `allowed` and the parameters `params`."""
