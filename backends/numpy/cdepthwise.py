@@ -6,7 +6,11 @@ tap t reads one contiguous run of its phase at a fixed offset and the whole plan
 one run of oh·wq. Here the runs are vectors (64 bytes with AVX-512, else 32) and the shape's
 sizes, taps and offsets are compile-time constants, one library per shape: the forward is, per
 vector of the grid, kh·kw broadcast multiply-adds of the tap's run, four vectors a pass; the
-grid's rows are then cropped into y.
+grid's rows are then cropped into y. A fused conv's epilogue (bias, residual, activation:
+celementwise's C pass) runs over each plane right after that, while it is in cache, instead of in a
+pass of its own: at batch 1 on an AMD EPYC (2 threads, 16 alternating rounds in one process) the
+depthwise steps of MobileNetV2 took 2.16 → 1.99 ms a pass, EfficientNet-B0's 4.95 → 4.79; the values
+are the separate pass's to the bit.
 
 Backward, per plane: dy on the same grid (zero in the garbage columns, and `reach` zeros in front
 and behind). The weight gradient of tap t is the dot product of that grid with the tap's run,
@@ -22,6 +26,7 @@ CNNC_JIT not 0); the NumPy kernel in depthwise.py is the reference.
 
 from __future__ import annotations
 
+import ctypes
 from functools import lru_cache
 
 import numpy as np
@@ -65,8 +70,13 @@ static void pack(const T *restrict x, T *restrict ws) {
     }
 }
 
-/* y (P, OH, OW) for planes [p0, p1) of x (P, H, W); plane p's channel is p mod C; w (C, TAPS) */
-void forward(const T *restrict x, const T *restrict w, T *restrict y, long p0, long p1) {
+typedef void (*task_t)(const long *, long, long);  /* a cthreads task over a range of y's elements */
+
+/* y (P, OH, OW) for planes [p0, p1) of x (P, H, W); plane p's channel is p mod C; w (C, TAPS).
+   With `after` (not 0), that task runs over each plane's outputs right after they are written,
+   while they are in cache: a fused conv's epilogue */
+void forward(const T *restrict x, const T *restrict w, T *restrict y, long after, const long *after_args,
+             long p0, long p1) {
     T *ws = calloc((size_t)PH * LEN + NV * VL + VL, sizeof(T));
     if (!ws) abort();
     T *grid = ws + (long)PH * LEN;
@@ -89,6 +99,7 @@ void forward(const T *restrict x, const T *restrict w, T *restrict y, long p0, l
         for (int i = 0; i < OH; i++)
             for (int j = 0; j < OW; j++) out[i * OW + j] = grid[i * WQ + j];
         FENCE();
+        if (after) ((task_t)after)(after_args, p * (long)(OH * OW), (p + 1) * (long)(OH * OW));
     }
     free(ws);
 }
@@ -181,7 +192,7 @@ def _library(dtype: str, c: int, h: int, w: int, g, vb: int):
                    PHASE_COUNTS=_c_list(len(t) for t in by_phase),
                    PHASE_TAP_LISTS=_c_list(_c_list(t + [0] * (g.ntaps - len(t))) for t in by_phase))
     return cthreads.load(defines, _SOURCE, "the depthwise conv kernels",
-                         {"forward": ("forward", "pppLH"), "backward": ("backward", "pppppLH")})
+                         {"forward": ("forward", "ppplpLH"), "backward": ("backward", "pppppLH")})
 
 
 def _vector_bytes(dtype) -> int:
@@ -196,9 +207,11 @@ def _library_or_none(dtype, c: int, h: int, w: int, g):
         return None
 
 
-def forward(g, x: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
+def forward(g, x: np.ndarray, weight: np.ndarray, after=None) -> np.ndarray | None:
     """y (N, C, oh, ow): x (N, C, H, W) correlated with weight (C, 1, kh, kw) on g's geometry.
-    None where the compiler fails after all (the caller's other kernels then run)."""
+    None where the compiler fails after all (the caller's other kernels then run). `after`: a fused
+    conv's epilogue (fused.py's ConvEpilogue), run over each plane right after it is computed where
+    `after.deferred(y)` hands it over; then `after.done()` is called and its result is the output."""
     n, c, h, w = x.shape
     tasks = _library_or_none(x.dtype, c, h, w, g)
     if tasks is None:
@@ -206,9 +219,13 @@ def forward(g, x: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
     x = np.ascontiguousarray(x)
     wt = np.ascontiguousarray(weight, dtype=x.dtype).reshape(c, g.ntaps)
     y = np.empty((n, c, g.oh, g.ow), dtype=x.dtype)
+    then = after.deferred(y) if after is not None else None
+    tail = [0, 0] if then is None else [cthreads.task_address(then.task), ctypes.addressof(then.args)]
     ptr = [cthreads.address(a) for a in (x, wt, y)]
-    cthreads.run(tasks["forward"], ptr,
+    cthreads.run(tasks["forward"], ptr + tail,
                  cthreads.chunks(n * c, parallel.WORK_PER_ELEMENT * y.size * g.ntaps))
+    if then is not None:
+        after.done()
     return y
 
 

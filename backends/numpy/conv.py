@@ -459,7 +459,7 @@ def conv_forward(node, xs, params, ctx, after=None):
     w = params["weight"].astype(dtype, copy=False)
     bias = params["bias"].astype(dtype, copy=False) if "bias" in params else None
     if n and depthwise.is_depthwise(node, c):
-        y = depthwise.forward(node, x, w)
+        y = depthwise.forward(node, x, w, after if bias is None else None)
         if bias is not None:
             y += bias.reshape(1, -1, 1, 1)
         return y, ("depthwise", x)

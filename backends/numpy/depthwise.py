@@ -176,12 +176,13 @@ def _compiled(x: np.ndarray, m: int) -> bool:
     return m == 1 and cdepthwise.available(x.dtype)
 
 
-def forward(node, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """y (N, m·C, oh, ow): x (N, C, H, W) correlated with weight (m·C, 1, kh, kw), no bias."""
+def forward(node, x: np.ndarray, weight: np.ndarray, after=None) -> np.ndarray:
+    """y (N, m·C, oh, ow): x (N, C, H, W) correlated with weight (m·C, 1, kh, kw), no bias.
+    `after`: a fused conv's epilogue, which the C kernels run plane by plane (cdepthwise.forward)."""
     n, c, h, w = x.shape
     g = geometry(node, h, w)
     if _compiled(x, g.k // c):
-        y = cdepthwise.forward(g, x, weight)
+        y = cdepthwise.forward(g, x, weight, after)
         if y is not None:
             return y
     m, planes, t_ = g.k // c, n * c, g.ntaps

@@ -195,18 +195,18 @@ def test_a_batch_1_fused_conv_with_its_epilogue_in_the_gemm_equals_the_separate_
     params = {"weight": rng.normal(0, 0.2, (filters, shape[0], 1, 1)).astype(np.float32),
               "bias": rng.normal(0, 0.2, filters).astype(np.float32)}
     results = {}
-    deferred = fused._AfterGemm.deferred
+    deferred = fused.ConvEpilogue.deferred
     for way in ("in the gemm", "separate"):
         ran = []
         if way == "separate":
-            monkeypatch.setattr(fused._AfterGemm, "deferred", lambda self, y: None)
+            monkeypatch.setattr(fused.ConvEpilogue, "deferred", lambda self, y: None)
         else:
-            monkeypatch.setattr(fused._AfterGemm, "done", lambda self: ran.append(1) or setattr(self, "result",
+            monkeypatch.setattr(fused.ConvEpilogue, "done", lambda self: ran.append(1) or setattr(self, "result",
                                                                                                self._pending))
         y, (_, pre, _) = fused.fused_conv_forward(node, xs, params, Ctx())
         assert ran == ([1] if way == "in the gemm" else [])
         results[way] = (y.copy(), None if pre is None else pre.copy())
-        monkeypatch.setattr(fused._AfterGemm, "deferred", deferred)
+        monkeypatch.setattr(fused.ConvEpilogue, "deferred", deferred)
     (y1, pre1), (y0, pre0) = results["in the gemm"], results["separate"]
     np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
     assert (pre1 is None) == (pre0 is None)
@@ -229,8 +229,8 @@ def test_a_batch_1_fused_conv_with_its_epilogue_in_the_gemm_matches_finite_diffe
     x, res = rng.standard_normal((1, *shape)), rng.standard_normal((1, filters, *shape[1:]))
     params = {"weight": rng.normal(0, 0.2, (filters, shape[0], 1, 1)), "bias": rng.normal(0, 0.2, filters)}
     done = []
-    real_done = fused._AfterGemm.done
-    monkeypatch.setattr(fused._AfterGemm, "done", lambda self: done.append(1) or real_done(self))
+    real_done = fused.ConvEpilogue.done
+    monkeypatch.setattr(fused.ConvEpilogue, "done", lambda self: done.append(1) or real_done(self))
     ctx = Ctx(training=True)
     y, saved = fused.fused_conv_forward(node, [x, res], params, ctx)
     assert done and y.dtype == np.float64  # the gemm ran the epilogue

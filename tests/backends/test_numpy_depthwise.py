@@ -354,3 +354,27 @@ def test_input_gradient_by_phase_either_way(case, direct, monkeypatch):
     gx, gw = torch.autograd.grad(yt, [xt, wt], torch.tensor(dy))
     close(dx, gx.numpy(), np.float64, "dx")
     close(dps["weight"], gw.numpy(), np.float64, "d weight")
+
+
+@pytest.mark.parametrize("act", ["relu6", "silu", "none"])
+@pytest.mark.parametrize("case", ["3x3-s1-pad1-b3", "5x5-s2-pad2-floor", "3x3-dil-stride-mixed"])
+def test_the_c_kernel_runs_the_fused_epilogue_plane_by_plane_as_the_separate_pass_would(case, act, path, monkeypatch):
+    """float32 inference: a fused depthwise conv's epilogue (bias, residual, activation) run by the
+    C kernel on each plane as it is done gives the separate pass's values to the bit, and says so
+    (ConvEpilogue.done); on the plain path it is the separate pass."""
+    from cnnc.backends.numpy import fused
+    stride1 = CASES[case][0].get("stride", 1) == 1
+    node, specs, batch = case_node(case, "fused_conv", activation=act, bias=True, residual=stride1)
+    rng = seed("in the kernel", case, act)
+    x = rng.normal(0, 2, size=(batch, *node.in_shapes[0])).astype(np.float32)
+    params = make_params(specs, rng, np.float32)
+    xs = [x] + ([rng.normal(size=(batch, *node.out_shape)).astype(np.float32)] if stride1 else [])
+    done = []
+    real_done = fused.ConvEpilogue.done
+    monkeypatch.setattr(fused.ConvEpilogue, "done", lambda self: done.append(1) or real_done(self))
+    y, _ = fused.fused_conv_forward(node, xs, params, Ctx())
+    assert done == ([1] if path == "compiled" else [])
+    monkeypatch.setattr(fused.ConvEpilogue, "deferred", lambda self, y: None)
+    separate, _ = fused.fused_conv_forward(node, xs, params, Ctx())
+    assert done == ([1] if path == "compiled" else [])
+    np.testing.assert_array_equal(y, separate)
