@@ -64,6 +64,10 @@ class NodeInfo:
     in_shapes: tuple[tuple[int, ...], ...]
     out_shape: tuple[int, ...]
     pads: tuple[int, int, int, int] | None = None
+    # a kernel's decisions for this node that depend only on it and its inputs' shapes (a conv's
+    # algorithm), kept so that they are made once, not at every call; a copy (dataclasses.replace)
+    # starts its own
+    memo: dict = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
 
 
 @dataclass

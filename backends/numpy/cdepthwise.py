@@ -26,7 +26,6 @@ CNNC_JIT not 0); the NumPy kernel in depthwise.py is the reference.
 
 from __future__ import annotations
 
-import ctypes
 from functools import lru_cache
 
 import numpy as np
@@ -220,7 +219,7 @@ def forward(g, x: np.ndarray, weight: np.ndarray, after=None) -> np.ndarray | No
     wt = np.ascontiguousarray(weight, dtype=x.dtype).reshape(c, g.ntaps)
     y = np.empty((n, c, g.oh, g.ow), dtype=x.dtype)
     then = after.deferred(y) if after is not None else None
-    tail = [0, 0] if then is None else [cthreads.task_address(then.task), ctypes.addressof(then.args)]
+    tail = [0, 0] if then is None else [cthreads.task_address(then.task), cthreads.address(then.args)]
     ptr = [cthreads.address(a) for a in (x, wt, y)]
     cthreads.run(tasks["forward"], ptr + tail,
                  cthreads.chunks(n * c, parallel.WORK_PER_ELEMENT * y.size * g.ntaps))

@@ -442,15 +442,25 @@ def _ready(*arrays) -> str | None:
     """The dtype char of these arrays where the C loops take them: C-contiguous, one float dtype,
     and the C kernels on; else None."""
     char = arrays[0].dtype.char
-    if char not in _DTYPES or not all(a.dtype.char == char and a.flags.c_contiguous for a in arrays):
+    if char not in _DTYPES:
         return None
+    for a in arrays:  # a loop, not all() over a generator: this runs at every epilogue
+        if a.dtype.char != char or not a.flags.c_contiguous:
+            return None
     return char if cc.available() else None
 
 
 def _params_ptr(kernel: _Kernel, args, char: str) -> tuple[np.ndarray | None, int]:
     if not args:
         return None, kernel.zero_ptr
+    return _param_array(tuple(args), char)
+
+
+@lru_cache(maxsize=1024)
+def _param_array(args: tuple, char: str) -> tuple[np.ndarray, int]:
+    """An activation's parameters as the C reads them, made once per value (the loops only read it)."""
     p = np.array(args, dtype=char)
+    p.flags.writeable = False
     return p, cthreads.address(p)
 
 
@@ -492,7 +502,8 @@ def _epilogue_call(y, bias, residual, act, out, whole_only: bool, fast: bool = F
         kernel = _kernel("forward", None, char) if (bias is not None or residual is not None) else None
         if kernel is None:
             return None
-    b = None if bias is None else np.ascontiguousarray(bias, y.dtype)
+    b = bias if bias is None or (bias.dtype.char == char and bias.flags.c_contiguous) \
+        else np.ascontiguousarray(bias, y.dtype)
     p, p_ptr = _params_ptr(kernel, act[1] if (act and whole) else (), char)
     keep = int(whole and out is not y)
     y_ptr = cthreads.address(y)
@@ -528,7 +539,7 @@ class Deferred(NamedTuple):
     shares, block by block right after each block's gemm): the task, its argument array, and the
     arrays that array points into (kept alive with it)."""
     task: object
-    args: ctypes.Array
+    args: np.ndarray  # C longs
     keep: tuple
 
 
@@ -539,7 +550,7 @@ def deferred_epilogue(y, bias, residual, act, out, fast: bool = False) -> Deferr
     if call is None:
         return None
     task, args, _, keep = call
-    return Deferred(task, (ctypes.c_long * len(args))(*[v or 0 for v in args]), (y, out, residual, *keep))
+    return Deferred(task, np.array([v or 0 for v in args], dtype=cthreads.LONG), (y, out, residual, *keep))
 
 
 def forward(op: str, args: tuple[float, ...], x, out) -> bool:

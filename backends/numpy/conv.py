@@ -31,7 +31,7 @@ from functools import lru_cache
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import celementwise, cgemm, cpool, depthwise, direct, parallel, tuner, winograd
+from . import blas, celementwise, cgemm, cpool, depthwise, direct, parallel, tuner, winograd
 from .blas import gemm
 
 KERNELS_VERSION = 9  # part of the tuning cache's key: bump when an algorithm's speed changes
@@ -99,6 +99,14 @@ def _im2col(xp: np.ndarray, groups: int, kh: int, kw: int, dh: int, dw: int, oh:
 
 
 def _conv_geometry(node):
+    """(kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp), made once per node (it is asked several times a call)."""
+    found = node.memo.get("conv geometry")
+    if found is None:
+        found = node.memo["conv geometry"] = _geometry_of(node)
+    return found
+
+
+def _geometry_of(node):
     a = node.attrs
     kh, kw = a.kernel
     sh, sw = a.stride
@@ -425,7 +433,17 @@ def _workspace_bytes(node, algo: str, x) -> int:
 
 def _algorithm(node, x, w, bias, ctx) -> str:
     """The algorithm for this problem: timed by the tuner on first use (forward, and backward when
-    training), the heuristic's under `--autotune off` and for small problems."""
+    training), the heuristic's under `--autotune off` and for small problems; remembered in the
+    node's memo for its shape, dtype, mode, threads and what may run (choosing took ~3 µs a call)."""
+    key = ("algorithm", x.shape, x.dtype.char, ctx.training, ctx.need_input_grad, tuner.mode(), direct.available(),
+           parallel.get_threads(), blas.get_threads())  # the tuner's choice is per thread count
+    algo = node.memo.get(key)
+    if algo is None:
+        algo = node.memo[key] = _choose_algorithm(node, x, w, bias, ctx)
+    return algo
+
+
+def _choose_algorithm(node, x, w, bias, ctx) -> str:
     n, c, h, wd = x.shape
     a = node.attrs
     kh, kw, sh, sw, dh, dw, k, oh, ow, hp, wp = _conv_geometry(node)

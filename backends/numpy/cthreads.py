@@ -191,6 +191,7 @@ def _data_offset() -> int | None:
 
 _DATA_OFFSET = _data_offset()
 _WORD = ctypes.c_void_p.from_address
+LONG = np.dtype(ctypes.c_long)  # the tasks' argument type (their argument arrays' dtype)
 
 
 def address(a: np.ndarray) -> int:
@@ -273,22 +274,24 @@ def run(fn, args, slices: list[tuple[int, int]]) -> None:
     null one, and longs), one list for all slices or one per slice. The caller keeps the arrays
     behind the pointers alive. Where the workers' library does not build, parallel.py's threads
     run the slices."""
+    # the arguments as C longs in a NumPy array: 0.4 µs where a ctypes array took 1.3
     if args and isinstance(args[0], (list, tuple)):  # per slice: the pool steps through them
         nargs = max(len(args[0]), 1)
-        flat = (ctypes.c_long * (nargs * len(slices)))(*[v or 0 for r in args for v in (r or [0])])
+        flat = np.array([v or 0 for r in args for v in (r or [0])], dtype=LONG)
     else:  # one list for all: every slice reads it (a stride of 0)
         nargs = 0
-        flat = (ctypes.c_long * max(len(args), 1))(*([v or 0 for v in args] or [0]))
+        flat = np.array([v or 0 for v in args] or [0], dtype=LONG)
+    at = address(flat)
     if len(slices) == 1:
-        fn(flat, *slices[0])
+        fn(at, *slices[0])
         return
     pool = _pool_or_none()
     if pool is None:
-        size = nargs * ctypes.sizeof(ctypes.c_long)
-        parallel.run(lambda lo, hi: fn(ctypes.byref(flat, slices.index((lo, hi)) * size), lo, hi), slices)
+        size = nargs * flat.itemsize
+        parallel.run(lambda lo, hi: fn(at + slices.index((lo, hi)) * size, lo, hi), slices)
         return
-    bounds = (ctypes.c_long * (len(slices) + 1))(*[lo for lo, _ in slices], slices[-1][1])
-    pool.run(task_address(fn), flat, nargs, bounds, len(slices))
+    bounds = np.array([lo for lo, _ in slices] + [slices[-1][1]], dtype=LONG)
+    pool.run(task_address(fn), at, nargs, address(bounds), len(slices))
 
 
 def task_address(fn) -> int:
