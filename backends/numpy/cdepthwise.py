@@ -209,7 +209,7 @@ def _library_or_none(dtype, c: int, h: int, w: int, g):
 def forward(g, x: np.ndarray, weight: np.ndarray, after=None) -> np.ndarray | None:
     """y (N, C, oh, ow): x (N, C, H, W) correlated with weight (C, 1, kh, kw) on g's geometry.
     None where the compiler fails after all (the caller's other kernels then run). `after`: a fused
-    conv's epilogue (fused.py's ConvEpilogue), run over each plane right after it is computed where
+    conv's epilogue (conv.py's ConvEpilogue), run over each plane right after it is computed where
     `after.deferred(y)` hands it over; then `after.done()` is called and its result is the output."""
     n, c, h, w = x.shape
     tasks = _library_or_none(x.dtype, c, h, w, g)

@@ -468,21 +468,54 @@ def _choose_algorithm(node, x, w, bias, ctx) -> str:
     return tuner.choose(problem, names, run, macs)
 
 
+class ConvEpilogue:
+    """A conv's epilogue (bias, residual, activation: celementwise's C pass) handed to its kernel:
+    where the gemm is split over the C workers (batch 1), each share runs it on a block of the
+    output right after computing it, while the block is in cache (cgemm.matmul's `after`), not in a
+    pass of its own over memory; a depthwise conv's C kernel runs it on each plane as it is done
+    (cdepthwise.forward). fused_conv hands over its whole epilogue, a plain conv its bias.
+    `keep_pre`: the activation's gradient reads its input, which then stays in y (the output is a
+    new array). After `done()`, `result` is (output, pre-activation or None)."""
+
+    def __init__(self, bias, residual, act, fast: bool, keep_pre: bool = False):
+        self.bias, self.residual, self.act, self.fast, self.keep_pre = bias, residual, act, fast, keep_pre
+        self.result = self._pending = None
+
+    def deferred(self, y):
+        out = np.empty_like(y) if self.keep_pre else y
+        then = celementwise.deferred_epilogue(y, self.bias, self.residual, self.act, out, self.fast)
+        self._pending = (out, y if self.keep_pre else None)
+        return then
+
+    def done(self):
+        self.result = self._pending
+
+
 def conv_forward(node, xs, params, ctx, after=None):
     """The conv (kernels.py's contract); `after`: an epilogue the conv may run itself (fused.py's
-    fused_conv, without a bias here: see _conv), which then says it ran."""
+    fused_conv, without a bias here: see _conv), which then says it ran. A bias of the conv's own
+    goes to its kernels the same way, where they take one (the split gemm, the depthwise C kernel),
+    else it is added after them."""
     (x,) = xs
     n, c = x.shape[:2]
     dtype = x.dtype
     w = params["weight"].astype(dtype, copy=False)
     bias = params["bias"].astype(dtype, copy=False) if "bias" in params else None
+    own = ConvEpilogue(bias, None, None, False) if bias is not None and after is None and n else None
     if n and depthwise.is_depthwise(node, c):
-        y = depthwise.forward(node, x, w, after if bias is None else None)
-        if bias is not None:
+        y = depthwise.forward(node, x, w, after if bias is None else own)
+        if own is not None and own.result is not None:
+            y = own.result[0]
+        elif bias is not None:
             y += bias.reshape(1, -1, 1, 1)
         return y, ("depthwise", x)
-    return _forward(node, _algorithm(node, x, w, bias, ctx) if n else "im2col", x, w, bias,
-                    after if bias is None else None)
+    algo = _algorithm(node, x, w, bias, ctx) if n else "im2col"
+    if own is None or algo != "im2col":
+        return _forward(node, algo, x, w, bias, after if bias is None else None)
+    y, saved = _forward(node, algo, x, w, None, own)
+    if own.result is None:  # the split gemm did not run it
+        y += bias.reshape(1, -1, 1, 1)
+    return y, saved
 
 
 def _forward(node, algo: str, x, w, bias, after=None):

@@ -114,27 +114,6 @@ def epilogue_grad(act, pre, y, dy: np.ndarray) -> np.ndarray:
 
 # ---- fused_conv ----------------------------------------------------------------------------
 
-class ConvEpilogue:
-    """fused_conv's epilogue handed to the conv: where its gemm is split over the C workers (batch
-    1), each share runs the epilogue's C pass on a block of the output right after computing it,
-    while the block is in cache (cgemm.matmul's `after`), not in a pass of its own over memory; a
-    depthwise conv's C kernel runs it on each plane as it is done (cdepthwise.forward)."""
-
-    def __init__(self, bias, residual, act, fast: bool):
-        self.bias, self.residual, self.act, self.fast = bias, residual, act, fast
-        self.result = self._pending = None
-
-    def deferred(self, y):
-        keep_pre = "input" in _reads(self.act)
-        out = np.empty_like(y) if keep_pre else y
-        then = _cew.deferred_epilogue(y, self.bias, self.residual, self.act, out, self.fast)
-        self._pending = (out, y if keep_pre else None)
-        return then
-
-    def done(self):
-        self.result = self._pending
-
-
 def fused_conv_forward(node, xs, params, ctx):
     a = node.attrs
     act = a.act()
@@ -142,7 +121,8 @@ def fused_conv_forward(node, xs, params, ctx):
     # inference's epilogue may take exp and sigmoid by the C pass's own polynomial (FAST_EXP); a
     # training step keeps NumPy's values, so that its fused plan's gradients are the plain one's
     fast = not ctx.training
-    after = None if bias is None and residual is None and act is None else ConvEpilogue(bias, residual, act, fast)
+    after = None if bias is None and residual is None and act is None \
+        else _conv.ConvEpilogue(bias, residual, act, fast, "input" in _reads(act))
     # the conv without its bias: the epilogue adds it in the same pass as the rest
     y, conv_saved = _conv.conv_forward(node, [xs[0]], {"weight": params["weight"]}, ctx, after=after)
     if after is not None and after.result is not None:  # the split gemm ran it

@@ -115,7 +115,7 @@ def test_a_batch_1_conv_through_the_split_gemm_matches_finite_differences(kw, sh
               "bias": rng.normal(0, 0.1, kw["filters"])}
     calls = []
     split = cgemm.matmul
-    monkeypatch.setattr(cgemm, "matmul", lambda a, b, out: calls.append(a.dtype) or split(a, b, out))
+    monkeypatch.setattr(cgemm, "matmul", lambda a, b, out, after=None: calls.append(a.dtype) or split(a, b, out, after))
     ctx = Ctx(training=True)
     y, saved = conv.conv_forward(node, [x], params, ctx)
     assert calls and calls[0] == np.float64  # the split gemm computed it
@@ -182,7 +182,7 @@ def test_a_batch_1_fused_conv_with_its_epilogue_in_the_gemm_equals_the_separate_
     followed by the epilogue's own pass, within the gemm's rounding (the blocks are smaller
     products, which OpenBLAS may sum in another order), the kept pre-activation too."""
     from cnnc.backends.base import Ctx
-    from cnnc.backends.numpy import fused
+    from cnnc.backends.numpy import conv, fused
     from test_numpy_grad import make_node
     monkeypatch.setenv("CNNC_AUTOTUNE", "off")
     attrs = dict(filters=filters, kernel=1, activation=act[0] if act else "none", residual=residual)
@@ -195,18 +195,18 @@ def test_a_batch_1_fused_conv_with_its_epilogue_in_the_gemm_equals_the_separate_
     params = {"weight": rng.normal(0, 0.2, (filters, shape[0], 1, 1)).astype(np.float32),
               "bias": rng.normal(0, 0.2, filters).astype(np.float32)}
     results = {}
-    deferred = fused.ConvEpilogue.deferred
+    deferred = conv.ConvEpilogue.deferred
     for way in ("in the gemm", "separate"):
         ran = []
         if way == "separate":
-            monkeypatch.setattr(fused.ConvEpilogue, "deferred", lambda self, y: None)
+            monkeypatch.setattr(conv.ConvEpilogue, "deferred", lambda self, y: None)
         else:
-            monkeypatch.setattr(fused.ConvEpilogue, "done", lambda self: ran.append(1) or setattr(self, "result",
+            monkeypatch.setattr(conv.ConvEpilogue, "done", lambda self: ran.append(1) or setattr(self, "result",
                                                                                                self._pending))
         y, (_, pre, _) = fused.fused_conv_forward(node, xs, params, Ctx())
         assert ran == ([1] if way == "in the gemm" else [])
         results[way] = (y.copy(), None if pre is None else pre.copy())
-        monkeypatch.setattr(fused.ConvEpilogue, "deferred", deferred)
+        monkeypatch.setattr(conv.ConvEpilogue, "deferred", deferred)
     (y1, pre1), (y0, pre0) = results["in the gemm"], results["separate"]
     np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
     assert (pre1 is None) == (pre0 is None)
@@ -214,12 +214,40 @@ def test_a_batch_1_fused_conv_with_its_epilogue_in_the_gemm_equals_the_separate_
         np.testing.assert_allclose(pre1, pre0, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,filters", [((16, 56, 56), 96), ((64, 14, 14), 384)], ids=["columns", "rows"])
+def test_a_batch_1_plain_conv_has_its_bias_added_in_the_gemm_as_numpy_adds_it(shape, filters, two_threads,
+                                                                             monkeypatch):
+    """A plain conv with a bias at batch 1 (a projection without activation): the split gemm adds
+    the bias block by block, the values within the gemm's rounding of the conv without it plus
+    NumPy's bias, and it says it ran; where the kernel cannot take it, NumPy adds it."""
+    from cnnc.backends.base import Ctx
+    from cnnc.backends.numpy import conv
+    from test_numpy_grad import make_node
+    monkeypatch.setenv("CNNC_AUTOTUNE", "off")
+    node, _ = make_node("conv", dict(filters=filters, kernel=1), [shape])
+    rng = np.random.default_rng(filters)
+    x = rng.standard_normal((1, *shape)).astype(np.float32)
+    params = {"weight": rng.normal(0, 0.2, (filters, shape[0], 1, 1)).astype(np.float32),
+              "bias": rng.normal(0, 0.2, filters).astype(np.float32)}
+    ran = []
+    real_done = conv.ConvEpilogue.done
+    monkeypatch.setattr(conv.ConvEpilogue, "done", lambda self: ran.append(1) or real_done(self))
+    y, _ = conv.conv_forward(node, [x], params, Ctx())
+    assert ran == [1]
+    plain, _ = conv.conv_forward(node, [x], {"weight": params["weight"]}, Ctx())
+    np.testing.assert_allclose(y, plain + params["bias"].reshape(1, -1, 1, 1), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(conv.ConvEpilogue, "deferred", lambda self, y: None)
+    separate, _ = conv.conv_forward(node, [x], params, Ctx())
+    assert ran == [1]
+    np.testing.assert_allclose(y, separate, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("act", [("silu", ()), ("relu", ())], ids=["silu", "relu"])
 def test_a_batch_1_fused_conv_with_its_epilogue_in_the_gemm_matches_finite_differences(act, two_threads, monkeypatch):
     """float64, batch 1, fused_conv (bias, residual, activation) whose epilogue the split gemm ran:
     the analytic gradients of sum(y · R) against central differences along random directions."""
     from cnnc.backends.base import Ctx
-    from cnnc.backends.numpy import fused
+    from cnnc.backends.numpy import conv, fused
     from test_numpy_grad import make_node
     monkeypatch.setenv("CNNC_AUTOTUNE", "off")
     shape, filters = (32, 32, 32), 128  # 4.2M multiply-adds: the filters split (parallel.MIN_WORK)
@@ -229,8 +257,8 @@ def test_a_batch_1_fused_conv_with_its_epilogue_in_the_gemm_matches_finite_diffe
     x, res = rng.standard_normal((1, *shape)), rng.standard_normal((1, filters, *shape[1:]))
     params = {"weight": rng.normal(0, 0.2, (filters, shape[0], 1, 1)), "bias": rng.normal(0, 0.2, filters)}
     done = []
-    real_done = fused.ConvEpilogue.done
-    monkeypatch.setattr(fused.ConvEpilogue, "done", lambda self: done.append(1) or real_done(self))
+    real_done = conv.ConvEpilogue.done
+    monkeypatch.setattr(conv.ConvEpilogue, "done", lambda self: done.append(1) or real_done(self))
     ctx = Ctx(training=True)
     y, saved = fused.fused_conv_forward(node, [x, res], params, ctx)
     assert done and y.dtype == np.float64  # the gemm ran the epilogue

@@ -362,7 +362,7 @@ def test_the_c_kernel_runs_the_fused_epilogue_plane_by_plane_as_the_separate_pas
     """float32 inference: a fused depthwise conv's epilogue (bias, residual, activation) run by the
     C kernel on each plane as it is done gives the separate pass's values to the bit, and says so
     (ConvEpilogue.done); on the plain path it is the separate pass."""
-    from cnnc.backends.numpy import fused
+    from cnnc.backends.numpy import conv, fused
     stride1 = CASES[case][0].get("stride", 1) == 1
     node, specs, batch = case_node(case, "fused_conv", activation=act, bias=True, residual=stride1)
     rng = seed("in the kernel", case, act)
@@ -370,11 +370,29 @@ def test_the_c_kernel_runs_the_fused_epilogue_plane_by_plane_as_the_separate_pas
     params = make_params(specs, rng, np.float32)
     xs = [x] + ([rng.normal(size=(batch, *node.out_shape)).astype(np.float32)] if stride1 else [])
     done = []
-    real_done = fused.ConvEpilogue.done
-    monkeypatch.setattr(fused.ConvEpilogue, "done", lambda self: done.append(1) or real_done(self))
+    real_done = conv.ConvEpilogue.done
+    monkeypatch.setattr(conv.ConvEpilogue, "done", lambda self: done.append(1) or real_done(self))
     y, _ = fused.fused_conv_forward(node, xs, params, Ctx())
     assert done == ([1] if path == "compiled" else [])
-    monkeypatch.setattr(fused.ConvEpilogue, "deferred", lambda self, y: None)
+    monkeypatch.setattr(conv.ConvEpilogue, "deferred", lambda self, y: None)
     separate, _ = fused.fused_conv_forward(node, xs, params, Ctx())
     assert done == ([1] if path == "compiled" else [])
     np.testing.assert_array_equal(y, separate)
+
+
+@pytest.mark.parametrize("case", ["3x3-s1-pad1", "5x5-s2-pad2-floor"])
+def test_a_plain_depthwise_conv_has_its_bias_added_in_the_c_kernel_as_numpy_adds_it(case, path, monkeypatch):
+    """A plain depthwise conv with a bias (float32): the C kernel adds it plane by plane, to the bit
+    NumPy's addition after the kernel (which the plain path does)."""
+    from cnnc.backends.numpy import conv
+    node, specs, batch = case_node(case)
+    rng = seed("own bias", case)
+    x = rng.normal(0, 2, size=(batch, *node.in_shapes[0])).astype(np.float32)
+    params = make_params(specs, rng, np.float32)
+    ran = []
+    real_done = conv.ConvEpilogue.done
+    monkeypatch.setattr(conv.ConvEpilogue, "done", lambda self: ran.append(1) or real_done(self))
+    y, _ = conv.conv_forward(node, [x], params, Ctx())
+    assert ran == ([1] if path == "compiled" else [])
+    plain, _ = conv.conv_forward(node, [x], {"weight": params["weight"]}, Ctx())
+    np.testing.assert_array_equal(y, plain + params["bias"].reshape(1, -1, 1, 1))
