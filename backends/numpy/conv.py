@@ -31,7 +31,7 @@ from functools import lru_cache
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import blas, celementwise, cgemm, cpool, depthwise, direct, parallel, tuner, winograd
+from . import blas, celementwise, cgemm, cpool, cthreads, depthwise, direct, parallel, tuner, winograd
 from .blas import gemm
 
 KERNELS_VERSION = 9  # part of the tuning cache's key: bump when an algorithm's speed changes
@@ -134,14 +134,16 @@ def _is_pointwise(kh, kw, sh, sw, top, left, hp, wp, h, w) -> bool:
 
 
 def _conv(x: np.ndarray, weight: np.ndarray, groups: int, top: int, left: int, hp: int, wp: int,
-          sh: int, sw: int, dh: int, dw: int, out: np.ndarray, split_filters: bool = False, after=None):
+          sh: int, sw: int, dh: int, dw: int, out: np.ndarray, split_filters: bool = False, after=None,
+          each=None):
     """Correlate x with weight into `out` (N, K, oh, ow), C-contiguous; returns the columns
     (None for a pointwise conv, which reads the input as is). With `split_filters` (fewer images
     than threads: inference at batch 1) the columns are built once and each gemm is split over the
     C workers (cgemm.py), or where that is off each Python thread's gemm takes a share of every
     group's filters. `after` (one image, one group): the caller's epilogue, which the split gemm
     runs on each block of out as it is computed where `after.deferred(out)` hands it over (then
-    `after.done()` is called)."""
+    `after.done()` is called). `each(i)` (several images, not split): run right after image i's
+    gemm, while its output is in cache (the caller's epilogue on that image)."""
     n, c, h, w = x.shape
     k, cg, kh, kw = weight.shape
     _, _, oh, ow = out.shape
@@ -157,7 +159,12 @@ def _conv(x: np.ndarray, weight: np.ndarray, groups: int, top: int, left: int, h
     def gemm(k0, k1):  # (N, G, k1 − k0, P): one BLAS gemm per batch item and group, straight into the output
         np.matmul(wm[:, k0:k1], src, out=rows[:, :, k0:k1])
     if not split_filters:
-        gemm(0, kg)
+        if each is None:
+            gemm(0, kg)
+            return cols
+        for i in range(n):
+            np.matmul(wm, src[i], out=rows[i])
+            each(i)
         return cols
     then = after.deferred(out) if after is not None and n == groups == 1 else None
     if then is not None and cgemm.matmul(wm[0], src[0, 0], rows[0, 0], (then.task, then.args)):
@@ -545,11 +552,19 @@ def _forward(node, algo: str, x, w, bias, after=None):
         cols = [_conv(x, w, groups, top, left, hp, wp, sh, sw, dh, dw, y, split_filters=True, after=after)]
     else:
         slices = parallel.chunks(n, work)
+        # the epilogue on each image right after its gemm, while the image's output is in cache,
+        # not in a pass of its own over the whole batch's output from memory
+        then = after.deferred(y) if after is not None and n else None
+        per = k * oh * ow
 
         def part(lo, hi):
-            return _conv(x[lo:hi], w, groups, top, left, hp, wp, sh, sw, dh, dw, y[lo:hi])
+            each = None if then is None else \
+                lambda i: then.task(cthreads.address(then.args), (lo + i) * per, (lo + i + 1) * per)
+            return _conv(x[lo:hi], w, groups, top, left, hp, wp, sh, sw, dh, dw, y[lo:hi], each=each)
 
         cols = parallel.run(part, slices)
+        if then is not None:
+            after.done()
     if bias is not None:
         y += bias.reshape(1, k, 1, 1)
     return y, (x if cols[0] is None else None, cols, slices, x.shape)

@@ -193,6 +193,51 @@ def test_fused_conv_residual_finite_differences(act, slope):
     fd_check(node, [x, r], params, rng)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("act", ["relu", "silu", "none"])
+@pytest.mark.parametrize("kernel,stride,pad", [(1, 1, 0), (1, 2, 0), (3, 1, 1)], ids=["1x1", "1x1s2", "3x3"])
+def test_a_batch_fused_conv_runs_its_epilogue_image_by_image_to_the_bit_of_the_separate_pass(
+        kernel, stride, pad, act, training, two_threads, monkeypatch):
+    """More images than threads (im2col, the images shared out): each thread runs the epilogue
+    (bias, residual, activation) on each of its images right after that image's gemm, in the same
+    C pass the separate epilogue runs over the batch: the output and the kept pre-activation are
+    the separate pass's to the bit, and so are the gradients."""
+    from cnnc.backends.numpy import conv
+    monkeypatch.setattr(conv, "_algorithm", lambda *a: "im2col")
+    kw = dict(filters=96, kernel=kernel, stride=stride, pad=pad, round="floor", bias=True)
+    out = OPS["conv"].shape(OPS["conv"].attrs(**kw), [(48, 14, 14)])
+    node, specs = make_node("fused_conv", dict(kw, **epilogue_attrs(act, ()), residual=True), [(48, 14, 14), out])
+    rng = seed("image by image", kernel, stride, act)
+    x = rng.normal(0, 2, (7, 48, 14, 14)).astype(np.float32)  # 7 images: two uneven shares
+    r = rng.normal(0, 2, (7, *out)).astype(np.float32)
+    params = make_params(specs, rng, np.float32)
+    dy = rng.normal(size=(7, *out)).astype(np.float32)
+    ctx = Ctx(training=training)
+    results = {}
+    deferred = conv.ConvEpilogue.deferred
+    for way in ("image by image", "separate"):
+        ran = []
+        done = conv.ConvEpilogue.done
+        monkeypatch.setattr(conv.ConvEpilogue, "done", lambda self: ran.append(1) or done(self))
+        if way == "separate":
+            monkeypatch.setattr(conv.ConvEpilogue, "deferred", lambda self, y: None)
+        y, saved = KERNELS["fused_conv"].forward(node, [x, r], params, ctx)
+        assert ran == ([1] if way == "image by image" else [])
+        grads = KERNELS["fused_conv"].backward(node, saved, dy, params, ctx)
+        results[way] = (y, saved[1], grads)
+        monkeypatch.setattr(conv.ConvEpilogue, "deferred", deferred)
+        monkeypatch.setattr(conv.ConvEpilogue, "done", done)
+    (y1, pre1, (dxs1, dps1)), (y0, pre0, (dxs0, dps0)) = results["image by image"], results["separate"]
+    np.testing.assert_array_equal(y1, y0)
+    assert (pre1 is None) == (pre0 is None)
+    if pre0 is not None:
+        np.testing.assert_array_equal(pre1, pre0)
+    for a, b in zip(dxs1, dxs0):
+        np.testing.assert_array_equal(a, b)
+    for name in dps0:
+        np.testing.assert_array_equal(dps1[name], dps0[name])
+
+
 # ---- fused_dense -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("xshape", [(6,), (5, 1, 1)], ids=["flat", "c11"])

@@ -478,10 +478,10 @@ def test_threaded_kernels_agree(case, batch, threads, monkeypatch):
     plain = conv._conv
     by_filters = []  # calls that split the filters over the threads
 
-    def counted(*a, split_filters=False, after=None):
+    def counted(*a, split_filters=False, **kw):
         if split_filters:
             by_filters.append(1)
-        return plain(*a, split_filters=split_filters, after=after)
+        return plain(*a, split_filters=split_filters, **kw)
     monkeypatch.setattr(conv, "_conv", counted)
     results = []
     try:
